@@ -1,0 +1,78 @@
+"""Dense bit packing of fixed-width codes: G codes of B bits take exactly ceil(G*B / 8) bytes.
+
+Codes are laid out least-significant bit first, one after another with no padding between them
+(the stream is a little-endian bit string), so no bit is spent on alignment except the final
+partial byte. Mixed-radix codes (`mixed_radix_width`) let a group's shape index and its gain
+index share one B-bit code whose radix V * L sits just under 2**B, so nothing is wasted on
+rounding log2 V up to a whole bit either.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+MAX_WIDTH = 63  # codes are non-negative int64
+
+
+def packed_nbytes(count: int, width: int) -> int:
+    """Bytes used by `count` codes of `width` bits."""
+    return (count * width + 7) // 8
+
+
+def _check_width(width: int) -> None:
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"code width must be an integer in [1, {MAX_WIDTH}] bits, got {width!r}")
+
+
+def pack(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack non-negative int64 codes[G] (each < 2**width) into a uint8 tensor of ceil(G*width/8) bytes."""
+    _check_width(width)
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int64:
+        raise ValueError(f"pack expects an int64 tensor, got {getattr(codes, 'dtype', type(codes))}")
+    flat = codes.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >> width):
+        raise ValueError(f"pack: codes must lie in [0, 2^{width})")
+    le = flat.numpy().astype("<u8", copy=False)
+    out = []
+    step = 1 << 18  # codes per slice: bounds the 64-byte-per-code bit matrix
+    for s in range(0, le.shape[0], step):
+        # a multiple of 8 codes per slice keeps every slice byte-aligned in the stream
+        bits = np.unpackbits(le[s : s + step].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+        out.append(bits[:, :width].reshape(-1))
+    allbits = np.concatenate(out) if out else np.zeros(0, dtype=np.uint8)
+    return torch.from_numpy(np.packbits(allbits, bitorder="little"))
+
+
+def unpack(stream: torch.Tensor, count: int, width: int) -> torch.Tensor:
+    """Inverse of `pack`: `count` int64 codes of `width` bits from a uint8 stream."""
+    _check_width(width)
+    if not isinstance(stream, torch.Tensor) or stream.dtype != torch.uint8:
+        raise ValueError(f"unpack expects a uint8 tensor, got {getattr(stream, 'dtype', type(stream))}")
+    need = packed_nbytes(count, width)
+    if stream.numel() != need:
+        raise ValueError(f"unpack: stream has {stream.numel()} bytes, {count} codes of {width} bits need {need}")
+    raw = stream.numpy()
+    out = np.empty(count, dtype="<u8")
+    step = 1 << 18  # multiple of 8: every slice starts on a byte boundary
+    for s in range(0, count, step):
+        c = min(step, count - s)
+        b0 = s * width // 8
+        bits = np.unpackbits(raw[b0 : b0 + packed_nbytes(c, width)], count=c * width, bitorder="little")
+        full = np.zeros((c, 64), dtype=np.uint8)
+        full[:, :width] = bits.reshape(c, width)
+        out[s : s + c] = np.packbits(full, axis=1, bitorder="little").view("<u8").reshape(-1)
+    return torch.from_numpy(out.astype(np.int64))
+
+
+def mixed_radix_width(radix: int) -> int:
+    """Bits of one code whose values lie in [0, radix): ceil(log2 radix) (at least 1)."""
+    if radix < 1:
+        raise ValueError(f"radix must be >= 1, got {radix}")
+    return max(1, (radix - 1).bit_length())
+
+
+def waste_bits(radix: int) -> float:
+    """Bits per code lost to rounding log2(radix) up to a whole number of bits."""
+    return mixed_radix_width(radix) - math.log2(radix)

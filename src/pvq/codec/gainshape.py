@@ -1,0 +1,153 @@
+"""Gain-shape PVQ of a weight matrix: every run of n consecutive weights in a row is one group.
+
+A group w (n weights) is stored as a pyramid codeword y in P(n, k) (its shape u = y / ||y||) and a
+gain g, the MSE-optimal one for that shape, g = <w, u> (../shared/PVQ.md). Gains are divided by a
+per-row fp16 scale (the RMS of the row's gains) and quantized with an L-level scalar codebook
+(`gain.py`). The shape index and the gain index are fused into one mixed-radix code,
+code = index * L + level, of B = ceil(log2(V(n, k) * L)) bits, and the codes are bit-packed.
+Choosing L = floor(2^B / V) (`PVQSpec.for_code_bits`) leaves less than log2(1 + 1/L) bits of a
+code unused, so the stored size is within a hair of log2 V(n, k) + log2 L.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import bitpack, enumeration, pyramid
+from .search import search
+from .gain import GAIN_KINDS, GainCodebook, fit_gain_codebook
+
+
+@dataclass(frozen=True)
+class PVQSpec:
+    """PVQ codec settings: group dimension n, pulses k, gain levels L, gain quantizer kind."""
+
+    n: int
+    k: int
+    gain_levels: int = 16
+    gain: str = "beta"
+    scale: str = "row"  # gains are divided by one fp16 scale per "row" or per "tensor"
+
+    def __post_init__(self):
+        pyramid._check_nk(self.n, self.k)
+        if not isinstance(self.gain_levels, int) or self.gain_levels < 1:
+            raise ValueError(f"gain_levels must be a positive integer, got {self.gain_levels!r}")
+        if self.gain not in GAIN_KINDS:
+            raise ValueError(f"unknown gain quantizer {self.gain!r}; choose one of {GAIN_KINDS}")
+        if self.scale not in SCALE_KINDS:
+            raise ValueError(f"unknown gain scale {self.scale!r}; choose one of {SCALE_KINDS}")
+        if self.radix > pyramid.INDEX_LIMIT:
+            raise ValueError(
+                f"PVQ(n={self.n}, k={self.k}, L={self.gain_levels}): a code needs "
+                f"{math.log2(self.radix):.2f} bits, more than the 63-bit limit of the codec"
+            )
+
+    @classmethod
+    def for_code_bits(cls, n: int, k: int, code_bits: int, gain: str = "beta", scale: str = "row") -> "PVQSpec":
+        """The spec with as many gain levels as fit next to V(n, k) in a `code_bits`-bit code."""
+        levels = (1 << code_bits) // pyramid.count(n, k)
+        if levels < 1:
+            raise ValueError(f"PVQ(n={n}, k={k}) needs {pyramid.index_bits(n, k):.2f} bits, more than {code_bits}")
+        return cls(n, k, levels, gain, scale)
+
+    @property
+    def name(self) -> str:
+        return f"pvq-n{self.n}k{self.k}L{self.gain_levels}-{self.gain}-{self.scale}"
+
+    @property
+    def radix(self) -> int:
+        return pyramid.count(self.n, self.k) * self.gain_levels
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of one group's fused code."""
+        return bitpack.mixed_radix_width(self.radix)
+
+    @property
+    def waste_bits_per_weight(self) -> float:
+        """Bits per weight lost to rounding log2(V * L) up to whole bits."""
+        return bitpack.waste_bits(self.radix) / self.n
+
+    def check_shape(self, rows: int, cols: int) -> None:
+        if cols % self.n:
+            raise ValueError(f"{self.name}: {cols} columns are not a multiple of the group dimension n={self.n}")
+
+    def bit_breakdown(self, rows: int, cols: int) -> dict[str, int]:
+        """Every stored bit of a [rows, cols] matrix: packed codes, fp16 row scales, gain codebook."""
+        self.check_shape(rows, cols)
+        groups = rows * cols // self.n
+        return {
+            "codes": 8 * bitpack.packed_nbytes(groups, self.code_bits),
+            "scales": 16 * (rows if self.scale == "row" else 1),
+            "codebook": {"beta": 0, "empirical": 16 * self.gain_levels, "uniform": 32}[self.gain],
+        }
+
+
+@dataclass
+class PackedPVQ:
+    """A PVQ-coded matrix: everything needed to rebuild it, nothing more."""
+
+    spec: PVQSpec
+    shape: tuple[int, int]
+    codes: torch.Tensor  # uint8 [ceil(groups * code_bits / 8)], fused (index * L + level) codes
+    row_scale: torch.Tensor  # fp16 [rows] (scale="row") or [1] (scale="tensor")
+    gain_levels: torch.Tensor  # float64 [L]; stored only for data-fitted gain kinds
+
+    @property
+    def nbits(self) -> int:
+        book = GainCodebook(self.spec.gain, self.gain_levels).stored_bits
+        return 8 * self.codes.numel() + 16 * self.row_scale.numel() + book
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shape indices [rows, groups], gain levels [rows, groups]) from the packed stream."""
+        rows, cols = self.shape
+        g = cols // self.spec.n
+        code = bitpack.unpack(self.codes, rows * g, self.spec.code_bits).reshape(rows, g)
+        return code // self.spec.gain_levels, code % self.spec.gain_levels
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        rows, cols = self.shape
+        idx, lvl = self.unpack()
+        y = enumeration.decode(idx, self.spec.n, self.spec.k)  # [rows, groups, n]
+        return reconstruct(y, lvl, self.row_scale, self.gain_levels).reshape(rows, cols).to(dtype)
+
+
+def reconstruct(y: torch.Tensor, lvl: torch.Tensor, row_scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Weights [rows, groups, n] = row_scale * level value * y / ||y||."""
+    gain = row_scale.float().reshape(-1, 1) * levels.float()[lvl]  # [rows, groups]
+    return pyramid.shapes(y) * gain[..., None]
+
+
+SCALE_KINDS = ("row", "tensor")
+
+
+def gain_scale(gains: torch.Tensor, kind: str) -> torch.Tensor:
+    """fp16-representable RMS of the group gains (gains [rows, groups]) per row ([rows]) or per tensor ([1])."""
+    g2 = gains.float().pow(2)
+    s = g2.mean(dim=1).sqrt() if kind == "row" else g2.mean().sqrt().reshape(1)
+    return s.clamp_min(1e-8).half().float().clamp_min(6e-8)
+
+
+def law_length(spec: "PVQSpec", rows: int, cols: int) -> int:
+    """Length m of the vector that one scale normalises: the Beta law of gains is Beta(n/2, (m-n)/2)."""
+    return cols if spec.scale == "row" else rows * cols
+
+
+def quantize(w: torch.Tensor, spec: PVQSpec) -> PackedPVQ:
+    """Data-free PVQ of a 2-D weight matrix (round to the nearest shape, then the nearest gain)."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
+    rows, cols = w.shape
+    spec.check_shape(rows, cols)
+    x = w.float().reshape(rows, cols // spec.n, spec.n)
+    y = search(x, spec.k)
+    u = pyramid.shapes(y)
+    g = (x * u).sum(-1)  # optimal gain for each shape, >= 0 since signs agree
+    s = gain_scale(g, spec.scale)
+    r = g / s.reshape(-1, 1)
+    book = fit_gain_codebook(spec.gain, r, spec.n, law_length(spec, rows, cols), spec.gain_levels)
+    lvl = book.quantize(r)
+    code = enumeration.encode(y, spec.k) * spec.gain_levels + lvl
+    return PackedPVQ(spec, (rows, cols), bitpack.pack(code.reshape(-1), spec.code_bits), s.half(), book.levels)

@@ -1,0 +1,134 @@
+"""Nearest-codeword search on the pyramid P(n, k): the direction of largest cosine with x.
+
+Starts from the Opus/CELT greedy (libopus celt/vq.c op_pvq_search, as described in
+../shared/PVQ.md: projection for k > n/2, then one pulse at a time), then runs a local search that
+moves single pulses between coordinates while the cosine strictly rises. Against brute force over
+all of P(n, k) the greedy alone finds the optimum for 91-98% of Gaussian groups at small (n, k);
+with the pulse moves 99.6-100% (tests/test_codec.py measures both).
+"""
+from __future__ import annotations
+
+import torch
+
+from .pyramid import _CHUNK, _check_nk
+
+# --------------------------------------------------------------------------------------------
+def _check_search_input(x: torch.Tensor, k: int) -> int:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"search expects a floating-point tensor x[..., n], got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"search expects x of shape [..., n] with n >= 1, got {tuple(x.shape)}")
+    n = x.shape[-1]
+    _check_nk(n, k)
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError("search: x contains NaN or inf")
+    return n
+
+
+def _project(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Opus' starting point for k > n/2: y_j = floor((k + 0.8) |x_j| / sum|x|) (never more than k pulses)."""
+    g, n = a.shape
+    s = a.sum(dim=1, keepdim=True)
+    if k <= n // 2:
+        y = torch.zeros(g, n, dtype=a.dtype)
+    else:
+        y = torch.floor(a * ((k + 0.8) / s.clamp_min(torch.finfo(a.dtype).tiny)))
+    # an all-zero group: put every pulse on the first coordinate (any point is as good)
+    zero = s[:, 0] <= 0
+    if bool(zero.any()):
+        y[zero] = 0
+        y[zero, 0] = k
+    return y
+
+
+def _greedy_fill(a: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Add the missing pulses one at a time where they raise the cosine most (Opus op_pvq_search)."""
+    xy = (a * y).sum(dim=1, keepdim=True)
+    yy = (y * y).sum(dim=1, keepdim=True)
+    left = k - y.sum(dim=1, keepdim=True)
+    for _ in range(int(left.max()) if left.numel() else 0):
+        # (xy + a_j)^2 / (yy + 2 y_j + 1): the squared cosine after one more pulse at j, up to |x|^2.
+        # Every group is updated at once; groups with no pulse left add a zero step.
+        score = (xy + a) ** 2 / (yy + 2 * y + 1)
+        j = score.argmax(dim=1, keepdim=True)
+        step = (left > 0).to(a.dtype)
+        yj = y.gather(1, j)
+        xy += step * a.gather(1, j)
+        yy += step * (2 * yj + 1)
+        y.scatter_(1, j, yj + step)
+        left -= step.to(left.dtype)
+    return y
+
+
+def _pulse_moves(a: torch.Tensor, y: torch.Tensor, max_rounds: int, top: int = 4) -> torch.Tensor:
+    """Local search past the greedy: move single pulses i -> j while the cosine strictly rises.
+
+    Scoring all n(n-1) moves costs O(n^2) per group; the best move almost always takes a pulse from
+    one of the `top` coordinates whose removal alone hurts least and gives it to one of the `top`
+    coordinates whose addition alone helps most, so only those top x top pairs are scored exactly.
+    Groups that stop improving leave the active set, so later rounds are cheap.
+    """
+    g, n = a.shape
+    top = min(top, n)
+    active = torch.arange(g)
+    tiny = torch.finfo(a.dtype).eps
+    for _ in range(max_rounds):
+        if active.numel() == 0:
+            break
+        aa, ya = a[active], y[active]
+        xy = (aa * ya).sum(dim=1, keepdim=True)
+        yy = (ya * ya).sum(dim=1, keepdim=True)
+        add = (xy + aa) ** 2 / (yy + 2 * ya + 1)
+        rem = ((xy - aa).clamp_min(0) ** 2 / (yy - 2 * ya + 1).clamp_min(1)).masked_fill(ya <= 0, -1.0)
+        jj = add.topk(top, dim=1).indices  # [g, top] where to add
+        ii = rem.topk(top, dim=1).indices  # [g, top] where to remove
+        ai, aj = aa.gather(1, ii)[:, :, None], aa.gather(1, jj)[:, None, :]
+        yi, yj = ya.gather(1, ii)[:, :, None], ya.gather(1, jj)[:, None, :]
+        # move one pulse i -> j: xy - a_i + a_j, yy - (2 y_i - 1) + (2 y_j + 1)
+        new_xy = xy[:, :, None] - ai + aj
+        new_yy = yy[:, :, None] + 2 * (yj - yi) + 2
+        cand = new_xy.clamp_min(0) ** 2 / new_yy
+        bad = (ii[:, :, None] == jj[:, None, :]) | (yi <= 0)
+        cand = cand.masked_fill(bad, -1.0)
+        best, flat = cand.reshape(cand.shape[0], -1).max(dim=1)
+        better = best > (xy[:, 0] ** 2 / yy[:, 0]) * (1 + 8 * tiny)
+        if not bool(better.any()):
+            break
+        sel = better.nonzero()[:, 0]
+        rows = active[sel]
+        fi = ii[sel, flat[sel] // top]
+        fj = jj[sel, flat[sel] % top]
+        y[rows, fi] -= 1
+        y[rows, fj] += 1
+        active = rows
+    return y
+
+
+def search(x: torch.Tensor, k: int, *, refine: int | None = None) -> torch.Tensor:
+    """Nearest point of P(n, k) to each group x[..., n] in direction (largest cosine).
+
+    Opus' greedy (projection for k > n/2, then one pulse at a time), followed by a local search
+    that moves single pulses between coordinates while the cosine strictly increases
+    (`refine` rounds at most; default 2n; 0 gives the plain Opus greedy). Returns int64 y[..., n]
+    with sum |y| = k and sign(y_j) = sign(x_j) wherever y_j != 0.
+    """
+    n = _check_search_input(x, k)
+    rounds = 2 * n if refine is None else int(refine)
+    shape = x.shape
+    flat = x.reshape(-1, n)
+    out = torch.empty(flat.shape, dtype=torch.int64)
+    if k == 0:
+        return out.zero_().reshape(shape)
+    work_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    chunk = max(1, (_CHUNK * 16) // max(n, 1) if rounds == 0 else (_CHUNK * 4) // max(n, 1))
+    for s in range(0, flat.shape[0], chunk):
+        xc = flat[s : s + chunk].to(work_dtype)
+        a = xc.abs()
+        y = _greedy_fill(a, _project(a, k), k)
+        if rounds > 0 and n > 1:
+            y = _pulse_moves(a, y, rounds)
+        yi = y.to(torch.int64)
+        out[s : s + chunk] = torch.where(xc < 0, -yi, yi)
+    return out.reshape(shape)
+
+

