@@ -1,0 +1,122 @@
+"""The library front: quantize a causal LM in place, block by block; summarise what is stored.
+
+Calibration runs block by block (GPTQ's sequential scheme): capture the inputs of block 0, collect
+the Hessians of the block's linears, quantize them, recompute the block's outputs with the quantized
+block, and feed those to the next block. Peak memory is one block plus the calibration activations.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+
+import torch
+from tqdm.auto import tqdm
+
+from . import codec
+from .config import FORMAT_VERSION, QuantConfig, choose_spec, spec_to_dict
+from .models.adapters import SHARED_INPUT, block_linears, blocks, capture_block_inputs, check_supported, run_block, set_module
+from .nn import NO_SEED, QuantLinear, rotate_hessian, rotate_weight
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def layer_seeds(seed: int, name: str, rotate: bool) -> tuple[int, int]:
+    """Deterministic rotation seeds of one layer (input side, output side), from the run seed and its name."""
+    if not rotate:
+        return (NO_SEED, NO_SEED)
+    base = (int(seed) * 1_000_003) % (1 << 31)
+    return tuple((base << 32 | zlib.crc32(f"{name}:{side}".encode())) % (1 << 62) for side in ("in", "out"))
+
+
+def _check_weight(name: str, w: torch.Tensor) -> None:
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weight {name} contains NaN or inf; refusing to quantize it")
+
+
+@torch.no_grad()
+def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, progress: bool = True) -> dict:
+    """Quantize every linear of the transformer blocks of `model` in place. Returns a summary dict.
+
+    calib_ids: LongTensor [nsamples, seqlen] of calibration tokens (needed by gptq and pvq-gptq).
+    """
+    check_supported(model)
+    if cfg.uses_data and calib_ids is None:
+        raise ValueError(f"method {cfg.method} needs calibration data (calib_ids)")
+    t0 = time.time()
+    layers = blocks(model)
+    hidden = kwargs = None
+    if cfg.uses_data:
+        from .solvers.gptq import gptq
+        from .solvers.hessian import HessianAccumulator
+        from .solvers.steppers import PVQStepper, UniformStepper
+
+        hidden, kwargs = capture_block_inputs(model, calib_ids)
+    per_layer = {}
+    bar = tqdm(total=len(layers) * 7, desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
+    for i, block in enumerate(layers):
+        linears = block_linears(block)
+        hess = {}
+        if cfg.uses_data:
+            accs, handles = {}, []
+            for name, mod in linears.items():
+                if name in SHARED_INPUT:
+                    continue
+                accs[name] = HessianAccumulator(mod.in_features)
+                handles.append(mod.register_forward_hook(lambda m, a, o, acc=accs[name]: acc.add_batch(a[0])))
+            try:
+                run_block(block, hidden, kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            hess = {name: accs[SHARED_INPUT.get(name, name)].hessian() for name in linears}
+        for name, mod in linears.items():
+            full = f"model.layers.{i}.{name}"
+            w = mod.weight.detach().float()
+            _check_weight(full, w)
+            rows, cols = w.shape
+            spec = choose_spec(cfg, rows, cols)
+            seeds = layer_seeds(cfg.seed, full, cfg.rotates)
+            w_rot = rotate_weight(w, seeds)
+            if cfg.uses_data:
+                stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
+                _, packed = gptq(w_rot, rotate_hessian(hess[name], seeds[0]), stepper, damp=cfg.damp,
+                                 block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
+            else:
+                packed = codec.quantize(w_rot, spec)
+            q = QuantLinear(packed, seeds, mod.bias)
+            set_module(block, name, q)
+            per_layer[full] = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
+                               "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
+            bar.update(1)
+        if cfg.uses_data:
+            hidden = run_block(block, hidden, kwargs)  # the quantized block's outputs feed the next block
+    bar.close()
+    _round_dense(model, DTYPES[cfg.dense_dtype])
+    summary = summarize(per_layer)
+    # stored without timings, so the same seed, model and data give byte-identical files
+    model.config.quantization_config = {
+        "quant_method": "pvq", "format_version": FORMAT_VERSION, "config": cfg.to_dict(), "layers": per_layer,
+        "achieved": dict(summary),
+    }
+    summary["seconds"] = time.time() - t0
+    return summary
+
+
+def _round_dense(model, dtype: torch.dtype) -> None:
+    """Round the parameters that stay dense to their storage dtype, so the in-memory model equals the saved one."""
+    for mod in model.modules():
+        if isinstance(mod, QuantLinear):
+            continue
+        for p in mod.parameters(recurse=False):
+            p.data = p.data.to(dtype).to(p.dtype)
+
+
+def summarize(per_layer: dict) -> dict:
+    bits = sum(v["stored_bits"] for v in per_layer.values())
+    weights = sum(v["shape"][0] * v["shape"][1] for v in per_layer.values())
+    return {"linear_bits": bits, "linear_weights": weights, "bits_per_weight": bits / max(weights, 1),
+            "layers": len(per_layer)}
+
+
+def quant_layers(model) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

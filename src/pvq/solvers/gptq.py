@@ -1,0 +1,178 @@
+"""GPTQ with vector steps: Hessian-aware rounding of a weight matrix, `dim` columns at a time.
+
+GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", arXiv 2210.17323; after Optimal Brain Quantization, Frantar &
+Alistarh 2022) minimises the layer output error tr((W - Q) H (W - Q)^T), H = E[x x^T], by
+quantizing columns in a fixed order and moving each column's error onto the columns not yet
+quantized, optimally for H. With the upper Cholesky factor U of H^-1 (H^-1 = U^T U) the update
+for column j is  W_R -= (w_j - q_j) / U_jj * U_jR.
+
+A vector quantizer (PVQ) fixes a group G of d consecutive columns at once. Restricted to the
+columns F = [j, cols) still free, (H_F^-1) = U_F^T U_F (U_F the trailing block of U), so
+(H_F^-1)_GG = U_GG^T U_GG and (H_F^-1)_GR = U_GG^T U_GR. The optimal compensation of an error
+E = W_G - Q_G is then the block-LDL step (as in LDLQ, Chee et al., "QuIP", 2023)
+
+    W_R -= E (H_F^-1)_GG^-1 (H_F^-1)_GR = E inv(U_GG) U_GR,
+
+and the loss it leaves is  e A_G e^T  per row e of E, with A_G = inv(U_GG^T U_GG): the metric the
+stepper may use to choose gains. For d = 1 this is GPTQ's update exactly.
+
+As in GPTQ, updates are lazy: inside a block of columns only the block is updated after each
+group; the later columns receive the whole block's error in one matmul, which is the same sum
+done in fewer, larger operations. With H = I, U is diagonal, nothing is ever updated, and the
+result is plain round-to-nearest (the codec's own quantize), bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .steppers import Packed, Stepper
+
+# Damping retries: each multiplies the damping by 10 (0.01 -> 100 x mean diag at most), enough to
+# make any positive semi-definite H numerically positive definite.
+_RETRIES = 4
+
+
+def inverse_cholesky(h: torch.Tensor, lam: float) -> torch.Tensor:
+    """Upper U with (h + lam I)^-1 = U^T U, float64 [cols, cols].
+
+    If a factorisation fails (H singular or indefinite in floating point), retry with 10x the
+    damping, up to a few times, then raise ValueError.
+    """
+    cols = h.shape[0]
+    eye = torch.eye(cols, dtype=torch.float64, device=h.device)
+    mean_diag = float(h.diagonal().mean())
+    tried = []
+    for _ in range(_RETRIES + 1):
+        tried.append(lam)
+        low, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            # H^-1 from its Cholesky factor (cheaper and more accurate than a general inverse)
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                return u
+        # zero damping cannot grow by 10x: restart from a tiny fraction of the diagonal instead
+        lam = 10 * lam if lam > 0 else 1e-6 * max(mean_diag, 1e-30)
+    raise ValueError(
+        f"gptq: the Hessian is not positive definite even with damping {', '.join(f'{t:.3g}' for t in tried)} "
+        f"(mean diagonal {mean_diag:.3g}); check the calibration inputs"
+    )
+
+
+def group_metrics(u: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every group of d columns: inv(U_GG) and A_G = inv(U_GG^T U_GG), float64 [groups, d, d]."""
+    groups = u.shape[0] // d
+    # the diagonal d x d blocks of U: view [groups, d, groups, d] and take the group diagonal
+    blocks = u.reshape(groups, d, groups, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    eye = torch.eye(d, dtype=u.dtype, device=u.device).expand(groups, d, d)
+    u_inv = torch.linalg.solve_triangular(blocks, eye, upper=True)  # inv(U_GG), upper
+    # inv(U^T U) = U^-1 U^-T
+    return u_inv, u_inv @ u_inv.mT
+
+
+def _block_width(block_size: int, stepper: Stepper, static: bool) -> int:
+    """block_size rounded up to a whole number of steps (d) and of the stepper's fitted groups.
+
+    A stepper that fits parameters on a group of columns when it reaches the group's first column
+    must see all of them fully updated then; lazily updated columns beyond the current block are
+    not, so blocks are aligned to such groups.
+    """
+    unit = stepper.dim
+    g = getattr(stepper, "group_size", None)
+    if g and not static:
+        unit = unit * g // math.gcd(unit, g)
+    return -(-block_size // unit) * unit
+
+
+def gptq(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    stepper: Stepper,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> tuple[torch.Tensor, Packed]:
+    """Quantize w [rows, cols] for the input second moment h [cols, cols] with `stepper`.
+
+    Returns (w_hat float32 [rows, cols], packed) where w_hat is exactly packed.dequantize().
+    Each stepper.step gets the group's metric A_G = inv(U_GG^T U_GG) as float64 [d, d].
+    block_size is rounded up to a multiple of stepper.dim (and of a non-static stepper.group_size).
+    act_order (uniform grid only): quantize columns in descending diag(H) order, GPTQ's
+    "act-order" heuristic, with every group's grid fixed up front from the initial w ("static
+    groups"), so groups stay contiguous in the stored format and no permutation is stored.
+    """
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"gptq expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
+    rows, cols = w.shape
+    if not isinstance(h, torch.Tensor) or tuple(h.shape) != (cols, cols) or not h.is_floating_point():
+        raise ValueError(f"gptq expects a floating-point Hessian of shape [{cols}, {cols}], got "
+                         f"{tuple(getattr(h, 'shape', ()))}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if not damp >= 0:
+        raise ValueError(f"damp must be >= 0, got {damp!r}")
+    d = stepper.dim
+    if cols % d:
+        raise ValueError(f"gptq: {cols} columns are not a multiple of the stepper's dim {d}")
+    if act_order and not getattr(stepper, "supports_act_order", False):
+        raise ValueError("act_order is only supported for the uniform grid")
+
+    W = w.detach().to(torch.float32, copy=True)  # [rows, cols], updated in place
+    H = h.detach().to(device=W.device, dtype=torch.float64, copy=True)  # [cols, cols]
+    if not bool(torch.isfinite(W).all()) or not bool(torch.isfinite(H).all()):
+        raise ValueError("gptq: w or h contains NaN or inf")
+
+    # Dead inputs (never active in calibration): their weights cannot affect the output, so GPTQ
+    # zeroes them and gives H a unit diagonal there, which decouples them from the rest.
+    dead = H.diagonal() == 0  # [cols] bool
+    live = ~dead
+    H.diagonal()[dead] = 1.0  # diagonal() is a view: this writes H[i, i]
+    W[:, dead] = 0.0
+    # Damping lambda = damp * mean(diag H) keeps H^-1 well conditioned (GPTQ's percdamp); the mean
+    # is over live inputs, so the arbitrary 1 put in for dead ones does not set its scale.
+    lam = damp * (float(H.diagonal()[live].mean()) if bool(live.any()) else 1.0)
+
+    if act_order:
+        stepper.begin(W, static_groups=True)  # grids from the unpermuted W, as GPTQ's static groups
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W = W[:, perm].contiguous()
+        H = H[perm][:, perm]
+        cols_stored = perm.tolist()  # column j of the working order is stored at cols_stored[j]
+    else:
+        stepper.begin(W)
+        cols_stored = None
+
+    U = inverse_cholesky(H, lam)
+    del H
+    u_inv, metric = group_metrics(U, d)  # [groups, d, d] float64
+    U = U.to(torch.float32)  # the updates run in float32, like W
+    u_inv = u_inv.to(torch.float32)
+
+    Q = torch.empty_like(W)  # quantized values, working order
+    width = _block_width(block_size, stepper, act_order)
+    for b0 in range(0, cols, width):
+        b1 = min(b0 + width, cols)
+        err = torch.empty(rows, b1 - b0, dtype=torch.float32, device=W.device)  # E inv(U_GG) per group
+        for j in range(b0, b1, d):
+            gi = j // d
+            block = W[:, j : j + d]
+            col = j if cols_stored is None else cols_stored[j]
+            q = stepper.step(W, col, block, metric[gi])
+            Q[:, j : j + d] = q
+            e = (block - q) @ u_inv[gi]  # [rows, d]
+            err[:, j - b0 : j - b0 + d] = e
+            if j + d < b1:
+                # W_R -= E inv(U_GG) U_GR, within the block only (the rest waits for the block's end)
+                W[:, j + d : b1] -= e @ U[j : j + d, j + d : b1]
+        if b1 < cols:
+            W[:, b1:] -= err @ U[b0:b1, b1:]
+
+    packed = stepper.finish()
+    if cols_stored is None:
+        return Q, packed
+    w_hat = torch.empty_like(Q)
+    w_hat[:, torch.tensor(cols_stored, device=Q.device)] = Q
+    return w_hat, packed

@@ -1,0 +1,58 @@
+"""Layer-input second moments H = E[x x^T] for Hessian-aware quantization.
+
+For a linear layer y = x W^T, the squared output error of a weight perturbation D over a set of
+inputs X (one input per row) is ||X D^T||^2 = N * tr(D H D^T) with H = X^T X / N, so H is the
+Hessian (up to a factor 2) of the layer-wise reconstruction loss that OBQ/GPTQ minimise
+(Frantar & Alistarh, "Optimal Brain Compression", 2022; Frantar et al., "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers", arXiv 2210.17323).
+
+The sum is kept in float64 because it adds up millions of outer products of bf16/fp32 activations
+whose magnitudes differ by orders (outlier channels); the Cholesky factorisations that follow
+amplify any rounding in H by its condition number.
+"""
+from __future__ import annotations
+
+import torch
+
+# Rows converted to float64 at once: bounds the temporary copy (8192 x 4096 x 8 B = 256 MiB at most
+# for wide layers) while keeping the matmuls large enough to run at full speed.
+_ROWS_PER_CHUNK = 8192
+
+
+class HessianAccumulator:
+    """Running H = sum_t x_t x_t^T over every input row x_t seen, and the number of rows.
+
+    `add_batch(x)` takes activations x[..., dim] with any leading dimensions (batch, sequence);
+    `hessian()` returns the mean H / count as float64 [dim, dim].
+    """
+
+    def __init__(self, dim: int):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"HessianAccumulator dim must be a positive integer, got {dim!r}")
+        self.dim = dim
+        self.count = 0
+        self._sum: torch.Tensor | None = None  # float64 [dim, dim], allocated on the first batch's device
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Accumulate the outer products of every row of x[..., dim]."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"add_batch expects a floating-point tensor x[..., {self.dim}], got "
+                             f"{getattr(x, 'dtype', type(x))}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"add_batch expects x[..., {self.dim}], got shape {tuple(x.shape)}")
+        flat = x.detach().reshape(-1, self.dim)  # [N, dim]
+        # check the whole batch before adding any of it, so a bad batch leaves the sum untouched
+        if flat.numel() and not bool(torch.isfinite(flat).all()):
+            raise ValueError("add_batch: x contains NaN or inf (a diverged activation would poison H)")
+        if self._sum is None:
+            self._sum = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=flat.device)
+        for s in range(0, flat.shape[0], _ROWS_PER_CHUNK):
+            xc = flat[s : s + _ROWS_PER_CHUNK].to(device=self._sum.device, dtype=torch.float64)
+            self._sum.addmm_(xc.T, xc)  # H += x^T x, products and sums in float64
+        self.count += flat.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """The mean second moment H / count: float64 [dim, dim]."""
+        if self.count == 0 or self._sum is None:
+            raise ValueError("HessianAccumulator.hessian(): no input rows were added")
+        return self._sum / self.count

@@ -1,0 +1,187 @@
+"""End to end on tiny random models: rotate, quantize, save, load, CLI, and the errors users meet."""
+import json
+import math
+
+import pytest
+import torch
+
+from pvq import api, io
+from pvq.cli import main as cli
+from pvq.config import QuantConfig, choose_spec
+from pvq.models.adapters import block_linears, blocks, set_module
+from pvq.models.loading import tiny_model, tiny_tokenizer
+from pvq.nn import QuantLinear, rotate_weight
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+class _Dense:
+    """A 'packed' matrix that is just the float matrix: lets QuantLinear run rotation-only."""
+
+    spec = None
+    nbits = 0
+
+    def __init__(self, w):
+        self.w, self.shape = w, tuple(w.shape)
+
+    def dequantize(self, dtype=torch.float32):
+        return self.w.to(dtype)
+
+
+def _ids(n=2, length=48, seed=0):
+    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotated_unquantized_model_gives_the_same_logits(family):
+    model = tiny_model(family, intermediate_size=96)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        for i, block in enumerate(blocks(model)):
+            for name, mod in block_linears(block).items():
+                seeds = api.layer_seeds(3, f"model.layers.{i}.{name}", True)
+                w_rot = rotate_weight(mod.weight.detach(), seeds)
+                set_module(block, name, QuantLinear(_Dense(w_rot), seeds, mod.bias))
+        out = model(ids).logits
+    assert (out - ref).abs().max().item() < 1e-3
+    q = blocks(model)[0].self_attn.q_proj
+    assert not torch.allclose(q.rotated_weight(), q.weight_in_original_basis())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["rtn", "pvq"])
+def test_quantize_save_load_gives_identical_logits(tmp_path, family, method):
+    model = tiny_model(family, intermediate_size=96)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    summary = api.quantize(model, QuantConfig(method=method, bits=3.25), progress=False)
+    with torch.no_grad():
+        mem = model(ids).logits
+    assert 0 < (mem - ref).abs().max().item() < 5
+    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
+    loaded, tok = io.load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, mem)
+    assert tok is not None
+    # no full-precision weight of a quantized linear is stored
+    from safetensors.torch import load_file
+
+    t = load_file(str(out / "model.safetensors"))
+    assert not any(k.endswith("proj.weight") for k in t)
+    stored = sum(8 * t[k].numel() * t[k].element_size() for k in t if k.rpartition(".")[0] in
+                 json.loads((out / "config.json").read_text())["quantization_config"]["layers"] and not k.endswith(".bias"))
+    assert stored == summary["linear_bits"]
+
+
+@pytest.mark.parametrize("method", ["gptq", "pvq-gptq"])
+def test_calibrated_methods_round_trip_and_help(tmp_path, method):
+    model = tiny_model("llama", intermediate_size=96)
+    calib = _ids(8, 64, seed=1)
+    ids = _ids(4, 64, seed=2)
+    with torch.no_grad():
+        ref = model(ids).logits
+    data_free = tiny_model("llama", intermediate_size=96)
+    base = {"gptq": "rtn", "pvq-gptq": "pvq"}[method]
+    api.quantize(data_free, QuantConfig(method=base, bits=3.25), progress=False)
+    api.quantize(model, QuantConfig(method=method, bits=3.25, nsamples=8, seqlen=64), calib, progress=False)
+    with torch.no_grad():
+        mem = model(ids).logits
+        err = float(((mem - ref) ** 2).mean())
+        err_free = float(((data_free(ids).logits - ref) ** 2).mean())
+    assert err < err_free  # error feedback on in-distribution inputs beats the data-free method
+    loaded, _ = io.load(io.save(model, tiny_tokenizer(), tmp_path / "q"))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, mem)
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    files = []
+    for run in range(2):
+        model = tiny_model("qwen2", intermediate_size=96)
+        api.quantize(model, QuantConfig(method="pvq-gptq", bits=2.25, nsamples=4, seqlen=32), _ids(4, 32, 5),
+                     progress=False)
+        out = io.save(model, tiny_tokenizer(), tmp_path / f"r{run}")
+        files.append([(out / f).read_bytes() for f in ("model.safetensors", "config.json")])
+    assert files[0] == files[1]
+
+
+def test_bits_target_is_met_and_counted():
+    cfg = QuantConfig(method="pvq", bits=3.25)
+    spec = choose_spec(cfg, 1536, 576)
+    from pvq.codec import bits_per_weight
+
+    bpw = bits_per_weight(spec, 1536, 576, rotation_seeds=2).bits_per_weight
+    assert 3.2 < bpw <= 3.2551
+    with pytest.raises(ValueError, match="bits"):
+        choose_spec(QuantConfig(method="pvq", bits=0.2), 1536, 576)
+    with pytest.raises(ValueError, match="bits"):
+        choose_spec(QuantConfig(method="rtn", bits=1.0), 1536, 576)
+
+
+def test_nan_weight_is_refused():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        blocks(model)[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layers.1.mlp.up_proj"):
+        api.quantize(model, QuantConfig(method="pvq"), progress=False)
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="llama"):
+        api.quantize(model, QuantConfig(method="pvq"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face folder, and its pvq-quantized directory via the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_model("llama", intermediate_size=96)
+    model.save_pretrained(root / "hf")
+    tiny_tokenizer().save_pretrained(root / "hf")
+    rc = cli(["quantize", str(root / "hf"), "--method", "pvq", "--bits", "3.25", "-o", str(root / "q"), "--no-progress"])
+    assert rc == 0
+    return root
+
+
+def test_cli_info_and_eval(tiny_dirs, capsys):
+    assert cli(["info", str(tiny_dirs / "q"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "pvq" and 3.0 < info["bits_per_weight"] <= 3.26
+    assert info["file_bytes"] == (tiny_dirs / "q" / "model.safetensors").stat().st_size
+    assert cli(["eval", str(tiny_dirs / "q"), "--ppl", "--windows", "2", "--json", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert math.isfinite(res["ppl"]) and res["ppl"] > 1 and res["bits_per_weight"] == info["bits_per_weight"]
+    assert "arc_easy_acc" not in res
+
+
+def test_cli_errors_are_one_line(tiny_dirs, tmp_path, capsys):
+    q = tiny_dirs / "q"
+    # refuses to overwrite, names the option
+    assert cli(["quantize", str(tiny_dirs / "hf"), "--method", "pvq", "-o", str(q)]) == 2
+    assert "--force" in capsys.readouterr().err
+    # truncated safetensors
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((q / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes((q / "model.safetensors").read_bytes()[:1000])
+    assert cli(["eval", str(bad), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "Traceback" not in err
+    # a newer format version
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert cli(["info", str(bad)]) == 2
+    assert "newer" in capsys.readouterr().err
+    # a missing directory
+    assert cli(["info", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    # an unreachable target
+    assert cli(["quantize", str(tiny_dirs / "hf"), "--method", "pvq", "--bits", "0.3", "-o", str(tmp_path / "x")]) == 2
+    assert "bits" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
