@@ -90,6 +90,24 @@ def pvq_candidates(n: int, rate: float, scale: str, kmax: int = 200) -> list[cod
     return out
 
 
+def gain_comparison(results: dict) -> dict:
+    """SQNR of each rate's best configuration with its gain quantized by the Beta-law Lloyd-Max
+    codebook (nothing stored), a uniform min..max grid (ends stored) and Lloyd-Max fitted to the
+    data (levels stored), same levels, on both sources."""
+    real = real_weights(results["smollm2_layers"])
+    sources = {"gaussian": ([torch.randn(2048, 2304, generator=torch.Generator().manual_seed(0))], 0),
+               "smollm2": ([rotate(w, seed=i) for i, (_, w) in enumerate(real)], 2)}
+    out = {}
+    for src, (mats, seeds) in sources.items():
+        out[src] = {}
+        for rate, m in results["sources"]["smollm2"]["pvq_best"].items():
+            base = spec_from_name(m["config"])
+            out[src][rate] = {g: measure(mats, codec.PVQSpec(base.n, base.k, base.gain_levels, g, base.scale), seeds)
+                              for g in ("beta", "uniform", "empirical")}
+            print(src, rate, {g: round(v["sqnr_db"], 2) for g, v in out[src][rate].items()}, flush=True)
+    return out
+
+
 def spec_from_name(name: str) -> codec.PVQSpec:
     """Inverse of PVQSpec.name: 'pvq-n16k29L7-beta-tensor'."""
     _, nkl, gain, scale = name.split("-")
@@ -162,7 +180,17 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output folder")
     ap.add_argument("--throughput-only", action="store_true",
                     help="re-measure only the throughput of the best configurations in an existing codec.json")
+    ap.add_argument("--gains-only", action="store_true",
+                    help="add to an existing codec.json the gain-quantizer comparison (beta vs uniform vs empirical)")
     args = ap.parse_args()
+    if args.gains_only:
+        path = Path(args.out) / "codec.json"
+        results = json.loads(path.read_text())
+        results["gain_quantizers"] = gain_comparison(results)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, path)
+        return
     if args.throughput_only:
         path = Path(args.out) / "codec.json"
         results = json.loads(path.read_text())

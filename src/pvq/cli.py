@@ -46,6 +46,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the tensors kept dense (embeddings, head, norms)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="end with one JSON line: achieved bits, time, peak memory")
 
 
 def _add_eval(sub) -> None:
@@ -120,10 +121,20 @@ def cmd_quantize(args) -> int:
     summary = api.quantize(model, cfg, calib, progress=not args.no_progress)
     io.save(model, tok, out, overwrite=args.force)
     size = (out / io.WEIGHTS).stat().st_size
+    rss = _peak_rss_mib()
     print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "
           f"({summary['linear_weights'] / 1e6:.1f} M weights), file {size / 2**20:.1f} MiB, "
-          f"{summary['seconds']:.0f} s -> {out}")
+          f"{summary['seconds']:.0f} s, peak RSS {rss:.0f} MiB -> {out}")
+    if args.json:
+        print(json.dumps({**summary, "file_bytes": size, "peak_rss_mib": rss, "output": str(out),
+                          "method": cfg.method, "target_bits": cfg.bits}))
     return 0
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def cmd_eval(args) -> int:
