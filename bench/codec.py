@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import save_figure, write_json  # noqa: E402
 sys.path.insert(0, str(ROOT / "src"))
 
 from pvq import codec  # noqa: E402
@@ -167,10 +169,7 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("SQNR (dB)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -187,9 +186,7 @@ def main() -> None:
         path = Path(args.out) / "codec.json"
         results = json.loads(path.read_text())
         results["gain_quantizers"] = gain_comparison(results)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, path)
+        write_json(path, results)
         return
     if args.throughput_only:
         path = Path(args.out) / "codec.json"
@@ -198,9 +195,7 @@ def main() -> None:
                                  for rate, m in results["sources"]["smollm2"]["pvq_best"].items()}
         for rate, t in results["throughput"].items():
             print(f"  throughput {rate}: {t}", flush=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, path)
+        write_json(path, results)
         return
     layers = [0, 29] if args.quick else [int(s) for s in args.layers.split(",")]
     ns = (8, 12, 16)
@@ -254,9 +249,7 @@ def main() -> None:
         print(f"  throughput {rate}: {t}", flush=True)
     results["seconds"] = time.time() - t0
 
-    tmp = out / "codec.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "codec.json")
+    write_json(out / "codec.json", results)
     plot(results, out / "codec.png")
     print(f"wrote {out / 'codec.json'} and {out / 'codec.png'} in {results['seconds']:.0f} s")
 

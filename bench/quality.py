@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import save_figure, write_json  # noqa: E402
 METHODS = ("rtn", "gptq", "pvq", "pvq-gptq")
 
 
@@ -38,9 +40,7 @@ def run_json(args: list[str]) -> dict:
 
 
 def save(results: dict, out: Path) -> None:
-    tmp = out / "quality.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "quality.json")
+    write_json(out / "quality.json", results)
     try:
         plot(results, out / "pareto.png")
     except Exception as exc:  # a plot must never lose measured numbers
@@ -67,10 +67,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title("SmolLM2-135M-Instruct")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main() -> None:

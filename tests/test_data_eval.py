@@ -310,3 +310,15 @@ def test_default_smollm2_gguf(shared_data):
     assert 5 < out["ppl"] < 60  # about 20 at 2048 tokens; shorter windows see less context
     result = arc_easy_accuracy(model, tokenizer, load_arc_easy("test", limit=20), progress=False)
     assert result["acc"] > 0.3  # chance is about 0.25
+
+
+def test_arc_easy_calibration_text_comes_from_train_only():
+    from pvq.data import load_arc_easy, resolve_text
+
+    text = resolve_text("arc-easy", "calib")
+    train = load_arc_easy("train")
+    assert text.count("Question: ") == len(train)
+    test_q = load_arc_easy("test", limit=20)
+    assert sum(r["question"] in text for r in test_q) <= 2  # ARC has a few duplicated questions
+    with pytest.raises(ValueError, match="accuracy"):
+        resolve_text("arc-easy", "eval")

@@ -105,10 +105,14 @@ def resolve_text(name_or_path: str, split: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return _read_text(path)
+    if name_or_path == "arc-easy":
+        if split != "calib":
+            raise ValueError("arc-easy is evaluated as accuracy (pvq eval --arc-easy), not as a text")
+        return arc_easy_text("train")
     if name_or_path not in KNOWN_TEXTS:
         raise ValueError(
             f"{name_or_path!r} is neither a text file nor a known corpus; "
-            f"known names: {', '.join(sorted(KNOWN_TEXTS))}"
+            f"known names: {', '.join(sorted(KNOWN_TEXTS) + ['arc-easy'])}"
         )
     rel = KNOWN_TEXTS[name_or_path][split]
     try:
@@ -169,3 +173,13 @@ def load_arc_easy(split: str = "test", limit: int | None = None) -> list[dict]:
             if line.strip():
                 rows.append(json.loads(line))
     return rows
+
+
+def arc_easy_text(split: str = "train") -> str:
+    """ARC-Easy questions with their correct answers as plain text, for calibration (never the test split)."""
+    rows = load_arc_easy(split)
+    parts = []
+    for r in rows:
+        answer = r["choices"]["text"][r["choices"]["label"].index(r["answerKey"])]
+        parts.append(f"Question: {r['question']}\nAnswer: {answer}")
+    return "\n\n".join(parts)

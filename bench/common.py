@@ -1,0 +1,19 @@
+"""Helpers shared by the benchmarks: atomic writes, so an interrupted run never leaves a half file."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
