@@ -6,6 +6,8 @@ block, and feed those to the next block. Peak memory is one block plus the calib
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import time
 import zlib
 
@@ -64,7 +66,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                 accs[name] = HessianAccumulator(mod.in_features)
                 handles.append(mod.register_forward_hook(lambda m, a, o, acc=accs[name]: acc.add_batch(a[0])))
             try:
-                run_block(block, hidden, kwargs)
+                run_block(block, hidden, kwargs, keep=False)
             finally:
                 for h in handles:
                     h.remove()
@@ -90,6 +92,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             bar.update(1)
         if cfg.uses_data:
             hidden = run_block(block, hidden, kwargs)  # the quantized block's outputs feed the next block
+        release_memory()
     bar.close()
     _round_dense(model, DTYPES[cfg.dense_dtype])
     summary = summarize(per_layer)
@@ -100,6 +103,19 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     }
     summary["seconds"] = time.time() - t0
     return summary
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS between blocks.
+
+    Each block allocates and frees hundreds of MB of activations; glibc keeps such freed chunks in
+    its arenas, and RSS would climb block after block. malloc_trim returns them (Linux/glibc only).
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _round_dense(model, dtype: torch.dtype) -> None:

@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}
     try:
         return commands[args.command](args)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
+        return 0
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         print(f"pvq {args.command}: error: {exc}", file=sys.stderr)
         return 2

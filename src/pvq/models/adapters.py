@@ -78,10 +78,14 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = 8) -> torch.Tensor:
-    """Outputs of one block for all samples (hidden [N, L, D]), a few samples at a time."""
-    outs = []
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = 8, keep: bool = True):
+    """Outputs of one block for all samples (hidden [N, L, D]), a few samples at a time.
+
+    keep=False runs the block only for its side effects (hooks) and keeps no output.
+    """
+    out = torch.empty_like(hidden) if keep else None
     for s in range(0, hidden.shape[0], batch):
         r = block(hidden[s : s + batch], **kwargs)
-        outs.append(r[0] if isinstance(r, tuple) else r)
-    return torch.cat(outs)
+        if keep:
+            out[s : s + batch] = r[0] if isinstance(r, tuple) else r
+    return out
