@@ -322,3 +322,10 @@ def test_arc_easy_calibration_text_comes_from_train_only():
     assert sum(r["question"] in text for r in test_q) <= 2  # ARC has a few duplicated questions
     with pytest.raises(ValueError, match="accuracy"):
         resolve_text("arc-easy", "eval")
+
+
+def test_calibration_mix_joins_the_texts():
+    from pvq.data import resolve_text
+
+    mix = resolve_text("wikitext2+arc-easy", "calib")
+    assert mix == resolve_text("wikitext2", "calib") + "\n\n" + resolve_text("arc-easy", "calib")

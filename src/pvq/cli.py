@@ -32,7 +32,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--calib", default="wikitext2",
-                   help="calibration text: a text file, or 'wikitext2' (its validation split) (default)")
+                   help="calibration text: a text file, 'wikitext2' (its validation split, the default), 'arc-easy' (its train questions), or a mix joined by +")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of rotations and calibration sampling (default 0)")

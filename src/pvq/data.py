@@ -98,10 +98,14 @@ def resolve_text(name_or_path: str, split: str) -> str:
 
     `name_or_path` is either a path to a text file (read whole, `split` ignored) or a known
     name: "wikitext2" gives the raw test text for split "eval" and the validation text for
-    split "calib".
+    split "calib"; "arc-easy" (calib only) the ARC-Easy train questions with their answers.
+    Several joined by "+" (e.g. "wikitext2+arc-easy") give their concatenation.
     """
     if split not in _SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(_SPLITS)}")
+    if "+" in name_or_path and not Path(name_or_path).expanduser().is_file():
+        # a mix such as "wikitext2+arc-easy": the texts joined; windows are drawn across all of them
+        return "\n\n".join(resolve_text(part, split) for part in name_or_path.split("+"))
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return _read_text(path)
