@@ -83,7 +83,10 @@ def load_any(spec: str | None):
     from .models.loading import load_model
 
     if spec is not None and io.is_pvq_dir(spec):
-        return io.load(spec)
+        model, tok = io.load(spec)
+        if tok is None:
+            raise ValueError(f"{spec}: no tokenizer files in the directory (save it with the tokenizer)")
+        return model, tok
     if spec is not None and Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
         try:
             io.read_config(spec)
