@@ -126,9 +126,8 @@ def choose_spec(cfg: QuantConfig, rows: int, cols: int):
         raise ValueError(f"no PVQ group dimension divides the layer input size {cols} (tried {dims or PVQ_GROUP_DIMS})")
     best = None
     for n in dims:
-        probe = PVQSpec(n, 1, 2, cfg.gain, cfg.scale)
-        overhead = (bits_per_weight(probe, rows, cols, seeds).total
-                    - bits_per_weight(probe, rows, cols, seeds).codes) / (rows * cols)
+        probe = bits_per_weight(PVQSpec(n, 1, 2, cfg.gain, cfg.scale), rows, cols, seeds)
+        overhead = (probe.total - probe.codes) / (rows * cols)  # scales, codebook, seeds
         code_bits = int(math.floor(n * (cfg.bits - overhead) + 1e-6))
         # the last few thousandths (the fp16 scale, the seeds) may round a code up by one bit: allow it
         if (code_bits + 1) / n + overhead <= cfg.bits + 0.005:
