@@ -10,22 +10,24 @@ from pvq.cli import main as cli
 from pvq.config import QuantConfig, choose_spec
 from pvq.models.adapters import block_linears, blocks, set_module
 from pvq.models.loading import tiny_model, tiny_tokenizer
+from pvq.codec import UniformSpec
 from pvq.nn import QuantLinear, rotate_weight
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
 
-class _Dense:
-    """A 'packed' matrix that is just the float matrix: lets QuantLinear run rotation-only."""
+class _RotationOnly(QuantLinear):
+    """A QuantLinear whose decoded matrix is the exact rotated float matrix: rotation without quantization."""
 
-    spec = None
-    nbits = 0
+    def __init__(self, w_rot, seeds, bias):
+        super().__init__(UniformSpec(8), tuple(w_rot.shape), bias=bias is not None)
+        self.seeds.copy_(torch.tensor(seeds, dtype=torch.int64))
+        if bias is not None:
+            self.bias.data.copy_(bias.detach())
+        self.w = w_rot
 
-    def __init__(self, w):
-        self.w, self.shape = w, tuple(w.shape)
-
-    def dequantize(self, dtype=torch.float32):
-        return self.w.to(dtype)
+    def rotated_weight(self):
+        return self.w
 
 
 def _ids(n=2, length=48, seed=0):
@@ -42,7 +44,7 @@ def test_rotated_unquantized_model_gives_the_same_logits(family):
             for name, mod in block_linears(block).items():
                 seeds = api.layer_seeds(3, f"model.layers.{i}.{name}", True)
                 w_rot = rotate_weight(mod.weight.detach(), seeds)
-                set_module(block, name, QuantLinear(_Dense(w_rot), seeds, mod.bias))
+                set_module(block, name, _RotationOnly(w_rot, seeds, mod.bias))
         out = model(ids).logits
     assert (out - ref).abs().max().item() < 1e-3
     q = blocks(model)[0].self_attn.q_proj

@@ -85,7 +85,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                                  block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
             else:
                 packed = codec.quantize(w_rot, spec)
-            q = QuantLinear(packed, seeds, mod.bias)
+            q = QuantLinear.from_packed(packed, seeds, mod.bias)
             set_module(block, name, q)
             per_layer[full] = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
                                "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}

@@ -16,31 +16,15 @@ from pathlib import Path
 
 import torch
 
-from .codec import PackedPVQ, PackedUniform, PVQSpec
-from .codec.gain import beta_codebook
-from .codec.gainshape import law_length
 from .config import FORMAT_VERSION, spec_from_dict
 from .models.adapters import check_supported, set_module
-from .nn import QuantLinear
+from .nn import QuantLinear, check_decode
 
 WEIGHTS = "model.safetensors"
 
 
 class PVQFormatError(ValueError):
     """A pvq directory that cannot be read: one line saying which file and why."""
-
-
-def _quant_tensors(name: str, q: QuantLinear) -> dict[str, torch.Tensor]:
-    p = q.packed
-    out = {f"{name}.codes": p.codes.contiguous(), f"{name}.seeds": torch.tensor(q.seeds, dtype=torch.int64)}
-    if isinstance(p, PackedPVQ):
-        out[f"{name}.scales"] = p.row_scale.half().contiguous()
-        if p.spec.gain != "beta":
-            out[f"{name}.gain_levels"] = p.gain_levels.half().contiguous()
-    else:
-        out[f"{name}.scales"] = p.scale.half().contiguous()
-        out[f"{name}.offsets"] = p.offset.half().contiguous()
-    return out
 
 
 def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -58,15 +42,12 @@ def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[qc["config"]["dense_dtype"]]
+    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     tensors: dict[str, torch.Tensor] = {}
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, q in quant.items():
-        tensors.update(_quant_tensors(name, q))
     seen = {}
     for key, t in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner in quant and key.endswith(".bias"):
-            tensors[key] = t.detach().float().contiguous()
+        if key.rpartition(".")[0] in quant:  # packed buffers (and bias) are stored as they are
+            tensors[key] = t.detach().contiguous().clone()
             continue
         if t.data_ptr() in seen:  # tied weights (lm_head = embed_tokens): store once
             continue
@@ -109,24 +90,43 @@ def is_pvq_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / WEIGHTS).is_file()
 
 
-def _packed(spec, shape, t: dict, name: str, cols_law: int):
-    codes, scales = t[f"{name}.codes"], t[f"{name}.scales"]
-    if isinstance(spec, PVQSpec):
-        if spec.gain == "beta":
-            levels = beta_codebook(spec.n, cols_law, spec.gain_levels)
-        else:
-            levels = t[f"{name}.gain_levels"].double()
-        packed = PackedPVQ(spec, shape, codes, scales, levels)
-    else:
-        packed = PackedUniform(spec, shape, codes, scales, t[f"{name}.offsets"])
-    want = spec.bit_breakdown(*shape)["codes"] // 8
-    if codes.numel() != want:
-        raise PVQFormatError(f"tensor {name}.codes has {codes.numel()} bytes, {spec.name} of {list(shape)} needs {want}")
-    return packed
+def replace_linears(model, layers: dict, decode: str = "once", weight_dtype: torch.dtype = torch.float32,
+                    source: str = "config.json") -> None:
+    """Swap the linears named in quantization_config["layers"] for empty QuantLinear modules to be filled."""
+    for name, layer in layers.items():
+        try:
+            spec = spec_from_dict(layer)
+            shape = tuple(int(s) for s in layer["shape"])
+            old = model.get_submodule(name)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise PVQFormatError(f"{source}: quantization_config layer {name!r} is invalid ({exc})") from None
+        if getattr(old, "weight", None) is not None and tuple(old.weight.shape) != shape:
+            raise PVQFormatError(f"{source}: layer {name} has shape {list(shape)} but the model expects {list(old.weight.shape)}")
+        bias = getattr(old, "bias", None) is not None
+        set_module(model, name, QuantLinear(spec, shape, bias=bias, decode=decode, weight_dtype=weight_dtype))
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a pvq directory: (model with QuantLinear layers, tokenizer)."""
+def check_tensors(model, tensors: dict, layers: dict, source) -> None:
+    """Every packed buffer present with the shape and dtype its spec implies (one clear line otherwise)."""
+    for name in layers:
+        q = model.get_submodule(name)
+        for key, want in [*q.named_buffers(), *(("bias", q.bias),) * (q.bias is not None)]:
+            t = tensors.get(f"{name}.{key}")
+            if t is None:
+                raise PVQFormatError(f"{source}: tensor {name}.{key} is missing")
+            if tuple(t.shape) != tuple(want.shape) or t.dtype != want.dtype:
+                raise PVQFormatError(f"{source}: tensor {name}.{key} is {t.dtype} {list(t.shape)}, "
+                                     f"{q.spec.name} of {[q.out_features, q.in_features]} needs {want.dtype} {list(want.shape)}")
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "once",
+         weight_dtype: torch.dtype | None = None):
+    """Load a pvq directory: (model with QuantLinear layers, tokenizer).
+
+    decode="once" decodes every quantized linear on first use and keeps it (in `weight_dtype`,
+    default `dtype`); decode="on-the-fly" keeps only the packed codes resident (nn.py)."""
+    check_decode(decode)
+    weight_dtype = weight_dtype or dtype
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -148,19 +148,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
         raise PVQFormatError(f"{p / 'config.json'}: cannot build a {model_type!r} config ({exc})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     check_supported(model)
-    for name, layer in qc["layers"].items():
-        try:
-            spec = spec_from_dict(layer)
-            shape = tuple(layer["shape"])
-            law = law_length(spec, *shape) if isinstance(spec, PVQSpec) else 0
-            packed = _packed(spec, shape, tensors, name, law)
-            bias = tensors.get(f"{name}.bias")
-            q = QuantLinear(packed, tuple(int(s) for s in tensors[f"{name}.seeds"].tolist()), bias)
-        except KeyError as exc:
-            raise PVQFormatError(f"{wf}: tensor {exc.args[0]} is missing") from None
-        set_module(model, name, q)
-    dense = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in qc["layers"]}
-    missing, unexpected = model.load_state_dict(dense, strict=False)
+    replace_linears(model, qc["layers"], decode, weight_dtype, str(p / "config.json"))
+    check_tensors(model, tensors, qc["layers"], wf)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
     # quantized layers got their tensors above; a tied head shares the embedding
     missing = [m for m in missing if m.rpartition(".")[0] not in qc["layers"] and not (tied and m == "lm_head.weight")]

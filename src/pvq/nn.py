@@ -1,9 +1,19 @@
-"""QuantLinear: a linear layer held as packed codes (no full-precision weight), plus its rotations.
+"""QuantLinear: a linear layer held as packed codes (buffers only, no full-precision weight), plus its rotations.
 
 With seeded randomized Hadamards R_in, R_out (QuIP#-style incoherence processing on both sides)
 the stored matrix is W' = R_out^T W R_in, and y = x W^T = ((x R_in) W'^T) R_out^T, so the network
-output is unchanged before quantization. Only the two seeds are stored. The codes are decoded
-once, on first use, and the decoded matrix is kept (decode="once").
+output is unchanged before quantization. Only the two seeds are stored.
+
+The buffers are exactly the tensors of the file format (io.py), so a state dict *is* the file:
+`codes` (uint8 packed stream), `scales` (fp16), `seeds` (int64 [2]), `gain_levels` (fp16, PVQ with
+data-fitted gains only) or `offsets` (fp16, uniform grid), and `bias`. Two execution modes:
+
+- decode="once": the codes are decoded on first use and the decoded matrix is kept (in
+  `weight_dtype`, float32 by default, bfloat16 to halve it); fastest, memory like a dense layer.
+- decode="on-the-fly": nothing but the buffers stays resident. A forward with a few tokens runs
+  the native fused decode-and-multiply kernel (runtime/kernel.c) without ever writing the matrix;
+  a longer one decodes blocks of rows into a scratch buffer and multiplies each block with every
+  token at once. Without a C compiler the same is done with the torch decoder (exact, slower).
 """
 from __future__ import annotations
 
@@ -11,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import PackedPVQ, PackedUniform
+from .codec import PackedPVQ, PackedUniform, PVQSpec, UniformSpec
+from .codec.gain import beta_codebook
+from .codec.gainshape import law_length
 from .transforms.hadamard import RandomHadamard
 
 NO_SEED = -1  # marks a side that is not rotated
+DECODE_MODES = ("once", "on-the-fly")
 
 
 def rotations(rows: int, cols: int, seeds: tuple[int, int]) -> tuple[RandomHadamard | None, RandomHadamard | None]:
@@ -43,54 +56,149 @@ def rotate_hessian(h: torch.Tensor, seed_in: int) -> torch.Tensor:
     return r.apply(r.apply(h.double()).T)
 
 
+def check_decode(decode: str) -> str:
+    if decode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
+    return decode
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W stored as packed PVQ or uniform codes in a rotated basis."""
 
-    def __init__(self, packed: PackedPVQ | PackedUniform, seeds: tuple[int, int], bias: torch.Tensor | None = None):
+    def __init__(self, spec: PVQSpec | UniformSpec, shape: tuple[int, int], *, bias: bool = False,
+                 decode: str = "once", weight_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.packed = packed
-        self.out_features, self.in_features = packed.shape
-        self.seeds = (int(seeds[0]), int(seeds[1]))
-        self.r_in, self.r_out = rotations(self.out_features, self.in_features, self.seeds)
-        self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
-        self._w: torch.Tensor | None = None
+        rows, cols = (int(s) for s in shape)
+        spec.check_shape(rows, cols)
+        self.spec = spec
+        self.out_features, self.in_features = rows, cols
+        self.decode = check_decode(decode)
+        self.weight_dtype = weight_dtype
+        nbytes = spec.bit_breakdown(rows, cols)["codes"] // 8
+        self.register_buffer("codes", torch.zeros(nbytes, dtype=torch.uint8))  # [ceil(groups * bits / 8)]
+        self.register_buffer("seeds", torch.full((2,), NO_SEED, dtype=torch.int64))  # (seed_in, seed_out)
+        if isinstance(spec, PVQSpec):
+            self.register_buffer("scales", torch.ones(rows if spec.scale == "row" else 1, dtype=torch.float16))
+            if spec.gain != "beta":
+                self.register_buffer("gain_levels", torch.zeros(spec.gain_levels, dtype=torch.float16))  # [L]
+        else:
+            ng = spec.groups_per_row(cols)
+            self.register_buffer("scales", torch.zeros(rows, ng, dtype=torch.float16))
+            self.register_buffer("offsets", torch.zeros(rows, ng, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(rows), requires_grad=False) if bias else None
+        self._state: dict | None = None  # rotations, decoded weight or kernel arguments; rebuilt from buffers
+
+    @classmethod
+    def from_packed(cls, packed: PackedPVQ | PackedUniform, seeds: tuple[int, int], bias: torch.Tensor | None = None,
+                    decode: str = "once") -> "QuantLinear":
+        q = cls(packed.spec, packed.shape, bias=bias is not None, decode=decode)
+        q.codes.copy_(packed.codes)
+        q.seeds.copy_(torch.tensor([int(seeds[0]), int(seeds[1])], dtype=torch.int64))
+        if isinstance(packed, PackedPVQ):
+            q.scales.copy_(packed.row_scale.reshape(q.scales.shape))
+            if packed.spec.gain != "beta":
+                q.gain_levels.copy_(packed.gain_levels.reshape(-1))
+        else:
+            q.scales.copy_(packed.scale)
+            q.offsets.copy_(packed.offset)
+        if bias is not None:
+            q.bias.data.copy_(bias.detach().float())
+        return q
+
+    # ---------------------------------------------------------------- state rebuilt from the buffers
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._state = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) must not round the fp16 scales or the float32 bias: they are stored bits
+        before = {name: t for name, t in [*self._buffers.items(), ("bias", self.bias)] if t is not None}
+        super()._apply(fn, recurse)
+        for name, t in self._buffers.items():
+            if t is not None and t.dtype != before[name].dtype:
+                self._buffers[name] = before[name].to(t.device)
+        if self.bias is not None and self.bias.dtype != before["bias"].dtype:
+            self.bias.data = before["bias"].data.to(self.bias.device)
+        self._state = None
+        return self
+
+    def reset(self, decode: str | None = None, weight_dtype: torch.dtype | None = None) -> None:
+        """Drop what was derived from the buffers (after they change, or to switch the decode mode)."""
+        if decode is not None:
+            self.decode = check_decode(decode)
+        if weight_dtype is not None:
+            self.weight_dtype = weight_dtype
+        self._state = None
 
     @property
-    def spec(self):
-        return self.packed.spec
+    def packed(self) -> PackedPVQ | PackedUniform:
+        rows, cols = self.out_features, self.in_features
+        spec = self.spec
+        if isinstance(spec, PVQSpec):
+            if spec.gain == "beta":
+                levels = beta_codebook(spec.n, law_length(spec, rows, cols), spec.gain_levels)
+            else:
+                levels = self.gain_levels.double()
+            return PackedPVQ(spec, (rows, cols), self.codes, self.scales.half(), levels)
+        return PackedUniform(spec, (rows, cols), self.codes, self.scales.half(), self.offsets.half())
 
     @property
     def nbits(self) -> int:
         """Every stored bit of this layer: packed codes, scales, stored codebook, two 64-bit seeds."""
         return self.packed.nbits + 64 * 2
 
+    @property
+    def seed_pair(self) -> tuple[int, int]:
+        return int(self.seeds[0]), int(self.seeds[1])
+
+    def _prepared(self) -> dict:
+        if self._state is None:
+            r_in, r_out = rotations(self.out_features, self.in_features, self.seed_pair)
+            st = {"r_in": r_in, "r_out": r_out}
+            if self.decode == "on-the-fly":
+                from .runtime.decode import Decoder
+
+                st["decoder"] = Decoder(self.packed)
+            self._state = st
+        return self._state
+
     def rotated_weight(self) -> torch.Tensor:
-        """The decoded matrix W' in the rotated basis (float32 [out, in]); decoded once, then kept."""
-        if self._w is None:
-            self._w = self.packed.dequantize(torch.float32)
-        return self._w
+        """The decoded matrix W' in the rotated basis ([out, in]); kept in decode="once" mode."""
+        st = self._prepared()
+        if "w" in st:
+            return st["w"]
+        if self.decode == "on-the-fly":
+            return st["decoder"].dense()
+        st["w"] = self.packed.dequantize(torch.float32).to(self.weight_dtype)
+        return st["w"]
 
     def weight_in_original_basis(self) -> torch.Tensor:
         """R_out W' R_in^T: the matrix this layer applies, for inspection and tests."""
+        st = self._prepared()
         w = self.rotated_weight().double()
-        if self.r_out is not None:
-            w = self.r_out.apply_inverse(w.T).T
-        if self.r_in is not None:
-            w = self.r_in.apply_inverse(w)
+        if st["r_out"] is not None:
+            w = st["r_out"].apply_inverse(w.T).T
+        if st["r_in"] is not None:
+            w = st["r_in"].apply_inverse(w)
         return w.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self._prepared()
         dtype = x.dtype
         h = x.float()
-        if self.r_in is not None:
-            h = self.r_in.apply(h)
-        h = F.linear(h, self.rotated_weight())
-        if self.r_out is not None:
-            h = self.r_out.apply_inverse(h)
+        if st["r_in"] is not None:
+            h = st["r_in"].apply(h)
+        if self.decode == "on-the-fly":
+            h = st["decoder"].matmul(h)
+        else:
+            w = self.rotated_weight()
+            h = F.linear(h.to(w.dtype), w).float()
+        if st["r_out"] is not None:
+            h = st["r_out"].apply_inverse(h)
         if self.bias is not None:
             h = h + self.bias
         return h.to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.spec.name}, "
-                f"{self.nbits / (self.in_features * self.out_features):.4f} bits/weight, seeds={self.seeds}")
+                f"{self.nbits / (self.in_features * self.out_features):.4f} bits/weight, decode={self.decode}")

@@ -1,0 +1,89 @@
+"""On-the-fly decoding of one packed matrix: y = x W'^T without keeping W' resident.
+
+A Decoder holds references to the packed buffers (codes, scales, gain levels; nothing is copied)
+and, shared by every layer with the same (n, k), the serialised enumeration plan of the native
+kernel. `matmul(x)` picks the fused decode-and-multiply kernel for a few tokens (generation) and
+decode-a-block-of-rows-then-GEMM for many (prompt processing): each block is decoded once per call
+and reused for every token. Without the native kernel it falls back to the torch decoder.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..codec import PackedPVQ, PackedUniform
+from . import native
+
+GEMV_TOKENS = 2  # at most this many rows of x: fused kernel
+ROW_BLOCK = 512  # rows decoded at once otherwise (a 512 x 1536 float32 block is 3 MiB)
+
+
+class Decoder:
+    def __init__(self, packed: PackedPVQ | PackedUniform):
+        self.packed = packed
+        self.rows, self.cols = packed.shape
+        self.lib = native.kernel()
+        self.is_pvq = isinstance(packed, PackedPVQ)
+        self.plan = native.plan(packed.spec.n, packed.spec.k) if self.is_pvq and self.lib is not None else None
+        if self.is_pvq and self.plan is None:
+            self.lib = None  # leaves wider than int8: torch path
+        if self.is_pvq:
+            self.levels = packed.gain_levels.float().contiguous()  # [L]
+            self.scales = packed.row_scale.float().contiguous()  # [rows] or [1]
+        else:
+            self.scale = packed.scale.float().contiguous()  # [rows, groups]
+            self.offset = packed.offset.float().contiguous()
+
+    @property
+    def native(self) -> bool:
+        return self.lib is not None
+
+    def resident_bytes(self) -> int:
+        """Bytes this decoder keeps besides the packed buffers (float copies of scales/levels)."""
+        t = [self.levels, self.scales] if self.is_pvq else [self.scale, self.offset]
+        return sum(x.numel() * x.element_size() for x in t)
+
+    def _pvq_args(self):
+        p, s = self.packed, self.packed.spec
+        return (self.plan[0].data_ptr(), self.plan[1].data_ptr(), 0, p.codes.data_ptr(), p.codes.numel(), s.code_bits,
+                s.gain_levels, s.n, s.k, self.levels.data_ptr(), self.scales.data_ptr(), int(self.scales.numel() > 1))
+
+    def _uni_args(self):
+        p = self.packed
+        return (p.codes.data_ptr(), p.codes.numel(), p.spec.bits, self.scale.data_ptr(), self.offset.data_ptr(),
+                p.spec.group_size)
+
+    def decode_rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [r0, r1) of W' as float32 [r1 - r0, cols]."""
+        if out is None:
+            out = torch.empty(r1 - r0, self.cols, dtype=torch.float32)
+        if self.is_pvq:
+            self.lib.pvq_decode(*self._pvq_args(), self.cols, r0, r1, out.data_ptr())
+        else:
+            self.lib.uni_decode(*self._uni_args(), self.cols, r0, r1, out.data_ptr())
+        return out
+
+    def dense(self) -> torch.Tensor:
+        if not self.native:
+            return self.packed.dequantize(torch.float32)
+        return self.decode_rows(0, self.rows)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., cols] float32 -> x W'^T [..., rows] float32."""
+        lead = x.shape[:-1]
+        h = x.reshape(-1, self.cols).contiguous()
+        t = h.shape[0]
+        if not self.native:
+            return (h @ self.packed.dequantize(torch.float32).T).reshape(*lead, self.rows)
+        out = torch.empty(t, self.rows, dtype=torch.float32)
+        if t <= GEMV_TOKENS:
+            if self.is_pvq:
+                self.lib.pvq_gemv(*self._pvq_args(), self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
+            else:
+                self.lib.uni_gemv(*self._uni_args(), self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
+        else:
+            block = torch.empty(min(ROW_BLOCK, self.rows), self.cols, dtype=torch.float32)
+            for r0 in range(0, self.rows, ROW_BLOCK):
+                r1 = min(r0 + ROW_BLOCK, self.rows)
+                w = self.decode_rows(r0, r1, block[: r1 - r0])
+                out[:, r0:r1] = h @ w.T
+        return out.reshape(*lead, self.rows)

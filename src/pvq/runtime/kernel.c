@@ -1,0 +1,171 @@
+/* pvq runtime kernels: decode packed PVQ / uniform codes straight from the bit stream.
+ *
+ * Used by QuantLinear in decode="on-the-fly" mode, where only the packed codes stay resident.
+ * Two entry points per codec:
+ *   *_decode: rows [r0, r1) of the matrix into a float buffer (prompt processing: decode a block
+ *             of rows once, then one matrix product serves every token of the batch);
+ *   *_gemv:   y[b, r] = sum_c W[r, c] x[b, c] for a few rows of x, decoding each group in registers
+ *             and never writing the matrix (generation: one token at a time).
+ *
+ * PVQ shapes use the split enumeration of pvq/codec/enumeration.py, serialised by
+ * pvq/runtime/native.py into one int64 "plan" array (nodes, offsets, counts) and one int8 array
+ * (every point of the small leaf pyramids). A node at plan[p]:
+ *   leaf:  [0, d, K, base_at, lut_at]        point j of P(d, k) is lut[lut_at + (base[k] + j) * d]
+ *   split: [1, n, n1, K, first, second, offs_at, v2_at]
+ *          index = O(k, k1) + a * V(n2, k - k1) + b, O(k, .) = plan[offs_at + k * (K + 1) + .]
+ * Codes are little-endian bit strings of `width` bits, one per group (bitpack.py); a PVQ code is
+ * index * L + level. Everything is integer exact until the final float scaling, so a group decodes
+ * to the same floats as the torch path (reconstruct(): scale * level * y / ||y||).
+ *
+ * Written for pvq; compiled on first use by native.py (cc -O3 -fopenmp).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAXN 64
+
+static inline uint64_t read_code(const uint8_t *buf, int64_t nbytes, int64_t i, int width, uint64_t mask) {
+    int64_t bit = i * (int64_t)width;
+    int64_t o = bit >> 3;
+    int s = (int)(bit & 7);
+    uint64_t v;
+    if (o + 9 <= nbytes) {
+        uint64_t lo;
+        memcpy(&lo, buf + o, 8);
+        v = lo >> s;
+        if (s + width > 64) v |= (uint64_t)buf[o + 8] << (64 - s);
+    } else {  /* the last few codes: byte by byte, never past the end of the stream */
+        v = 0;
+        int need = (s + width + 7) >> 3;
+        for (int j = 0; j < need && o + j < nbytes; j++) {
+            uint64_t byte = buf[o + j];
+            if (8 * j - s >= 0) v |= byte << (8 * j - s); else v |= byte >> s;
+        }
+    }
+    return v & mask;
+}
+
+static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint64_t idx, int64_t k, int8_t *out) {
+    for (;;) {
+        if (plan[p] == 0) {
+            int64_t d = plan[p + 1];
+            const int64_t *base = plan + plan[p + 3];
+            const int8_t *row = lut + plan[p + 4] + (base[k] + (int64_t)idx) * d;
+            for (int64_t j = 0; j < d; j++) out[j] = row[j];
+            return;
+        }
+        int64_t n1 = plan[p + 2], K = plan[p + 3];
+        const int64_t *offs = plan + plan[p + 6] + k * (K + 1);
+        /* k1 = the largest k1 <= k with offs[k1] <= idx (offsets increase; empty blocks repeat) */
+        int64_t lo = 0, hi = k;
+        while (lo < hi) {
+            int64_t mid = (lo + hi + 1) >> 1;
+            if ((uint64_t)offs[mid] <= idx) lo = mid; else hi = mid - 1;
+        }
+        int64_t k1 = lo, k2 = k - k1;
+        uint64_t rest = idx - (uint64_t)offs[k1];
+        uint64_t v2 = (uint64_t)plan[plan[p + 7] + k2];
+        uint64_t a = rest / v2, b = rest - a * v2;
+        decode_shape(plan, lut, plan[p + 4], a, k1, out);
+        out += n1;
+        p = plan[p + 5];
+        idx = b;
+        k = k2;
+    }
+}
+
+/* one group: integer shape y[n] and its float factor scale * level / ||y|| */
+static inline float pvq_group(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes,
+                              int64_t gi, int width, uint64_t mask, uint64_t L, int64_t n, int64_t k,
+                              const float *levels, float scale, int8_t *y) {
+    uint64_t code = read_code(codes, nbytes, gi, width, mask);
+    uint64_t idx = code / L, lvl = code - idx * L;
+    decode_shape(plan, lut, top, idx, k, y);
+    int32_t e = 0;
+    for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
+    return e > 0 ? scale * levels[lvl] / sqrtf((float)e) : 0.0f;
+}
+
+void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
+                int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t cols,
+                int64_t r0, int64_t r1, float *out) {
+    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1);
+    int64_t groups = cols / n;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = r0; r < r1; r++) {
+        int8_t y[MAXN];
+        float s = scales[per_row ? r : 0];
+        float *o = out + (r - r0) * cols;
+        for (int64_t g = 0; g < groups; g++) {
+            float f = pvq_group(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, n, k, levels, s, y);
+            for (int64_t j = 0; j < n; j++) o[g * n + j] = f * (float)y[j];
+        }
+    }
+}
+
+/* y[b * ldy + r] = sum_c W[r, c] * x[b * ldx + c] for b < B, r < rows */
+void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
+              int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t rows,
+              int64_t cols, const float *x, int64_t ldx, int64_t B, float *out, int64_t ldy) {
+    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1);
+    int64_t groups = cols / n;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int8_t y[MAXN];
+        float acc[8];
+        float s = scales[per_row ? r : 0];
+        for (int64_t b0 = 0; b0 < B; b0 += 8) {
+            int64_t nb = B - b0 < 8 ? B - b0 : 8;
+            for (int64_t b = 0; b < nb; b++) acc[b] = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                float f = pvq_group(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, n, k, levels, s, y);
+                for (int64_t b = 0; b < nb; b++) {
+                    const float *xv = x + (b0 + b) * ldx + g * n;
+                    float d = 0.0f;
+                    for (int64_t j = 0; j < n; j++) d += (float)y[j] * xv[j];
+                    acc[b] += f * d;
+                }
+            }
+            for (int64_t b = 0; b < nb; b++) out[(b0 + b) * ldy + r] = acc[b];
+        }
+    }
+}
+
+/* uniform grid: w = offset[r, c / gs] + scale[r, c / gs] * q, q a `width`-bit code per weight */
+void uni_decode(const uint8_t *codes, int64_t nbytes, int width, const float *scale, const float *offset, int64_t gs,
+                int64_t cols, int64_t r0, int64_t r1, float *out) {
+    uint64_t mask = (1ULL << width) - 1;
+    int64_t ng = (cols + gs - 1) / gs;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = r0; r < r1; r++) {
+        float *o = out + (r - r0) * cols;
+        for (int64_t c = 0; c < cols; c++) {
+            float q = (float)read_code(codes, nbytes, r * cols + c, width, mask);
+            o[c] = offset[r * ng + c / gs] + scale[r * ng + c / gs] * q;
+        }
+    }
+}
+
+void uni_gemv(const uint8_t *codes, int64_t nbytes, int width, const float *scale, const float *offset, int64_t gs,
+              int64_t rows, int64_t cols, const float *x, int64_t ldx, int64_t B, float *out, int64_t ldy) {
+    uint64_t mask = (1ULL << width) - 1;
+    int64_t ng = (cols + gs - 1) / gs;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b = 0; b < B; b++) {
+            const float *xv = x + b * ldx;
+            float acc = 0.0f;
+            for (int64_t g = 0; g < ng; g++) {
+                int64_t c1 = (g + 1) * gs < cols ? (g + 1) * gs : cols;
+                float qx = 0.0f, sx = 0.0f;
+                for (int64_t c = g * gs; c < c1; c++) {
+                    qx += (float)read_code(codes, nbytes, r * cols + c, width, mask) * xv[c];
+                    sx += xv[c];
+                }
+                acc += scale[r * ng + g] * qx + offset[r * ng + g] * sx;
+            }
+            out[b * ldy + r] = acc;
+        }
+    }
+}

@@ -1,0 +1,121 @@
+"""The native decode kernels (kernel.c): compiled on first use, called through ctypes.
+
+`kernel()` compiles kernel.c with the system C compiler (`cc -O3 -march=native -fopenmp`) into
+a cache folder (`$PVQ_CACHE`, default `~/.cache/pvq`), keyed by a hash of the source and flags,
+and loads it. No compiler (or a failed build) gives None and a one-line reason in `kernel_error()`;
+callers then decode with torch (exact, slower). `plan(n, k)` serialises the split enumeration of
+codec/enumeration.py for the kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..codec import enumeration
+
+SOURCE = Path(__file__).with_name("kernel.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+_error: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PVQ_CACHE") or Path.home() / ".cache" / "pvq")
+
+
+def kernel_error() -> str | None:
+    """Why the native kernel is unavailable (None when it loaded or was not tried yet)."""
+    return _error
+
+
+@lru_cache(maxsize=1)
+def kernel() -> ctypes.CDLL | None:
+    global _error
+    if os.environ.get("PVQ_NO_NATIVE"):
+        _error = "disabled by PVQ_NO_NATIVE"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        _error = "no C compiler (cc/gcc) on PATH"
+        return None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), platform.node()]).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"pvqkernel-{key}.so"
+    if not lib.is_file():
+        try:
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+                out = Path(tmp) / lib.name
+                p = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+                if p.returncode != 0:
+                    _error = f"{cc} failed on {SOURCE.name}: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
+                    return None
+                os.replace(out, lib)  # atomic: a half-written library is never loaded
+        except OSError as exc:
+            _error = f"cannot build the kernel in {lib.parent}: {exc}"
+            return None
+    try:
+        dll = ctypes.CDLL(str(lib))
+    except OSError as exc:
+        _error = f"cannot load {lib}: {exc}"
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    dll.pvq_decode.argtypes = [p, p, i64, p, i64, i32, i64, i64, i64, p, p, i32, i64, i64, i64, p]
+    dll.pvq_gemv.argtypes = [p, p, i64, p, i64, i32, i64, i64, i64, p, p, i32, i64, i64, p, i64, i64, p, i64]
+    dll.uni_decode.argtypes = [p, i64, i32, p, p, i64, i64, i64, i64, p]
+    dll.uni_gemv.argtypes = [p, i64, i32, p, p, i64, i64, i64, p, i64, i64, p, i64]
+    for f in (dll.pvq_decode, dll.pvq_gemv, dll.uni_decode, dll.uni_gemv):
+        f.restype = None
+    _error = None
+    return dll
+
+
+@lru_cache(maxsize=32)
+def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(plan int64, leaf points int8) for P(n, k), or None where a leaf needs more than int8 (k >= 128)."""
+    words: list[int] = []
+    luts: list[torch.Tensor] = []
+    lut_len = 0
+    where: dict[int, int] = {}
+
+    def emit(node) -> int:
+        nonlocal lut_len
+        if id(node) in where:
+            return where[id(node)]
+        if isinstance(node, enumeration._Leaf):
+            if node.lut.dtype != torch.int8:
+                raise OverflowError
+            at = len(words)
+            words.extend([0, node.d, node.base.numel() - 1, 0, lut_len])
+            words[at + 3] = len(words)
+            words.extend(node.base.tolist())
+            luts.append(node.lut.reshape(-1))
+            lut_len += node.lut.numel()
+            where[id(node)] = at
+            return at
+        at = len(words)
+        words.extend([1, node.n, node.n1, node.K, 0, 0, 0, 0])
+        where[id(node)] = at
+        first = emit(node.first)
+        second = emit(node.second)
+        words[at + 4], words[at + 5] = first, second
+        words[at + 6] = len(words)
+        words.extend(node.offs.tolist())
+        words[at + 7] = len(words)
+        words.extend(node.v2.tolist())
+        return at
+
+    try:
+        top = emit(enumeration._node(n, k))
+    except OverflowError:
+        return None
+    assert top == 0
+    return torch.tensor(words, dtype=torch.int64), torch.cat(luts).contiguous()
