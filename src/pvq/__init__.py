@@ -1,11 +1,27 @@
-"""pvq: post-training LLM quantization with Pyramid Vector Quantization."""
+"""pvq: post-training LLM quantization with Pyramid Vector Quantization.
+
+Importing pvq registers the "pvq" quantization method with transformers (when it is installed), so
+`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads a directory written by `pvq quantize`.
+"""
 __version__ = "0.1.0"
 
 
-def load(path, dtype=None):
-    """Load a pvq directory: (model, tokenizer). Short form of pvq.io.load."""
+def load(path, dtype=None, decode="once", weight_dtype=None):
+    """Load a pvq directory: (model, tokenizer). Short form of pvq.io.load.
+
+    decode="once" decodes each quantized linear on first use and keeps it; decode="on-the-fly"
+    keeps only the packed codes resident and decodes inside every forward (see pvq.nn)."""
     import torch
 
     from .io import load as _load
 
-    return _load(path, dtype or torch.float32)
+    return _load(path, dtype or torch.float32, decode=decode, weight_dtype=weight_dtype)
+
+
+def _register() -> None:
+    from .hf import register
+
+    register()
+
+
+_register()

@@ -1,0 +1,106 @@
+"""transformers integration: after `import pvq`, AutoModelForCausalLM.from_pretrained(DIR) loads a pvq directory.
+
+Registers, through transformers' own extension points (`register_quantization_config`,
+`register_quantizer`), a `PVQConfig` for `quant_method: "pvq"` and a quantizer that swaps the
+quantized linears of the freshly built model for empty QuantLinear modules before the weights are
+read; transformers then fills their buffers from model.safetensors like any other tensor.
+The decode mode is a loading attribute:
+
+    from pvq.hf import PVQConfig
+    AutoModelForCausalLM.from_pretrained(DIR, quantization_config=PVQConfig(decode="on-the-fly"))
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import FORMAT_VERSION
+from .nn import DECODE_MODES, check_decode
+
+_registered = False
+
+
+def register() -> bool:
+    """Register pvq with transformers (idempotent). False when transformers is not installed."""
+    global _registered, PVQConfig, PVQHfQuantizer
+    if _registered:
+        return True
+    try:
+        from transformers.quantizers import auto
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+    except ImportError:
+        return False
+
+    class PVQConfig(QuantizationConfigMixin):
+        """quantization_config of a pvq directory (written by `pvq quantize`), plus how to run it."""
+
+        def __init__(self, format_version: int = FORMAT_VERSION, config: dict | None = None, layers: dict | None = None,
+                     achieved: dict | None = None, decode: str = "once", weight_dtype: str | None = None, **kwargs):
+            self.quant_method = "pvq"
+            self.format_version = format_version
+            self.config = config or {}
+            self.layers = layers or {}
+            self.achieved = achieved or {}
+            self.decode = decode
+            self.weight_dtype = weight_dtype
+            self.post_init()
+
+        def post_init(self):
+            if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+                raise ValueError(f"pvq quantization_config format version {self.format_version!r} is newer than this "
+                                 f"pvq reads ({FORMAT_VERSION}); upgrade pvq")
+            check_decode(self.decode)
+            if self.weight_dtype not in (None, "float32", "bfloat16", "float16"):
+                raise ValueError(f"weight_dtype must be float32, bfloat16 or float16, got {self.weight_dtype!r}")
+
+        def get_loading_attributes(self) -> dict:
+            return {"decode": self.decode, "weight_dtype": self.weight_dtype}
+
+        def to_dict(self) -> dict:
+            # what is written back to config.json: the stored format, not how it was last run
+            return {"quant_method": "pvq", "format_version": self.format_version, "config": self.config,
+                    "layers": self.layers, "achieved": self.achieved}
+
+    class PVQHfQuantizer(HfQuantizer):
+        """Loads pre-quantized pvq directories (quantizing happens in `pvq quantize`, with calibration)."""
+
+        requires_calibration = True
+
+        def validate_environment(self, *args, **kwargs):
+            if not self.pre_quantized:
+                raise ValueError("pvq quantizes with `pvq quantize` (it needs calibration data); "
+                                 "from_pretrained only loads directories it wrote")
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            from .io import replace_linears
+            from .models.adapters import check_supported
+
+            check_supported(model)
+            qc = self.quantization_config
+            wd = getattr(torch, qc.weight_dtype) if qc.weight_dtype else model.dtype
+            replace_linears(model, qc.layers, decode=qc.decode, weight_dtype=wd)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            return model
+
+        def is_serializable(self, *args, **kwargs):
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    auto.register_quantization_config("pvq")(PVQConfig)
+    auto.register_quantizer("pvq")(PVQHfQuantizer)
+    # let from_pretrained(..., quantization_config=PVQConfig(decode=...)) override how the stored model runs
+    if hasattr(auto, "LOADING_ATTRIBUTES_CONFIG_TYPES"):
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, PVQConfig)
+    globals()["PVQConfig"], globals()["PVQHfQuantizer"] = PVQConfig, PVQHfQuantizer
+    _registered = True
+    return True
+
+
+PVQConfig = None  # set by register()
+PVQHfQuantizer = None
+__all__ = ["register", "PVQConfig", "PVQHfQuantizer", "DECODE_MODES"]

@@ -1,0 +1,102 @@
+"""Running quantized models: native on-the-fly decode, decode modes, transformers loading."""
+import pytest
+import torch
+
+import pvq
+from pvq import api, io
+from pvq.codec import PVQSpec, UniformSpec, quantize
+from pvq.config import QuantConfig
+from pvq.models.loading import tiny_model, tiny_tokenizer
+from pvq.nn import QuantLinear
+from pvq.runtime import native
+from pvq.runtime.decode import GEMV_TOKENS, Decoder
+
+needs_native = pytest.mark.skipif(native.kernel() is None, reason=f"no native kernel: {native.kernel_error()}")
+
+
+def _w(rows, cols, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+SPECS = [PVQSpec(8, 5, 3), PVQSpec(12, 10, 5, scale="tensor"), PVQSpec(16, 29, 7), PVQSpec(16, 4, 1, gain="empirical"),
+         PVQSpec(4, 130 // 4, 2), UniformSpec(3, 128), UniformSpec(4, 32), UniformSpec(2, 100)]
+
+
+@needs_native
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_native_decode_matches_the_torch_decoder(spec):
+    rows, cols = 37, 96 if not isinstance(spec, PVQSpec) or 96 % spec.n == 0 else 48
+    packed = quantize(_w(rows, cols), spec)
+    ref = packed.dequantize(torch.float32)
+    d = Decoder(packed)
+    assert d.native
+    torch.testing.assert_close(d.dense(), ref, rtol=1e-6, atol=1e-7)
+    # a block of rows in the middle (the tail of the bit stream is read byte by byte)
+    torch.testing.assert_close(d.decode_rows(30, 37), ref[30:37], rtol=1e-6, atol=1e-7)
+    for tokens in (1, GEMV_TOKENS, GEMV_TOKENS + 1, 19):
+        x = _w(tokens, cols, seed=tokens)
+        torch.testing.assert_close(d.matmul(x), x @ ref.T, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_fallback_when_there_is_no_kernel():
+    packed = quantize(_w(24, 64), PVQSpec(8, 6, 4))
+    d = Decoder(packed)
+    d.lib = None
+    x = _w(3, 64, 1)
+    torch.testing.assert_close(d.matmul(x), x @ packed.dequantize().T)
+
+
+@pytest.mark.parametrize("method", ["pvq", "rtn"])
+def test_on_the_fly_mode_matches_decode_once(tmp_path, method):
+    model = tiny_model("llama", intermediate_size=96)
+    api.quantize(model, QuantConfig(method=method, bits=3.25), progress=False)
+    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    once, _ = pvq.load(out)
+    fly, _ = pvq.load(out, decode="on-the-fly")
+    q = fly.model.layers[0].mlp.down_proj
+    assert isinstance(q, QuantLinear) and q.decode == "on-the-fly"
+    with torch.no_grad():
+        a, b = once(ids).logits, fly(ids).logits
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        # generation (one token per forward) goes through the fused kernel
+        ga = once.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
+        gb = fly.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
+    assert torch.equal(ga, gb)
+    # nothing but the packed buffers stays resident: no decoded matrix is kept
+    assert "w" not in q._prepared()
+    with pytest.raises(ValueError, match="decode mode"):
+        pvq.load(out, decode="sometimes")
+
+
+def test_model_to_dtype_keeps_the_stored_scales(tmp_path):
+    model = tiny_model("llama", intermediate_size=96)
+    api.quantize(model, QuantConfig(method="pvq", bits=2.25), progress=False)
+    q = model.model.layers[0].self_attn.q_proj
+    before = q.scales.clone()
+    model.to(torch.bfloat16)
+    assert q.scales.dtype == torch.float16 and torch.equal(q.scales, before)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_transformers_from_pretrained_loads_a_pvq_directory(tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    from pvq.hf import PVQConfig
+
+    model = tiny_model(family, intermediate_size=96)
+    api.quantize(model, QuantConfig(method="pvq", bits=3.25), progress=False)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mem = model(ids).logits
+    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(hf.model.layers[1].mlp.up_proj, QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, mem)
+        gen = hf.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 9)
+    fly = AutoModelForCausalLM.from_pretrained(out, quantization_config=PVQConfig(decode="on-the-fly"))
+    assert fly.model.layers[0].self_attn.o_proj.decode == "on-the-fly"
+    with torch.no_grad():
+        torch.testing.assert_close(fly(ids).logits, mem, rtol=1e-4, atol=1e-4)
