@@ -100,3 +100,16 @@ def test_transformers_from_pretrained_loads_a_pvq_directory(tmp_path, family):
     assert fly.model.layers[0].self_attn.o_proj.decode == "on-the-fly"
     with torch.no_grad():
         torch.testing.assert_close(fly(ids).logits, mem, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("dim", [16, 192, 576, 1536, 43 * 2])
+def test_native_rotation_matches_torch(dim):
+    from pvq.runtime.decode import rotate
+    from pvq.transforms.hadamard import RandomHadamard
+
+    r = RandomHadamard(dim, 7)
+    x = _w(3, dim)
+    torch.testing.assert_close(rotate(r, x), r.apply(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rotate(r, x, inverse=True), r.apply_inverse(x), rtol=1e-5, atol=1e-5)
+    assert rotate(r, _w(100, dim)) is None  # long inputs stay on the torch GEMM path

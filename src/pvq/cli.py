@@ -14,7 +14,9 @@ Quantization and measures it. Typical session:
   pvq eval out/smol-3.25 --ppl --arc-easy --limit 500
   pvq info out/smol-3.25
   pvq generate out/smol-3.25 "The capital of France is"
+  pvq bench-run out/smol-3.25 --decode on-the-fly                  # tokens/s and memory while running
 """
+
 
 
 def _add_quantize(sub) -> None:
@@ -74,27 +76,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="pvq directory, HF folder, hub id or .gguf")
     p.add_argument("prompt", help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    _add_runtime_options(p)
+    p = sub.add_parser("bench-run", help="prompt and generation tokens/s and peak memory of a model",
+                       description="Run a fixed prompt (the same for every model) through the model, then "
+                                   "generate greedily with the KV cache; report prompt tokens/s, generated "
+                                   "tokens/s, peak RSS while running, the file size and, for a pvq directory, "
+                                   "the memory the quantized linears keep resident.")
+    p.add_argument("model", nargs="?", default=None, help="pvq directory, HF folder, hub id or .gguf (default SmolLM2)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
+    p.add_argument("--gen-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_runtime_options(p)
+    for name in ("eval",):
+        _add_runtime_options(sub.choices[name])
     return ap
 
 
-def load_any(spec: str | None):
-    """A pvq directory or anything load_model accepts."""
+def _add_runtime_options(p) -> None:
+    p.add_argument("--decode", choices=["once", "on-the-fly"], default="once",
+                   help="pvq directories: decode each layer once and keep it (fastest; memory like a dense "
+                        "model) or keep only the packed codes and decode inside every forward (default once)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of the dense parts (and of decoded weights in --decode once)")
+
+
+def load_any(spec: str | None, decode: str = "once", dtype: str = "float32"):
+    """A pvq directory or anything load_model accepts, as (model, tokenizer)."""
+    import torch
+
     from . import io
     from .models.loading import load_model
 
-    if spec is not None and io.is_pvq_dir(spec):
-        model, tok = io.load(spec)
-        if tok is None:
-            raise ValueError(f"{spec}: no tokenizer files in the directory (save it with the tokenizer)")
-        return model, tok
-    if spec is not None and Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+    dt = getattr(torch, dtype)
+    path = Path(spec) if spec is not None else None
+    if path is not None and path.is_dir() and (path / "config.json").is_file():
         try:
-            io.read_config(spec)
-            return io.load(spec)
+            io.read_config(path)
+            is_pvq = True
         except io.PVQFormatError as exc:
             if "no pvq quantization_config" not in str(exc):
                 raise
-    return load_model(spec)
+            is_pvq = False
+        if is_pvq:
+            model, tok = io.load(path, dt, decode=decode)
+            if tok is None:
+                raise ValueError(f"{spec}: no tokenizer files in the directory (save it with the tokenizer)")
+            return model, tok
+    model, tok = load_model(spec)
+    return model.to(dt), tok
 
 
 def cmd_quantize(args) -> int:
@@ -143,7 +173,7 @@ def _peak_rss_mib() -> float:
 def cmd_eval(args) -> int:
     from .data import load_arc_easy, resolve_text
 
-    model, tok = load_any(args.model)
+    model, tok = load_any(args.model, args.decode, args.dtype)
     res = {"model": args.model or "SmolLM2-135M-Instruct"}
     qc = getattr(model.config, "quantization_config", None)
     if isinstance(qc, dict) and qc.get("quant_method") == "pvq":
@@ -196,7 +226,7 @@ def cmd_info(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    model, tok = load_any(args.model)
+    model, tok = load_any(args.model, args.decode, args.dtype)
     ids = tok(args.prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -204,9 +234,44 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench_run(args) -> int:
+    import torch
+
+    from .runtime import measure, native
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_any(args.model, args.decode, args.dtype)
+    res = {"model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype}
+    qc = getattr(model.config, "quantization_config", None)
+    if isinstance(qc, dict) and qc.get("quant_method") == "pvq":
+        from . import io
+
+        res.update({"method": qc["config"]["method"], "bits_per_weight": qc["achieved"]["bits_per_weight"],
+                    "decode": args.decode, "file_bytes": (Path(args.model) / io.WEIGHTS).stat().st_size})
+        if args.decode == "on-the-fly":
+            res["native_kernel"] = native.kernel() is not None
+            if native.kernel() is None:
+                print(f"pvq bench-run: warning: no native kernel ({native.kernel_error()}); decoding with torch",
+                      file=sys.stderr)
+    else:
+        res["parameters"] = sum(p.numel() for p in model.parameters())
+        res["checkpoint_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    res.update(measure.run(model, tok, args.prompt_tokens, args.gen_tokens))
+    if "method" in res:
+        res.update(measure.quantized_memory(model))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}
+    commands = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
+                "bench-run": cmd_bench_run}
     try:
         return commands[args.command](args)
     except BrokenPipeError:  # output piped into `head` and the like: not an error of ours

@@ -183,18 +183,22 @@ class QuantLinear(nn.Module):
         return w.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .runtime.decode import rotate
+
         st = self._prepared()
         dtype = x.dtype
         h = x.float()
         if st["r_in"] is not None:
-            h = st["r_in"].apply(h)
+            h2 = rotate(st["r_in"], h)
+            h = st["r_in"].apply(h) if h2 is None else h2
         if self.decode == "on-the-fly":
             h = st["decoder"].matmul(h)
         else:
             w = self.rotated_weight()
             h = F.linear(h.to(w.dtype), w).float()
         if st["r_out"] is not None:
-            h = st["r_out"].apply_inverse(h)
+            h2 = rotate(st["r_out"], h, inverse=True)
+            h = st["r_out"].apply_inverse(h) if h2 is None else h2
         if self.bias is not None:
             h = h + self.bias
         return h.to(dtype)

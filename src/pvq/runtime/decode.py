@@ -14,6 +14,7 @@ from ..codec import PackedPVQ, PackedUniform
 from . import native
 
 GEMV_TOKENS = 2  # at most this many rows of x: fused kernel
+ROTATE_TOKENS = 8  # at most this many rows: rotations in the kernel (torch's small GEMMs cost ~10 us a call)
 ROW_BLOCK = 512  # rows decoded at once otherwise (a 512 x 1536 float32 block is 3 MiB)
 
 
@@ -87,3 +88,22 @@ class Decoder:
                 w = self.decode_rows(r0, r1, block[: r1 - r0])
                 out[:, r0:r1] = h @ w.T
         return out.reshape(*lead, self.rows)
+
+
+def rotate(r, x: torch.Tensor, inverse: bool = False) -> torch.Tensor | None:
+    """x @ R (or x @ R^T) for a RandomHadamard r and float32 x [..., dim] with a few rows, natively.
+
+    None when the kernel is unavailable or x has too many rows (the caller then uses r.apply)."""
+    lib = native.kernel()
+    d = x.shape[-1]
+    rows = x.numel() // d if d else 0
+    if lib is None or rows > ROTATE_TOKENS or x.dtype != torch.float32:
+        return None
+    s, small, m, p = r.factors(torch.float32)
+    small = small.contiguous()  # keep a reference: the kernel reads it after this line
+    xc = x.contiguous()
+    out = torch.empty_like(xc)
+    tmp = torch.empty(d, dtype=torch.float32)
+    lib.rot_apply(xc.data_ptr(), out.data_ptr(), rows, m, p, s.data_ptr(), small.data_ptr(), int(inverse),
+                  tmp.data_ptr())
+    return out

@@ -11,8 +11,9 @@
  * pvq/runtime/native.py into one int64 "plan" array (nodes, offsets, counts) and one int8 array
  * (every point of the small leaf pyramids). A node at plan[p]:
  *   leaf:  [0, d, K, base_at, lut_at]        point j of P(d, k) is lut[lut_at + (base[k] + j) * d]
- *   split: [1, n, n1, K, first, second, offs_at, v2_at]
- *          index = O(k, k1) + a * V(n2, k - k1) + b, O(k, .) = plan[offs_at + k * (K + 1) + .]
+ *   split: [1, n, n1, K, first, second, offs_at, v2_at, rcp_at]
+ *          index = O(k, k1) + a * V(n2, k - k1) + b, O(k, .) = plan[offs_at + k * (K + 1) + .],
+ *          rcp[j] = floor(2^64 / V(n2, j)) (2^64 - 1 for V = 1) turns the division into a multiply
  * Codes are little-endian bit strings of `width` bits, one per group (bitpack.py); a PVQ code is
  * index * L + level. Everything is integer exact until the final float scaling, so a group decodes
  * to the same floats as the torch path (reconstruct(): scale * level * y / ||y||).
@@ -46,6 +47,16 @@ static inline uint64_t read_code(const uint8_t *buf, int64_t nbytes, int64_t i, 
     return v & mask;
 }
 
+/* q = n / d for the invariant divisor d, with rcp = floor(2^64 / d): the high half of n * rcp is
+ * q or q - 1 (rcp underestimates 2^64 / d by less than 1), one correction makes it exact */
+static inline uint64_t divide(uint64_t n, uint64_t d, uint64_t rcp, uint64_t *rem) {
+    uint64_t q = (uint64_t)(((unsigned __int128)n * rcp) >> 64);
+    uint64_t r = n - q * d;
+    if (r >= d) { q++; r -= d; }
+    *rem = r;
+    return q;
+}
+
 static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint64_t idx, int64_t k, int8_t *out) {
     for (;;) {
         if (plan[p] == 0) {
@@ -57,16 +68,14 @@ static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint
         }
         int64_t n1 = plan[p + 2], K = plan[p + 3];
         const int64_t *offs = plan + plan[p + 6] + k * (K + 1);
-        /* k1 = the largest k1 <= k with offs[k1] <= idx (offsets increase; empty blocks repeat) */
-        int64_t lo = 0, hi = k;
-        while (lo < hi) {
-            int64_t mid = (lo + hi + 1) >> 1;
-            if ((uint64_t)offs[mid] <= idx) lo = mid; else hi = mid - 1;
-        }
-        int64_t k1 = lo, k2 = k - k1;
+        /* k1 = the largest k1 <= k with offs[k1] <= idx: offsets increase strictly, so count them
+         * (branch-free; offsets and indices are below 2^63, signed compares are exact) */
+        int64_t k1 = 0;
+        for (int64_t j = 1; j <= k; j++) k1 += offs[j] <= (int64_t)idx;
+        int64_t k2 = k - k1;
         uint64_t rest = idx - (uint64_t)offs[k1];
-        uint64_t v2 = (uint64_t)plan[plan[p + 7] + k2];
-        uint64_t a = rest / v2, b = rest - a * v2;
+        uint64_t b;
+        uint64_t a = divide(rest, (uint64_t)plan[plan[p + 7] + k2], (uint64_t)plan[plan[p + 8] + k2], &b);
         decode_shape(plan, lut, plan[p + 4], a, k1, out);
         out += n1;
         p = plan[p + 5];
@@ -77,20 +86,25 @@ static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint
 
 /* one group: integer shape y[n] and its float factor scale * level / ||y|| */
 static inline float pvq_group(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes,
-                              int64_t gi, int width, uint64_t mask, uint64_t L, int64_t n, int64_t k,
+                              int64_t gi, int width, uint64_t mask, uint64_t L, uint64_t rcpL, int64_t n, int64_t k,
                               const float *levels, float scale, int8_t *y) {
     uint64_t code = read_code(codes, nbytes, gi, width, mask);
-    uint64_t idx = code / L, lvl = code - idx * L;
+    uint64_t lvl;
+    uint64_t idx = divide(code, L, rcpL, &lvl);
     decode_shape(plan, lut, top, idx, k, y);
     int32_t e = 0;
     for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
     return e > 0 ? scale * levels[lvl] / sqrtf((float)e) : 0.0f;
 }
 
+static inline uint64_t reciprocal(uint64_t d) {
+    return d == 1 ? ~0ULL : (uint64_t)(((unsigned __int128)1 << 64) / d);
+}
+
 void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
                 int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t cols,
                 int64_t r0, int64_t r1, float *out) {
-    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1);
+    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
     int64_t groups = cols / n;
 #pragma omp parallel for schedule(static)
     for (int64_t r = r0; r < r1; r++) {
@@ -98,7 +112,7 @@ void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8
         float s = scales[per_row ? r : 0];
         float *o = out + (r - r0) * cols;
         for (int64_t g = 0; g < groups; g++) {
-            float f = pvq_group(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, n, k, levels, s, y);
+            float f = pvq_group(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, rcpL, n, k, levels, s, y);
             for (int64_t j = 0; j < n; j++) o[g * n + j] = f * (float)y[j];
         }
     }
@@ -108,7 +122,7 @@ void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8
 void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
               int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t rows,
               int64_t cols, const float *x, int64_t ldx, int64_t B, float *out, int64_t ldy) {
-    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1);
+    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
     int64_t groups = cols / n;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
@@ -119,7 +133,7 @@ void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t
             int64_t nb = B - b0 < 8 ? B - b0 : 8;
             for (int64_t b = 0; b < nb; b++) acc[b] = 0.0f;
             for (int64_t g = 0; g < groups; g++) {
-                float f = pvq_group(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, n, k, levels, s, y);
+                float f = pvq_group(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, rcpL, n, k, levels, s, y);
                 for (int64_t b = 0; b < nb; b++) {
                     const float *xv = x + (b0 + b) * ldx + g * n;
                     float d = 0.0f;
@@ -167,5 +181,50 @@ void uni_gemv(const uint8_t *codes, int64_t nbytes, int width, const float *scal
             }
             out[b * ldy + r] = acc;
         }
+    }
+}
+
+/* Seeded randomized Hadamard R = diag(s) (small (x) H_p / sqrt(p)) of transforms/hadamard.py on the
+ * rows of x [B, m * p] (a few tokens; longer inputs use the torch GEMM path):
+ *   inverse = 0: out = x R   = small^T (X * s) H_p / sqrt(p)   with X the [m, p] view of a row
+ *   inverse = 1: out = x R^T = (small X H_p / sqrt(p)) * s
+ * small is m x m row-major; tmp holds m * p floats. */
+static void fwht_rows(float *t, int64_t m, int64_t p) {
+    float norm = 1.0f / sqrtf((float)p);
+    for (int64_t i = 0; i < m; i++) {
+        float *v = t + i * p;
+        for (int64_t h = 1; h < p; h *= 2)
+            for (int64_t blk = 0; blk < p; blk += 2 * h)
+                for (int64_t j = blk; j < blk + h; j++) {
+                    float a = v[j], b = v[j + h];
+                    v[j] = a + b;
+                    v[j + h] = a - b;
+                }
+        for (int64_t j = 0; j < p; j++) v[j] *= norm;
+    }
+}
+
+void rot_apply(const float *x, float *out, int64_t B, int64_t m, int64_t p, const float *signs, const float *small,
+               int inverse, float *tmp) {
+    int64_t d = m * p;
+    for (int64_t b = 0; b < B; b++) {
+        const float *xv = x + b * d;
+        float *o = out + b * d;
+        float *t = m > 1 ? tmp : o;
+        for (int64_t c = 0; c < d; c++) t[c] = inverse ? xv[c] : xv[c] * signs[c];
+        fwht_rows(t, m, p);
+        if (m > 1) {
+            for (int64_t i = 0; i < m; i++) {
+                float *oi = o + i * p;
+                for (int64_t c = 0; c < p; c++) oi[c] = 0.0f;
+                for (int64_t j = 0; j < m; j++) {
+                    float w = inverse ? small[i * m + j] : small[j * m + i];
+                    const float *tj = t + j * p;
+                    for (int64_t c = 0; c < p; c++) oi[c] += w * tj[c];
+                }
+            }
+        }
+        if (inverse)
+            for (int64_t c = 0; c < d; c++) o[c] *= signs[c];
     }
 }

@@ -23,7 +23,7 @@ import torch
 from ..codec import enumeration
 
 SOURCE = Path(__file__).with_name("kernel.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _error: str | None = None
 
 
@@ -72,7 +72,8 @@ def kernel() -> ctypes.CDLL | None:
     dll.pvq_gemv.argtypes = [p, p, i64, p, i64, i32, i64, i64, i64, p, p, i32, i64, i64, p, i64, i64, p, i64]
     dll.uni_decode.argtypes = [p, i64, i32, p, p, i64, i64, i64, i64, p]
     dll.uni_gemv.argtypes = [p, i64, i32, p, p, i64, i64, i64, p, i64, i64, p, i64]
-    for f in (dll.pvq_decode, dll.pvq_gemv, dll.uni_decode, dll.uni_gemv):
+    dll.rot_apply.argtypes = [p, p, i64, i64, i64, p, p, i32, p]
+    for f in (dll.pvq_decode, dll.pvq_gemv, dll.uni_decode, dll.uni_gemv, dll.rot_apply):
         f.restype = None
     _error = None
     return dll
@@ -102,7 +103,7 @@ def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
             where[id(node)] = at
             return at
         at = len(words)
-        words.extend([1, node.n, node.n1, node.K, 0, 0, 0, 0])
+        words.extend([1, node.n, node.n1, node.K, 0, 0, 0, 0, 0])
         where[id(node)] = at
         first = emit(node.first)
         second = emit(node.second)
@@ -110,7 +111,12 @@ def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         words[at + 6] = len(words)
         words.extend(node.offs.tolist())
         words[at + 7] = len(words)
-        words.extend(node.v2.tolist())
+        v2 = node.v2.tolist()
+        words.extend(v2)
+        words[at + 8] = len(words)
+        # floor(2^64 / v) as the int64 with the same bits (the kernel reads it unsigned)
+        rcp = [(1 << 64) - 1 if v == 1 else (1 << 64) // v for v in v2]
+        words.extend(r - (1 << 64) if r >= 1 << 63 else r for r in rcp)
         return at
 
     try:

@@ -142,6 +142,7 @@ def rotation_plan(d: int) -> tuple[str, int, int]:
 
 
 _RADIX = 16  # first log2(16) butterfly levels as one small GEMM (see _fwht)
+_DENSE_POW2 = 256  # H_p up to this order is applied as one dense GEMM (at most 256 KiB in float32)
 
 
 def _fwht(x: torch.Tensor, h_radix: torch.Tensor) -> torch.Tensor:
@@ -231,10 +232,18 @@ class RandomHadamard:
             if self._signs is None:
                 self._build()
             p = self._plan[2]
-            # fold the 1/sqrt(p) normalisation into the radix GEMM: saves a pass
-            radix = _hadamard_cached(min(_RADIX, p)) / math.sqrt(p)
+            # fold the 1/sqrt(p) normalisation into the radix GEMM: saves a pass. Up to _DENSE_POW2
+            # the whole H_p is that one GEMM (no butterfly levels): fewer calls, which is what
+            # costs most when x is one token
+            radix = _hadamard_cached(p if p <= _DENSE_POW2 else _RADIX) / math.sqrt(p)
             self._cast[key] = tuple(t.to(device, dtype) for t in (self._signs, self._small, radix))
         return self._cast[key]
+
+    def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(signs [dim], small factor [m, m], m, p) with R = diag(signs) (small (x) H_p) / sqrt(p) (CPU)."""
+        s, small, _ = self._factors(dtype, torch.device("cpu"))
+        _, m, p = self._plan
+        return s, small, m, p
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Dense R (dim x dim); O(dim^2) memory, meant for tests and small dims."""

@@ -1,0 +1,110 @@
+"""Runtime measurements: prompt and generation speed, peak RSS while generating, resident weight memory.
+
+The prompt is the same for every model: a fixed English paragraph (below), tokenized and repeated
+to the requested length, so runs of the original and the quantized model compare. Peak RSS is the
+kernel's high-water mark (VmHWM) reset just before the measured prompt (Linux: writing 5 to
+/proc/self/clear_refs), so the memory of loading (e.g. dequantizing a GGUF file) is not counted.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT_TEXT = (
+    "The river leaves the mountains in a narrow gorge and then spreads across a wide plain, where it has built "
+    "fields of fine silt over thousands of years. Farmers along its banks grow wheat in the winter and rice in "
+    "the summer, and they measure the seasons by the height of the water. Each spring the snow melts in the "
+    "high valleys, the river rises, and the small towns repair the dikes that keep the floods away from their "
+    "streets. Travellers who arrive by boat see first the old stone bridge, then the market square, and at last "
+    "the tower of the town hall, whose clock has not kept the right time for a hundred years. "
+)
+
+
+def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
+    """[1, tokens] ids of the fixed paragraph, repeated as often as needed."""
+    ids = tokenizer(PROMPT_TEXT, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    reps = -(-tokens // ids.numel())
+    return ids.repeat(reps)[:tokens].reshape(1, tokens)
+
+
+def _status(key: str) -> float | None:
+    """A memory line of /proc/self/status in MiB (None where there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def quantized_memory(model) -> dict:
+    """Bytes the quantized linears keep resident, against their packed (stored) size.
+
+    resident: every tensor a QuantLinear holds (buffers, bias, a kept decoded matrix, a decoder's
+    float copies of scales) plus the decode plans its layers share (counted once)."""
+    from ..nn import QuantLinear
+
+    packed = resident = 0
+    plans: dict[int, int] = {}
+    for m in model.modules():
+        if not isinstance(m, QuantLinear):
+            continue
+        packed += m.nbits // 8
+        tensors = [*m.buffers(recurse=False), *m.parameters(recurse=False)]
+        resident += sum(t.numel() * t.element_size() for t in tensors)
+        st = m._state or {}
+        if "w" in st:
+            resident += st["w"].numel() * st["w"].element_size()
+        dec = st.get("decoder")
+        if dec is not None:
+            resident += dec.resident_bytes()
+            if dec.plan is not None:
+                plans[id(dec.plan)] = sum(t.numel() * t.element_size() for t in dec.plan)
+    resident += sum(plans.values())
+    return {"packed_bytes": packed, "resident_bytes": resident,
+            "resident_over_packed": resident / packed if packed else None, "shared_plan_bytes": sum(plans.values())}
+
+
+@torch.inference_mode()
+def run(model, tokenizer, prompt_tokens: int = 512, gen_tokens: int = 64, warmup: bool = True) -> dict:
+    """Prompt tokens/s (one forward of the prompt), generated tokens/s (greedy, KV cache), peak RSS."""
+    from ..api import release_memory
+
+    model.eval()
+    ids = prompt_ids(tokenizer, prompt_tokens)
+    if warmup:  # first calls build rotations, decoders and kernel caches: not what a user waits for per token
+        out = model(ids[:, :16], use_cache=True)
+        model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        del out
+    release_memory()
+    rss_before = _status("VmRSS")
+    hwm = reset_peak_rss()
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True)
+    t_prompt = time.perf_counter() - t0
+    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    del out
+    t0 = time.perf_counter()
+    for _ in range(gen_tokens):
+        o = model(nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+    t_gen = time.perf_counter() - t0
+    return {
+        "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
+        "prompt_tokens_per_s": prompt_tokens / t_prompt, "gen_tokens_per_s": gen_tokens / t_gen,
+        "prompt_seconds": t_prompt, "gen_seconds": t_gen,
+        "rss_before_mib": rss_before,
+        "peak_rss_mib": _status("VmHWM") if hwm else None,
+        "threads": torch.get_num_threads(),
+    }
