@@ -22,6 +22,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAXN 64
@@ -76,7 +77,14 @@ static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint
         uint64_t rest = idx - (uint64_t)offs[k1];
         uint64_t b;
         uint64_t a = divide(rest, (uint64_t)plan[plan[p + 7] + k2], (uint64_t)plan[plan[p + 8] + k2], &b);
-        decode_shape(plan, lut, plan[p + 4], a, k1, out);
+        int64_t f = plan[p + 4];
+        if (plan[f] == 0) {  /* a leaf first half (the common case): copy its row, no call */
+            int64_t d = plan[f + 1];
+            const int8_t *row = lut + plan[f + 4] + (plan[plan[f + 3] + k1] + (int64_t)a) * d;
+            for (int64_t j = 0; j < d; j++) out[j] = row[j];
+        } else {
+            decode_shape(plan, lut, f, a, k1, out);
+        }
         out += n1;
         p = plan[p + 5];
         idx = b;
@@ -84,17 +92,21 @@ static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint
     }
 }
 
-/* one group: integer shape y[n] and its float factor scale * level / ||y|| */
-static inline float pvq_group(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes,
-                              int64_t gi, int width, uint64_t mask, uint64_t L, uint64_t rcpL, int64_t n, int64_t k,
-                              const float *levels, float scale, int8_t *y) {
+/* one group: its integer shape y[n] (returned) and gain level (*lvl) */
+static inline void pvq_shape(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes,
+                             int64_t gi, int width, uint64_t mask, uint64_t L, uint64_t rcpL, int64_t k, int8_t *y,
+                             uint64_t *lvl) {
     uint64_t code = read_code(codes, nbytes, gi, width, mask);
-    uint64_t lvl;
-    uint64_t idx = divide(code, L, rcpL, &lvl);
+    uint64_t idx = divide(code, L, rcpL, lvl);
     decode_shape(plan, lut, top, idx, k, y);
-    int32_t e = 0;
-    for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
-    return e > 0 ? scale * levels[lvl] / sqrtf((float)e) : 0.0f;
+}
+
+/* 1 / ||y|| for every energy ||y||^2 <= k^2 a shape of k pulses can have (rinv[0] = 0) */
+static float *inverse_norms(int64_t k) {
+    float *rinv = (float *)malloc(sizeof(float) * (size_t)(k * k + 1));
+    rinv[0] = 0.0f;
+    for (int64_t e = 1; e <= k * k; e++) rinv[e] = 1.0f / sqrtf((float)e);
+    return rinv;
 }
 
 static inline uint64_t reciprocal(uint64_t d) {
@@ -106,34 +118,46 @@ void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8
                 int64_t r0, int64_t r1, float *out) {
     uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
     int64_t groups = cols / n;
+    float *rinv = inverse_norms(k);
 #pragma omp parallel for schedule(static)
     for (int64_t r = r0; r < r1; r++) {
         int8_t y[MAXN];
+        uint64_t lvl;
         float s = scales[per_row ? r : 0];
         float *o = out + (r - r0) * cols;
         for (int64_t g = 0; g < groups; g++) {
-            float f = pvq_group(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, rcpL, n, k, levels, s, y);
+            pvq_shape(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, rcpL, k, y, &lvl);
+            int32_t e = 0;
+            for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
+            float f = s * levels[lvl] * rinv[e];
             for (int64_t j = 0; j < n; j++) o[g * n + j] = f * (float)y[j];
         }
     }
+    free(rinv);
 }
 
+/* y[b * ldy + r] = sum_c W[r, c] * x[b * ldx + c] for b < B, r < rows */
 /* y[b * ldy + r] = sum_c W[r, c] * x[b * ldx + c] for b < B, r < rows */
 void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
               int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t rows,
               int64_t cols, const float *x, int64_t ldx, int64_t B, float *out, int64_t ldy) {
     uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
     int64_t groups = cols / n;
+    float *rinv = inverse_norms(k);
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         int8_t y[MAXN];
+        uint64_t lvl;
         float acc[8];
         float s = scales[per_row ? r : 0];
         for (int64_t b0 = 0; b0 < B; b0 += 8) {
             int64_t nb = B - b0 < 8 ? B - b0 : 8;
             for (int64_t b = 0; b < nb; b++) acc[b] = 0.0f;
             for (int64_t g = 0; g < groups; g++) {
-                float f = pvq_group(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, rcpL, n, k, levels, s, y);
+                pvq_shape(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, rcpL, k, y, &lvl);
+                int32_t e = 0;
+                for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
+                float f = levels[lvl] * rinv[e];
                 for (int64_t b = 0; b < nb; b++) {
                     const float *xv = x + (b0 + b) * ldx + g * n;
                     float d = 0.0f;
@@ -141,9 +165,10 @@ void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t
                     acc[b] += f * d;
                 }
             }
-            for (int64_t b = 0; b < nb; b++) out[(b0 + b) * ldy + r] = acc[b];
+            for (int64_t b = 0; b < nb; b++) out[(b0 + b) * ldy + r] = s * acc[b];
         }
     }
+    free(rinv);
 }
 
 /* uniform grid: w = offset[r, c / gs] + scale[r, c / gs] * q, q a `width`-bit code per weight */

@@ -79,9 +79,15 @@ def kernel() -> ctypes.CDLL | None:
     return dll
 
 
+MAX_N = 64  # kernel.c MAXN: the longest group the kernel decodes into its stack buffer
+
+
 @lru_cache(maxsize=32)
 def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(plan int64, leaf points int8) for P(n, k), or None where a leaf needs more than int8 (k >= 128)."""
+    """(plan int64, leaf points int8) for P(n, k), or None where the kernel cannot decode it
+    (a leaf needs more than int8, k >= 128, or n > MAX_N): callers then use the torch decoder."""
+    if n > MAX_N or k >= 128:
+        return None
     words: list[int] = []
     luts: list[torch.Tensor] = []
     lut_len = 0
