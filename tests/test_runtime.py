@@ -30,6 +30,9 @@ def test_native_decode_matches_the_torch_decoder(spec):
     ref = packed.dequantize(torch.float32)
     d = Decoder(packed)
     assert d.native
+    if isinstance(spec, PVQSpec):  # small pyramids decode from a full table, large ones by the split enumeration
+        assert (d.table is not None) == (native.lut_bytes(spec.n, spec.k) <= native.LUT_BYTES)
+        assert (d.plan is not None) == (d.table is None)
     torch.testing.assert_close(d.dense(), ref, rtol=1e-6, atol=1e-7)
     # a block of rows in the middle (the tail of the bit stream is read byte by byte)
     torch.testing.assert_close(d.decode_rows(30, 37), ref[30:37], rtol=1e-6, atol=1e-7)
@@ -113,3 +116,14 @@ def test_native_rotation_matches_torch(dim):
     torch.testing.assert_close(rotate(r, x), r.apply(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rotate(r, x, inverse=True), r.apply_inverse(x), rtol=1e-5, atol=1e-5)
     assert rotate(r, _w(100, dim)) is None  # long inputs stay on the torch GEMM path
+
+
+def test_fast_layout_picks_table_decodable_settings():
+    from pvq.config import choose_spec
+
+    for bits in (2.25, 3.25, 4.25):
+        fast = choose_spec(QuantConfig(method="pvq", bits=bits, layout="fast"), 576, 1536)
+        compact = choose_spec(QuantConfig(method="pvq", bits=bits), 576, 1536)
+        assert native.lut_bytes(fast.n, fast.k) <= native.LUT_BYTES < native.lut_bytes(compact.n, compact.k)
+    with pytest.raises(ValueError, match="layout"):
+        QuantConfig(layout="quick")

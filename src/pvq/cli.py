@@ -43,6 +43,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--gain", choices=["beta", "empirical", "uniform"], default="beta",
                    help="PVQ gain quantizer (default beta: Lloyd-Max for the Beta law, nothing stored)")
     p.add_argument("--scale", choices=["tensor", "row"], default="tensor", help="PVQ gain scale granularity")
+    p.add_argument("--layout", choices=["compact", "fast"], default="compact",
+                   help="PVQ settings: compact (best quality per bit, the default) or fast (groups of 4-8 whose "
+                        "shapes all fit one small table: several times faster --decode on-the-fly, lower quality)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (uniform grid only)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
@@ -136,7 +139,7 @@ def cmd_quantize(args) -> int:
     from .models.loading import load_model
 
     cfg = QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
-                      group_dim=args.group_dim, gain=args.gain, scale=args.scale, calib=args.calib,
+                      group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order,
                       dense_dtype=args.dense_dtype)
     out = Path(args.output)

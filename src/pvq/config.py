@@ -17,6 +17,8 @@ from .codec.bitpack import MAX_WIDTH
 FORMAT_VERSION = 1
 METHODS = ("rtn", "gptq", "pvq", "pvq-gptq")
 PVQ_GROUP_DIMS = (8, 12, 16)  # candidate n; each must divide the layer's input size
+FAST_GROUP_DIMS = (4, 6, 8)  # candidate n of layout="fast"
+LAYOUTS = ("compact", "fast")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class QuantConfig:
     group_dim: int | None = None  # n; None picks the best of PVQ_GROUP_DIMS for each layer
     gain: str = "beta"
     scale: str = "tensor"
+    # "compact": the best rate-distortion setting; "fast": only settings whose every shape fits one
+    # small table (runtime/native.py), so on-the-fly decoding is a table read per group
+    layout: str = "compact"
     rotate: bool | None = None  # None: rotate for the pvq methods, not for rtn/gptq (their published form)
     # calibration (gptq, pvq-gptq)
     calib: str = "wikitext2"
@@ -47,6 +52,8 @@ class QuantConfig:
             raise ValueError(f"--bits must be a positive number, got {self.bits!r}")
         if self.dense_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"dense_dtype must be float16, bfloat16 or float32, got {self.dense_dtype!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 
@@ -121,7 +128,10 @@ def choose_spec(cfg: QuantConfig, rows: int, cols: int):
             raise ValueError(f"--bits {cfg.bits}: no uniform grid with group size {cfg.group_size} reaches it "
                              f"(1..8 bits plus {32 / cfg.group_size:.3f} for scales)")
         return UniformSpec(b, cfg.group_size)
-    dims = [cfg.group_dim] if cfg.group_dim else [n for n in PVQ_GROUP_DIMS if cols % n == 0]
+    fast = cfg.layout == "fast"
+    if fast:
+        from .runtime.native import LUT_BYTES, lut_bytes
+    dims = [cfg.group_dim] if cfg.group_dim else [n for n in (FAST_GROUP_DIMS if fast else PVQ_GROUP_DIMS) if cols % n == 0]
     if not dims or cols % dims[0]:
         raise ValueError(f"no PVQ group dimension divides the layer input size {cols} (tried {dims or PVQ_GROUP_DIMS})")
     best = None
@@ -133,9 +143,12 @@ def choose_spec(cfg: QuantConfig, rows: int, cols: int):
         if (code_bits + 1) / n + overhead <= cfg.bits + 0.005:
             code_bits += 1
         for spec in pvq_candidates(n, code_bits, cfg.gain, cfg.scale):
+            if fast and (spec.k >= 128 or lut_bytes(spec.n, spec.k) > LUT_BYTES):
+                continue
             q = _proxy_sqnr(spec)
             if best is None or q > best[0]:
                 best = (q, spec)
     if best is None:
-        raise ValueError(f"--bits {cfg.bits}: no PVQ setting (n in {dims}, codes of at most {MAX_WIDTH} bits) reaches it")
+        what = f", with a decode table of at most {LUT_BYTES} bytes (--layout fast)" if fast else ""
+        raise ValueError(f"--bits {cfg.bits}: no PVQ setting (n in {dims}, codes of at most {MAX_WIDTH} bits{what}) reaches it")
     return best[1]

@@ -24,9 +24,14 @@ class Decoder:
         self.rows, self.cols = packed.shape
         self.lib = native.kernel()
         self.is_pvq = isinstance(packed, PackedPVQ)
-        self.plan = native.plan(packed.spec.n, packed.spec.k) if self.is_pvq and self.lib is not None else None
-        if self.is_pvq and self.plan is None:
-            self.lib = None  # leaves wider than int8: torch path
+        self.plan = self.table = None
+        if self.is_pvq and self.lib is not None:
+            # a small pyramid is decoded from a full table of its points, a large one by the split enumeration
+            self.table = native.full_table(packed.spec.n, packed.spec.k)
+            if self.table is None:
+                self.plan = native.plan(packed.spec.n, packed.spec.k)
+                if self.plan is None:
+                    self.lib = None  # beyond the kernel (k >= 128 or n > 64): torch path
         if self.is_pvq:
             self.levels = packed.gain_levels.float().contiguous()  # [L]
             self.scales = packed.row_scale.float().contiguous()  # [rows] or [1]
@@ -48,6 +53,11 @@ class Decoder:
         return (self.plan[0].data_ptr(), self.plan[1].data_ptr(), 0, p.codes.data_ptr(), p.codes.numel(), s.code_bits,
                 s.gain_levels, s.n, s.k, self.levels.data_ptr(), self.scales.data_ptr(), int(self.scales.numel() > 1))
 
+    def _lut_args(self):
+        p, s = self.packed, self.packed.spec
+        return (p.codes.data_ptr(), p.codes.numel(), s.code_bits, s.gain_levels, self.table[0].data_ptr(),
+                self.table[1].data_ptr(), s.n, self.levels.data_ptr(), self.scales.data_ptr(), int(self.scales.numel() > 1))
+
     def _uni_args(self):
         p = self.packed
         return (p.codes.data_ptr(), p.codes.numel(), p.spec.bits, self.scale.data_ptr(), self.offset.data_ptr(),
@@ -57,7 +67,9 @@ class Decoder:
         """Rows [r0, r1) of W' as float32 [r1 - r0, cols]."""
         if out is None:
             out = torch.empty(r1 - r0, self.cols, dtype=torch.float32)
-        if self.is_pvq:
+        if self.table is not None:
+            self.lib.lut_decode(*self._lut_args(), self.cols, r0, r1, out.data_ptr())
+        elif self.is_pvq:
             self.lib.pvq_decode(*self._pvq_args(), self.cols, r0, r1, out.data_ptr())
         else:
             self.lib.uni_decode(*self._uni_args(), self.cols, r0, r1, out.data_ptr())
@@ -77,7 +89,9 @@ class Decoder:
             return (h @ self.packed.dequantize(torch.float32).T).reshape(*lead, self.rows)
         out = torch.empty(t, self.rows, dtype=torch.float32)
         if t <= GEMV_TOKENS:
-            if self.is_pvq:
+            if self.table is not None:
+                self.lib.lut_gemv(*self._lut_args(), self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
+            elif self.is_pvq:
                 self.lib.pvq_gemv(*self._pvq_args(), self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
             else:
                 self.lib.uni_gemv(*self._uni_args(), self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)

@@ -253,3 +253,62 @@ void rot_apply(const float *x, float *out, int64_t B, int64_t m, int64_t p, cons
             for (int64_t c = 0; c < d; c++) o[c] *= signs[c];
     }
 }
+
+/* Small pyramids: every point of P(n, k) in one table (lut [V, n] int8, rinv [V] = 1 / ||y||), so a
+ * group decodes with one division (the fused code) and one row read. Chosen by native.py when the
+ * table is small enough to stay in cache ("fast" layouts, config.py). */
+static inline __attribute__((always_inline)) void lut_gemv_rows(
+        const uint8_t *codes, int64_t nbytes, int width, uint64_t L, const int8_t *lut, const float *rinv, const int64_t n,
+        const float *levels, const float *scales, int per_row, int64_t rows, int64_t cols, const float *x, int64_t ldx,
+        int64_t B, float *out, int64_t ldy) {
+    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal(L);
+    int64_t groups = cols / n;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float s = scales[per_row ? r : 0];
+        for (int64_t b = 0; b < B; b++) {
+            const float *xv = x + b * ldx;
+            float acc = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                uint64_t lvl, idx = divide(read_code(codes, nbytes, r * groups + g, width, mask), L, rcpL, &lvl);
+                const int8_t *y = lut + idx * n;
+                const float *xg = xv + g * n;
+                float d = 0.0f;
+                for (int64_t j = 0; j < n; j++) d += (float)y[j] * xg[j];
+                acc += levels[lvl] * rinv[idx] * d;
+            }
+            out[b * ldy + r] = s * acc;
+        }
+    }
+}
+
+void lut_gemv(const uint8_t *codes, int64_t nbytes, int width, int64_t L, const int8_t *lut, const float *rinv, int64_t n,
+              const float *levels, const float *scales, int per_row, int64_t rows, int64_t cols, const float *x,
+              int64_t ldx, int64_t B, float *out, int64_t ldy) {
+#define LUTGEMV(N) lut_gemv_rows(codes, nbytes, width, (uint64_t)L, lut, rinv, N, levels, scales, per_row, rows, cols, x, \
+                                 ldx, B, out, ldy)
+    switch (n) {
+        case 4: LUTGEMV(4); break;
+        case 6: LUTGEMV(6); break;
+        case 8: LUTGEMV(8); break;
+        default: LUTGEMV(n);
+    }
+#undef LUTGEMV
+}
+
+void lut_decode(const uint8_t *codes, int64_t nbytes, int width, int64_t L, const int8_t *lut, const float *rinv, int64_t n,
+                const float *levels, const float *scales, int per_row, int64_t cols, int64_t r0, int64_t r1, float *out) {
+    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
+    int64_t groups = cols / n;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = r0; r < r1; r++) {
+        float s = scales[per_row ? r : 0];
+        float *o = out + (r - r0) * cols;
+        for (int64_t g = 0; g < groups; g++) {
+            uint64_t lvl, idx = divide(read_code(codes, nbytes, r * groups + g, width, mask), (uint64_t)L, rcpL, &lvl);
+            const int8_t *y = lut + idx * n;
+            float f = s * levels[lvl] * rinv[idx];
+            for (int64_t j = 0; j < n; j++) o[g * n + j] = f * (float)y[j];
+        }
+    }
+}

@@ -69,8 +69,9 @@ def quantized_memory(model) -> dict:
         dec = st.get("decoder")
         if dec is not None:
             resident += dec.resident_bytes()
-            if dec.plan is not None:
-                plans[id(dec.plan)] = sum(t.numel() * t.element_size() for t in dec.plan)
+            for shared in (dec.plan, dec.table):  # decode tables shared by every layer of one (n, k)
+                if shared is not None:
+                    plans[id(shared)] = sum(t.numel() * t.element_size() for t in shared)
     resident += sum(plans.values())
     return {"packed_bytes": packed, "resident_bytes": resident,
             "resident_over_packed": resident / packed if packed else None, "shared_plan_bytes": sum(plans.values())}

@@ -73,7 +73,9 @@ def kernel() -> ctypes.CDLL | None:
     dll.uni_decode.argtypes = [p, i64, i32, p, p, i64, i64, i64, i64, p]
     dll.uni_gemv.argtypes = [p, i64, i32, p, p, i64, i64, i64, p, i64, i64, p, i64]
     dll.rot_apply.argtypes = [p, p, i64, i64, i64, p, p, i32, p]
-    for f in (dll.pvq_decode, dll.pvq_gemv, dll.uni_decode, dll.uni_gemv, dll.rot_apply):
+    dll.lut_gemv.argtypes = [p, i64, i32, i64, p, p, i64, p, p, i32, i64, i64, p, i64, i64, p, i64]
+    dll.lut_decode.argtypes = [p, i64, i32, i64, p, p, i64, p, p, i32, i64, i64, i64, p]
+    for f in (dll.pvq_decode, dll.pvq_gemv, dll.uni_decode, dll.uni_gemv, dll.rot_apply, dll.lut_gemv, dll.lut_decode):
         f.restype = None
     _error = None
     return dll
@@ -131,3 +133,26 @@ def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     assert top == 0
     return torch.tensor(words, dtype=torch.int64), torch.cat(luts).contiguous()
+
+
+LUT_BYTES = 1 << 20  # a full table of P(n, k) is used up to this size (int8 points + float32 norms)
+
+
+def lut_bytes(n: int, k: int) -> int:
+    from ..codec.pyramid import count
+
+    return count(n, k) * (n + 4)
+
+
+@lru_cache(maxsize=16)
+def full_table(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(every point of P(n, k) in index order as int8 [V, n], 1 / ||y|| as float32 [V]), or None when
+    it exceeds LUT_BYTES or a coordinate needs more than int8."""
+    if k >= 128 or lut_bytes(n, k) > LUT_BYTES:
+        return None
+    from ..codec import enumeration
+    from ..codec.pyramid import count
+
+    y = enumeration.decode(torch.arange(count(n, k), dtype=torch.int64), n, k)
+    rinv = (1.0 / y.double().pow(2).sum(1).sqrt()).float()
+    return y.to(torch.int8).contiguous(), rinv.contiguous()
