@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import codec
-from .config import FORMAT_VERSION, QuantConfig, choose_spec, spec_to_dict
+from .config import FORMAT_VERSION, QuantConfig, choose_spec, spec_from_dict, spec_to_dict
 from .models.adapters import SHARED_INPUT, block_linears, blocks, capture_block_inputs, check_supported, run_block, set_module
 from .nn import NO_SEED, QuantLinear, rotate_hessian, rotate_weight
 
@@ -76,7 +76,11 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             w = mod.weight.detach().float()
             _check_weight(full, w)
             rows, cols = w.shape
-            spec = choose_spec(cfg, rows, cols)
+            if cfg.overrides and full in cfg.overrides:
+                spec = spec_from_dict(cfg.overrides[full])
+                spec.check_shape(rows, cols)
+            else:
+                spec = choose_spec(cfg, rows, cols)
             seeds = layer_seeds(cfg.seed, full, cfg.rotates)
             w_rot = rotate_weight(w, seeds)
             if cfg.uses_data:

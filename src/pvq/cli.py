@@ -50,6 +50,17 @@ def _add_quantize(sub) -> None:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the tensors kept dense (embeddings, head, norms)")
+    p.add_argument("--allocate", action="store_true",
+                   help="pvq methods: choose a setting per layer so the total meets --bits with the smallest predicted "
+                        "loss (per-layer sensitivity from noise injection on calibration text, exact knapsack); "
+                        "writes allocation.json and allocation.png into the output directory")
+    p.add_argument("--allocate-samples", type=int, default=8, help="calibration windows for the sensitivities (default 8)")
+    p.add_argument("--allocate-seqlen", type=int, default=256, help="tokens per sensitivity window (default 256)")
+    p.add_argument("--allocate-rates", default=None,
+                   help="comma-separated bits per weight whose settings are each layer's options "
+                        "(default 1.5, 1.75, ..., 6)")
+    p.add_argument("--allocate-noise", type=float, default=0.01,
+                   help="relative energy of the noise injected per layer to measure its sensitivity (default 0.01)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="end with one JSON line: achieved bits, time, peak memory")
 
@@ -150,12 +161,40 @@ def cmd_quantize(args) -> int:
     lin = model.model.layers[0].self_attn.q_proj
     choose_spec(cfg, lin.out_features, lin.in_features)
     calib = None
-    if cfg.uses_data:
+    extra = {}
+    if cfg.uses_data or args.allocate:
         text = resolve_text(cfg.calib, "calib")
+    if args.allocate:
+        from dataclasses import replace
+
+        from . import allocation
+
+        if not cfg.is_pvq:
+            raise ValueError("--allocate chooses PVQ settings: use --method pvq or pvq-gptq")
+        ids = calibration_batches(tok, text, args.allocate_samples, args.allocate_seqlen, cfg.seed + 1)
+        try:
+            rates = tuple(float(r) for r in args.allocate_rates.split(",")) if args.allocate_rates else allocation.RATES
+        except ValueError:
+            raise ValueError(f"--allocate-rates must be numbers separated by commas, got {args.allocate_rates!r}") from None
+        overrides, report = allocation.plan(model, cfg, ids, rel_noise=args.allocate_noise, rates=rates,
+                                            progress=not args.no_progress)
+        cfg = replace(cfg, overrides=overrides)
+        extra["allocation.json"] = json.dumps(report, indent=1).encode()
+        try:
+            import io as _io
+
+            buf = _io.BytesIO()
+            allocation.plot(report, buf)
+            extra["allocation.png"] = buf.getvalue()
+        except ImportError:  # matplotlib is optional (the bench extra)
+            pass
+        print(f"allocation: {report['bits_per_weight']:.4f} bpw, predicted ppl x{report['predicted_ppl_factor']:.3f} "
+              f"(uniform x{report['uniform_predicted_ppl_factor']:.3f})")
+    if cfg.uses_data:
         calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
     torch.manual_seed(cfg.seed)
     summary = api.quantize(model, cfg, calib, progress=not args.no_progress)
-    io.save(model, tok, out, overwrite=args.force)
+    io.save(model, tok, out, overwrite=args.force, extra_files=extra)
     size = (out / io.WEIGHTS).stat().st_size
     rss = _peak_rss_mib()
     print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "

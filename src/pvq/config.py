@@ -44,6 +44,8 @@ class QuantConfig:
     block_size: int = 128
     act_order: bool = False
     dense_dtype: str = "float16"  # embeddings, head and norms are stored in this dtype
+    # per-layer settings by full layer name (spec_to_dict form), e.g. from allocation.plan
+    overrides: dict | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -54,6 +56,12 @@ class QuantConfig:
             raise ValueError(f"dense_dtype must be float16, bfloat16 or float32, got {self.dense_dtype!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.overrides is not None:
+            for name, d in self.overrides.items():
+                try:
+                    spec_from_dict(d)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValueError(f"override for layer {name!r} is not a codec setting: {exc}") from None
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 

@@ -27,8 +27,8 @@ class PVQFormatError(ValueError):
     """A pvq directory that cannot be read: one line saying which file and why."""
 
 
-def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a quantized model (after api.quantize) to out_dir atomically."""
+def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a quantized model (after api.quantize) to out_dir atomically (extra_files: name -> bytes, e.g. reports)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -60,6 +60,8 @@ def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
+    for name, data in (extra_files or {}).items():
+        (tmp / name).write_bytes(data)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -1,0 +1,68 @@
+"""Per-layer bit allocation: the exact knapsack, sensitivities, and --allocate end to end on a tiny model."""
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from pvq import allocation, api
+from pvq.cli import main as cli
+from pvq.config import QuantConfig
+from pvq.models.loading import tiny_model, tiny_tokenizer
+from pvq.solvers.allocation import allocate
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knapsack_matches_brute_force(seed):
+    rnd = random.Random(seed)
+    layers = rnd.randint(2, 5)
+    bits = [sorted(rnd.sample(range(1, 40), 3)) for _ in range(layers)]
+    costs = [sorted((rnd.random() for _ in range(3)), reverse=True) for _ in range(layers)]
+    budget = rnd.randint(sum(b[0] for b in bits), sum(b[-1] for b in bits))
+    pick = allocate(costs, bits, budget, resolution=budget)  # one unit per bit: exact
+    best = min((sum(c[j] for c, j in zip(costs, js)), js) for js in itertools.product(range(3), repeat=layers)
+               if sum(b[j] for b, j in zip(bits, js)) <= budget)
+    assert sum(b[j] for b, j in zip(bits, pick)) <= budget
+    assert sum(c[j] for c, j in zip(costs, pick)) == pytest.approx(best[0])
+
+
+def test_knapsack_refuses_an_impossible_budget():
+    with pytest.raises(ValueError, match="budget"):
+        allocate([[1.0, 0.5]], [[10, 20]], 9)
+
+
+def test_plan_meets_the_budget_and_restores_the_weights():
+    model = tiny_model("llama", intermediate_size=96)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    cfg = QuantConfig(method="pvq", bits=3.0)
+    overrides, report = allocation.plan(model, cfg, ids, rates=(2.0, 2.5, 3.0, 3.5, 4.0), progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)  # the noise probes leave the model as it was
+    assert report["allocated_bits"] <= report["budget_bits"] and report["bits_per_weight"] <= 3.0
+    assert set(overrides) == set(report["layers"]) and len(overrides) == 2 * 7
+    assert report["predicted_dloss"] <= report["uniform_predicted_dloss"] + 1e-12
+    assert all(v["a"] == v["a"] for v in report["layers"].values())  # finite
+    summary = api.quantize(model, QuantConfig(method="pvq", bits=3.0, overrides=overrides), progress=False)
+    layers = model.config.quantization_config["layers"]
+    for name, d in overrides.items():
+        assert {k: layers[name][k] for k in d} == d
+    assert summary["bits_per_weight"] <= 3.0
+
+
+def test_cli_allocate_writes_the_report(tmp_path):
+    model = tiny_model("llama", intermediate_size=96)
+    model.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    out = tmp_path / "q"
+    rc = cli(["quantize", str(tmp_path / "hf"), "--method", "pvq", "--bits", "2.5", "--allocate", "--allocate-samples", "2",
+              "--allocate-seqlen", "32", "--allocate-rates", "2,2.5,3", "-o", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "allocation.json").read_text())
+    assert report["bits_per_weight"] <= 2.5 and len(report["layers"]) == 14
+    assert (out / "allocation.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["achieved"]["bits_per_weight"] <= 2.5 + 0.01
+    assert cli(["quantize", str(tmp_path / "hf"), "--method", "rtn", "--allocate", "-o", str(tmp_path / "r")]) == 2
