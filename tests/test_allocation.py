@@ -57,9 +57,14 @@ def test_cli_allocate_writes_the_report(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     tiny_tokenizer().save_pretrained(tmp_path / "hf")
     out = tmp_path / "q"
-    rc = cli(["quantize", str(tmp_path / "hf"), "--method", "pvq", "--bits", "2.5", "--allocate", "--allocate-samples", "2",
-              "--allocate-seqlen", "32", "--allocate-rates", "2,2.5,3", "-o", str(out), "--no-progress"])
-    assert rc == 0
+    args = ["quantize", str(tmp_path / "hf"), "--method", "pvq", "--bits", "2.5", "--allocate", "--allocate-samples", "2",
+            "--allocate-seqlen", "32", "--allocate-rates", "2,2.5,3", "--sensitivities", str(tmp_path / "s.json"),
+            "--no-progress"]
+    assert cli([*args, "-o", str(out)]) == 0
+    assert (tmp_path / "s.json").is_file()
+    # the second budget reuses the measured sensitivities and allocates the same way
+    assert cli([*args, "-o", str(tmp_path / "q2")]) == 0
+    assert (tmp_path / "q2" / "allocation.json").read_text() == (out / "allocation.json").read_text()
     report = json.loads((out / "allocation.json").read_text())
     assert report["bits_per_weight"] <= 2.5 and len(report["layers"]) == 14
     assert (out / "allocation.png").read_bytes()[:4] == b"\x89PNG"

@@ -58,7 +58,7 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
         raise ValueError(f"rel_noise must be > 0, got {rel_noise!r}")
     inputs, kwargs = _block_inputs(model, ids)
     base = _loss_from(model, len(blocks(model)), inputs[-1], kwargs, ids)
-    out = {"_base_loss": base}
+    out = {"_base_loss": base, "_rel_noise": rel_noise, "_tokens": int(ids.numel())}
     layers = blocks(model)
     bar = tqdm(total=len(layers) * len(LINEARS), desc="sensitivity", disable=not progress, unit="linear")
     g = torch.Generator().manual_seed(seed)
@@ -93,14 +93,21 @@ def options(cfg: QuantConfig, rows: int, cols: int, rates=RATES) -> list[dict]:
     return out
 
 
-def plan(model, cfg: QuantConfig, ids: torch.Tensor, rel_noise: float = 0.01, rates=RATES,
-         progress: bool = True) -> tuple[dict, dict]:
-    """(overrides {layer: spec dict}, report) for cfg.bits over all quantizable linears of `model`."""
+def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0.01, rates=RATES,
+         progress: bool = True, sens: dict | None = None) -> tuple[dict, dict]:
+    """(overrides {layer: spec dict}, report) for cfg.bits over all quantizable linears of `model`.
+
+    sens: sensitivities measured before (they do not depend on the budget); measured from ids if None."""
     from .solvers.allocation import allocate
 
     if not cfg.is_pvq:
         raise ValueError("--allocate chooses PVQ settings: use --method pvq or pvq-gptq")
-    sens = sensitivities(model, ids, rel_noise, cfg.seed, progress)
+    if sens is None:
+        sens = sensitivities(model, ids, rel_noise, cfg.seed, progress)
+    missing = [n for n in dict(model.named_modules()) if n.startswith("model.layers.") and n.rpartition(".")[2] in
+               {x.rpartition(".")[2] for x in LINEARS} and n not in sens]
+    if missing:
+        raise ValueError(f"sensitivities miss layers of this model (e.g. {missing[0]}): measured on another model?")
     names = [n for n in sens if not n.startswith("_")]
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     table = {s: options(cfg, *s, rates) for s in set(shapes.values())}
@@ -125,7 +132,7 @@ def plan(model, cfg: QuantConfig, ids: torch.Tensor, rel_noise: float = 0.01, ra
     report = {
         "target_bits": cfg.bits, "budget_bits": budget, "weights": weights,
         "allocated_bits": sum(table[shapes[n]][j]["bits"] for n, j in zip(names, pick)),
-        "rel_noise": rel_noise, "calib_tokens": int(ids.numel()), "base_loss": sens["_base_loss"],
+        "rel_noise": sens.get("_rel_noise", rel_noise), "calib_tokens": sens.get("_tokens"), "base_loss": sens["_base_loss"],
         "predicted_dloss": pred, "predicted_ppl_factor": math.exp(pred),
         "uniform_predicted_dloss": upred, "uniform_predicted_ppl_factor": math.exp(upred),
         "layers": layers,

@@ -59,6 +59,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--allocate-rates", default=None,
                    help="comma-separated bits per weight whose settings are each layer's options "
                         "(default 1.5, 1.75, ..., 6)")
+    p.add_argument("--sensitivities", default=None, metavar="JSON",
+                   help="with --allocate: read the per-layer sensitivities from this file if it exists, else measure "
+                        "and write them there (they do not depend on --bits: measure once, allocate many budgets)")
     p.add_argument("--allocate-noise", type=float, default=0.01,
                    help="relative energy of the noise injected per layer to measure its sensitivity (default 0.01)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -171,13 +174,25 @@ def cmd_quantize(args) -> int:
 
         if not cfg.is_pvq:
             raise ValueError("--allocate chooses PVQ settings: use --method pvq or pvq-gptq")
-        ids = calibration_batches(tok, text, args.allocate_samples, args.allocate_seqlen, cfg.seed + 1)
+        sens = None
+        sens_file = Path(args.sensitivities) if args.sensitivities else None
+        if sens_file is not None and sens_file.is_file():
+            try:
+                sens = json.loads(sens_file.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"--sensitivities {sens_file}: not a readable JSON file ({exc})") from None
+        if sens is None:
+            ids = calibration_batches(tok, text, args.allocate_samples, args.allocate_seqlen, cfg.seed + 1)
+            sens = allocation.sensitivities(model, ids, args.allocate_noise, cfg.seed, progress=not args.no_progress)
+            if sens_file is not None:
+                tmp = sens_file.with_name(sens_file.name + ".tmp")
+                tmp.write_text(json.dumps(sens, indent=1))
+                tmp.replace(sens_file)
         try:
             rates = tuple(float(r) for r in args.allocate_rates.split(",")) if args.allocate_rates else allocation.RATES
         except ValueError:
             raise ValueError(f"--allocate-rates must be numbers separated by commas, got {args.allocate_rates!r}") from None
-        overrides, report = allocation.plan(model, cfg, ids, rel_noise=args.allocate_noise, rates=rates,
-                                            progress=not args.no_progress)
+        overrides, report = allocation.plan(model, cfg, None, rates=rates, sens=sens)
         cfg = replace(cfg, overrides=overrides)
         extra["allocation.json"] = json.dumps(report, indent=1).encode()
         try:
