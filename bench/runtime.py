@@ -11,7 +11,11 @@ The quantized directories come from bench/quality.py (default /tmp/pvq-quality/p
 missing ones are quantized first (about 10 minutes each). Run on a quiet machine: timings are
 wall-clock and every other process on the 2 cores shows up in them.
 
-Run:  python bench/runtime.py [--work /tmp/pvq-quality] [--skip-ppl]
+With --fast it also measures pvq-gptq at 2.25 bits with `--layout fast` (settings whose shapes all
+fit one small table: faster on-the-fly decoding, lower quality). Runs already in runtime.json are
+kept (pass --fresh to measure everything again).
+
+Run:  python bench/runtime.py [--work /tmp/pvq-quality] [--skip-ppl] [--fast] [--fresh]
 """
 from __future__ import annotations
 
@@ -45,25 +49,36 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--skip-ppl", action="store_true", help="skip the perplexity check of the loaded model")
+    ap.add_argument("--fast", action="store_true", help="also pvq-gptq 2.25 with --layout fast")
+    ap.add_argument("--fresh", action="store_true", help="ignore runs already in runtime.json")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     run = ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
+    old = json.loads((out / "runtime.json").read_text()) if (out / "runtime.json").exists() and not args.fresh else {}
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                  "protocol": f"{args.prompt_tokens}-token prompt (fixed text), then {args.gen_tokens} greedy tokens "
                              "with the KV cache; peak RSS from the reset high-water mark before the prompt",
                  "runs": []}
+    done = {r["label"]: r for r in old.get("runs", [])}
+    if "ppl_3.25" in old:
+        res["ppl_3.25"] = old["ppl_3.25"]
     runs = [("unquantized", None, "float32", None), ("unquantized", None, "bfloat16", None)]
-    for bits in (3.25, 2.25):
-        d = work / f"pvq-gptq-{bits}"
+    for bits, layout in [(3.25, "compact"), (2.25, "compact")] + ([(2.25, "fast")] if args.fast else []):
+        d = work / f"pvq-gptq-{bits}" if layout == "compact" else work / f"pvq-gptq-{bits}-{layout}"
         if not (d / "model.safetensors").is_file():
             print(f"quantizing {d} ...", flush=True)
-            cli_json(["quantize", "--method", "pvq-gptq", "--bits", str(bits), "-o", str(d), "--force", "--no-progress"])
+            cli_json(["quantize", "--method", "pvq-gptq", "--bits", str(bits), "--layout", layout, "-o", str(d), "--force",
+                      "--no-progress"])
         runs += [("pvq-gptq", d, "float32", "once"), ("pvq-gptq", d, "float32", "on-the-fly")]
     for method, d, dtype, decode in runs:
+        label = f"{method} {'' if d is None else d.name.removeprefix(method + '-') + ' bits '}{dtype}{'' if decode is None else ', decode ' + decode}"
+        if label in done:
+            res["runs"].append(done[label])
+            continue
         t = time.time()
         r = cli_json(["bench-run", *([str(d)] if d else []), "--dtype", dtype, *run,
                       *(["--decode", decode] if decode else [])])
-        r["label"] = f"{method} {'' if d is None else str(d.name).split('-')[-1] + ' bits '}{dtype}{'' if decode is None else ', decode ' + decode}"
+        r["label"] = label
         r["wall_seconds"] = time.time() - t
         res["runs"].append(r)
         print(f"{r['label']}: prompt {r['prompt_tokens_per_s']:.1f} tok/s, generate {r['gen_tokens_per_s']:.2f} tok/s, "
@@ -73,7 +88,7 @@ def main() -> None:
     bf16 = by["unquantized bfloat16"]
     bf16_bytes = bf16["checkpoint_bytes"]
     summary = {"bf16_checkpoint_bytes": bf16_bytes}
-    for bits in ("3.25", "2.25"):
+    for bits in ("3.25", "2.25") + (("2.25-fast",) if args.fast else ()):
         fly, once = by[f"pvq-gptq {bits} bits float32, decode on-the-fly"], by[f"pvq-gptq {bits} bits float32, decode once"]
         summary[bits] = {
             "file_bytes": fly["file_bytes"], "file_over_bf16_checkpoint": fly["file_bytes"] / bf16_bytes,
@@ -84,7 +99,7 @@ def main() -> None:
         }
     res["summary"] = summary
     write_json(out / "runtime.json", res)
-    if not args.skip_ppl:
+    if not args.skip_ppl and "ppl_3.25" not in res:
         d = work / "pvq-gptq-3.25"
         q = json.loads((out / "quality.json").read_text()) if (out / "quality.json").exists() else {}
         ref = next((r["ppl"] for r in q.get("runs", []) if r["method"] == "pvq-gptq" and r["target_bits"] == 3.25), None)
