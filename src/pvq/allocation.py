@@ -1,8 +1,8 @@
 """Per-layer bit allocation to a total budget (HIGGS linearity + an exact knapsack).
 
-1. Sensitivity a_l of every quantizable linear: Gaussian noise of relative energy `rel_noise`
-   (||dW||^2 = rel_noise * ||W||^2) is injected into one layer at a time and the change of the mean
-   next-token loss on calibration windows is measured: a_l = dloss / rel_noise. The inputs of every
+1. Sensitivity a_l of every quantizable linear: Gaussian noise N of relative energy `rel_noise`
+   (||N||^2 = rel_noise * ||W||^2) is injected into one layer at a time, as W + N and W - N, and the
+   mean change of the next-token loss on calibration windows is measured: a_l = dloss / rel_noise. The inputs of every
    block are cached once, so each probe runs only the blocks from the noisy layer's block onward.
 2. Error err(option) of every candidate setting: the relative MSE of the codec on an i.i.d.
    Gaussian matrix (config._proxy_sqnr). After the two-sided Hadamard rotation a layer's weights
@@ -68,10 +68,18 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
             keep = w.detach().clone()
             noise = torch.randn(w.shape, generator=g, dtype=torch.float32)
             noise *= math.sqrt(rel_noise * float(keep.float().pow(2).sum()) / float(noise.pow(2).sum()))
+            # antithetic pair W + N, W - N: the first-order term g.N cancels in the mean, leaving the
+            # curvature term the linearity model is about (one-sided probes of a small N are dominated
+            # by g.N and come out negative for a third of SmolLM2's layers)
             w.add_(noise.to(w.dtype))
-            dloss = _loss_from(model, i, inputs[i], kwargs, ids) - base
+            up = _loss_from(model, i, inputs[i], kwargs, ids)
             w.copy_(keep)
-            out[f"model.layers.{i}.{name}"] = {"a": dloss / rel_noise, "dloss": dloss}
+            w.sub_(noise.to(w.dtype))
+            down = _loss_from(model, i, inputs[i], kwargs, ids)
+            w.copy_(keep)
+            dloss = (up + down) / 2 - base
+            out[f"model.layers.{i}.{name}"] = {"a": dloss / rel_noise, "dloss": dloss, "dloss_plus": up - base,
+                                               "dloss_minus": down - base}
             bar.update(1)
     bar.close()
     return out
