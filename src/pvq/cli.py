@@ -232,8 +232,8 @@ def cmd_eval(args) -> int:
 
     model, tok = load_any(args.model, args.decode, args.dtype)
     res = {"model": args.model or "SmolLM2-135M-Instruct"}
-    qc = getattr(model.config, "quantization_config", None)
-    if isinstance(qc, dict) and qc.get("quant_method") == "pvq":
+    qc = _pvq_config(model)
+    if qc is not None:
         res["bits_per_weight"] = qc["achieved"]["bits_per_weight"]
         res["method"] = qc["config"]["method"]
     if args.ppl or not args.arc_easy:
@@ -247,12 +247,24 @@ def cmd_eval(args) -> int:
 
         r = arc_easy_accuracy(model, tok, load_arc_easy("test", args.limit), progress=not args.no_progress)
         res.update({"arc_easy_acc": r["acc"], "arc_easy_acc_norm": r["acc_norm"], "arc_easy_n": r["n"]})
-    if args.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}")
+    _print_result(res, args.json)
     return 0
+
+
+def _print_result(res: dict, as_json: bool) -> None:
+    """One JSON object, or one aligned "key: value" line per entry."""
+    if as_json:
+        print(json.dumps(res))
+        return
+    width = max(map(len, res), default=0)
+    for k, v in res.items():
+        print(f"{k:>{width}}: {v:.4f}" if isinstance(v, float) else f"{k:>{width}}: {v}")
+
+
+def _pvq_config(model) -> dict | None:
+    """The model's pvq quantization_config, or None for an unquantized model."""
+    qc = getattr(model.config, "quantization_config", None)
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == "pvq" else None
 
 
 def cmd_info(args) -> int:
@@ -300,15 +312,15 @@ def cmd_bench_run(args) -> int:
         torch.set_num_threads(args.threads)
     model, tok = load_any(args.model, args.decode, args.dtype)
     res = {"model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype}
-    qc = getattr(model.config, "quantization_config", None)
-    if isinstance(qc, dict) and qc.get("quant_method") == "pvq":
+    qc = _pvq_config(model)
+    if qc is not None:
         from . import io
 
         res.update({"method": qc["config"]["method"], "bits_per_weight": qc["achieved"]["bits_per_weight"],
                     "decode": args.decode, "file_bytes": (Path(args.model) / io.WEIGHTS).stat().st_size})
         if args.decode == "on-the-fly":
             res["native_kernel"] = native.kernel() is not None
-            if native.kernel() is None:
+            if not res["native_kernel"]:
                 print(f"pvq bench-run: warning: no native kernel ({native.kernel_error()}); decoding with torch",
                       file=sys.stderr)
     else:
@@ -317,11 +329,7 @@ def cmd_bench_run(args) -> int:
     res.update(measure.run(model, tok, args.prompt_tokens, args.gen_tokens))
     if "method" in res:
         res.update(measure.quantized_memory(model))
-    if args.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k:>22}: {v:.4f}" if isinstance(v, float) else f"{k:>22}: {v}")
+    _print_result(res, args.json)
     return 0
 
 

@@ -96,7 +96,6 @@ def register() -> bool:
     # let from_pretrained(..., quantization_config=PVQConfig(decode=...)) override how the stored model runs
     if hasattr(auto, "LOADING_ATTRIBUTES_CONFIG_TYPES"):
         auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, PVQConfig)
-    globals()["PVQConfig"], globals()["PVQHfQuantizer"] = PVQConfig, PVQHfQuantizer
     _registered = True
     return True
 
