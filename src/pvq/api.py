@@ -100,6 +100,11 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     bar.close()
     _round_dense(model, DTYPES[cfg.dense_dtype])
     summary = summarize(per_layer)
+    if cfg.abits is not None:  # the in-memory model runs as the saved one will
+        from .actquant import ActConfig, attach, bits_per_activation
+
+        attach(model, ActConfig(cfg.abits, cfg.act_method, cfg.act_rotate, cfg.seed))
+        summary["bits_per_activation"] = bits_per_activation(model)
     # stored without timings, so the same seed, model and data give byte-identical files
     model.config.quantization_config = {
         "quant_method": "pvq", "format_version": FORMAT_VERSION, "config": cfg.to_dict(), "layers": per_layer,

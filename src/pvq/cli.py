@@ -64,6 +64,7 @@ def _add_quantize(sub) -> None:
                         "and write them there (they do not depend on --bits: measure once, allocate many budgets)")
     p.add_argument("--allocate-noise", type=float, default=0.01,
                    help="relative energy of the noise injected per layer to measure its sensitivity (default 0.01)")
+    _add_act_options(p, stored=True)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="end with one JSON line: achieved bits, time, peak memory")
 
@@ -77,6 +78,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--windows", type=int, default=16, help="2048-token windows (default 16: quick protocol; 0: all)")
     p.add_argument("--arc-easy", action="store_true", help="ARC-Easy test accuracy, 0-shot")
     p.add_argument("--limit", type=int, default=None, help="use only the first N ARC-Easy questions")
+    _add_act_options(p, stored=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -108,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("eval",):
         _add_runtime_options(sub.choices[name])
     return ap
+
+
+def _add_act_options(p, stored: bool) -> None:
+    where = ("stored in config.json and applied whenever the directory is loaded" if stored else
+             "overrides what a pvq directory stores; works on any model")
+    p.add_argument("--abits", type=int, default=None, metavar="B",
+                   help=f"quantize the input of every linear of the blocks to B bits per activation, per token "
+                        f"(8, 6, 4, ...; a per-token fp16 scale comes on top; {where})")
+    p.add_argument("--act-method", choices=["rtn", "pvq"], default="rtn",
+                   help="with --abits: rtn (symmetric round-to-nearest, default) or pvq (gain-shape PVQ of groups "
+                        "of activations at the same stored bits)")
+    p.add_argument("--no-act-rotate", action="store_true",
+                   help="with --abits: quantize the raw inputs instead of the inputs after the layer's "
+                        "randomized Hadamard rotation (to see what the rotation buys)")
 
 
 def _add_runtime_options(p) -> None:
@@ -155,7 +171,8 @@ def cmd_quantize(args) -> int:
     cfg = QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
                       group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order,
-                      dense_dtype=args.dense_dtype)
+                      dense_dtype=args.dense_dtype, abits=args.abits, act_method=args.act_method,
+                      act_rotate=not args.no_act_rotate)
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise FileExistsError(f"output directory {out} exists and is not empty (use --force to replace it)")
@@ -163,6 +180,11 @@ def cmd_quantize(args) -> int:
     # refuse an unreachable --bits before any long work
     lin = model.model.layers[0].self_attn.q_proj
     choose_spec(cfg, lin.out_features, lin.in_features)
+    if cfg.abits is not None and cfg.act_method == "pvq":
+        from .actquant import pvq_spec
+
+        for m in (lin, model.model.layers[0].mlp.down_proj):
+            pvq_spec(cfg.abits, m.in_features)
     calib = None
     extra = {}
     if cfg.uses_data or args.allocate:
@@ -230,12 +252,21 @@ def _peak_rss_mib() -> float:
 def cmd_eval(args) -> int:
     from .data import load_arc_easy, resolve_text
 
+    from . import actquant
+
+    act = None if args.abits is None else actquant.ActConfig(args.abits, args.act_method, not args.no_act_rotate)
     model, tok = load_any(args.model, args.decode, args.dtype)
     res = {"model": args.model or "SmolLM2-135M-Instruct"}
     qc = _pvq_config(model)
     if qc is not None:
         res["bits_per_weight"] = qc["achieved"]["bits_per_weight"]
         res["method"] = qc["config"]["method"]
+    if act is not None:
+        actquant.attach(model, act)
+    bpa = actquant.bits_per_activation(model)
+    if bpa is not None:
+        q = next(iter(actquant.quantizers(model).values()))
+        res.update({"bits_per_activation": bpa, "act_method": q.cfg.method, "act_rotate": q.cfg.rotate})
     if args.ppl or not args.arc_easy:
         from .eval.perplexity import perplexity
 
@@ -277,6 +308,12 @@ def cmd_info(args) -> int:
             "bits_per_weight": qc["achieved"]["bits_per_weight"], "linear_weights": qc["achieved"]["linear_weights"],
             "file_bytes": size, "file_bits_per_linear_weight": None if size is None else 8 * size / qc["achieved"]["linear_weights"],
             "format_version": qc["format_version"], "layers": qc["layers"]}
+    from .actquant import ActConfig, bits_per_activation_of
+
+    act = ActConfig.from_quant_config(qc["config"])
+    if act is not None:
+        info.update({"abits": act.bits, "act_method": act.method, "act_rotate": act.rotate,
+                     "bits_per_activation": bits_per_activation_of(act, [l["shape"][1] for l in qc["layers"].values()])})
     if args.json:
         print(json.dumps(info))
         return 0
@@ -284,6 +321,11 @@ def cmd_info(args) -> int:
     print(f"quantized linears: {info['bits_per_weight']:.4f} bits per weight over {info['linear_weights'] / 1e6:.2f} M weights")
     if size is not None:
         print(f"file model.safetensors: {size / 2**20:.2f} MiB (embeddings, head and norms included)")
+    if act is not None:
+        print(f"activations: {act.name}: {info['bits_per_activation']:.4f} bits per activation "
+              f"(inputs of the quantized linears, per-token fp16 scale included)")
+    else:
+        print("activations: not quantized (float)")
     print(f"{'layer':<40} {'shape':>12} {'codec':<28} {'bpw':>7}")
     for name, l in qc["layers"].items():
         codec = (f"pvq n={l['n']} k={l['k']} L={l['gain_levels']}" if l["codec"] == "pvq"

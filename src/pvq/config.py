@@ -19,6 +19,7 @@ METHODS = ("rtn", "gptq", "pvq", "pvq-gptq")
 PVQ_GROUP_DIMS = (8, 12, 16)  # candidate n; each must divide the layer's input size
 FAST_GROUP_DIMS = (4, 6, 8)  # candidate n of layout="fast"
 LAYOUTS = ("compact", "fast")
+ACT_METHODS = ("rtn", "pvq")  # activation quantizers (actquant.py)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class QuantConfig:
     dense_dtype: str = "float16"  # embeddings, head and norms are stored in this dtype
     # per-layer settings by full layer name (spec_to_dict form), e.g. from allocation.plan
     overrides: dict | None = None
+    # activations (actquant.py): the inputs of the quantized linears, per token; None keeps them in float
+    abits: int | None = None
+    act_method: str = "rtn"
+    act_rotate: bool = True  # quantize them after the layer's input rotation
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -62,6 +67,11 @@ class QuantConfig:
                     spec_from_dict(d)
                 except (KeyError, TypeError, ValueError) as exc:
                     raise ValueError(f"override for layer {name!r} is not a codec setting: {exc}") from None
+        if self.abits is not None and (not isinstance(self.abits, int) or isinstance(self.abits, bool)
+                                       or not 2 <= self.abits <= 16):
+            raise ValueError(f"--abits must be an integer from 2 to 16, got {self.abits!r}")
+        if self.act_method not in ACT_METHODS:
+            raise ValueError(f"unknown activation quantizer {self.act_method!r}; choose one of {', '.join(ACT_METHODS)}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 

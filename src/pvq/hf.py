@@ -82,6 +82,9 @@ def register() -> bool:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            from .io import attach_activations
+
+            attach_activations(model, {"config": self.quantization_config.config})
             return model
 
         def is_serializable(self, *args, **kwargs):

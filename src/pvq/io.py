@@ -108,6 +108,17 @@ def replace_linears(model, layers: dict, decode: str = "once", weight_dtype: tor
         set_module(model, name, QuantLinear(spec, shape, bias=bias, decode=decode, weight_dtype=weight_dtype))
 
 
+def attach_activations(model, qc: dict, source: str = "config.json") -> None:
+    """Quantize the linears' inputs as the stored settings say (abits, act_method, act_rotate)."""
+    from .actquant import ActConfig, attach
+
+    try:
+        act = ActConfig.from_quant_config(qc.get("config") or {})
+    except (TypeError, ValueError) as exc:
+        raise PVQFormatError(f"{source}: invalid activation settings in quantization_config ({exc})") from None
+    attach(model, act)
+
+
 def check_tensors(model, tensors: dict, layers: dict, source) -> None:
     """Every packed buffer present with the shape and dtype its spec implies (one clear line otherwise)."""
     for name in layers:
@@ -161,6 +172,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "on
     if tied:
         model.tie_weights()
     model.config.quantization_config = qc
+    attach_activations(model, qc, str(p / "config.json"))
     tokenizer = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p))

@@ -87,6 +87,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("offsets", torch.zeros(rows, ng, dtype=torch.float16))
         self.bias = nn.Parameter(torch.zeros(rows), requires_grad=False) if bias else None
         self._state: dict | None = None  # rotations, decoded weight or kernel arguments; rebuilt from buffers
+        self.act = None  # an actquant.ActQuantizer when the inputs are quantized too (a run setting, not stored bits)
 
     @classmethod
     def from_packed(cls, packed: PackedPVQ | PackedUniform, seeds: tuple[int, int], bias: torch.Tensor | None = None,
@@ -188,9 +189,14 @@ class QuantLinear(nn.Module):
         st = self._prepared()
         dtype = x.dtype
         h = x.float()
+        act = self.act
+        if act is not None and not act.after_rotation:
+            h = act(h)
         if st["r_in"] is not None:
             h2 = rotate(st["r_in"], h)
             h = st["r_in"].apply(h) if h2 is None else h2
+        if act is not None and act.after_rotation:
+            h = act.quantize(h)
         if self.decode == "on-the-fly":
             h = st["decoder"].matmul(h)
         else:
