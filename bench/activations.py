@@ -24,18 +24,19 @@ from quality import run_json  # noqa: E402
 
 
 def runs(w4: str) -> list[tuple[str, list[str]]]:
-    out = [("W4", ["eval", w4, "--ppl"]), ("W16", ["eval", "--ppl"])]
-    for bits in (8, 6, 4):
-        for method in ("rtn", "pvq"):
-            for rot in (True, False):
-                out.append((f"W4A{bits}-{method}-{'rot' if rot else 'norot'}",
-                            ["eval", w4, "--ppl", "--abits", str(bits), "--act-method", method,
-                             *([] if rot else ["--no-act-rotate"])]))
-    for bits in (8, 4):
-        for rot in (True, False):
-            out.append((f"W16A{bits}-rtn-{'rot' if rot else 'norot'}",
-                        ["eval", "--ppl", "--abits", str(bits), *([] if rot else ["--no-act-rotate"])]))
-    return out
+    """(name, pvq arguments), the runs the issue's bar needs first."""
+    def w4a(bits, method, rot):
+        return (f"W4A{bits}-{method}-{'rot' if rot else 'norot'}",
+                ["eval", w4, "--ppl", "--abits", str(bits), "--act-method", method, *([] if rot else ["--no-act-rotate"])])
+
+    def w16a(bits, rot):
+        return (f"W16A{bits}-rtn-{'rot' if rot else 'norot'}",
+                ["eval", "--ppl", "--abits", str(bits), *([] if rot else ["--no-act-rotate"])])
+
+    return [("W4", ["eval", w4, "--ppl"]), w4a(8, "rtn", True), w4a(4, "rtn", True), w4a(4, "rtn", False),
+            w4a(4, "pvq", True), w4a(4, "pvq", False), w4a(8, "rtn", False), w4a(6, "rtn", True), w4a(6, "rtn", False),
+            w4a(6, "pvq", True), w4a(8, "pvq", True), ("W16", ["eval", "--ppl"]), w16a(8, True), w16a(4, True),
+            w16a(4, False), w4a(6, "pvq", False), w4a(8, "pvq", False), w16a(8, False)]
 
 
 def plot(results: dict, path: Path) -> None:

@@ -187,3 +187,21 @@ def test_cli_errors_are_one_line(tiny_dirs, tmp_path, capsys):
     assert cli(["quantize", str(tiny_dirs / "hf"), "--method", "pvq", "--bits", "0.3", "-o", str(tmp_path / "x")]) == 2
     assert "bits" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_tokenizer_files_broken_or_absent(tiny_dirs, tmp_path):
+    import shutil
+
+    from pvq.io import TOKENIZER_FILES
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dirs / "q", bare)
+    for f in TOKENIZER_FILES + ("special_tokens_map.json",):
+        (bare / f).unlink(missing_ok=True)
+    model, tok = io.load(bare)
+    assert tok is None and model is not None
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dirs / "q", broken)
+    (broken / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(io.PVQFormatError, match="tokenizer"):
+        io.load(broken)

@@ -21,6 +21,7 @@ from .models.adapters import check_supported, set_module
 from .nn import QuantLinear, check_decode
 
 WEIGHTS = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class PVQFormatError(ValueError):
@@ -134,7 +135,7 @@ def check_tensors(model, tensors: dict, layers: dict, source) -> None:
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "once",
          weight_dtype: torch.dtype | None = None):
-    """Load a pvq directory: (model with QuantLinear layers, tokenizer).
+    """Load a pvq directory: (model with QuantLinear layers, tokenizer or None if the directory has none).
 
     decode="once" decodes every quantized linear on first use and keeps it (in `weight_dtype`,
     default `dtype`); decode="on-the-fly" keeps only the packed codes resident (nn.py)."""
@@ -174,8 +175,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "on
     model.config.quantization_config = qc
     attach_activations(model, qc, str(p / "config.json"))
     tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(p))
-    except Exception:
-        tokenizer = None
+    if any((p / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(p))
+        except Exception as exc:  # a directory with broken tokenizer files is an error, not "no tokenizer"
+            raise PVQFormatError(f"{p}: the tokenizer files cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     return model.to(dtype).eval(), tokenizer

@@ -24,6 +24,7 @@ from torch import nn
 from .codec import PackedPVQ, PackedUniform, PVQSpec, UniformSpec
 from .codec.gain import beta_codebook
 from .codec.gainshape import law_length
+from .runtime.decode import Decoder, rotate
 from .transforms.hadamard import RandomHadamard
 
 NO_SEED = -1  # marks a side that is not rotated
@@ -157,8 +158,6 @@ class QuantLinear(nn.Module):
             r_in, r_out = rotations(self.out_features, self.in_features, self.seed_pair)
             st = {"r_in": r_in, "r_out": r_out}
             if self.decode == "on-the-fly":
-                from .runtime.decode import Decoder
-
                 st["decoder"] = Decoder(self.packed)
             self._state = st
         return self._state
@@ -184,8 +183,6 @@ class QuantLinear(nn.Module):
         return w.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .runtime.decode import rotate
-
         st = self._prepared()
         dtype = x.dtype
         h = x.float()

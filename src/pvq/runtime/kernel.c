@@ -137,7 +137,6 @@ void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8
 }
 
 /* y[b * ldy + r] = sum_c W[r, c] * x[b * ldx + c] for b < B, r < rows */
-/* y[b * ldy + r] = sum_c W[r, c] * x[b * ldx + c] for b < B, r < rows */
 void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
               int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t rows,
               int64_t cols, const float *x, int64_t ldx, int64_t B, float *out, int64_t ldy) {
