@@ -71,3 +71,32 @@ def test_cli_allocate_writes_the_report(tmp_path):
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["achieved"]["bits_per_weight"] <= 2.5 + 0.01
     assert cli(["quantize", str(tmp_path / "hf"), "--method", "rtn", "--allocate", "-o", str(tmp_path / "r")]) == 2
+
+
+def test_gptq_error_factor_is_one_for_white_inputs_and_smaller_for_correlated_ones():
+    from pvq.solvers.gptq import error_factors
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 32, generator=g, dtype=torch.float64)
+    white = error_factors(x.T @ x, (1, 8), damp=0.0)
+    assert all(abs(f - 1) < 0.01 for f in white.values())
+    mixed = x[:, :16] @ torch.randn(16, 32, generator=g, dtype=torch.float64) + 0.1 * x
+    f = error_factors(mixed.T @ mixed, (1, 8, 32))
+    # feedback through more columns helps more: scalar LDL <= groups of 8 <= one group (no feedback at all)
+    assert f[1] <= f[8] + 1e-12 and f[8] < 0.5 and abs(f[32] - 1) < 1e-9
+
+
+def test_gptq_factors_scale_the_prediction_and_the_floor_holds():
+    model = tiny_model("llama", intermediate_size=96)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(method="pvq-gptq", bits=3.0, nsamples=4, seqlen=32)
+    factors = allocation.error_factors(model, cfg, ids, progress=False)
+    assert set(factors) == {f"model.layers.{i}.{n}" for i in range(2) for n in allocation.LINEARS}
+    assert all(0 < f <= 1 + 1e-9 for d in factors.values() for f in d.values())
+    sens = allocation.sensitivities(model, ids, progress=False)
+    rates = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+    _, free = allocation.plan(model, cfg, None, rates=rates, sens=sens, floor=None)
+    _, fed = allocation.plan(model, cfg, None, rates=rates, sens=sens, factors=factors, floor=0.5)
+    assert fed["uniform_predicted_dloss"] < free["uniform_predicted_dloss"]
+    assert min(v["bits_per_weight"] for v in fed["layers"].values()) >= 2.5 - 1e-9
+    assert fed["bits_per_weight"] <= 3.0

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .codec import PVQSpec, bits_per_weight
-from .config import QuantConfig, _proxy_sqnr, choose_spec, spec_to_dict
+from .config import FAST_GROUP_DIMS, PVQ_GROUP_DIMS, QuantConfig, _proxy_sqnr, choose_spec, spec_to_dict
 from .models.adapters import LINEARS, blocks, capture_block_inputs, run_block
 
 RATES = tuple(x / 4 for x in range(6, 25))  # 1.5, 1.75, ..., 6.0 bits per weight
@@ -85,6 +85,50 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
     return out
 
 
+@torch.no_grad()
+def error_factors(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True) -> dict:
+    """{layer: {n: f}}: how much pvq-gptq's error feedback shrinks each layer's error for groups of n.
+
+    f = solvers.gptq.error_factor of the layer's Hessian H = X^T X on the calibration tokens, in the
+    layer's rotated basis (its stored seeds) with cfg.damp; the blocks run one at a time on the
+    unquantized model, so memory stays at one block's activations. The relative error of a setting
+    under pvq-gptq is then predicted as f times its data-free error on Gaussian weights.
+    """
+    from .api import layer_seeds
+    from .models.adapters import SHARED_INPUT, block_linears
+    from .nn import rotate_hessian
+    from .solvers.gptq import error_factors as factors_of
+    from .solvers.hessian import HessianAccumulator
+
+    hidden, kwargs = capture_block_inputs(model, calib_ids)
+    out = {}
+    layers = blocks(model)
+    bar = tqdm(total=len(layers), desc="gptq error factors", disable=not progress, unit="block")
+    for i, block in enumerate(layers):
+        linears = block_linears(block)
+        accs, handles = {}, []
+        for name, mod in linears.items():
+            if name in SHARED_INPUT:
+                continue
+            accs[name] = HessianAccumulator(mod.in_features)
+            handles.append(mod.register_forward_hook(lambda m, a, o, acc=accs[name]: acc.add_batch(a[0])))
+        try:
+            hidden = run_block(block, hidden, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, mod in linears.items():
+            full = f"model.layers.{i}.{name}"
+            seeds = layer_seeds(cfg.seed, full, cfg.rotates)
+            h = rotate_hessian(accs[SHARED_INPUT.get(name, name)].hessian(), seeds[0])
+            dims = [cfg.group_dim] if cfg.group_dim else [n for n in PVQ_GROUP_DIMS + FAST_GROUP_DIMS
+                                                          if mod.in_features % n == 0]
+            out[full] = {str(n): f for n, f in factors_of(h, sorted(set(dims)), cfg.damp).items()}
+        bar.update(1)
+    bar.close()
+    return out
+
+
 def options(cfg: QuantConfig, rows: int, cols: int, rates=RATES) -> list[dict]:
     """Distinct settings choose_spec picks at each rate, with their stored bits and proxy relative error."""
     seen, out = set(), []
@@ -102,10 +146,14 @@ def options(cfg: QuantConfig, rows: int, cols: int, rates=RATES) -> list[dict]:
 
 
 def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0.01, rates=RATES,
-         progress: bool = True, sens: dict | None = None) -> tuple[dict, dict]:
+         progress: bool = True, sens: dict | None = None, factors: dict | None = None,
+         floor: float | None = 1.0) -> tuple[dict, dict]:
     """(overrides {layer: spec dict}, report) for cfg.bits over all quantizable linears of `model`.
 
-    sens: sensitivities measured before (they do not depend on the budget); measured from ids if None."""
+    sens: sensitivities measured before (they do not depend on the budget); measured from ids if None.
+    factors: error_factors() for pvq-gptq (each setting's error times the layer's factor for its n);
+    None predicts data-free errors. floor: no layer gets fewer than cfg.bits - floor bits per weight
+    (a guard against a sensitivity estimate that came out near zero by chance; None: no guard)."""
     from .solvers.allocation import allocate
 
     if not cfg.is_pvq:
@@ -119,10 +167,22 @@ def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0
     names = [n for n in sens if not n.startswith("_")]
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     table = {s: options(cfg, *s, rates) for s in set(shapes.values())}
+    if floor is not None:  # keep the settings at or above the floor (and always the cheapest one above it)
+        for s_, opts in table.items():
+            keep = [o for o in opts if o["bits"] / math.prod(s_) >= cfg.bits - floor - 1e-9]
+            table[s_] = keep or opts[-1:]
+    if factors is not None:
+        missing = [n for n in names if n not in factors]
+        if missing:
+            raise ValueError(f"gptq error factors miss layer {missing[0]}")
+
+    def eff(n, o):
+        return o["err"] * (factors[n][str(o["spec"].n)] if factors is not None else 1.0)
+
     weights = sum(r * c for r, c in shapes.values())
     budget = int(math.floor(cfg.bits * weights))
     a = {n: max(sens[n]["a"], 0.0) for n in names}  # a noisy negative estimate means "insensitive"
-    costs = [[a[n] * o["err"] for o in table[shapes[n]]] for n in names]
+    costs = [[a[n] * eff(n, o) for o in table[shapes[n]]] for n in names]
     bits = [[o["bits"] for o in table[shapes[n]]] for n in names]
     pick = allocate(costs, bits, budget)
     uniform = {s: choose_spec(replace(cfg, overrides=None), *s) for s in table}
@@ -133,13 +193,15 @@ def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0
             x["spec"] == uniform[shapes[n]] for x in table[shapes[n]]) else None
         overrides[n] = spec_to_dict(o["spec"])
         layers[n] = {"a": sens[n]["a"], "setting": o["spec"].name, "bits_per_weight": o["bits"] / math.prod(shapes[n]),
-                     "err": o["err"], "predicted": a[n] * o["err"],
-                     "uniform_predicted": None if u is None else a[n] * u["err"]}
+                     "err": o["err"], "effective_err": eff(n, o), "predicted": a[n] * eff(n, o),
+                     "uniform_predicted": None if u is None else a[n] * eff(n, u)}
     pred = sum(v["predicted"] for v in layers.values())
     upred = sum(v["uniform_predicted"] or 0.0 for v in layers.values())
     report = {
         "target_bits": cfg.bits, "budget_bits": budget, "weights": weights,
         "allocated_bits": sum(table[shapes[n]][j]["bits"] for n, j in zip(names, pick)),
+        "error_model": "pvq-gptq (data-free error x gptq error factor)" if factors is not None else "data-free",
+        "floor_bits": None if floor is None else cfg.bits - floor,
         "rel_noise": sens.get("_rel_noise", rel_noise), "calib_tokens": sens.get("_tokens"), "base_loss": sens["_base_loss"],
         "predicted_dloss": pred, "predicted_ppl_factor": math.exp(pred),
         "uniform_predicted_dloss": upred, "uniform_predicted_ppl_factor": math.exp(upred),

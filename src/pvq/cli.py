@@ -62,6 +62,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--sensitivities", default=None, metavar="JSON",
                    help="with --allocate: read the per-layer sensitivities from this file if it exists, else measure "
                         "and write them there (they do not depend on --bits: measure once, allocate many budgets)")
+    p.add_argument("--allocate-floor", type=float, default=1.0,
+                   help="with --allocate: no layer gets fewer than --bits minus this many bits per weight (default 1)")
     p.add_argument("--allocate-noise", type=float, default=0.01,
                    help="relative energy of the noise injected per layer to measure its sensitivity (default 0.01)")
     _add_act_options(p, stored=True)
@@ -214,7 +216,15 @@ def cmd_quantize(args) -> int:
             rates = tuple(float(r) for r in args.allocate_rates.split(",")) if args.allocate_rates else allocation.RATES
         except ValueError:
             raise ValueError(f"--allocate-rates must be numbers separated by commas, got {args.allocate_rates!r}") from None
-        overrides, report = allocation.plan(model, cfg, None, rates=rates, sens=sens)
+        factors = None
+        if cfg.uses_data:  # pvq-gptq: its error feedback shrinks each layer's error by a factor of its Hessian
+            calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
+            factors = allocation.error_factors(model, cfg, calib, progress=not args.no_progress)
+            del calib
+        if args.allocate_floor < 0:
+            raise ValueError(f"--allocate-floor must be >= 0, got {args.allocate_floor}")
+        overrides, report = allocation.plan(model, cfg, None, rates=rates, sens=sens, factors=factors,
+                                            floor=args.allocate_floor)
         cfg = replace(cfg, overrides=overrides)
         extra["allocation.json"] = json.dumps(report, indent=1).encode()
         try:

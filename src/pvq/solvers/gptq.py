@@ -72,6 +72,33 @@ def group_metrics(u: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return u_inv, u_inv @ u_inv.mT
 
 
+def error_factors(h: torch.Tensor, dims, damp: float = 0.01) -> dict[int, float]:
+    """How much GPTQ's error feedback shrinks the output error, in GPTQ's own proxy metric, for
+    groups of each d in dims: {d: factor}.
+
+    For i.i.d. rounding noise of variance s^2 per weight, rounding every group independently costs
+    s^2 tr(H) per row in tr(E H E^T); quantizing groups of d columns in turn and pushing each group's
+    error onto the later columns (block LDL, as gptq() does) costs s^2 sum_G tr(A_G), A_G =
+    inv(U_GG^T U_GG) (QuIP's LDLQ analysis, for groups). The factor is sum_G tr(A_G) / tr(H + lam I)
+    with gptq()'s damping and dead-input handling: by how much the error of a data-free setting
+    overstates the same setting under pvq-gptq (allocation.py).
+    """
+    h = h.detach().to(torch.float64, copy=True)
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    live = ~dead
+    lam = damp * (float(h.diagonal()[live].mean()) if bool(live.any()) else 1.0)
+    u = inverse_cholesky(h, lam)
+    total = float(h.diagonal().sum()) + lam * h.shape[0]
+    out = {}
+    for d in dims:
+        if h.shape[0] % d:
+            raise ValueError(f"error_factors: {h.shape[0]} columns are not a multiple of d={d}")
+        _, metric = group_metrics(u, d)
+        out[d] = float(metric.diagonal(dim1=1, dim2=2).sum()) / total
+    return out
+
+
 def _block_width(block_size: int, stepper: Stepper, static: bool) -> int:
     """block_size rounded up to a whole number of steps (d) and of the stepper's fitted groups.
 
