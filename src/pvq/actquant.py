@@ -18,6 +18,7 @@ then produces is the one the quantized activations give. Not quantized: the atte
 """
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,7 +28,7 @@ from torch import nn
 
 from .codec import PVQSpec
 from .codec import activation as act_math
-from .config import ACT_METHODS, _proxy_sqnr, pvq_candidates
+from .config import ACT_METHODS, pvq_candidates
 from .models.adapters import LINEARS, blocks
 from .nn import NO_SEED, QuantLinear
 from .transforms.hadamard import RandomHadamard
@@ -66,22 +67,28 @@ class ActConfig:
 @lru_cache(maxsize=64)
 def pvq_spec(bits: int, cols: int) -> PVQSpec:
     """The PVQ setting for tokens of `cols` activations at the same stored bits as rtn: `bits` per
-    activation for the codes (n * bits per group) plus the per-token fp16 scale. The best Gaussian
-    SQNR among the group sizes ACT_GROUP_DIMS that divide cols."""
+    activation for the codes (n * bits per group) plus the per-token fp16 scale. The one with the
+    best SQNR on Gaussian tokens (what rotated tokens look like) among the group sizes
+    ACT_GROUP_DIMS that divide cols."""
     best = None
     for n in ACT_GROUP_DIMS:
         if cols % n:
             continue
         for spec in pvq_candidates(n, n * bits, "beta", "row"):
-            if spec.k >= 128:  # the native greedy search and the proxy stay cheap
-                continue
-            q = _proxy_sqnr(spec)
+            q = _gaussian_sqnr(spec, cols)
             if best is None or q > best[0]:
                 best = (q, spec)
     if best is None:
         raise ValueError(f"--abits {bits} --act-method pvq: no PVQ setting (n in {ACT_GROUP_DIMS} dividing {cols}, "
                          f"codes of {bits} bits per activation) exists")
     return best[1]
+
+
+def _gaussian_sqnr(spec: PVQSpec, cols: int) -> float:
+    """SQNR (dB) of activation PVQ on 64 fixed i.i.d. Gaussian tokens of `cols` activations."""
+    x = torch.randn(64, cols, generator=torch.Generator().manual_seed(4321))
+    e = x - act_math.pvq(x, spec, _native_shapes)
+    return 10 * math.log10(float(x.pow(2).sum() / e.pow(2).sum().clamp_min(1e-30)))
 
 
 def _native_shapes(x: torch.Tensor, k: int):
