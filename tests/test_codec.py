@@ -283,3 +283,12 @@ def test_quantizers_reject_bad_shapes():
         codec.PVQSpec(16, 10, 4, gain="log")
     with pytest.raises(ValueError):
         codec.quantize(torch.randn(4, 16), "rtn")
+
+
+def test_fake_quantize_gives_the_decoded_floats():
+    from pvq.codec.gainshape import fake_quantize
+
+    w = torch.randn(32, 192, generator=torch.Generator().manual_seed(5))
+    for spec in (gainshape.PVQSpec(16, 29, 7, "beta", "tensor"), gainshape.PVQSpec(12, 10, 5, "beta", "row"),
+                 gainshape.PVQSpec(8, 20, 30, "empirical", "row")):
+        assert torch.equal(fake_quantize(w, spec), codec.quantize(w, spec).dequantize())

@@ -135,8 +135,8 @@ def law_length(spec: "PVQSpec", rows: int, cols: int) -> int:
     return cols if spec.scale == "row" else rows * cols
 
 
-def quantize(w: torch.Tensor, spec: PVQSpec) -> PackedPVQ:
-    """Data-free PVQ of a 2-D weight matrix (round to the nearest shape, then the nearest gain)."""
+def _round(w: torch.Tensor, spec: PVQSpec):
+    """(y [rows, groups, n], gain levels [rows, groups], fp16 scale, codebook) of a 2-D weight matrix."""
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
     rows, cols = w.shape
@@ -148,6 +148,17 @@ def quantize(w: torch.Tensor, spec: PVQSpec) -> PackedPVQ:
     s = gain_scale(g, spec.scale)
     r = g / s.reshape(-1, 1)
     book = fit_gain_codebook(spec.gain, r, spec.n, law_length(spec, rows, cols), spec.gain_levels)
-    lvl = book.quantize(r)
+    return y, book.quantize(r), s.half(), book.levels
+
+
+def quantize(w: torch.Tensor, spec: PVQSpec) -> PackedPVQ:
+    """Data-free PVQ of a 2-D weight matrix (round to the nearest shape, then the nearest gain)."""
+    y, lvl, scale, levels = _round(w, spec)
     code = enumeration.encode(y, spec.k) * spec.gain_levels + lvl
-    return PackedPVQ(spec, (rows, cols), bitpack.pack(code.reshape(-1), spec.code_bits), s.half(), book.levels)
+    return PackedPVQ(spec, tuple(w.shape), bitpack.pack(code.reshape(-1), spec.code_bits), scale, levels)
+
+
+def fake_quantize(w: torch.Tensor, spec: PVQSpec) -> torch.Tensor:
+    """quantize(w, spec).dequantize() without enumerating and packing the indices (same floats)."""
+    y, lvl, scale, levels = _round(w, spec)
+    return reconstruct(y, lvl, scale, levels).reshape(w.shape)
