@@ -156,3 +156,5 @@ def test_cli_reports_bits_per_activation(tmp_path, capsys):
     assert res["act_method"] == "pvq" and 6 < res["bits_per_activation"] < 6.3 and math.isfinite(res["ppl"])
     assert cli(["eval", str(tmp_path / "hf"), "--abits", "1", "--json"]) == 2
     assert "abits" in capsys.readouterr().err
+    assert cli(["eval", str(tmp_path / "hf"), "--act-method", "pvq", "--json"]) == 2
+    assert "need --abits" in capsys.readouterr().err

@@ -128,6 +128,17 @@ def _add_act_options(p, stored: bool) -> None:
                         "randomized Hadamard rotation (to see what the rotation buys)")
 
 
+def _act_config(args, seed: int = 0):
+    """The activation settings of --abits/--act-method/--no-act-rotate (None without --abits)."""
+    from .actquant import ActConfig
+
+    if args.abits is None:
+        if args.act_method != "rtn" or args.no_act_rotate:
+            raise ValueError("--act-method and --no-act-rotate need --abits (the bits per activation)")
+        return None
+    return ActConfig(args.abits, args.act_method, not args.no_act_rotate, seed)
+
+
 def _add_runtime_options(p) -> None:
     p.add_argument("--decode", choices=["once", "on-the-fly"], default="once",
                    help="pvq directories: decode each layer once and keep it (fastest; memory like a dense "
@@ -170,6 +181,9 @@ def cmd_quantize(args) -> int:
     from .data import calibration_batches, resolve_text
     from .models.loading import load_model
 
+    _act_config(args)
+    if args.allocate and args.allocate_floor < 0:
+        raise ValueError(f"--allocate-floor must be >= 0, got {args.allocate_floor}")
     cfg = QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
                       group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order,
@@ -221,8 +235,6 @@ def cmd_quantize(args) -> int:
             calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
             factors = allocation.error_factors(model, cfg, calib, progress=not args.no_progress)
             del calib
-        if args.allocate_floor < 0:
-            raise ValueError(f"--allocate-floor must be >= 0, got {args.allocate_floor}")
         overrides, report = allocation.plan(model, cfg, None, rates=rates, sens=sens, factors=factors,
                                             floor=args.allocate_floor)
         cfg = replace(cfg, overrides=overrides)
@@ -264,7 +276,7 @@ def cmd_eval(args) -> int:
 
     from . import actquant
 
-    act = None if args.abits is None else actquant.ActConfig(args.abits, args.act_method, not args.no_act_rotate)
+    act = _act_config(args)
     model, tok = load_any(args.model, args.decode, args.dtype)
     res = {"model": args.model or "SmolLM2-135M-Instruct"}
     qc = _pvq_config(model)
