@@ -28,6 +28,8 @@ def main() -> int:
     ap.add_argument("--rates", default="3.25,2.25")
     ap.add_argument("--work", default=str(ROOT / "out" / "alloc"), help="folder for sensitivities and models")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--sensitivities", default=str(ROOT / "bench" / "results" / "sensitivities.json"),
+                    help="sensitivities file: reused if it exists, else measured and written there")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -38,7 +40,7 @@ def main() -> int:
     res = json.loads(path.read_text()) if path.is_file() else {}
     res.setdefault("runs", {})
     res["unquantized_ppl"] = base
-    sens = work / "sensitivities.json"
+    sens = Path(args.sensitivities)
     for rate in (float(r) for r in args.rates.split(",")):
         key = f"pvq-gptq {rate}"
         if "measured_ppl" in res["runs"].get(key, {}):
