@@ -95,32 +95,20 @@ def error_factors(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bo
     under pvq-gptq is then predicted as f times its data-free error on Gaussian weights.
     """
     from .api import layer_seeds
-    from .models.adapters import SHARED_INPUT, block_linears
+    from .models.adapters import block_hessians, block_linears
     from .nn import rotate_hessian
     from .solvers.gptq import error_factors as factors_of
-    from .solvers.hessian import HessianAccumulator
 
     hidden, kwargs = capture_block_inputs(model, calib_ids)
     out = {}
     layers = blocks(model)
     bar = tqdm(total=len(layers), desc="gptq error factors", disable=not progress, unit="block")
     for i, block in enumerate(layers):
-        linears = block_linears(block)
-        accs, handles = {}, []
-        for name, mod in linears.items():
-            if name in SHARED_INPUT:
-                continue
-            accs[name] = HessianAccumulator(mod.in_features)
-            handles.append(mod.register_forward_hook(lambda m, a, o, acc=accs[name]: acc.add_batch(a[0])))
-        try:
-            hidden = run_block(block, hidden, kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        for name, mod in linears.items():
+        hess, hidden = block_hessians(block, hidden, kwargs, keep=True)
+        for name, mod in block_linears(block).items():
             full = f"model.layers.{i}.{name}"
             seeds = layer_seeds(cfg.seed, full, cfg.rotates)
-            h = rotate_hessian(accs[SHARED_INPUT.get(name, name)].hessian(), seeds[0])
+            h = rotate_hessian(hess[name], seeds[0])
             dims = [cfg.group_dim] if cfg.group_dim else [n for n in PVQ_GROUP_DIMS + FAST_GROUP_DIMS
                                                           if mod.in_features % n == 0]
             out[full] = {str(n): f for n, f in factors_of(h, sorted(set(dims)), cfg.damp).items()}

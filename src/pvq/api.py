@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import codec
 from .config import FORMAT_VERSION, QuantConfig, choose_spec, spec_from_dict, spec_to_dict
-from .models.adapters import SHARED_INPUT, block_linears, blocks, capture_block_inputs, check_supported, run_block, set_module
+from .models.adapters import block_hessians, block_linears, blocks, capture_block_inputs, check_supported, run_block, set_module
 from .nn import NO_SEED, QuantLinear, rotate_hessian, rotate_weight
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -49,7 +49,6 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     hidden = kwargs = None
     if cfg.uses_data:
         from .solvers.gptq import gptq
-        from .solvers.hessian import HessianAccumulator
         from .solvers.steppers import PVQStepper, UniformStepper
 
         hidden, kwargs = capture_block_inputs(model, calib_ids)
@@ -57,20 +56,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     bar = tqdm(total=len(layers) * 7, desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
     for i, block in enumerate(layers):
         linears = block_linears(block)
-        hess = {}
-        if cfg.uses_data:
-            accs, handles = {}, []
-            for name, mod in linears.items():
-                if name in SHARED_INPUT:
-                    continue
-                accs[name] = HessianAccumulator(mod.in_features)
-                handles.append(mod.register_forward_hook(lambda m, a, o, acc=accs[name]: acc.add_batch(a[0])))
-            try:
-                run_block(block, hidden, kwargs, keep=False)
-            finally:
-                for h in handles:
-                    h.remove()
-            hess = {name: accs[SHARED_INPUT.get(name, name)].hessian() for name in linears}
+        hess = block_hessians(block, hidden, kwargs)[0] if cfg.uses_data else {}
         for name, mod in linears.items():
             full = f"model.layers.{i}.{name}"
             w = mod.weight.detach().float()

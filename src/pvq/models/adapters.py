@@ -89,3 +89,25 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int =
         if keep:
             out[s : s + batch] = r[0] if isinstance(r, tuple) else r
     return out
+
+
+@torch.no_grad()
+def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False):
+    """({linear name: H = X^T X of its input}, the block's outputs if keep) for one block run on hidden.
+
+    Linears that read the same input (SHARED_INPUT) share one accumulated Hessian."""
+    from ..solvers.hessian import HessianAccumulator
+
+    linears = block_linears(block)
+    accs, handles = {}, []
+    for name, mod in linears.items():
+        if name in SHARED_INPUT:
+            continue
+        accs[name] = HessianAccumulator(mod.in_features)
+        handles.append(mod.register_forward_hook(lambda m, a, o, acc=accs[name]: acc.add_batch(a[0])))
+    try:
+        out = run_block(block, hidden, kwargs, keep=keep)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: accs[SHARED_INPUT.get(name, name)].hessian() for name in linears}, out
