@@ -28,7 +28,7 @@ from torch import nn
 
 from .codec import PVQSpec
 from .codec import activation as act_math
-from .config import ACT_METHODS, pvq_candidates
+from .config import check_act_settings, pvq_candidates
 from .models.adapters import LINEARS, blocks
 from .nn import NO_SEED, QuantLinear
 from .transforms.hadamard import RandomHadamard
@@ -46,10 +46,9 @@ class ActConfig:
     seed: int = 0  # seeds the rotations of layers that have none of their own
 
     def __post_init__(self):
-        if self.method not in ACT_METHODS:
-            raise ValueError(f"unknown activation quantizer {self.method!r}; choose one of {', '.join(ACT_METHODS)}")
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 16:
-            raise ValueError(f"--abits must be an integer from 2 to 16, got {self.bits!r}")
+        if self.bits is None:
+            raise ValueError("--abits must be an integer from 2 to 16, got None")
+        check_act_settings(self.bits, self.method)
 
     @property
     def name(self) -> str:
@@ -182,18 +181,21 @@ def quantizers(model) -> dict[str, ActQuantizer]:
     return out
 
 
-def bits_per_activation(model) -> float | None:
-    """Stored bits per quantized activation over the inputs of all linears of one token (None: none quantized)."""
-    qs = quantizers(model).values()
+def _mean_bits(qs) -> float | None:
+    """Stored bits per activation over the inputs of the given quantizers (one token each; None if none)."""
+    qs = list(qs)
     if not qs:
         return None
     return sum(q.bits_per_activation * q.cols for q in qs) / sum(q.cols for q in qs)
 
 
+def bits_per_activation(model) -> float | None:
+    """Stored bits per quantized activation over the inputs of all linears of one token (None: none quantized)."""
+    return _mean_bits(quantizers(model).values())
+
+
 def bits_per_activation_of(cfg: ActConfig, input_sizes: list[int]) -> float:
     """The same figure from the settings and the input size of every quantized linear (pvq info)."""
-    bpa = [act_math.pvq_bits(pvq_spec(cfg.bits, c), c) if cfg.method == "pvq" else act_math.rtn_bits(cfg.bits, c)
-           for c in input_sizes]
-    return sum(b * c for b, c in zip(bpa, input_sizes)) / max(sum(input_sizes), 1)
+    return _mean_bits(ActQuantizer(cfg, c) for c in input_sizes) or 0.0
 
 

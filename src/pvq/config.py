@@ -22,6 +22,14 @@ LAYOUTS = ("compact", "fast")
 ACT_METHODS = ("rtn", "pvq")  # activation quantizers (actquant.py)
 
 
+def check_act_settings(abits, method: str) -> None:
+    """--abits (None, or an integer 2..16) and --act-method, as QuantConfig and actquant.ActConfig take them."""
+    if abits is not None and (not isinstance(abits, int) or isinstance(abits, bool) or not 2 <= abits <= 16):
+        raise ValueError(f"--abits must be an integer from 2 to 16, got {abits!r}")
+    if method not in ACT_METHODS:
+        raise ValueError(f"unknown activation quantizer {method!r}; choose one of {', '.join(ACT_METHODS)}")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     method: str = "pvq-gptq"
@@ -67,11 +75,7 @@ class QuantConfig:
                     spec_from_dict(d)
                 except (KeyError, TypeError, ValueError) as exc:
                     raise ValueError(f"override for layer {name!r} is not a codec setting: {exc}") from None
-        if self.abits is not None and (not isinstance(self.abits, int) or isinstance(self.abits, bool)
-                                       or not 2 <= self.abits <= 16):
-            raise ValueError(f"--abits must be an integer from 2 to 16, got {self.abits!r}")
-        if self.act_method not in ACT_METHODS:
-            raise ValueError(f"unknown activation quantizer {self.act_method!r}; choose one of {', '.join(ACT_METHODS)}")
+        check_act_settings(self.abits, self.act_method)
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 
