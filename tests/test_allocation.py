@@ -67,6 +67,8 @@ def test_cli_allocate_writes_the_report(tmp_path):
     assert (tmp_path / "q2" / "allocation.json").read_text() == (out / "allocation.json").read_text()
     report = json.loads((out / "allocation.json").read_text())
     assert report["bits_per_weight"] <= 2.5 and len(report["layers"]) == 14
+    assert report["prediction"].startswith("joint") and report["predicted_dloss"] == report["joint_predicted_dloss"]
+    assert all(v["measured_err"] > 0 and v["measured_contribution"] >= 0 for v in report["layers"].values())
     assert (out / "allocation.png").read_bytes()[:4] == b"\x89PNG"
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["achieved"]["bits_per_weight"] <= 2.5 + 0.01
@@ -100,3 +102,74 @@ def test_gptq_factors_scale_the_prediction_and_the_floor_holds():
     assert fed["uniform_predicted_dloss"] < free["uniform_predicted_dloss"]
     assert min(v["bits_per_weight"] for v in fed["layers"].values()) >= 2.5 - 1e-9
     assert fed["bits_per_weight"] <= 3.0
+
+
+def test_rehearsal_is_exact_at_zero_noise_grows_with_noise_and_restores_the_weights():
+    model = tiny_model("llama", intermediate_size=96)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in allocation.LINEARS]
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    zero = allocation.rehearse(model, ids, {n: 0.0 for n in names}, draws=1, progress=False)
+    assert zero["dloss"] == 0.0
+    small = allocation.rehearse(model, ids, {n: 0.01 for n in names}, draws=2, progress=False)
+    big = allocation.rehearse(model, ids, {n: 0.3 for n in names}, draws=2, progress=False)
+    assert big["dloss"] > small["dloss"] and len(big["draws"]) == 2
+    again = allocation.rehearse(model, ids, {n: 0.3 for n in names}, draws=2, progress=False)
+    assert again == big  # seeded: the same noise every time
+    for n in names:
+        assert torch.equal(model.get_submodule(n).weight, before[n])
+    with pytest.raises(ValueError, match="draws"):
+        allocation.rehearse(model, ids, {names[0]: 0.1}, draws=0, progress=False)
+    with pytest.raises(ValueError, match=names[0]):
+        allocation.rehearse(model, ids, {names[0]: -1.0}, progress=False)
+
+
+def test_rehearse_plan_replaces_the_linear_prediction_and_keeps_it():
+    model = tiny_model("llama", intermediate_size=96)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    cfg = QuantConfig(method="pvq", bits=2.5)
+    _, report = allocation.plan(model, cfg, ids, rates=(2.0, 2.5, 3.0), progress=False)
+    linear = report["predicted_dloss"]
+    allocation.rehearse_plan(model, ids, report, draws=2, progress=False)
+    assert report["linear_predicted_dloss"] == linear
+    assert report["predicted_dloss"] == report["joint_predicted_dloss"] != linear
+    assert report["predicted_ppl_factor"] == pytest.approx(2.718281828459045 ** report["joint_predicted_dloss"])
+    assert "uniform_joint_predicted_dloss" in report and report["prediction"].startswith("joint")
+
+
+def test_relative_error_is_the_isotropic_noise_equivalent():
+    from pvq.solvers.hessian import relative_error
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g)
+    noise = 0.1 * torch.randn(64, 32, generator=g)
+    frob = relative_error(w, w + noise)
+    assert frob == pytest.approx(float(noise.pow(2).sum() / w.pow(2).sum()))
+    assert relative_error(w, w + noise, torch.eye(32, dtype=torch.float64)) == pytest.approx(frob)
+    # an error on the one input that is active costs 32x more than the same energy spread over all
+    h = torch.zeros(32, 32, dtype=torch.float64)
+    h[0, 0] = 1.0
+    d = torch.zeros(64, 32)
+    d[:, 0] = noise.pow(2).sum(1).sqrt()
+    assert relative_error(w, w + d, h) == pytest.approx(32 * frob)
+    assert relative_error(torch.zeros(4, 4), torch.ones(4, 4)) == 0.0
+    with pytest.raises(ValueError, match="one shape"):
+        relative_error(w, w[:, :8])
+
+
+def test_quantize_reports_each_layers_error():
+    from pvq import codec
+    from pvq.config import choose_spec
+
+    model = tiny_model("llama", intermediate_size=96)
+    cfg = QuantConfig(method="pvq", bits=3.0)
+    ref = model.model.layers[0].self_attn.q_proj.weight.detach().float().clone()
+    summary = api.quantize(model, cfg, progress=False)
+    errs = summary["layer_errors"]
+    assert len(errs) == 14 and all(0 < e < 0.2 for e in errs.values())
+    from pvq.api import layer_seeds
+    from pvq.nn import rotate_weight
+
+    w = rotate_weight(ref, layer_seeds(0, "model.layers.0.self_attn.q_proj", True))
+    w_hat = codec.quantize(w, choose_spec(cfg, *w.shape)).dequantize()
+    assert errs["model.layers.0.self_attn.q_proj"] == pytest.approx(float((w - w_hat).pow(2).sum() / w.pow(2).sum()), rel=1e-6)

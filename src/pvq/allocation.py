@@ -14,6 +14,14 @@
 
 The plan is a dict of per-layer settings (QuantConfig.overrides) plus a report: chosen setting,
 a_l, predicted contribution, against the uniform setting at the same budget.
+
+4. Prediction (`rehearse`): the linear sum is what the knapsack minimises, but it underestimates the
+   loss of a whole quantized model, more so at low rates: the layers' errors compound (SmolLM2,
+   pvq-gptq: the linear sum predicts 0.569 of the 0.731 loss increase measured at 2.25 bits,
+   0.141 of 0.156 at 3.25). The rehearsal injects Gaussian noise of each layer's planned
+   effective relative error into every layer at once (antithetic pairs, a few draws) and measures
+   the calibration loss: 0.751 and 0.156 for those two models. It is the reported prediction; the
+   linear sum stays in the report.
 """
 from __future__ import annotations
 
@@ -83,6 +91,84 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
             bar.update(1)
     bar.close()
     return out
+
+
+def _noise(shape, energy: float, seed: int) -> torch.Tensor:
+    """Gaussian noise with exactly the given squared norm (float32), from its own seeded generator."""
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return z.mul_(math.sqrt(energy / float(z.pow(2).sum())))
+
+
+@torch.no_grad()
+def rehearse(model, ids: torch.Tensor, rel: dict[str, float], draws: int = 3, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Mean calibration-loss increase when every layer in `rel` carries Gaussian noise of relative
+    energy rel[layer] (||N||^2 = rel * ||W||^2) at the same time.
+
+    Each draw runs W + N and W - N (antithetic: the first-order terms cancel in the mean); draws
+    use independent noise. The weights are restored exactly afterwards. Returns
+    {"dloss": mean, "draws": [per draw (up + down) / 2 - base], "base_loss": ...}.
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws!r}")
+    mods = {n: model.get_submodule(n) for n in rel}
+    for n, r in rel.items():
+        if not r >= 0:
+            raise ValueError(f"relative noise energy of {n} must be >= 0, got {r!r}")
+    hidden, kwargs = capture_block_inputs(model, ids)
+    base = _loss_from(model, 0, hidden, kwargs, ids)
+    keep = {n: m.weight.detach().clone() for n, m in mods.items()}
+    energy = {n: float(w.float().pow(2).sum()) for n, w in keep.items()}
+    out = []
+    bar = tqdm(total=2 * draws, desc="rehearse plan", disable=not progress, unit="forward")
+    try:
+        for d in range(draws):
+            pair = []
+            for sign in (1.0, -1.0):
+                for i, (n, m) in enumerate(mods.items()):
+                    z = _noise(keep[n].shape, rel[n] * energy[n], seed * 1_000_003 + d * 100_003 + i)
+                    m.weight.copy_((keep[n].float() + sign * z).to(m.weight.dtype))
+                pair.append(_loss_from(model, 0, hidden, kwargs, ids))
+                bar.update(1)
+            out.append(sum(pair) / 2 - base)
+    finally:
+        for n, m in mods.items():
+            m.weight.copy_(keep[n])
+        bar.close()
+    return {"dloss": sum(out) / len(out), "draws": out, "base_loss": base}
+
+
+def rehearse_plan(model, ids: torch.Tensor, report: dict, draws: int = 3, seed: int = 0, progress: bool = True) -> dict:
+    """Add the rehearsed prediction of the chosen plan and of the uniform setting to a plan() report
+    (in place; returned): the effective relative error of every layer as noise, all layers at once."""
+    layers = report["layers"]
+    chosen = rehearse(model, ids, {n: v["effective_err"] for n, v in layers.items()}, draws, seed, progress)
+    report["joint_predicted_dloss"] = chosen["dloss"]
+    report["joint_draws"] = chosen["draws"]
+    if all(v.get("uniform_effective_err") is not None for v in layers.values()):
+        uni = rehearse(model, ids, {n: v["uniform_effective_err"] for n, v in layers.items()}, draws, seed, progress)
+        report["uniform_joint_predicted_dloss"] = uni["dloss"]
+        report["uniform_predicted_dloss"] = uni["dloss"]
+        report["uniform_predicted_ppl_factor"] = math.exp(uni["dloss"])
+    report["predicted_dloss"] = chosen["dloss"]
+    report["predicted_ppl_factor"] = math.exp(chosen["dloss"])
+    report["prediction"] = f"joint noise rehearsal ({draws} antithetic draws)"
+    return report
+
+
+def add_measured(report: dict, errors: dict[str, float]) -> dict:
+    """Per layer, the relative error the quantizer actually left (`api.quantize`'s layer errors, the
+    same isotropic-equivalent measure as effective_err) and its contribution a_l * err, next to the
+    predicted ones (in place; returned)."""
+    total = 0.0
+    for n, v in report["layers"].items():
+        if n not in errors:
+            raise ValueError(f"no measured error for layer {n}")
+        v["measured_err"] = errors[n]
+        v["measured_contribution"] = max(v["a"], 0.0) * errors[n]
+        total += v["measured_contribution"]
+    report["measured_linear_dloss"] = total
+    return report
 
 
 @torch.no_grad()
@@ -182,6 +268,7 @@ def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0
         overrides[n] = spec_to_dict(o["spec"])
         layers[n] = {"a": sens[n]["a"], "setting": o["spec"].name, "bits_per_weight": o["bits"] / math.prod(shapes[n]),
                      "err": o["err"], "effective_err": eff(n, o), "predicted": a[n] * eff(n, o),
+                     "uniform_effective_err": None if u is None else eff(n, u),
                      "uniform_predicted": None if u is None else a[n] * eff(n, u)}
     pred = sum(v["predicted"] for v in layers.values())
     upred = sum(v["uniform_predicted"] or 0.0 for v in layers.values())
@@ -191,8 +278,11 @@ def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0
         "error_model": "pvq-gptq (data-free error x gptq error factor)" if factors is not None else "data-free",
         "floor_bits": None if floor is None else cfg.bits - floor,
         "rel_noise": sens.get("_rel_noise", rel_noise), "calib_tokens": sens.get("_tokens"), "base_loss": sens["_base_loss"],
+        "prediction": "linear (sum of a_l * err_l)",
         "predicted_dloss": pred, "predicted_ppl_factor": math.exp(pred),
         "uniform_predicted_dloss": upred, "uniform_predicted_ppl_factor": math.exp(upred),
+        "linear_predicted_dloss": pred, "linear_predicted_ppl_factor": math.exp(pred),
+        "uniform_linear_predicted_dloss": upred, "uniform_linear_predicted_ppl_factor": math.exp(upred),
         "layers": layers,
     }
     report["bits_per_weight"] = report["allocated_bits"] / weights
@@ -200,7 +290,8 @@ def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0
 
 
 def plot(report: dict, path) -> None:
-    """Bar chart: bits per weight chosen for every layer, and its predicted loss contribution."""
+    """Bar chart: bits per weight chosen for every layer, and its predicted (and, once quantized,
+    measured) loss contribution."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,8 +305,15 @@ def plot(report: dict, path) -> None:
     ax1.axhline(report["target_bits"], color="k", ls="--", lw=1, label=f"budget {report['target_bits']} bpw")
     ax1.set_ylabel("bits per weight")
     ax1.legend()
-    ax2.bar(range(len(names)), pred, color="C1")
-    ax2.set_ylabel("predicted loss increase")
+    x = torch.arange(len(names)).tolist()
+    if all("measured_contribution" in report["layers"][n] for n in names):
+        meas = [report["layers"][n]["measured_contribution"] for n in names]
+        ax2.bar([i - 0.2 for i in x], pred, width=0.4, color="C1", label="predicted a_l * err_l")
+        ax2.bar([i + 0.2 for i in x], meas, width=0.4, color="C2", label="measured a_l * err_l (after quantizing)")
+        ax2.legend()
+    else:
+        ax2.bar(x, pred, color="C1")
+    ax2.set_ylabel("loss increase (linear model)")
     ax2.set_xlabel("layer (blocks in order; q k v o gate up down)")
     fig.suptitle(f"allocation at {report['bits_per_weight']:.4f} bpw: predicted ppl x{report['predicted_ppl_factor']:.3f} "
                  f"(uniform x{report['uniform_predicted_ppl_factor']:.3f})")

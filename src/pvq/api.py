@@ -18,6 +18,7 @@ from . import codec
 from .config import FORMAT_VERSION, QuantConfig, choose_spec, spec_from_dict, spec_to_dict
 from .models.adapters import block_hessians, block_linears, blocks, capture_block_inputs, check_supported, run_block, set_module
 from .nn import NO_SEED, QuantLinear, rotate_hessian, rotate_weight
+from .solvers.hessian import relative_error
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -39,6 +40,9 @@ def _check_weight(name: str, w: torch.Tensor) -> None:
 def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, progress: bool = True) -> dict:
     """Quantize every linear of the transformer blocks of `model` in place. Returns a summary dict.
 
+    summary["layer_errors"]: per layer, the relative error the quantizer left
+    (solvers.hessian.relative_error, in the calibration Hessian's metric for gptq and pvq-gptq).
+
     calib_ids: LongTensor [nsamples, seqlen] of calibration tokens (needed by gptq and pvq-gptq).
     """
     check_supported(model)
@@ -53,6 +57,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
 
         hidden, kwargs = capture_block_inputs(model, calib_ids)
     per_layer = {}
+    errors = {}  # per layer: the relative error left, as isotropic-noise energy in the layer's metric
     bar = tqdm(total=len(layers) * 7, desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
     for i, block in enumerate(layers):
         linears = block_linears(block)
@@ -71,10 +76,14 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             w_rot = rotate_weight(w, seeds)
             if cfg.uses_data:
                 stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
-                _, packed = gptq(w_rot, rotate_hessian(hess[name], seeds[0]), stepper, damp=cfg.damp,
-                                 block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
+                h_rot = rotate_hessian(hess[name], seeds[0])
+                w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp,
+                                     block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
+                errors[full] = relative_error(w_rot, w_hat, h_rot)
+                del h_rot
             else:
                 packed = codec.quantize(w_rot, spec)
+                errors[full] = relative_error(w_rot, packed.dequantize(torch.float32))
             q = QuantLinear.from_packed(packed, seeds, mod.bias)
             set_module(block, name, q)
             per_layer[full] = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
@@ -97,6 +106,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         "achieved": dict(summary),
     }
     summary["seconds"] = time.time() - t0
+    summary["layer_errors"] = errors
     return summary
 
 

@@ -64,6 +64,9 @@ def _add_quantize(sub) -> None:
                         "and write them there (they do not depend on --bits: measure once, allocate many budgets)")
     p.add_argument("--allocate-floor", type=float, default=1.0,
                    help="with --allocate: no layer gets fewer than --bits minus this many bits per weight (default 1)")
+    p.add_argument("--allocate-draws", type=int, default=3,
+                   help="with --allocate: noise draws of the rehearsal that predicts the plan's loss (every layer noised "
+                        "at its planned error at once, W+N and W-N per draw; 0: report only the linear prediction)")
     p.add_argument("--allocate-noise", type=float, default=0.01,
                    help="relative energy of the noise injected per layer to measure its sensitivity (default 0.01)")
     _add_act_options(p, stored=True)
@@ -184,6 +187,8 @@ def cmd_quantize(args) -> int:
     _act_config(args)
     if args.allocate and args.allocate_floor < 0:
         raise ValueError(f"--allocate-floor must be >= 0, got {args.allocate_floor}")
+    if args.allocate and args.allocate_draws < 0:
+        raise ValueError(f"--allocate-draws must be >= 0, got {args.allocate_draws}")
     cfg = QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
                       group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order,
@@ -219,8 +224,8 @@ def cmd_quantize(args) -> int:
                 sens = json.loads(sens_file.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise ValueError(f"--sensitivities {sens_file}: not a readable JSON file ({exc})") from None
+        ids = calibration_batches(tok, text, args.allocate_samples, args.allocate_seqlen, cfg.seed + 1)
         if sens is None:
-            ids = calibration_batches(tok, text, args.allocate_samples, args.allocate_seqlen, cfg.seed + 1)
             sens = allocation.sensitivities(model, ids, args.allocate_noise, cfg.seed, progress=not args.no_progress)
             if sens_file is not None:
                 tmp = sens_file.with_name(sens_file.name + ".tmp")
@@ -237,7 +242,18 @@ def cmd_quantize(args) -> int:
             del calib
         overrides, report = allocation.plan(model, cfg, None, rates=rates, sens=sens, factors=factors,
                                             floor=args.allocate_floor)
+        if args.allocate_draws:
+            allocation.rehearse_plan(model, ids, report, args.allocate_draws, cfg.seed, progress=not args.no_progress)
+        del ids
         cfg = replace(cfg, overrides=overrides)
+        print(f"allocation: {report['bits_per_weight']:.4f} bpw, predicted ppl x{report['predicted_ppl_factor']:.3f} "
+              f"(uniform x{report['uniform_predicted_ppl_factor']:.3f}; {report['prediction']})")
+    if cfg.uses_data:
+        calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    summary = api.quantize(model, cfg, calib, progress=not args.no_progress)
+    if args.allocate:  # the report gets each layer's measured error next to the predicted one
+        allocation.add_measured(report, summary["layer_errors"])
         extra["allocation.json"] = json.dumps(report, indent=1).encode()
         try:
             import io as _io
@@ -247,12 +263,6 @@ def cmd_quantize(args) -> int:
             extra["allocation.png"] = buf.getvalue()
         except ImportError:  # matplotlib is optional (the bench extra)
             pass
-        print(f"allocation: {report['bits_per_weight']:.4f} bpw, predicted ppl x{report['predicted_ppl_factor']:.3f} "
-              f"(uniform x{report['uniform_predicted_ppl_factor']:.3f})")
-    if cfg.uses_data:
-        calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    summary = api.quantize(model, cfg, calib, progress=not args.no_progress)
     io.save(model, tok, out, overwrite=args.force, extra_files=extra)
     size = (out / io.WEIGHTS).stat().st_size
     rss = _peak_rss_mib()

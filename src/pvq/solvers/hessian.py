@@ -56,3 +56,30 @@ class HessianAccumulator:
         if self.count == 0 or self._sum is None:
             raise ValueError("HessianAccumulator.hessian(): no input rows were added")
         return self._sum / self.count
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None = None) -> float:
+    """The relative error of w_hat as the energy of isotropic noise that costs the layer as much.
+
+    Without h: ||w - w_hat||^2 / ||w||^2. With h = E[x x^T]: tr(D H D^T) * cols / (||w||^2 tr(H)),
+    D = w - w_hat. Gaussian noise N with ||N||^2 = r ||w||^2 has E tr(N H N^T) = r ||w||^2 tr(H) / cols,
+    so this is the r at which such noise does the same output damage, the unit in which
+    allocation.py measures sensitivities and predicts errors. Both in float64; 0 for a zero w.
+    """
+    if w.shape != w_hat.shape or w.dim() != 2:
+        raise ValueError(f"relative_error expects two matrices of one shape, got {tuple(w.shape)} and {tuple(w_hat.shape)}")
+    wd = w.detach().double()
+    d = wd - w_hat.detach().double()
+    energy = float(wd.pow(2).sum())
+    if energy == 0:
+        return 0.0
+    if h is None:
+        return float(d.pow(2).sum()) / energy
+    cols = w.shape[1]
+    if tuple(h.shape) != (cols, cols):
+        raise ValueError(f"relative_error: h must be [{cols}, {cols}], got {tuple(h.shape)}")
+    hd = h.detach().double()
+    trace = float(hd.diagonal().sum())
+    if trace <= 0:
+        return 0.0
+    return float(((d @ hd) * d).sum()) * cols / (energy * trace)
