@@ -24,7 +24,7 @@ from torch import nn
 from .codec import PackedPVQ, PackedUniform, PVQSpec, UniformSpec
 from .codec.gain import beta_codebook
 from .codec.gainshape import law_length
-from .runtime.decode import Decoder, rotate
+from .runtime.decode import Decoder, rotate, rotation_args
 from .transforms.hadamard import RandomHadamard
 
 NO_SEED = -1  # marks a side that is not rotated
@@ -156,7 +156,8 @@ class QuantLinear(nn.Module):
     def _prepared(self) -> dict:
         if self._state is None:
             r_in, r_out = rotations(self.out_features, self.in_features, self.seed_pair)
-            st = {"r_in": r_in, "r_out": r_out}
+            st = {"r_in": r_in, "r_out": r_out, "args_in": None if r_in is None else rotation_args(r_in),
+                  "args_out": None if r_out is None else rotation_args(r_out)}
             if self.decode == "on-the-fly":
                 st["decoder"] = Decoder(self.packed)
             self._state = st
@@ -190,7 +191,7 @@ class QuantLinear(nn.Module):
         if act is not None and not act.after_rotation:
             h = act(h)
         if st["r_in"] is not None:
-            h2 = rotate(st["r_in"], h)
+            h2 = rotate(st["r_in"], h, args=st["args_in"])
             h = st["r_in"].apply(h) if h2 is None else h2
         if act is not None and act.after_rotation:
             h = act.quantize(h)
@@ -200,7 +201,7 @@ class QuantLinear(nn.Module):
             w = self.rotated_weight()
             h = F.linear(h.to(w.dtype), w).float()
         if st["r_out"] is not None:
-            h2 = rotate(st["r_out"], h, inverse=True)
+            h2 = rotate(st["r_out"], h, inverse=True, args=st["args_out"])
             h = st["r_out"].apply_inverse(h) if h2 is None else h2
         if self.bias is not None:
             h = h + self.bias

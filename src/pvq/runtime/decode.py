@@ -38,6 +38,14 @@ class Decoder:
         else:
             self.scale = packed.scale.float().contiguous()  # [rows, groups]
             self.offset = packed.offset.float().contiguous()
+        # the kernel's leading arguments, built once (the tensors they point into live as long as self)
+        self._args = None
+        if self.lib is not None:
+            self._args = self._lut_args() if self.table is not None else self._pvq_args() if self.is_pvq else self._uni_args()
+            self._decode_fn = self.lib.lut_decode if self.table is not None else self.lib.pvq_decode if self.is_pvq \
+                else self.lib.uni_decode
+            self._gemv_fn = self.lib.lut_gemv if self.table is not None else self.lib.pvq_gemv if self.is_pvq \
+                else self.lib.uni_gemv
 
     @property
     def native(self) -> bool:
@@ -67,12 +75,7 @@ class Decoder:
         """Rows [r0, r1) of W' as float32 [r1 - r0, cols]."""
         if out is None:
             out = torch.empty(r1 - r0, self.cols, dtype=torch.float32)
-        if self.table is not None:
-            self.lib.lut_decode(*self._lut_args(), self.cols, r0, r1, out.data_ptr())
-        elif self.is_pvq:
-            self.lib.pvq_decode(*self._pvq_args(), self.cols, r0, r1, out.data_ptr())
-        else:
-            self.lib.uni_decode(*self._uni_args(), self.cols, r0, r1, out.data_ptr())
+        self._decode_fn(*self._args, self.cols, r0, r1, out.data_ptr())
         return out
 
     def dense(self) -> torch.Tensor:
@@ -89,12 +92,7 @@ class Decoder:
             return (h @ self.packed.dequantize(torch.float32).T).reshape(*lead, self.rows)
         out = torch.empty(t, self.rows, dtype=torch.float32)
         if t <= GEMV_TOKENS:
-            if self.table is not None:
-                self.lib.lut_gemv(*self._lut_args(), self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
-            elif self.is_pvq:
-                self.lib.pvq_gemv(*self._pvq_args(), self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
-            else:
-                self.lib.uni_gemv(*self._uni_args(), self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
+            self._gemv_fn(*self._args, self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
         else:
             block = torch.empty(min(ROW_BLOCK, self.rows), self.cols, dtype=torch.float32)
             for r0 in range(0, self.rows, ROW_BLOCK):
@@ -104,20 +102,28 @@ class Decoder:
         return out.reshape(*lead, self.rows)
 
 
-def rotate(r, x: torch.Tensor, inverse: bool = False) -> torch.Tensor | None:
+def rotation_args(r) -> tuple:
+    """The native kernel's arguments for rotation r: (m, p, signs pointer, small-factor pointer, the
+    float32 tensors they point into). Build once per layer and pass to rotate()."""
+    s, small, m, p = r.factors(torch.float32)
+    small = small.contiguous()
+    return (m, p, s.data_ptr(), small.data_ptr(), (s, small))
+
+
+def rotate(r, x: torch.Tensor, inverse: bool = False, args: tuple | None = None) -> torch.Tensor | None:
     """x @ R (or x @ R^T) for a RandomHadamard r and float32 x [..., dim] with a few rows, natively.
 
-    None when the kernel is unavailable or x has too many rows (the caller then uses r.apply)."""
+    args: rotation_args(r), kept by the caller (else built here). None when the kernel is
+    unavailable or x has too many rows (the caller then uses r.apply)."""
     lib = native.kernel()
     d = x.shape[-1]
     rows = x.numel() // d if d else 0
     if lib is None or rows > ROTATE_TOKENS or x.dtype != torch.float32:
         return None
-    s, small, m, p = r.factors(torch.float32)
-    small = small.contiguous()  # keep a reference: the kernel reads it after this line
+    if args is None:
+        args = rotation_args(r)
     xc = x.contiguous()
     out = torch.empty_like(xc)
-    tmp = torch.empty(d, dtype=torch.float32)
-    lib.rot_apply(xc.data_ptr(), out.data_ptr(), rows, m, p, s.data_ptr(), small.data_ptr(), int(inverse),
-                  tmp.data_ptr())
+    tmp = torch.empty(d, dtype=torch.float32)  # per call: ctypes releases the GIL, calls may overlap
+    lib.rot_apply(xc.data_ptr(), out.data_ptr(), rows, *args[:4], int(inverse), tmp.data_ptr())
     return out

@@ -11,9 +11,17 @@
  * pvq/runtime/native.py into one int64 "plan" array (nodes, offsets, counts) and one int8 array
  * (every point of the small leaf pyramids). A node at plan[p]:
  *   leaf:  [0, d, K, base_at, lut_at]        point j of P(d, k) is lut[lut_at + (base[k] + j) * d]
- *   split: [1, n, n1, K, first, second, offs_at, v2_at, rcp_at]
+ *   split: [1, n, n1, K, first, second, offs_at, v2_at, rcp_at, bucket_at]
  *          index = O(k, k1) + a * V(n2, k - k1) + b, O(k, .) = plan[offs_at + k * (K + 1) + .],
- *          rcp[j] = floor(2^64 / V(n2, j)) (2^64 - 1 for V = 1) turns the division into a multiply
+ *          rcp[j] = floor(2^64 / V(n2, j)) (2^64 - 1 for V = 1) turns the division into a multiply;
+ *          bucket_at: shifts [K + 1], then for each k 2^BUCKET_BITS starting values of the k1 search
+ *          as bytes (bucket index >> shift[k]: the largest k1 with O(k, k1) <= the bucket's first index)
+ * A leaf may also be a whole sub-pyramid tabulated in the split order (native.py, TABLE_NODE_BYTES).
+ * The gemv of the two layouts the picker uses most has its own loop (gemv_fixed): S1 = one split
+ * into two table rows (n = 12 at 2.25 bits: P(6, <= 10) tabulated), S2 = a split into two S1
+ * (n = 16 at 3.25 bits: leaves P(4, .)); with SSE4.1 the rows are widened and multiplied four
+ * lanes at a time, which is what made generation fast: the scalar int8 dot was the bottleneck
+ * (measured on a 2-core EPYC: n = 16 from 0.7 to 1.3 G weights/s per core, n = 12 from 0.9 to 1.6).
  * Codes are little-endian bit strings of `width` bits, one per group (bitpack.py); a PVQ code is
  * index * L + level. Everything is integer exact until the final float scaling, so a group decodes
  * to the same floats as the torch path (reconstruct(): scale * level * y / ||y||).
@@ -24,8 +32,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __SSE4_1__
+#include <immintrin.h>
+#endif
 
 #define MAXN 64
+#define BUCKET_BITS 10
 
 static inline uint64_t read_code(const uint8_t *buf, int64_t nbytes, int64_t i, int width, uint64_t mask) {
     int64_t bit = i * (int64_t)width;
@@ -58,6 +70,71 @@ static inline uint64_t divide(uint64_t n, uint64_t d, uint64_t rcp, uint64_t *re
     return q;
 }
 
+/* Two layouts cover the settings the picker uses, decoded with the leaf width d known at compile
+ * time: S1 = split(leaf d, leaf d) (e.g. n = 12 with tabulated P(6, .)), S2 = split(S1, S1)
+ * (n = 16: halves of 8 split into leaves of 4). Returns 0 for anything else (generic decoder). */
+static int layout_of(const int64_t *plan, int64_t top, int64_t *d) {
+    if (plan[top] != 1 || plan[top + 4] != plan[top + 5]) return 0;
+    int64_t c = plan[top + 4];
+    if (plan[c] == 0) { *d = plan[c + 1]; return 1; }
+    if (plan[c + 4] != plan[c + 5] || plan[plan[c + 4]] != 0) return 0;
+    *d = plan[plan[c + 4] + 1];
+    return 2;
+}
+
+/* A split node's tables as plain pointers, read once per call: the row loops then never reload the
+ * plan (int8 stores could alias it as far as the compiler knows). */
+typedef struct {
+    const int64_t *offs, *v2, *shifts;
+    const uint8_t *buckets;
+    const uint64_t *rcp;
+    int64_t K;
+} split_t;
+
+typedef struct {
+    const int64_t *base;
+    const int8_t *lut;
+} leaf_t;
+
+static split_t split_of(const int64_t *plan, int64_t p) {
+    split_t s;
+    s.K = plan[p + 3];
+    s.offs = plan + plan[p + 6];
+    s.v2 = plan + plan[p + 7];
+    s.rcp = (const uint64_t *)(plan + plan[p + 8]);
+    s.shifts = plan + plan[p + 9];
+    s.buckets = (const uint8_t *)(s.shifts + s.K + 1);
+    return s;
+}
+
+static leaf_t leaf_of(const int64_t *plan, const int8_t *lut, int64_t f) {
+    leaf_t l;
+    l.base = plan + plan[f + 3];
+    l.lut = lut + plan[f + 4];
+    return l;
+}
+
+/* idx of P(n, k) -> (k1, a, b): the halves' pulse count and indices */
+static inline __attribute__((always_inline)) uint64_t split_fast(const split_t *s, uint64_t idx, int64_t k, int64_t *k1_out,
+                                                                 uint64_t *b) {
+    const int64_t *offs = s->offs + k * (s->K + 1);
+    int64_t k1 = s->buckets[(k << BUCKET_BITS) + (int64_t)(idx >> s->shifts[k])];
+    while (k1 < k && offs[k1 + 1] <= (int64_t)idx) k1++;
+    int64_t k2 = k - k1;
+    *k1_out = k1;
+    return divide(idx - (uint64_t)offs[k1], (uint64_t)s->v2[k2], s->rcp[k2], b);
+}
+
+/* dot(y, x) and ||y||^2 of one leaf row of width D */
+static inline __attribute__((always_inline)) void leaf_dot(const leaf_t *l, int64_t k, uint64_t j, const int64_t D,
+                                                           const float *x, float *dot, int32_t *e) {
+    const int8_t *row = l->lut + (l->base[k] + (int64_t)j) * D;
+    for (int64_t t = 0; t < D; t++) {
+        *dot += (float)row[t] * x[t];
+        *e += (int32_t)row[t] * row[t];
+    }
+}
+
 static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint64_t idx, int64_t k, int8_t *out) {
     for (;;) {
         if (plan[p] == 0) {
@@ -69,10 +146,12 @@ static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint
         }
         int64_t n1 = plan[p + 2], K = plan[p + 3];
         const int64_t *offs = plan + plan[p + 6] + k * (K + 1);
-        /* k1 = the largest k1 <= k with offs[k1] <= idx: offsets increase strictly, so count them
-         * (branch-free; offsets and indices are below 2^63, signed compares are exact) */
-        int64_t k1 = 0;
-        for (int64_t j = 1; j <= k; j++) k1 += offs[j] <= (int64_t)idx;
+        /* k1 = the largest k1 <= k with offs[k1] <= idx (offsets increase strictly; they and the
+         * indices are below 2^63, so signed compares are exact): start from the bucket's k1, which
+         * is at most one or two boundaries short */
+        const int64_t *bk = plan + plan[p + 9];
+        int64_t k1 = ((const uint8_t *)(bk + K + 1))[(k << BUCKET_BITS) + (int64_t)(idx >> bk[k])];
+        while (k1 < k && offs[k1 + 1] <= (int64_t)idx) k1++;
         int64_t k2 = k - k1;
         uint64_t rest = idx - (uint64_t)offs[k1];
         uint64_t b;
@@ -136,6 +215,105 @@ void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8
     free(rinv);
 }
 
+/* pvq_gemv for layout S1/S2 with leaf width D (a compile-time constant after inlining), B <= 2. */
+static inline __attribute__((always_inline)) void gemv_fixed(
+        const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width, int64_t L,
+        int64_t k, const float *levels, const float *scales, int per_row, int64_t rows, int64_t cols, const float *x,
+        int64_t ldx, int64_t B, float *out, int64_t ldy, const float *rinv, const int layout, const int64_t D) {
+    const int64_t n = layout == 1 ? 2 * D : 4 * D;
+    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
+    int64_t groups = cols / n;
+    const split_t top_s = split_of(plan, top);
+    const int64_t child = plan[top + 4];
+    const split_t half_s = layout == 2 ? split_of(plan, child) : top_s;
+    const leaf_t leaf = leaf_of(plan, lut, layout == 2 ? plan[child + 4] : child);
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float s = scales[per_row ? r : 0];
+        float acc0 = 0.0f, acc1 = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            uint64_t lvl, idx = divide(read_code(codes, nbytes, r * groups + g, width, mask), (uint64_t)L, rcpL, &lvl);
+            const float *x0 = x + g * n, *x1 = x + ldx + g * n;
+            float d0 = 0.0f, d1 = 0.0f;
+            int32_t e = 0, e1 = 0;
+            int64_t k1;
+            uint64_t b, a = split_fast(&top_s, idx, k, &k1, &b);
+            if (layout == 1) {
+#ifdef __SSE4_1__
+                if (D == 6 && B == 1) {  /* two rows of 6 int8 (the table is padded: 8-byte loads are safe) */
+                    __m128i ra = _mm_loadl_epi64((const __m128i *)(leaf.lut + (leaf.base[k1] + (int64_t)a) * 6));
+                    __m128i rb = _mm_loadl_epi64((const __m128i *)(leaf.lut + (leaf.base[k - k1] + (int64_t)b) * 6));
+                    __m128i y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
+                                                 _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
+                    __m128i y0 = _mm_cvtepi8_epi32(y), y1 = _mm_cvtepi8_epi32(_mm_srli_si128(y, 4));
+                    __m128i y2 = _mm_cvtepi8_epi32(_mm_srli_si128(y, 8));
+                    __m128 pp = _mm_add_ps(_mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(y0), _mm_loadu_ps(x0)),
+                                                      _mm_mul_ps(_mm_cvtepi32_ps(y1), _mm_loadu_ps(x0 + 4))),
+                                           _mm_mul_ps(_mm_cvtepi32_ps(y2), _mm_loadu_ps(x0 + 8)));
+                    __m128i q = _mm_add_epi32(_mm_add_epi32(_mm_mullo_epi32(y0, y0), _mm_mullo_epi32(y1, y1)),
+                                              _mm_mullo_epi32(y2, y2));
+                    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
+                    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+                    pp = _mm_add_ps(pp, _mm_movehl_ps(pp, pp));
+                    pp = _mm_add_ss(pp, _mm_shuffle_ps(pp, pp, 0x55));
+                    acc0 += levels[lvl] * rinv[_mm_cvtsi128_si32(q)] * _mm_cvtss_f32(pp);
+                    continue;
+                }
+#endif
+                leaf_dot(&leaf, k1, a, D, x0, &d0, &e);
+                leaf_dot(&leaf, k - k1, b, D, x0 + D, &d0, &e);
+                if (B > 1) {
+                    leaf_dot(&leaf, k1, a, D, x1, &d1, &e1);
+                    leaf_dot(&leaf, k - k1, b, D, x1 + D, &d1, &e1);
+                }
+            } else {
+                int64_t ka, kb;
+                uint64_t a2, b2, a1 = split_fast(&half_s, a, k1, &ka, &a2);
+                uint64_t b1 = split_fast(&half_s, b, k - k1, &kb, &b2);
+#ifdef __SSE4_1__
+                if (D == 4 && B == 1) {  /* four leaf rows of 4 int8: one 4-wide lane each */
+                    int32_t w0, w1, w2, w3;
+                    memcpy(&w0, leaf.lut + (leaf.base[ka] + (int64_t)a1) * 4, 4);
+                    memcpy(&w1, leaf.lut + (leaf.base[k1 - ka] + (int64_t)a2) * 4, 4);
+                    memcpy(&w2, leaf.lut + (leaf.base[kb] + (int64_t)b1) * 4, 4);
+                    memcpy(&w3, leaf.lut + (leaf.base[k - k1 - kb] + (int64_t)b2) * 4, 4);
+                    __m128i y0 = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w0)), y1 = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w1));
+                    __m128i y2 = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w2)), y3 = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w3));
+                    __m128 p = _mm_add_ps(_mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(y0), _mm_loadu_ps(x0)),
+                                                     _mm_mul_ps(_mm_cvtepi32_ps(y1), _mm_loadu_ps(x0 + 4))),
+                                          _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(y2), _mm_loadu_ps(x0 + 8)),
+                                                     _mm_mul_ps(_mm_cvtepi32_ps(y3), _mm_loadu_ps(x0 + 12))));
+                    __m128i q = _mm_add_epi32(_mm_add_epi32(_mm_mullo_epi32(y0, y0), _mm_mullo_epi32(y1, y1)),
+                                              _mm_add_epi32(_mm_mullo_epi32(y2, y2), _mm_mullo_epi32(y3, y3)));
+                    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
+                    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+                    p = _mm_add_ps(p, _mm_movehl_ps(p, p));
+                    p = _mm_add_ss(p, _mm_shuffle_ps(p, p, 0x55));
+                    float f = levels[lvl] * rinv[_mm_cvtsi128_si32(q)];
+                    acc0 += f * _mm_cvtss_f32(p);
+                    continue;
+                }
+#endif
+                leaf_dot(&leaf, ka, a1, D, x0, &d0, &e);
+                leaf_dot(&leaf, k1 - ka, a2, D, x0 + D, &d0, &e);
+                leaf_dot(&leaf, kb, b1, D, x0 + 2 * D, &d0, &e);
+                leaf_dot(&leaf, k - k1 - kb, b2, D, x0 + 3 * D, &d0, &e);
+                if (B > 1) {
+                    leaf_dot(&leaf, ka, a1, D, x1, &d1, &e1);
+                    leaf_dot(&leaf, k1 - ka, a2, D, x1 + D, &d1, &e1);
+                    leaf_dot(&leaf, kb, b1, D, x1 + 2 * D, &d1, &e1);
+                    leaf_dot(&leaf, k - k1 - kb, b2, D, x1 + 3 * D, &d1, &e1);
+                }
+            }
+            float f = levels[lvl] * rinv[e];
+            acc0 += f * d0;
+            acc1 += f * d1;
+        }
+        out[r] = s * acc0;
+        if (B > 1) out[ldy + r] = s * acc1;
+    }
+}
+
 /* y[b * ldy + r] = sum_c W[r, c] * x[b * ldx + c] for b < B, r < rows */
 void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
               int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t rows,
@@ -143,6 +321,15 @@ void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t
     uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
     int64_t groups = cols / n;
     float *rinv = inverse_norms(k);
+    int64_t d = 0;
+    int layout = B <= 2 ? layout_of(plan, top, &d) : 0;
+#define FIXED(LAYOUT, D) gemv_fixed(plan, lut, top, codes, nbytes, width, L, k, levels, scales, per_row, rows, cols, x, \
+                                    ldx, B, out, ldy, rinv, LAYOUT, D)
+    if (layout == 1 && d == 6) { FIXED(1, 6); free(rinv); return; }
+    if (layout == 1 && d == 4) { FIXED(1, 4); free(rinv); return; }
+    if (layout == 2 && d == 4) { FIXED(2, 4); free(rinv); return; }
+    if (layout == 2 && d == 3) { FIXED(2, 3); free(rinv); return; }
+#undef FIXED
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         int8_t y[MAXN];

@@ -84,6 +84,43 @@ def kernel() -> ctypes.CDLL | None:
 
 
 MAX_N = 64  # kernel.c MAXN: the longest group the kernel decodes into its stack buffer
+# A sub-pyramid whose every point (all k' <= K) fits in this many bytes of int8 is decoded from one
+# table read instead of its own splits (e.g. P(6, <= 10) of the n=12 setting: 0.77 MiB).
+TABLE_NODE_BYTES = 1 << 20
+BUCKET_BITS = 10  # the k1 search of a split starts from a table of 2^10 buckets of the index range
+
+
+def _tabulate(node, K: int) -> tuple[torch.Tensor, list[int]] | None:
+    """Every point of P(node.n, k') for k' = 0..K in the split enumeration's own index order, as
+    int8 [rows, n], and the first row of each k'; None when that exceeds TABLE_NODE_BYTES."""
+    from ..codec.pyramid import count
+
+    sizes = [count(node.n, kk) for kk in range(K + 1)]
+    if sum(sizes) * node.n > TABLE_NODE_BYTES:
+        return None
+    rows = [enumeration._decode(node, torch.arange(v, dtype=torch.int64), kk) for kk, v in enumerate(sizes)]
+    base = [0]
+    for v in sizes[:-1]:
+        base.append(base[-1] + v)
+    return torch.cat(rows).to(torch.int8), base
+
+
+def _buckets(offs: list[list[int]], total: list[int]) -> tuple[list[int], list[int]]:
+    """For each k: the shift that maps an index of [0, total[k]) to one of at most 2^BUCKET_BITS buckets,
+    and for each bucket the k1 of its first index (the largest k1 with O(k, k1) <= bucket start), with
+    bit 7 set where more than one later boundary falls inside the bucket (the kernel then searches)."""
+    shifts, starts = [], []
+    nb = 1 << BUCKET_BITS
+    for kk, row in enumerate(offs):
+        sh = max(0, (max(total[kk] - 1, 1)).bit_length() - BUCKET_BITS)
+        shifts.append(sh)
+        k1 = 0
+        for b in range(nb):
+            lo = b << sh
+            while k1 < kk and row[k1 + 1] <= lo:
+                k1 += 1
+            starts.append(k1)
+    return shifts, starts
 
 
 @lru_cache(maxsize=32)
@@ -97,23 +134,30 @@ def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     lut_len = 0
     where: dict[int, int] = {}
 
-    def emit(node) -> int:
+    def leaf(node, d: int, K: int, lut: torch.Tensor, base: list[int]) -> int:
         nonlocal lut_len
+        at = len(words)
+        words.extend([0, d, K, 0, lut_len])
+        words[at + 3] = len(words)
+        words.extend(base)
+        luts.append(lut.reshape(-1))
+        lut_len += lut.numel()
+        where[id(node)] = at
+        return at
+
+    def emit(node) -> int:
         if id(node) in where:
             return where[id(node)]
         if isinstance(node, enumeration._Leaf):
             if node.lut.dtype != torch.int8:
                 raise OverflowError
-            at = len(words)
-            words.extend([0, node.d, node.base.numel() - 1, 0, lut_len])
-            words[at + 3] = len(words)
-            words.extend(node.base.tolist())
-            luts.append(node.lut.reshape(-1))
-            lut_len += node.lut.numel()
-            where[id(node)] = at
-            return at
+            return leaf(node, node.d, node.base.numel() - 1, node.lut, node.base.tolist())
+        if where:  # a sub-pyramid (never the top: its group index is the code itself) may be one table
+            tab = _tabulate(node, node.K)
+            if tab is not None:
+                return leaf(node, node.n, node.K, *tab)
         at = len(words)
-        words.extend([1, node.n, node.n1, node.K, 0, 0, 0, 0, 0])
+        words.extend([1, node.n, node.n1, node.K, 0, 0, 0, 0, 0, 0])
         where[id(node)] = at
         first = emit(node.first)
         second = emit(node.second)
@@ -127,6 +171,18 @@ def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         # floor(2^64 / v) as the int64 with the same bits (the kernel reads it unsigned)
         rcp = [(1 << 64) - 1 if v == 1 else (1 << 64) // v for v in v2]
         words.extend(r - (1 << 64) if r >= 1 << 63 else r for r in rcp)
+        # bucket tables for the k1 search: shifts [K + 1], then (K + 1) x 2^BUCKET_BITS starting k1
+        K = node.K
+        flat = node.offs.tolist()
+        offs = [flat[kk * (K + 1): kk * (K + 1) + kk + 1] for kk in range(K + 1)]
+        from ..codec.pyramid import count
+
+        shifts, starts = _buckets(offs, [count(node.n, kk) for kk in range(K + 1)])
+        words[at + 9] = len(words)
+        words.extend(shifts)
+        # the starting k1 (< 128) of every bucket as one byte, eight to a word (little-endian)
+        starts += [0] * (-len(starts) % 8)
+        words.extend(int.from_bytes(bytes(starts[j: j + 8]), "little", signed=True) for j in range(0, len(starts), 8))
         return at
 
     try:
@@ -134,7 +190,8 @@ def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     except OverflowError:
         return None
     assert top == 0
-    return torch.tensor(words, dtype=torch.int64), torch.cat(luts).contiguous()
+    # 16 bytes of padding: the kernel reads a leaf row of 6 with one 8-byte load
+    return torch.tensor(words, dtype=torch.int64), torch.cat([*luts, torch.zeros(16, dtype=torch.int8)]).contiguous()
 
 
 LUT_BYTES = 1 << 20  # a full table of P(n, k) is used up to this size (int8 points + float32 norms)
