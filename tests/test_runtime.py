@@ -131,3 +131,22 @@ def test_fast_layout_picks_table_decodable_settings():
         assert native.lut_bytes(fast.n, fast.k) <= native.LUT_BYTES < native.lut_bytes(compact.n, compact.k)
     with pytest.raises(ValueError, match="layout"):
         QuantConfig(layout="quick")
+
+
+def test_plan_tabulates_small_halves_and_buckets_every_split():
+    plan, lut = native.plan(12, 10)
+    words = plan.tolist()
+    assert words[0] == 1 and words[4] == words[5]  # the top split's two halves share one node ...
+    half = words[4]
+    assert words[half] == 0 and words[half + 1] == 6  # ... a table of every point of P(6, <= 10)
+    from pvq.codec.pyramid import count
+
+    assert lut.numel() >= sum(count(6, k) for k in range(11)) * 6
+    # the bucket table's starting k1 never overshoots: O(k, k1_start) <= the bucket's first index
+    K = words[3]
+    offs, shifts = words[words[6]:], words[words[9]:words[9] + K + 1]
+    starts = bytes(plan[words[9] + K + 1:].numpy().tobytes())
+    for k in range(K + 1):
+        for b in range(0, 1 << native.BUCKET_BITS, 97):
+            k1 = starts[(k << native.BUCKET_BITS) + b]
+            assert k1 <= k and offs[k * (K + 1) + k1] <= b << shifts[k]
