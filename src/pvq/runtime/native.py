@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..codec import enumeration
+from ..codec.pyramid import count
 
 SOURCE = Path(__file__).with_name("kernel.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
@@ -93,8 +94,6 @@ BUCKET_BITS = 10  # the k1 search of a split starts from a table of 2^10 buckets
 def _tabulate(node, K: int) -> tuple[torch.Tensor, list[int]] | None:
     """Every point of P(node.n, k') for k' = 0..K in the split enumeration's own index order, as
     int8 [rows, n], and the first row of each k'; None when that exceeds TABLE_NODE_BYTES."""
-    from ..codec.pyramid import count
-
     sizes = [count(node.n, kk) for kk in range(K + 1)]
     if sum(sizes) * node.n > TABLE_NODE_BYTES:
         return None
@@ -107,8 +106,7 @@ def _tabulate(node, K: int) -> tuple[torch.Tensor, list[int]] | None:
 
 def _buckets(offs: list[list[int]], total: list[int]) -> tuple[list[int], list[int]]:
     """For each k: the shift that maps an index of [0, total[k]) to one of at most 2^BUCKET_BITS buckets,
-    and for each bucket the k1 of its first index (the largest k1 with O(k, k1) <= bucket start), with
-    bit 7 set where more than one later boundary falls inside the bucket (the kernel then searches)."""
+    and for each bucket the k1 of its first index (the largest k1 with O(k, k1) <= bucket start)."""
     shifts, starts = [], []
     nb = 1 << BUCKET_BITS
     for kk, row in enumerate(offs):
@@ -175,8 +173,6 @@ def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         K = node.K
         flat = node.offs.tolist()
         offs = [flat[kk * (K + 1): kk * (K + 1) + kk + 1] for kk in range(K + 1)]
-        from ..codec.pyramid import count
-
         shifts, starts = _buckets(offs, [count(node.n, kk) for kk in range(K + 1)])
         words[at + 9] = len(words)
         words.extend(shifts)
