@@ -150,3 +150,16 @@ def test_plan_tabulates_small_halves_and_buckets_every_split():
         for b in range(0, 1 << native.BUCKET_BITS, 97):
             k1 = starts[(k << native.BUCKET_BITS) + b]
             assert k1 <= k and offs[k * (K + 1) + k1] <= b << shifts[k]
+
+
+@needs_native
+def test_corrupt_codes_are_refused_before_the_kernel_reads_them():
+    spec = PVQSpec(12, 10, 5, scale="tensor")
+    packed = quantize(_w(8, 48), spec)
+    Decoder(packed)  # valid codes pass
+    from pvq.codec.pyramid import count
+
+    assert count(12, 10) * 5 < 2 ** spec.code_bits  # the all-ones code is out of range
+    packed.codes[:] = 0xFF
+    with pytest.raises(ValueError, match="corrupt"):
+        Decoder(packed)

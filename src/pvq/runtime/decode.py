@@ -38,6 +38,16 @@ class Decoder:
         else:
             self.scale = packed.scale.float().contiguous()  # [rows, groups]
             self.offset = packed.offset.float().contiguous()
+        if self.is_pvq and self.lib is not None:
+            from ..codec.pyramid import count
+
+            s = packed.spec
+            groups = self.rows * self.cols // s.n
+            bad = self.lib.pvq_check_codes(packed.codes.data_ptr(), packed.codes.numel(), s.code_bits, s.gain_levels,
+                                           count(s.n, s.k), groups)
+            if bad >= 0:
+                raise ValueError(f"packed {s.name} codes of a {self.rows}x{self.cols} layer: group {bad} holds a shape "
+                                 f"index >= V({s.n}, {s.k}); the codes are corrupt")
         # the kernel's leading arguments, built once (the tensors they point into live as long as self)
         self._args = None
         if self.lib is not None:

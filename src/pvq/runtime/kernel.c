@@ -180,6 +180,15 @@ static inline void pvq_shape(const int64_t *plan, const int8_t *lut, int64_t top
     decode_shape(plan, lut, top, idx, k, y);
 }
 
+/* The first group whose shape index (code / L) is not below V, or -1: a code out of range would
+ * send the decoders outside their tables, so Decoder checks every code once before using them. */
+int64_t pvq_check_codes(const uint8_t *codes, int64_t nbytes, int width, int64_t L, uint64_t V, int64_t groups) {
+    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1);
+    for (int64_t g = 0; g < groups; g++)
+        if (read_code(codes, nbytes, g, width, mask) / (uint64_t)L >= V) return g;
+    return -1;
+}
+
 /* 1 / ||y|| for every energy ||y||^2 <= k^2 a shape of k pulses can have (rinv[0] = 0) */
 static float *inverse_norms(int64_t k) {
     float *rinv = (float *)malloc(sizeof(float) * (size_t)(k * k + 1));

@@ -77,6 +77,8 @@ def kernel() -> ctypes.CDLL | None:
     dll.lut_gemv.argtypes = [p, i64, i32, i64, p, p, i64, p, p, i32, i64, i64, p, i64, i64, p, i64]
     dll.lut_decode.argtypes = [p, i64, i32, i64, p, p, i64, p, p, i32, i64, i64, i64, p]
     dll.act_pvq_shapes.argtypes = [p, p, p, i64, i64, i64]
+    dll.pvq_check_codes.argtypes = [p, i64, i32, i64, ctypes.c_uint64, i64]
+    dll.pvq_check_codes.restype = i64
     for f in (dll.pvq_decode, dll.pvq_gemv, dll.uni_decode, dll.uni_gemv, dll.rot_apply, dll.lut_gemv, dll.lut_decode,
               dll.act_pvq_shapes):
         f.restype = None
