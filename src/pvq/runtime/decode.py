@@ -38,24 +38,37 @@ class Decoder:
         else:
             self.scale = packed.scale.float().contiguous()  # [rows, groups]
             self.offset = packed.offset.float().contiguous()
-        if self.is_pvq and self.lib is not None:
-            from ..codec.pyramid import count
-
-            s = packed.spec
-            groups = self.rows * self.cols // s.n
-            bad = self.lib.pvq_check_codes(packed.codes.data_ptr(), packed.codes.numel(), s.code_bits, s.gain_levels,
-                                           count(s.n, s.k), groups)
-            if bad >= 0:
-                raise ValueError(f"packed {s.name} codes of a {self.rows}x{self.cols} layer: group {bad} holds a shape "
-                                 f"index >= V({s.n}, {s.k}); the codes are corrupt")
-        # the kernel's leading arguments, built once (the tensors they point into live as long as self)
-        self._args = None
         if self.lib is not None:
-            self._args = self._lut_args() if self.table is not None else self._pvq_args() if self.is_pvq else self._uni_args()
-            self._decode_fn = self.lib.lut_decode if self.table is not None else self.lib.pvq_decode if self.is_pvq \
-                else self.lib.uni_decode
-            self._gemv_fn = self.lib.lut_gemv if self.table is not None else self.lib.pvq_gemv if self.is_pvq \
-                else self.lib.uni_gemv
+            # the kernel's leading arguments and entry points, chosen once (the tensors the pointers
+            # point into live as long as self)
+            p = packed
+            if self.is_pvq:
+                s = p.spec
+                self._check_codes()
+                tail = (self.levels.data_ptr(), self.scales.data_ptr(), int(self.scales.numel() > 1))
+                if self.table is not None:
+                    self._args = (p.codes.data_ptr(), p.codes.numel(), s.code_bits, s.gain_levels,
+                                  self.table[0].data_ptr(), self.table[1].data_ptr(), s.n, *tail)
+                    self._decode_fn, self._gemv_fn = self.lib.lut_decode, self.lib.lut_gemv
+                else:
+                    self._args = (self.plan[0].data_ptr(), self.plan[1].data_ptr(), 0, p.codes.data_ptr(),
+                                  p.codes.numel(), s.code_bits, s.gain_levels, s.n, s.k, *tail)
+                    self._decode_fn, self._gemv_fn = self.lib.pvq_decode, self.lib.pvq_gemv
+            else:
+                self._args = (p.codes.data_ptr(), p.codes.numel(), p.spec.bits, self.scale.data_ptr(),
+                              self.offset.data_ptr(), p.spec.group_size)
+                self._decode_fn, self._gemv_fn = self.lib.uni_decode, self.lib.uni_gemv
+
+    def _check_codes(self) -> None:
+        """Refuse codes whose shape index is >= V(n, k): the kernel would read outside its tables."""
+        from ..codec.pyramid import count
+
+        p, s = self.packed, self.packed.spec
+        bad = self.lib.pvq_check_codes(p.codes.data_ptr(), p.codes.numel(), s.code_bits, s.gain_levels,
+                                       count(s.n, s.k), self.rows * self.cols // s.n)
+        if bad >= 0:
+            raise ValueError(f"packed {s.name} codes of a {self.rows}x{self.cols} layer: group {bad} holds a shape "
+                             f"index >= V({s.n}, {s.k}); the codes are corrupt")
 
     @property
     def native(self) -> bool:
@@ -65,21 +78,6 @@ class Decoder:
         """Bytes this decoder keeps besides the packed buffers (float copies of scales/levels)."""
         t = [self.levels, self.scales] if self.is_pvq else [self.scale, self.offset]
         return sum(x.numel() * x.element_size() for x in t)
-
-    def _pvq_args(self):
-        p, s = self.packed, self.packed.spec
-        return (self.plan[0].data_ptr(), self.plan[1].data_ptr(), 0, p.codes.data_ptr(), p.codes.numel(), s.code_bits,
-                s.gain_levels, s.n, s.k, self.levels.data_ptr(), self.scales.data_ptr(), int(self.scales.numel() > 1))
-
-    def _lut_args(self):
-        p, s = self.packed, self.packed.spec
-        return (p.codes.data_ptr(), p.codes.numel(), s.code_bits, s.gain_levels, self.table[0].data_ptr(),
-                self.table[1].data_ptr(), s.n, self.levels.data_ptr(), self.scales.data_ptr(), int(self.scales.numel() > 1))
-
-    def _uni_args(self):
-        p = self.packed
-        return (p.codes.data_ptr(), p.codes.numel(), p.spec.bits, self.scale.data_ptr(), self.offset.data_ptr(),
-                p.spec.group_size)
 
     def decode_rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [r0, r1) of W' as float32 [r1 - r0, cols]."""

@@ -96,7 +96,7 @@ typedef struct {
     const int8_t *lut;
 } leaf_t;
 
-static split_t split_of(const int64_t *plan, int64_t p) {
+static inline split_t split_of(const int64_t *plan, int64_t p) {
     split_t s;
     s.K = plan[p + 3];
     s.offs = plan + plan[p + 6];
@@ -114,7 +114,9 @@ static leaf_t leaf_of(const int64_t *plan, const int8_t *lut, int64_t f) {
     return l;
 }
 
-/* idx of P(n, k) -> (k1, a, b): the halves' pulse count and indices */
+/* idx of P(n, k) -> (k1, a, b): the halves' pulse count and indices. k1 is the largest k1 <= k with
+ * O(k, k1) <= idx (offsets increase strictly; they and the indices are below 2^63, so signed
+ * compares are exact): the search starts from the bucket's k1, rarely more than one boundary short. */
 static inline __attribute__((always_inline)) uint64_t split_fast(const split_t *s, uint64_t idx, int64_t k, int64_t *k1_out,
                                                                  uint64_t *b) {
     const int64_t *offs = s->offs + k * (s->K + 1);
@@ -144,18 +146,10 @@ static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint
             for (int64_t j = 0; j < d; j++) out[j] = row[j];
             return;
         }
-        int64_t n1 = plan[p + 2], K = plan[p + 3];
-        const int64_t *offs = plan + plan[p + 6] + k * (K + 1);
-        /* k1 = the largest k1 <= k with offs[k1] <= idx (offsets increase strictly; they and the
-         * indices are below 2^63, so signed compares are exact): start from the bucket's k1, which
-         * is at most one or two boundaries short */
-        const int64_t *bk = plan + plan[p + 9];
-        int64_t k1 = ((const uint8_t *)(bk + K + 1))[(k << BUCKET_BITS) + (int64_t)(idx >> bk[k])];
-        while (k1 < k && offs[k1 + 1] <= (int64_t)idx) k1++;
+        int64_t n1 = plan[p + 2], k1;
+        const split_t sp = split_of(plan, p);
+        uint64_t b, a = split_fast(&sp, idx, k, &k1, &b);
         int64_t k2 = k - k1;
-        uint64_t rest = idx - (uint64_t)offs[k1];
-        uint64_t b;
-        uint64_t a = divide(rest, (uint64_t)plan[plan[p + 7] + k2], (uint64_t)plan[plan[p + 8] + k2], &b);
         int64_t f = plan[p + 4];
         if (plan[f] == 0) {  /* a leaf first half (the common case): copy its row, no call */
             int64_t d = plan[f + 1];
@@ -224,6 +218,17 @@ void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8
     free(rinv);
 }
 
+#ifdef __SSE4_1__
+/* A group's contribution level * <y, x> / ||y|| from the lane sums p = y * x and q = y * y. */
+static inline __attribute__((always_inline)) float lanes_to_group(__m128 p, __m128i q, float level, const float *rinv) {
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+    p = _mm_add_ps(p, _mm_movehl_ps(p, p));
+    p = _mm_add_ss(p, _mm_shuffle_ps(p, p, 0x55));
+    return level * rinv[_mm_cvtsi128_si32(q)] * _mm_cvtss_f32(p);
+}
+#endif
+
 /* pvq_gemv for layout S1/S2 with leaf width D (a compile-time constant after inlining), B <= 2. */
 static inline __attribute__((always_inline)) void gemv_fixed(
         const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width, int64_t L,
@@ -261,11 +266,7 @@ static inline __attribute__((always_inline)) void gemv_fixed(
                                            _mm_mul_ps(_mm_cvtepi32_ps(y2), _mm_loadu_ps(x0 + 8)));
                     __m128i q = _mm_add_epi32(_mm_add_epi32(_mm_mullo_epi32(y0, y0), _mm_mullo_epi32(y1, y1)),
                                               _mm_mullo_epi32(y2, y2));
-                    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
-                    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
-                    pp = _mm_add_ps(pp, _mm_movehl_ps(pp, pp));
-                    pp = _mm_add_ss(pp, _mm_shuffle_ps(pp, pp, 0x55));
-                    acc0 += levels[lvl] * rinv[_mm_cvtsi128_si32(q)] * _mm_cvtss_f32(pp);
+                    acc0 += lanes_to_group(pp, q, levels[lvl], rinv);
                     continue;
                 }
 #endif
@@ -294,12 +295,7 @@ static inline __attribute__((always_inline)) void gemv_fixed(
                                                      _mm_mul_ps(_mm_cvtepi32_ps(y3), _mm_loadu_ps(x0 + 12))));
                     __m128i q = _mm_add_epi32(_mm_add_epi32(_mm_mullo_epi32(y0, y0), _mm_mullo_epi32(y1, y1)),
                                               _mm_add_epi32(_mm_mullo_epi32(y2, y2), _mm_mullo_epi32(y3, y3)));
-                    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
-                    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
-                    p = _mm_add_ps(p, _mm_movehl_ps(p, p));
-                    p = _mm_add_ss(p, _mm_shuffle_ps(p, p, 0x55));
-                    float f = levels[lvl] * rinv[_mm_cvtsi128_si32(q)];
-                    acc0 += f * _mm_cvtss_f32(p);
+                    acc0 += lanes_to_group(p, q, levels[lvl], rinv);
                     continue;
                 }
 #endif
