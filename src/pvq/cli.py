@@ -224,7 +224,9 @@ def cmd_quantize(args) -> int:
                 sens = json.loads(sens_file.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise ValueError(f"--sensitivities {sens_file}: not a readable JSON file ({exc})") from None
-        ids = calibration_batches(tok, text, args.allocate_samples, args.allocate_seqlen, cfg.seed + 1)
+        # the windows the sensitivities are measured on and the plan is rehearsed on
+        ids = (calibration_batches(tok, text, args.allocate_samples, args.allocate_seqlen, cfg.seed + 1)
+               if sens is None or args.allocate_draws else None)
         if sens is None:
             sens = allocation.sensitivities(model, ids, args.allocate_noise, cfg.seed, progress=not args.no_progress)
             if sens_file is not None:
