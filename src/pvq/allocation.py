@@ -59,6 +59,11 @@ def _loss_from(model, start: int, hidden: torch.Tensor, kwargs: dict, ids: torch
     return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
 
+def _to_energy(z: torch.Tensor, energy: float) -> torch.Tensor:
+    """z scaled in place to squared norm `energy` (noise of an exact relative size)."""
+    return z.mul_(math.sqrt(energy / float(z.pow(2).sum())))
+
+
 @torch.no_grad()
 def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int = 0, progress: bool = True) -> dict:
     """{layer name: {"a": dloss / rel_noise, "dloss": ...}} for every quantizable linear, plus "_base_loss"."""
@@ -74,8 +79,8 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
         for name in LINEARS:
             w = block.get_submodule(name).weight
             keep = w.detach().clone()
-            noise = torch.randn(w.shape, generator=g, dtype=torch.float32)
-            noise *= math.sqrt(rel_noise * float(keep.float().pow(2).sum()) / float(noise.pow(2).sum()))
+            noise = _to_energy(torch.randn(w.shape, generator=g, dtype=torch.float32),
+                               rel_noise * float(keep.float().pow(2).sum()))
             # antithetic pair W + N, W - N: the first-order term g.N cancels in the mean, leaving the
             # curvature term the linearity model is about (one-sided probes of a small N are dominated
             # by g.N and came out negative for 47 of the 210 SmolLM2 layers)
@@ -95,8 +100,7 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
 
 def _noise(shape, energy: float, seed: int) -> torch.Tensor:
     """Gaussian noise with exactly the given squared norm (float32), from its own seeded generator."""
-    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    return z.mul_(math.sqrt(energy / float(z.pow(2).sum())))
+    return _to_energy(torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32), energy)
 
 
 @torch.no_grad()
