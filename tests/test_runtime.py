@@ -163,3 +163,86 @@ def test_corrupt_codes_are_refused_before_the_kernel_reads_them():
     packed.codes[:] = 0xFF
     with pytest.raises(ValueError, match="corrupt"):
         Decoder(packed)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cols", [7, 100])
+def test_dense16_gemv_is_the_float32_product_of_the_stored_matrix(dtype, cols):
+    from pvq.runtime.dense import KINDS
+
+    w = _w(37, cols).to(dtype)
+    # zeros, signs, fp16 subnormals and the largest values in the scalar tail too (the widening there is by hand)
+    w[:, -4:] = torch.tensor([0.0, -3e-7, 6e-5, -6.5e4 if dtype == torch.float16 else -3e38]).to(dtype)
+    x = _w(3, cols, seed=1)
+    out = torch.empty(3, 37)
+    native.kernel().dense16_gemv(w.data_ptr(), KINDS[dtype], 37, cols, x.data_ptr(), cols, 3, out.data_ptr(), 37)
+    ref = x.double() @ w.double().T
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_loaded_models_keep_embeddings_and_head_in_the_stored_dtype(tmp_path, tied):
+    from pvq.runtime.dense import StoredEmbedding, StoredHead
+
+    model = tiny_model("llama", intermediate_size=96, tie_word_embeddings=tied)
+    api.quantize(model, QuantConfig(method="pvq", bits=3.25), progress=False)
+    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    for decode in ("once", "on-the-fly"):
+        fly, _ = pvq.load(out, decode=decode)
+        emb, head = fly.get_input_embeddings(), fly.get_output_embeddings()
+        assert isinstance(emb, StoredEmbedding) and isinstance(head, StoredHead)
+        assert emb.weight.dtype == head.weight.dtype == torch.float16
+        assert (emb.weight is head.weight) == tied
+        assert fly.dtype == torch.float32 and "model.embed_tokens.weight" not in dict(fly.named_parameters())
+        with torch.no_grad():
+            for t in (1, 12):  # one token: the native 16-bit head; many: blocks widened to float32
+                torch.testing.assert_close(fly(ids[:, :t]).logits, model(ids[:, :t]).logits, rtol=1e-5, atol=1e-5)
+    # converting the model changes what it computes in, never the stored bits (and a tied pair stays one tensor)
+    fly.to(torch.bfloat16)
+    assert emb.weight.dtype == torch.float16 and (emb.weight is head.weight) == tied
+    with torch.no_grad():
+        logits = fly(ids).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), model(ids).logits, rtol=0.05, atol=0.05)
+    # a loaded model saves to the same tensors
+    again = io.save(fly.to(torch.float32), None, tmp_path / "again")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / io.WEIGHTS)), load_file(str(again / io.WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+_SIMD_CHECK = """
+import torch
+from pvq.codec import PVQSpec, quantize
+from pvq.runtime import native
+from pvq.runtime.decode import Decoder
+from pvq.runtime.dense import KINDS
+assert native.kernel() is not None, native.kernel_error()
+g = torch.Generator().manual_seed(0)
+for spec in [PVQSpec(12, 10, 5, scale="tensor"), PVQSpec(16, 29, 7), PVQSpec(8, 12, 3), PVQSpec(12, 44, 17)]:
+    packed = quantize(torch.randn(37, 96, generator=g), spec)
+    ref = packed.dequantize(torch.float32)
+    for tokens in (1, 2):
+        x = torch.randn(tokens, 96, generator=g)
+        torch.testing.assert_close(Decoder(packed).matmul(x), x @ ref.T, rtol=1e-4, atol=1e-4)
+w, x, out = torch.randn(37, 100, generator=g).half(), torch.randn(1, 100, generator=g), torch.empty(1, 37)
+native.kernel().dense16_gemv(w.data_ptr(), KINDS[w.dtype], 37, 100, x.data_ptr(), 100, 1, out.data_ptr(), 37)
+torch.testing.assert_close(out, x @ w.float().T, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("cflags", ["-mno-avx512f", "-mno-sse4.1 -mno-avx -mno-avx2 -mno-avx512f"])
+def test_kernel_paths_for_older_cpus_match_the_torch_decoder(tmp_path, cflags):
+    """The SSE4.1 and plain-C paths of the fixed layouts (this machine may only ever run its best one)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PVQ_CFLAGS": cflags, "PVQ_CACHE": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", _SIMD_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 from . import codec
 from .config import FORMAT_VERSION, QuantConfig, choose_spec, spec_from_dict, spec_to_dict
 from .models.adapters import block_hessians, block_linears, blocks, capture_block_inputs, check_supported, run_block, set_module
+from .io import DENSE_DTYPES
 from .nn import NO_SEED, QuantLinear, rotate_hessian, rotate_weight
 from .solvers.hessian import relative_error
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def layer_seeds(seed: int, name: str, rotate: bool) -> tuple[int, int]:
@@ -93,7 +93,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             hidden = run_block(block, hidden, kwargs)  # the quantized block's outputs feed the next block
         release_memory()
     bar.close()
-    _round_dense(model, DTYPES[cfg.dense_dtype])
+    _round_dense(model, DENSE_DTYPES[cfg.dense_dtype])
     summary = summarize(per_layer)
     if cfg.abits is not None:  # the in-memory model runs as the saved one will
         from .actquant import ActConfig, attach, bits_per_activation

@@ -19,6 +19,9 @@ import torch
 from .config import FORMAT_VERSION, spec_from_dict
 from .models.adapters import check_supported, set_module
 from .nn import QuantLinear, check_decode
+from .runtime.dense import keep_stored
+
+DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -42,7 +45,7 @@ def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False, extra_f
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[qc["config"]["dense_dtype"]]
+    dtype = DENSE_DTYPES[qc["config"]["dense_dtype"]]
     quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     tensors: dict[str, torch.Tensor] = {}
     seen = {}
@@ -138,7 +141,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "on
     """Load a pvq directory: (model with QuantLinear layers, tokenizer or None if the directory has none).
 
     decode="once" decodes every quantized linear on first use and keeps it (in `weight_dtype`,
-    default `dtype`); decode="on-the-fly" keeps only the packed codes resident (nn.py)."""
+    default `dtype`); decode="on-the-fly" keeps only the packed codes resident (nn.py). The embeddings
+    and head stay in the file's 16-bit dtype and are widened where used (runtime/dense.py)."""
     check_decode(decode)
     weight_dtype = weight_dtype or dtype
     from safetensors import SafetensorError
@@ -172,6 +176,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "on
         raise PVQFormatError(f"{wf}: tensors missing: {', '.join(missing[:5])}")
     if tied:
         model.tie_weights()
+    keep_stored(model, DENSE_DTYPES.get(qc.get("config", {}).get("dense_dtype")))  # embeddings and head stay 16-bit
     model.config.quantization_config = qc
     attach_activations(model, qc, str(p / "config.json"))
     tokenizer = None

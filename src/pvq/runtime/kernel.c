@@ -17,11 +17,12 @@
  *          bucket_at: shifts [K + 1], then for each k 2^BUCKET_BITS starting values of the k1 search
  *          as bytes (bucket index >> shift[k]: the largest k1 with O(k, k1) <= the bucket's first index)
  * A leaf may also be a whole sub-pyramid tabulated in the split order (native.py, TABLE_NODE_BYTES).
- * The gemv of the two layouts the picker uses most has its own loop (gemv_fixed): S1 = one split
+ * The gemv of the two layouts the picker uses most has its own loop (gemv_row): S1 = one split
  * into two table rows (n = 12 at 2.25 bits: P(6, <= 10) tabulated), S2 = a split into two S1
- * (n = 16 at 3.25 bits: leaves P(4, .)); with SSE4.1 the rows are widened and multiplied four
- * lanes at a time, which is what made generation fast: the scalar int8 dot was the bottleneck
- * (measured on a 2-core EPYC: n = 16 from 0.7 to 1.3 G weights/s per core, n = 12 from 0.9 to 1.6).
+ * (n = 16 at 3.25 bits: leaves P(4, .)). It decodes a row in passes over chunks of groups (codes, top
+ * splits, half splits, then the dot products with SIMD int8 widening) and is compiled once per layout
+ * (measured on a 2-core EPYC, one core, G weights/s: n = 16 0.7 scalar fused loop -> 1.25 with SSE4.1
+ * widening -> 1.76 in passes; n = 12 0.9 -> 1.6 -> 2.15).
  * Codes are little-endian bit strings of `width` bits, one per group (bitpack.py); a PVQ code is
  * index * L + level. Everything is integer exact until the final float scaling, so a group decodes
  * to the same floats as the torch path (reconstruct(): scale * level * y / ||y||).
@@ -218,104 +219,142 @@ void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8
     free(rinv);
 }
 
-#ifdef __SSE4_1__
-/* A group's contribution level * <y, x> / ||y|| from the lane sums p = y * x and q = y * y. */
-static inline __attribute__((always_inline)) float lanes_to_group(__m128 p, __m128i q, float level, const float *rinv) {
-    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
-    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
-    p = _mm_add_ps(p, _mm_movehl_ps(p, p));
-    p = _mm_add_ss(p, _mm_shuffle_ps(p, p, 0x55));
-    return level * rinv[_mm_cvtsi128_si32(q)] * _mm_cvtss_f32(p);
-}
-#endif
-
-/* pvq_gemv for layout S1/S2 with leaf width D (a compile-time constant after inlining), B <= 2. */
-static inline __attribute__((always_inline)) void gemv_fixed(
-        const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width, int64_t L,
-        int64_t k, const float *levels, const float *scales, int per_row, int64_t rows, int64_t cols, const float *x,
-        int64_t ldx, int64_t B, float *out, int64_t ldy, const float *rinv, const int layout, const int64_t D) {
-    const int64_t n = layout == 1 ? 2 * D : 4 * D;
-    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
-    int64_t groups = cols / n;
-    const split_t top_s = split_of(plan, top);
-    const int64_t child = plan[top + 4];
-    const split_t half_s = layout == 2 ? split_of(plan, child) : top_s;
-    const leaf_t leaf = leaf_of(plan, lut, layout == 2 ? plan[child + 4] : child);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        float s = scales[per_row ? r : 0];
-        float acc0 = 0.0f, acc1 = 0.0f;
-        for (int64_t g = 0; g < groups; g++) {
-            uint64_t lvl, idx = divide(read_code(codes, nbytes, r * groups + g, width, mask), (uint64_t)L, rcpL, &lvl);
-            const float *x0 = x + g * n, *x1 = x + ldx + g * n;
-            float d0 = 0.0f, d1 = 0.0f;
-            int32_t e = 0, e1 = 0;
-            int64_t k1;
-            uint64_t b, a = split_fast(&top_s, idx, k, &k1, &b);
-            if (layout == 1) {
-#ifdef __SSE4_1__
-                if (D == 6 && B == 1) {  /* two rows of 6 int8 (the table is padded: 8-byte loads are safe) */
-                    __m128i ra = _mm_loadl_epi64((const __m128i *)(leaf.lut + (leaf.base[k1] + (int64_t)a) * 6));
-                    __m128i rb = _mm_loadl_epi64((const __m128i *)(leaf.lut + (leaf.base[k - k1] + (int64_t)b) * 6));
-                    __m128i y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
-                                                 _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
-                    __m128i y0 = _mm_cvtepi8_epi32(y), y1 = _mm_cvtepi8_epi32(_mm_srli_si128(y, 4));
-                    __m128i y2 = _mm_cvtepi8_epi32(_mm_srli_si128(y, 8));
-                    __m128 pp = _mm_add_ps(_mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(y0), _mm_loadu_ps(x0)),
-                                                      _mm_mul_ps(_mm_cvtepi32_ps(y1), _mm_loadu_ps(x0 + 4))),
-                                           _mm_mul_ps(_mm_cvtepi32_ps(y2), _mm_loadu_ps(x0 + 8)));
-                    __m128i q = _mm_add_epi32(_mm_add_epi32(_mm_mullo_epi32(y0, y0), _mm_mullo_epi32(y1, y1)),
-                                              _mm_mullo_epi32(y2, y2));
-                    acc0 += lanes_to_group(pp, q, levels[lvl], rinv);
-                    continue;
-                }
-#endif
-                leaf_dot(&leaf, k1, a, D, x0, &d0, &e);
-                leaf_dot(&leaf, k - k1, b, D, x0 + D, &d0, &e);
-                if (B > 1) {
-                    leaf_dot(&leaf, k1, a, D, x1, &d1, &e1);
-                    leaf_dot(&leaf, k - k1, b, D, x1 + D, &d1, &e1);
-                }
+/* Leaf rows R[0..G) of width D (table row numbers) -> <y, x> of each group of G leaves, x at stride n = G * D,
+ * times that group's factor level * 1 / ||y||, summed over gn groups into *acc (pass 3 of gemv_fixed). */
+static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, const int32_t *R, const float *FL,
+                                                            int64_t gn, const float *xg, const float *rinv,
+                                                            const int64_t G, const int64_t D) {
+    const int64_t n = G * D;
+#ifdef __AVX512F__
+    if ((G == 2 && D == 6) || (G == 4 && D == 4)) {  /* the group's int8 shape in one register (a 6-row pair is shuffled together, its
+                                * 4 spare lanes zero), its energy from pmaddubsw: |y|^2 in pairs, all sums <= k^2 < 2^15 */
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < gn; j++, xg += n) {
+            __m128i y;
+            if (D == 6) {  /* the table is padded: 8-byte loads are safe */
+                __m128i ra = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j] * 6));
+                __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * 6));
+                y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
+                                     _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
             } else {
-                int64_t ka, kb;
-                uint64_t a2, b2, a1 = split_fast(&half_s, a, k1, &ka, &a2);
-                uint64_t b1 = split_fast(&half_s, b, k - k1, &kb, &b2);
-#ifdef __SSE4_1__
-                if (D == 4 && B == 1) {  /* four leaf rows of 4 int8: one 4-wide lane each */
-                    int32_t w0, w1, w2, w3;
-                    memcpy(&w0, leaf.lut + (leaf.base[ka] + (int64_t)a1) * 4, 4);
-                    memcpy(&w1, leaf.lut + (leaf.base[k1 - ka] + (int64_t)a2) * 4, 4);
-                    memcpy(&w2, leaf.lut + (leaf.base[kb] + (int64_t)b1) * 4, 4);
-                    memcpy(&w3, leaf.lut + (leaf.base[k - k1 - kb] + (int64_t)b2) * 4, 4);
-                    __m128i y0 = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w0)), y1 = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w1));
-                    __m128i y2 = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w2)), y3 = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(w3));
-                    __m128 p = _mm_add_ps(_mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(y0), _mm_loadu_ps(x0)),
-                                                     _mm_mul_ps(_mm_cvtepi32_ps(y1), _mm_loadu_ps(x0 + 4))),
-                                          _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(y2), _mm_loadu_ps(x0 + 8)),
-                                                     _mm_mul_ps(_mm_cvtepi32_ps(y3), _mm_loadu_ps(x0 + 12))));
-                    __m128i q = _mm_add_epi32(_mm_add_epi32(_mm_mullo_epi32(y0, y0), _mm_mullo_epi32(y1, y1)),
-                                              _mm_add_epi32(_mm_mullo_epi32(y2, y2), _mm_mullo_epi32(y3, y3)));
-                    acc0 += lanes_to_group(p, q, levels[lvl], rinv);
-                    continue;
-                }
-#endif
-                leaf_dot(&leaf, ka, a1, D, x0, &d0, &e);
-                leaf_dot(&leaf, k1 - ka, a2, D, x0 + D, &d0, &e);
-                leaf_dot(&leaf, kb, b1, D, x0 + 2 * D, &d0, &e);
-                leaf_dot(&leaf, k - k1 - kb, b2, D, x0 + 3 * D, &d0, &e);
-                if (B > 1) {
-                    leaf_dot(&leaf, ka, a1, D, x1, &d1, &e1);
-                    leaf_dot(&leaf, k1 - ka, a2, D, x1 + D, &d1, &e1);
-                    leaf_dot(&leaf, kb, b1, D, x1 + 2 * D, &d1, &e1);
-                    leaf_dot(&leaf, k - k1 - kb, b2, D, x1 + 3 * D, &d1, &e1);
-                }
+                int32_t w[4];
+                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * 4, 4);
+                y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
             }
-            float f = levels[lvl] * rinv[e];
-            acc0 += f * d0;
-            acc1 += f * d1;
+            __m128i ay = _mm_abs_epi8(y);
+            __m128i q = _mm_madd_epi16(_mm_maddubs_epi16(ay, ay), _mm_set1_epi16(1));
+            q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
+            q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+            __m512 xv = n == 12 ? _mm512_maskz_loadu_ps(0x0fff, xg) : _mm512_loadu_ps(xg);
+            __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(y)), xv);
+            acc = _mm512_fmadd_ps(t, _mm512_set1_ps(FL[j] * rinv[_mm_cvtsi128_si32(q)]), acc);
         }
-        out[r] = s * acc0;
-        if (B > 1) out[ldy + r] = s * acc1;
+        return _mm512_reduce_add_ps(acc);
+    }
+#elif defined(__SSE4_1__)
+    if ((G == 2 && D == 6) || (G == 4 && D == 4)) {  /* the same in four 4-lane pieces */
+        __m128 acc = _mm_setzero_ps();
+        for (int64_t j = 0; j < gn; j++, xg += n) {
+            __m128i y;
+            if (D == 6) {
+                __m128i ra = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j] * 6));
+                __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * 6));
+                y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
+                                     _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
+            } else {
+                int32_t w[4];
+                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * 4, 4);
+                y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
+            }
+            __m128i ay = _mm_abs_epi8(y);
+            __m128i q = _mm_madd_epi16(_mm_maddubs_epi16(ay, ay), _mm_set1_epi16(1));
+            q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
+            q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+            __m128 p = _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(y)), _mm_loadu_ps(xg)),
+                                  _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(y, 4))), _mm_loadu_ps(xg + 4)));
+            p = _mm_add_ps(p, _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(y, 8))), _mm_loadu_ps(xg + 8)));
+            if (n == 16)
+                p = _mm_add_ps(p, _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(y, 12))),
+                                             _mm_loadu_ps(xg + 12)));
+            acc = _mm_add_ps(acc, _mm_mul_ps(p, _mm_set1_ps(FL[j] * rinv[_mm_cvtsi128_si32(q)])));
+        }
+        acc = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
+        acc = _mm_add_ss(acc, _mm_shuffle_ps(acc, acc, 0x55));
+        return _mm_cvtss_f32(acc);
+    }
+#endif
+    float acc = 0.0f;
+    for (int64_t j = 0; j < gn; j++, xg += n) {
+        float d = 0.0f;
+        int32_t e = 0;
+        for (int64_t t = 0; t < G; t++) {
+            const int8_t *row = lut + (int64_t)R[G * j + t] * D;
+            for (int64_t c = 0; c < D; c++) {
+                d += (float)row[c] * xg[t * D + c];
+                e += (int32_t)row[c] * row[c];
+            }
+        }
+        acc += FL[j] * rinv[e] * d;
+    }
+    return acc;
+}
+
+/* Everything a row of gemv_row needs, gathered once per call. */
+typedef struct {
+    split_t top, half;
+    leaf_t leaf;
+    const uint8_t *codes;
+    int64_t nbytes, L, k, groups, ldx, B;
+    uint64_t mask, rcpL;
+    int width;
+    const float *levels, *rinv, *x;
+} fixed_t;
+
+/* Row r of pvq_gemv for layout S1/S2 with leaf width D, B <= 2. Inlined with constant layout and D into its own
+ * parallel loop (pvq_gemv): an omp pragma in here would be outlined before inlining and lose the constants.
+ * The row is done in chunks of CHUNK groups, in passes (loop fission): 1. codes -> shape index and gain level;
+ * 2. the top split -> the leaf rows (S1) or the two halves (S2), S2: 2b. each half's split -> its leaf rows;
+ * 3. rows_dot. A pass keeps few values live, so the independent groups of a pass overlap in the core instead
+ * of spilling registers (one fused loop was 20-30% slower on a 2-core EPYC). Returns <row, x_b> in acc[b]. */
+#define CHUNK 48
+static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, int64_t r, float *acc, const int layout,
+                                                           const int64_t D) {
+    const fixed_t f = *fp;
+    const int64_t G = layout == 1 ? 2 : 4, n = G * D, k = f.k;
+    uint64_t IDX[CHUNK], HI[2 * CHUNK];
+    int64_t HK[2 * CHUNK];
+    int32_t R[4 * CHUNK];
+    float FL[CHUNK];
+    for (int64_t g0 = 0; g0 < f.groups; g0 += CHUNK) {
+        int64_t gn = f.groups - g0 < CHUNK ? f.groups - g0 : CHUNK;
+        for (int64_t j = 0; j < gn; j++) {
+            uint64_t lvl;
+            IDX[j] = divide(read_code(f.codes, f.nbytes, r * f.groups + g0 + j, f.width, f.mask), (uint64_t)f.L, f.rcpL,
+                            &lvl);
+            FL[j] = f.levels[lvl];
+        }
+        for (int64_t j = 0; j < gn; j++) {
+            int64_t k1;
+            uint64_t b, a = split_fast(&f.top, IDX[j], k, &k1, &b);
+            if (layout == 1) {
+                R[2 * j] = (int32_t)(f.leaf.base[k1] + (int64_t)a);
+                R[2 * j + 1] = (int32_t)(f.leaf.base[k - k1] + (int64_t)b);
+            } else {
+                HI[2 * j] = a;
+                HK[2 * j] = k1;
+                HI[2 * j + 1] = b;
+                HK[2 * j + 1] = k - k1;
+            }
+        }
+        if (layout == 2)
+            for (int64_t h = 0; h < 2 * gn; h++) {
+                int64_t ka, kh = HK[h];
+                uint64_t a2, a1 = split_fast(&f.half, HI[h], kh, &ka, &a2);
+                R[2 * h] = (int32_t)(f.leaf.base[ka] + (int64_t)a1);
+                R[2 * h + 1] = (int32_t)(f.leaf.base[kh - ka] + (int64_t)a2);
+            }
+        acc[0] += rows_dot(f.leaf.lut, R, FL, gn, f.x + g0 * n, f.rinv, G, D);
+        if (f.B > 1) acc[1] += rows_dot(f.leaf.lut, R, FL, gn, f.x + f.ldx + g0 * n, f.rinv, G, D);
     }
 }
 
@@ -328,13 +367,28 @@ void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t
     float *rinv = inverse_norms(k);
     int64_t d = 0;
     int layout = B <= 2 ? layout_of(plan, top, &d) : 0;
-#define FIXED(LAYOUT, D) gemv_fixed(plan, lut, top, codes, nbytes, width, L, k, levels, scales, per_row, rows, cols, x, \
-                                    ldx, B, out, ldy, rinv, LAYOUT, D)
-    if (layout == 1 && d == 6) { FIXED(1, 6); free(rinv); return; }
-    if (layout == 1 && d == 4) { FIXED(1, 4); free(rinv); return; }
-    if (layout == 2 && d == 4) { FIXED(2, 4); free(rinv); return; }
-    if (layout == 2 && d == 3) { FIXED(2, 3); free(rinv); return; }
+    if ((layout == 1 && (d == 6 || d == 4)) || (layout == 2 && (d == 4 || d == 3))) {
+        int64_t child = plan[top + 4];
+        fixed_t f = {split_of(plan, top), split_of(plan, layout == 2 ? child : top),
+                     leaf_of(plan, lut, layout == 2 ? plan[child + 4] : child), codes, nbytes, L, k, groups, ldx, B, mask,
+                     rcpL, width, levels, rinv, x};
+#define FIXED(LAYOUT, D)                                                             \
+        _Pragma("omp parallel for schedule(static)")                                 \
+        for (int64_t r = 0; r < rows; r++) {                                         \
+            float acc[2] = {0.0f, 0.0f};                                             \
+            gemv_row(&f, r, acc, LAYOUT, D);                                         \
+            float s = scales[per_row ? r : 0];                                       \
+            out[r] = s * acc[0];                                                     \
+            if (B > 1) out[ldy + r] = s * acc[1];                                    \
+        }
+        if (layout == 1 && d == 6) { FIXED(1, 6) }
+        else if (layout == 1 && d == 4) { FIXED(1, 4) }
+        else if (d == 4) { FIXED(2, 4) }
+        else { FIXED(2, 3) }
 #undef FIXED
+        free(rinv);
+        return;
+    }
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         int8_t y[MAXN];
@@ -395,6 +449,70 @@ void uni_gemv(const uint8_t *codes, int64_t nbytes, int width, const float *scal
                 }
                 acc += scale[r * ng + g] * qx + offset[r * ng + g] * sx;
             }
+            out[b * ldy + r] = acc;
+        }
+    }
+}
+
+/* Dense 16-bit weights (embeddings / head kept in their stored dtype, runtime/dense.py) times float32
+ * x: y[b * ldy + r] = sum_c float(W[r, c]) x[b * ldx + c], kind 0 = float16, 1 = bfloat16. Every weight
+ * widens to float32 exactly, so this is the float32 product of the stored matrix, read at half the bytes. */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, bits;
+    if (e == 0x1f) bits = sign | 0x7f800000u | (m << 13);  /* inf / nan */
+    else if (e) bits = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m) bits = sign;
+    else {  /* subnormal: normalise */
+        e = 113;
+        while (!(m & 0x400)) { m <<= 1; e--; }
+        bits = sign | (e << 23) | ((m & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float wide16(uint16_t v, int kind) {
+    if (kind) {
+        uint32_t bits = (uint32_t)v << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    return half_to_float(v);
+}
+
+void dense16_gemv(const uint16_t *w, int kind, int64_t rows, int64_t cols, const float *x, int64_t ldx, int64_t B,
+                  float *out, int64_t ldy) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *wr = w + r * cols;
+        for (int64_t b = 0; b < B; b++) {
+            const float *xv = x + b * ldx;
+            int64_t c = 0;
+            float acc = 0.0f;
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            for (; c + 16 <= cols; c += 16) {
+                __m128i h0 = _mm_loadu_si128((const __m128i *)(wr + c)), h1 = _mm_loadu_si128((const __m128i *)(wr + c + 8));
+                __m256 f0, f1;
+                if (kind) {
+                    f0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16));
+                    f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16));
+                } else {
+                    f0 = _mm256_cvtph_ps(h0);
+                    f1 = _mm256_cvtph_ps(h1);
+                }
+                a0 = _mm256_fmadd_ps(f0, _mm256_loadu_ps(xv + c), a0);
+                a1 = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xv + c + 8), a1);
+            }
+            __m256 a = _mm256_add_ps(a0, a1);
+            __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 0x55));
+            acc = _mm_cvtss_f32(q);
+#endif
+            for (; c < cols; c++) acc += wide16(wr[c], kind) * xv[c];
             out[b * ldy + r] = acc;
         }
     }

@@ -1,8 +1,9 @@
 """The native decode kernels (kernel.c): compiled on first use, called through ctypes.
 
-`kernel()` compiles kernel.c with the system C compiler (`cc -O3 -march=native -fopenmp`) into
-a cache folder (`$PVQ_CACHE`, default `~/.cache/pvq`), keyed by a hash of the source and flags,
-and loads it. No compiler (or a failed build) gives None and a one-line reason in `kernel_error()`;
+`kernel()` compiles kernel.c with the system C compiler (`cc -O3 -march=native -fopenmp`, plus any
+flags in `$PVQ_CFLAGS`, e.g. `-mno-avx512f` to build for an older CPU) into a cache folder
+(`$PVQ_CACHE`, default `~/.cache/pvq`), keyed by a hash of the source and flags, and loads it.
+No compiler (or a failed build) gives None and a one-line reason in `kernel_error()`;
 callers then decode with torch (exact, slower). `plan(n, k)` serialises the split enumeration of
 codec/enumeration.py for the kernel.
 """
@@ -48,14 +49,15 @@ def kernel() -> ctypes.CDLL | None:
         _error = "no C compiler (cc/gcc) on PATH"
         return None
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), platform.node()]).encode()).hexdigest()[:16]
+    flags = [*FLAGS, *os.environ.get("PVQ_CFLAGS", "").split()]
+    key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(), platform.node()]).encode()).hexdigest()[:16]
     lib = cache_dir() / f"pvqkernel-{key}.so"
     if not lib.is_file():
         try:
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
                 out = Path(tmp) / lib.name
-                p = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+                p = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
                 if p.returncode != 0:
                     _error = f"{cc} failed on {SOURCE.name}: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
                     return None
@@ -77,10 +79,11 @@ def kernel() -> ctypes.CDLL | None:
     dll.lut_gemv.argtypes = [p, i64, i32, i64, p, p, i64, p, p, i32, i64, i64, p, i64, i64, p, i64]
     dll.lut_decode.argtypes = [p, i64, i32, i64, p, p, i64, p, p, i32, i64, i64, i64, p]
     dll.act_pvq_shapes.argtypes = [p, p, p, i64, i64, i64]
+    dll.dense16_gemv.argtypes = [p, i32, i64, i64, p, i64, i64, p, i64]
     dll.pvq_check_codes.argtypes = [p, i64, i32, i64, ctypes.c_uint64, i64]
     dll.pvq_check_codes.restype = i64
     for f in (dll.pvq_decode, dll.pvq_gemv, dll.uni_decode, dll.uni_gemv, dll.rot_apply, dll.lut_gemv, dll.lut_decode,
-              dll.act_pvq_shapes):
+              dll.act_pvq_shapes, dll.dense16_gemv):
         f.restype = None
     _error = None
     return dll
