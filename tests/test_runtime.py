@@ -20,9 +20,9 @@ def _w(rows, cols, seed=0):
 
 # every decoder of kernel.c: a full table (8, 5), split(table, table) with tabulated halves P(6, <= 10) (12, 10),
 # split(split(leaf 4)) (16, 29), split(leaf 4) (8, 12), split(split(leaf 3)) (12, 44), split(leaf 3) (6, 12,
-# generic), three levels (24, 12, generic)
+# generic), three levels (24, 12, generic); (12, 55, 100): 58-bit codes, too wide for the exact gain division
 SPECS = [PVQSpec(8, 5, 3), PVQSpec(12, 10, 5, scale="tensor"), PVQSpec(16, 29, 7), PVQSpec(16, 4, 1, gain="empirical"),
-         PVQSpec(8, 12, 3), PVQSpec(12, 44, 17), PVQSpec(6, 12, 4), PVQSpec(24, 12, 3),
+         PVQSpec(8, 12, 3), PVQSpec(12, 44, 17), PVQSpec(12, 55, 100), PVQSpec(6, 12, 4), PVQSpec(24, 12, 3),
          PVQSpec(4, 130 // 4, 2), UniformSpec(3, 128), UniformSpec(4, 32), UniformSpec(2, 100)]
 
 

@@ -71,6 +71,47 @@ static inline uint64_t divide(uint64_t n, uint64_t d, uint64_t rcp, uint64_t *re
     return q;
 }
 
+static inline uint64_t reciprocal(uint64_t d) {
+    return d == 1 ? ~0ULL : (uint64_t)(((unsigned __int128)1 << 64) / d);
+}
+
+/* A packed code stream: one `width`-bit code per group, index * L + gain level. With m = ceil(2^64 / L) the
+ * high half of code * m is exactly code / L whenever code * (L - 1) < 2^64 (so for width + bits(L) <= 64): no
+ * correction step. divide() needs one whenever the level is 0, about 1/L of the groups at random, a branch the
+ * predictor cannot learn (it cost ~30% of the n = 12 gemv on a 2-core EPYC). */
+typedef struct {
+    const uint8_t *buf;
+    int64_t nbytes;
+    int width, exact;
+    uint64_t mask, L, m;
+} stream_t;
+
+static stream_t stream_of(const uint8_t *buf, int64_t nbytes, int width, int64_t L) {
+    stream_t s;
+    s.buf = buf;
+    s.nbytes = nbytes;
+    s.width = width;
+    s.mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1);
+    s.L = (uint64_t)L;
+    s.exact = L >= 2 && width + (64 - __builtin_clzll((uint64_t)L)) <= 64;
+    s.m = s.exact ? (uint64_t)((((unsigned __int128)1 << 64) + s.L - 1) / s.L) : reciprocal(s.L);
+    return s;
+}
+
+/* code -> shape index, *lvl = gain level */
+static inline uint64_t split_code(const stream_t *s, uint64_t code, uint64_t *lvl) {
+    if (s->exact) {
+        uint64_t q = (uint64_t)(((unsigned __int128)code * s->m) >> 64);
+        *lvl = code - q * s->L;
+        return q;
+    }
+    return divide(code, s->L, s->m, lvl);
+}
+
+static inline uint64_t code_at(const stream_t *s, int64_t i, uint64_t *lvl) {
+    return split_code(s, read_code(s->buf, s->nbytes, i, s->width, s->mask), lvl);
+}
+
 /* Two layouts cover the settings the picker uses, decoded with the leaf width d known at compile
  * time: S1 = split(leaf d, leaf d) (e.g. n = 12 with tabulated P(6, .)), S2 = split(S1, S1)
  * (n = 16: halves of 8 split into leaves of 4). Returns 0 for anything else (generic decoder). */
@@ -167,12 +208,9 @@ static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint
 }
 
 /* one group: its integer shape y[n] (returned) and gain level (*lvl) */
-static inline void pvq_shape(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes,
-                             int64_t gi, int width, uint64_t mask, uint64_t L, uint64_t rcpL, int64_t k, int8_t *y,
-                             uint64_t *lvl) {
-    uint64_t code = read_code(codes, nbytes, gi, width, mask);
-    uint64_t idx = divide(code, L, rcpL, lvl);
-    decode_shape(plan, lut, top, idx, k, y);
+static inline void pvq_shape(const int64_t *plan, const int8_t *lut, int64_t top, const stream_t *s, int64_t gi, int64_t k,
+                             int8_t *y, uint64_t *lvl) {
+    decode_shape(plan, lut, top, code_at(s, gi, lvl), k, y);
 }
 
 /* The first group whose shape index (code / L) is not below V, or -1: a code out of range would
@@ -192,14 +230,10 @@ static float *inverse_norms(int64_t k) {
     return rinv;
 }
 
-static inline uint64_t reciprocal(uint64_t d) {
-    return d == 1 ? ~0ULL : (uint64_t)(((unsigned __int128)1 << 64) / d);
-}
-
 void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
                 int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t cols,
                 int64_t r0, int64_t r1, float *out) {
-    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
+    const stream_t st = stream_of(codes, nbytes, width, L);
     int64_t groups = cols / n;
     float *rinv = inverse_norms(k);
 #pragma omp parallel for schedule(static)
@@ -209,7 +243,7 @@ void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8
         float s = scales[per_row ? r : 0];
         float *o = out + (r - r0) * cols;
         for (int64_t g = 0; g < groups; g++) {
-            pvq_shape(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, rcpL, k, y, &lvl);
+            pvq_shape(plan, lut, top, &st, r * groups + g, k, y, &lvl);
             int32_t e = 0;
             for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
             float f = s * levels[lvl] * rinv[e];
@@ -303,16 +337,15 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
 typedef struct {
     split_t top, half;
     leaf_t leaf;
-    const uint8_t *codes;
-    int64_t nbytes, L, k, groups, ldx, B;
-    uint64_t mask, rcpL;
-    int width;
+    stream_t codes;
+    int64_t k, groups, ldx, B;
     const float *levels, *rinv, *x;
 } fixed_t;
 
 /* Row r of pvq_gemv for layout S1/S2 with leaf width D, B <= 2. Inlined with constant layout and D into its own
  * parallel loop (pvq_gemv): an omp pragma in here would be outlined before inlining and lose the constants.
- * The row is done in chunks of CHUNK groups, in passes (loop fission): 1. codes -> shape index and gain level;
+ * The row is done in chunks of CHUNK groups, in passes (loop fission): 1. codes -> shape index and gain level
+ * (read in sequence: one 8-byte load per code where the stream has 8 bytes to spare);
  * 2. the top split -> the leaf rows (S1) or the two halves (S2), S2: 2b. each half's split -> its leaf rows;
  * 3. rows_dot. A pass keeps few values live, so the independent groups of a pass overlap in the core instead
  * of spilling registers (one fused loop was 20-30% slower on a 2-core EPYC). Returns <row, x_b> in acc[b]. */
@@ -327,11 +360,19 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
     float FL[CHUNK];
     for (int64_t g0 = 0; g0 < f.groups; g0 += CHUNK) {
         int64_t gn = f.groups - g0 < CHUNK ? f.groups - g0 : CHUNK;
-        for (int64_t j = 0; j < gn; j++) {
-            uint64_t lvl;
-            IDX[j] = divide(read_code(f.codes, f.nbytes, r * f.groups + g0 + j, f.width, f.mask), (uint64_t)f.L, f.rcpL,
-                            &lvl);
-            FL[j] = f.levels[lvl];
+        uint64_t bit = (uint64_t)(r * f.groups + g0) * (uint64_t)f.codes.width, lvl;
+        if (f.codes.width <= 57 && (int64_t)((bit + (uint64_t)gn * f.codes.width) >> 3) + 8 <= f.codes.nbytes) {
+            for (int64_t j = 0; j < gn; j++, bit += (uint64_t)f.codes.width) {
+                uint64_t v;
+                memcpy(&v, f.codes.buf + (bit >> 3), 8);
+                IDX[j] = split_code(&f.codes, (v >> (bit & 7)) & f.codes.mask, &lvl);
+                FL[j] = f.levels[lvl];
+            }
+        } else {
+            for (int64_t j = 0; j < gn; j++) {
+                IDX[j] = code_at(&f.codes, r * f.groups + g0 + j, &lvl);
+                FL[j] = f.levels[lvl];
+            }
         }
         for (int64_t j = 0; j < gn; j++) {
             int64_t k1;
@@ -362,7 +403,7 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
 void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
               int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t rows,
               int64_t cols, const float *x, int64_t ldx, int64_t B, float *out, int64_t ldy) {
-    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
+    const stream_t st = stream_of(codes, nbytes, width, L);
     int64_t groups = cols / n;
     float *rinv = inverse_norms(k);
     int64_t d = 0;
@@ -370,8 +411,7 @@ void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t
     if ((layout == 1 && (d == 6 || d == 4)) || (layout == 2 && (d == 4 || d == 3))) {
         int64_t child = plan[top + 4];
         fixed_t f = {split_of(plan, top), split_of(plan, layout == 2 ? child : top),
-                     leaf_of(plan, lut, layout == 2 ? plan[child + 4] : child), codes, nbytes, L, k, groups, ldx, B, mask,
-                     rcpL, width, levels, rinv, x};
+                     leaf_of(plan, lut, layout == 2 ? plan[child + 4] : child), st, k, groups, ldx, B, levels, rinv, x};
 #define FIXED(LAYOUT, D)                                                             \
         _Pragma("omp parallel for schedule(static)")                                 \
         for (int64_t r = 0; r < rows; r++) {                                         \
@@ -399,7 +439,7 @@ void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t
             int64_t nb = B - b0 < 8 ? B - b0 : 8;
             for (int64_t b = 0; b < nb; b++) acc[b] = 0.0f;
             for (int64_t g = 0; g < groups; g++) {
-                pvq_shape(plan, lut, top, codes, nbytes, r * groups + g, width, mask, (uint64_t)L, rcpL, k, y, &lvl);
+                pvq_shape(plan, lut, top, &st, r * groups + g, k, y, &lvl);
                 int32_t e = 0;
                 for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
                 float f = levels[lvl] * rinv[e];
@@ -567,10 +607,9 @@ void rot_apply(const float *x, float *out, int64_t B, int64_t m, int64_t p, cons
  * group decodes with one division (the fused code) and one row read. Chosen by native.py when the
  * table is small enough to stay in cache ("fast" layouts, config.py). */
 static inline __attribute__((always_inline)) void lut_gemv_rows(
-        const uint8_t *codes, int64_t nbytes, int width, uint64_t L, const int8_t *lut, const float *rinv, const int64_t n,
-        const float *levels, const float *scales, int per_row, int64_t rows, int64_t cols, const float *x, int64_t ldx,
-        int64_t B, float *out, int64_t ldy) {
-    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal(L);
+        const stream_t *st, const int8_t *lut, const float *rinv, const int64_t n, const float *levels,
+        const float *scales, int per_row, int64_t rows, int64_t cols, const float *x, int64_t ldx, int64_t B, float *out,
+        int64_t ldy) {
     int64_t groups = cols / n;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
@@ -579,7 +618,7 @@ static inline __attribute__((always_inline)) void lut_gemv_rows(
             const float *xv = x + b * ldx;
             float acc = 0.0f;
             for (int64_t g = 0; g < groups; g++) {
-                uint64_t lvl, idx = divide(read_code(codes, nbytes, r * groups + g, width, mask), L, rcpL, &lvl);
+                uint64_t lvl, idx = code_at(st, r * groups + g, &lvl);
                 const int8_t *y = lut + idx * n;
                 const float *xg = xv + g * n;
                 float d = 0.0f;
@@ -594,8 +633,8 @@ static inline __attribute__((always_inline)) void lut_gemv_rows(
 void lut_gemv(const uint8_t *codes, int64_t nbytes, int width, int64_t L, const int8_t *lut, const float *rinv, int64_t n,
               const float *levels, const float *scales, int per_row, int64_t rows, int64_t cols, const float *x,
               int64_t ldx, int64_t B, float *out, int64_t ldy) {
-#define LUTGEMV(N) lut_gemv_rows(codes, nbytes, width, (uint64_t)L, lut, rinv, N, levels, scales, per_row, rows, cols, x, \
-                                 ldx, B, out, ldy)
+    const stream_t st = stream_of(codes, nbytes, width, L);
+#define LUTGEMV(N) lut_gemv_rows(&st, lut, rinv, N, levels, scales, per_row, rows, cols, x, ldx, B, out, ldy)
     switch (n) {
         case 4: LUTGEMV(4); break;
         case 6: LUTGEMV(6); break;
@@ -607,14 +646,14 @@ void lut_gemv(const uint8_t *codes, int64_t nbytes, int width, int64_t L, const 
 
 void lut_decode(const uint8_t *codes, int64_t nbytes, int width, int64_t L, const int8_t *lut, const float *rinv, int64_t n,
                 const float *levels, const float *scales, int per_row, int64_t cols, int64_t r0, int64_t r1, float *out) {
-    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1), rcpL = reciprocal((uint64_t)L);
+    const stream_t st = stream_of(codes, nbytes, width, L);
     int64_t groups = cols / n;
 #pragma omp parallel for schedule(static)
     for (int64_t r = r0; r < r1; r++) {
         float s = scales[per_row ? r : 0];
         float *o = out + (r - r0) * cols;
         for (int64_t g = 0; g < groups; g++) {
-            uint64_t lvl, idx = divide(read_code(codes, nbytes, r * groups + g, width, mask), (uint64_t)L, rcpL, &lvl);
+            uint64_t lvl, idx = code_at(&st, r * groups + g, &lvl);
             const int8_t *y = lut + idx * n;
             float f = s * levels[lvl] * rinv[idx];
             for (int64_t j = 0; j < n; j++) o[g * n + j] = f * (float)y[j];
