@@ -5,10 +5,12 @@ For the unquantized model (fp32 and bf16) and pvq-gptq at 3.25 and 2.25 bits in 
 process (`pvq bench-run --json`): peak RSS while generating 64 tokens after a 512-token prompt,
 prompt tokens/s, generated tokens/s, file size, and the memory the quantized linears keep resident
 against their packed size. Then the perplexity (quick protocol) of the loaded 3.25-bit model in
-both modes, next to the one in quality.json. Writes bench/results/runtime.json.
+both modes, next to the one measured right after quantizing it (`pvq quantize --ppl`, same process
+as the quantization, kept in <work>/pvq-gptq-3.25.quantize.json). Writes bench/results/runtime.json.
 
 The quantized directories come from bench/quality.py (default /tmp/pvq-quality/pvq-gptq-{3.25,2.25});
-missing ones are quantized first (about 10 minutes each). Run on a quiet machine: timings are
+missing ones are quantized first (about 7 minutes each; 3.25 again, with --ppl, when its quantize record
+is missing: the same command gives the same file). Run on a quiet machine: timings are
 wall-clock and every other process on the 2 cores shows up in them.
 
 With --fast it also measures pvq-gptq at 2.25 bits with `--layout fast` (settings whose shapes all
@@ -65,10 +67,13 @@ def main() -> None:
     runs = [("unquantized", None, "float32", None), ("unquantized", None, "bfloat16", None)]
     for bits, layout in [(3.25, "compact"), (2.25, "compact")] + ([(2.25, "fast")] if args.fast else []):
         d = work / f"pvq-gptq-{bits}" if layout == "compact" else work / f"pvq-gptq-{bits}-{layout}"
-        if not (d / "model.safetensors").is_file():
+        record = d.with_name(d.name + ".quantize.json")
+        ppl_after = bits == 3.25 and layout == "compact" and not args.skip_ppl
+        if not (d / "model.safetensors").is_file() or (ppl_after and not record.is_file()):
             print(f"quantizing {d} ...", flush=True)
-            cli_json(["quantize", "--method", "pvq-gptq", "--bits", str(bits), "--layout", layout, "-o", str(d), "--force",
-                      "--no-progress"])
+            q = cli_json(["quantize", "--method", "pvq-gptq", "--bits", str(bits), "--layout", layout, "-o", str(d),
+                          "--force", "--no-progress", *(["--ppl"] if ppl_after else [])])
+            write_json(record, q)
         runs += [("pvq-gptq", d, "float32", "once"), ("pvq-gptq", d, "float32", "on-the-fly")]
     for method, d, dtype, decode in runs:
         label = f"{method} {'' if d is None else d.name.removeprefix(method + '-') + ' bits '}{dtype}{'' if decode is None else ', decode ' + decode}"
@@ -101,13 +106,12 @@ def main() -> None:
     write_json(out / "runtime.json", res)
     if not args.skip_ppl and "ppl_3.25" not in res:
         d = work / "pvq-gptq-3.25"
-        q = json.loads((out / "quality.json").read_text()) if (out / "quality.json").exists() else {}
-        ref = next((r["ppl"] for r in q.get("runs", []) if r["method"] == "pvq-gptq" and r["target_bits"] == 3.25), None)
-        res["ppl_3.25"] = {"quality_json": ref}
+        ref = json.loads(d.with_name(d.name + ".quantize.json").read_text())["ppl"]
+        res["ppl_3.25"] = {"after_quantize": ref}
         for decode in ("once", "on-the-fly"):
             e = cli_json(["eval", str(d), "--ppl", "--decode", decode, "--no-progress"])
             res["ppl_3.25"][decode] = e["ppl"]
-            print(f"ppl 3.25 decode {decode}: {e['ppl']:.4f} (quality.json {ref})", flush=True)
+            print(f"ppl 3.25 decode {decode}: {e['ppl']:.4f} (right after quantizing: {ref:.4f})", flush=True)
             write_json(out / "runtime.json", res)
     print(json.dumps(res["summary"], indent=1))
 

@@ -161,6 +161,18 @@ def test_cli_info_and_eval(tiny_dirs, capsys):
     assert "arc_easy_acc" not in res
 
 
+def test_cli_quantize_ppl_is_what_the_saved_directory_measures(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert cli(["quantize", str(tiny_dirs / "hf"), "--method", "pvq", "--bits", "2.25", "-o", str(out), "--ppl", "--json",
+                "--no-progress"]) == 0
+    after = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert after["ppl_windows"] == 16 and math.isfinite(after["ppl"])
+    for decode in ("once", "on-the-fly"):
+        assert cli(["eval", str(out), "--ppl", "--json", "--no-progress", "--decode", decode]) == 0
+        loaded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert loaded["ppl"] == pytest.approx(after["ppl"], rel=1e-5)
+
+
 def test_cli_errors_are_one_line(tiny_dirs, tmp_path, capsys):
     q = tiny_dirs / "q"
     # refuses to overwrite, names the option

@@ -70,6 +70,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--allocate-noise", type=float, default=0.01,
                    help="relative energy of the noise injected per layer to measure its sensitivity (default 0.01)")
     _add_act_options(p, stored=True)
+    p.add_argument("--ppl", action="store_true",
+                   help="measure WikiText-2 perplexity of the quantized model right after quantizing, before saving "
+                        "(quick protocol; the loaded directory gives the same figure)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="end with one JSON line: achieved bits, time, peak memory")
 
@@ -208,6 +211,7 @@ def cmd_quantize(args) -> int:
             pvq_spec(cfg.abits, m.in_features)
     calib = None
     extra = {}
+    eval_text = resolve_text("wikitext2", "eval") if args.ppl else None  # a missing file fails now, not after the work
     if cfg.uses_data or args.allocate:
         text = resolve_text(cfg.calib, "calib")
     if args.allocate:
@@ -265,12 +269,19 @@ def cmd_quantize(args) -> int:
             extra["allocation.png"] = buf.getvalue()
         except ImportError:  # matplotlib is optional (the bench extra)
             pass
+    ppl = None
+    if args.ppl:
+        from .eval.perplexity import perplexity
+
+        ppl = perplexity(model, tok, eval_text, seqlen=2048, windows=16, progress=not args.no_progress)
+        summary.update({"ppl": ppl["ppl"], "ppl_windows": ppl["windows"], "ppl_protocol": ppl["protocol"]})
     io.save(model, tok, out, overwrite=args.force, extra_files=extra)
     size = (out / io.WEIGHTS).stat().st_size
     rss = _peak_rss_mib()
     print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "
           f"({summary['linear_weights'] / 1e6:.1f} M weights), file {size / 2**20:.1f} MiB, "
-          f"{summary['seconds']:.0f} s, peak RSS {rss:.0f} MiB -> {out}")
+          f"{summary['seconds']:.0f} s, peak RSS {rss:.0f} MiB -> {out}"
+          + ("" if ppl is None else f"; perplexity {ppl['ppl']:.4f} ({ppl['protocol']})"))
     if args.json:
         print(json.dumps({**summary, "file_bytes": size, "peak_rss_mib": rss, "output": str(out),
                           "method": cfg.method, "target_bits": cfg.bits}))
