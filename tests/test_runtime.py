@@ -59,7 +59,7 @@ def test_on_the_fly_mode_matches_decode_once(tmp_path, method):
     api.quantize(model, QuantConfig(method=method, bits=3.25), progress=False)
     out = io.save(model, tiny_tokenizer(), tmp_path / "q")
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
-    once, _ = pvq.load(out)
+    once, _ = pvq.load(out, decode="once")
     fly, _ = pvq.load(out, decode="on-the-fly")
     q = fly.model.layers[0].mlp.down_proj
     assert isinstance(q, QuantLinear) and q.decode == "on-the-fly"
@@ -74,6 +74,9 @@ def test_on_the_fly_mode_matches_decode_once(tmp_path, method):
     assert "w" not in q._prepared()
     with pytest.raises(ValueError, match="decode mode"):
         pvq.load(out, decode="sometimes")
+    # the default: on the fly where the native kernel builds, else once
+    auto, _ = pvq.load(out)
+    assert auto.model.layers[1].self_attn.q_proj.decode == ("on-the-fly" if native.kernel() else "once")
 
 
 def test_model_to_dtype_keeps_the_stored_scales(tmp_path):
@@ -97,14 +100,14 @@ def test_transformers_from_pretrained_loads_a_pvq_directory(tmp_path, family):
     with torch.no_grad():
         mem = model(ids).logits
     out = io.save(model, tiny_tokenizer(), tmp_path / "q")
-    hf = AutoModelForCausalLM.from_pretrained(out)
+    hf = AutoModelForCausalLM.from_pretrained(out, quantization_config=PVQConfig(decode="once"))
     assert isinstance(hf.model.layers[1].mlp.up_proj, QuantLinear)
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, mem)
         gen = hf.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 9)
-    fly = AutoModelForCausalLM.from_pretrained(out, quantization_config=PVQConfig(decode="on-the-fly"))
-    assert fly.model.layers[0].self_attn.o_proj.decode == "on-the-fly"
+    fly = AutoModelForCausalLM.from_pretrained(out)  # decode="auto": on the fly where the kernel builds
+    assert fly.model.layers[0].self_attn.o_proj.decode == ("on-the-fly" if native.kernel() else "once")
     with torch.no_grad():
         torch.testing.assert_close(fly(ids).logits, mem, rtol=1e-4, atol=1e-4)
 
@@ -134,22 +137,60 @@ def test_fast_layout_picks_table_decodable_settings():
 
 
 def test_plan_tabulates_small_halves_and_buckets_every_split():
-    plan, lut = native.plan(12, 10)
-    words = plan.tolist()
+    plan = native.plan(12, 10)
+    words = plan.words.tolist()
     assert words[0] == 1 and words[4] == words[5]  # the top split's two halves share one node ...
     half = words[4]
     assert words[half] == 0 and words[half + 1] == 6  # ... a table of every point of P(6, <= 10)
     from pvq.codec.pyramid import count
 
-    assert lut.numel() >= sum(count(6, k) for k in range(11)) * 6
+    lut = native.split_table(6)[0]
+    assert words[half + 5] == lut.data_ptr() and lut.numel() >= sum(count(6, k) for k in range(11)) * 6
     # the bucket table's starting k1 never overshoots: O(k, k1_start) <= the bucket's first index
     K = words[3]
     offs, shifts = words[words[6]:], words[words[9]:words[9] + K + 1]
-    starts = bytes(plan[words[9] + K + 1:].numpy().tobytes())
+    starts = bytes(plan.words[words[9] + K + 1:].numpy().tobytes())
     for k in range(K + 1):
         for b in range(0, 1 << native.BUCKET_BITS, 97):
             k1 = starts[(k << native.BUCKET_BITS) + b]
             assert k1 <= k and offs[k * (K + 1) + k1] <= b << shifts[k]
+
+
+def test_plans_share_their_tables_of_points():
+    # every plan with leaves of 4 points at the one P(4, <= 24) table; sub-pyramids P(6, <= K) share P(6, <= 10)
+    t4 = {id(t) for p in (native.plan(16, 17), native.plan(16, 29), native.plan(16, 41)) for t in p.tables}
+    assert len(t4) == 3  # base, points, CWRS table
+    assert native.leaf_table(4)[3] == 24 and native.leaf_table(4)[0].numel() <= native.TABLE_BYTES + native.PAD
+    t6 = [{id(t) for t in native.plan(12, k).tables} for k in (7, 8, 10)]
+    assert t6[0] == t6[1] == t6[2]
+    # a model mixing many (n, k) keeps each table once
+    from pvq.runtime.measure import quantized_memory
+
+    layers = [QuantLinear.from_packed(quantize(_w(16, 96, s), PVQSpec(16, k, 7)), (0, 0), decode="on-the-fly")
+              for s, k in enumerate((17, 29, 41))]
+    model = torch.nn.Sequential(*layers)
+    for q in layers:
+        q._prepared()
+    mem = quantized_memory(model)
+    plans = sum(native.plan(16, k).nbytes() for k in (17, 29, 41))
+    shared = sum(t.numel() * t.element_size() for t in native.plan(16, 41).tables)
+    assert mem["shared_plan_bytes"] == plans + shared
+
+
+@needs_native
+@pytest.mark.parametrize("spec", [PVQSpec(16, 41, 7), PVQSpec(8, 30, 5), PVQSpec(12, 88, 7)], ids=lambda s: s.name)
+def test_leaves_past_the_table_cap_decode_from_the_cwrs_recurrence(spec):
+    """Peaked groups put more pulses in one leaf than its table holds (P(4, <= 24), P(3, <= 63))."""
+    w = _w(24, 96) * 0.01
+    w[:, :: spec.n] = 5.0  # one dominant coordinate per group: all k pulses in one leaf
+    w[::3, 1 :: spec.n] = -3.0
+    packed = quantize(w, spec)
+    ref = packed.dequantize(torch.float32)
+    d = Decoder(packed)
+    torch.testing.assert_close(d.dense(), ref, rtol=1e-6, atol=1e-7)
+    for tokens in (1, 2):
+        x = _w(tokens, 96, seed=tokens)
+        torch.testing.assert_close(d.matmul(x), x @ ref.T, rtol=1e-4, atol=1e-4)
 
 
 @needs_native

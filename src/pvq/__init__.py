@@ -6,11 +6,12 @@ Importing pvq registers the "pvq" quantization method with transformers (when it
 __version__ = "0.1.0"
 
 
-def load(path, dtype=None, decode="once", weight_dtype=None):
+def load(path, dtype=None, decode="auto", weight_dtype=None):
     """Load a pvq directory: (model, tokenizer). Short form of pvq.io.load.
 
     decode="once" decodes each quantized linear on first use and keeps it; decode="on-the-fly"
-    keeps only the packed codes resident and decodes inside every forward (see pvq.nn)."""
+    keeps only the packed codes resident and decodes inside every forward (see pvq.nn); "auto"
+    (default) is on-the-fly where the native kernel builds, else once."""
     import torch
 
     from .io import load as _load

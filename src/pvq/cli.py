@@ -146,14 +146,15 @@ def _act_config(args, seed: int = 0):
 
 
 def _add_runtime_options(p) -> None:
-    p.add_argument("--decode", choices=["once", "on-the-fly"], default="once",
-                   help="pvq directories: decode each layer once and keep it (fastest; memory like a dense "
-                        "model) or keep only the packed codes and decode inside every forward (default once)")
+    p.add_argument("--decode", choices=["auto", "once", "on-the-fly"], default="auto",
+                   help="pvq directories: 'once' decodes each layer once and keeps it (fastest; memory like a dense "
+                        "model), 'on-the-fly' keeps only the packed codes and decodes inside every forward; "
+                        "'auto' (default): on-the-fly where the native kernel builds, else once")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of the dense parts (and of decoded weights in --decode once)")
 
 
-def load_any(spec: str | None, decode: str = "once", dtype: str = "float32"):
+def load_any(spec: str | None, decode: str = "auto", dtype: str = "float32"):
     """A pvq directory or anything load_model accepts, as (model, tokenizer)."""
     import torch
 
@@ -403,9 +404,12 @@ def cmd_bench_run(args) -> int:
     if qc is not None:
         from . import io
 
+        from .nn import QuantLinear
+
+        decode = next(m.decode for m in model.modules() if isinstance(m, QuantLinear))  # "auto" resolved
         res.update({"method": qc["config"]["method"], "bits_per_weight": qc["achieved"]["bits_per_weight"],
-                    "decode": args.decode, "file_bytes": (Path(args.model) / io.WEIGHTS).stat().st_size})
-        if args.decode == "on-the-fly":
+                    "decode": decode, "file_bytes": (Path(args.model) / io.WEIGHTS).stat().st_size})
+        if decode == "on-the-fly":
             res["native_kernel"] = native.kernel() is not None
             if not res["native_kernel"]:
                 print(f"pvq bench-run: warning: no native kernel ({native.kernel_error()}); decoding with torch",

@@ -35,7 +35,7 @@ def register() -> bool:
         """quantization_config of a pvq directory (written by `pvq quantize`), plus how to run it."""
 
         def __init__(self, format_version: int = FORMAT_VERSION, config: dict | None = None, layers: dict | None = None,
-                     achieved: dict | None = None, decode: str = "once", weight_dtype: str | None = None, **kwargs):
+                     achieved: dict | None = None, decode: str = "auto", weight_dtype: str | None = None, **kwargs):
             self.quant_method = "pvq"
             self.format_version = format_version
             self.config = config or {}

@@ -96,7 +96,7 @@ def is_pvq_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / WEIGHTS).is_file()
 
 
-def replace_linears(model, layers: dict, decode: str = "once", weight_dtype: torch.dtype = torch.float32,
+def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: torch.dtype = torch.float32,
                     source: str = "config.json") -> None:
     """Swap the linears named in quantization_config["layers"] for empty QuantLinear modules to be filled."""
     for name, layer in layers.items():
@@ -136,12 +136,13 @@ def check_tensors(model, tensors: dict, layers: dict, source) -> None:
                                      f"{q.spec.name} of {[q.out_features, q.in_features]} needs {want.dtype} {list(want.shape)}")
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "once",
+def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "auto",
          weight_dtype: torch.dtype | None = None):
     """Load a pvq directory: (model with QuantLinear layers, tokenizer or None if the directory has none).
 
     decode="once" decodes every quantized linear on first use and keeps it (in `weight_dtype`,
-    default `dtype`); decode="on-the-fly" keeps only the packed codes resident (nn.py). The embeddings
+    default `dtype`); decode="on-the-fly" keeps only the packed codes resident (nn.py); "auto" is
+    on-the-fly where the native kernel builds, else once. The embeddings
     and head stay in the file's 16-bit dtype and are widened where used (runtime/dense.py)."""
     check_decode(decode)
     weight_dtype = weight_dtype or dtype

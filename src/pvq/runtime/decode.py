@@ -2,9 +2,9 @@
 
 A Decoder holds references to the packed buffers (codes, scales, gain levels; nothing is copied)
 and, shared by every layer with the same (n, k), the serialised enumeration plan of the native
-kernel. `matmul(x)` picks the fused decode-and-multiply kernel for a few tokens (generation) and
-decode-a-block-of-rows-then-GEMM for many (prompt processing): each block is decoded once per call
-and reused for every token. Without the native kernel it falls back to the torch decoder.
+kernel (whose tables of points every plan shares). `matmul(x)` picks the fused decode-and-multiply
+kernel for a few tokens (generation) and decode-a-block-of-rows-then-GEMM for many (prompt
+processing): each block is decoded once per call and reused for every token. Without the native kernel it falls back to the torch decoder.
 """
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ class Decoder:
                                   self.table[0].data_ptr(), self.table[1].data_ptr(), s.n, *tail)
                     self._decode_fn, self._gemv_fn = self.lib.lut_decode, self.lib.lut_gemv
                 else:
-                    self._args = (self.plan[0].data_ptr(), self.plan[1].data_ptr(), 0, p.codes.data_ptr(),
-                                  p.codes.numel(), s.code_bits, s.gain_levels, s.n, s.k, *tail)
+                    self._args = (self.plan.words.data_ptr(), 0, p.codes.data_ptr(), p.codes.numel(), s.code_bits,
+                                  s.gain_levels, s.n, s.k, *tail)
                     self._decode_fn, self._gemv_fn = self.lib.pvq_decode, self.lib.pvq_gemv
             else:
                 self._args = (p.codes.data_ptr(), p.codes.numel(), p.spec.bits, self.scale.data_ptr(),
@@ -78,6 +78,14 @@ class Decoder:
         """Bytes this decoder keeps besides the packed buffers (float copies of scales/levels)."""
         t = [self.levels, self.scales] if self.is_pvq else [self.scale, self.offset]
         return sum(x.numel() * x.element_size() for x in t)
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """The decode tables this decoder uses that other layers share (count each once per model)."""
+        if self.table is not None:
+            return list(self.table)
+        if self.plan is not None:
+            return [self.plan.words, *self.plan.tables]
+        return []
 
     def decode_rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [r0, r1) of W' as float32 [r1 - r0, cols]."""

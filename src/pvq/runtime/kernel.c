@@ -8,18 +8,19 @@
  *             and never writing the matrix (generation: one token at a time).
  *
  * PVQ shapes use the split enumeration of pvq/codec/enumeration.py, serialised by
- * pvq/runtime/native.py into one int64 "plan" array (nodes, offsets, counts) and one int8 array
- * (every point of the small leaf pyramids). A node at plan[p]:
- *   leaf:  [0, d, K, base_at, lut_at]        point j of P(d, k) is lut[lut_at + (base[k] + j) * d]
+ * pvq/runtime/native.py into one int64 "plan" array (Plan: nodes, offsets, counts); its leaves point
+ * by address at tables of points shared by every plan. A node at plan[p]:
+ *   leaf:  [0, d, K, Kt, base, lut, u, ustride]  point j of P(d, k) is row base[k] + j of lut for k <= Kt;
+ *          beyond, it is decoded from the CWRS table u (the codec's leaf order; a rare case: the tables
+ *          are capped at 1 MiB). A leaf may also be a whole sub-pyramid tabulated in the split order (u = 0).
  *   split: [1, n, n1, K, first, second, offs_at, v2_at, rcp_at, bucket_at]
  *          index = O(k, k1) + a * V(n2, k - k1) + b, O(k, .) = plan[offs_at + k * (K + 1) + .],
  *          rcp[j] = floor(2^64 / V(n2, j)) (2^64 - 1 for V = 1) turns the division into a multiply;
  *          bucket_at: shifts [K + 1], then for each k 2^BUCKET_BITS starting values of the k1 search
  *          as bytes (bucket index >> shift[k]: the largest k1 with O(k, k1) <= the bucket's first index)
- * A leaf may also be a whole sub-pyramid tabulated in the split order (native.py, TABLE_NODE_BYTES).
  * The gemv of the two layouts the picker uses most has its own loop (gemv_row): S1 = one split
  * into two table rows (n = 12 at 2.25 bits: P(6, <= 10) tabulated), S2 = a split into two S1
- * (n = 16 at 3.25 bits: leaves P(4, .)). It decodes a row in passes over chunks of groups (codes, top
+ * (n = 16 at 3.25 bits: leaves P(4, .), tabulated up to 24 pulses). It decodes a row in passes over chunks of groups (codes, top
  * splits, half splits, then the dot products with SIMD int8 widening) and is compiled once per layout
  * (measured on a 2-core EPYC, one core, G weights/s: n = 16 0.7 scalar fused loop -> 1.25 with SSE4.1
  * widening -> 1.76 in passes; n = 12 0.9 -> 1.6 -> 2.15).
@@ -134,8 +135,9 @@ typedef struct {
 } split_t;
 
 typedef struct {
-    const int64_t *base;
+    const int64_t *base, *u;
     const int8_t *lut;
+    int64_t d, Kt, us;
 } leaf_t;
 
 static inline split_t split_of(const int64_t *plan, int64_t p) {
@@ -149,11 +151,41 @@ static inline split_t split_of(const int64_t *plan, int64_t p) {
     return s;
 }
 
-static leaf_t leaf_of(const int64_t *plan, const int8_t *lut, int64_t f) {
+static leaf_t leaf_of(const int64_t *plan, int64_t f) {
     leaf_t l;
-    l.base = plan + plan[f + 3];
-    l.lut = lut + plan[f + 4];
+    l.d = plan[f + 1];
+    l.Kt = plan[f + 3];
+    l.base = (const int64_t *)(intptr_t)plan[f + 4];
+    l.lut = (const int8_t *)(intptr_t)plan[f + 5];
+    l.u = (const int64_t *)(intptr_t)plan[f + 6];
+    l.us = plan[f + 7];
     return l;
+}
+
+/* Point i of P(d, k) in CWRS order (codec/pyramid.py decode_cwrs), for the leaves with more pulses than
+ * their table holds. u[m * us + j] = U(m, j): codewords of P(m, k) with a first coordinate >= 0 come first
+ * (U(m, k + 1) of them), then the negative ones; the pulses left for the rest are the largest k' with
+ * U(m, k') <= the index (U(m, .) increases). */
+static void cwrs_decode(const leaf_t *l, uint64_t i, int64_t k, int8_t *y) {
+    for (int64_t j = 0; j < l->d - 1; j++) {
+        const int64_t *row = l->u + (l->d - j) * l->us;
+        int neg = i >= (uint64_t)row[k + 1];
+        if (neg) i -= (uint64_t)row[k + 1];
+        int64_t rest = k;
+        while (rest > 0 && (uint64_t)row[rest] > i) rest--;
+        i -= (uint64_t)row[rest];
+        y[j] = (int8_t)(neg ? rest - k : k - rest);
+        k = rest;
+    }
+    y[l->d - 1] = (int8_t)(i > 0 ? -k : k);
+}
+
+/* point j of P(d, k) of leaf l: its table row, or decoded into scratch (d bytes) past the table's cap */
+static inline __attribute__((always_inline)) const int8_t *leaf_row(const leaf_t *l, int64_t k, uint64_t j,
+                                                                    int8_t *scratch) {
+    if (__builtin_expect(k <= l->Kt, 1)) return l->lut + (l->base[k] + (int64_t)j) * l->d;
+    cwrs_decode(l, j, k, scratch);
+    return scratch;
 }
 
 /* idx of P(n, k) -> (k1, a, b): the halves' pulse count and indices. k1 is the largest k1 <= k with
@@ -169,23 +201,13 @@ static inline __attribute__((always_inline)) uint64_t split_fast(const split_t *
     return divide(idx - (uint64_t)offs[k1], (uint64_t)s->v2[k2], s->rcp[k2], b);
 }
 
-/* dot(y, x) and ||y||^2 of one leaf row of width D */
-static inline __attribute__((always_inline)) void leaf_dot(const leaf_t *l, int64_t k, uint64_t j, const int64_t D,
-                                                           const float *x, float *dot, int32_t *e) {
-    const int8_t *row = l->lut + (l->base[k] + (int64_t)j) * D;
-    for (int64_t t = 0; t < D; t++) {
-        *dot += (float)row[t] * x[t];
-        *e += (int32_t)row[t] * row[t];
-    }
-}
-
-static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint64_t idx, int64_t k, int8_t *out) {
+static void decode_shape(const int64_t *plan, int64_t p, uint64_t idx, int64_t k, int8_t *out) {
+    int8_t scratch[MAXN];
     for (;;) {
         if (plan[p] == 0) {
-            int64_t d = plan[p + 1];
-            const int64_t *base = plan + plan[p + 3];
-            const int8_t *row = lut + plan[p + 4] + (base[k] + (int64_t)idx) * d;
-            for (int64_t j = 0; j < d; j++) out[j] = row[j];
+            const leaf_t l = leaf_of(plan, p);
+            const int8_t *row = leaf_row(&l, k, idx, scratch);
+            for (int64_t j = 0; j < l.d; j++) out[j] = row[j];
             return;
         }
         int64_t n1 = plan[p + 2], k1;
@@ -194,11 +216,11 @@ static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint
         int64_t k2 = k - k1;
         int64_t f = plan[p + 4];
         if (plan[f] == 0) {  /* a leaf first half (the common case): copy its row, no call */
-            int64_t d = plan[f + 1];
-            const int8_t *row = lut + plan[f + 4] + (plan[plan[f + 3] + k1] + (int64_t)a) * d;
-            for (int64_t j = 0; j < d; j++) out[j] = row[j];
+            const leaf_t l = leaf_of(plan, f);
+            const int8_t *row = leaf_row(&l, k1, a, scratch);
+            for (int64_t j = 0; j < l.d; j++) out[j] = row[j];
         } else {
-            decode_shape(plan, lut, f, a, k1, out);
+            decode_shape(plan, f, a, k1, out);
         }
         out += n1;
         p = plan[p + 5];
@@ -208,9 +230,9 @@ static void decode_shape(const int64_t *plan, const int8_t *lut, int64_t p, uint
 }
 
 /* one group: its integer shape y[n] (returned) and gain level (*lvl) */
-static inline void pvq_shape(const int64_t *plan, const int8_t *lut, int64_t top, const stream_t *s, int64_t gi, int64_t k,
-                             int8_t *y, uint64_t *lvl) {
-    decode_shape(plan, lut, top, code_at(s, gi, lvl), k, y);
+static inline void pvq_shape(const int64_t *plan, int64_t top, const stream_t *s, int64_t gi, int64_t k, int8_t *y,
+                             uint64_t *lvl) {
+    decode_shape(plan, top, code_at(s, gi, lvl), k, y);
 }
 
 /* The first group whose shape index (code / L) is not below V, or -1: a code out of range would
@@ -230,7 +252,7 @@ static float *inverse_norms(int64_t k) {
     return rinv;
 }
 
-void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
+void pvq_decode(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
                 int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t cols,
                 int64_t r0, int64_t r1, float *out) {
     const stream_t st = stream_of(codes, nbytes, width, L);
@@ -243,7 +265,7 @@ void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8
         float s = scales[per_row ? r : 0];
         float *o = out + (r - r0) * cols;
         for (int64_t g = 0; g < groups; g++) {
-            pvq_shape(plan, lut, top, &st, r * groups + g, k, y, &lvl);
+            pvq_shape(plan, top, &st, r * groups + g, k, y, &lvl);
             int32_t e = 0;
             for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
             float f = s * levels[lvl] * rinv[e];
@@ -253,9 +275,9 @@ void pvq_decode(const int64_t *plan, const int8_t *lut, int64_t top, const uint8
     free(rinv);
 }
 
-/* Leaf rows R[0..G) of width D (table row numbers) -> <y, x> of each group of G leaves, x at stride n = G * D,
- * times that group's factor level * 1 / ||y||, summed over gn groups into *acc (pass 3 of gemv_fixed). */
-static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, const int32_t *R, const float *FL,
+/* Leaf rows R[G * j + t] (pointers to D int8) -> <y, x> of each group j of G leaves, x at stride n = G * D,
+ * times that group's factor level * 1 / ||y||, summed over gn groups (pass 3 of gemv_row). */
+static inline __attribute__((always_inline)) float rows_dot(const int8_t *const *R, const float *FL,
                                                             int64_t gn, const float *xg, const float *rinv,
                                                             const int64_t G, const int64_t D) {
     const int64_t n = G * D;
@@ -266,13 +288,13 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
         for (int64_t j = 0; j < gn; j++, xg += n) {
             __m128i y;
             if (D == 6) {  /* the table is padded: 8-byte loads are safe */
-                __m128i ra = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j] * 6));
-                __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * 6));
+                __m128i ra = _mm_loadl_epi64((const __m128i *)R[2 * j]);
+                __m128i rb = _mm_loadl_epi64((const __m128i *)R[2 * j + 1]);
                 y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
                                      _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
             } else {
                 int32_t w[4];
-                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * 4, 4);
+                for (int t = 0; t < 4; t++) memcpy(&w[t], R[4 * j + t], 4);
                 y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
             }
             __m128i ay = _mm_abs_epi8(y);
@@ -291,13 +313,13 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
         for (int64_t j = 0; j < gn; j++, xg += n) {
             __m128i y;
             if (D == 6) {
-                __m128i ra = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j] * 6));
-                __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * 6));
+                __m128i ra = _mm_loadl_epi64((const __m128i *)R[2 * j]);
+                __m128i rb = _mm_loadl_epi64((const __m128i *)R[2 * j + 1]);
                 y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
                                      _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
             } else {
                 int32_t w[4];
-                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * 4, 4);
+                for (int t = 0; t < 4; t++) memcpy(&w[t], R[4 * j + t], 4);
                 y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
             }
             __m128i ay = _mm_abs_epi8(y);
@@ -322,7 +344,7 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
         float d = 0.0f;
         int32_t e = 0;
         for (int64_t t = 0; t < G; t++) {
-            const int8_t *row = lut + (int64_t)R[G * j + t] * D;
+            const int8_t *row = R[G * j + t];
             for (int64_t c = 0; c < D; c++) {
                 d += (float)row[c] * xg[t * D + c];
                 e += (int32_t)row[c] * row[c];
@@ -356,7 +378,8 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
     const int64_t G = layout == 1 ? 2 : 4, n = G * D, k = f.k;
     uint64_t IDX[CHUNK], HI[2 * CHUNK];
     int64_t HK[2 * CHUNK];
-    int32_t R[4 * CHUNK];
+    const int8_t *R[4 * CHUNK];
+    int8_t S[4 * CHUNK][8];  /* rows decoded past a leaf table's cap (8 bytes: rows_dot may load 8) */
     float FL[CHUNK];
     for (int64_t g0 = 0; g0 < f.groups; g0 += CHUNK) {
         int64_t gn = f.groups - g0 < CHUNK ? f.groups - g0 : CHUNK;
@@ -378,8 +401,8 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
             int64_t k1;
             uint64_t b, a = split_fast(&f.top, IDX[j], k, &k1, &b);
             if (layout == 1) {
-                R[2 * j] = (int32_t)(f.leaf.base[k1] + (int64_t)a);
-                R[2 * j + 1] = (int32_t)(f.leaf.base[k - k1] + (int64_t)b);
+                R[2 * j] = leaf_row(&f.leaf, k1, a, S[2 * j]);
+                R[2 * j + 1] = leaf_row(&f.leaf, k - k1, b, S[2 * j + 1]);
             } else {
                 HI[2 * j] = a;
                 HK[2 * j] = k1;
@@ -391,16 +414,16 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
             for (int64_t h = 0; h < 2 * gn; h++) {
                 int64_t ka, kh = HK[h];
                 uint64_t a2, a1 = split_fast(&f.half, HI[h], kh, &ka, &a2);
-                R[2 * h] = (int32_t)(f.leaf.base[ka] + (int64_t)a1);
-                R[2 * h + 1] = (int32_t)(f.leaf.base[kh - ka] + (int64_t)a2);
+                R[2 * h] = leaf_row(&f.leaf, ka, a1, S[2 * h]);
+                R[2 * h + 1] = leaf_row(&f.leaf, kh - ka, a2, S[2 * h + 1]);
             }
-        acc[0] += rows_dot(f.leaf.lut, R, FL, gn, f.x + g0 * n, f.rinv, G, D);
-        if (f.B > 1) acc[1] += rows_dot(f.leaf.lut, R, FL, gn, f.x + f.ldx + g0 * n, f.rinv, G, D);
+        acc[0] += rows_dot(R, FL, gn, f.x + g0 * n, f.rinv, G, D);
+        if (f.B > 1) acc[1] += rows_dot(R, FL, gn, f.x + f.ldx + g0 * n, f.rinv, G, D);
     }
 }
 
 /* y[b * ldy + r] = sum_c W[r, c] * x[b * ldx + c] for b < B, r < rows */
-void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
+void pvq_gemv(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
               int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t rows,
               int64_t cols, const float *x, int64_t ldx, int64_t B, float *out, int64_t ldy) {
     const stream_t st = stream_of(codes, nbytes, width, L);
@@ -411,7 +434,7 @@ void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t
     if ((layout == 1 && (d == 6 || d == 4)) || (layout == 2 && (d == 4 || d == 3))) {
         int64_t child = plan[top + 4];
         fixed_t f = {split_of(plan, top), split_of(plan, layout == 2 ? child : top),
-                     leaf_of(plan, lut, layout == 2 ? plan[child + 4] : child), st, k, groups, ldx, B, levels, rinv, x};
+                     leaf_of(plan, layout == 2 ? plan[child + 4] : child), st, k, groups, ldx, B, levels, rinv, x};
 #define FIXED(LAYOUT, D)                                                             \
         _Pragma("omp parallel for schedule(static)")                                 \
         for (int64_t r = 0; r < rows; r++) {                                         \
@@ -439,7 +462,7 @@ void pvq_gemv(const int64_t *plan, const int8_t *lut, int64_t top, const uint8_t
             int64_t nb = B - b0 < 8 ? B - b0 : 8;
             for (int64_t b = 0; b < nb; b++) acc[b] = 0.0f;
             for (int64_t g = 0; g < groups; g++) {
-                pvq_shape(plan, lut, top, &st, r * groups + g, k, y, &lvl);
+                pvq_shape(plan, top, &st, r * groups + g, k, y, &lvl);
                 int32_t e = 0;
                 for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
                 float f = levels[lvl] * rinv[e];

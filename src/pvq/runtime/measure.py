@@ -69,9 +69,8 @@ def quantized_memory(model) -> dict:
         dec = st.get("decoder")
         if dec is not None:
             resident += dec.resident_bytes()
-            for shared in (dec.plan, dec.table):  # decode tables shared by every layer of one (n, k)
-                if shared is not None:
-                    plans[id(shared)] = sum(t.numel() * t.element_size() for t in shared)
+            for t in dec.shared_tensors():  # plans shared by the layers of one (n, k), tables by every plan
+                plans[id(t)] = t.numel() * t.element_size()
     resident += sum(plans.values())
     return {"packed_bytes": packed, "resident_bytes": resident,
             "resident_over_packed": resident / packed if packed else None, "shared_plan_bytes": sum(plans.values())}

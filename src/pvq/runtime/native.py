@@ -5,7 +5,7 @@ flags in `$PVQ_CFLAGS`, e.g. `-mno-avx512f` to build for an older CPU) into a ca
 (`$PVQ_CACHE`, default `~/.cache/pvq`), keyed by a hash of the source and flags, and loads it.
 No compiler (or a failed build) gives None and a one-line reason in `kernel_error()`;
 callers then decode with torch (exact, slower). `plan(n, k)` serialises the split enumeration of
-codec/enumeration.py for the kernel.
+codec/enumeration.py for the kernel; its tables of points are shared by every plan.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -71,8 +72,8 @@ def kernel() -> ctypes.CDLL | None:
         _error = f"cannot load {lib}: {exc}"
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    dll.pvq_decode.argtypes = [p, p, i64, p, i64, i32, i64, i64, i64, p, p, i32, i64, i64, i64, p]
-    dll.pvq_gemv.argtypes = [p, p, i64, p, i64, i32, i64, i64, i64, p, p, i32, i64, i64, p, i64, i64, p, i64]
+    dll.pvq_decode.argtypes = [p, i64, p, i64, i32, i64, i64, i64, p, p, i32, i64, i64, i64, p]
+    dll.pvq_gemv.argtypes = [p, i64, p, i64, i32, i64, i64, i64, p, p, i32, i64, i64, p, i64, i64, p, i64]
     dll.uni_decode.argtypes = [p, i64, i32, p, p, i64, i64, i64, i64, p]
     dll.uni_gemv.argtypes = [p, i64, i32, p, p, i64, i64, i64, p, i64, i64, p, i64]
     dll.rot_apply.argtypes = [p, p, i64, i64, i64, p, p, i32, p]
@@ -90,23 +91,83 @@ def kernel() -> ctypes.CDLL | None:
 
 
 MAX_N = 64  # kernel.c MAXN: the longest group the kernel decodes into its stack buffer
-# A sub-pyramid whose every point (all k' <= K) fits in this many bytes of int8 is decoded from one
-# table read instead of its own splits (e.g. P(6, <= 10) of the n=12 setting: 0.77 MiB).
-TABLE_NODE_BYTES = 1 << 20
+MAX_K = 127  # int8 points
+# Every table of points is at most this big, and shared by every plan of the process that uses it:
+# - a leaf table holds every point of P(d, k') (d <= 4, CWRS order) for k' up to the largest cap with
+#   rows * d <= TABLE_BYTES (P(4, <= 24), P(3, <= 63)); a leaf with more pulses is decoded from the
+#   CWRS recurrence instead (rare: a quarter of a group holding more than 24 pulses);
+# - a sub-pyramid P(m, <= K) (m > 4, e.g. the halves P(6, <= 10) of the n=12 setting) whose every point
+#   fits is decoded from one table in the split order instead of its own splits, built once at the
+#   largest K that fits (tables of smaller K are its prefixes).
+# So a model keeps at most one table per width, whatever mix of (n, k) its layers use.
+TABLE_BYTES = 1 << 20
 BUCKET_BITS = 10  # the k1 search of a split starts from a table of 2^10 buckets of the index range
+PAD = 16  # bytes after every table: the kernel reads a row of 6 with one 8-byte load
 
 
-def _tabulate(node, K: int) -> tuple[torch.Tensor, list[int]] | None:
-    """Every point of P(node.n, k') for k' = 0..K in the split enumeration's own index order, as
-    int8 [rows, n], and the first row of each k'; None when that exceeds TABLE_NODE_BYTES."""
-    sizes = [count(node.n, kk) for kk in range(K + 1)]
-    if sum(sizes) * node.n > TABLE_NODE_BYTES:
-        return None
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """The serialised enumeration of P(n, k) for the kernel: `words` (int64 nodes, below) and the shared
+    tables its leaves point into by address (kept alive here).
+
+    leaf:  [0, d, K, Kt, base, lut, u, ustride]  point j of P(d, k) is row base[k] + j of lut (k <= Kt),
+           else decoded from the CWRS table u[(d + 1) x ustride] (u = 0: a split-order table, Kt = K)
+    split: [1, n, n1, K, first, second, offs_at, v2_at, rcp_at, bucket_at]
+           index = O(k, k1) + a * V(n2, k - k1) + b, O(k, .) = words[offs_at + k * (K + 1) + .],
+           rcp[j] = floor(2^64 / V(n2, j)) (2^64 - 1 for V = 1) turns the division into a multiply;
+           bucket_at: shifts [K + 1], then for each k 2^BUCKET_BITS starting values of the k1 search as
+           bytes (bucket index >> shift[k]: the largest k1 with O(k, k1) <= the bucket's first index)"""
+
+    words: torch.Tensor
+    tables: tuple
+
+    def nbytes(self) -> int:
+        return self.words.numel() * 8
+
+
+def _table_cap(sizes) -> int:
+    """The largest K with sum(sizes[:K + 1]) * width <= TABLE_BYTES (sizes: rows * width per k)."""
+    total, K = 0, -1
+    for s in sizes:
+        if total + s > TABLE_BYTES:
+            break
+        total += s
+        K += 1
+    return K
+
+
+@lru_cache(maxsize=None)
+def leaf_table(d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(points int8 [rows * d + PAD], base int64 [Kt + 1], CWRS table int64 [(d + 1) * (MAX_K + 2)], Kt):
+    every point of P(d, k') for k' <= Kt in CWRS order (the codec's leaves), shared by every plan."""
+    from ..codec.pyramid import u_table
+
+    Kt = min(MAX_K, _table_cap(count(d, kk) * d for kk in range(MAX_K + 1)))
+    leaf = enumeration._node(d, Kt)
+    assert isinstance(leaf, enumeration._Leaf)
+    lut = torch.cat([leaf.lut.to(torch.int8).reshape(-1), torch.zeros(PAD, dtype=torch.int8)])
+    return lut, leaf.base.clone(), u_table(d, MAX_K).reshape(-1).contiguous(), Kt
+
+
+@lru_cache(maxsize=None)
+def split_table_cap(m: int) -> int:
+    """The largest K whose every point of P(m, <= K) fits one table (-1: not even P(m, 0))."""
+    return min(MAX_K, _table_cap(count(m, kk) * m for kk in range(MAX_K + 1)))
+
+
+@lru_cache(maxsize=None)
+def split_table(m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(points int8 [rows * m + PAD], base int64 [Kmax + 1], Kmax): every point of P(m, k') for k' <= Kmax
+    (split_table_cap), in the split enumeration's order (its index order for any K >= k')."""
+    Kmax = split_table_cap(m)
+    node = enumeration._node(m, Kmax)
+    sizes = [count(m, kk) for kk in range(Kmax + 1)]
     rows = [enumeration._decode(node, torch.arange(v, dtype=torch.int64), kk) for kk, v in enumerate(sizes)]
     base = [0]
     for v in sizes[:-1]:
         base.append(base[-1] + v)
-    return torch.cat(rows).to(torch.int8), base
+    lut = torch.cat([torch.cat(rows).to(torch.int8).reshape(-1), torch.zeros(PAD, dtype=torch.int8)])
+    return lut, torch.tensor(base, dtype=torch.int64), Kmax
 
 
 def _buckets(offs: list[list[int]], total: list[int]) -> tuple[list[int], list[int]]:
@@ -127,24 +188,19 @@ def _buckets(offs: list[list[int]], total: list[int]) -> tuple[list[int], list[i
 
 
 @lru_cache(maxsize=32)
-def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(plan int64, leaf points int8) for P(n, k), or None where the kernel cannot decode it
-    (a leaf needs more than int8, k >= 128, or n > MAX_N): callers then use the torch decoder."""
-    if n > MAX_N or k >= 128:
+def plan(n: int, k: int) -> Plan | None:
+    """The kernel's plan for P(n, k), or None where the kernel cannot decode it (k > MAX_K or n > MAX_N):
+    callers then use the torch decoder."""
+    if n > MAX_N or k > MAX_K:
         return None
     words: list[int] = []
-    luts: list[torch.Tensor] = []
-    lut_len = 0
+    tables: list[torch.Tensor] = []
     where: dict[int, int] = {}
 
-    def leaf(node, d: int, K: int, lut: torch.Tensor, base: list[int]) -> int:
-        nonlocal lut_len
+    def leaf(node, d: int, K: int, Kt: int, base: torch.Tensor, lut: torch.Tensor, u: torch.Tensor | None) -> int:
         at = len(words)
-        words.extend([0, d, K, 0, lut_len])
-        words[at + 3] = len(words)
-        words.extend(base)
-        luts.append(lut.reshape(-1))
-        lut_len += lut.numel()
+        words.extend([0, d, K, Kt, base.data_ptr(), lut.data_ptr(), 0 if u is None else u.data_ptr(), MAX_K + 2])
+        tables.extend(t for t in (base, lut, u) if t is not None)
         where[id(node)] = at
         return at
 
@@ -152,13 +208,12 @@ def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if id(node) in where:
             return where[id(node)]
         if isinstance(node, enumeration._Leaf):
-            if node.lut.dtype != torch.int8:
-                raise OverflowError
-            return leaf(node, node.d, node.base.numel() - 1, node.lut, node.base.tolist())
-        if where:  # a sub-pyramid (never the top: its group index is the code itself) may be one table
-            tab = _tabulate(node, node.K)
-            if tab is not None:
-                return leaf(node, node.n, node.K, *tab)
+            lut, base, u, Kt = leaf_table(node.d)
+            K = node.base.numel() - 1
+            return leaf(node, node.d, K, min(K, Kt), base, lut, u)
+        if where and node.K <= split_table_cap(node.n):  # never the top: its group index is the code itself
+            lut, base, _ = split_table(node.n)
+            return leaf(node, node.n, node.K, node.K, base, lut, None)
         at = len(words)
         words.extend([1, node.n, node.n1, node.K, 0, 0, 0, 0, 0, 0])
         where[id(node)] = at
@@ -181,18 +236,15 @@ def plan(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         shifts, starts = _buckets(offs, [count(node.n, kk) for kk in range(K + 1)])
         words[at + 9] = len(words)
         words.extend(shifts)
-        # the starting k1 (< 128) of every bucket as one byte, eight to a word (little-endian)
+        # the starting k1 (<= MAX_K) of every bucket as one byte, eight to a word (little-endian)
         starts += [0] * (-len(starts) % 8)
         words.extend(int.from_bytes(bytes(starts[j: j + 8]), "little", signed=True) for j in range(0, len(starts), 8))
         return at
 
-    try:
-        top = emit(enumeration._node(n, k))
-    except OverflowError:
-        return None
+    top = emit(enumeration._node(n, k))
     assert top == 0
-    # 16 bytes of padding: the kernel reads a leaf row of 6 with one 8-byte load
-    return torch.tensor(words, dtype=torch.int64), torch.cat([*luts, torch.zeros(16, dtype=torch.int8)]).contiguous()
+    unique = {id(t): t for t in tables}
+    return Plan(torch.tensor(words, dtype=torch.int64), tuple(unique.values()))
 
 
 LUT_BYTES = 1 << 20  # a full table of P(n, k) is used up to this size (int8 points + float32 norms)
