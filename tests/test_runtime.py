@@ -144,7 +144,7 @@ def test_plan_tabulates_small_halves_and_buckets_every_split():
     assert words[half] == 0 and words[half + 1] == 6  # ... a table of every point of P(6, <= 10)
     from pvq.codec.pyramid import count
 
-    lut = native.split_table(6)[0]
+    lut = native.table(6, 10)[0]
     assert words[half + 5] == lut.data_ptr() and lut.numel() >= sum(count(6, k) for k in range(11)) * 6
     # the bucket table's starting k1 never overshoots: O(k, k1_start) <= the bucket's first index
     K = words[3]
@@ -157,30 +157,33 @@ def test_plan_tabulates_small_halves_and_buckets_every_split():
 
 
 def test_plans_share_their_tables_of_points():
-    # every plan with leaves of 4 points at the one P(4, <= 24) table; sub-pyramids P(6, <= K) share P(6, <= 10)
-    t4 = {id(t) for p in (native.plan(16, 17), native.plan(16, 29), native.plan(16, 41)) for t in p.tables}
-    assert len(t4) == 3  # base, points, CWRS table
-    assert native.leaf_table(4)[3] == 24 and native.leaf_table(4)[0].numel() <= native.TABLE_BYTES + native.PAD
-    t6 = [{id(t) for t in native.plan(12, k).tables} for k in (7, 8, 10)]
-    assert t6[0] == t6[1] == t6[2]
+    # reserved for a model's settings first, every plan with leaves of 4 points uses one table, P(4, <= 29) at
+    # most (2 MiB); sub-pyramids P(6, <= K) share one table too
+    settings = [(16, 19), (16, 23), (16, 37), (12, 6), (12, 9)]
+    native.reserve(settings)
+    t4 = {id(t) for n, k in settings[:3] for t in native.plan(n, k).tables}
+    assert len(t4) == 4  # points, base, mask, CWRS table
+    assert native.table_cap(4) == 29 and native.table(4, 29)[0].numel() <= native.TABLE_BYTES + native.PAD
+    assert {id(t) for t in native.plan(12, 6).tables} == {id(t) for t in native.plan(12, 9).tables}
     # a model mixing many (n, k) keeps each table once
     from pvq.runtime.measure import quantized_memory
 
-    layers = [QuantLinear.from_packed(quantize(_w(16, 96, s), PVQSpec(16, k, 7)), (0, 0), decode="on-the-fly")
-              for s, k in enumerate((17, 29, 41))]
+    layers = [QuantLinear.from_packed(quantize(_w(16, 96, s), PVQSpec(n, k, 7)), (0, 0), decode="on-the-fly")
+              for s, (n, k) in enumerate(settings)]
     model = torch.nn.Sequential(*layers)
     for q in layers:
         q._prepared()
     mem = quantized_memory(model)
-    plans = sum(native.plan(16, k).nbytes() for k in (17, 29, 41))
-    shared = sum(t.numel() * t.element_size() for t in native.plan(16, 41).tables)
-    assert mem["shared_plan_bytes"] == plans + shared
+    plans = sum(native.plan(n, k).nbytes() for n, k in settings)
+    shared = {id(t): t.numel() * t.element_size() for n, k in settings for t in native.plan(n, k).tables}
+    assert len(shared) == 4 + 3  # the P(6) table has no CWRS table
+    assert mem["shared_plan_bytes"] == plans + sum(shared.values())
 
 
 @needs_native
 @pytest.mark.parametrize("spec", [PVQSpec(16, 41, 7), PVQSpec(8, 30, 5), PVQSpec(12, 88, 7)], ids=lambda s: s.name)
 def test_leaves_past_the_table_cap_decode_from_the_cwrs_recurrence(spec):
-    """Peaked groups put more pulses in one leaf than its table holds (P(4, <= 24), P(3, <= 63))."""
+    """Peaked groups put more pulses in one leaf than its table holds (P(4, <= 29), P(3, <= 80))."""
     w = _w(24, 96) * 0.01
     w[:, :: spec.n] = 5.0  # one dominant coordinate per group: all k pulses in one leaf
     w[::3, 1 :: spec.n] = -3.0

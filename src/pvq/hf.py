@@ -83,11 +83,13 @@ def register() -> bool:
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             from .io import DENSE_DTYPES, attach_activations
+            from .runtime.decode import reserve_tables
             from .runtime.dense import keep_stored
 
             attach_activations(model, {"config": self.quantization_config.config})
             # a float32 model keeps its embeddings and head in the file's 16-bit dtype (exact, half the bytes)
             keep_stored(model, DENSE_DTYPES.get((self.quantization_config.config or {}).get("dense_dtype")))
+            reserve_tables(model)
             return model
 
         def is_serializable(self, *args, **kwargs):

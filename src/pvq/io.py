@@ -19,6 +19,7 @@ import torch
 from .config import FORMAT_VERSION, spec_from_dict
 from .models.adapters import check_supported, set_module
 from .nn import QuantLinear, check_decode
+from .runtime.decode import reserve_tables
 from .runtime.dense import keep_stored
 
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -178,6 +179,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     if tied:
         model.tie_weights()
     keep_stored(model, DENSE_DTYPES.get(qc.get("config", {}).get("dense_dtype")))  # embeddings and head stay 16-bit
+    reserve_tables(model)
     model.config.quantization_config = qc
     attach_activations(model, qc, str(p / "config.json"))
     tokenizer = None

@@ -118,6 +118,18 @@ class Decoder:
         return out.reshape(*lead, self.rows)
 
 
+def reserve_tables(model) -> None:
+    """Size the kernel's shared tables for every on-the-fly PVQ layer of `model` at once (before any layer
+    builds its plan: built in layer order, a small table and then a larger one would both stay resident)."""
+    from ..codec import PVQSpec
+    from ..nn import QuantLinear
+
+    if native.kernel() is None:
+        return
+    native.reserve([(m.spec.n, m.spec.k) for m in model.modules()
+                    if isinstance(m, QuantLinear) and m.decode == "on-the-fly" and isinstance(m.spec, PVQSpec)])
+
+
 def rotation_args(r) -> tuple:
     """The native kernel's arguments for rotation r: (m, p, signs pointer, small-factor pointer, the
     float32 tensors they point into). Build once per layer and pass to rotate()."""

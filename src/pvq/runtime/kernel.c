@@ -10,9 +10,10 @@
  * PVQ shapes use the split enumeration of pvq/codec/enumeration.py, serialised by
  * pvq/runtime/native.py into one int64 "plan" array (Plan: nodes, offsets, counts); its leaves point
  * by address at tables of points shared by every plan. A node at plan[p]:
- *   leaf:  [0, d, K, Kt, base, lut, u, ustride]  point j of P(d, k) is row base[k] + j of lut for k <= Kt;
- *          beyond, it is decoded from the CWRS table u (the codec's leaf order; a rare case: the tables
- *          are capped at 1 MiB). A leaf may also be a whole sub-pyramid tabulated in the split order (u = 0).
+ *   leaf:  [0, d, K, Kt, base, lut, u, ustride, mask]  point j of P(d, k) is row base[k] + j of lut for
+ *          k <= Kt; beyond, it is decoded from the CWRS table u (the codec's leaf order; a rare case: the
+ *          tables are capped at 1 MiB), and base[k] = mask[k] = 0 there (mask[k] = ~0 below). A leaf may also
+ *          be a whole sub-pyramid tabulated in the split order (u = 0, Kt = K).
  *   split: [1, n, n1, K, first, second, offs_at, v2_at, rcp_at, bucket_at]
  *          index = O(k, k1) + a * V(n2, k - k1) + b, O(k, .) = plan[offs_at + k * (K + 1) + .],
  *          rcp[j] = floor(2^64 / V(n2, j)) (2^64 - 1 for V = 1) turns the division into a multiply;
@@ -135,7 +136,7 @@ typedef struct {
 } split_t;
 
 typedef struct {
-    const int64_t *base, *u;
+    const int64_t *base, *mask, *u;
     const int8_t *lut;
     int64_t d, Kt, us;
 } leaf_t;
@@ -159,6 +160,7 @@ static leaf_t leaf_of(const int64_t *plan, int64_t f) {
     l.lut = (const int8_t *)(intptr_t)plan[f + 5];
     l.u = (const int64_t *)(intptr_t)plan[f + 6];
     l.us = plan[f + 7];
+    l.mask = (const int64_t *)(intptr_t)plan[f + 8];
     return l;
 }
 
@@ -275,9 +277,9 @@ void pvq_decode(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t 
     free(rinv);
 }
 
-/* Leaf rows R[G * j + t] (pointers to D int8) -> <y, x> of each group j of G leaves, x at stride n = G * D,
- * times that group's factor level * 1 / ||y||, summed over gn groups (pass 3 of gemv_row). */
-static inline __attribute__((always_inline)) float rows_dot(const int8_t *const *R, const float *FL,
+/* Leaf rows R[G * j + t] (row numbers of the table lut, D int8 each) -> <y, x> of each group j of G leaves, x at
+ * stride n = G * D, times that group's factor level * 1 / ||y||, summed over gn groups (pass 3 of gemv_row). */
+static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, const int32_t *R, const float *FL,
                                                             int64_t gn, const float *xg, const float *rinv,
                                                             const int64_t G, const int64_t D) {
     const int64_t n = G * D;
@@ -288,13 +290,13 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *const 
         for (int64_t j = 0; j < gn; j++, xg += n) {
             __m128i y;
             if (D == 6) {  /* the table is padded: 8-byte loads are safe */
-                __m128i ra = _mm_loadl_epi64((const __m128i *)R[2 * j]);
-                __m128i rb = _mm_loadl_epi64((const __m128i *)R[2 * j + 1]);
+                __m128i ra = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j] * 6));
+                __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * 6));
                 y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
                                      _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
             } else {
                 int32_t w[4];
-                for (int t = 0; t < 4; t++) memcpy(&w[t], R[4 * j + t], 4);
+                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * 4, 4);
                 y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
             }
             __m128i ay = _mm_abs_epi8(y);
@@ -313,13 +315,13 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *const 
         for (int64_t j = 0; j < gn; j++, xg += n) {
             __m128i y;
             if (D == 6) {
-                __m128i ra = _mm_loadl_epi64((const __m128i *)R[2 * j]);
-                __m128i rb = _mm_loadl_epi64((const __m128i *)R[2 * j + 1]);
+                __m128i ra = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j] * 6));
+                __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * 6));
                 y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
                                      _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
             } else {
                 int32_t w[4];
-                for (int t = 0; t < 4; t++) memcpy(&w[t], R[4 * j + t], 4);
+                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * 4, 4);
                 y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
             }
             __m128i ay = _mm_abs_epi8(y);
@@ -344,7 +346,7 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *const 
         float d = 0.0f;
         int32_t e = 0;
         for (int64_t t = 0; t < G; t++) {
-            const int8_t *row = R[G * j + t];
+            const int8_t *row = lut + (int64_t)R[G * j + t] * D;
             for (int64_t c = 0; c < D; c++) {
                 d += (float)row[c] * xg[t * D + c];
                 e += (int32_t)row[c] * row[c];
@@ -355,8 +357,25 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *const 
     return acc;
 }
 
+/* Group j's contribution level * <y, x_b> / ||y|| added to acc[b], y decoded by the generic decoder (the groups
+ * with a leaf past its table's cap), and its factor FL[j] zeroed so that rows_dot adds nothing for it. */
+static void fix_group(const int64_t *plan, uint64_t idx, int64_t k, int64_t n, float *FL, int64_t j, const float *x,
+                      int64_t ldx, int64_t B, const float *rinv, float *acc) {
+    int8_t y[MAXN];
+    decode_shape(plan, 0, idx, k, y);
+    int32_t e = 0;
+    for (int64_t c = 0; c < n; c++) e += (int32_t)y[c] * y[c];
+    for (int64_t b = 0; b < B; b++) {
+        float dot = 0.0f;
+        for (int64_t c = 0; c < n; c++) dot += (float)y[c] * x[b * ldx + j * n + c];
+        acc[b] += FL[j] * rinv[e] * dot;
+    }
+    FL[j] = 0.0f;
+}
+
 /* Everything a row of gemv_row needs, gathered once per call. */
 typedef struct {
+    const int64_t *plan;
     split_t top, half;
     leaf_t leaf;
     stream_t codes;
@@ -373,14 +392,28 @@ typedef struct {
  * of spilling registers (one fused loop was 20-30% slower on a 2-core EPYC). Returns <row, x_b> in acc[b]. */
 #define CHUNK 48
 static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, int64_t r, float *acc, const int layout,
-                                                           const int64_t D) {
+                                                           const int64_t D, const int check) {
     const fixed_t f = *fp;
     const int64_t G = layout == 1 ? 2 : 4, n = G * D, k = f.k;
     uint64_t IDX[CHUNK], HI[2 * CHUNK];
     int64_t HK[2 * CHUNK];
-    const int8_t *R[4 * CHUNK];
-    int8_t S[4 * CHUNK][8];  /* rows decoded past a leaf table's cap (8 bytes: rows_dot may load 8) */
+    int32_t R[4 * CHUNK];
     float FL[CHUNK];
+    /* check (only where the leaves' K exceeds their table's): a leaf past the table (rare) gets row 0 (base =
+     * mask = 0 there: the point of P(d, 0), all zeros) and flags its group, which fix_group then computes
+     * apart. No branch or call in the pass loops: either cost ~10%, and the check itself ~8% (row numbers
+     * relative to one table also load faster than pointers). */
+    uint8_t FLG[CHUNK];
+#define LEAF_REF(SLOT, KK, J, FLAG)                                                            \
+    do {                                                                                       \
+        int64_t kk_ = (KK);                                                                    \
+        if (check) {                                                                           \
+            R[SLOT] = (int32_t)(f.leaf.base[kk_] + ((int64_t)(J) & f.leaf.mask[kk_]));         \
+            FLAG |= kk_ > f.leaf.Kt;                                                           \
+        } else {                                                                               \
+            R[SLOT] = (int32_t)(f.leaf.base[kk_] + (int64_t)(J));                              \
+        }                                                                                      \
+    } while (0)
     for (int64_t g0 = 0; g0 < f.groups; g0 += CHUNK) {
         int64_t gn = f.groups - g0 < CHUNK ? f.groups - g0 : CHUNK;
         uint64_t bit = (uint64_t)(r * f.groups + g0) * (uint64_t)f.codes.width, lvl;
@@ -397,12 +430,19 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
                 FL[j] = f.levels[lvl];
             }
         }
+        uint8_t any = 0;
+        if (check && layout == 2) memset(FLG, 0, (size_t)gn);
         for (int64_t j = 0; j < gn; j++) {
             int64_t k1;
             uint64_t b, a = split_fast(&f.top, IDX[j], k, &k1, &b);
             if (layout == 1) {
-                R[2 * j] = leaf_row(&f.leaf, k1, a, S[2 * j]);
-                R[2 * j + 1] = leaf_row(&f.leaf, k - k1, b, S[2 * j + 1]);
+                uint8_t flag = 0;
+                LEAF_REF(2 * j, k1, a, flag);
+                LEAF_REF(2 * j + 1, k - k1, b, flag);
+                if (check) {
+                    FLG[j] = flag;
+                    any |= flag;
+                }
             } else {
                 HI[2 * j] = a;
                 HK[2 * j] = k1;
@@ -414,12 +454,21 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
             for (int64_t h = 0; h < 2 * gn; h++) {
                 int64_t ka, kh = HK[h];
                 uint64_t a2, a1 = split_fast(&f.half, HI[h], kh, &ka, &a2);
-                R[2 * h] = leaf_row(&f.leaf, ka, a1, S[2 * h]);
-                R[2 * h + 1] = leaf_row(&f.leaf, kh - ka, a2, S[2 * h + 1]);
+                uint8_t flag = 0;
+                LEAF_REF(2 * h, ka, a1, flag);
+                LEAF_REF(2 * h + 1, kh - ka, a2, flag);
+                if (check) {
+                    FLG[h >> 1] |= flag;
+                    any |= flag;
+                }
             }
-        acc[0] += rows_dot(R, FL, gn, f.x + g0 * n, f.rinv, G, D);
-        if (f.B > 1) acc[1] += rows_dot(R, FL, gn, f.x + f.ldx + g0 * n, f.rinv, G, D);
+        if (check && any)
+            for (int64_t j = 0; j < gn; j++)
+                if (FLG[j]) fix_group(f.plan, IDX[j], k, n, FL, j, f.x + g0 * n, f.ldx, f.B, f.rinv, acc);
+        acc[0] += rows_dot(f.leaf.lut, R, FL, gn, f.x + g0 * n, f.rinv, G, D);
+        if (f.B > 1) acc[1] += rows_dot(f.leaf.lut, R, FL, gn, f.x + f.ldx + g0 * n, f.rinv, G, D);
     }
+#undef LEAF_REF
 }
 
 /* y[b * ldy + r] = sum_c W[r, c] * x[b * ldx + c] for b < B, r < rows */
@@ -433,21 +482,26 @@ void pvq_gemv(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nb
     int layout = B <= 2 ? layout_of(plan, top, &d) : 0;
     if ((layout == 1 && (d == 6 || d == 4)) || (layout == 2 && (d == 4 || d == 3))) {
         int64_t child = plan[top + 4];
-        fixed_t f = {split_of(plan, top), split_of(plan, layout == 2 ? child : top),
+        fixed_t f = {plan, split_of(plan, top), split_of(plan, layout == 2 ? child : top),
                      leaf_of(plan, layout == 2 ? plan[child + 4] : child), st, k, groups, ldx, B, levels, rinv, x};
-#define FIXED(LAYOUT, D)                                                             \
+        const int64_t *lf = plan + (layout == 2 ? plan[child + 4] : child);
+        int check = lf[3] < lf[2];  /* the leaves' K exceeds their table's */
+#define FIXED(LAYOUT, D, CHECK)                                                      \
         _Pragma("omp parallel for schedule(static)")                                 \
         for (int64_t r = 0; r < rows; r++) {                                         \
             float acc[2] = {0.0f, 0.0f};                                             \
-            gemv_row(&f, r, acc, LAYOUT, D);                                         \
+            gemv_row(&f, r, acc, LAYOUT, D, CHECK);                                  \
             float s = scales[per_row ? r : 0];                                       \
             out[r] = s * acc[0];                                                     \
             if (B > 1) out[ldy + r] = s * acc[1];                                    \
         }
-        if (layout == 1 && d == 6) { FIXED(1, 6) }
-        else if (layout == 1 && d == 4) { FIXED(1, 4) }
-        else if (d == 4) { FIXED(2, 4) }
-        else { FIXED(2, 3) }
+        if (layout == 1 && d == 6) { FIXED(1, 6, 0) }  /* a tabulated sub-pyramid: never past its table */
+        else if (layout == 1 && !check) { FIXED(1, 4, 0) }
+        else if (layout == 1) { FIXED(1, 4, 1) }
+        else if (d == 4 && !check) { FIXED(2, 4, 0) }
+        else if (d == 4) { FIXED(2, 4, 1) }
+        else if (!check) { FIXED(2, 3, 0) }
+        else { FIXED(2, 3, 1) }
 #undef FIXED
         free(rinv);
         return;

@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -92,15 +93,15 @@ def kernel() -> ctypes.CDLL | None:
 
 MAX_N = 64  # kernel.c MAXN: the longest group the kernel decodes into its stack buffer
 MAX_K = 127  # int8 points
-# Every table of points is at most this big, and shared by every plan of the process that uses it:
-# - a leaf table holds every point of P(d, k') (d <= 4, CWRS order) for k' up to the largest cap with
-#   rows * d <= TABLE_BYTES (P(4, <= 24), P(3, <= 63)); a leaf with more pulses is decoded from the
-#   CWRS recurrence instead (rare: a quarter of a group holding more than 24 pulses);
-# - a sub-pyramid P(m, <= K) (m > 4, e.g. the halves P(6, <= 10) of the n=12 setting) whose every point
-#   fits is decoded from one table in the split order instead of its own splits, built once at the
-#   largest K that fits (tables of smaller K are its prefixes).
-# So a model keeps at most one table per width, whatever mix of (n, k) its layers use.
-TABLE_BYTES = 1 << 20
+# Tables of points (at most TABLE_BYTES each) are shared by every plan of the process: one per width m,
+# holding every point of P(m, k') for k' up to the largest any plan asked for (reserve() sizes them for a
+# whole model at once; a table of smaller K is a prefix of a larger one):
+# - leaves (m <= 4): CWRS order (the codec's leaf order); a leaf with more pulses than its table holds is
+#   decoded from the CWRS recurrence (rare: P(4, <= 29) fits, a quarter of a group holding 30+ pulses);
+# - a sub-pyramid P(m, <= K) (m > 4, e.g. the halves P(6, <= 10) of the n=12 setting) whose every point fits
+#   is decoded from one table in the split order instead of its own splits.
+# So a model keeps one table per width whatever mix of (n, k) its layers use.
+TABLE_BYTES = 2 << 20
 BUCKET_BITS = 10  # the k1 search of a split starts from a table of 2^10 buckets of the index range
 PAD = 16  # bytes after every table: the kernel reads a row of 6 with one 8-byte load
 
@@ -110,8 +111,10 @@ class Plan:
     """The serialised enumeration of P(n, k) for the kernel: `words` (int64 nodes, below) and the shared
     tables its leaves point into by address (kept alive here).
 
-    leaf:  [0, d, K, Kt, base, lut, u, ustride]  point j of P(d, k) is row base[k] + j of lut (k <= Kt),
-           else decoded from the CWRS table u[(d + 1) x ustride] (u = 0: a split-order table, Kt = K)
+    leaf:  [0, d, K, Kt, base, lut, u, ustride, mask]  point j of P(d, k) is row base[k] + j of lut (k <= Kt),
+           else decoded from the CWRS table u[(d + 1) x ustride] (u = 0: a split-order table, Kt = K);
+           base[k] = mask[k] = 0 for k > Kt (row 0, all zeros: the fast gemv flags those groups and
+           decodes them apart), mask[k] = -1 (all ones) below
     split: [1, n, n1, K, first, second, offs_at, v2_at, rcp_at, bucket_at]
            index = O(k, k1) + a * V(n2, k - k1) + b, O(k, .) = words[offs_at + k * (K + 1) + .],
            rcp[j] = floor(2^64 / V(n2, j)) (2^64 - 1 for V = 1) turns the division into a multiply;
@@ -125,49 +128,75 @@ class Plan:
         return self.words.numel() * 8
 
 
-def _table_cap(sizes) -> int:
-    """The largest K with sum(sizes[:K + 1]) * width <= TABLE_BYTES (sizes: rows * width per k)."""
+@lru_cache(maxsize=None)
+def table_cap(m: int) -> int:
+    """The largest K whose every point of P(m, <= K) fits TABLE_BYTES (-1: not even P(m, 0))."""
     total, K = 0, -1
-    for s in sizes:
-        if total + s > TABLE_BYTES:
+    for kk in range(MAX_K + 1):
+        total += count(m, kk) * m
+        if total > TABLE_BYTES:
             break
-        total += s
-        K += 1
+        K = kk
     return K
 
 
-@lru_cache(maxsize=None)
-def leaf_table(d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(points int8 [rows * d + PAD], base int64 [Kt + 1], CWRS table int64 [(d + 1) * (MAX_K + 2)], Kt):
-    every point of P(d, k') for k' <= Kt in CWRS order (the codec's leaves), shared by every plan."""
+_TABLES: dict[int, tuple] = {}
+_LOCK = threading.Lock()
+
+
+def table(m: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """(points int8 [rows * m + PAD], base int64 [MAX_K + 1], mask int64 [MAX_K + 1], CWRS table int64
+    [(m + 1) * (MAX_K + 2)] or None, Kt): the shared table of width m, holding P(m, k') for k' <= Kt with
+    Kt >= min(K, table_cap(m)) (grown when a plan needs more). CWRS order for m <= 4 (leaves), the split
+    enumeration's order above (its index order for any K >= k'). base[k] = mask[k] = 0 beyond Kt."""
+    K = min(K, table_cap(m))
+    with _LOCK:
+        t = _TABLES.get(m)
+        if t is None or t[4] < K:
+            t = _TABLES[m] = _build_table(m, K)
+        return t
+
+
+def _build_table(m: int, K: int) -> tuple:
     from ..codec.pyramid import u_table
 
-    Kt = min(MAX_K, _table_cap(count(d, kk) * d for kk in range(MAX_K + 1)))
-    leaf = enumeration._node(d, Kt)
-    assert isinstance(leaf, enumeration._Leaf)
-    lut = torch.cat([leaf.lut.to(torch.int8).reshape(-1), torch.zeros(PAD, dtype=torch.int8)])
-    return lut, leaf.base.clone(), u_table(d, MAX_K).reshape(-1).contiguous(), Kt
+    node = enumeration._node(m, K)
+    u = None
+    if m <= 4:
+        assert isinstance(node, enumeration._Leaf)
+        pts, base = node.lut.to(torch.int8).reshape(-1), node.base.tolist()
+        u = u_table(m, MAX_K).reshape(-1).contiguous()
+    else:
+        sizes = [count(m, kk) for kk in range(K + 1)]
+        rows = [enumeration._decode(node, torch.arange(v, dtype=torch.int64), kk) for kk, v in enumerate(sizes)]
+        pts = torch.cat(rows).to(torch.int8).reshape(-1)
+        base = [sum(sizes[:kk]) for kk in range(K + 1)]
+    pad = MAX_K + 1 - len(base)
+    return (torch.cat([pts, torch.zeros(PAD, dtype=torch.int8)]),
+            torch.tensor(base + [0] * pad, dtype=torch.int64),
+            torch.tensor([-1] * len(base) + [0] * pad, dtype=torch.int64), u, K)
 
 
-@lru_cache(maxsize=None)
-def split_table_cap(m: int) -> int:
-    """The largest K whose every point of P(m, <= K) fits one table (-1: not even P(m, 0))."""
-    return min(MAX_K, _table_cap(count(m, kk) * m for kk in range(MAX_K + 1)))
+def _tables_of(node, out: dict[int, int], top: bool = True) -> None:
+    """width -> largest K of the tables plan() will point at for this node (the same choices as emit)."""
+    if isinstance(node, enumeration._Leaf):
+        out[node.d] = max(out.get(node.d, -1), min(node.base.numel() - 1, table_cap(node.d)))
+    elif not top and node.K <= table_cap(node.n):
+        out[node.n] = max(out.get(node.n, -1), node.K)
+    else:
+        _tables_of(node.first, out, False)
+        _tables_of(node.second, out, False)
 
 
-@lru_cache(maxsize=None)
-def split_table(m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(points int8 [rows * m + PAD], base int64 [Kmax + 1], Kmax): every point of P(m, k') for k' <= Kmax
-    (split_table_cap), in the split enumeration's order (its index order for any K >= k')."""
-    Kmax = split_table_cap(m)
-    node = enumeration._node(m, Kmax)
-    sizes = [count(m, kk) for kk in range(Kmax + 1)]
-    rows = [enumeration._decode(node, torch.arange(v, dtype=torch.int64), kk) for kk, v in enumerate(sizes)]
-    base = [0]
-    for v in sizes[:-1]:
-        base.append(base[-1] + v)
-    lut = torch.cat([torch.cat(rows).to(torch.int8).reshape(-1), torch.zeros(PAD, dtype=torch.int8)])
-    return lut, torch.tensor(base, dtype=torch.int64), Kmax
+def reserve(settings) -> None:
+    """Build the shared tables once at the size every (n, k) in `settings` needs (call before the plans of a
+    model: built in layer order, a small table and then a larger one would both stay resident)."""
+    need: dict[int, int] = {}
+    for n, k in set(settings):
+        if n <= MAX_N and k <= MAX_K and not full_table_fits(n, k):
+            _tables_of(enumeration._node(n, k), need)
+    for m, K in need.items():
+        table(m, K)
 
 
 def _buckets(offs: list[list[int]], total: list[int]) -> tuple[list[int], list[int]]:
@@ -197,10 +226,12 @@ def plan(n: int, k: int) -> Plan | None:
     tables: list[torch.Tensor] = []
     where: dict[int, int] = {}
 
-    def leaf(node, d: int, K: int, Kt: int, base: torch.Tensor, lut: torch.Tensor, u: torch.Tensor | None) -> int:
+    def leaf(node, d: int, K: int, Kt: int, lut: torch.Tensor, base: torch.Tensor, mask: torch.Tensor,
+             u: torch.Tensor | None) -> int:
         at = len(words)
-        words.extend([0, d, K, Kt, base.data_ptr(), lut.data_ptr(), 0 if u is None else u.data_ptr(), MAX_K + 2])
-        tables.extend(t for t in (base, lut, u) if t is not None)
+        words.extend([0, d, K, Kt, base.data_ptr(), lut.data_ptr(), 0 if u is None else u.data_ptr(), MAX_K + 2,
+                      mask.data_ptr()])
+        tables.extend(t for t in (base, lut, u, mask) if t is not None)
         where[id(node)] = at
         return at
 
@@ -208,12 +239,12 @@ def plan(n: int, k: int) -> Plan | None:
         if id(node) in where:
             return where[id(node)]
         if isinstance(node, enumeration._Leaf):
-            lut, base, u, Kt = leaf_table(node.d)
             K = node.base.numel() - 1
-            return leaf(node, node.d, K, min(K, Kt), base, lut, u)
-        if where and node.K <= split_table_cap(node.n):  # never the top: its group index is the code itself
-            lut, base, _ = split_table(node.n)
-            return leaf(node, node.n, node.K, node.K, base, lut, None)
+            lut, base, mask, u, Kt = table(node.d, K)
+            return leaf(node, node.d, K, min(K, Kt), lut, base, mask, u)
+        if where and node.K <= table_cap(node.n):  # never the top: its group index is the code itself
+            lut, base, mask, _, _ = table(node.n, node.K)
+            return leaf(node, node.n, node.K, node.K, lut, base, mask, None)
         at = len(words)
         words.extend([1, node.n, node.n1, node.K, 0, 0, 0, 0, 0, 0])
         where[id(node)] = at
@@ -248,6 +279,11 @@ def plan(n: int, k: int) -> Plan | None:
 
 
 LUT_BYTES = 1 << 20  # a full table of P(n, k) is used up to this size (int8 points + float32 norms)
+
+
+def full_table_fits(n: int, k: int) -> bool:
+    """Whether Decoder uses a full table of P(n, k) (full_table) rather than a plan."""
+    return k < 128 and lut_bytes(n, k) <= LUT_BYTES
 
 
 def lut_bytes(n: int, k: int) -> int:
