@@ -113,7 +113,7 @@ def test_transformers_from_pretrained_loads_a_pvq_directory(tmp_path, family):
 
 
 @needs_native
-@pytest.mark.parametrize("dim", [16, 192, 576, 1536, 43 * 2])
+@pytest.mark.parametrize("dim", [16, 96, 192, 576, 1536, 43 * 2])
 def test_native_rotation_matches_torch(dim):
     from pvq.runtime.decode import rotate
     from pvq.transforms.hadamard import RandomHadamard
@@ -275,6 +275,12 @@ for spec in [PVQSpec(12, 10, 5, scale="tensor"), PVQSpec(16, 29, 7), PVQSpec(8, 
 w, x, out = torch.randn(37, 100, generator=g).half(), torch.randn(1, 100, generator=g), torch.empty(1, 37)
 native.kernel().dense16_gemv(w.data_ptr(), KINDS[w.dtype], 37, 100, x.data_ptr(), 100, 1, out.data_ptr(), 37)
 torch.testing.assert_close(out, x @ w.float().T, rtol=1e-5, atol=1e-5)
+from pvq.runtime.decode import rotate
+from pvq.transforms.hadamard import RandomHadamard
+for dim in (96, 576, 1536):
+    r, x = RandomHadamard(dim, 3), torch.randn(2, dim, generator=g)
+    torch.testing.assert_close(rotate(r, x), r.apply(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rotate(r, x, inverse=True), r.apply_inverse(x), rtol=1e-5, atol=1e-5)
 print("ok")
 """
 

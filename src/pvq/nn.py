@@ -26,7 +26,8 @@ from torch import nn
 from .codec import PackedPVQ, PackedUniform, PVQSpec, UniformSpec
 from .codec.gain import beta_codebook
 from .codec.gainshape import law_length
-from .runtime.decode import Decoder, rotate, rotation_args
+from .runtime import native
+from .runtime.decode import GEMV_TOKENS, Decoder, linear_args, rotate, rotation_args
 from .transforms.hadamard import RandomHadamard
 
 NO_SEED = -1  # marks a side that is not rotated
@@ -172,6 +173,8 @@ class QuantLinear(nn.Module):
                   "args_out": None if r_out is None else rotation_args(r_out)}
             if self.decode == "on-the-fly":
                 st["decoder"] = Decoder(self.packed)
+                # a few tokens: rotations, decode-and-multiply and bias in one native call
+                st["linear"] = linear_args(st["decoder"], st["args_in"], st["args_out"], self.bias)
             self._state = st
         return self._state
 
@@ -197,6 +200,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._prepared()
+        lin = st.get("linear")
+        if lin is not None and self.act is None and x.numel() <= GEMV_TOKENS * self.in_features:
+            t, rows = x.numel() // self.in_features, self.out_features
+            h = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+            buf = torch.empty(t * rows + lin[1], dtype=torch.float32)  # the output, then the kernel's work space
+            native.kernel().pvq_linear(lin[0], h.data_ptr(), buf.data_ptr(), t, buf.data_ptr() + 4 * t * rows)
+            return buf[: t * rows].view(*x.shape[:-1], rows).to(x.dtype)
         dtype = x.dtype
         h = x.float()
         act = self.act

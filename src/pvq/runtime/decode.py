@@ -8,6 +8,8 @@ processing): each block is decoded once per call and reused for every token. Wit
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from ..codec import PackedPVQ, PackedUniform
@@ -116,6 +118,50 @@ class Decoder:
                 w = self.decode_rows(r0, r1, block[: r1 - r0])
                 out[:, r0:r1] = h @ w.T
         return out.reshape(*lead, self.rows)
+
+
+class LinearArgs(ctypes.Structure):
+    """kernel.c linear_t: one layer's packed codes, tables and rotations, for pvq_linear."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("kind", "rows", "cols")] + [
+        ("plan", ctypes.c_void_p), ("codes", ctypes.c_void_p)] + [
+        (name, ctypes.c_int64) for name in ("nbytes", "width", "L", "n", "k", "per_row")] + [
+        (name, ctypes.c_void_p) for name in ("levels", "scales", "lut", "lut_rinv", "uscale", "uoffset")] + [
+        (name, ctypes.c_int64) for name in ("group_size", "in_m", "in_p", "out_m", "out_p")] + [
+        (name, ctypes.c_void_p) for name in ("in_signs", "in_small", "out_signs", "out_small", "bias")]
+
+
+def linear_args(dec: "Decoder", args_in: tuple | None, args_out: tuple | None, bias: torch.Tensor | None):
+    """(address of a LinearArgs for pvq_linear, floats of work it needs for GEMV_TOKENS tokens, what the address
+    and its pointers point into) for a native decoder and its layer's rotation_args; None without the kernel."""
+    if not dec.native:
+        return None
+    p = dec.packed
+    a = LinearArgs(rows=dec.rows, cols=dec.cols)
+    keep = [dec]
+    if dec.is_pvq:
+        s = p.spec
+        a.codes, a.nbytes, a.width, a.L, a.n, a.k = p.codes.data_ptr(), p.codes.numel(), s.code_bits, s.gain_levels, s.n, s.k
+        a.levels, a.scales, a.per_row = dec.levels.data_ptr(), dec.scales.data_ptr(), int(dec.scales.numel() > 1)
+        if dec.table is not None:
+            a.kind, a.lut, a.lut_rinv = 1, dec.table[0].data_ptr(), dec.table[1].data_ptr()
+        else:
+            a.kind, a.plan = 0, dec.plan.words.data_ptr()
+    else:
+        a.kind, a.codes, a.nbytes, a.width = 2, p.codes.data_ptr(), p.codes.numel(), p.spec.bits
+        a.uscale, a.uoffset, a.group_size = dec.scale.data_ptr(), dec.offset.data_ptr(), p.spec.group_size
+    if args_in is not None:
+        a.in_m, a.in_p, a.in_signs, a.in_small = args_in[:4]
+        keep.append(args_in)
+    if args_out is not None:
+        a.out_m, a.out_p, a.out_signs, a.out_small = args_out[:4]
+        keep.append(args_out)
+    if bias is not None:
+        b = bias.detach().float().contiguous()
+        a.bias = b.data_ptr()
+        keep.append(b)
+    keep.append(a)
+    return ctypes.addressof(a), (GEMV_TOKENS + 1) * (dec.rows + dec.cols), keep
 
 
 def reserve_tables(model) -> None:
