@@ -56,11 +56,19 @@ def main() -> None:
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     run = ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
-    old = json.loads((out / "runtime.json").read_text()) if (out / "runtime.json").exists() and not args.fresh else {}
+    prior = json.loads((out / "runtime.json").read_text()) if (out / "runtime.json").exists() else {}
+    old = {} if args.fresh else prior
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                  "protocol": f"{args.prompt_tokens}-token prompt (fixed text), then {args.gen_tokens} greedy tokens "
                              "with the KV cache; peak RSS from the reset high-water mark before the prompt",
                  "runs": []}
+    # kept for comparison: the other machine's table, and with --fresh the run this one replaces
+    if "previous_machine" in prior:
+        res["previous_machine"] = prior["previous_machine"]
+    if args.fresh and prior.get("runs"):
+        res["previous_run"] = {k: prior[k] for k in ("machine", "runs", "summary", "ppl_3.25") if k in prior}
+    elif "previous_run" in prior:
+        res["previous_run"] = prior["previous_run"]
     done = {r["label"]: r for r in old.get("runs", [])}
     if "ppl_3.25" in old:
         res["ppl_3.25"] = old["ppl_3.25"]
