@@ -284,7 +284,7 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
                                                             const int64_t G, const int64_t D) {
     const int64_t n = G * D;
 #ifdef __AVX512F__
-    if ((G == 2 && D == 6) || (G == 4 && D == 4)) {  /* the group's int8 shape in one register (a 6-row pair is shuffled together, its
+    if ((G == 2 && D == 6) || (G == 4 && D == 4) || (G == 4 && D == 3)) {  /* the group's int8 shape in one register (a 6-row pair is shuffled together, its
                                 * 4 spare lanes zero), its energy from pmaddubsw: |y|^2 in pairs, all sums <= k^2 < 2^15 */
         __m512 acc = _mm512_setzero_ps();
         for (int64_t j = 0; j < gn; j++, xg += n) {
@@ -294,10 +294,11 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
                 __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * 6));
                 y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
                                      _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
-            } else {
+            } else {  /* four rows of D = 4 or 3 (4-byte loads: the table is padded), packed together */
                 int32_t w[4];
-                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * 4, 4);
+                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * D, 4);
                 y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
+                if (D == 3) y = _mm_shuffle_epi8(y, _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
             }
             __m128i ay = _mm_abs_epi8(y);
             __m128i q = _mm_madd_epi16(_mm_maddubs_epi16(ay, ay), _mm_set1_epi16(1));
@@ -310,7 +311,7 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
         return _mm512_reduce_add_ps(acc);
     }
 #elif defined(__SSE4_1__)
-    if ((G == 2 && D == 6) || (G == 4 && D == 4)) {  /* the same in four 4-lane pieces */
+    if ((G == 2 && D == 6) || (G == 4 && D == 4) || (G == 4 && D == 3)) {  /* the same in 4-lane pieces */
         __m128 acc = _mm_setzero_ps();
         for (int64_t j = 0; j < gn; j++, xg += n) {
             __m128i y;
@@ -319,10 +320,11 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
                 __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * 6));
                 y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
                                      _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
-            } else {
+            } else {  /* four rows of D = 4 or 3 (4-byte loads: the table is padded), packed together */
                 int32_t w[4];
-                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * 4, 4);
+                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * D, 4);
                 y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
+                if (D == 3) y = _mm_shuffle_epi8(y, _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
             }
             __m128i ay = _mm_abs_epi8(y);
             __m128i q = _mm_madd_epi16(_mm_maddubs_epi16(ay, ay), _mm_set1_epi16(1));
