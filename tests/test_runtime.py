@@ -269,6 +269,7 @@ g = torch.Generator().manual_seed(0)
 for spec in [PVQSpec(12, 10, 5, scale="tensor"), PVQSpec(16, 29, 7), PVQSpec(8, 12, 3), PVQSpec(12, 44, 17)]:
     packed = quantize(torch.randn(37, 96, generator=g), spec)
     ref = packed.dequantize(torch.float32)
+    torch.testing.assert_close(Decoder(packed).dense(), ref, rtol=1e-6, atol=1e-7)
     for tokens in (1, 2):
         x = torch.randn(tokens, 96, generator=g)
         torch.testing.assert_close(Decoder(packed).matmul(x), x @ ref.T, rtol=1e-4, atol=1e-4)

@@ -254,28 +254,36 @@ static float *inverse_norms(int64_t k) {
     return rinv;
 }
 
-void pvq_decode(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
-                int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t cols,
-                int64_t r0, int64_t r1, float *out) {
-    const stream_t st = stream_of(codes, nbytes, width, L);
-    int64_t groups = cols / n;
-    float *rinv = inverse_norms(k);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = r0; r < r1; r++) {
-        int8_t y[MAXN];
-        uint64_t lvl;
-        float s = scales[per_row ? r : 0];
-        float *o = out + (r - r0) * cols;
-        for (int64_t g = 0; g < groups; g++) {
-            pvq_shape(plan, top, &st, r * groups + g, k, y, &lvl);
-            int32_t e = 0;
-            for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
-            float f = s * levels[lvl] * rinv[e];
-            for (int64_t j = 0; j < n; j++) o[g * n + j] = f * (float)y[j];
-        }
+
+#define SIMD_GROUP(G, D) (((G) == 2 && (D) == 6) || ((G) == 4 && (D) == 4) || ((G) == 4 && (D) == 3))
+#ifdef __SSE4_1__
+/* Group j's G leaf rows (row numbers R of the table lut, D int8 each) packed into one register of n = G * D
+ * <= 16 lanes, the rest zero (a 6-row pair is shuffled together; rows of 4 or 3 are read 4 bytes at a time
+ * and of 6, 8: the table is padded). */
+static inline __attribute__((always_inline)) __m128i group_bytes(const int8_t *lut, const int32_t *R, int64_t j,
+                                                                 const int64_t G, const int64_t D) {
+    if (G == 2) {
+        __m128i ra = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j] * D));
+        __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * D));
+        return _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
+                                _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
     }
-    free(rinv);
+    int32_t w[4];
+    for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * D, 4);
+    __m128i y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
+    if (D == 3) y = _mm_shuffle_epi8(y, _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
+    return y;
 }
+
+/* ||y||^2 of packed int8 lanes: pmaddubsw gives |y|^2 in pairs, every sum <= k^2 < 2^15 */
+static inline __attribute__((always_inline)) int32_t group_energy(__m128i y) {
+    __m128i ay = _mm_abs_epi8(y);
+    __m128i q = _mm_madd_epi16(_mm_maddubs_epi16(ay, ay), _mm_set1_epi16(1));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+    return _mm_cvtsi128_si32(q);
+}
+#endif
 
 /* Leaf rows R[G * j + t] (row numbers of the table lut, D int8 each) -> <y, x> of each group j of G leaves, x at
  * stride n = G * D, times that group's factor level * 1 / ||y||, summed over gn groups (pass 3 of gemv_row). */
@@ -284,59 +292,30 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
                                                             const int64_t G, const int64_t D) {
     const int64_t n = G * D;
 #ifdef __AVX512F__
-    if ((G == 2 && D == 6) || (G == 4 && D == 4) || (G == 4 && D == 3)) {  /* the group's int8 shape in one register (a 6-row pair is shuffled together, its
-                                * 4 spare lanes zero), its energy from pmaddubsw: |y|^2 in pairs, all sums <= k^2 < 2^15 */
+    if (SIMD_GROUP(G, D)) {  /* 16 lanes: the products scaled by the group's factor into one accumulator */
         __m512 acc = _mm512_setzero_ps();
         for (int64_t j = 0; j < gn; j++, xg += n) {
-            __m128i y;
-            if (D == 6) {  /* the table is padded: 8-byte loads are safe */
-                __m128i ra = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j] * 6));
-                __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * 6));
-                y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
-                                     _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
-            } else {  /* four rows of D = 4 or 3 (4-byte loads: the table is padded), packed together */
-                int32_t w[4];
-                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * D, 4);
-                y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
-                if (D == 3) y = _mm_shuffle_epi8(y, _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
-            }
-            __m128i ay = _mm_abs_epi8(y);
-            __m128i q = _mm_madd_epi16(_mm_maddubs_epi16(ay, ay), _mm_set1_epi16(1));
-            q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
-            q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+            __m128i y = group_bytes(lut, R, j, G, D);
+            int32_t e = group_energy(y);
             __m512 xv = n == 12 ? _mm512_maskz_loadu_ps(0x0fff, xg) : _mm512_loadu_ps(xg);
             __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(y)), xv);
-            acc = _mm512_fmadd_ps(t, _mm512_set1_ps(FL[j] * rinv[_mm_cvtsi128_si32(q)]), acc);
+            acc = _mm512_fmadd_ps(t, _mm512_set1_ps(FL[j] * rinv[e]), acc);
         }
         return _mm512_reduce_add_ps(acc);
     }
 #elif defined(__SSE4_1__)
-    if ((G == 2 && D == 6) || (G == 4 && D == 4) || (G == 4 && D == 3)) {  /* the same in 4-lane pieces */
+    if (SIMD_GROUP(G, D)) {  /* the same in 4-lane pieces */
         __m128 acc = _mm_setzero_ps();
         for (int64_t j = 0; j < gn; j++, xg += n) {
-            __m128i y;
-            if (D == 6) {
-                __m128i ra = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j] * 6));
-                __m128i rb = _mm_loadl_epi64((const __m128i *)(lut + (int64_t)R[2 * j + 1] * 6));
-                y = _mm_shuffle_epi8(_mm_unpacklo_epi64(ra, rb),
-                                     _mm_setr_epi8(0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, -1, -1, -1, -1));
-            } else {  /* four rows of D = 4 or 3 (4-byte loads: the table is padded), packed together */
-                int32_t w[4];
-                for (int t = 0; t < 4; t++) memcpy(&w[t], lut + (int64_t)R[4 * j + t] * D, 4);
-                y = _mm_setr_epi32(w[0], w[1], w[2], w[3]);
-                if (D == 3) y = _mm_shuffle_epi8(y, _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1));
-            }
-            __m128i ay = _mm_abs_epi8(y);
-            __m128i q = _mm_madd_epi16(_mm_maddubs_epi16(ay, ay), _mm_set1_epi16(1));
-            q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
-            q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+            __m128i y = group_bytes(lut, R, j, G, D);
+            int32_t e = group_energy(y);
             __m128 p = _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(y)), _mm_loadu_ps(xg)),
                                   _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(y, 4))), _mm_loadu_ps(xg + 4)));
             p = _mm_add_ps(p, _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(y, 8))), _mm_loadu_ps(xg + 8)));
             if (n == 16)
                 p = _mm_add_ps(p, _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(y, 12))),
                                              _mm_loadu_ps(xg + 12)));
-            acc = _mm_add_ps(acc, _mm_mul_ps(p, _mm_set1_ps(FL[j] * rinv[_mm_cvtsi128_si32(q)])));
+            acc = _mm_add_ps(acc, _mm_mul_ps(p, _mm_set1_ps(FL[j] * rinv[e])));
         }
         acc = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
         acc = _mm_add_ss(acc, _mm_shuffle_ps(acc, acc, 0x55));
@@ -359,14 +338,62 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
     return acc;
 }
 
-/* Group j's contribution level * <y, x_b> / ||y|| added to acc[b], y decoded by the generic decoder (the groups
- * with a leaf past its table's cap), and its factor FL[j] zeroed so that rows_dot adds nothing for it. */
+/* Pass 3 of gemv_row decoding instead: group j's weights s * level * y / ||y|| (the same float operations as
+ * pvq_decode and the torch path) written to o[j * n ...]. */
+static inline __attribute__((always_inline)) void rows_write(const int8_t *lut, const int32_t *R, const float *FL,
+                                                             int64_t gn, float *o, const float *rinv, float s,
+                                                             const int64_t G, const int64_t D) {
+    const int64_t n = G * D;
+#ifdef __AVX512F__
+    if (SIMD_GROUP(G, D)) {
+        for (int64_t j = 0; j < gn; j++, o += n) {
+            __m128i y = group_bytes(lut, R, j, G, D);
+            float f = s * FL[j] * rinv[group_energy(y)];
+            __m512 v = _mm512_mul_ps(_mm512_set1_ps(f), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(y)));
+            if (n == 12) _mm512_mask_storeu_ps(o, 0x0fff, v);
+            else _mm512_storeu_ps(o, v);
+        }
+        return;
+    }
+#elif defined(__SSE4_1__)
+    if (SIMD_GROUP(G, D)) {
+        for (int64_t j = 0; j < gn; j++, o += n) {
+            __m128i y = group_bytes(lut, R, j, G, D);
+            __m128 f = _mm_set1_ps(s * FL[j] * rinv[group_energy(y)]);
+            for (int64_t c = 0; c < n; c += 4, y = _mm_srli_si128(y, 4))
+                _mm_storeu_ps(o + c, _mm_mul_ps(f, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(y))));
+        }
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < gn; j++, o += n) {
+        int32_t e = 0;
+        for (int64_t t = 0; t < G; t++) {
+            const int8_t *row = lut + (int64_t)R[G * j + t] * D;
+            for (int64_t c = 0; c < D; c++) e += (int32_t)row[c] * row[c];
+        }
+        float f = s * FL[j] * rinv[e];
+        for (int64_t t = 0; t < G; t++) {
+            const int8_t *row = lut + (int64_t)R[G * j + t] * D;
+            for (int64_t c = 0; c < D; c++) o[t * D + c] = f * (float)row[c];
+        }
+    }
+}
+
+/* A group with a leaf past its table's cap, decoded by the generic decoder: its contribution level * <y, x_b> /
+ * ||y|| added to acc[b] (gemv), or its weights written to o[j * n ...] (decode, o != NULL); its factor FL[j]
+ * is then zeroed so that rows_dot adds nothing for it (rows_write's output for it is overwritten after). */
 static void fix_group(const int64_t *plan, uint64_t idx, int64_t k, int64_t n, float *FL, int64_t j, const float *x,
-                      int64_t ldx, int64_t B, const float *rinv, float *acc) {
+                      int64_t ldx, int64_t B, const float *rinv, float *acc, float *o, float s) {
     int8_t y[MAXN];
     decode_shape(plan, 0, idx, k, y);
     int32_t e = 0;
     for (int64_t c = 0; c < n; c++) e += (int32_t)y[c] * y[c];
+    if (o) {
+        float f = s * FL[j] * rinv[e];
+        for (int64_t c = 0; c < n; c++) o[j * n + c] = f * (float)y[c];
+        return;
+    }
     for (int64_t b = 0; b < B; b++) {
         float dot = 0.0f;
         for (int64_t c = 0; c < n; c++) dot += (float)y[c] * x[b * ldx + j * n + c];
@@ -391,10 +418,11 @@ typedef struct {
  * (read in sequence: one 8-byte load per code where the stream has 8 bytes to spare);
  * 2. the top split -> the leaf rows (S1) or the two halves (S2), S2: 2b. each half's split -> its leaf rows;
  * 3. rows_dot. A pass keeps few values live, so the independent groups of a pass overlap in the core instead
- * of spilling registers (one fused loop was 20-30% slower on a 2-core EPYC). Returns <row, x_b> in acc[b]. */
+ * of spilling registers (one fused loop was 20-30% slower on a 2-core EPYC). Adds <row, x_b> to acc[b]; with
+ * dst, writes the decoded row (times its scale s) there instead (pvq_decode). */
 #define CHUNK 48
 static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, int64_t r, float *acc, const int layout,
-                                                           const int64_t D, const int check) {
+                                                           const int64_t D, const int check, float *dst, float s) {
     const fixed_t f = *fp;
     const int64_t G = layout == 1 ? 2 : 4, n = G * D, k = f.k;
     uint64_t IDX[CHUNK], HI[2 * CHUNK];
@@ -464,14 +492,47 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
                     any |= flag;
                 }
             }
+        if (dst) {  /* decode: write the weights, then overwrite the flagged groups */
+            rows_write(f.leaf.lut, R, FL, gn, dst + g0 * n, f.rinv, s, G, D);
+            if (check && any)
+                for (int64_t j = 0; j < gn; j++)
+                    if (FLG[j]) fix_group(f.plan, IDX[j], k, n, FL, j, NULL, 0, 0, f.rinv, NULL, dst + g0 * n, s);
+            continue;
+        }
         if (check && any)
             for (int64_t j = 0; j < gn; j++)
-                if (FLG[j]) fix_group(f.plan, IDX[j], k, n, FL, j, f.x + g0 * n, f.ldx, f.B, f.rinv, acc);
+                if (FLG[j]) fix_group(f.plan, IDX[j], k, n, FL, j, f.x + g0 * n, f.ldx, f.B, f.rinv, acc, NULL, 0.0f);
         acc[0] += rows_dot(f.leaf.lut, R, FL, gn, f.x + g0 * n, f.rinv, G, D);
         if (f.B > 1) acc[1] += rows_dot(f.leaf.lut, R, FL, gn, f.x + f.ldx + g0 * n, f.rinv, G, D);
     }
 #undef LEAF_REF
 }
+
+/* The fixed layout of a plan (returned: 1 = S1 with leaves of 6 or 4, 2 = S2 with leaves of 4 or 3; 0 = none,
+ * the generic decoder), its leaf width *d, whether its leaves can exceed their table (*check), and the
+ * arguments of its rows in *f. FIXED_DISPATCH(F) then runs F(layout, D, check) with constants: each is its own
+ * compiled loop (S1 with leaves of 6 is a tabulated sub-pyramid, never past its table). */
+static int fixed_setup(const int64_t *plan, int64_t top, const stream_t *st, int64_t k, int64_t groups,
+                       const float *levels, const float *rinv, const float *x, int64_t ldx, int64_t B, fixed_t *f,
+                       int64_t *d, int *check) {
+    int layout = layout_of(plan, top, d);
+    if (!((layout == 1 && (*d == 6 || *d == 4)) || (layout == 2 && (*d == 4 || *d == 3)))) return 0;
+    int64_t child = plan[top + 4], lf = layout == 2 ? plan[child + 4] : child;
+    fixed_t v = {plan, split_of(plan, top), split_of(plan, layout == 2 ? child : top), leaf_of(plan, lf), *st, k,
+                 groups, ldx, B, levels, rinv, x};
+    *f = v;
+    *check = plan[lf + 3] < plan[lf + 2];
+    return layout;
+}
+
+#define FIXED_DISPATCH(F)                                   \
+    if (layout == 1 && d == 6) { F(1, 6, 0) }               \
+    else if (layout == 1 && !check) { F(1, 4, 0) }          \
+    else if (layout == 1) { F(1, 4, 1) }                    \
+    else if (d == 4 && !check) { F(2, 4, 0) }               \
+    else if (d == 4) { F(2, 4, 1) }                         \
+    else if (!check) { F(2, 3, 0) }                         \
+    else { F(2, 3, 1) }
 
 /* y[b * ldy + r] = sum_c W[r, c] * x[b * ldx + c] for b < B, r < rows */
 void pvq_gemv(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
@@ -481,30 +542,20 @@ void pvq_gemv(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nb
     int64_t groups = cols / n;
     float *rinv = inverse_norms(k);
     int64_t d = 0;
-    int layout = B <= 2 ? layout_of(plan, top, &d) : 0;
-    if ((layout == 1 && (d == 6 || d == 4)) || (layout == 2 && (d == 4 || d == 3))) {
-        int64_t child = plan[top + 4];
-        fixed_t f = {plan, split_of(plan, top), split_of(plan, layout == 2 ? child : top),
-                     leaf_of(plan, layout == 2 ? plan[child + 4] : child), st, k, groups, ldx, B, levels, rinv, x};
-        const int64_t *lf = plan + (layout == 2 ? plan[child + 4] : child);
-        int check = lf[3] < lf[2];  /* the leaves' K exceeds their table's */
-#define FIXED(LAYOUT, D, CHECK)                                                      \
+    fixed_t f;
+    int check, layout = B <= 2 ? fixed_setup(plan, top, &st, k, groups, levels, rinv, x, ldx, B, &f, &d, &check) : 0;
+    if (layout) {
+#define GEMV_ROWS(LAYOUT, D, CHECK)                                                  \
         _Pragma("omp parallel for schedule(static)")                                 \
         for (int64_t r = 0; r < rows; r++) {                                         \
             float acc[2] = {0.0f, 0.0f};                                             \
-            gemv_row(&f, r, acc, LAYOUT, D, CHECK);                                  \
+            gemv_row(&f, r, acc, LAYOUT, D, CHECK, NULL, 0.0f);                      \
             float s = scales[per_row ? r : 0];                                       \
             out[r] = s * acc[0];                                                     \
             if (B > 1) out[ldy + r] = s * acc[1];                                    \
         }
-        if (layout == 1 && d == 6) { FIXED(1, 6, 0) }  /* a tabulated sub-pyramid: never past its table */
-        else if (layout == 1 && !check) { FIXED(1, 4, 0) }
-        else if (layout == 1) { FIXED(1, 4, 1) }
-        else if (d == 4 && !check) { FIXED(2, 4, 0) }
-        else if (d == 4) { FIXED(2, 4, 1) }
-        else if (!check) { FIXED(2, 3, 0) }
-        else { FIXED(2, 3, 1) }
-#undef FIXED
+        FIXED_DISPATCH(GEMV_ROWS)
+#undef GEMV_ROWS
         free(rinv);
         return;
     }
@@ -530,6 +581,42 @@ void pvq_gemv(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nb
                 }
             }
             for (int64_t b = 0; b < nb; b++) out[(b0 + b) * ldy + r] = s * acc[b];
+        }
+    }
+    free(rinv);
+}
+
+/* rows [r0, r1) of W into out [r1 - r0, cols] (prompt processing) */
+void pvq_decode(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nbytes, int width,
+                int64_t L, int64_t n, int64_t k, const float *levels, const float *scales, int per_row, int64_t cols,
+                int64_t r0, int64_t r1, float *out) {
+    const stream_t st = stream_of(codes, nbytes, width, L);
+    int64_t groups = cols / n, d = 0;
+    float *rinv = inverse_norms(k);
+    fixed_t f;
+    int check, layout = fixed_setup(plan, top, &st, k, groups, levels, rinv, NULL, 0, 0, &f, &d, &check);
+    if (layout) {
+#define DECODE_ROWS(LAYOUT, D, CHECK)                                                \
+        _Pragma("omp parallel for schedule(static)")                                 \
+        for (int64_t r = r0; r < r1; r++)                                            \
+            gemv_row(&f, r, NULL, LAYOUT, D, CHECK, out + (r - r0) * cols, scales[per_row ? r : 0]);
+        FIXED_DISPATCH(DECODE_ROWS)
+#undef DECODE_ROWS
+        free(rinv);
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t r = r0; r < r1; r++) {
+        int8_t y[MAXN];
+        uint64_t lvl;
+        float s = scales[per_row ? r : 0];
+        float *o = out + (r - r0) * cols;
+        for (int64_t g = 0; g < groups; g++) {
+            pvq_shape(plan, top, &st, r * groups + g, k, y, &lvl);
+            int32_t e = 0;
+            for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
+            float f = s * levels[lvl] * rinv[e];
+            for (int64_t j = 0; j < n; j++) o[g * n + j] = f * (float)y[j];
         }
     }
     free(rinv);
