@@ -160,6 +160,8 @@ def test_plans_share_their_tables_of_points():
     # reserved for a model's settings first, every plan with leaves of 4 points uses one table, P(4, <= 29) at
     # most (2 MiB); sub-pyramids P(6, <= K) share one table too
     settings = [(16, 19), (16, 23), (16, 37), (12, 6), (12, 9)]
+    native._TABLES.clear()  # as in a fresh process (plans of earlier tests keep their own tables alive)
+    native.plan.cache_clear()
     native.reserve(settings)
     t4 = {id(t) for n, k in settings[:3] for t in native.plan(n, k).tables}
     assert len(t4) == 4  # points, base, mask, CWRS table
@@ -184,9 +186,10 @@ def test_plans_share_their_tables_of_points():
 @pytest.mark.parametrize("spec", [PVQSpec(16, 41, 7), PVQSpec(8, 30, 5), PVQSpec(12, 88, 7)], ids=lambda s: s.name)
 def test_leaves_past_the_table_cap_decode_from_the_cwrs_recurrence(spec):
     """Peaked groups put more pulses in one leaf than its table holds (P(4, <= 29), P(3, <= 80))."""
-    w = _w(24, 96) * 0.01
-    w[:, :: spec.n] = 5.0  # one dominant coordinate per group: all k pulses in one leaf
-    w[::3, 1 :: spec.n] = -3.0
+    w = _w(24, 96)
+    w[::2] *= 0.01
+    w[::2, :: spec.n] = 5.0  # in every other row one dominant coordinate per group: all k pulses in one leaf
+    w[::6, 1 :: spec.n] = -3.0
     packed = quantize(w, spec)
     ref = packed.dequantize(torch.float32)
     d = Decoder(packed)
@@ -216,13 +219,22 @@ def test_dense16_gemv_is_the_float32_product_of_the_stored_matrix(dtype, cols):
     from pvq.runtime.dense import KINDS
 
     w = _w(37, cols).to(dtype)
-    # zeros, signs, fp16 subnormals and the largest values in the scalar tail too (the widening there is by hand)
-    w[:, -4:] = torch.tensor([0.0, -3e-7, 6e-5, -6.5e4 if dtype == torch.float16 else -3e38]).to(dtype)
-    x = _w(3, cols, seed=1)
-    out = torch.empty(3, 37)
-    native.kernel().dense16_gemv(w.data_ptr(), KINDS[dtype], 37, cols, x.data_ptr(), cols, 3, out.data_ptr(), 37)
-    ref = x.double() @ w.double().T
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # zeros, signs, fp16 subnormals and the largest values, in the vector body and the scalar tail (widened by hand)
+    special = torch.tensor([0.0, -3e-7, 6e-5, -6.5e4 if dtype == torch.float16 else -3e38, 1e-40]).to(dtype)
+    w[:5, 0], w[:5, -1] = special, special
+    # one-hot inputs: each output is exactly one widened weight
+    picks = [0, 1, cols - 2, cols - 1]
+    x = torch.zeros(len(picks), cols)
+    x[range(len(picks)), picks] = 1.0
+    out = torch.empty(len(picks), 37)
+    native.kernel().dense16_gemv(w.data_ptr(), KINDS[dtype], 37, cols, x.data_ptr(), cols, len(picks), out.data_ptr(), 37)
+    assert torch.equal(out, w.float()[:, picks].T)
+    # and a dense input: the float32 product
+    x = _w(2, cols, seed=1)
+    out = torch.empty(2, 37)
+    w[:5] = 1.0
+    native.kernel().dense16_gemv(w.data_ptr(), KINDS[dtype], 37, cols, x.data_ptr(), cols, 2, out.data_ptr(), 37)
+    torch.testing.assert_close(out, x @ w.float().T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -266,8 +278,12 @@ from pvq.runtime.decode import Decoder
 from pvq.runtime.dense import KINDS
 assert native.kernel() is not None, native.kernel_error()
 g = torch.Generator().manual_seed(0)
-for spec in [PVQSpec(12, 10, 5, scale="tensor"), PVQSpec(16, 29, 7), PVQSpec(8, 12, 3), PVQSpec(12, 44, 17)]:
-    packed = quantize(torch.randn(37, 96, generator=g), spec)
+for spec in [PVQSpec(12, 10, 5, scale="tensor"), PVQSpec(16, 29, 7), PVQSpec(8, 12, 3), PVQSpec(12, 44, 17),
+             PVQSpec(16, 41, 7)]:
+    w = torch.randn(37, 96, generator=g)
+    if spec.k == 41:  # peaked rows: leaves past their table (the CWRS decoder)
+        w[::2, ::16] = 40.0
+    packed = quantize(w, spec)
     ref = packed.dequantize(torch.float32)
     torch.testing.assert_close(Decoder(packed).dense(), ref, rtol=1e-6, atol=1e-7)
     for tokens in (1, 2):
@@ -297,3 +313,20 @@ def test_kernel_paths_for_older_cpus_match_the_torch_decoder(tmp_path, cflags):
     env = {**os.environ, "PVQ_CFLAGS": cflags, "PVQ_CACHE": str(tmp_path)}
     p = subprocess.run([sys.executable, "-c", _SIMD_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+@needs_native
+@pytest.mark.parametrize("spec", [PVQSpec(16, 29, 7), PVQSpec(8, 5, 3), UniformSpec(4, 32)], ids=lambda s: s.name)
+def test_one_native_call_per_layer_matches_decode_once(spec):
+    """pvq_linear: input rotation, decode-and-multiply (plan, full table, uniform grid), output rotation, bias."""
+    packed = quantize(_w(40, 96), spec)
+    bias = _w(1, 40, seed=9)[0]
+    fly = QuantLinear.from_packed(packed, (3, 5), bias=bias, decode="on-the-fly")
+    once = QuantLinear.from_packed(packed, (3, 5), bias=bias, decode="once")
+    with torch.no_grad():
+        for shape in [(1, 96), (2, 96), (1, 1, 96), (2, 1, 96), (1, 2, 96)]:
+            x = _w(int(torch.tensor(shape[:-1]).prod()), 96, seed=len(shape)).reshape(shape)
+            got = fly(x)
+            assert got.shape == (*shape[:-1], 40)
+            torch.testing.assert_close(got, once(x), rtol=1e-4, atol=1e-4)
+    assert fly._prepared()["linear"] is not None

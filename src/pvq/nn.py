@@ -125,6 +125,13 @@ class QuantLinear(nn.Module):
         self._state = None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def __getstate__(self):
+        # what _prepared() derived (rotations, kernel arguments: ctypes objects that cannot be pickled) is
+        # rebuilt from the buffers; deepcopy and pickle take the buffers only
+        state = self.__dict__.copy()
+        state["_state"] = None
+        return state
+
     def _apply(self, fn, recurse=True):
         # model.to(dtype) must not round the fp16 scales or the float32 bias: they are stored bits
         before = {name: t for name, t in [*self._buffers.items(), ("bias", self.bias)] if t is not None}
@@ -201,7 +208,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self._prepared()
         lin = st.get("linear")
-        if lin is not None and self.act is None and x.numel() <= GEMV_TOKENS * self.in_features:
+        if (lin is not None and self.act is None and x.numel() <= GEMV_TOKENS * self.in_features
+                and x.device.type == "cpu"):
             t, rows = x.numel() // self.in_features, self.out_features
             h = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
             buf = torch.empty(t * rows + lin[1], dtype=torch.float32)  # the output, then the kernel's work space

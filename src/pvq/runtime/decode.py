@@ -24,7 +24,8 @@ class Decoder:
     def __init__(self, packed: PackedPVQ | PackedUniform):
         self.packed = packed
         self.rows, self.cols = packed.shape
-        self.lib = native.kernel()
+        # the kernel reads CPU memory only: codes on another device decode with torch there
+        self.lib = native.kernel() if packed.codes.device.type == "cpu" else None
         self.is_pvq = isinstance(packed, PackedPVQ)
         self.plan = self.table = None
         if self.is_pvq and self.lib is not None:
@@ -106,8 +107,8 @@ class Decoder:
         lead = x.shape[:-1]
         h = x.reshape(-1, self.cols).contiguous()
         t = h.shape[0]
-        if not self.native:
-            return (h @ self.packed.dequantize(torch.float32).T).reshape(*lead, self.rows)
+        if not self.native or h.device.type != "cpu":
+            return (h @ self.packed.dequantize(torch.float32).to(h.device).T).reshape(*lead, self.rows)
         out = torch.empty(t, self.rows, dtype=torch.float32)
         if t <= GEMV_TOKENS:
             self._gemv_fn(*self._args, self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
@@ -192,7 +193,7 @@ def rotate(r, x: torch.Tensor, inverse: bool = False, args: tuple | None = None)
     lib = native.kernel()
     d = x.shape[-1]
     rows = x.numel() // d if d else 0
-    if lib is None or rows > ROTATE_TOKENS or x.dtype != torch.float32:
+    if lib is None or rows > ROTATE_TOKENS or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     if args is None:
         args = rotation_args(r)

@@ -26,8 +26,9 @@
  * (measured on a 2-core EPYC, one core, G weights/s: n = 16 0.7 scalar fused loop -> 1.25 with SSE4.1
  * widening -> 1.76 in passes; n = 12 0.9 -> 1.6 -> 2.15).
  * Codes are little-endian bit strings of `width` bits, one per group (bitpack.py); a PVQ code is
- * index * L + level. Everything is integer exact until the final float scaling, so a group decodes
- * to the same floats as the torch path (reconstruct(): scale * level * y / ||y||).
+ * index * L + level. Everything is integer exact until the final float scaling: a group decodes to
+ * (scale * level * 1 / ||y||) * y, the torch path (reconstruct()) to (y / ||y||) * (scale * level), equal
+ * to within the last bit of a float.
  *
  * Written for pvq; compiled on first use by native.py (cc -O3 -fopenmp).
  */
@@ -246,12 +247,13 @@ int64_t pvq_check_codes(const uint8_t *codes, int64_t nbytes, int width, int64_t
     return -1;
 }
 
-/* 1 / ||y|| for every energy ||y||^2 <= k^2 a shape of k pulses can have (rinv[0] = 0) */
-static float *inverse_norms(int64_t k) {
-    float *rinv = (float *)malloc(sizeof(float) * (size_t)(k * k + 1));
-    rinv[0] = 0.0f;
-    for (int64_t e = 1; e <= k * k; e++) rinv[e] = 1.0f / sqrtf((float)e);
-    return rinv;
+/* 1 / ||y|| for every energy ||y||^2 <= 127^2 a shape of k <= 127 pulses can have (RINV[0] = 0), filled when
+ * the library loads (not per call: k = 88 alone is 7745 square roots) */
+#define MAXK 127
+static float RINV[MAXK * MAXK + 1];
+__attribute__((constructor)) static void fill_rinv(void) {
+    RINV[0] = 0.0f;
+    for (int64_t e = 1; e <= MAXK * MAXK; e++) RINV[e] = 1.0f / sqrtf((float)e);
 }
 
 
@@ -338,8 +340,8 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
     return acc;
 }
 
-/* Pass 3 of gemv_row decoding instead: group j's weights s * level * y / ||y|| (the same float operations as
- * pvq_decode and the torch path) written to o[j * n ...]. */
+/* Pass 3 of gemv_row decoding instead: group j's weights (s * level * 1 / ||y||) * y (the float operations of
+ * the generic pvq_decode) written to o[j * n ...]. */
 static inline __attribute__((always_inline)) void rows_write(const int8_t *lut, const int32_t *R, const float *FL,
                                                              int64_t gn, float *o, const float *rinv, float s,
                                                              const int64_t G, const int64_t D) {
@@ -383,10 +385,10 @@ static inline __attribute__((always_inline)) void rows_write(const int8_t *lut, 
 /* A group with a leaf past its table's cap, decoded by the generic decoder: its contribution level * <y, x_b> /
  * ||y|| added to acc[b] (gemv), or its weights written to o[j * n ...] (decode, o != NULL); its factor FL[j]
  * is then zeroed so that rows_dot adds nothing for it (rows_write's output for it is overwritten after). */
-static void fix_group(const int64_t *plan, uint64_t idx, int64_t k, int64_t n, float *FL, int64_t j, const float *x,
-                      int64_t ldx, int64_t B, const float *rinv, float *acc, float *o, float s) {
+static void fix_group(const int64_t *plan, int64_t top, uint64_t idx, int64_t k, int64_t n, float *FL, int64_t j,
+                      const float *x, int64_t ldx, int64_t B, const float *rinv, float *acc, float *o, float s) {
     int8_t y[MAXN];
-    decode_shape(plan, 0, idx, k, y);
+    decode_shape(plan, top, idx, k, y);
     int32_t e = 0;
     for (int64_t c = 0; c < n; c++) e += (int32_t)y[c] * y[c];
     if (o) {
@@ -405,6 +407,7 @@ static void fix_group(const int64_t *plan, uint64_t idx, int64_t k, int64_t n, f
 /* Everything a row of gemv_row needs, gathered once per call. */
 typedef struct {
     const int64_t *plan;
+    int64_t top_at;
     split_t top, half;
     leaf_t leaf;
     stream_t codes;
@@ -496,12 +499,13 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
             rows_write(f.leaf.lut, R, FL, gn, dst + g0 * n, f.rinv, s, G, D);
             if (check && any)
                 for (int64_t j = 0; j < gn; j++)
-                    if (FLG[j]) fix_group(f.plan, IDX[j], k, n, FL, j, NULL, 0, 0, f.rinv, NULL, dst + g0 * n, s);
+                    if (FLG[j]) fix_group(f.plan, f.top_at, IDX[j], k, n, FL, j, NULL, 0, 0, f.rinv, NULL, dst + g0 * n, s);
             continue;
         }
         if (check && any)
             for (int64_t j = 0; j < gn; j++)
-                if (FLG[j]) fix_group(f.plan, IDX[j], k, n, FL, j, f.x + g0 * n, f.ldx, f.B, f.rinv, acc, NULL, 0.0f);
+                if (FLG[j])
+                    fix_group(f.plan, f.top_at, IDX[j], k, n, FL, j, f.x + g0 * n, f.ldx, f.B, f.rinv, acc, NULL, 0.0f);
         acc[0] += rows_dot(f.leaf.lut, R, FL, gn, f.x + g0 * n, f.rinv, G, D);
         if (f.B > 1) acc[1] += rows_dot(f.leaf.lut, R, FL, gn, f.x + f.ldx + g0 * n, f.rinv, G, D);
     }
@@ -518,7 +522,7 @@ static int fixed_setup(const int64_t *plan, int64_t top, const stream_t *st, int
     int layout = layout_of(plan, top, d);
     if (!((layout == 1 && (*d == 6 || *d == 4)) || (layout == 2 && (*d == 4 || *d == 3)))) return 0;
     int64_t child = plan[top + 4], lf = layout == 2 ? plan[child + 4] : child;
-    fixed_t v = {plan, split_of(plan, top), split_of(plan, layout == 2 ? child : top), leaf_of(plan, lf), *st, k,
+    fixed_t v = {plan, top, split_of(plan, top), split_of(plan, layout == 2 ? child : top), leaf_of(plan, lf), *st, k,
                  groups, ldx, B, levels, rinv, x};
     *f = v;
     *check = plan[lf + 3] < plan[lf + 2];
@@ -540,7 +544,7 @@ void pvq_gemv(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nb
               int64_t cols, const float *x, int64_t ldx, int64_t B, float *out, int64_t ldy) {
     const stream_t st = stream_of(codes, nbytes, width, L);
     int64_t groups = cols / n;
-    float *rinv = inverse_norms(k);
+    const float *rinv = RINV;
     int64_t d = 0;
     fixed_t f;
     int check, layout = B <= 2 ? fixed_setup(plan, top, &st, k, groups, levels, rinv, x, ldx, B, &f, &d, &check) : 0;
@@ -556,7 +560,6 @@ void pvq_gemv(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nb
         }
         FIXED_DISPATCH(GEMV_ROWS)
 #undef GEMV_ROWS
-        free(rinv);
         return;
     }
 #pragma omp parallel for schedule(static)
@@ -583,7 +586,6 @@ void pvq_gemv(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nb
             for (int64_t b = 0; b < nb; b++) out[(b0 + b) * ldy + r] = s * acc[b];
         }
     }
-    free(rinv);
 }
 
 /* rows [r0, r1) of W into out [r1 - r0, cols] (prompt processing) */
@@ -592,7 +594,7 @@ void pvq_decode(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t 
                 int64_t r0, int64_t r1, float *out) {
     const stream_t st = stream_of(codes, nbytes, width, L);
     int64_t groups = cols / n, d = 0;
-    float *rinv = inverse_norms(k);
+    const float *rinv = RINV;
     fixed_t f;
     int check, layout = fixed_setup(plan, top, &st, k, groups, levels, rinv, NULL, 0, 0, &f, &d, &check);
     if (layout) {
@@ -602,7 +604,6 @@ void pvq_decode(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t 
             gemv_row(&f, r, NULL, LAYOUT, D, CHECK, out + (r - r0) * cols, scales[per_row ? r : 0]);
         FIXED_DISPATCH(DECODE_ROWS)
 #undef DECODE_ROWS
-        free(rinv);
         return;
     }
 #pragma omp parallel for schedule(static)
@@ -619,7 +620,6 @@ void pvq_decode(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t 
             for (int64_t j = 0; j < n; j++) o[g * n + j] = f * (float)y[j];
         }
     }
-    free(rinv);
 }
 
 /* uniform grid: w = offset[r, c / gs] + scale[r, c / gs] * q, q a `width`-bit code per weight */

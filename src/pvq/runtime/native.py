@@ -182,7 +182,7 @@ def _tables_of(node, out: dict[int, int], top: bool = True) -> None:
     """width -> largest K of the tables plan() will point at for this node (the same choices as emit)."""
     if isinstance(node, enumeration._Leaf):
         out[node.d] = max(out.get(node.d, -1), min(node.base.numel() - 1, table_cap(node.d)))
-    elif not top and node.K <= table_cap(node.n):
+    elif not top and node.n > 4 and node.K <= table_cap(node.n):
         out[node.n] = max(out.get(node.n, -1), node.K)
     else:
         _tables_of(node.first, out, False)
@@ -243,7 +243,9 @@ def plan(n: int, k: int) -> Plan | None:
             K = node.base.numel() - 1
             lut, base, mask, u, Kt = table(node.d, K)
             return leaf(node, node.d, K, min(K, Kt), lut, base, mask, u)
-        if where and node.K <= table_cap(node.n):  # never the top: its group index is the code itself
+        # a sub-pyramid in one split-order table (never the top: its group index is the code itself; never
+        # a width <= 4, whose table is the CWRS-ordered leaf table)
+        if where and node.n > 4 and node.K <= table_cap(node.n):
             lut, base, mask, _, _ = table(node.n, node.K)
             return leaf(node, node.n, node.K, node.K, lut, base, mask, None)
         at = len(words)
