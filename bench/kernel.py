@@ -1,7 +1,7 @@
 """Kernel micro-benchmark: on-the-fly decode-and-multiply speed of one matrix, in G weights per second.
 
-For the settings the picker uses at 2.25 and 3.25 bits (data-free `pvq` on a random Gaussian 1536x576
-matrix, the shape of SmolLM2's MLP projections), the best of 30 x 10 calls of the fused gemv (one token)
+For the settings the picker uses at 2.25 and 3.25 bits, with the default compact layout and with
+`--layout fast` (data-free `pvq` on a random Gaussian 1536x576 matrix, the shape of SmolLM2's MLP projections), the best of 30 x 10 calls of the fused gemv (one token)
 with 1 and 2 threads, and the matching decode of all rows (prompt processing); and the head of SmolLM2
 (49152 x 576, one token) as float32 (F.linear) against the float16 weights widened in the kernel
 (runtime/dense.py). Writes bench/results/kernel.json. Run on a quiet machine: `python bench/kernel.py`.
@@ -28,9 +28,9 @@ threads = int(sys.argv[1])
 torch.set_num_threads(threads)
 g = torch.Generator().manual_seed(0)
 out = []
-for bits in (2.25, 3.25):
+for bits, layout in ((2.25, "compact"), (3.25, "compact"), (2.25, "fast"), (3.25, "fast")):
     w = torch.randn(1536, 576, generator=g)
-    spec = choose_spec(QuantConfig(method="pvq", bits=bits), 1536, 576)
+    spec = choose_spec(QuantConfig(method="pvq", bits=bits, layout=layout), 1536, 576)
     d = Decoder(codec.quantize(w, spec))
     x = torch.randn(1, 576, generator=g)
     def best(f, reps):
@@ -42,7 +42,7 @@ for bits in (2.25, 3.25):
             b = min(b, (time.perf_counter() - t) / reps)
         return b
     gemv, dec = best(lambda: d.matmul(x), 10), best(lambda: d.decode_rows(0, 1536), 2)
-    out.append({"bits": bits, "spec": spec.name, "threads": threads, "gemv_gweights_per_s": w.numel() / gemv / 1e9,
+    out.append({"bits": bits, "layout": layout, "spec": spec.name, "threads": threads, "gemv_gweights_per_s": w.numel() / gemv / 1e9,
                 "decode_gweights_per_s": w.numel() / dec / 1e9})
 from pvq.runtime.dense import StoredHead
 head = torch.nn.Linear(576, 49152, bias=False)
@@ -73,7 +73,7 @@ def main() -> None:
             print(f"head {r['head']} {r['threads']} thread(s): float32 {r['float32_ms']:.2f} ms, "
                   f"float16 kept {r['float16_stored_ms']:.2f} ms")
         else:
-            print(f"{r['spec']} {r['threads']} thread(s): gemv {r['gemv_gweights_per_s']:.2f}, "
+            print(f"{r['spec']} ({r['layout']}) {r['threads']} thread(s): gemv {r['gemv_gweights_per_s']:.2f}, "
                   f"decode {r['decode_gweights_per_s']:.2f} G weights/s")
     write_json(ROOT / "bench" / "results" / "kernel.json",
                {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

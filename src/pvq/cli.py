@@ -45,7 +45,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--scale", choices=["tensor", "row"], default="tensor", help="PVQ gain scale granularity")
     p.add_argument("--layout", choices=["compact", "fast"], default="compact",
                    help="PVQ settings: compact (best quality per bit, the default) or fast (groups of 4-8 whose "
-                        "shapes all fit one small table: several times faster --decode on-the-fly, lower quality)")
+                        "shapes all fit one small table; lower quality, and no longer faster on the fly: "
+                        "see README)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (uniform grid only)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
