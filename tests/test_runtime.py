@@ -303,6 +303,7 @@ print("ok")
 
 
 @needs_native
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86 SIMD flags")
 @pytest.mark.parametrize("cflags", ["-mno-avx512f", "-mno-sse4.1 -mno-avx -mno-avx2 -mno-avx512f"])
 def test_kernel_paths_for_older_cpus_match_the_torch_decoder(tmp_path, cflags):
     """The SSE4.1 and plain-C paths of the fixed layouts (this machine may only ever run its best one)."""
