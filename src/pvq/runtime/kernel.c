@@ -21,10 +21,10 @@
  *          as bytes (bucket index >> shift[k]: the largest k1 with O(k, k1) <= the bucket's first index)
  * The gemv of the two layouts the picker uses most has its own loop (gemv_row): S1 = one split
  * into two table rows (n = 12 at 2.25 bits: P(6, <= 10) tabulated), S2 = a split into two S1
- * (n = 16 at 3.25 bits: leaves P(4, .), tabulated up to 24 pulses). It decodes a row in passes over chunks of groups (codes, top
- * splits, half splits, then the dot products with SIMD int8 widening) and is compiled once per layout
- * (measured on a 2-core EPYC, one core, G weights/s: n = 16 0.7 scalar fused loop -> 1.25 with SSE4.1
- * widening -> 1.76 in passes; n = 12 0.9 -> 1.6 -> 2.15).
+ * (n = 16 at 3.25 bits: leaves P(4, .)). It decodes a row in passes over chunks of groups (codes, top
+ * splits, half splits, then SIMD dot products or stores) and is compiled once per layout (measured on
+ * a 2-core EPYC, one core, G weights/s, bench/kernel.py: n = 16 0.7 scalar fused loop -> 1.25 with
+ * SSE4.1 widening -> 1.76 in passes -> 1.95 with the exact division by L; n = 12 0.9 -> 1.6 -> 2.15 -> 2.8).
  * Codes are little-endian bit strings of `width` bits, one per group (bitpack.py); a PVQ code is
  * index * L + level. Everything is integer exact until the final float scaling: a group decodes to
  * (scale * level * 1 / ||y||) * y, the torch path (reconstruct()) to (y / ||y||) * (scale * level), equal
