@@ -4,7 +4,8 @@ A Decoder holds references to the packed buffers (codes, scales, gain levels; no
 and, shared by every layer with the same (n, k), the serialised enumeration plan of the native
 kernel (whose tables of points every plan shares). `matmul(x)` picks the fused decode-and-multiply
 kernel for a few tokens (generation) and decode-a-block-of-rows-then-GEMM for many (prompt
-processing): each block is decoded once per call and reused for every token. Without the native kernel it falls back to the torch decoder.
+processing): each block is decoded once per call and reused for every token. Without the native
+kernel it falls back to the torch decoder.
 """
 from __future__ import annotations
 

@@ -311,12 +311,10 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
         for (int64_t j = 0; j < gn; j++, xg += n) {
             __m128i y = group_bytes(lut, R, j, G, D);
             int32_t e = group_energy(y);
-            __m128 p = _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(y)), _mm_loadu_ps(xg)),
-                                  _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(y, 4))), _mm_loadu_ps(xg + 4)));
-            p = _mm_add_ps(p, _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(y, 8))), _mm_loadu_ps(xg + 8)));
-            if (n == 16)
-                p = _mm_add_ps(p, _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(y, 12))),
-                                             _mm_loadu_ps(xg + 12)));
+#define LANES4(SHIFT) _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_srli_si128(y, SHIFT))), _mm_loadu_ps(xg + SHIFT))
+            __m128 p = _mm_add_ps(_mm_add_ps(LANES4(0), LANES4(4)), LANES4(8));
+            if (n == 16) p = _mm_add_ps(p, LANES4(12));
+#undef LANES4
             acc = _mm_add_ps(acc, _mm_mul_ps(p, _mm_set1_ps(FL[j] * rinv[e])));
         }
         acc = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
@@ -499,7 +497,8 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
             rows_write(f.leaf.lut, R, FL, gn, dst + g0 * n, f.rinv, s, G, D);
             if (check && any)
                 for (int64_t j = 0; j < gn; j++)
-                    if (FLG[j]) fix_group(f.plan, f.top_at, IDX[j], k, n, FL, j, NULL, 0, 0, f.rinv, NULL, dst + g0 * n, s);
+                    if (FLG[j])
+                        fix_group(f.plan, f.top_at, IDX[j], k, n, FL, j, NULL, 0, 0, f.rinv, NULL, dst + g0 * n, s);
             continue;
         }
         if (check && any)
@@ -700,7 +699,8 @@ void dense16_gemv(const uint16_t *w, int kind, int64_t rows, int64_t cols, const
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             for (; c + 16 <= cols; c += 16) {
-                __m128i h0 = _mm_loadu_si128((const __m128i *)(wr + c)), h1 = _mm_loadu_si128((const __m128i *)(wr + c + 8));
+                __m128i h0 = _mm_loadu_si128((const __m128i *)(wr + c));
+                __m128i h1 = _mm_loadu_si128((const __m128i *)(wr + c + 8));
                 __m256 f0, f1;
                 if (kind) {
                     f0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16));
