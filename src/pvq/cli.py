@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="pvq directory, HF folder, hub id or .gguf (default SmolLM2)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of torch and of pvq's kernel (default: their own choice, OMP_NUM_THREADS or all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_runtime_options(p)
     for name in ("eval",):
@@ -397,8 +398,12 @@ def cmd_bench_run(args) -> int:
 
     from .runtime import measure, native
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+        if native.kernel() is not None:
+            native.kernel().pvq_set_threads(args.threads)
     model, tok = load_any(args.model, args.decode, args.dtype)
     res = {"model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype}
     qc = _pvq_config(model)

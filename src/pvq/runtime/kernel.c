@@ -971,3 +971,12 @@ void pvq_linear(const linear_t *a, const float *x, float *out, int64_t B, float 
         for (int64_t b = 0; b < B; b++)
             for (int64_t r = 0; r < a->rows; r++) out[b * a->rows + r] += a->bias[r];
 }
+
+/* OpenMP threads of the kernels called from this thread from now on (torch.set_num_threads does not
+ * reach them; OMP_NUM_THREADS reaches both) */
+#ifdef _OPENMP
+#include <omp.h>
+void pvq_set_threads(int n) { omp_set_num_threads(n); }
+#else
+void pvq_set_threads(int n) { (void)n; }
+#endif

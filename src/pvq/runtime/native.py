@@ -84,9 +84,10 @@ def kernel() -> ctypes.CDLL | None:
     dll.dense16_gemv.argtypes = [p, i32, i64, i64, p, i64, i64, p, i64]
     dll.pvq_check_codes.argtypes = [p, i64, i32, i64, ctypes.c_uint64, i64]
     dll.pvq_linear.argtypes = [p, p, p, i64, p]
+    dll.pvq_set_threads.argtypes = [i32]
     dll.pvq_check_codes.restype = i64
     for f in (dll.pvq_decode, dll.pvq_gemv, dll.uni_decode, dll.uni_gemv, dll.rot_apply, dll.lut_gemv, dll.lut_decode,
-              dll.act_pvq_shapes, dll.dense16_gemv, dll.pvq_linear):
+              dll.act_pvq_shapes, dll.dense16_gemv, dll.pvq_linear, dll.pvq_set_threads):
         f.restype = None
     _error = None
     return dll
