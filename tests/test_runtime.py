@@ -79,6 +79,27 @@ def test_on_the_fly_mode_matches_decode_once(tmp_path, method):
     assert auto.model.layers[1].self_attn.q_proj.decode == ("on-the-fly" if native.kernel() else "once")
 
 
+def test_bfloat16_models_on_the_fly_multiply_prompts_in_bfloat16_like_decode_once(tmp_path):
+    model = tiny_model("llama", intermediate_size=96)
+    api.quantize(model, QuantConfig(method="pvq", bits=3.25), progress=False)
+    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    once, _ = pvq.load(out, dtype=torch.bfloat16, decode="once")
+    fly, _ = pvq.load(out, dtype=torch.bfloat16, decode="on-the-fly")
+    with torch.no_grad():
+        a, b = once(ids).logits, fly(ids).logits  # 24 tokens: decoded blocks, rounded to bfloat16 like once's
+        ref = model(ids).logits
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(b.float(), a.float(), rtol=0.02, atol=0.02)
+    assert (b.float() - ref).abs().max() < 0.1
+    # the decoder itself: each decoded block and the tokens rounded to bfloat16, one bfloat16 GEMM
+    d = Decoder(quantize(_w(40, 96), PVQSpec(16, 29, 7)))
+    x = _w(9, 96, seed=4)
+    got = d.matmul(x, torch.bfloat16)
+    assert torch.equal(got, (x.bfloat16() @ d.dense().bfloat16().T).float())
+    assert not torch.equal(got, d.matmul(x))
+
+
 def test_model_to_dtype_keeps_the_stored_scales(tmp_path):
     model = tiny_model("llama", intermediate_size=96)
     api.quantize(model, QuantConfig(method="pvq", bits=2.25), progress=False)

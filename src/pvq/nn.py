@@ -226,7 +226,7 @@ class QuantLinear(nn.Module):
         if act is not None and act.after_rotation:
             h = act.quantize(h)
         if self.decode == "on-the-fly":
-            h = st["decoder"].matmul(h)
+            h = st["decoder"].matmul(h, self.weight_dtype)
         else:
             w = self.rotated_weight()
             h = F.linear(h.to(w.dtype), w).float()

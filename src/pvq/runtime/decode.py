@@ -103,8 +103,10 @@ class Decoder:
             return self.packed.dequantize(torch.float32)
         return self.decode_rows(0, self.rows)
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., cols] float32 -> x W'^T [..., rows] float32."""
+    def matmul(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x [..., cols] float32 -> x W'^T [..., rows] float32. Many tokens at a time multiply each decoded
+        block in `dtype` (bfloat16: the weights rounded to it, as decode="once" keeps them in a bfloat16
+        model, and a bfloat16 GEMM); a few always go through the float32 kernel."""
         lead = x.shape[:-1]
         h = x.reshape(-1, self.cols).contiguous()
         t = h.shape[0]
@@ -115,10 +117,11 @@ class Decoder:
             self._gemv_fn(*self._args, self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
         else:
             block = torch.empty(min(ROW_BLOCK, self.rows), self.cols, dtype=torch.float32)
+            hd = h if dtype == torch.float32 else h.to(dtype)
             for r0 in range(0, self.rows, ROW_BLOCK):
                 r1 = min(r0 + ROW_BLOCK, self.rows)
                 w = self.decode_rows(r0, r1, block[: r1 - r0])
-                out[:, r0:r1] = h @ w.T
+                out[:, r0:r1] = hd @ (w if dtype == torch.float32 else w.to(dtype)).T
         return out.reshape(*lead, self.rows)
 
 
