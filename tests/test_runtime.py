@@ -127,6 +127,9 @@ def test_transformers_from_pretrained_loads_a_pvq_directory(tmp_path, family):
         assert torch.equal(hf(ids).logits, mem)
         gen = hf.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 9)
+    from pvq.runtime.dense import StoredHead
+
+    assert isinstance(hf.get_output_embeddings(), StoredHead) and hf.get_output_embeddings().weight.dtype == torch.float16
     fly = AutoModelForCausalLM.from_pretrained(out)  # decode="auto": on the fly where the kernel builds
     assert fly.model.layers[0].self_attn.o_proj.decode == ("on-the-fly" if native.kernel() else "once")
     with torch.no_grad():
@@ -231,6 +234,19 @@ def test_corrupt_codes_are_refused_before_the_kernel_reads_them():
     packed.codes[:] = 0xFF
     with pytest.raises(ValueError, match="corrupt"):
         Decoder(packed)
+
+
+def test_keep_stored_refuses_weights_the_stored_dtype_would_change():
+    from pvq.runtime.dense import StoredEmbedding, keep_stored
+
+    model = tiny_model("llama", intermediate_size=96)  # random float32 embeddings: not float16 values
+    emb = model.get_input_embeddings().weight.detach().clone()
+    assert not keep_stored(model, torch.float16)
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding and torch.equal(model.get_input_embeddings().weight, emb)
+    assert not keep_stored(model, torch.float32)  # nothing to gain
+    model.get_input_embeddings().weight.data = emb.half().float()
+    model.get_output_embeddings().weight.data = model.get_output_embeddings().weight.data.half().float()
+    assert keep_stored(model, torch.float16) and isinstance(model.get_input_embeddings(), StoredEmbedding)
 
 
 @needs_native
