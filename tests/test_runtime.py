@@ -1,4 +1,6 @@
 """Running quantized models: native on-the-fly decode, decode modes, transformers loading."""
+import copy
+
 import pytest
 import torch
 
@@ -299,6 +301,11 @@ def test_loaded_models_keep_embeddings_and_head_in_the_stored_dtype(tmp_path, ti
         logits = fly(ids).logits
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), model(ids).logits, rtol=0.05, atol=0.05)
+    # a device move keeps a tied pair one tensor ("meta": a device every machine has)
+    moved = copy.deepcopy(fly).to("meta")
+    assert moved.get_input_embeddings().weight.device.type == "meta"
+    assert (moved.get_input_embeddings().weight is moved.get_output_embeddings().weight) == tied
+    assert moved.get_input_embeddings().weight.dtype == torch.float16
     # a loaded model saves to the same tensors
     again = io.save(fly.to(torch.float32), None, tmp_path / "again")
     from safetensors.torch import load_file

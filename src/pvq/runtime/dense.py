@@ -14,6 +14,8 @@ reads from the first floating-point parameter, then still reports the compute dt
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,14 +27,29 @@ ROW_BLOCK = 4096
 KINDS = {torch.float16: 0, torch.bfloat16: 1}
 
 
+# id(stored tensor) -> (weak reference to it, weak reference to its copy on another device)
+_MOVED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
 def _keep_weight(module: nn.Module, fn, recurse: bool) -> None:
     """module._apply(fn) for a module whose weight buffer must keep its stored dtype: the weight
-    follows device moves only; `compute_dtype` follows dtype conversions."""
+    follows device moves only (a tied embedding and head move to one tensor: the second module finds
+    the first one's copy in _MOVED); `compute_dtype` follows dtype conversions."""
     before = module._buffers["weight"]
     module.compute_dtype = fn(torch.empty(0, dtype=module.compute_dtype)).dtype
     nn.Module._apply(module, fn, recurse)
     after = module._buffers["weight"]
-    module._buffers["weight"] = before if after.device == before.device else before.to(after.device)
+    if after.device == before.device:
+        module._buffers["weight"] = before
+        return
+    src, copy = _MOVED.get(id(before), (None, None))
+    moved = copy() if src is not None and src() is before else None
+    if moved is None or moved.device != after.device:
+        moved = before.to(after.device)
+        for key in [k for k, (s, c) in _MOVED.items() if s() is None or c() is None]:
+            del _MOVED[key]
+        _MOVED[id(before)] = (weakref.ref(before), weakref.ref(moved))
+    module._buffers["weight"] = moved
 
 
 class StoredEmbedding(nn.Embedding):
