@@ -241,9 +241,11 @@ static inline void pvq_shape(const int64_t *plan, int64_t top, const stream_t *s
 /* The first group whose shape index (code / L) is not below V, or -1: a code out of range would
  * send the decoders outside their tables, so Decoder checks every code once before using them. */
 int64_t pvq_check_codes(const uint8_t *codes, int64_t nbytes, int width, int64_t L, uint64_t V, int64_t groups) {
-    uint64_t mask = width >= 64 ? ~0ULL : ((1ULL << width) - 1);
-    for (int64_t g = 0; g < groups; g++)
-        if (read_code(codes, nbytes, g, width, mask) / (uint64_t)L >= V) return g;
+    const stream_t st = stream_of(codes, nbytes, width, L);
+    for (int64_t g = 0; g < groups; g++) {
+        uint64_t lvl;
+        if (code_at(&st, g, &lvl) >= V) return g;
+    }
     return -1;
 }
 
@@ -290,8 +292,8 @@ static inline __attribute__((always_inline)) int32_t group_energy(__m128i y) {
 /* Leaf rows R[G * j + t] (row numbers of the table lut, D int8 each) -> <y, x> of each group j of G leaves, x at
  * stride n = G * D, times that group's factor level * 1 / ||y||, summed over gn groups (pass 3 of gemv_row). */
 static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, const int32_t *R, const float *FL,
-                                                            int64_t gn, const float *xg, const float *rinv,
-                                                            const int64_t G, const int64_t D) {
+                                                            int64_t gn, const float *xg, const int64_t G,
+                                                            const int64_t D) {
     const int64_t n = G * D;
 #ifdef __AVX512F__
     if (SIMD_GROUP(G, D)) {  /* 16 lanes: the products scaled by the group's factor into one accumulator */
@@ -301,7 +303,7 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
             int32_t e = group_energy(y);
             __m512 xv = n == 12 ? _mm512_maskz_loadu_ps(0x0fff, xg) : _mm512_loadu_ps(xg);
             __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(y)), xv);
-            acc = _mm512_fmadd_ps(t, _mm512_set1_ps(FL[j] * rinv[e]), acc);
+            acc = _mm512_fmadd_ps(t, _mm512_set1_ps(FL[j] * RINV[e]), acc);
         }
         return _mm512_reduce_add_ps(acc);
     }
@@ -315,7 +317,7 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
             __m128 p = _mm_add_ps(_mm_add_ps(LANES4(0), LANES4(4)), LANES4(8));
             if (n == 16) p = _mm_add_ps(p, LANES4(12));
 #undef LANES4
-            acc = _mm_add_ps(acc, _mm_mul_ps(p, _mm_set1_ps(FL[j] * rinv[e])));
+            acc = _mm_add_ps(acc, _mm_mul_ps(p, _mm_set1_ps(FL[j] * RINV[e])));
         }
         acc = _mm_add_ps(acc, _mm_movehl_ps(acc, acc));
         acc = _mm_add_ss(acc, _mm_shuffle_ps(acc, acc, 0x55));
@@ -333,7 +335,7 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
                 e += (int32_t)row[c] * row[c];
             }
         }
-        acc += FL[j] * rinv[e] * d;
+        acc += FL[j] * RINV[e] * d;
     }
     return acc;
 }
@@ -341,14 +343,14 @@ static inline __attribute__((always_inline)) float rows_dot(const int8_t *lut, c
 /* Pass 3 of gemv_row decoding instead: group j's weights (s * level * 1 / ||y||) * y (the float operations of
  * the generic pvq_decode) written to o[j * n ...]. */
 static inline __attribute__((always_inline)) void rows_write(const int8_t *lut, const int32_t *R, const float *FL,
-                                                             int64_t gn, float *o, const float *rinv, float s,
-                                                             const int64_t G, const int64_t D) {
+                                                             int64_t gn, float *o, float s, const int64_t G,
+                                                             const int64_t D) {
     const int64_t n = G * D;
 #ifdef __AVX512F__
     if (SIMD_GROUP(G, D)) {
         for (int64_t j = 0; j < gn; j++, o += n) {
             __m128i y = group_bytes(lut, R, j, G, D);
-            float f = s * FL[j] * rinv[group_energy(y)];
+            float f = s * FL[j] * RINV[group_energy(y)];
             __m512 v = _mm512_mul_ps(_mm512_set1_ps(f), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(y)));
             if (n == 12) _mm512_mask_storeu_ps(o, 0x0fff, v);
             else _mm512_storeu_ps(o, v);
@@ -359,7 +361,7 @@ static inline __attribute__((always_inline)) void rows_write(const int8_t *lut, 
     if (SIMD_GROUP(G, D)) {
         for (int64_t j = 0; j < gn; j++, o += n) {
             __m128i y = group_bytes(lut, R, j, G, D);
-            __m128 f = _mm_set1_ps(s * FL[j] * rinv[group_energy(y)]);
+            __m128 f = _mm_set1_ps(s * FL[j] * RINV[group_energy(y)]);
             for (int64_t c = 0; c < n; c += 4, y = _mm_srli_si128(y, 4))
                 _mm_storeu_ps(o + c, _mm_mul_ps(f, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(y))));
         }
@@ -372,7 +374,7 @@ static inline __attribute__((always_inline)) void rows_write(const int8_t *lut, 
             const int8_t *row = lut + (int64_t)R[G * j + t] * D;
             for (int64_t c = 0; c < D; c++) e += (int32_t)row[c] * row[c];
         }
-        float f = s * FL[j] * rinv[e];
+        float f = s * FL[j] * RINV[e];
         for (int64_t t = 0; t < G; t++) {
             const int8_t *row = lut + (int64_t)R[G * j + t] * D;
             for (int64_t c = 0; c < D; c++) o[t * D + c] = f * (float)row[c];
@@ -384,20 +386,20 @@ static inline __attribute__((always_inline)) void rows_write(const int8_t *lut, 
  * ||y|| added to acc[b] (gemv), or its weights written to o[j * n ...] (decode, o != NULL); its factor FL[j]
  * is then zeroed so that rows_dot adds nothing for it (rows_write's output for it is overwritten after). */
 static void fix_group(const int64_t *plan, int64_t top, uint64_t idx, int64_t k, int64_t n, float *FL, int64_t j,
-                      const float *x, int64_t ldx, int64_t B, const float *rinv, float *acc, float *o, float s) {
+                      const float *x, int64_t ldx, int64_t B, float *acc, float *o, float s) {
     int8_t y[MAXN];
     decode_shape(plan, top, idx, k, y);
     int32_t e = 0;
     for (int64_t c = 0; c < n; c++) e += (int32_t)y[c] * y[c];
     if (o) {
-        float f = s * FL[j] * rinv[e];
+        float f = s * FL[j] * RINV[e];
         for (int64_t c = 0; c < n; c++) o[j * n + c] = f * (float)y[c];
         return;
     }
     for (int64_t b = 0; b < B; b++) {
         float dot = 0.0f;
         for (int64_t c = 0; c < n; c++) dot += (float)y[c] * x[b * ldx + j * n + c];
-        acc[b] += FL[j] * rinv[e] * dot;
+        acc[b] += FL[j] * RINV[e] * dot;
     }
     FL[j] = 0.0f;
 }
@@ -410,7 +412,7 @@ typedef struct {
     leaf_t leaf;
     stream_t codes;
     int64_t k, groups, ldx, B;
-    const float *levels, *rinv, *x;
+    const float *levels, *x;
 } fixed_t;
 
 /* Row r of pvq_gemv for layout S1/S2 with leaf width D, B <= 2. Inlined with constant layout and D into its own
@@ -494,19 +496,19 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
                 }
             }
         if (dst) {  /* decode: write the weights, then overwrite the flagged groups */
-            rows_write(f.leaf.lut, R, FL, gn, dst + g0 * n, f.rinv, s, G, D);
+            rows_write(f.leaf.lut, R, FL, gn, dst + g0 * n, s, G, D);
             if (check && any)
                 for (int64_t j = 0; j < gn; j++)
                     if (FLG[j])
-                        fix_group(f.plan, f.top_at, IDX[j], k, n, FL, j, NULL, 0, 0, f.rinv, NULL, dst + g0 * n, s);
+                        fix_group(f.plan, f.top_at, IDX[j], k, n, FL, j, NULL, 0, 0, NULL, dst + g0 * n, s);
             continue;
         }
         if (check && any)
             for (int64_t j = 0; j < gn; j++)
                 if (FLG[j])
-                    fix_group(f.plan, f.top_at, IDX[j], k, n, FL, j, f.x + g0 * n, f.ldx, f.B, f.rinv, acc, NULL, 0.0f);
-        acc[0] += rows_dot(f.leaf.lut, R, FL, gn, f.x + g0 * n, f.rinv, G, D);
-        if (f.B > 1) acc[1] += rows_dot(f.leaf.lut, R, FL, gn, f.x + f.ldx + g0 * n, f.rinv, G, D);
+                    fix_group(f.plan, f.top_at, IDX[j], k, n, FL, j, f.x + g0 * n, f.ldx, f.B, acc, NULL, 0.0f);
+        acc[0] += rows_dot(f.leaf.lut, R, FL, gn, f.x + g0 * n, G, D);
+        if (f.B > 1) acc[1] += rows_dot(f.leaf.lut, R, FL, gn, f.x + f.ldx + g0 * n, G, D);
     }
 #undef LEAF_REF
 }
@@ -516,13 +518,13 @@ static inline __attribute__((always_inline)) void gemv_row(const fixed_t *fp, in
  * arguments of its rows in *f. FIXED_DISPATCH(F) then runs F(layout, D, check) with constants: each is its own
  * compiled loop (S1 with leaves of 6 is a tabulated sub-pyramid, never past its table). */
 static int fixed_setup(const int64_t *plan, int64_t top, const stream_t *st, int64_t k, int64_t groups,
-                       const float *levels, const float *rinv, const float *x, int64_t ldx, int64_t B, fixed_t *f,
-                       int64_t *d, int *check) {
+                       const float *levels, const float *x, int64_t ldx, int64_t B, fixed_t *f, int64_t *d,
+                       int *check) {
     int layout = layout_of(plan, top, d);
     if (!((layout == 1 && (*d == 6 || *d == 4)) || (layout == 2 && (*d == 4 || *d == 3)))) return 0;
     int64_t child = plan[top + 4], lf = layout == 2 ? plan[child + 4] : child;
     fixed_t v = {plan, top, split_of(plan, top), split_of(plan, layout == 2 ? child : top), leaf_of(plan, lf), *st, k,
-                 groups, ldx, B, levels, rinv, x};
+                 groups, ldx, B, levels, x};
     *f = v;
     *check = plan[lf + 3] < plan[lf + 2];
     return layout;
@@ -543,10 +545,9 @@ void pvq_gemv(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nb
               int64_t cols, const float *x, int64_t ldx, int64_t B, float *out, int64_t ldy) {
     const stream_t st = stream_of(codes, nbytes, width, L);
     int64_t groups = cols / n;
-    const float *rinv = RINV;
     int64_t d = 0;
     fixed_t f;
-    int check, layout = B <= 2 ? fixed_setup(plan, top, &st, k, groups, levels, rinv, x, ldx, B, &f, &d, &check) : 0;
+    int check, layout = B <= 2 ? fixed_setup(plan, top, &st, k, groups, levels, x, ldx, B, &f, &d, &check) : 0;
     if (layout) {
 #define GEMV_ROWS(LAYOUT, D, CHECK)                                                  \
         _Pragma("omp parallel for schedule(static)")                                 \
@@ -574,7 +575,7 @@ void pvq_gemv(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t nb
                 pvq_shape(plan, top, &st, r * groups + g, k, y, &lvl);
                 int32_t e = 0;
                 for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
-                float f = levels[lvl] * rinv[e];
+                float f = levels[lvl] * RINV[e];
                 for (int64_t b = 0; b < nb; b++) {
                     const float *xv = x + (b0 + b) * ldx + g * n;
                     float d = 0.0f;
@@ -593,9 +594,8 @@ void pvq_decode(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t 
                 int64_t r0, int64_t r1, float *out) {
     const stream_t st = stream_of(codes, nbytes, width, L);
     int64_t groups = cols / n, d = 0;
-    const float *rinv = RINV;
     fixed_t f;
-    int check, layout = fixed_setup(plan, top, &st, k, groups, levels, rinv, NULL, 0, 0, &f, &d, &check);
+    int check, layout = fixed_setup(plan, top, &st, k, groups, levels, NULL, 0, 0, &f, &d, &check);
     if (layout) {
 #define DECODE_ROWS(LAYOUT, D, CHECK)                                                \
         _Pragma("omp parallel for schedule(static)")                                 \
@@ -615,7 +615,7 @@ void pvq_decode(const int64_t *plan, int64_t top, const uint8_t *codes, int64_t 
             pvq_shape(plan, top, &st, r * groups + g, k, y, &lvl);
             int32_t e = 0;
             for (int64_t j = 0; j < n; j++) e += (int32_t)y[j] * y[j];
-            float f = s * levels[lvl] * rinv[e];
+            float f = s * levels[lvl] * RINV[e];
             for (int64_t j = 0; j < n; j++) o[g * n + j] = f * (float)y[j];
         }
     }
@@ -930,7 +930,8 @@ void act_pvq_shapes(const float *x, float *u, float *gain, int64_t groups, int64
     }
 }
 
-/* One quantized linear layer for a few tokens in one call (runtime/decode.py Decoder.linear):
+/* One quantized linear layer for a few tokens in one call (QuantLinear.forward, arguments from
+ * runtime/decode.py linear_args):
  * out = rotate_out^T(gemv(rotate_in(x))) + bias, the rotations as in rot_apply. Saves the per-layer Python
  * and ctypes overhead of three calls (~10 us a layer, ~2 ms a token for SmolLM2's 210 linears). */
 typedef struct {
