@@ -152,7 +152,7 @@ def choose_spec(cfg: QuantConfig, rows: int, cols: int):
         return UniformSpec(b, cfg.group_size)
     fast = cfg.layout == "fast"
     if fast:
-        from .runtime.native import LUT_BYTES, lut_bytes
+        from .runtime.native import LUT_BYTES, full_table_fits
     dims = [cfg.group_dim] if cfg.group_dim else [n for n in (FAST_GROUP_DIMS if fast else PVQ_GROUP_DIMS) if cols % n == 0]
     if not dims or cols % dims[0]:
         raise ValueError(f"no PVQ group dimension divides the layer input size {cols} (tried {dims or PVQ_GROUP_DIMS})")
@@ -165,7 +165,7 @@ def choose_spec(cfg: QuantConfig, rows: int, cols: int):
         if (code_bits + 1) / n + overhead <= cfg.bits + 0.005:
             code_bits += 1
         for spec in pvq_candidates(n, code_bits, cfg.gain, cfg.scale):
-            if fast and (spec.k >= 128 or lut_bytes(spec.n, spec.k) > LUT_BYTES):
+            if fast and not full_table_fits(spec.n, spec.k):
                 continue
             q = _proxy_sqnr(spec)
             if best is None or q > best[0]:

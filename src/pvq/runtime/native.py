@@ -179,12 +179,23 @@ def _build_table(m: int, K: int) -> tuple:
             torch.tensor([-1] * len(base) + [0] * pad, dtype=torch.int64), u, K)
 
 
-def _tables_of(node, out: dict[int, int], top: bool = True) -> None:
-    """width -> largest K of the tables plan() will point at for this node (the same choices as emit)."""
+def _tabulated(node, top: bool) -> tuple[int, int] | None:
+    """(width m, pulses K) of the table a plan node is read from, or None for a split node decoded by its
+    splits: every leaf (CWRS order); a sub-pyramid whose every point fits (split order; never the top, whose
+    group index is the code itself, and never a width <= 4, whose table is the CWRS-ordered leaf table)."""
     if isinstance(node, enumeration._Leaf):
-        out[node.d] = max(out.get(node.d, -1), min(node.base.numel() - 1, table_cap(node.d)))
-    elif not top and node.n > 4 and node.K <= table_cap(node.n):
-        out[node.n] = max(out.get(node.n, -1), node.K)
+        return node.d, node.base.numel() - 1
+    if not top and node.n > 4 and node.K <= table_cap(node.n):
+        return node.n, node.K
+    return None
+
+
+def _tables_of(node, out: dict[int, int], top: bool = True) -> None:
+    """width -> largest K of the tables plan() will point at for this node."""
+    tab = _tabulated(node, top)
+    if tab is not None:
+        m, K = tab
+        out[m] = max(out.get(m, -1), min(K, table_cap(m)))
     else:
         _tables_of(node.first, out, False)
         _tables_of(node.second, out, False)
@@ -240,15 +251,11 @@ def plan(n: int, k: int) -> Plan | None:
     def emit(node) -> int:
         if id(node) in where:
             return where[id(node)]
-        if isinstance(node, enumeration._Leaf):
-            K = node.base.numel() - 1
-            lut, base, mask, u, Kt = table(node.d, K)
-            return leaf(node, node.d, K, min(K, Kt), lut, base, mask, u)
-        # a sub-pyramid in one split-order table (never the top: its group index is the code itself; never
-        # a width <= 4, whose table is the CWRS-ordered leaf table)
-        if where and node.n > 4 and node.K <= table_cap(node.n):
-            lut, base, mask, _, _ = table(node.n, node.K)
-            return leaf(node, node.n, node.K, node.K, lut, base, mask, None)
+        tab = _tabulated(node, top=not where)
+        if tab is not None:  # a split-order table always holds its K; a leaf past its table decodes by CWRS
+            m, K = tab
+            lut, base, mask, u, Kt = table(m, K)
+            return leaf(node, m, K, min(K, Kt), lut, base, mask, u)
         at = len(words)
         words.extend([1, node.n, node.n1, node.K, 0, 0, 0, 0, 0, 0])
         where[id(node)] = at
@@ -287,12 +294,10 @@ LUT_BYTES = 1 << 20  # a full table of P(n, k) is used up to this size (int8 poi
 
 def full_table_fits(n: int, k: int) -> bool:
     """Whether Decoder uses a full table of P(n, k) (full_table) rather than a plan."""
-    return k < 128 and lut_bytes(n, k) <= LUT_BYTES
+    return k <= MAX_K and lut_bytes(n, k) <= LUT_BYTES
 
 
 def lut_bytes(n: int, k: int) -> int:
-    from ..codec.pyramid import count
-
     return count(n, k) * (n + 4)
 
 
@@ -300,11 +305,8 @@ def lut_bytes(n: int, k: int) -> int:
 def full_table(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(every point of P(n, k) in index order as int8 [V, n], 1 / ||y|| as float32 [V]), or None when
     it exceeds LUT_BYTES or a coordinate needs more than int8."""
-    if k >= 128 or lut_bytes(n, k) > LUT_BYTES:
+    if not full_table_fits(n, k):
         return None
-    from ..codec import enumeration
-    from ..codec.pyramid import count
-
     y = enumeration.decode(torch.arange(count(n, k), dtype=torch.int64), n, k)
     rinv = (1.0 / y.double().pow(2).sum(1).sqrt()).float()
     return y.to(torch.int8).contiguous(), rinv.contiguous()
