@@ -1,8 +1,8 @@
 """Kernel micro-benchmark: on-the-fly decode-and-multiply speed of one matrix, in G weights per second.
 
 For the settings the picker uses at 2.25 and 3.25 bits, with the default compact layout and with
-`--layout fast` (data-free `pvq` on a random Gaussian 1536x576 matrix, the shape of SmolLM2's MLP projections), the best of 30 x 10 calls of the fused gemv (one token)
-with 1 and 2 threads, and the matching decode of all rows (prompt processing); and the head of SmolLM2
+`--layout fast` (data-free `pvq` on a random Gaussian 1536x576 matrix, the shape of SmolLM2's MLP
+projections), the best of 30 x 10 calls of the fused gemv (one token) with 1 and 2 threads, and the matching decode of all rows (prompt processing); and the head of SmolLM2
 (49152 x 576, one token) as float32 (F.linear) against the float16 weights widened in the kernel
 (runtime/dense.py). Writes bench/results/kernel.json. Run on a quiet machine: `python bench/kernel.py`.
 """
@@ -49,7 +49,6 @@ head = torch.nn.Linear(576, 49152, bias=False)
 x = torch.randn(1, 1, 576, generator=g)
 with torch.inference_mode():
     fp32 = best(lambda: head(x), 10)
-    head.weight.data = head.weight.data.half().float()
     del head._parameters["weight"]
     head.register_buffer("weight", torch.randn(49152, 576, generator=g).half())
     head.__class__ = StoredHead

@@ -82,14 +82,9 @@ def register() -> bool:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .io import DENSE_DTYPES, attach_activations
-            from .runtime.decode import reserve_tables
-            from .runtime.dense import keep_stored
+            from .io import finish_loading
 
-            attach_activations(model, {"config": self.quantization_config.config})
-            # a float32 model keeps its embeddings and head in the file's 16-bit dtype (exact, half the bytes)
-            keep_stored(model, DENSE_DTYPES.get((self.quantization_config.config or {}).get("dense_dtype")))
-            reserve_tables(model)
+            finish_loading(model, {"config": self.quantization_config.config})
             return model
 
         def is_serializable(self, *args, **kwargs):

@@ -124,6 +124,15 @@ def attach_activations(model, qc: dict, source: str = "config.json") -> None:
     attach(model, act)
 
 
+def finish_loading(model, qc: dict, source: str = "config.json") -> None:
+    """What a loaded pvq model gets once its tensors are in (pvq.load and transformers' from_pretrained):
+    its activation quantizers, the embeddings and head kept in the file's 16-bit dtype (exact, half the
+    bytes; runtime/dense.py), and the kernel's shared tables sized for all its on-the-fly layers."""
+    attach_activations(model, qc, source)
+    keep_stored(model, DENSE_DTYPES.get((qc.get("config") or {}).get("dense_dtype")))
+    reserve_tables(model)
+
+
 def check_tensors(model, tensors: dict, layers: dict, source) -> None:
     """Every packed buffer present with the shape and dtype its spec implies (one clear line otherwise)."""
     for name in layers:
@@ -178,10 +187,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
         raise PVQFormatError(f"{wf}: tensors missing: {', '.join(missing[:5])}")
     if tied:
         model.tie_weights()
-    keep_stored(model, DENSE_DTYPES.get(qc.get("config", {}).get("dense_dtype")))  # embeddings and head stay 16-bit
-    reserve_tables(model)
     model.config.quantization_config = qc
-    attach_activations(model, qc, str(p / "config.json"))
+    finish_loading(model, qc, str(p / "config.json"))
     tokenizer = None
     if any((p / f).is_file() for f in TOKENIZER_FILES):
         try:
