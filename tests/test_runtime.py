@@ -10,7 +10,7 @@ from pvq.codec import PVQSpec, UniformSpec, quantize
 from pvq.config import QuantConfig
 from pvq.models.loading import tiny_model, tiny_tokenizer
 from pvq.nn import QuantLinear
-from pvq.runtime import native
+from pvq.runtime import limits, native
 from pvq.runtime.decode import GEMV_TOKENS, Decoder
 
 needs_native = pytest.mark.skipif(native.kernel() is None, reason=f"no native kernel: {native.kernel_error()}")
@@ -37,7 +37,7 @@ def test_native_decode_matches_the_torch_decoder(spec):
     d = Decoder(packed)
     assert d.native
     if isinstance(spec, PVQSpec):  # small pyramids decode from a full table, large ones by the split enumeration
-        assert (d.table is not None) == (native.lut_bytes(spec.n, spec.k) <= native.LUT_BYTES)
+        assert (d.table is not None) == (limits.lut_bytes(spec.n, spec.k) <= limits.LUT_BYTES)
         assert (d.plan is not None) == (d.table is None)
     torch.testing.assert_close(d.dense(), ref, rtol=1e-6, atol=1e-7)
     # a block of rows in the middle (the tail of the bit stream is read byte by byte)
@@ -157,7 +157,7 @@ def test_fast_layout_picks_table_decodable_settings():
     for bits in (2.25, 3.25, 4.25):
         fast = choose_spec(QuantConfig(method="pvq", bits=bits, layout="fast"), 576, 1536)
         compact = choose_spec(QuantConfig(method="pvq", bits=bits), 576, 1536)
-        assert native.lut_bytes(fast.n, fast.k) <= native.LUT_BYTES < native.lut_bytes(compact.n, compact.k)
+        assert limits.lut_bytes(fast.n, fast.k) <= limits.LUT_BYTES < limits.lut_bytes(compact.n, compact.k)
     with pytest.raises(ValueError, match="layout"):
         QuantConfig(layout="quick")
 
@@ -191,7 +191,7 @@ def test_plans_share_their_tables_of_points():
     native.reserve(settings)
     t4 = {id(t) for n, k in settings[:3] for t in native.plan(n, k).tables}
     assert len(t4) == 4  # points, base, mask, CWRS table
-    assert native.table_cap(4) == 29 and native.table(4, 29)[0].numel() <= native.TABLE_BYTES + native.PAD
+    assert limits.table_cap(4) == 29 and native.table(4, 29)[0].numel() <= limits.TABLE_BYTES + limits.PAD
     assert {id(t) for t in native.plan(12, 6).tables} == {id(t) for t in native.plan(12, 9).tables}
     # a model mixing many (n, k) keeps each table once
     from pvq.runtime.measure import quantized_memory
@@ -255,8 +255,6 @@ def test_keep_stored_refuses_weights_the_stored_dtype_would_change():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cols", [7, 100])
 def test_dense16_gemv_is_the_float32_product_of_the_stored_matrix(dtype, cols):
-    from pvq.runtime.dense import KINDS
-
     w = _w(37, cols).to(dtype)
     # zeros, signs, fp16 subnormals and the largest values, in the vector body and the scalar tail (widened by hand)
     special = torch.tensor([0.0, -3e-7, 6e-5, -6.5e4 if dtype == torch.float16 else -3e38, 1e-40]).to(dtype)
@@ -265,14 +263,12 @@ def test_dense16_gemv_is_the_float32_product_of_the_stored_matrix(dtype, cols):
     picks = [0, 1, cols - 2, cols - 1]
     x = torch.zeros(len(picks), cols)
     x[range(len(picks)), picks] = 1.0
-    out = torch.empty(len(picks), 37)
-    native.kernel().dense16_gemv(w.data_ptr(), KINDS[dtype], 37, cols, x.data_ptr(), cols, len(picks), out.data_ptr(), 37)
+    out = native.dense16_gemv(w, x)
     assert torch.equal(out, w.float()[:, picks].T)
     # and a dense input: the float32 product
     x = _w(2, cols, seed=1)
-    out = torch.empty(2, 37)
     w[:5] = 1.0
-    native.kernel().dense16_gemv(w.data_ptr(), KINDS[dtype], 37, cols, x.data_ptr(), cols, 2, out.data_ptr(), 37)
+    out = native.dense16_gemv(w, x)
     torch.testing.assert_close(out, x @ w.float().T, rtol=1e-5, atol=1e-5)
 
 
@@ -319,7 +315,6 @@ import torch
 from pvq.codec import PVQSpec, quantize
 from pvq.runtime import native
 from pvq.runtime.decode import Decoder
-from pvq.runtime.dense import KINDS
 assert native.kernel() is not None, native.kernel_error()
 g = torch.Generator().manual_seed(0)
 for spec in [PVQSpec(12, 10, 5, scale="tensor"), PVQSpec(16, 29, 7), PVQSpec(8, 12, 3), PVQSpec(12, 44, 17),
@@ -333,8 +328,8 @@ for spec in [PVQSpec(12, 10, 5, scale="tensor"), PVQSpec(16, 29, 7), PVQSpec(8, 
     for tokens in (1, 2):
         x = torch.randn(tokens, 96, generator=g)
         torch.testing.assert_close(Decoder(packed).matmul(x), x @ ref.T, rtol=1e-4, atol=1e-4)
-w, x, out = torch.randn(37, 100, generator=g).half(), torch.randn(1, 100, generator=g), torch.empty(1, 37)
-native.kernel().dense16_gemv(w.data_ptr(), KINDS[w.dtype], 37, 100, x.data_ptr(), 100, 1, out.data_ptr(), 37)
+w, x = torch.randn(37, 100, generator=g).half(), torch.randn(1, 100, generator=g)
+out = native.dense16_gemv(w, x)
 torch.testing.assert_close(out, x @ w.float().T, rtol=1e-5, atol=1e-5)
 from pvq.runtime.decode import rotate
 from pvq.transforms.hadamard import RandomHadamard

@@ -31,6 +31,7 @@ from .codec import activation as act_math
 from .config import check_act_settings, pvq_candidates
 from .models.adapters import LINEARS, blocks
 from .nn import NO_SEED, QuantLinear
+from .runtime import native
 from .transforms.hadamard import RandomHadamard
 
 ACT_GROUP_DIMS = (4, 8, 16)  # candidate PVQ group sizes for activations; each must divide the input size
@@ -91,16 +92,7 @@ def _gaussian_sqnr(spec: PVQSpec, cols: int) -> float:
 
 
 def _native_shapes(x: torch.Tensor, k: int):
-    from .runtime import native
-
-    lib = native.kernel()
-    if lib is None or x.shape[-1] > native.MAX_N:
-        return act_math.pvq_shapes(x, k)
-    x = x.float().contiguous()
-    u = torch.empty_like(x)
-    g = torch.empty(x.shape[0], dtype=torch.float32)
-    lib.act_pvq_shapes(x.data_ptr(), u.data_ptr(), g.data_ptr(), x.shape[0], x.shape[1], int(k))
-    return u, g
+    return native.act_pvq_shapes(x, k) or act_math.pvq_shapes(x, k)
 
 
 class ActQuantizer:

@@ -402,8 +402,7 @@ def cmd_bench_run(args) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-        if native.kernel() is not None:
-            native.kernel().pvq_set_threads(args.threads)
+        native.set_threads(args.threads)
     model, tok = load_any(args.model, args.decode, args.dtype)
     res = {"model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype}
     qc = _pvq_config(model)

@@ -152,7 +152,7 @@ def choose_spec(cfg: QuantConfig, rows: int, cols: int):
         return UniformSpec(b, cfg.group_size)
     fast = cfg.layout == "fast"
     if fast:
-        from .runtime.native import LUT_BYTES, full_table_fits
+        from .runtime.limits import LUT_BYTES, full_table_fits
     dims = [cfg.group_dim] if cfg.group_dim else [n for n in (FAST_GROUP_DIMS if fast else PVQ_GROUP_DIMS) if cols % n == 0]
     if not dims or cols % dims[0]:
         raise ValueError(f"no PVQ group dimension divides the layer input size {cols} (tried {dims or PVQ_GROUP_DIMS})")

@@ -18,8 +18,7 @@ import torch
 
 from .config import FORMAT_VERSION, spec_from_dict
 from .models.adapters import check_supported, set_module
-from .nn import QuantLinear, check_decode
-from .runtime.decode import reserve_tables
+from .nn import QuantLinear, check_decode, reserve_tables
 from .runtime.dense import keep_stored
 
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -27,7 +27,7 @@ from .codec import PackedPVQ, PackedUniform, PVQSpec, UniformSpec
 from .codec.gain import beta_codebook
 from .codec.gainshape import law_length
 from .runtime import native
-from .runtime.decode import GEMV_TOKENS, Decoder, linear_args, rotate, rotation_args
+from .runtime.decode import GEMV_TOKENS, Decoder, FusedLinear, rotate, rotation_args
 from .transforms.hadamard import RandomHadamard
 
 NO_SEED = -1  # marks a side that is not rotated
@@ -180,7 +180,8 @@ class QuantLinear(nn.Module):
             if self.decode == "on-the-fly":
                 st["decoder"] = Decoder(self.packed)
                 # a few tokens: rotations, decode-and-multiply and bias in one native call
-                st["linear"] = linear_args(st["decoder"], st["args_in"], st["args_out"], self.bias)
+                if st["decoder"].native:
+                    st["linear"] = FusedLinear(st["decoder"], st["args_in"], st["args_out"], self.bias)
             self._state = st
         return self._state
 
@@ -209,11 +210,7 @@ class QuantLinear(nn.Module):
         lin = st.get("linear")
         if (lin is not None and self.act is None and x.numel() <= GEMV_TOKENS * self.in_features
                 and x.device.type == "cpu"):
-            t, rows = x.numel() // self.in_features, self.out_features
-            h = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
-            buf = torch.empty(t * rows + lin[1], dtype=torch.float32)  # the output, then the kernel's work space
-            native.kernel().pvq_linear(lin[0], h.data_ptr(), buf.data_ptr(), t, buf.data_ptr() + 4 * t * rows)
-            return buf[: t * rows].view(*x.shape[:-1], rows).to(x.dtype)
+            return lin(x)
         dtype = x.dtype
         h = x.float()
         act = self.act
@@ -239,3 +236,12 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.spec.name}, "
                 f"{self.nbits / (self.in_features * self.out_features):.4f} bits/weight, decode={self.decode}")
+
+
+def reserve_tables(model) -> None:
+    """Size the kernel's shared tables for every on-the-fly PVQ layer of `model` at once (before any layer
+    builds its plan: built in layer order, a small table and then a larger one would both stay resident)."""
+    if native.kernel() is None:
+        return
+    native.reserve([(m.spec.n, m.spec.k) for m in model.modules()
+                    if isinstance(m, QuantLinear) and m.decode == "on-the-fly" and isinstance(m.spec, PVQSpec)])

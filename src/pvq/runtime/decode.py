@@ -136,49 +136,51 @@ class LinearArgs(ctypes.Structure):
         (name, ctypes.c_void_p) for name in ("in_signs", "in_small", "out_signs", "out_small", "bias")]
 
 
-def linear_args(dec: "Decoder", args_in: tuple | None, args_out: tuple | None, bias: torch.Tensor | None):
-    """(address of a LinearArgs for pvq_linear, floats of work it needs for GEMV_TOKENS tokens, what the address
-    and its pointers point into) for a native decoder and its layer's rotation_args; None without the kernel."""
-    if not dec.native:
-        return None
-    p = dec.packed
-    a = LinearArgs(rows=dec.rows, cols=dec.cols)
-    keep = [dec]
-    if dec.is_pvq:
-        s = p.spec
-        a.codes, a.nbytes, a.width, a.L, a.n, a.k = p.codes.data_ptr(), p.codes.numel(), s.code_bits, s.gain_levels, s.n, s.k
-        a.levels, a.scales, a.per_row = dec.levels.data_ptr(), dec.scales.data_ptr(), int(dec.scales.numel() > 1)
-        if dec.table is not None:
-            a.kind, a.lut, a.lut_rinv = 1, dec.table[0].data_ptr(), dec.table[1].data_ptr()
+class FusedLinear:
+    """One quantized linear as a single native call for a few tokens (kernel pvq_linear): input rotation,
+    decode-and-multiply, output rotation and bias, its arguments packed once. Holds what the packed
+    arguments point into."""
+
+    def __init__(self, dec: "Decoder", args_in: tuple | None, args_out: tuple | None, bias: torch.Tensor | None):
+        if not dec.native:
+            raise ValueError("FusedLinear needs a native decoder")
+        p = dec.packed
+        a = LinearArgs(rows=dec.rows, cols=dec.cols)
+        keep = [dec]
+        if dec.is_pvq:
+            s = p.spec
+            a.codes, a.nbytes, a.width, a.L, a.n, a.k = p.codes.data_ptr(), p.codes.numel(), s.code_bits, s.gain_levels, s.n, s.k
+            a.levels, a.scales, a.per_row = dec.levels.data_ptr(), dec.scales.data_ptr(), int(dec.scales.numel() > 1)
+            if dec.table is not None:
+                a.kind, a.lut, a.lut_rinv = 1, dec.table[0].data_ptr(), dec.table[1].data_ptr()
+            else:
+                a.kind, a.plan = 0, dec.plan.words.data_ptr()
         else:
-            a.kind, a.plan = 0, dec.plan.words.data_ptr()
-    else:
-        a.kind, a.codes, a.nbytes, a.width = 2, p.codes.data_ptr(), p.codes.numel(), p.spec.bits
-        a.uscale, a.uoffset, a.group_size = dec.scale.data_ptr(), dec.offset.data_ptr(), p.spec.group_size
-    if args_in is not None:
-        a.in_m, a.in_p, a.in_signs, a.in_small = args_in[:4]
-        keep.append(args_in)
-    if args_out is not None:
-        a.out_m, a.out_p, a.out_signs, a.out_small = args_out[:4]
-        keep.append(args_out)
-    if bias is not None:
-        b = bias.detach().float().contiguous()
-        a.bias = b.data_ptr()
-        keep.append(b)
-    keep.append(a)
-    return ctypes.addressof(a), (GEMV_TOKENS + 1) * (dec.rows + dec.cols), keep
+            a.kind, a.codes, a.nbytes, a.width = 2, p.codes.data_ptr(), p.codes.numel(), p.spec.bits
+            a.uscale, a.uoffset, a.group_size = dec.scale.data_ptr(), dec.offset.data_ptr(), p.spec.group_size
+        if args_in is not None:
+            a.in_m, a.in_p, a.in_signs, a.in_small = args_in[:4]
+            keep.append(args_in)
+        if args_out is not None:
+            a.out_m, a.out_p, a.out_signs, a.out_small = args_out[:4]
+            keep.append(args_out)
+        if bias is not None:
+            b = bias.detach().float().contiguous()
+            a.bias = b.data_ptr()
+            keep.append(b)
+        self.rows, self.cols = dec.rows, dec.cols
+        self.work = (GEMV_TOKENS + 1) * (dec.rows + dec.cols)  # floats of work space for GEMV_TOKENS tokens
+        self._args = a
+        self._keep = keep
 
-
-def reserve_tables(model) -> None:
-    """Size the kernel's shared tables for every on-the-fly PVQ layer of `model` at once (before any layer
-    builds its plan: built in layer order, a small table and then a larger one would both stay resident)."""
-    from ..codec import PVQSpec
-    from ..nn import QuantLinear
-
-    if native.kernel() is None:
-        return
-    native.reserve([(m.spec.n, m.spec.k) for m in model.modules()
-                    if isinstance(m, QuantLinear) and m.decode == "on-the-fly" and isinstance(m.spec, PVQSpec)])
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., cols] (at most GEMV_TOKENS rows, CPU) -> the layer's output [..., rows] in x's dtype."""
+        t, rows = x.numel() // self.cols, self.rows
+        h = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        buf = torch.empty(t * rows + self.work, dtype=torch.float32)  # the output, then the kernel's work space
+        native.kernel().pvq_linear(ctypes.addressof(self._args), h.data_ptr(), buf.data_ptr(), t,
+                                   buf.data_ptr() + 4 * t * rows)
+        return buf[: t * rows].view(*x.shape[:-1], rows).to(x.dtype)
 
 
 def rotation_args(r) -> tuple:

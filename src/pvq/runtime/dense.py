@@ -24,7 +24,6 @@ from . import native
 
 GEMV_TOKENS = 8  # at most this many rows of x: native kernel; more: widen ROW_BLOCK rows at a time
 ROW_BLOCK = 4096
-KINDS = {torch.float16: 0, torch.bfloat16: 1}
 
 
 # id(stored tensor) -> (weak reference to it, weak reference to its copy on another device)
@@ -76,11 +75,9 @@ class StoredHead(nn.Linear):
         rows, cols = w.shape
         h = x.reshape(-1, cols).float().contiguous()
         t = h.shape[0]
-        lib = native.kernel()
-        out = torch.empty(t, rows, dtype=torch.float32, device=h.device)
-        if lib is not None and t <= GEMV_TOKENS and w.dtype in KINDS and h.device.type == "cpu" and w.is_contiguous():
-            lib.dense16_gemv(w.data_ptr(), KINDS[w.dtype], rows, cols, h.data_ptr(), cols, t, out.data_ptr(), rows)
-        else:
+        out = native.dense16_gemv(w, h) if t <= GEMV_TOKENS else None
+        if out is None:
+            out = torch.empty(t, rows, dtype=torch.float32, device=h.device)
             for r0 in range(0, rows, ROW_BLOCK):
                 out[:, r0: r0 + ROW_BLOCK] = h @ w[r0: r0 + ROW_BLOCK].float().T
         if self.bias is not None:
@@ -96,7 +93,7 @@ def keep_stored(model, dtype: torch.dtype) -> bool:
     """Hold the input embedding and the output head of a float32 transformers model in `dtype` (float16
     or bfloat16: the dense dtype of its file), still computing in float32. Only where that is exact:
     the weights must be float32 copies of `dtype` values (as loaded from the file). Returns whether it did."""
-    if dtype not in KINDS:
+    if dtype not in native.DENSE16_KINDS:
         return False
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     mods = [(m, cls) for m, cls in ((emb, StoredEmbedding), (head, StoredHead)) if type(m) is cls.__bases__[0]]

@@ -25,6 +25,7 @@ import torch
 
 from ..codec import enumeration
 from ..codec.pyramid import count
+from .limits import BUCKET_BITS, MAX_K, MAX_N, PAD, full_table_fits, table_cap
 
 SOURCE = Path(__file__).with_name("kernel.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
@@ -93,21 +94,6 @@ def kernel() -> ctypes.CDLL | None:
     return dll
 
 
-MAX_N = 64  # kernel.c MAXN: the longest group the kernel decodes into its stack buffer
-MAX_K = 127  # int8 points
-# Tables of points (at most TABLE_BYTES each) are shared by every plan of the process: one per width m,
-# holding every point of P(m, k') for k' up to the largest any plan asked for (reserve() sizes them for a
-# whole model at once; a table of smaller K is a prefix of a larger one):
-# - leaves (m <= 4): CWRS order (the codec's leaf order); a leaf with more pulses than its table holds is
-#   decoded from the CWRS recurrence (rare: P(4, <= 29) fits, a quarter of a group holding 30+ pulses);
-# - a sub-pyramid P(m, <= K) (m > 4, e.g. the halves P(6, <= 10) of the n=12 setting) whose every point fits
-#   is decoded from one table in the split order instead of its own splits.
-# So a model keeps one table per width whatever mix of (n, k) its layers use.
-TABLE_BYTES = 2 << 20
-BUCKET_BITS = 10  # the k1 search of a split starts from a table of 2^10 buckets of the index range
-PAD = 16  # bytes after every table: the kernel reads a row of 6 with one 8-byte load
-
-
 @dataclass(frozen=True, eq=False)
 class Plan:
     """The serialised enumeration of P(n, k) for the kernel: `words` (int64 nodes, below) and the shared
@@ -128,18 +114,6 @@ class Plan:
 
     def nbytes(self) -> int:
         return self.words.numel() * 8
-
-
-@lru_cache(maxsize=None)
-def table_cap(m: int) -> int:
-    """The largest K whose every point of P(m, <= K) fits TABLE_BYTES (-1: not even P(m, 0))."""
-    total, K = 0, -1
-    for kk in range(MAX_K + 1):
-        total += count(m, kk) * m
-        if total > TABLE_BYTES:
-            break
-        K = kk
-    return K
 
 
 _TABLES: dict[int, tuple] = {}
@@ -289,18 +263,6 @@ def plan(n: int, k: int) -> Plan | None:
     return Plan(torch.tensor(words, dtype=torch.int64), tuple(unique.values()))
 
 
-LUT_BYTES = 1 << 20  # a full table of P(n, k) is used up to this size (int8 points + float32 norms)
-
-
-def full_table_fits(n: int, k: int) -> bool:
-    """Whether Decoder uses a full table of P(n, k) (full_table) rather than a plan."""
-    return k <= MAX_K and lut_bytes(n, k) <= LUT_BYTES
-
-
-def lut_bytes(n: int, k: int) -> int:
-    return count(n, k) * (n + 4)
-
-
 @lru_cache(maxsize=16)
 def full_table(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(every point of P(n, k) in index order as int8 [V, n], 1 / ||y|| as float32 [V]), or None when
@@ -310,3 +272,41 @@ def full_table(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     y = enumeration.decode(torch.arange(count(n, k), dtype=torch.int64), n, k)
     rinv = (1.0 / y.double().pow(2).sum(1).sqrt()).float()
     return y.to(torch.int8).contiguous(), rinv.contiguous()
+
+
+def set_threads(threads: int) -> None:
+    """OpenMP threads of the kernel's parallel loops (torch.set_num_threads does not reach them)."""
+    lib = kernel()
+    if lib is not None:
+        lib.pvq_set_threads(int(threads))
+
+
+def act_pvq_shapes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The kernel's PVQ search of every row of x [tokens, n] (n <= MAX_N): (unit shapes [tokens, n], gains
+    [tokens]) as codec.activation.pvq_shapes gives them; None where the kernel cannot (no kernel, n too large)."""
+    lib = kernel()
+    if lib is None or x.shape[-1] > MAX_N:
+        return None
+    x = x.float().contiguous()
+    u = torch.empty_like(x)
+    g = torch.empty(x.shape[0], dtype=torch.float32)
+    lib.act_pvq_shapes(x.data_ptr(), u.data_ptr(), g.data_ptr(), x.shape[0], x.shape[1], int(k))
+    return u, g
+
+
+DENSE16_KINDS = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def dense16_gemv(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
+    """h W^T in float32 for a contiguous 16-bit W [rows, cols] and float32 h [t, cols] (CPU): every weight
+    widened in registers, the matrix never copied. None where the kernel cannot (caller widens blocks)."""
+    lib = kernel()
+    if (lib is None or w.dtype not in DENSE16_KINDS or w.device.type != "cpu" or h.device.type != "cpu"
+            or not w.is_contiguous()):
+        return None
+    rows, cols = w.shape
+    h = h.float().contiguous()
+    t = h.shape[0]
+    out = torch.empty(t, rows, dtype=torch.float32)
+    lib.dense16_gemv(w.data_ptr(), DENSE16_KINDS[w.dtype], rows, cols, h.data_ptr(), cols, t, out.data_ptr(), rows)
+    return out
