@@ -22,7 +22,8 @@ from common import write_json  # noqa: E402
 MEASURE = r"""
 import json, sys, time, torch
 from pvq import codec
-from pvq.config import QuantConfig, choose_spec
+from pvq.picker import choose_spec
+from pvq.settings import QuantConfig
 from pvq.runtime.decode import Decoder
 threads = int(sys.argv[1])
 torch.set_num_threads(threads)
@@ -44,7 +45,7 @@ for bits, layout in ((2.25, "compact"), (3.25, "compact"), (2.25, "fast"), (3.25
     gemv, dec = best(lambda: d.matmul(x), 10), best(lambda: d.decode_rows(0, 1536), 2)
     out.append({"bits": bits, "layout": layout, "spec": spec.name, "threads": threads, "gemv_gweights_per_s": w.numel() / gemv / 1e9,
                 "decode_gweights_per_s": w.numel() / dec / 1e9})
-from pvq.runtime.dense import StoredHead
+from pvq.modules.dense import StoredHead
 head = torch.nn.Linear(576, 49152, bias=False)
 x = torch.randn(1, 1, 576, generator=g)
 with torch.inference_mode():

@@ -5,12 +5,14 @@ import math
 import pytest
 import torch
 
-from pvq import actquant, api, io
+from pvq import api, checkpoint, loader
+from pvq.modules import actquant
 from pvq.cli import main as cli
 from pvq.codec import PVQSpec, count
 from pvq.codec import activation as am
-from pvq.config import QuantConfig
+from pvq.settings import ActConfig, QuantConfig
 from pvq.models.loading import tiny_model, tiny_tokenizer
+from pvq.picker import act_shapes, act_spec
 from pvq.transforms.hadamard import RandomHadamard
 
 
@@ -36,7 +38,7 @@ def test_rtn_codes_lie_on_a_per_token_grid():
 
 
 def test_pvq_activations_are_gain_times_pyramid_shape():
-    spec = actquant.pvq_spec(4, 576)
+    spec = act_spec(4, 576)
     assert spec.code_bits == 4 * spec.n and math.log2(count(spec.n, spec.k) * spec.gain_levels) <= spec.code_bits
     assert am.pvq_bits(spec, 576) == pytest.approx(4 + 16 / 576)
     x = torch.randn(32, 576, generator=torch.Generator().manual_seed(1))
@@ -59,7 +61,7 @@ def test_native_search_matches_torch():
     x[0] = 0  # an all-zero group
     for k in (3, 12, 25):
         u1, g1 = am.pvq_shapes(x, k)
-        u2, g2 = actquant._native_shapes(x, k)
+        u2, g2 = act_shapes(x, k)
         same = ((u1 - u2).abs().amax(1) < 1e-6).float().mean()
         assert same > 0.999 and torch.allclose(g1, g2, atol=1e-4, rtol=1e-4)
         assert g2[0] == 0
@@ -68,7 +70,7 @@ def test_native_search_matches_torch():
 def test_rotation_spreads_an_outlier_channel():
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
     x[:, 5] = 30 * x[:, 5].sign()
-    cfg = actquant.ActConfig(4)
+    cfg = ActConfig(4)
     raw = actquant.ActQuantizer(cfg, 64)
     rot = actquant.ActQuantizer(cfg, 64, RandomHadamard(64, 7))
     # without the rotation the outlier's scale rounds most other channels of the token to zero
@@ -80,13 +82,13 @@ def test_rotation_spreads_an_outlier_channel():
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="abits"):
-        actquant.ActConfig(1)
+        ActConfig(1)
     with pytest.raises(ValueError, match="activation quantizer"):
-        actquant.ActConfig(4, "nf4")
+        ActConfig(4, "nf4")
     with pytest.raises(ValueError, match="abits"):
         QuantConfig(abits=3.5)
     with pytest.raises(ValueError, match="no PVQ setting"):
-        actquant.pvq_spec(4, 7)
+        act_spec(4, 7)
 
 
 def _ids():
@@ -105,8 +107,8 @@ def test_quantized_activations_survive_save_and_load(tmp_path, method):
         actquant.attach(model, None)
         wonly = model(ids).logits
     assert not torch.allclose(mem, wonly)
-    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
-    loaded, _ = io.load(out, decode="once")
+    out = checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
+    loaded, _ = loader.load(out, decode="once")
     assert actquant.bits_per_activation(loaded) == pytest.approx(summary["bits_per_activation"])
     from transformers import AutoModelForCausalLM
 
@@ -115,7 +117,7 @@ def test_quantized_activations_survive_save_and_load(tmp_path, method):
         assert torch.equal(loaded(ids).logits, mem)
         assert torch.allclose(hf(ids).logits, mem, atol=1e-5)
         # quantizing before the rotation is another computation
-        actquant.attach(loaded, actquant.ActConfig(4, method, rotate=False))
+        actquant.attach(loaded, ActConfig(4, method, rotate=False))
         assert not torch.allclose(loaded(ids).logits, mem)
 
 
@@ -124,9 +126,9 @@ def test_dense_models_quantize_their_inputs_through_hooks():
     ids = _ids()
     with torch.no_grad():
         ref = model(ids).logits
-        actquant.attach(model, actquant.ActConfig(16))
+        actquant.attach(model, ActConfig(16))
         a16 = model(ids).logits
-        actquant.attach(model, actquant.ActConfig(4))
+        actquant.attach(model, ActConfig(4))
         a4 = model(ids).logits
         actquant.attach(model, None)
         back = model(ids).logits

@@ -8,9 +8,10 @@ import torch
 
 from pvq import allocation, api
 from pvq.cli import main as cli
-from pvq.config import QuantConfig
+from pvq.settings import QuantConfig
+from pvq.models.adapters import LINEARS
 from pvq.models.loading import tiny_model, tiny_tokenizer
-from pvq.solvers.allocation import allocate
+from pvq.solvers.knapsack import multiple_choice_knapsack
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -20,7 +21,7 @@ def test_knapsack_matches_brute_force(seed):
     bits = [sorted(rnd.sample(range(1, 40), 3)) for _ in range(layers)]
     costs = [sorted((rnd.random() for _ in range(3)), reverse=True) for _ in range(layers)]
     budget = rnd.randint(sum(b[0] for b in bits), sum(b[-1] for b in bits))
-    pick = allocate(costs, bits, budget, resolution=budget)  # one unit per bit: exact
+    pick = multiple_choice_knapsack(costs, bits, budget, resolution=budget)  # one unit per bit: exact
     best = min((sum(c[j] for c, j in zip(costs, js)), js) for js in itertools.product(range(3), repeat=layers)
                if sum(b[j] for b, j in zip(bits, js)) <= budget)
     assert sum(b[j] for b, j in zip(bits, pick)) <= budget
@@ -29,7 +30,7 @@ def test_knapsack_matches_brute_force(seed):
 
 def test_knapsack_refuses_an_impossible_budget():
     with pytest.raises(ValueError, match="budget"):
-        allocate([[1.0, 0.5]], [[10, 20]], 9)
+        multiple_choice_knapsack([[1.0, 0.5]], [[10, 20]], 9)
 
 
 def test_plan_meets_the_budget_and_restores_the_weights():
@@ -92,8 +93,8 @@ def test_gptq_factors_scale_the_prediction_and_the_floor_holds():
     model = tiny_model("llama", intermediate_size=96)
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     cfg = QuantConfig(method="pvq-gptq", bits=3.0, nsamples=4, seqlen=32)
-    factors = allocation.error_factors(model, cfg, ids, progress=False)
-    assert set(factors) == {f"model.layers.{i}.{n}" for i in range(2) for n in allocation.LINEARS}
+    factors = allocation.gptq_error_factors(model, cfg, ids, progress=False)
+    assert set(factors) == {f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS}
     assert all(0 < f <= 1 + 1e-9 for d in factors.values() for f in d.values())
     sens = allocation.sensitivities(model, ids, progress=False)
     rates = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
@@ -107,7 +108,7 @@ def test_gptq_factors_scale_the_prediction_and_the_floor_holds():
 def test_rehearsal_is_exact_at_zero_noise_grows_with_noise_and_restores_the_weights():
     model = tiny_model("llama", intermediate_size=96)
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    names = [f"model.layers.{i}.{n}" for i in range(2) for n in allocation.LINEARS]
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS]
     before = {n: model.get_submodule(n).weight.detach().clone() for n in names}
     zero = allocation.rehearse(model, ids, {n: 0.0 for n in names}, draws=1, progress=False)
     assert zero["dloss"] == 0.0
@@ -159,7 +160,7 @@ def test_relative_error_is_the_isotropic_noise_equivalent():
 
 def test_quantize_reports_each_layers_error():
     from pvq import codec
-    from pvq.config import choose_spec
+    from pvq.picker import choose_spec
 
     model = tiny_model("llama", intermediate_size=96)
     cfg = QuantConfig(method="pvq", bits=3.0)
@@ -167,8 +168,8 @@ def test_quantize_reports_each_layers_error():
     summary = api.quantize(model, cfg, progress=False)
     errs = summary["layer_errors"]
     assert len(errs) == 14 and all(0 < e < 0.2 for e in errs.values())
-    from pvq.api import layer_seeds
-    from pvq.nn import rotate_weight
+    from pvq.transforms.rotate import layer_seeds
+    from pvq.transforms.rotate import rotate_weight
 
     w = rotate_weight(ref, layer_seeds(0, "model.layers.0.self_attn.q_proj", True))
     w_hat = codec.quantize(w, choose_spec(cfg, *w.shape)).dequantize()

@@ -5,13 +5,15 @@ import math
 import pytest
 import torch
 
-from pvq import api, io
+from pvq import api, checkpoint, loader
 from pvq.cli import main as cli
-from pvq.config import QuantConfig, choose_spec
+from pvq.picker import choose_spec
+from pvq.settings import QuantConfig
 from pvq.models.adapters import block_linears, blocks, set_module
 from pvq.models.loading import tiny_model, tiny_tokenizer
 from pvq.codec import UniformSpec
-from pvq.nn import QuantLinear, rotate_weight
+from pvq.modules.linear import QuantLinear
+from pvq.transforms.rotate import layer_seeds, rotate_weight
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -42,7 +44,7 @@ def test_rotated_unquantized_model_gives_the_same_logits(family):
         ref = model(ids).logits
         for i, block in enumerate(blocks(model)):
             for name, mod in block_linears(block).items():
-                seeds = api.layer_seeds(3, f"model.layers.{i}.{name}", True)
+                seeds = layer_seeds(3, f"model.layers.{i}.{name}", True)
                 w_rot = rotate_weight(mod.weight.detach(), seeds)
                 set_module(block, name, _RotationOnly(w_rot, seeds, mod.bias))
         out = model(ids).logits
@@ -62,8 +64,8 @@ def test_quantize_save_load_gives_identical_logits(tmp_path, family, method):
     with torch.no_grad():
         mem = model(ids).logits
     assert 0 < (mem - ref).abs().max().item() < 5
-    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
-    loaded, tok = io.load(out, decode="once")
+    out = checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
+    loaded, tok = loader.load(out, decode="once")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, mem)
     assert tok is not None
@@ -93,7 +95,7 @@ def test_calibrated_methods_round_trip_and_help(tmp_path, method):
         err = float(((mem - ref) ** 2).mean())
         err_free = float(((data_free(ids).logits - ref) ** 2).mean())
     assert err < err_free  # error feedback on in-distribution inputs beats the data-free method
-    loaded, _ = io.load(io.save(model, tiny_tokenizer(), tmp_path / "q"), decode="once")
+    loaded, _ = loader.load(checkpoint.save(model, tiny_tokenizer(), tmp_path / "q"), decode="once")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, mem)
 
@@ -104,7 +106,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
         model = tiny_model("qwen2", intermediate_size=96)
         api.quantize(model, QuantConfig(method="pvq-gptq", bits=2.25, nsamples=4, seqlen=32), _ids(4, 32, 5),
                      progress=False)
-        out = io.save(model, tiny_tokenizer(), tmp_path / f"r{run}")
+        out = checkpoint.save(model, tiny_tokenizer(), tmp_path / f"r{run}")
         files.append([(out / f).read_bytes() for f in ("model.safetensors", "config.json")])
     assert files[0] == files[1]
 
@@ -204,16 +206,16 @@ def test_cli_errors_are_one_line(tiny_dirs, tmp_path, capsys):
 def test_tokenizer_files_broken_or_absent(tiny_dirs, tmp_path):
     import shutil
 
-    from pvq.io import TOKENIZER_FILES
+    from pvq.checkpoint import TOKENIZER_FILES
 
     bare = tmp_path / "bare"
     shutil.copytree(tiny_dirs / "q", bare)
     for f in TOKENIZER_FILES + ("special_tokens_map.json",):
         (bare / f).unlink(missing_ok=True)
-    model, tok = io.load(bare)
+    model, tok = loader.load(bare)
     assert tok is None and model is not None
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dirs / "q", broken)
     (broken / "tokenizer.json").write_text("{ not json")
-    with pytest.raises(io.PVQFormatError, match="tokenizer"):
-        io.load(broken)
+    with pytest.raises(checkpoint.PVQFormatError, match="tokenizer"):
+        loader.load(broken)

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import pvq
-from pvq import api, io
+from pvq import api, checkpoint, loader
 from pvq.codec import PVQSpec, UniformSpec, quantize
-from pvq.config import QuantConfig
+from pvq.settings import QuantConfig
 from pvq.models.loading import tiny_model, tiny_tokenizer
-from pvq.nn import QuantLinear
+from pvq.modules.linear import OnTheFly, QuantLinear
 from pvq.runtime import limits, native
 from pvq.runtime.decode import GEMV_TOKENS, Decoder
 
@@ -59,7 +59,7 @@ def test_torch_fallback_when_there_is_no_kernel():
 def test_on_the_fly_mode_matches_decode_once(tmp_path, method):
     model = tiny_model("llama", intermediate_size=96)
     api.quantize(model, QuantConfig(method=method, bits=3.25), progress=False)
-    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
+    out = checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     once, _ = pvq.load(out, decode="once")
     fly, _ = pvq.load(out, decode="on-the-fly")
@@ -73,7 +73,7 @@ def test_on_the_fly_mode_matches_decode_once(tmp_path, method):
         gb = fly.generate(ids[:, :8], max_new_tokens=6, do_sample=False)
     assert torch.equal(ga, gb)
     # nothing but the packed buffers stays resident: no decoded matrix is kept
-    assert "w" not in q._prepared()
+    assert isinstance(q.runner, OnTheFly) and not hasattr(q.runner, "weight")
     with pytest.raises(ValueError, match="decode mode"):
         pvq.load(out, decode="sometimes")
     # the default: on the fly where the native kernel builds, else once
@@ -84,7 +84,7 @@ def test_on_the_fly_mode_matches_decode_once(tmp_path, method):
 def test_bfloat16_models_on_the_fly_multiply_prompts_in_bfloat16_like_decode_once(tmp_path):
     model = tiny_model("llama", intermediate_size=96)
     api.quantize(model, QuantConfig(method="pvq", bits=3.25), progress=False)
-    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
+    out = checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
     once, _ = pvq.load(out, dtype=torch.bfloat16, decode="once")
     fly, _ = pvq.load(out, dtype=torch.bfloat16, decode="on-the-fly")
@@ -122,14 +122,14 @@ def test_transformers_from_pretrained_loads_a_pvq_directory(tmp_path, family):
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         mem = model(ids).logits
-    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
+    out = checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
     hf = AutoModelForCausalLM.from_pretrained(out, quantization_config=PVQConfig(decode="once"))
     assert isinstance(hf.model.layers[1].mlp.up_proj, QuantLinear)
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, mem)
         gen = hf.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 9)
-    from pvq.runtime.dense import StoredHead
+    from pvq.modules.dense import StoredHead
 
     assert isinstance(hf.get_output_embeddings(), StoredHead) and hf.get_output_embeddings().weight.dtype == torch.float16
     fly = AutoModelForCausalLM.from_pretrained(out)  # decode="auto": on the fly where the kernel builds
@@ -152,7 +152,7 @@ def test_native_rotation_matches_torch(dim):
 
 
 def test_fast_layout_picks_table_decodable_settings():
-    from pvq.config import choose_spec
+    from pvq.picker import choose_spec
 
     for bits in (2.25, 3.25, 4.25):
         fast = choose_spec(QuantConfig(method="pvq", bits=bits, layout="fast"), 576, 1536)
@@ -194,13 +194,13 @@ def test_plans_share_their_tables_of_points():
     assert limits.table_cap(4) == 29 and native.table(4, 29)[0].numel() <= limits.TABLE_BYTES + limits.PAD
     assert {id(t) for t in native.plan(12, 6).tables} == {id(t) for t in native.plan(12, 9).tables}
     # a model mixing many (n, k) keeps each table once
-    from pvq.runtime.measure import quantized_memory
+    from pvq.measure import quantized_memory
 
     layers = [QuantLinear.from_packed(quantize(_w(16, 96, s), PVQSpec(n, k, 7)), (0, 0), decode="on-the-fly")
               for s, (n, k) in enumerate(settings)]
     model = torch.nn.Sequential(*layers)
     for q in layers:
-        q._prepared()
+        q.runner
     mem = quantized_memory(model)
     plans = sum(native.plan(n, k).nbytes() for n, k in settings)
     shared = {id(t): t.numel() * t.element_size() for n, k in settings for t in native.plan(n, k).tables}
@@ -239,7 +239,7 @@ def test_corrupt_codes_are_refused_before_the_kernel_reads_them():
 
 
 def test_keep_stored_refuses_weights_the_stored_dtype_would_change():
-    from pvq.runtime.dense import StoredEmbedding, keep_stored
+    from pvq.modules.dense import StoredEmbedding, keep_stored
 
     model = tiny_model("llama", intermediate_size=96)  # random float32 embeddings: not float16 values
     emb = model.get_input_embeddings().weight.detach().clone()
@@ -274,11 +274,11 @@ def test_dense16_gemv_is_the_float32_product_of_the_stored_matrix(dtype, cols):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_loaded_models_keep_embeddings_and_head_in_the_stored_dtype(tmp_path, tied):
-    from pvq.runtime.dense import StoredEmbedding, StoredHead
+    from pvq.modules.dense import StoredEmbedding, StoredHead
 
     model = tiny_model("llama", intermediate_size=96, tie_word_embeddings=tied)
     api.quantize(model, QuantConfig(method="pvq", bits=3.25), progress=False)
-    out = io.save(model, tiny_tokenizer(), tmp_path / "q")
+    out = checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     for decode in ("once", "on-the-fly"):
         fly, _ = pvq.load(out, decode=decode)
@@ -303,10 +303,10 @@ def test_loaded_models_keep_embeddings_and_head_in_the_stored_dtype(tmp_path, ti
     assert (moved.get_input_embeddings().weight is moved.get_output_embeddings().weight) == tied
     assert moved.get_input_embeddings().weight.dtype == torch.float16
     # a loaded model saves to the same tensors
-    again = io.save(fly.to(torch.float32), None, tmp_path / "again")
+    again = checkpoint.save(fly.to(torch.float32), None, tmp_path / "again")
     from safetensors.torch import load_file
 
-    a, b = load_file(str(out / io.WEIGHTS)), load_file(str(again / io.WEIGHTS))
+    a, b = load_file(str(out / checkpoint.WEIGHTS)), load_file(str(again / checkpoint.WEIGHTS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -369,4 +369,4 @@ def test_one_native_call_per_layer_matches_decode_once(spec):
             got = fly(x)
             assert got.shape == (*shape[:-1], 40)
             torch.testing.assert_close(got, once(x), rtol=1e-4, atol=1e-4)
-    assert fly._prepared()["linear"] is not None
+    assert fly.runner.fused is not None

@@ -7,14 +7,14 @@ __version__ = "0.1.0"
 
 
 def load(path, dtype=None, decode="auto", weight_dtype=None):
-    """Load a pvq directory: (model, tokenizer). Short form of pvq.io.load.
+    """Load a pvq directory: (model, tokenizer). Short form of pvq.loader.load.
 
     decode="once" decodes each quantized linear on first use and keeps it; decode="on-the-fly"
-    keeps only the packed codes resident and decodes inside every forward (see pvq.nn); "auto"
-    (default) is on-the-fly where the native kernel builds, else once."""
+    keeps only the packed codes resident and decodes inside every forward (see pvq.modules.linear);
+    "auto" (default) is on-the-fly where the native kernel builds, else once."""
     import torch
 
-    from .io import load as _load
+    from .loader import load as _load
 
     return _load(path, dtype or torch.float32, decode=decode, weight_dtype=weight_dtype)
 

@@ -6,34 +6,37 @@ block, and feed those to the next block. Peak memory is one block plus the calib
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import time
-import zlib
 
 import torch
 from tqdm.auto import tqdm
 
 from . import codec
-from .config import FORMAT_VERSION, QuantConfig, choose_spec, spec_from_dict, spec_to_dict
-from .models.adapters import block_hessians, block_linears, blocks, capture_block_inputs, check_supported, run_block, set_module
-from .io import DENSE_DTYPES
-from .nn import NO_SEED, QuantLinear, rotate_hessian, rotate_weight
+from .memory import release_memory
+from .models.adapters import (block_hessians, block_linear_names, block_linears, blocks, capture_block_inputs, check_supported,
+                              layer_name, run_block, set_module)
+from .modules.actquant import attach, bits_per_activation
+from .modules.linear import QuantLinear
+from .picker import act_spec, choose_spec
+from .settings import DENSE_DTYPES, QuantConfig, quantization_config, spec_from_dict, spec_to_dict
+from .solvers.gptq import gptq
 from .solvers.hessian import relative_error
-
-
-
-def layer_seeds(seed: int, name: str, rotate: bool) -> tuple[int, int]:
-    """Deterministic rotation seeds of one layer (input side, output side), from the run seed and its name."""
-    if not rotate:
-        return (NO_SEED, NO_SEED)
-    base = (int(seed) * 1_000_003) % (1 << 31)
-    return tuple((base << 32 | zlib.crc32(f"{name}:{side}".encode())) % (1 << 62) for side in ("in", "out"))
+from .solvers.steppers import PVQStepper, UniformStepper
+from .transforms.rotate import layer_seeds, rotate_hessian, rotate_weight
 
 
 def _check_weight(name: str, w: torch.Tensor) -> None:
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"weight {name} contains NaN or inf; refusing to quantize it")
+
+
+def layer_spec(cfg: QuantConfig, name: str, rows: int, cols: int):
+    """The codec setting of layer `name`: its override (an allocation plan) or the one cfg.bits picks."""
+    if cfg.overrides and name in cfg.overrides:
+        spec = spec_from_dict(cfg.overrides[name])
+        spec.check_shape(rows, cols)
+        return spec
+    return choose_spec(cfg, rows, cols)
 
 
 @torch.no_grad()
@@ -52,9 +55,6 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     layers = blocks(model)
     hidden = kwargs = None
     if cfg.uses_data:
-        from .solvers.gptq import gptq
-        from .solvers.steppers import PVQStepper, UniformStepper
-
         hidden, kwargs = capture_block_inputs(model, calib_ids)
     per_layer = {}
     errors = {}  # per layer: the relative error left, as isotropic-noise energy in the layer's metric
@@ -63,15 +63,11 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         linears = block_linears(block)
         hess = block_hessians(block, hidden, kwargs)[0] if cfg.uses_data else {}
         for name, mod in linears.items():
-            full = f"model.layers.{i}.{name}"
+            full = layer_name(i, name)
             w = mod.weight.detach().float()
             _check_weight(full, w)
             rows, cols = w.shape
-            if cfg.overrides and full in cfg.overrides:
-                spec = spec_from_dict(cfg.overrides[full])
-                spec.check_shape(rows, cols)
-            else:
-                spec = choose_spec(cfg, rows, cols)
+            spec = layer_spec(cfg, full, rows, cols)
             seeds = layer_seeds(cfg.seed, full, cfg.rotates)
             w_rot = rotate_weight(w, seeds)
             if cfg.uses_data:
@@ -95,32 +91,14 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     bar.close()
     _round_dense(model, DENSE_DTYPES[cfg.dense_dtype])
     summary = summarize(per_layer)
-    if cfg.abits is not None:  # the in-memory model runs as the saved one will
-        from .actquant import ActConfig, attach, bits_per_activation
-
-        attach(model, ActConfig(cfg.abits, cfg.act_method, cfg.act_rotate, cfg.seed))
+    if cfg.act is not None:  # the in-memory model runs as the saved one will
+        attach(model, cfg.act)
         summary["bits_per_activation"] = bits_per_activation(model)
     # stored without timings, so the same seed, model and data give byte-identical files
-    model.config.quantization_config = {
-        "quant_method": "pvq", "format_version": FORMAT_VERSION, "config": cfg.to_dict(), "layers": per_layer,
-        "achieved": dict(summary),
-    }
+    model.config.quantization_config = quantization_config(cfg, per_layer, dict(summary))
     summary["seconds"] = time.time() - t0
     summary["layer_errors"] = errors
     return summary
-
-
-def release_memory() -> None:
-    """Give freed heap memory back to the OS between blocks.
-
-    Each block allocates and frees hundreds of MB of activations; glibc keeps such freed chunks in
-    its arenas, and RSS would climb block after block. malloc_trim returns them (Linux/glibc only).
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _round_dense(model, dtype: torch.dtype) -> None:
@@ -139,5 +117,12 @@ def summarize(per_layer: dict) -> dict:
             "layers": len(per_layer)}
 
 
-def quant_layers(model) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+def check_reachable(model, cfg: QuantConfig) -> None:
+    """Raise the ValueError quantizing would raise for a --bits (or --abits pvq) no setting reaches, for
+    every distinct linear shape of the model's blocks, before any long work."""
+    shapes = {(m.out_features, m.in_features) for _, m in block_linear_names(model)}
+    for rows, cols in sorted(shapes):
+        choose_spec(cfg, rows, cols)
+    if cfg.abits is not None and cfg.act_method == "pvq":
+        for cols in sorted({c for _, c in shapes}):
+            act_spec(cfg.abits, cols)

@@ -138,7 +138,7 @@ def _add_act_options(p, stored: bool) -> None:
 
 def _act_config(args, seed: int = 0):
     """The activation settings of --abits/--act-method/--no-act-rotate (None without --abits)."""
-    from .actquant import ActConfig
+    from .settings import ActConfig
 
     if args.abits is None:
         if args.act_method != "rtn" or args.no_act_rotate:
@@ -156,131 +156,65 @@ def _add_runtime_options(p) -> None:
                    help="compute dtype of the dense parts (and of decoded weights in --decode once)")
 
 
-def load_any(spec: str | None, decode: str = "auto", dtype: str = "float32"):
-    """A pvq directory or anything load_model accepts, as (model, tokenizer)."""
-    import torch
+def _quant_config(args):
+    from .settings import QuantConfig
 
-    from . import io
-    from .models.loading import load_model
+    _act_config(args)  # --act-method and --no-act-rotate need --abits
+    return QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
+                       group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
+                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order,
+                       dense_dtype=args.dense_dtype, abits=args.abits, act_method=args.act_method,
+                       act_rotate=not args.no_act_rotate)
 
-    dt = getattr(torch, dtype)
-    path = Path(spec) if spec is not None else None
-    if path is not None and path.is_dir() and (path / "config.json").is_file():
-        try:
-            io.read_config(path)
-            is_pvq = True
-        except io.PVQFormatError as exc:
-            if "no pvq quantization_config" not in str(exc):
-                raise
-            is_pvq = False
-        if is_pvq:
-            model, tok = io.load(path, dt, decode=decode)
-            if tok is None:
-                raise ValueError(f"{spec}: no tokenizer files in the directory (save it with the tokenizer)")
-            return model, tok
-    model, tok = load_model(spec)
-    return model.to(dt), tok
+
+def _allocation_settings(args):
+    from .allocation import RATES, AllocationSettings
+
+    try:
+        rates = tuple(float(r) for r in args.allocate_rates.split(",")) if args.allocate_rates else RATES
+    except ValueError:
+        raise ValueError(f"--allocate-rates must be numbers separated by commas, got {args.allocate_rates!r}") from None
+    return AllocationSettings(samples=args.allocate_samples, seqlen=args.allocate_seqlen, rates=rates,
+                              floor=args.allocate_floor, draws=args.allocate_draws, noise=args.allocate_noise,
+                              sensitivities=args.sensitivities)
 
 
 def cmd_quantize(args) -> int:
     import torch
 
-    from . import api, io
-    from .config import QuantConfig, choose_spec
+    from . import api, checkpoint
     from .data import calibration_batches, resolve_text
+    from .memory import peak_rss_mib
     from .models.loading import load_model
 
-    _act_config(args)
-    if args.allocate and args.allocate_floor < 0:
-        raise ValueError(f"--allocate-floor must be >= 0, got {args.allocate_floor}")
-    if args.allocate and args.allocate_draws < 0:
-        raise ValueError(f"--allocate-draws must be >= 0, got {args.allocate_draws}")
-    cfg = QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
-                      group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
-                      nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order,
-                      dense_dtype=args.dense_dtype, abits=args.abits, act_method=args.act_method,
-                      act_rotate=not args.no_act_rotate)
+    cfg, progress = _quant_config(args), not args.no_progress
+    alloc = _allocation_settings(args) if args.allocate else None
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise FileExistsError(f"output directory {out} exists and is not empty (use --force to replace it)")
     model, tok = load_model(args.model)
-    # refuse an unreachable --bits before any long work
-    lin = model.model.layers[0].self_attn.q_proj
-    choose_spec(cfg, lin.out_features, lin.in_features)
-    if cfg.abits is not None and cfg.act_method == "pvq":
-        from .actquant import pvq_spec
-
-        for m in (lin, model.model.layers[0].mlp.down_proj):
-            pvq_spec(cfg.abits, m.in_features)
-    calib = None
-    extra = {}
+    api.check_reachable(model, cfg)  # an unreachable --bits or --abits fails before any long work
     eval_text = resolve_text("wikitext2", "eval") if args.ppl else None  # a missing file fails now, not after the work
-    if cfg.uses_data or args.allocate:
-        text = resolve_text(cfg.calib, "calib")
-    if args.allocate:
-        from dataclasses import replace
+    text = resolve_text(cfg.calib, "calib") if cfg.uses_data or alloc else None
+    report, extra, ppl = None, {}, None
+    if alloc is not None:
+        from .allocation import allocate, report_files
 
-        from . import allocation
-
-        if not cfg.is_pvq:
-            raise ValueError("--allocate chooses PVQ settings: use --method pvq or pvq-gptq")
-        sens = None
-        sens_file = Path(args.sensitivities) if args.sensitivities else None
-        if sens_file is not None and sens_file.is_file():
-            try:
-                sens = json.loads(sens_file.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ValueError(f"--sensitivities {sens_file}: not a readable JSON file ({exc})") from None
-        # the windows the sensitivities are measured on and the plan is rehearsed on
-        ids = (calibration_batches(tok, text, args.allocate_samples, args.allocate_seqlen, cfg.seed + 1)
-               if sens is None or args.allocate_draws else None)
-        if sens is None:
-            sens = allocation.sensitivities(model, ids, args.allocate_noise, cfg.seed, progress=not args.no_progress)
-            if sens_file is not None:
-                tmp = sens_file.with_name(sens_file.name + ".tmp")
-                tmp.write_text(json.dumps(sens, indent=1))
-                tmp.replace(sens_file)
-        try:
-            rates = tuple(float(r) for r in args.allocate_rates.split(",")) if args.allocate_rates else allocation.RATES
-        except ValueError:
-            raise ValueError(f"--allocate-rates must be numbers separated by commas, got {args.allocate_rates!r}") from None
-        factors = None
-        if cfg.uses_data:  # pvq-gptq: its error feedback shrinks each layer's error by a factor of its Hessian
-            calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
-            factors = allocation.error_factors(model, cfg, calib, progress=not args.no_progress)
-            del calib
-        overrides, report = allocation.plan(model, cfg, None, rates=rates, sens=sens, factors=factors,
-                                            floor=args.allocate_floor)
-        if args.allocate_draws:
-            allocation.rehearse_plan(model, ids, report, args.allocate_draws, cfg.seed, progress=not args.no_progress)
-        del ids
-        cfg = replace(cfg, overrides=overrides)
+        cfg, report = allocate(model, tok, cfg, text, alloc, progress=progress)
         print(f"allocation: {report['bits_per_weight']:.4f} bpw, predicted ppl x{report['predicted_ppl_factor']:.3f} "
               f"(uniform x{report['uniform_predicted_ppl_factor']:.3f}; {report['prediction']})")
-    if cfg.uses_data:
-        calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
+    calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed) if cfg.uses_data else None
     torch.manual_seed(cfg.seed)
-    summary = api.quantize(model, cfg, calib, progress=not args.no_progress)
-    if args.allocate:  # the report gets each layer's measured error next to the predicted one
-        allocation.add_measured(report, summary["layer_errors"])
-        extra["allocation.json"] = json.dumps(report, indent=1).encode()
-        try:
-            import io as _io
-
-            buf = _io.BytesIO()
-            allocation.plot(report, buf)
-            extra["allocation.png"] = buf.getvalue()
-        except ImportError:  # matplotlib is optional (the bench extra)
-            pass
-    ppl = None
+    summary = api.quantize(model, cfg, calib, progress=progress)
+    if report is not None:  # the report gets each layer's measured error next to the predicted one
+        extra = report_files(report, summary["layer_errors"])
     if args.ppl:
         from .eval.perplexity import perplexity
 
-        ppl = perplexity(model, tok, eval_text, seqlen=2048, windows=16, progress=not args.no_progress)
+        ppl = perplexity(model, tok, eval_text, seqlen=2048, windows=16, progress=progress)
         summary.update({"ppl": ppl["ppl"], "ppl_windows": ppl["windows"], "ppl_protocol": ppl["protocol"]})
-    io.save(model, tok, out, overwrite=args.force, extra_files=extra)
-    size = (out / io.WEIGHTS).stat().st_size
-    rss = _peak_rss_mib()
+    checkpoint.save(model, tok, out, overwrite=args.force, extra_files=extra)
+    size, rss = (out / checkpoint.WEIGHTS).stat().st_size, peak_rss_mib()
     print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "
           f"({summary['linear_weights'] / 1e6:.1f} M weights), file {size / 2**20:.1f} MiB, "
           f"{summary['seconds']:.0f} s, peak RSS {rss:.0f} MiB -> {out}"
@@ -291,21 +225,16 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def cmd_eval(args) -> int:
     from .data import load_arc_easy, resolve_text
-
-    from . import actquant
+    from .loader import load_any
+    from .modules import actquant
+    from .settings import stored_config
 
     act = _act_config(args)
     model, tok = load_any(args.model, args.decode, args.dtype)
     res = {"model": args.model or "SmolLM2-135M-Instruct"}
-    qc = _pvq_config(model)
+    qc = stored_config(getattr(model.config, "quantization_config", None))
     if qc is not None:
         res["bits_per_weight"] = qc["achieved"]["bits_per_weight"]
         res["method"] = qc["config"]["method"]
@@ -340,24 +269,17 @@ def _print_result(res: dict, as_json: bool) -> None:
         print(f"{k:>{width}}: {v:.4f}" if isinstance(v, float) else f"{k:>{width}}: {v}")
 
 
-def _pvq_config(model) -> dict | None:
-    """The model's pvq quantization_config, or None for an unquantized model."""
-    qc = getattr(model.config, "quantization_config", None)
-    return qc if isinstance(qc, dict) and qc.get("quant_method") == "pvq" else None
-
-
 def cmd_info(args) -> int:
-    from . import io
+    from .checkpoint import WEIGHTS, read_config
+    from .modules.actquant import bits_per_activation_of
+    from .settings import ActConfig
 
-    cfg = io.read_config(args.dir)
-    qc = cfg["quantization_config"]
-    size = (Path(args.dir) / io.WEIGHTS).stat().st_size if (Path(args.dir) / io.WEIGHTS).is_file() else None
+    qc = read_config(args.dir)["quantization_config"]
+    size = (Path(args.dir) / WEIGHTS).stat().st_size if (Path(args.dir) / WEIGHTS).is_file() else None
     info = {"method": qc["config"]["method"], "target_bits": qc["config"]["bits"],
             "bits_per_weight": qc["achieved"]["bits_per_weight"], "linear_weights": qc["achieved"]["linear_weights"],
             "file_bytes": size, "file_bits_per_linear_weight": None if size is None else 8 * size / qc["achieved"]["linear_weights"],
             "format_version": qc["format_version"], "layers": qc["layers"]}
-    from .actquant import ActConfig, bits_per_activation_of
-
     act = ActConfig.from_quant_config(qc["config"])
     if act is not None:
         info.update({"abits": act.bits, "act_method": act.method, "act_rotate": act.rotate,
@@ -385,6 +307,8 @@ def cmd_info(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from .loader import load_any
+
     model, tok = load_any(args.model, args.decode, args.dtype)
     ids = tok(args.prompt, return_tensors="pt").input_ids
     with torch.inference_mode():
@@ -396,7 +320,12 @@ def cmd_generate(args) -> int:
 def cmd_bench_run(args) -> int:
     import torch
 
-    from .runtime import measure, native
+    from . import measure
+    from .checkpoint import WEIGHTS
+    from .loader import load_any
+    from .modules.linear import QuantLinear
+    from .runtime import native
+    from .settings import stored_config
 
     if args.threads is not None:
         if args.threads < 1:
@@ -405,15 +334,11 @@ def cmd_bench_run(args) -> int:
         native.set_threads(args.threads)
     model, tok = load_any(args.model, args.decode, args.dtype)
     res = {"model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype}
-    qc = _pvq_config(model)
+    qc = stored_config(getattr(model.config, "quantization_config", None))
     if qc is not None:
-        from . import io
-
-        from .nn import QuantLinear
-
         decode = next(m.decode for m in model.modules() if isinstance(m, QuantLinear))  # "auto" resolved
         res.update({"method": qc["config"]["method"], "bits_per_weight": qc["achieved"]["bits_per_weight"],
-                    "decode": decode, "file_bytes": (Path(args.model) / io.WEIGHTS).stat().st_size})
+                    "decode": decode, "file_bytes": (Path(args.model) / WEIGHTS).stat().st_size})
         if decode == "on-the-fly":
             res["native_kernel"] = native.kernel() is not None
             if not res["native_kernel"]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .config import FORMAT_VERSION
-from .nn import DECODE_MODES, check_decode
+from .loader import finish_loading, replace_linears
+from .models.adapters import check_supported
+from .modules.linear import DECODE_MODES, check_decode
+from .settings import FORMAT_VERSION, check_format_version
 
 _registered = False
 
@@ -46,9 +48,10 @@ def register() -> bool:
             self.post_init()
 
         def post_init(self):
-            if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
-                raise ValueError(f"pvq quantization_config format version {self.format_version!r} is newer than this "
-                                 f"pvq reads ({FORMAT_VERSION}); upgrade pvq")
+            try:
+                check_format_version(self.format_version)
+            except ValueError as exc:
+                raise ValueError(f"pvq quantization_config: {exc}") from None
             check_decode(self.decode)
             if self.weight_dtype not in (None, "float32", "bfloat16", "float16"):
                 raise ValueError(f"weight_dtype must be float32, bfloat16 or float16, got {self.weight_dtype!r}")
@@ -72,9 +75,6 @@ def register() -> bool:
                                  "from_pretrained only loads directories it wrote")
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from .io import replace_linears
-            from .models.adapters import check_supported
-
             check_supported(model)
             qc = self.quantization_config
             wd = getattr(torch, qc.weight_dtype) if qc.weight_dtype else model.dtype
@@ -82,8 +82,6 @@ def register() -> bool:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .io import finish_loading
-
             finish_loading(model, {"config": self.quantization_config.config})
             return model
 

@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from .fp16 import positive_scale
 from .gain import beta_codebook, nearest
 from .gainshape import PVQSpec
 from .pyramid import shapes
 from .search import search
 
 SCALE_BITS = 16  # one fp16 scale per token
-
-
-def _fp16_scale(s: torch.Tensor) -> torch.Tensor:
-    """A positive scale representable in fp16 (what would be stored)."""
-    return s.clamp(1e-8, 65504.0).half().float().clamp_min(6e-8)
 
 
 def rtn_bits(bits: int, cols: int) -> float:
@@ -47,7 +43,7 @@ def rtn(x: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"activation bits must be an integer in 2..16, got {bits!r}")
     xf = x.float()
     top = 2 ** (bits - 1) - 1
-    s = _fp16_scale(xf.abs().amax(dim=-1, keepdim=True) / top)
+    s = positive_scale(xf.abs().amax(dim=-1, keepdim=True) / top)
     q = torch.clamp(torch.round(xf / s), -top - 1, top)
     return (q * s).to(x.dtype)
 
@@ -70,7 +66,7 @@ def pvq(x: torch.Tensor, spec: PVQSpec, shape_fn=None) -> torch.Tensor:
     tokens = xf.shape[0]
     u, g = (shape_fn or pvq_shapes)(xf.reshape(-1, spec.n).contiguous(), spec.k)
     g = g.reshape(tokens, cols // spec.n)
-    s = _fp16_scale(g.pow(2).mean(dim=1, keepdim=True).sqrt())  # [tokens, 1]
+    s = positive_scale(g.pow(2).mean(dim=1, keepdim=True).sqrt())  # [tokens, 1]
     levels = beta_codebook(spec.n, cols, spec.gain_levels)
     gq = levels.float()[nearest(g / s, levels)] * s  # [tokens, groups]
     out = u.reshape(tokens, -1, spec.n) * gq[..., None]

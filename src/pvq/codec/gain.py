@@ -3,7 +3,7 @@
 Why a Beta law: after a random orthogonal rotation a weight row of length m is (close to) uniform
 on a sphere of radius ||w||. The energy fraction that one group of n coordinates holds,
 t = ||w_g||^2 / ||w||^2, then follows Beta(n/2, (m - n)/2) (a classical property of the uniform
-distribution on the sphere; see ../shared/PVQ.md). With the gain normalised by the row's RMS group
+distribution on the sphere; see docs/pvq.md). With the gain normalised by the row's RMS group
 gain, r = g / sqrt(mean g^2), we have r^2 = t * m / n, so the density of r is known in closed form
 and the same for every row: one Lloyd-Max codebook, designed once for (n, m, L), serves every row
 and costs no stored bits. The Lloyd-Max conditions (Lloyd 1957/1982, Max 1960) are solved

@@ -1,7 +1,7 @@
 """Gain-shape PVQ of a weight matrix: every run of n consecutive weights in a row is one group.
 
 A group w (n weights) is stored as a pyramid codeword y in P(n, k) (its shape u = y / ||y||) and a
-gain g, the MSE-optimal one for that shape, g = <w, u> (../shared/PVQ.md). Gains are divided by a
+gain g, the MSE-optimal one for that shape, g = <w, u> (docs/pvq.md). Gains are divided by a
 per-row fp16 scale (the RMS of the row's gains) and quantized with an L-level scalar codebook
 (`gain.py`). The shape index and the gain index are fused into one mixed-radix code,
 code = index * L + level, of B = ceil(log2(V(n, k) * L)) bits, and the codes are bit-packed.
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bitpack, enumeration, pyramid
+from .fp16 import positive_scale
 from .search import search
 from .gain import GAIN_KINDS, GainCodebook, fit_gain_codebook
 
@@ -126,8 +127,7 @@ SCALE_KINDS = ("row", "tensor")
 def gain_scale(gains: torch.Tensor, kind: str) -> torch.Tensor:
     """fp16-representable RMS of the group gains (gains [rows, groups]) per row ([rows]) or per tensor ([1])."""
     g2 = gains.float().pow(2)
-    s = g2.mean(dim=1).sqrt() if kind == "row" else g2.mean().sqrt().reshape(1)
-    return s.clamp_min(1e-8).half().float().clamp_min(6e-8)
+    return positive_scale(g2.mean(dim=1).sqrt() if kind == "row" else g2.mean().sqrt().reshape(1))
 
 
 def law_length(spec: "PVQSpec", rows: int, cols: int) -> int:
@@ -135,20 +135,37 @@ def law_length(spec: "PVQSpec", rows: int, cols: int) -> int:
     return cols if spec.scale == "row" else rows * cols
 
 
-def _round(w: torch.Tensor, spec: PVQSpec):
-    """(y [rows, groups, n], gain levels [rows, groups], fp16 scale, codebook) of a 2-D weight matrix."""
+@dataclass
+class GainShapeFit:
+    """What gain-shape PVQ fixes from a weight matrix before any gain is rounded: the nearest shapes,
+    their optimal gains over the fp16 scale, the scale and the gain codebook. The data-free codec
+    rounds these gains; the Hessian-aware solver keeps the scale and codebook and searches again."""
+
+    y: torch.Tensor  # int64 [rows, groups, n] nearest points of P(n, k)
+    ratios: torch.Tensor  # float32 [rows, groups] optimal gain / scale
+    scale: torch.Tensor  # float32 [rows] or [1], fp16-representable
+    book: GainCodebook
+
+
+def fit(w: torch.Tensor, spec: PVQSpec) -> GainShapeFit:
+    """Shapes, gain scale and gain codebook of a 2-D weight matrix (shape search, then g = <w, u>)."""
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
     rows, cols = w.shape
     spec.check_shape(rows, cols)
     x = w.float().reshape(rows, cols // spec.n, spec.n)
     y = search(x, spec.k)
-    u = pyramid.shapes(y)
-    g = (x * u).sum(-1)  # optimal gain for each shape, >= 0 since signs agree
+    g = (x * pyramid.shapes(y)).sum(-1)  # optimal gain for each shape, >= 0 since signs agree
     s = gain_scale(g, spec.scale)
     r = g / s.reshape(-1, 1)
     book = fit_gain_codebook(spec.gain, r, spec.n, law_length(spec, rows, cols), spec.gain_levels)
-    return y, book.quantize(r), s.half(), book.levels
+    return GainShapeFit(y, r, s, book)
+
+
+def _round(w: torch.Tensor, spec: PVQSpec):
+    """(y [rows, groups, n], gain levels [rows, groups], fp16 scale, codebook) of a 2-D weight matrix."""
+    f = fit(w, spec)
+    return f.y, f.book.quantize(f.ratios), f.scale.half(), f.book.levels
 
 
 def quantize(w: torch.Tensor, spec: PVQSpec) -> PackedPVQ:

@@ -3,7 +3,7 @@
 Fischer, "A Pyramid Vector Quantizer", IEEE Trans. Inf. Theory 32(4), 1986: the points are counted by
 V(n, k) = V(n-1, k) + V(n, k-1) + V(n-1, k-1) and enumerated to integers in [0, V(n, k)).
 The enumeration follows the U-table form used by the Opus/CELT codec (RFC 6716; see
-../shared/PVQ.md): U(n, k) = (V(n-1, k-1) + V(n, k-1)) / 2 is symmetric and V(n, k) = U(n, k) + U(n, k+1).
+docs/pvq.md): U(n, k) = (V(n-1, k-1) + V(n, k-1)) / 2 is symmetric and V(n, k) = U(n, k) + U(n, k+1).
 
 Everything here is vectorised over groups: `encode_cwrs` and `decode_cwrs` take tensors of shape
 [..., n] (or [...] for indices) and treat every leading index as one independent group. They are

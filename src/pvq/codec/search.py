@@ -1,7 +1,7 @@
 """Nearest-codeword search on the pyramid P(n, k): the direction of largest cosine with x.
 
 Starts from the Opus/CELT greedy (libopus celt/vq.c op_pvq_search, as described in
-../shared/PVQ.md: projection for k > n/2, then one pulse at a time), then runs a local search that
+docs/pvq.md: projection for k > n/2, then one pulse at a time), then runs a local search that
 moves single pulses between coordinates while the cosine strictly rises. Against brute force over
 all of P(n, k) the greedy alone finds the optimum for 91-98% of Gaussian groups at small (n, k);
 with the pulse moves 99.6-100% (tests/test_codec.py measures both).

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bitpack
+from .fp16 import positive_scale
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,8 @@ def fit_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16-representable (scale, offset) of shape [..., 1] for groups w[..., g] (min..max range)."""
     lo = w.amin(dim=-1, keepdim=True)
     hi = w.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
     # round the parameters to what is stored, so quantization uses exactly the stored values
-    return scale.half().float().clamp_min(6e-8), lo.half().float()
+    return positive_scale((hi - lo) / (2**bits - 1)), lo.half().float()
 
 
 def quantize_grid(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:

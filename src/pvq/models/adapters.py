@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..solvers.hessian import HessianAccumulator
 from .loading import SUPPORTED_MODEL_TYPES
 
 # linears of one block, in the order they run; names are relative to the block
@@ -30,6 +31,17 @@ def check_supported(model) -> None:
 def blocks(model) -> nn.ModuleList:
     check_supported(model)
     return model.model.layers
+
+
+def layer_name(index: int, name: str) -> str:
+    """The full module name of linear `name` (relative to its block, e.g. "mlp.up_proj") of block `index`."""
+    return f"model.layers.{index}.{name}"
+
+
+def block_linear_names(model) -> list[tuple[str, nn.Module]]:
+    """(full name, module) of every quantizable linear of the model's blocks, in block and run order."""
+    return [(layer_name(i, name), block.get_submodule(name)) for i, block in enumerate(blocks(model))
+            for name in LINEARS]
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
@@ -96,8 +108,6 @@ def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: b
     """({linear name: H = X^T X of its input}, the block's outputs if keep) for one block run on hidden.
 
     Linears that read the same input (SHARED_INPUT) share one accumulated Hessian."""
-    from ..solvers.hessian import HessianAccumulator
-
     linears = block_linears(block)
     accs, handles = {}, []
     for name, mod in linears.items():

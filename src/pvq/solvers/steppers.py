@@ -9,8 +9,8 @@ so the solver steps `dim` columns at a time (vector GPTQ / LDLQ, Chee et al., "Q
 
 A stepper owns everything codec-specific: the parameters fixed before the solve (row scales, gain
 codebook), the choice of codes for each group of columns, and the packed result. It reuses the
-codec's own functions (search, fit_grid, quantize_grid, reconstruct, encode, bitpack) so that
-with H = I the solver reproduces `pvq.codec.quantize` bit for bit, and so that the values a
+codec's own functions (gainshape.fit, search, fit_grid, quantize_grid, reconstruct, encode, bitpack) so
+that with H = I the solver reproduces `pvq.codec.quantize` bit for bit, and so that the values a
 stepper returns are exactly what the packed result dequantizes to.
 """
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..codec import bitpack, enumeration, pyramid
-from ..codec.gain import fit_gain_codebook
-from ..codec.gainshape import PackedPVQ, PVQSpec, gain_scale, law_length, reconstruct
+from ..codec.gainshape import PackedPVQ, PVQSpec, fit, reconstruct
 from ..codec.search import search
 from ..codec.uniform import PackedUniform, UniformSpec, fit_grid, quantize_grid
 
@@ -177,20 +176,13 @@ class PVQStepper:
         self._shape: tuple[int, int] | None = None
 
     def begin(self, w: torch.Tensor) -> None:
-        spec = self.spec
         rows, cols = w.shape
-        spec.check_shape(rows, cols)
-        groups = cols // spec.n
-        x = w.float().reshape(rows, groups, spec.n)
-        y = search(x, spec.k)
-        u = pyramid.shapes(y)
-        g = (x * u).sum(-1)  # [rows, groups] optimal gains of the initial weights
-        s = gain_scale(g, spec.scale)  # [rows] or [1], float32, fp16-representable
-        book = fit_gain_codebook(spec.gain, g / s.reshape(-1, 1), spec.n, law_length(spec, rows, cols), spec.gain_levels)
+        groups = cols // self.spec.n
+        f = fit(w, self.spec)  # the codec's own fit of the initial weights
         self._shape = (rows, cols)
-        self._scale = s  # divides the gains, as in the codec
-        self._scale_h = s.half()  # what is stored, and what dequantization multiplies by
-        self._book = book
+        self._scale = f.scale  # divides the gains, as in the codec
+        self._scale_h = f.scale.half()  # what is stored, and what dequantization multiplies by
+        self._book = f.book
         self._idx = torch.zeros(rows, groups, dtype=torch.int64)  # shape indices (CPU: the enumeration is)
         self._lvl = torch.zeros(rows, groups, dtype=torch.int64)  # gain levels
         self._stepped = torch.zeros(groups, dtype=torch.bool)

@@ -1,21 +1,19 @@
 """QuantLinear: a linear layer held as packed codes (buffers only, no full-precision weight), plus its rotations.
 
-With seeded randomized Hadamards R_in, R_out (QuIP#-style incoherence processing on both sides)
-the stored matrix is W' = R_out^T W R_in, and y = x W^T = ((x R_in) W'^T) R_out^T, so the network
-output is unchanged before quantization. Only the two seeds are stored.
+The stored matrix is W' = R_out^T W R_in (transforms/rotate.py) and the layer computes
+y = ((x R_in) W'^T) R_out^T + b. The buffers are exactly the tensors of the file format
+(checkpoint.py), so a state dict *is* the file: `codes` (uint8 packed stream), `scales` (fp16),
+`seeds` (int64 [2]), `gain_levels` (fp16, PVQ with data-fitted gains only) or `offsets` (fp16,
+uniform grid), and `bias`. What a forward needs beyond the buffers is a runner, rebuilt from them
+whenever they change (a load, a device move):
 
-The buffers are exactly the tensors of the file format (io.py), so a state dict *is* the file:
-`codes` (uint8 packed stream), `scales` (fp16), `seeds` (int64 [2]), `gain_levels` (fp16, PVQ with
-data-fitted gains only) or `offsets` (fp16, uniform grid), and `bias`. Two execution modes:
-
-- decode="once": the codes are decoded on first use and the decoded matrix is kept (in
+- DecodeOnce (decode="once"): the codes are decoded on first use and the decoded matrix is kept (in
   `weight_dtype`, float32 by default, bfloat16 to halve it); fastest, memory like a dense layer.
-- decode="on-the-fly": nothing but the buffers stays resident. A forward with a few tokens runs
-  the native fused decode-and-multiply kernel (runtime/kernel.c) without ever writing the matrix;
-  a longer one decodes blocks of rows into a scratch buffer and multiplies each block with every
-  token at once. Without a C compiler the same is done with the torch decoder (exact, slower).
-- decode="auto" (the default when loading): on-the-fly where the native kernel is available,
-  else once.
+- OnTheFly (decode="on-the-fly"): nothing but the buffers stays resident. A forward with a few tokens
+  runs the native fused decode-and-multiply kernel (runtime/) without ever writing the matrix; a
+  longer one decodes blocks of rows into a scratch buffer and multiplies each block with every token
+  at once. Without a C compiler the same is done with the torch decoder (exact, slower).
+- decode="auto" (the default when loading): on-the-fly where the native kernel is available, else once.
 """
 from __future__ import annotations
 
@@ -23,41 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import PackedPVQ, PackedUniform, PVQSpec, UniformSpec
-from .codec.gain import beta_codebook
-from .codec.gainshape import law_length
-from .runtime import native
-from .runtime.decode import GEMV_TOKENS, Decoder, FusedLinear, rotate, rotation_args
-from .transforms.hadamard import RandomHadamard
+from ..codec import PackedPVQ, PackedUniform, PVQSpec, UniformSpec
+from ..codec.gain import beta_codebook
+from ..codec.gainshape import law_length
+from ..runtime import native
+from ..runtime.decode import GEMV_TOKENS, Decoder, FusedLinear, rotate, rotation_args
+from ..transforms.rotate import NO_SEED, layer_rotations
 
-NO_SEED = -1  # marks a side that is not rotated
 DECODE_MODES = ("auto", "once", "on-the-fly")
-
-
-def rotations(rows: int, cols: int, seeds: tuple[int, int]) -> tuple[RandomHadamard | None, RandomHadamard | None]:
-    """(R_in over the input dim, R_out over the output dim) for seeds (seed_in, seed_out)."""
-    s_in, s_out = seeds
-    return (RandomHadamard(cols, s_in) if s_in != NO_SEED else None,
-            RandomHadamard(rows, s_out) if s_out != NO_SEED else None)
-
-
-def rotate_weight(w: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
-    """W' = R_out^T W R_in (float64 math, float32 result)."""
-    r_in, r_out = rotations(*w.shape, seeds)
-    w = w.double()
-    if r_in is not None:
-        w = r_in.apply(w)
-    if r_out is not None:
-        w = r_out.apply(w.T).T
-    return w.float()
-
-
-def rotate_hessian(h: torch.Tensor, seed_in: int) -> torch.Tensor:
-    """Hessian of the rotated inputs x R_in: R_in^T H R_in (H symmetric, float64)."""
-    if seed_in == NO_SEED:
-        return h
-    r = RandomHadamard(h.shape[0], seed_in)
-    return r.apply(r.apply(h.double()).T)
 
 
 def check_decode(decode: str) -> str:
@@ -67,12 +38,82 @@ def check_decode(decode: str) -> str:
 
 
 def resolve_decode(decode: str) -> str:
-    """The mode a layer runs in: "auto" is on-the-fly where the native kernel builds (SmolLM2 on a 2-core
-    EPYC then generates as fast as with decode once, its quantized linears in a tenth of the memory:
-    bench/results/runtime.json), else once."""
+    """The mode a layer runs in: "auto" is on-the-fly where the native kernel builds, else once."""
     if check_decode(decode) != "auto":
         return decode
     return "on-the-fly" if native.kernel() is not None else "once"
+
+
+class Rotations:
+    """A layer's two randomized Hadamards (None for a side not rotated) and their native arguments."""
+
+    def __init__(self, rows: int, cols: int, seeds: tuple[int, int]):
+        self.r_in, self.r_out = layer_rotations(rows, cols, seeds)
+        self.args_in = None if self.r_in is None else rotation_args(self.r_in)
+        self.args_out = None if self.r_out is None else rotation_args(self.r_out)
+
+    def into(self, h: torch.Tensor) -> torch.Tensor:
+        """x R_in for float32 x [..., cols] (the kernel for a few rows, torch otherwise)."""
+        if self.r_in is None:
+            return h
+        out = rotate(self.r_in, h, args=self.args_in)
+        return self.r_in.apply(h) if out is None else out
+
+    def out_of(self, h: torch.Tensor) -> torch.Tensor:
+        """h R_out^T: back from the rotated output basis."""
+        if self.r_out is None:
+            return h
+        out = rotate(self.r_out, h, inverse=True, args=self.args_out)
+        return self.r_out.apply_inverse(h) if out is None else out
+
+    def to_original(self, w: torch.Tensor) -> torch.Tensor:
+        """R_out W' R_in^T of a rotated matrix W' [out, in] (float64 math, float32 result)."""
+        w = w.double()
+        if self.r_out is not None:
+            w = self.r_out.apply_inverse(w.T).T
+        if self.r_in is not None:
+            w = self.r_in.apply_inverse(w)
+        return w.float()
+
+
+class DecodeOnce:
+    """decode="once": the decoded matrix, kept from the first use on."""
+
+    def __init__(self, layer: "QuantLinear"):
+        self.rot = Rotations(layer.out_features, layer.in_features, layer.seed_pair)
+        self.weight: torch.Tensor | None = None
+        self.fused = None
+
+    def rotated_weight(self, layer: "QuantLinear") -> torch.Tensor:
+        if self.weight is None:
+            self.weight = layer.packed.dequantize(torch.float32).to(layer.weight_dtype)
+        return self.weight
+
+    def resident_bytes(self) -> int:
+        return 0 if self.weight is None else self.weight.numel() * self.weight.element_size()
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        return []
+
+
+class OnTheFly:
+    """decode="on-the-fly": a decoder over the packed buffers and, where the kernel runs, the whole layer
+    as one native call for a few tokens."""
+
+    def __init__(self, layer: "QuantLinear"):
+        self.rot = Rotations(layer.out_features, layer.in_features, layer.seed_pair)
+        self.decoder = Decoder(layer.packed)
+        self.fused = (FusedLinear(self.decoder, self.rot.args_in, self.rot.args_out, layer.bias)
+                      if self.decoder.native else None)
+
+    def rotated_weight(self, layer: "QuantLinear") -> torch.Tensor:
+        return self.decoder.dense()
+
+    def resident_bytes(self) -> int:
+        return self.decoder.resident_bytes()
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        return self.decoder.shared_tensors()
 
 
 class QuantLinear(nn.Module):
@@ -99,7 +140,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.zeros(rows, ng, dtype=torch.float16))
             self.register_buffer("offsets", torch.zeros(rows, ng, dtype=torch.float16))
         self.bias = nn.Parameter(torch.zeros(rows), requires_grad=False) if bias else None
-        self._state: dict | None = None  # rotations, decoded weight or kernel arguments; rebuilt from buffers
+        self._runner: DecodeOnce | OnTheFly | None = None  # built from the buffers on first use
         self.act = None  # an actquant.ActQuantizer when the inputs are quantized too (a run setting, not stored bits)
 
     @classmethod
@@ -119,16 +160,16 @@ class QuantLinear(nn.Module):
             q.bias.data.copy_(bias.detach().float())
         return q
 
-    # ---------------------------------------------------------------- state rebuilt from the buffers
+    # ---------------------------------------------------------------- runner rebuilt from the buffers
     def _load_from_state_dict(self, *args, **kwargs):
-        self._state = None
+        self._runner = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):
-        # what _prepared() derived (rotations, kernel arguments: ctypes objects that cannot be pickled) is
-        # rebuilt from the buffers; deepcopy and pickle take the buffers only
+        # the runner (rotations, kernel arguments: ctypes objects that cannot be pickled) is rebuilt from
+        # the buffers; deepcopy and pickle take the buffers only
         state = self.__dict__.copy()
-        state["_state"] = None
+        state["_runner"] = None
         return state
 
     def _apply(self, fn, recurse=True):
@@ -140,16 +181,8 @@ class QuantLinear(nn.Module):
                 self._buffers[name] = before[name].to(t.device)
         if self.bias is not None and self.bias.dtype != before["bias"].dtype:
             self.bias.data = before["bias"].data.to(self.bias.device)
-        self._state = None
+        self._runner = None
         return self
-
-    def reset(self, decode: str | None = None, weight_dtype: torch.dtype | None = None) -> None:
-        """Drop what was derived from the buffers (after they change, or to switch the decode mode)."""
-        if decode is not None:
-            self.decode = resolve_decode(decode)
-        if weight_dtype is not None:
-            self.weight_dtype = weight_dtype
-        self._state = None
 
     @property
     def packed(self) -> PackedPVQ | PackedUniform:
@@ -172,63 +205,49 @@ class QuantLinear(nn.Module):
     def seed_pair(self) -> tuple[int, int]:
         return int(self.seeds[0]), int(self.seeds[1])
 
-    def _prepared(self) -> dict:
-        if self._state is None:
-            r_in, r_out = rotations(self.out_features, self.in_features, self.seed_pair)
-            st = {"r_in": r_in, "r_out": r_out, "args_in": None if r_in is None else rotation_args(r_in),
-                  "args_out": None if r_out is None else rotation_args(r_out)}
-            if self.decode == "on-the-fly":
-                st["decoder"] = Decoder(self.packed)
-                # a few tokens: rotations, decode-and-multiply and bias in one native call
-                if st["decoder"].native:
-                    st["linear"] = FusedLinear(st["decoder"], st["args_in"], st["args_out"], self.bias)
-            self._state = st
-        return self._state
+    @property
+    def runner(self) -> DecodeOnce | OnTheFly:
+        if self._runner is None:
+            self._runner = OnTheFly(self) if self.decode == "on-the-fly" else DecodeOnce(self)
+        return self._runner
 
     def rotated_weight(self) -> torch.Tensor:
         """The decoded matrix W' in the rotated basis ([out, in]); kept in decode="once" mode."""
-        st = self._prepared()
-        if "w" in st:
-            return st["w"]
-        if self.decode == "on-the-fly":
-            return st["decoder"].dense()
-        st["w"] = self.packed.dequantize(torch.float32).to(self.weight_dtype)
-        return st["w"]
+        return self.runner.rotated_weight(self)
 
     def weight_in_original_basis(self) -> torch.Tensor:
         """R_out W' R_in^T: the matrix this layer applies, for inspection and tests."""
-        st = self._prepared()
-        w = self.rotated_weight().double()
-        if st["r_out"] is not None:
-            w = st["r_out"].apply_inverse(w.T).T
-        if st["r_in"] is not None:
-            w = st["r_in"].apply_inverse(w)
-        return w.float()
+        return self.runner.rot.to_original(self.rotated_weight())
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer keeps: its buffers and bias, a kept decoded matrix, a decoder's float copies."""
+        tensors = [*self.buffers(recurse=False), *self.parameters(recurse=False)]
+        own = sum(t.numel() * t.element_size() for t in tensors)
+        return own + (0 if self._runner is None else self._runner.resident_bytes())
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """Decode tables this layer uses that other layers share (count each once per model)."""
+        return [] if self._runner is None else self._runner.shared_tensors()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        st = self._prepared()
-        lin = st.get("linear")
-        if (lin is not None and self.act is None and x.numel() <= GEMV_TOKENS * self.in_features
+        run = self.runner
+        if (run.fused is not None and self.act is None and x.numel() <= GEMV_TOKENS * self.in_features
                 and x.device.type == "cpu"):
-            return lin(x)
+            return run.fused(x)
         dtype = x.dtype
         h = x.float()
         act = self.act
         if act is not None and not act.after_rotation:
             h = act(h)
-        if st["r_in"] is not None:
-            h2 = rotate(st["r_in"], h, args=st["args_in"])
-            h = st["r_in"].apply(h) if h2 is None else h2
+        h = run.rot.into(h)
         if act is not None and act.after_rotation:
             h = act.quantize(h)
-        if self.decode == "on-the-fly":
-            h = st["decoder"].matmul(h, self.weight_dtype)
+        if isinstance(run, OnTheFly):
+            h = run.decoder.matmul(h, self.weight_dtype)
         else:
             w = self.rotated_weight()
             h = F.linear(h.to(w.dtype), w).float()
-        if st["r_out"] is not None:
-            h2 = rotate(st["r_out"], h, inverse=True, args=st["args_out"])
-            h = st["r_out"].apply_inverse(h) if h2 is None else h2
+        h = run.rot.out_of(h)
         if self.bias is not None:
             h = h + self.bias
         return h.to(dtype)
@@ -236,6 +255,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.spec.name}, "
                 f"{self.nbits / (self.in_features * self.out_features):.4f} bits/weight, decode={self.decode}")
+
 
 
 def reserve_tables(model) -> None:

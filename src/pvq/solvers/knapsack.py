@@ -4,7 +4,7 @@ The linearity result of HIGGS (Malinovskii et al., "Pushing the Limits of Large 
 Quantization via the Linearity Theorem", 2024) makes the loss increase close to a weighted sum of
 per-layer relative errors, sum_l a_l * err_l(option_l). With that objective the choice is a
 multiple-choice knapsack: layers are the classes, each option has a weight (its stored bits) and a
-cost (a_l * err_l). `allocate` solves it exactly by dynamic programming over the budget measured in
+cost (a_l * err_l). `multiple_choice_knapsack` solves it exactly by dynamic programming over the budget measured in
 units of `budget / resolution` bits, each option's bits rounded *up* to whole units: the result
 never exceeds the budget, and it is optimal among allocations whose rounded bits fit (the rounding
 loses at most one unit per layer of slack).
@@ -16,16 +16,16 @@ import math
 import numpy as np
 
 
-def allocate(costs: list[list[float]], bits: list[list[int]], budget: int, resolution: int = 4096) -> list[int]:
+def multiple_choice_knapsack(costs: list[list[float]], bits: list[list[int]], budget: int, resolution: int = 4096) -> list[int]:
     """Index of the chosen option of every layer: minimise sum(costs) with sum(bits) <= budget.
 
     costs[l][j], bits[l][j]: predicted cost and stored bits of option j of layer l. Raises
     ValueError when even the cheapest options exceed the budget."""
     if len(costs) != len(bits) or any(len(c) != len(b) or not c for c, b in zip(costs, bits)):
-        raise ValueError("allocate: every layer needs the same number (>= 1) of costs and bit counts")
+        raise ValueError("knapsack: every layer needs the same number (>= 1) of costs and bit counts")
     floor_bits = sum(min(b) for b in bits)
     if floor_bits > budget:
-        raise ValueError(f"allocate: the smallest setting of every layer already takes {floor_bits} bits, "
+        raise ValueError(f"knapsack: the smallest setting of every layer already takes {floor_bits} bits, "
                          f"more than the budget of {budget}")
     unit = budget / resolution
     cap = resolution
@@ -48,7 +48,7 @@ def allocate(costs: list[list[float]], bits: list[list[int]], budget: int, resol
         dp = new
         choices.append(pick)
     if not math.isfinite(dp[cap]):
-        raise ValueError(f"allocate: no allocation fits {budget} bits at resolution {resolution}; raise the resolution")
+        raise ValueError(f"knapsack: no allocation fits {budget} bits at resolution {resolution}; raise the resolution")
     out = []
     c = cap
     for l in range(len(costs) - 1, -1, -1):

@@ -2,15 +2,17 @@
 
 The prompt is the same for every model: a fixed English paragraph (below), tokenized and repeated
 to the requested length, so runs of the original and the quantized model compare. Peak RSS is the
-kernel's high-water mark (VmHWM) reset just before the measured prompt (Linux: writing 5 to
-/proc/self/clear_refs), so the memory of loading (e.g. dequantizing a GGUF file) is not counted.
+high-water mark reset just before the measured prompt (memory.py), so the memory of loading (e.g.
+dequantizing a GGUF file) is not counted.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
+
+from .memory import peak_rss_mib, release_memory, reset_peak_rss, rss_mib
+from .modules.linear import QuantLinear
 
 PROMPT_TEXT = (
     "The river leaves the mountains in a narrow gorge and then spreads across a wide plain, where it has built "
@@ -29,48 +31,20 @@ def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
     return ids.repeat(reps)[:tokens].reshape(1, tokens)
 
 
-def _status(key: str) -> float | None:
-    """A memory line of /proc/self/status in MiB (None where there is no /proc)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def quantized_memory(model) -> dict:
     """Bytes the quantized linears keep resident, against their packed (stored) size.
 
     resident: every tensor a QuantLinear holds (buffers, bias, a kept decoded matrix, a decoder's
     float copies of scales) plus the decode plans its layers share (counted once)."""
-    from ..nn import QuantLinear
-
     packed = resident = 0
     plans: dict[int, int] = {}
     for m in model.modules():
         if not isinstance(m, QuantLinear):
             continue
         packed += m.nbits // 8
-        tensors = [*m.buffers(recurse=False), *m.parameters(recurse=False)]
-        resident += sum(t.numel() * t.element_size() for t in tensors)
-        st = m._state or {}
-        if "w" in st:
-            resident += st["w"].numel() * st["w"].element_size()
-        dec = st.get("decoder")
-        if dec is not None:
-            resident += dec.resident_bytes()
-            for t in dec.shared_tensors():  # plans shared by the layers of one (n, k), tables by every plan
-                plans[id(t)] = t.numel() * t.element_size()
+        resident += m.resident_bytes()
+        for t in m.shared_tensors():  # plans shared by the layers of one (n, k), tables by every plan
+            plans[id(t)] = t.numel() * t.element_size()
     resident += sum(plans.values())
     return {"packed_bytes": packed, "resident_bytes": resident,
             "resident_over_packed": resident / packed if packed else None, "shared_plan_bytes": sum(plans.values())}
@@ -79,8 +53,6 @@ def quantized_memory(model) -> dict:
 @torch.inference_mode()
 def run(model, tokenizer, prompt_tokens: int = 512, gen_tokens: int = 64, warmup: bool = True) -> dict:
     """Prompt tokens/s (one forward of the prompt), generated tokens/s (greedy, KV cache), peak RSS."""
-    from ..api import release_memory
-
     model.eval()
     ids = prompt_ids(tokenizer, prompt_tokens)
     if warmup:  # first calls build rotations, decoders and kernel caches: not what a user waits for per token
@@ -88,7 +60,7 @@ def run(model, tokenizer, prompt_tokens: int = 512, gen_tokens: int = 64, warmup
         model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
         del out
     release_memory()
-    rss_before = _status("VmRSS")
+    rss_before = rss_mib()
     hwm = reset_peak_rss()
     t0 = time.perf_counter()
     out = model(ids, use_cache=True)
@@ -105,6 +77,6 @@ def run(model, tokenizer, prompt_tokens: int = 512, gen_tokens: int = 64, warmup
         "prompt_tokens_per_s": prompt_tokens / t_prompt, "gen_tokens_per_s": gen_tokens / t_gen,
         "prompt_seconds": t_prompt, "gen_seconds": t_gen,
         "rss_before_mib": rss_before,
-        "peak_rss_mib": _status("VmHWM") if hwm else None,
+        "peak_rss_mib": peak_rss_mib() if hwm else None,
         "threads": torch.get_num_threads(),
     }

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from ..runtime import native
 
 GEMV_TOKENS = 8  # at most this many rows of x: native kernel; more: widen ROW_BLOCK rows at a time
 ROW_BLOCK = 4096

@@ -1,99 +1,22 @@
-"""The pvq directory format: config.json (with quantization_config), tokenizer, model.safetensors.
+"""Assembling a runnable model from a pvq directory (pvq.load), and loading any model the CLI accepts.
 
-Quantized linears store only their packed codes, scales, any stored gain codebook and two rotation
-seeds: `<layer>.codes` (uint8), `<layer>.scales` (fp16), `<layer>.offsets` (fp16, uniform grid),
-`<layer>.gain_levels` (fp16, data-fitted PVQ gains only), `<layer>.seeds` (int64 [2]). Everything
-else (embeddings, norms, head) is stored dense in the configured dtype. A directory is written
-under a temporary name and renamed when complete, so an interrupted run leaves nothing that looks
-finished.
+The model is built from its config with empty QuantLinear modules where quantization_config lists a
+quantized linear; the stored tensors fill them, each checked for presence, shape and dtype first.
+transformers' from_pretrained (hf.py) uses the same swap and the same finishing steps.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from .config import FORMAT_VERSION, spec_from_dict
+from .checkpoint import TOKENIZER_FILES, WEIGHTS, PVQFormatError, read_config, read_tensors
 from .models.adapters import check_supported, set_module
-from .nn import QuantLinear, check_decode, reserve_tables
-from .runtime.dense import keep_stored
-
-DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-WEIGHTS = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-class PVQFormatError(ValueError):
-    """A pvq directory that cannot be read: one line saying which file and why."""
-
-
-def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write a quantized model (after api.quantize) to out_dir atomically (extra_files: name -> bytes, e.g. reports)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    qc = getattr(model.config, "quantization_config", None)
-    if not isinstance(qc, dict) or qc.get("quant_method") != "pvq":
-        raise ValueError("save: the model has not been quantized by pvq (no pvq quantization_config)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty (pass overwrite / --force)")
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    dtype = DENSE_DTYPES[qc["config"]["dense_dtype"]]
-    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    tensors: dict[str, torch.Tensor] = {}
-    seen = {}
-    for key, t in model.state_dict().items():
-        if key.rpartition(".")[0] in quant:  # packed buffers (and bias) are stored as they are
-            tensors[key] = t.detach().contiguous().clone()
-            continue
-        if t.data_ptr() in seen:  # tied weights (lm_head = embed_tokens): store once
-            continue
-        seen[t.data_ptr()] = key
-        tensors[key] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
-    # one metadata key only: safetensors writes metadata in hash order, which would break
-    # byte-identical files across runs (the format version lives in config.json)
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    for name, data in (extra_files or {}).items():
-        (tmp / name).write_bytes(data)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
-
-
-def read_config(path: str | Path) -> dict:
-    p = Path(path)
-    f = p / "config.json"
-    if not p.is_dir():
-        raise PVQFormatError(f"{p}: not a directory")
-    if not f.is_file():
-        raise PVQFormatError(f"{f}: missing (is {p} a pvq output directory?)")
-    try:
-        cfg = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PVQFormatError(f"{f}: not valid JSON ({exc})") from None
-    qc = cfg.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != "pvq":
-        raise PVQFormatError(f"{f}: no pvq quantization_config (not a pvq directory)")
-    v = qc.get("format_version")
-    if not isinstance(v, int) or v > FORMAT_VERSION:
-        raise PVQFormatError(f"{f}: format version {v!r} is newer than this pvq reads ({FORMAT_VERSION}); upgrade pvq")
-    return cfg
-
-
-def is_pvq_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file() and (Path(path) / WEIGHTS).is_file()
+from .models.loading import load_model
+from .modules.actquant import attach
+from .modules.dense import keep_stored
+from .modules.linear import QuantLinear, check_decode, reserve_tables
+from .settings import DENSE_DTYPES, ActConfig, spec_from_dict
 
 
 def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: torch.dtype = torch.float32,
@@ -114,8 +37,6 @@ def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: tor
 
 def attach_activations(model, qc: dict, source: str = "config.json") -> None:
     """Quantize the linears' inputs as the stored settings say (abits, act_method, act_rotate)."""
-    from .actquant import ActConfig, attach
-
     try:
         act = ActConfig.from_quant_config(qc.get("config") or {})
     except (TypeError, ValueError) as exc:
@@ -126,7 +47,7 @@ def attach_activations(model, qc: dict, source: str = "config.json") -> None:
 def finish_loading(model, qc: dict, source: str = "config.json") -> None:
     """What a loaded pvq model gets once its tensors are in (pvq.load and transformers' from_pretrained):
     its activation quantizers, the embeddings and head kept in the file's 16-bit dtype (exact, half the
-    bytes; runtime/dense.py), and the kernel's shared tables sized for all its on-the-fly layers."""
+    bytes; modules/dense.py), and the kernel's shared tables sized for all its on-the-fly layers."""
     attach_activations(model, qc, source)
     keep_stored(model, DENSE_DTYPES.get((qc.get("config") or {}).get("dense_dtype")))
     reserve_tables(model)
@@ -150,24 +71,17 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     """Load a pvq directory: (model with QuantLinear layers, tokenizer or None if the directory has none).
 
     decode="once" decodes every quantized linear on first use and keeps it (in `weight_dtype`,
-    default `dtype`); decode="on-the-fly" keeps only the packed codes resident (nn.py); "auto" is
+    default `dtype`); decode="on-the-fly" keeps only the packed codes resident (modules/linear.py); "auto" is
     on-the-fly where the native kernel builds, else once. The embeddings
-    and head stay in the file's 16-bit dtype and are widened where used (runtime/dense.py)."""
+    and head stay in the file's 16-bit dtype and are widened where used (modules/dense.py)."""
     check_decode(decode)
     weight_dtype = weight_dtype or dtype
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
     cfg = read_config(p)
     wf = p / WEIGHTS
-    if not wf.is_file():
-        raise PVQFormatError(f"{wf}: missing")
-    try:
-        tensors = load_file(str(wf))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PVQFormatError(f"{wf}: unreadable or truncated safetensors file ({str(exc).splitlines()[0]})") from None
+    tensors = read_tensors(p)
     qc = cfg.pop("quantization_config")
     model_type = cfg.pop("model_type", None)
     try:
@@ -195,3 +109,24 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
         except Exception as exc:  # a directory with broken tokenizer files is an error, not "no tokenizer"
             raise PVQFormatError(f"{p}: the tokenizer files cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     return model.to(dtype).eval(), tokenizer
+
+
+def load_any(spec: str | None, decode: str = "auto", dtype: str = "float32"):
+    """A pvq directory (through load) or anything models.loading.load_model accepts, as (model, tokenizer)."""
+    dt = getattr(torch, dtype)
+    path = Path(spec) if spec is not None else None
+    if path is not None and path.is_dir() and (path / "config.json").is_file():
+        try:
+            read_config(path)
+            is_pvq = True
+        except PVQFormatError as exc:
+            if "no pvq quantization_config" not in str(exc):
+                raise
+            is_pvq = False
+        if is_pvq:
+            model, tok = load(path, dt, decode=decode)
+            if tok is None:
+                raise ValueError(f"{spec}: no tokenizer files in the directory (save it with the tokenizer)")
+            return model, tok
+    model, tok = load_model(spec)
+    return model.to(dt), tok

@@ -1,0 +1,175 @@
+"""Measurements on the unquantized model that the allocation planner needs.
+
+- sensitivities: a_l of every quantizable linear. Gaussian noise N of relative energy `rel_noise`
+  (||N||^2 = rel_noise * ||W||^2) is injected into one layer at a time, as W + N and W - N, and the
+  mean change of the next-token loss on calibration windows is measured: a_l = dloss / rel_noise. The
+  inputs of every block are cached once, so each probe runs only the blocks from the noisy layer's
+  block onward.
+- gptq_error_factors: how much pvq-gptq's error feedback shrinks each layer's error, from its Hessian.
+- rehearse / rehearse_plan: the linear sum sum_l a_l err_l is what the knapsack minimises, but it
+  underestimates the loss of a whole quantized model, more so at low rates (the layers' errors
+  compound; docs/allocation.md has the measurements). The rehearsal injects Gaussian noise of each
+  layer's planned effective relative error into every layer at once (antithetic pairs, a few draws)
+  and measures the calibration loss: that is the reported prediction.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..models.adapters import LINEARS, block_hessians, block_linears, blocks, capture_block_inputs, layer_name, run_block
+from ..picker import FAST_GROUP_DIMS, PVQ_GROUP_DIMS
+from ..settings import QuantConfig
+from ..solvers.gptq import error_factors
+from ..transforms.rotate import layer_seeds, rotate_hessian
+
+
+@torch.no_grad()
+def _block_inputs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    hidden, kwargs = capture_block_inputs(model, ids)
+    inputs = [hidden]
+    for block in blocks(model):
+        inputs.append(run_block(block, inputs[-1], kwargs))
+    return inputs, kwargs
+
+
+@torch.no_grad()
+def _loss_from(model, start: int, hidden: torch.Tensor, kwargs: dict, ids: torch.Tensor) -> float:
+    """Mean next-token NLL of `ids` when `hidden` enters block `start`."""
+    layers = blocks(model)
+    h = hidden
+    for j in range(start, len(layers)):
+        h = run_block(layers[j], h, kwargs)
+    logits = model.lm_head(model.model.norm(h)).float()
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+def _to_energy(z: torch.Tensor, energy: float) -> torch.Tensor:
+    """z scaled in place to squared norm `energy` (noise of an exact relative size)."""
+    return z.mul_(math.sqrt(energy / float(z.pow(2).sum())))
+
+
+@torch.no_grad()
+def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int = 0, progress: bool = True) -> dict:
+    """{layer name: {"a": dloss / rel_noise, "dloss": ...}} for every quantizable linear, plus "_base_loss"."""
+    if not rel_noise > 0:
+        raise ValueError(f"rel_noise must be > 0, got {rel_noise!r}")
+    inputs, kwargs = _block_inputs(model, ids)
+    base = _loss_from(model, len(blocks(model)), inputs[-1], kwargs, ids)
+    out = {"_base_loss": base, "_rel_noise": rel_noise, "_tokens": int(ids.numel())}
+    layers = blocks(model)
+    bar = tqdm(total=len(layers) * len(LINEARS), desc="sensitivity", disable=not progress, unit="linear")
+    g = torch.Generator().manual_seed(seed)
+    for i, block in enumerate(layers):
+        for name in LINEARS:
+            w = block.get_submodule(name).weight
+            keep = w.detach().clone()
+            noise = _to_energy(torch.randn(w.shape, generator=g, dtype=torch.float32),
+                               rel_noise * float(keep.float().pow(2).sum()))
+            # antithetic pair W + N, W - N: the first-order term g.N cancels in the mean, leaving the
+            # curvature term the linearity model is about (one-sided probes of a small N are dominated
+            # by g.N and came out negative for 47 of the 210 SmolLM2 layers)
+            w.add_(noise.to(w.dtype))
+            up = _loss_from(model, i, inputs[i], kwargs, ids)
+            w.copy_(keep)
+            w.sub_(noise.to(w.dtype))
+            down = _loss_from(model, i, inputs[i], kwargs, ids)
+            w.copy_(keep)
+            dloss = (up + down) / 2 - base
+            out[layer_name(i, name)] = {"a": dloss / rel_noise, "dloss": dloss, "dloss_plus": up - base,
+                                               "dloss_minus": down - base}
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def _noise(shape, energy: float, seed: int) -> torch.Tensor:
+    """Gaussian noise with exactly the given squared norm (float32), from its own seeded generator."""
+    return _to_energy(torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32), energy)
+
+
+@torch.no_grad()
+def rehearse(model, ids: torch.Tensor, rel: dict[str, float], draws: int = 3, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Mean calibration-loss increase when every layer in `rel` carries Gaussian noise of relative
+    energy rel[layer] (||N||^2 = rel * ||W||^2) at the same time.
+
+    Each draw runs W + N and W - N (antithetic: the first-order terms cancel in the mean); draws
+    use independent noise. The weights are restored exactly afterwards. Returns
+    {"dloss": mean, "draws": [per draw (up + down) / 2 - base], "base_loss": ...}.
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws!r}")
+    mods = {n: model.get_submodule(n) for n in rel}
+    for n, r in rel.items():
+        if not r >= 0:
+            raise ValueError(f"relative noise energy of {n} must be >= 0, got {r!r}")
+    hidden, kwargs = capture_block_inputs(model, ids)
+    base = _loss_from(model, 0, hidden, kwargs, ids)
+    keep = {n: m.weight.detach().clone() for n, m in mods.items()}
+    energy = {n: float(w.float().pow(2).sum()) for n, w in keep.items()}
+    out = []
+    bar = tqdm(total=2 * draws, desc="rehearse plan", disable=not progress, unit="forward")
+    try:
+        for d in range(draws):
+            pair = []
+            for sign in (1.0, -1.0):
+                for i, (n, m) in enumerate(mods.items()):
+                    z = _noise(keep[n].shape, rel[n] * energy[n], seed * 1_000_003 + d * 100_003 + i)
+                    m.weight.copy_((keep[n].float() + sign * z).to(m.weight.dtype))
+                pair.append(_loss_from(model, 0, hidden, kwargs, ids))
+                bar.update(1)
+            out.append(sum(pair) / 2 - base)
+    finally:
+        for n, m in mods.items():
+            m.weight.copy_(keep[n])
+        bar.close()
+    return {"dloss": sum(out) / len(out), "draws": out, "base_loss": base}
+
+
+def rehearse_plan(model, ids: torch.Tensor, report: dict, draws: int = 3, seed: int = 0, progress: bool = True) -> dict:
+    """Add the rehearsed prediction of the chosen plan and of the uniform setting to a plan() report
+    (in place; returned): the effective relative error of every layer as noise, all layers at once."""
+    layers = report["layers"]
+    chosen = rehearse(model, ids, {n: v["effective_err"] for n, v in layers.items()}, draws, seed, progress)
+    report["joint_predicted_dloss"] = chosen["dloss"]
+    report["joint_draws"] = chosen["draws"]
+    if all(v.get("uniform_effective_err") is not None for v in layers.values()):
+        uni = rehearse(model, ids, {n: v["uniform_effective_err"] for n, v in layers.items()}, draws, seed, progress)
+        report["uniform_joint_predicted_dloss"] = uni["dloss"]
+        report["uniform_predicted_dloss"] = uni["dloss"]
+        report["uniform_predicted_ppl_factor"] = math.exp(uni["dloss"])
+    report["predicted_dloss"] = chosen["dloss"]
+    report["predicted_ppl_factor"] = math.exp(chosen["dloss"])
+    report["prediction"] = f"joint noise rehearsal ({draws} antithetic draws)"
+    return report
+
+
+@torch.no_grad()
+def gptq_error_factors(model, cfg: QuantConfig, calib_ids: torch.Tensor, progress: bool = True) -> dict:
+    """{layer: {n: f}}: how much pvq-gptq's error feedback shrinks each layer's error for groups of n.
+
+    f = solvers.gptq.error_factor of the layer's Hessian H = X^T X on the calibration tokens, in the
+    layer's rotated basis (its stored seeds) with cfg.damp; the blocks run one at a time on the
+    unquantized model, so memory stays at one block's activations. The relative error of a setting
+    under pvq-gptq is then predicted as f times its data-free error on Gaussian weights.
+    """
+    hidden, kwargs = capture_block_inputs(model, calib_ids)
+    out = {}
+    layers = blocks(model)
+    bar = tqdm(total=len(layers), desc="gptq error factors", disable=not progress, unit="block")
+    for i, block in enumerate(layers):
+        hess, hidden = block_hessians(block, hidden, kwargs, keep=True)
+        for name, mod in block_linears(block).items():
+            full = layer_name(i, name)
+            seeds = layer_seeds(cfg.seed, full, cfg.rotates)
+            h = rotate_hessian(hess[name], seeds[0])
+            dims = [cfg.group_dim] if cfg.group_dim else [n for n in PVQ_GROUP_DIMS + FAST_GROUP_DIMS
+                                                          if mod.in_features % n == 0]
+            out[full] = {str(n): f for n, f in error_factors(h, sorted(set(dims)), cfg.damp).items()}
+        bar.update(1)
+    bar.close()
+    return out

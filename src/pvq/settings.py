@@ -1,0 +1,163 @@
+"""Stored settings: what a pvq file records about how it was made, frozen and JSON-serialisable.
+
+`QuantConfig` is every setting of a quantization run (written to config.json under
+quantization_config["config"]); `ActConfig` the activation part of it as a model runs it; a layer's
+codec setting is stored as a spec dict (`spec_to_dict`). Choosing settings from a target lives in
+picker.py; this module only says what the stored values mean and whether they are valid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from .codec import PVQSpec, UniformSpec
+
+FORMAT_VERSION = 1
+METHODS = ("rtn", "gptq", "pvq", "pvq-gptq")
+LAYOUTS = ("compact", "fast")
+ACT_METHODS = ("rtn", "pvq")  # activation quantizers (modules/actquant.py)
+DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def check_act_settings(abits, method: str) -> None:
+    """--abits (None, or an integer 2..16) and --act-method, as QuantConfig and ActConfig take them."""
+    if abits is not None and (not isinstance(abits, int) or isinstance(abits, bool) or not 2 <= abits <= 16):
+        raise ValueError(f"--abits must be an integer from 2 to 16, got {abits!r}")
+    if method not in ACT_METHODS:
+        raise ValueError(f"unknown activation quantizer {method!r}; choose one of {', '.join(ACT_METHODS)}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "pvq-gptq"
+    bits: float = 3.25  # target bits per weight of the quantized linears, every stored bit counted
+    seed: int = 0
+    # uniform grid (rtn, gptq)
+    group_size: int = 128
+    # pvq, pvq-gptq
+    group_dim: int | None = None  # n; None picks the best of picker.PVQ_GROUP_DIMS for each layer
+    gain: str = "beta"
+    scale: str = "tensor"
+    # "compact": the best rate-distortion setting; "fast": only settings whose every shape fits one
+    # small table (runtime/limits.py), so on-the-fly decoding is a table read per group
+    layout: str = "compact"
+    rotate: bool | None = None  # None: rotate for the pvq methods, not for rtn/gptq (their published form)
+    # calibration (gptq, pvq-gptq)
+    calib: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 512
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    dense_dtype: str = "float16"  # embeddings, head and norms are stored in this dtype
+    # per-layer settings by full layer name (spec_to_dict form), e.g. from allocation.allocate
+    overrides: dict | None = None
+    # activations (modules/actquant.py): the inputs of the quantized linears, per token; None keeps them in float
+    abits: int | None = None
+    act_method: str = "rtn"
+    act_rotate: bool = True  # quantize them after the layer's input rotation
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and self.bits > 0):
+            raise ValueError(f"--bits must be a positive number, got {self.bits!r}")
+        if self.dense_dtype not in DENSE_DTYPES:
+            raise ValueError(f"dense_dtype must be float16, bfloat16 or float32, got {self.dense_dtype!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.overrides is not None:
+            for name, d in self.overrides.items():
+                try:
+                    spec_from_dict(d)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValueError(f"override for layer {name!r} is not a codec setting: {exc}") from None
+        check_act_settings(self.abits, self.act_method)
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
+
+    @property
+    def is_pvq(self) -> bool:
+        return self.method.startswith("pvq")
+
+    @property
+    def uses_data(self) -> bool:
+        return self.method.endswith("gptq")
+
+    @property
+    def rotates(self) -> bool:
+        return self.is_pvq if self.rotate is None else bool(self.rotate)
+
+    @property
+    def act(self) -> "ActConfig | None":
+        """The activation settings of this run (None when activations stay in float)."""
+        return ActConfig.from_quant_config(self.to_dict())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ActConfig:
+    """How the inputs of the linears are quantized: `bits` per activation (plus a per-token fp16 scale)."""
+
+    bits: int
+    method: str = "rtn"
+    rotate: bool = True
+    seed: int = 0  # seeds the rotations of layers that have none of their own
+
+    def __post_init__(self):
+        if self.bits is None:
+            raise ValueError("--abits must be an integer from 2 to 16, got None")
+        check_act_settings(self.bits, self.method)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} A{self.bits} per token, {'after the input rotation' if self.rotate else 'no rotation'}"
+
+    @classmethod
+    def from_quant_config(cls, cfg: dict) -> "ActConfig | None":
+        """The activation settings of a QuantConfig dict (None when activations stay in float)."""
+        if cfg.get("abits") is None:
+            return None
+        return cls(int(cfg["abits"]), cfg.get("act_method", "rtn"), bool(cfg.get("act_rotate", True)),
+                   int(cfg.get("seed", 0)))
+
+
+def spec_to_dict(spec) -> dict:
+    if isinstance(spec, PVQSpec):
+        return {"codec": "pvq", "n": spec.n, "k": spec.k, "gain_levels": spec.gain_levels, "gain": spec.gain,
+                "scale": spec.scale}
+    return {"codec": "uniform", "bits": spec.bits, "group_size": spec.group_size}
+
+
+def spec_from_dict(d: dict):
+    if d.get("codec") == "pvq":
+        return PVQSpec(int(d["n"]), int(d["k"]), int(d["gain_levels"]), d["gain"], d["scale"])
+    if d.get("codec") == "uniform":
+        return UniformSpec(int(d["bits"]), int(d["group_size"]))
+    raise ValueError(f"unknown codec in layer settings: {d!r}")
+
+
+def stored_config(qc) -> dict | None:
+    """`qc` if it is a pvq quantization_config (a dict with quant_method "pvq"), else None."""
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == "pvq" else None
+
+
+def check_format_version(version) -> None:
+    """Refuse a format version this pvq cannot read (ValueError naming it)."""
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"format version {version!r} is newer than this pvq reads ({FORMAT_VERSION}); upgrade pvq")
+
+
+def quantization_config(cfg: QuantConfig, layers: dict, achieved: dict) -> dict:
+    """The quantization_config a quantized model carries and config.json stores."""
+    return {"quant_method": "pvq", "format_version": FORMAT_VERSION, "config": cfg.to_dict(), "layers": layers,
+            "achieved": achieved}

@@ -1,0 +1,53 @@
+"""The two-sided rotation of one linear layer, and the seeds it is rebuilt from.
+
+With seeded randomized Hadamards R_in, R_out (QuIP#-style incoherence processing on both sides) the
+stored matrix is W' = R_out^T W R_in, and y = x W^T = ((x R_in) W'^T) R_out^T: the network output is
+unchanged before quantization. Only the two seeds are stored; a side that is not rotated has NO_SEED.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from .hadamard import RandomHadamard
+
+NO_SEED = -1  # marks a side that is not rotated
+
+
+def derive_seed(seed: int, tag: str) -> int:
+    """A rotation seed from the run seed and a tag naming what is rotated (a layer and a side)."""
+    return ((int(seed) * 1_000_003) % (1 << 31)) << 32 | zlib.crc32(tag.encode())
+
+
+def layer_seeds(seed: int, name: str, rotate: bool) -> tuple[int, int]:
+    """Rotation seeds (input side, output side) of the layer called `name`; kept below 2^62 as stored."""
+    if not rotate:
+        return (NO_SEED, NO_SEED)
+    return tuple(derive_seed(seed, f"{name}:{side}") % (1 << 62) for side in ("in", "out"))
+
+
+def layer_rotations(rows: int, cols: int, seeds: tuple[int, int]) -> tuple[RandomHadamard | None, RandomHadamard | None]:
+    """(R_in over the input dim, R_out over the output dim) for seeds (seed_in, seed_out)."""
+    s_in, s_out = seeds
+    return (RandomHadamard(cols, s_in) if s_in != NO_SEED else None,
+            RandomHadamard(rows, s_out) if s_out != NO_SEED else None)
+
+
+def rotate_weight(w: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
+    """W' = R_out^T W R_in (float64 math, float32 result)."""
+    r_in, r_out = layer_rotations(*w.shape, seeds)
+    w = w.double()
+    if r_in is not None:
+        w = r_in.apply(w)
+    if r_out is not None:
+        w = r_out.apply(w.T).T
+    return w.float()
+
+
+def rotate_hessian(h: torch.Tensor, seed_in: int) -> torch.Tensor:
+    """Hessian of the rotated inputs x R_in: R_in^T H R_in (H symmetric, float64)."""
+    if seed_in == NO_SEED:
+        return h
+    r = RandomHadamard(h.shape[0], seed_in)
+    return r.apply(r.apply(h.double()).T)
