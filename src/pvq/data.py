@@ -1,28 +1,35 @@
 """Evaluation and calibration data: where it lives, how it is read, how it is cut into windows.
 
-The data is never shipped with the package. It is read from a folder laid out like
-`../shared/data` (see its README): `wikitext2/test.txt` (WikiText-2 raw test, rows joined with
-"\\n\\n" as in the GPTQ perplexity protocol of Frantar et al., 2022), `wikitext2/valid.tokenized.txt`
-(calibration only) and `arc_easy/{train,validation,test}.jsonl` (Clark et al., 2018).
+The texts the tests and the main commands need travel with the package, compressed, in `corpora/`
+(its README gives their origin, licence and sha256): `wikitext2/test.txt` (WikiText-2 raw test, rows
+joined with "\n\n" as in the GPTQ perplexity protocol of Frantar et al., 2022),
+`wikitext2/valid.tokenized.txt` (calibration only) and `arc_easy/{train,validation,test}.jsonl`
+(Clark et al., 2018). `$PVQ_DATA` points at another copy with the same layout, uncompressed; a
+file missing there is sought in the Hugging Face `datasets` originals where that package and the
+hub are reachable.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import lzma
 import os
 from pathlib import Path
 
 import torch
 
 ENV_VAR = "PVQ_DATA"
-
-# Files whose presence marks a folder as a data folder; any one is enough, so a user may
-# bring only the part they need (say, ARC without WikiText).
-_MARKER_FILES = (
-    "wikitext2/test.txt",
-    "wikitext2/valid.tokenized.txt",
-    "arc_easy/test.jsonl",
-)
+CORPORA = Path(__file__).with_name("corpora")
+# relative path -> sha256 of the uncompressed file (corpora/README.md)
+FILES = {
+    "wikitext2/test.txt": "71fa921e51ba607b4364d8787d05f4513b41b33732dd3504ff1af8952c6e7e77",
+    "wikitext2/valid.tokenized.txt": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+    "arc_easy/train.jsonl": "75d0bb9b9218278fb9cb430fc0ace63d71cfe02ca1a03d39374260c7cd7c67f7",
+    "arc_easy/validation.jsonl": "e45dbcd2d8e8235af16302f4be0dd00c5d173878c583f4dfe55b70f9df07b2f8",
+    "arc_easy/test.jsonl": "c9757629cb775832c3c67b4aa1425e3eda01708a2b02fa229b0c3ed1bcb70fe1",
+}
 
 # name -> {split: file inside the data folder}. "calib" deliberately never maps to the test text.
 KNOWN_TEXTS = {
@@ -35,44 +42,50 @@ KNOWN_TEXTS = {
 _SPLITS = ("eval", "calib")
 
 
-def _is_data_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / m).is_file() for m in _MARKER_FILES)
-
-
 def data_dir() -> Path:
-    """The folder holding the evaluation data.
-
-    Order: $PVQ_DATA (used alone when set, so a wrong value is never silently replaced by
-    another copy), then `../shared/data` from the current directory, then from the repository
-    root (the parent of `src/`).
-    """
-    hint = (
-        f"set {ENV_VAR} to a folder holding wikitext2/test.txt, wikitext2/valid.tokenized.txt "
-        "and arc_easy/test.jsonl (the layout of the project's shared/data)"
-    )
+    """The folder named by $PVQ_DATA (FileNotFoundError when unset or holding none of the data files)."""
+    hint = f"set {ENV_VAR} to a folder laid out like pvq's corpora/ (uncompressed): {', '.join(FILES)}"
     env = os.environ.get(ENV_VAR)
-    if env:
-        path = Path(env).expanduser()
-        if _is_data_dir(path):
-            return path.resolve()
-        raise FileNotFoundError(f"{ENV_VAR}={env!r} holds none of {', '.join(_MARKER_FILES)}; {hint}")
+    if not env:
+        raise FileNotFoundError(f"{ENV_VAR} is not set; {hint}")
+    path = Path(env).expanduser()
+    if path.is_dir() and any((path / rel).is_file() for rel in FILES):
+        return path.resolve()
+    raise FileNotFoundError(f"{ENV_VAR}={env!r} holds none of {', '.join(FILES)}; {hint}")
 
-    repo_root = Path(__file__).resolve().parents[2]  # src/pvq/data.py -> <repo>
-    candidates = [Path.cwd() / ".." / "shared" / "data", repo_root / ".." / "shared" / "data"]
-    for path in candidates:
-        if _is_data_dir(path):
-            return path.resolve()
-    tried = ", ".join(str(p.resolve()) for p in candidates)
-    raise FileNotFoundError(f"no evaluation data folder found (tried {tried}); {hint}")
+
+def _decode(raw: bytes) -> str:
+    # Universal newlines on purpose: wikitext2/test.txt is stored with CRLF line ends, and reading it
+    # this way gives back exactly "\n\n".join(dataset["text"]) of the Hugging Face original, which is
+    # what the published perplexities were measured on.
+    return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8").read()
 
 
 def _read_text(path: Path) -> str:
-    # Text mode with universal newlines on purpose: the shared copy of wikitext2/test.txt is
-    # stored with CRLF line ends, and reading it this way gives back exactly
-    # "\n\n".join(dataset["text"]) of the Hugging Face original, which is what the published
-    # perplexities were measured on.
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    return _decode(path.read_bytes())
+
+
+def read_data(rel: str) -> str:
+    """The text of data file `rel` (a key of FILES): from $PVQ_DATA when it is set (used alone, so a wrong
+    value is never silently replaced by another copy), else the copy carried in the package, checked
+    against its sha256."""
+    if rel not in FILES:
+        raise FileNotFoundError(f"no data file {rel!r}; known: {', '.join(FILES)}")
+    if os.environ.get(ENV_VAR):
+        file = data_dir() / rel
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} does not exist ({ENV_VAR} is set, so only that folder is read)")
+        return _read_text(file)
+    path = CORPORA / f"{rel}.xz"
+    try:
+        raw = lzma.decompress(path.read_bytes())
+    except (OSError, lzma.LZMAError) as exc:
+        raise FileNotFoundError(f"{path}: missing or damaged in the installed package ({exc}); reinstall pvq "
+                                f"or set {ENV_VAR}") from None
+    if hashlib.sha256(raw).hexdigest() != FILES[rel]:
+        raise FileNotFoundError(f"{path}: its content does not match the recorded sha256 (a damaged install); "
+                                f"reinstall pvq or set {ENV_VAR}")
+    return _decode(raw)
 
 
 def _from_hub(name: str, split: str) -> str | None:
@@ -118,12 +131,8 @@ def resolve_text(name_or_path: str, split: str) -> str:
             f"{name_or_path!r} is neither a text file nor a known corpus; "
             f"known names: {', '.join(sorted(KNOWN_TEXTS) + ['arc-easy'])}"
         )
-    rel = KNOWN_TEXTS[name_or_path][split]
     try:
-        file = data_dir() / rel
-        if file.is_file():
-            return _read_text(file)
-        problem: Exception = FileNotFoundError(f"{file} does not exist")
+        return read_data(KNOWN_TEXTS[name_or_path][split])
     except FileNotFoundError as exc:
         problem = exc
     text = _from_hub(name_or_path, split)
@@ -166,16 +175,14 @@ def calibration_batches(tokenizer, text: str, nsamples: int, seqlen: int, seed: 
 
 def load_arc_easy(split: str = "test", limit: int | None = None) -> list[dict]:
     """ARC-Easy rows: dicts with `question`, `choices` {`text`, `label`} and `answerKey`."""
-    path = data_dir() / "arc_easy" / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (splits: train, validation, test)")
+    if f"arc_easy/{split}.jsonl" not in FILES:
+        raise FileNotFoundError(f"no ARC-Easy split {split!r} (splits: train, validation, test)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if limit is not None and len(rows) >= limit:
-                break
-            if line.strip():
-                rows.append(json.loads(line))
+    for line in read_data(f"arc_easy/{split}.jsonl").splitlines():
+        if limit is not None and len(rows) >= limit:
+            break
+        if line.strip():
+            rows.append(json.loads(line))
     return rows
 
 
