@@ -242,4 +242,12 @@ def test_bad_arguments():
         gptq(w, h, UniformStepper(UNI), block_size=0)
     with pytest.raises(RuntimeError):
         PVQStepper(PVQ).finish()
-    assert isinstance(UniformStepper(UNI), Stepper) and isinstance(PVQStepper(PVQ), Stepper)
+    # the Protocol's members with its signatures (isinstance on a runtime Protocol checks names only)
+    import inspect
+
+    for stepper in (UniformStepper(UNI), PVQStepper(PVQ)):
+        for name in ("begin", "step", "finish"):
+            want = list(inspect.signature(getattr(Stepper, name)).parameters)[1:]
+            got = list(inspect.signature(getattr(stepper, name)).parameters)
+            assert got[: len(want)] == want, (type(stepper).__name__, name, got)
+    assert UniformStepper(UNI).dim == 1 and PVQStepper(PVQ).dim == PVQ.n

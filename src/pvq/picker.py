@@ -2,7 +2,7 @@
 
 Every stored bit is counted (codes, scales, codebooks, rotation seeds). Among the settings that land
 on the target, the one with the best SQNR on i.i.d. Gaussian data wins: after the randomized Hadamard
-rotation weights and activations are that close to Gaussian (the codec benchmark: 17.45 dB on
+rotation weights and activations are that close to Gaussian (bench/results/codec.json: 17.45 dB on
 SmolLM2 against 17.49 dB on Gaussian weights at 3.25 bits), so one data-free proxy serves every layer.
 """
 from __future__ import annotations
