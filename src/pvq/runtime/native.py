@@ -136,15 +136,15 @@ def table(m: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
 def _build_table(m: int, K: int) -> tuple:
     from ..codec.pyramid import u_table
 
-    node = enumeration._node(m, K)
+    node = enumeration.tree(m, K)
     u = None
     if m <= 4:
-        assert isinstance(node, enumeration._Leaf)
+        assert isinstance(node, enumeration.Leaf)
         pts, base = node.lut.to(torch.int8).reshape(-1), node.base.tolist()
         u = u_table(m, MAX_K).reshape(-1).contiguous()
     else:
         sizes = [count(m, kk) for kk in range(K + 1)]
-        rows = [enumeration._decode(node, torch.arange(v, dtype=torch.int64), kk) for kk, v in enumerate(sizes)]
+        rows = [enumeration.decode_node(node, torch.arange(v, dtype=torch.int64), kk) for kk, v in enumerate(sizes)]
         pts = torch.cat(rows).to(torch.int8).reshape(-1)
         base = [sum(sizes[:kk]) for kk in range(K + 1)]
     pad = MAX_K + 1 - len(base)
@@ -157,8 +157,8 @@ def _tabulated(node, top: bool) -> tuple[int, int] | None:
     """(width m, pulses K) of the table a plan node is read from, or None for a split node decoded by its
     splits: every leaf (CWRS order); a sub-pyramid whose every point fits (split order; never the top, whose
     group index is the code itself, and never a width <= 4, whose table is the CWRS-ordered leaf table)."""
-    if isinstance(node, enumeration._Leaf):
-        return node.d, node.base.numel() - 1
+    if isinstance(node, enumeration.Leaf):
+        return node.d, node.K
     if not top and node.n > 4 and node.K <= table_cap(node.n):
         return node.n, node.K
     return None
@@ -181,7 +181,7 @@ def reserve(settings) -> None:
     need: dict[int, int] = {}
     for n, k in set(settings):
         if n <= MAX_N and k <= MAX_K and not full_table_fits(n, k):
-            _tables_of(enumeration._node(n, k), need)
+            _tables_of(enumeration.tree(n, k), need)
     for m, K in need.items():
         table(m, K)
 
@@ -257,7 +257,7 @@ def plan(n: int, k: int) -> Plan | None:
         words.extend(int.from_bytes(bytes(starts[j: j + 8]), "little", signed=True) for j in range(0, len(starts), 8))
         return at
 
-    top = emit(enumeration._node(n, k))
+    top = emit(enumeration.tree(n, k))
     assert top == 0
     unique = {id(t): t for t in tables}
     return Plan(torch.tensor(words, dtype=torch.int64), tuple(unique.values()))
