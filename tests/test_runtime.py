@@ -1,5 +1,6 @@
 """Running quantized models: native on-the-fly decode, decode modes, transformers loading."""
 import copy
+import ctypes
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ def _w(rows, cols, seed=0):
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
 
 
-# every decoder of kernel.c: a full table (8, 5), split(table, table) with tabulated halves P(6, <= 10) (12, 10),
+# every decoder of the kernel: a full table (8, 5), split(table, table) with tabulated halves P(6, <= 10) (12, 10),
 # split(split(leaf 4)) (16, 29), split(leaf 4) (8, 12), split(split(leaf 3)) (12, 44), split(leaf 3) (6, 12,
 # generic), three levels (24, 12, generic); (12, 55, 100): 58-bit codes, too wide for the exact gain division
 SPECS = [PVQSpec(8, 5, 3), PVQSpec(12, 10, 5, scale="tensor"), PVQSpec(16, 29, 7), PVQSpec(16, 4, 1, gain="empirical"),
@@ -165,21 +166,57 @@ def test_fast_layout_picks_table_decodable_settings():
 def test_plan_tabulates_small_halves_and_buckets_every_split():
     plan = native.plan(12, 10)
     words = plan.words.tolist()
-    assert words[0] == 1 and words[4] == words[5]  # the top split's two halves share one node ...
-    half = words[4]
-    assert words[half] == 0 and words[half + 1] == 6  # ... a table of every point of P(6, <= 10)
+    S, L = native.SPLIT.index, native.LEAF.index  # the word of a field in a split / a leaf
+    assert words[S("kind")] == native.NODE_SPLIT and words[S("first")] == words[S("second")]  # one node, both halves
+    half = words[S("first")]
+    assert words[half + L("kind")] == native.NODE_LEAF and words[half + L("d")] == 6  # every point of P(6, <= 10)
     from pvq.codec.pyramid import count
 
     lut = native.table(6, 10)[0]
-    assert words[half + 5] == lut.data_ptr() and lut.numel() >= sum(count(6, k) for k in range(11)) * 6
+    assert words[half + L("lut")] == lut.data_ptr() and lut.numel() >= sum(count(6, k) for k in range(11)) * 6
     # the bucket table's starting k1 never overshoots: O(k, k1_start) <= the bucket's first index
-    K = words[3]
-    offs, shifts = words[words[6]:], words[words[9]:words[9] + K + 1]
-    starts = bytes(plan.words[words[9] + K + 1:].numpy().tobytes())
+    K, at = words[S("K")], words[S("bucket_at")]
+    offs, shifts = words[words[S("offs_at")]:], words[at:at + K + 1]
+    starts = bytes(plan.words[at + K + 1:].numpy().tobytes())
     for k in range(K + 1):
         for b in range(0, 1 << native.BUCKET_BITS, 97):
             k1 = starts[(k << native.BUCKET_BITS) + b]
             assert k1 <= k and offs[k * (K + 1) + k1] <= b << shifts[k]
+
+
+def test_the_kernel_build_gets_the_plan_layout_and_limits_from_python():
+    flags = native._defines()
+    for i, name in enumerate(native.LEAF):
+        assert f"-DLEAF_{name.upper()}={i}" in flags
+    for i, name in enumerate(native.SPLIT):
+        assert f"-DSPLIT_{name.upper()}={i}" in flags
+    for name, value in [("MAXN", limits.MAX_N), ("MAXK", limits.MAX_K), ("BUCKET_BITS", limits.BUCKET_BITS),
+                        ("TABLE_PAD", limits.PAD)]:
+        assert f"-D{name}={value}" in flags
+
+
+@needs_native
+def test_a_library_of_another_abi_is_refused(monkeypatch):
+    """kernel() loads only a library whose ABI version and struct sizes are this module's."""
+
+    class Wider(ctypes.Structure):
+        _fields_ = [("r", native.Rotation), ("more", ctypes.c_int64)]
+
+    try:
+        monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+        native.kernel.cache_clear()
+        assert native.kernel() is None
+        err = native.kernel_error()
+        assert "ABI version" in err and "\n" not in err
+        monkeypatch.undo()
+        monkeypatch.setitem(native.STRUCTS, "rotation", Wider)
+        native.kernel.cache_clear()
+        assert native.kernel() is None
+        assert "struct rotation" in native.kernel_error()
+    finally:
+        monkeypatch.undo()
+        native.kernel.cache_clear()
+    assert native.kernel() is not None and native.kernel_error() is None
 
 
 def test_plans_share_their_tables_of_points():

@@ -43,33 +43,34 @@ class Decoder:
             self.scale = packed.scale.float().contiguous()  # [rows, groups]
             self.offset = packed.offset.float().contiguous()
         if self.lib is not None:
-            # the kernel's leading arguments and entry points, chosen once (the tensors the pointers
-            # point into live as long as self)
-            p = packed
+            self.matrix = self._matrix()  # the kernel's view of the packed matrix, built once
+            self._ref = ctypes.byref(self.matrix)
             if self.is_pvq:
-                s = p.spec
                 self._check_codes()
-                tail = (self.levels.data_ptr(), self.scales.data_ptr(), int(self.scales.numel() > 1))
-                if self.table is not None:
-                    self._args = (p.codes.data_ptr(), p.codes.numel(), s.code_bits, s.gain_levels,
-                                  self.table[0].data_ptr(), self.table[1].data_ptr(), s.n, *tail)
-                    self._decode_fn, self._gemv_fn = self.lib.lut_decode, self.lib.lut_gemv
-                else:
-                    self._args = (self.plan.words.data_ptr(), 0, p.codes.data_ptr(), p.codes.numel(), s.code_bits,
-                                  s.gain_levels, s.n, s.k, *tail)
-                    self._decode_fn, self._gemv_fn = self.lib.pvq_decode, self.lib.pvq_gemv
-            else:
-                self._args = (p.codes.data_ptr(), p.codes.numel(), p.spec.bits, self.scale.data_ptr(),
-                              self.offset.data_ptr(), p.spec.group_size)
-                self._decode_fn, self._gemv_fn = self.lib.uni_decode, self.lib.uni_gemv
+
+    def _matrix(self) -> native.Matrix:
+        """The packed matrix as the kernel reads it; its pointers point into tensors self keeps."""
+        p = self.packed
+        m = native.Matrix(rows=self.rows, cols=self.cols, codes=p.codes.data_ptr(), nbytes=p.codes.numel())
+        if not self.is_pvq:
+            m.kind, m.width, m.group_size = native.MatrixKind.UNIFORM, p.spec.bits, p.spec.group_size
+            m.uscale, m.uoffset = self.scale.data_ptr(), self.offset.data_ptr()
+            return m
+        s = p.spec
+        m.width, m.L, m.n, m.k = s.code_bits, s.gain_levels, s.n, s.k
+        m.levels, m.scales, m.per_row = self.levels.data_ptr(), self.scales.data_ptr(), int(self.scales.numel() > 1)
+        if self.table is not None:
+            m.kind, m.lut, m.lut_rinv = native.MatrixKind.LUT, self.table[0].data_ptr(), self.table[1].data_ptr()
+        else:
+            m.kind, m.plan = native.MatrixKind.PLAN, self.plan.words.data_ptr()
+        return m
 
     def _check_codes(self) -> None:
         """Refuse codes whose shape index is >= V(n, k): the kernel would read outside its tables."""
         from ..codec.pyramid import count
 
-        p, s = self.packed, self.packed.spec
-        bad = self.lib.pvq_check_codes(p.codes.data_ptr(), p.codes.numel(), s.code_bits, s.gain_levels,
-                                       count(s.n, s.k), self.rows * self.cols // s.n)
+        s = self.packed.spec
+        bad = self.lib.pvq_check_codes(self._ref, count(s.n, s.k))
         if bad >= 0:
             raise ValueError(f"packed {s.name} codes of a {self.rows}x{self.cols} layer: group {bad} holds a shape "
                              f"index >= V({s.n}, {s.k}); the codes are corrupt")
@@ -95,7 +96,7 @@ class Decoder:
         """Rows [r0, r1) of W' as float32 [r1 - r0, cols]."""
         if out is None:
             out = torch.empty(r1 - r0, self.cols, dtype=torch.float32)
-        self._decode_fn(*self._args, self.cols, r0, r1, out.data_ptr())
+        self.lib.pvq_decode(self._ref, r0, r1, out.data_ptr())
         return out
 
     def dense(self) -> torch.Tensor:
@@ -114,7 +115,7 @@ class Decoder:
             return (h @ self.packed.dequantize(torch.float32).to(h.device).T).reshape(*lead, self.rows)
         out = torch.empty(t, self.rows, dtype=torch.float32)
         if t <= GEMV_TOKENS:
-            self._gemv_fn(*self._args, self.rows, self.cols, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
+            self.lib.pvq_gemv(self._ref, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
         else:
             block = torch.empty(min(ROW_BLOCK, self.rows), self.cols, dtype=torch.float32)
             hd = h if dtype == torch.float32 else h.to(dtype)
@@ -125,44 +126,21 @@ class Decoder:
         return out.reshape(*lead, self.rows)
 
 
-class LinearArgs(ctypes.Structure):
-    """kernel.c linear_t: one layer's packed codes, tables and rotations, for pvq_linear."""
-
-    _fields_ = [(name, ctypes.c_int64) for name in ("kind", "rows", "cols")] + [
-        ("plan", ctypes.c_void_p), ("codes", ctypes.c_void_p)] + [
-        (name, ctypes.c_int64) for name in ("nbytes", "width", "L", "n", "k", "per_row")] + [
-        (name, ctypes.c_void_p) for name in ("levels", "scales", "lut", "lut_rinv", "uscale", "uoffset")] + [
-        (name, ctypes.c_int64) for name in ("group_size", "in_m", "in_p", "out_m", "out_p")] + [
-        (name, ctypes.c_void_p) for name in ("in_signs", "in_small", "out_signs", "out_small", "bias")]
-
-
 class FusedLinear:
     """One quantized linear as a single native call for a few tokens (kernel pvq_linear): input rotation,
-    decode-and-multiply, output rotation and bias, its arguments packed once. Holds what the packed
-    arguments point into."""
+    decode-and-multiply, output rotation and bias, its arguments (native.Linear: the decoder's Matrix and the
+    two rotations) packed once. Holds what they point into."""
 
     def __init__(self, dec: "Decoder", args_in: tuple | None, args_out: tuple | None, bias: torch.Tensor | None):
         if not dec.native:
             raise ValueError("FusedLinear needs a native decoder")
-        p = dec.packed
-        a = LinearArgs(rows=dec.rows, cols=dec.cols)
+        a = native.Linear(w=dec.matrix)
         keep = [dec]
-        if dec.is_pvq:
-            s = p.spec
-            a.codes, a.nbytes, a.width, a.L, a.n, a.k = p.codes.data_ptr(), p.codes.numel(), s.code_bits, s.gain_levels, s.n, s.k
-            a.levels, a.scales, a.per_row = dec.levels.data_ptr(), dec.scales.data_ptr(), int(dec.scales.numel() > 1)
-            if dec.table is not None:
-                a.kind, a.lut, a.lut_rinv = 1, dec.table[0].data_ptr(), dec.table[1].data_ptr()
-            else:
-                a.kind, a.plan = 0, dec.plan.words.data_ptr()
-        else:
-            a.kind, a.codes, a.nbytes, a.width = 2, p.codes.data_ptr(), p.codes.numel(), p.spec.bits
-            a.uscale, a.uoffset, a.group_size = dec.scale.data_ptr(), dec.offset.data_ptr(), p.spec.group_size
         if args_in is not None:
-            a.in_m, a.in_p, a.in_signs, a.in_small = args_in[:4]
+            a.r_in = native.Rotation(*args_in[:4])
             keep.append(args_in)
         if args_out is not None:
-            a.out_m, a.out_p, a.out_signs, a.out_small = args_out[:4]
+            a.r_out = native.Rotation(*args_out[:4])
             keep.append(args_out)
         if bias is not None:
             b = bias.detach().float().contiguous()
@@ -170,7 +148,7 @@ class FusedLinear:
             keep.append(b)
         self.rows, self.cols = dec.rows, dec.cols
         self.work = (GEMV_TOKENS + 1) * (dec.rows + dec.cols)  # floats of work space for GEMV_TOKENS tokens
-        self._args = a
+        self._lib, self._ref = dec.lib, ctypes.byref(a)
         self._keep = keep
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,8 +156,7 @@ class FusedLinear:
         t, rows = x.numel() // self.cols, self.rows
         h = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
         buf = torch.empty(t * rows + self.work, dtype=torch.float32)  # the output, then the kernel's work space
-        native.kernel().pvq_linear(ctypes.addressof(self._args), h.data_ptr(), buf.data_ptr(), t,
-                                   buf.data_ptr() + 4 * t * rows)
+        self._lib.pvq_linear(self._ref, h.data_ptr(), buf.data_ptr(), t, buf.data_ptr() + 4 * t * rows)
         return buf[: t * rows].view(*x.shape[:-1], rows).to(x.dtype)
 
 
@@ -206,5 +183,6 @@ def rotate(r, x: torch.Tensor, inverse: bool = False, args: tuple | None = None)
     xc = x.contiguous()
     out = torch.empty_like(xc)
     tmp = torch.empty(d, dtype=torch.float32)  # per call: ctypes releases the GIL, calls may overlap
-    lib.rot_apply(xc.data_ptr(), out.data_ptr(), rows, *args[:4], int(inverse), tmp.data_ptr())
+    lib.rot_apply(ctypes.byref(native.Rotation(*args[:4])), xc.data_ptr(), out.data_ptr(), rows, int(inverse),
+                  tmp.data_ptr())
     return out

@@ -1,7 +1,8 @@
 """What the native kernel decodes and how large its tables grow: pure arithmetic on (n, k), no ctypes.
 
 The settings picker asks these questions (does every point of P(n, k) fit one small table?) without
-loading the kernel; native.py builds the tables these bounds describe.
+loading the kernel; native.py builds the tables these bounds describe, and passes MAX_N, MAX_K, BUCKET_BITS
+and PAD to the C build (as MAXN, MAXK, BUCKET_BITS, TABLE_PAD: native._defines), which has no copy of them.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from functools import lru_cache
 
 from ..codec.pyramid import count
 
-MAX_N = 64  # the longest group the kernel decodes into its stack buffer (kernel MAXN)
+MAX_N = 64  # the longest group the kernel decodes into its stack buffers
 MAX_K = 127  # points are stored as int8
 # Tables of points (at most TABLE_BYTES each) are shared by every plan of the process: one per width m,
 # holding every point of P(m, k') for k' up to the largest any plan asked for (native.reserve sizes them for

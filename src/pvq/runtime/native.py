@@ -1,15 +1,23 @@
-"""The native decode kernels (kernel.c): compiled on first use, called through ctypes.
+"""The native decode kernels (kernel.c and kernel/): compiled on first use, called through ctypes.
 
-`kernel()` compiles kernel.c with the system C compiler (`cc -O3 -march=native -fopenmp`, plus any
-flags in `$PVQ_CFLAGS`, e.g. `-mno-avx512f` to build for an older CPU) into a cache folder
-(`$PVQ_CACHE`, default `~/.cache/pvq`), keyed by a hash of the source and flags, and loads it.
-No compiler (or a failed build) gives None and a one-line reason in `kernel_error()`;
-callers then decode with torch (exact, slower). `plan(n, k)` serialises the split enumeration of
-codec/enumeration.py for the kernel; its tables of points are shared by every plan.
+`kernel()` compiles kernel.c (one translation unit that includes every family of kernels in kernel/; kernel/pvq.h
+lists them) with the system C compiler (`cc -O3 -march=native -fopenmp`, plus any flags in `$PVQ_CFLAGS`, e.g.
+`-mno-avx512f` to build for an older CPU) into a cache folder (`$PVQ_CACHE`, default `~/.cache/pvq`), keyed by
+a hash of every source file and the flags, and loads it. No compiler (or a failed build, or a library whose
+ABI differs from this module's) gives None and a one-line reason in `kernel_error()`; callers then decode with
+torch (exact, slower).
+
+The interface is written once on each side: the C header declares the structs and entry points, and this
+module holds their ctypes mirror (`Matrix`, `Rotation`, `Linear`, `ENTRIES`), checked at load against the
+library's `pvq_abi_version()` and `pvq_struct_size()`. The numbers both sides share (the plan's node layout
+`LEAF` / `SPLIT`, the limits of runtime/limits.py, the matrix kinds, the struct ids) are defined here and reach
+the C build as -D flags (`_defines`). `plan(n, k)` serialises the split enumeration of codec/enumeration.py
+(its public `tree`) for the kernel; its tables of points are shared by every plan.
 """
 from __future__ import annotations
 
 import ctypes
+import enum
 import hashlib
 import os
 import platform
@@ -27,9 +35,80 @@ from ..codec import enumeration
 from ..codec.pyramid import count
 from .limits import BUCKET_BITS, MAX_K, MAX_N, PAD, full_table_fits, table_cap
 
-SOURCE = Path(__file__).with_name("kernel.c")
+UNITY = Path(__file__).with_name("kernel.c")  # the one file compiled: it includes every file of kernel/
+SOURCES = [UNITY, *sorted(UNITY.with_suffix("").glob("*.[ch]"))]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu99"]
 _error: str | None = None
+
+# The plan's node layouts, word by word (Plan documents the fields): plan() writes the nodes with them and the
+# kernel reads them by name (word i of a leaf is LEAF_<NAME> = i in C).
+LEAF = ("kind", "d", "K", "Kt", "base", "lut", "u", "ustride", "mask")
+SPLIT = ("kind", "n", "n1", "K", "first", "second", "offs_at", "v2_at", "rcp_at", "bucket_at")
+NODE_LEAF, NODE_SPLIT = 0, 1  # the word `kind` of a node
+
+
+class MatrixKind(enum.IntEnum):
+    """Matrix.kind: how the kernel decodes a packed matrix."""
+
+    PLAN = 0  # PVQ by a Plan
+    LUT = 1  # PVQ from a full table of P(n, k) (full_table)
+    UNIFORM = 2  # the uniform grid
+
+
+_P, _I32, _I64, _U64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64
+
+
+def _fields(ctype, names: str) -> list:
+    return [(name, ctype) for name in names.split()]
+
+
+class Matrix(ctypes.Structure):
+    """kernel/pvq.h pvq_matrix_t: one packed matrix, as Decoder builds it (the pointers point into tensors the
+    builder keeps alive)."""
+
+    _fields_ = (_fields(_I64, "kind rows cols") + _fields(_P, "codes") + _fields(_I64, "nbytes width L n k per_row")
+                + _fields(_P, "levels scales plan lut lut_rinv uscale uoffset") + _fields(_I64, "group_size"))
+
+
+class Rotation(ctypes.Structure):
+    """kernel/pvq.h pvq_rotation_t: a randomized Hadamard (decode.rotation_args); m = 0: none."""
+
+    _fields_ = _fields(_I64, "m p") + _fields(_P, "signs small")
+
+
+class Linear(ctypes.Structure):
+    """kernel/pvq.h pvq_linear_t: one quantized linear layer for pvq_linear (decode.FusedLinear)."""
+
+    _fields_ = [("w", Matrix), ("r_in", Rotation), ("r_out", Rotation), ("bias", _P)]
+
+
+ABI_VERSION = 1  # kernel/pvq.h PVQ_ABI_VERSION: both change with any struct or entry point
+STRUCTS = {"matrix": Matrix, "rotation": Rotation, "linear": Linear}  # pvq_struct_size(i) is the i-th one's size
+_M, _R, _L = (ctypes.POINTER(s) for s in (Matrix, Rotation, Linear))
+ENTRIES = {  # name: (restype, argtypes), as kernel/pvq.h declares them
+    "pvq_abi_version": (_I64, []),
+    "pvq_struct_size": (_I64, [_I64]),
+    "pvq_check_codes": (_I64, [_M, _U64]),
+    "pvq_decode": (None, [_M, _I64, _I64, _P]),
+    "pvq_gemv": (None, [_M, _P, _I64, _I64, _P, _I64]),
+    "pvq_linear": (None, [_L, _P, _P, _I64, _P]),
+    "rot_apply": (None, [_R, _P, _P, _I64, _I32, _P]),
+    "act_pvq_shapes": (None, [_P, _P, _P, _I64, _I64, _I64]),
+    "dense16_gemv": (None, [_P, _I32, _I64, _I64, _P, _I64, _I64, _P, _I64]),
+    "pvq_set_threads": (None, [_I32]),
+}
+
+
+def _defines() -> list[str]:
+    """The numbers the C build shares with Python, as -D flags: defined once, here and in runtime/limits.py."""
+    assert LEAF.index("kind") == SPLIT.index("kind")
+    names = {"MAXN": MAX_N, "MAXK": MAX_K, "BUCKET_BITS": BUCKET_BITS, "TABLE_PAD": PAD,
+             "NODE_KIND": LEAF.index("kind"), "NODE_LEAF": NODE_LEAF, "NODE_SPLIT": NODE_SPLIT,
+             **{f"LEAF_{f.upper()}": i for i, f in enumerate(LEAF)},
+             **{f"SPLIT_{f.upper()}": i for i, f in enumerate(SPLIT)},
+             **{f"MATRIX_{kind.name}": int(kind) for kind in MatrixKind},
+             **{f"STRUCT_{name.upper()}": i for i, name in enumerate(STRUCTS)}}
+    return [f"-D{name}={value}" for name, value in names.items()]
 
 
 def cache_dir() -> Path:
@@ -51,18 +130,21 @@ def kernel() -> ctypes.CDLL | None:
     if cc is None:
         _error = "no C compiler (cc/gcc) on PATH"
         return None
-    src = SOURCE.read_bytes()
-    flags = [*FLAGS, *os.environ.get("PVQ_CFLAGS", "").split()]
-    key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(), platform.node()]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"pvqkernel-{key}.so"
+    flags = [*FLAGS, *_defines(), *os.environ.get("PVQ_CFLAGS", "").split()]
+    key = hashlib.sha256()
+    for path in SOURCES:
+        text = path.read_bytes()
+        key.update(f"{path.name}:{len(text)}:".encode() + text)
+    key.update(" ".join([cc, *flags, platform.machine(), platform.node()]).encode())
+    lib = cache_dir() / f"pvqkernel-{key.hexdigest()[:16]}.so"
     if not lib.is_file():
         try:
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
                 out = Path(tmp) / lib.name
-                p = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+                p = subprocess.run([cc, *flags, str(UNITY), "-o", str(out), "-lm"], capture_output=True, text=True)
                 if p.returncode != 0:
-                    _error = f"{cc} failed on {SOURCE.name}: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
+                    _error = f"{cc} failed on {UNITY.name}: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
                     return None
                 os.replace(out, lib)  # atomic: a half-written library is never loaded
         except OSError as exc:
@@ -73,41 +155,54 @@ def kernel() -> ctypes.CDLL | None:
     except OSError as exc:
         _error = f"cannot load {lib}: {exc}"
         return None
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    dll.pvq_decode.argtypes = [p, i64, p, i64, i32, i64, i64, i64, p, p, i32, i64, i64, i64, p]
-    dll.pvq_gemv.argtypes = [p, i64, p, i64, i32, i64, i64, i64, p, p, i32, i64, i64, p, i64, i64, p, i64]
-    dll.uni_decode.argtypes = [p, i64, i32, p, p, i64, i64, i64, i64, p]
-    dll.uni_gemv.argtypes = [p, i64, i32, p, p, i64, i64, i64, p, i64, i64, p, i64]
-    dll.rot_apply.argtypes = [p, p, i64, i64, i64, p, p, i32, p]
-    dll.lut_gemv.argtypes = [p, i64, i32, i64, p, p, i64, p, p, i32, i64, i64, p, i64, i64, p, i64]
-    dll.lut_decode.argtypes = [p, i64, i32, i64, p, p, i64, p, p, i32, i64, i64, i64, p]
-    dll.act_pvq_shapes.argtypes = [p, p, p, i64, i64, i64]
-    dll.dense16_gemv.argtypes = [p, i32, i64, i64, p, i64, i64, p, i64]
-    dll.pvq_check_codes.argtypes = [p, i64, i32, i64, ctypes.c_uint64, i64]
-    dll.pvq_linear.argtypes = [p, p, p, i64, p]
-    dll.pvq_set_threads.argtypes = [i32]
-    dll.pvq_check_codes.restype = i64
-    for f in (dll.pvq_decode, dll.pvq_gemv, dll.uni_decode, dll.uni_gemv, dll.rot_apply, dll.lut_gemv, dll.lut_decode,
-              dll.act_pvq_shapes, dll.dense16_gemv, dll.pvq_linear, dll.pvq_set_threads):
-        f.restype = None
-    _error = None
+    _error = _bind(dll)
+    if _error is not None:
+        _error = f"refused {lib}: {_error}"
+        return None
     return dll
+
+
+def _bind(dll: ctypes.CDLL) -> str | None:
+    """Give every entry point its ctypes signature (ENTRIES) and check that the library's ABI version and
+    struct sizes are this module's: None when they are, else the difference in words."""
+    missing = [name for name in ENTRIES if not hasattr(dll, name)]
+    if "pvq_abi_version" in missing:
+        return "it has no pvq_abi_version"
+    for name, (restype, argtypes) in ENTRIES.items():
+        if name not in missing:
+            f = getattr(dll, name)
+            f.restype, f.argtypes = restype, argtypes
+    version = dll.pvq_abi_version()
+    if version != ABI_VERSION:
+        return f"its ABI version is {version}, this pvq's {ABI_VERSION}"
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    for i, (name, struct) in enumerate(STRUCTS.items()):
+        size = dll.pvq_struct_size(i)
+        if size != ctypes.sizeof(struct):
+            return f"its struct {name} is {size} bytes, native.{struct.__name__} {ctypes.sizeof(struct)}"
+    return None
 
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    """The serialised enumeration of P(n, k) for the kernel: `words` (int64 nodes, below) and the shared
-    tables its leaves point into by address (kept alive here).
+    """The serialised enumeration of P(n, k) for the kernel: `words` (int64 nodes, the top one at word 0) and
+    the shared tables its leaves point into by address (kept alive here). The one description of the layout
+    (the kernel reads the words by the names of LEAF and SPLIT):
 
-    leaf:  [0, d, K, Kt, base, lut, u, ustride, mask]  point j of P(d, k) is row base[k] + j of lut (k <= Kt),
-           else decoded from the CWRS table u[(d + 1) x ustride] (u = 0: a split-order table, Kt = K);
-           base[k] = mask[k] = 0 for k > Kt (row 0, all zeros: the fast gemv flags those groups and
-           decodes them apart), mask[k] = -1 (all ones) below
-    split: [1, n, n1, K, first, second, offs_at, v2_at, rcp_at, bucket_at]
-           index = O(k, k1) + a * V(n2, k - k1) + b, O(k, .) = words[offs_at + k * (K + 1) + .],
-           rcp[j] = floor(2^64 / V(n2, j)) (2^64 - 1 for V = 1) turns the division into a multiply;
-           bucket_at: shifts [K + 1], then for each k 2^BUCKET_BITS starting values of the k1 search as
-           bytes (bucket index >> shift[k]: the largest k1 with O(k, k1) <= the bucket's first index)"""
+    leaf (LEAF, kind = NODE_LEAF): P(d, k) for k <= K. Point j of P(d, k) is row base[k] + j of the int8 table
+        lut [rows, d] for k <= Kt, the most pulses the shared table of width d holds (table(): at most
+        TABLE_BYTES, limits.table_cap); beyond, it is decoded from the CWRS table u [(d + 1) x ustride] (the
+        codec's leaf order). u = 0 for a sub-pyramid tabulated in the split order (Kt = K). base[k] = mask[k]
+        = 0 for k > Kt (row 0, all zeros: the fixed layouts flag those groups and decode them apart), mask[k]
+        = -1 (all ones) below. base, lut, u, mask are addresses.
+    split (SPLIT, kind = NODE_SPLIT): P(n, k) for k <= K as halves of n1 and n2 = n - n1 coordinates, the
+        nodes at words `first` and `second` (one node when n1 = n2):
+        index = O(k, k1) + a * V(n2, k - k1) + b, O(k, .) = words[offs_at + k * (K + 1) + .],
+        V(n2, j) = words[v2_at + j], and words[rcp_at + j] = floor(2^64 / V(n2, j)) (2^64 - 1 for V = 1, read
+        unsigned) turns the division into a multiply; bucket_at: shifts [K + 1], then for each k
+        2^BUCKET_BITS starting values of the k1 search as bytes, eight to a word (bucket index >> shift[k]:
+        the largest k1 with O(k, k1) <= the bucket's first index)."""
 
     words: torch.Tensor
     tables: tuple
@@ -136,15 +231,15 @@ def table(m: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
 def _build_table(m: int, K: int) -> tuple:
     from ..codec.pyramid import u_table
 
-    node = enumeration._node(m, K)
+    node = enumeration.tree(m, K)
     u = None
     if m <= 4:
-        assert isinstance(node, enumeration._Leaf)
+        assert isinstance(node, enumeration.Leaf)
         pts, base = node.lut.to(torch.int8).reshape(-1), node.base.tolist()
         u = u_table(m, MAX_K).reshape(-1).contiguous()
     else:
         sizes = [count(m, kk) for kk in range(K + 1)]
-        rows = [enumeration._decode(node, torch.arange(v, dtype=torch.int64), kk) for kk, v in enumerate(sizes)]
+        rows = [enumeration.decode_node(node, torch.arange(v, dtype=torch.int64), kk) for kk, v in enumerate(sizes)]
         pts = torch.cat(rows).to(torch.int8).reshape(-1)
         base = [sum(sizes[:kk]) for kk in range(K + 1)]
     pad = MAX_K + 1 - len(base)
@@ -157,8 +252,8 @@ def _tabulated(node, top: bool) -> tuple[int, int] | None:
     """(width m, pulses K) of the table a plan node is read from, or None for a split node decoded by its
     splits: every leaf (CWRS order); a sub-pyramid whose every point fits (split order; never the top, whose
     group index is the code itself, and never a width <= 4, whose table is the CWRS-ordered leaf table)."""
-    if isinstance(node, enumeration._Leaf):
-        return node.d, node.base.numel() - 1
+    if isinstance(node, enumeration.Leaf):
+        return node.d, node.K
     if not top and node.n > 4 and node.K <= table_cap(node.n):
         return node.n, node.K
     return None
@@ -181,7 +276,7 @@ def reserve(settings) -> None:
     need: dict[int, int] = {}
     for n, k in set(settings):
         if n <= MAX_N and k <= MAX_K and not full_table_fits(n, k):
-            _tables_of(enumeration._node(n, k), need)
+            _tables_of(enumeration.tree(n, k), need)
     for m, K in need.items():
         table(m, K)
 
@@ -213,13 +308,18 @@ def plan(n: int, k: int) -> Plan | None:
     tables: list[torch.Tensor] = []
     where: dict[int, int] = {}
 
+    def node_at(layout: tuple[str, ...], **fields: int) -> int:
+        """Append a node's words (fields named by its layout, the unnamed ones 0 to be filled in): its word."""
+        assert fields.keys() <= set(layout)
+        at = len(words)
+        words.extend(fields.get(name, 0) for name in layout)
+        return at
+
     def leaf(node, d: int, K: int, Kt: int, lut: torch.Tensor, base: torch.Tensor, mask: torch.Tensor,
              u: torch.Tensor | None) -> int:
-        at = len(words)
-        words.extend([0, d, K, Kt, base.data_ptr(), lut.data_ptr(), 0 if u is None else u.data_ptr(), MAX_K + 2,
-                      mask.data_ptr()])
+        at = where[id(node)] = node_at(LEAF, kind=NODE_LEAF, d=d, K=K, Kt=Kt, base=base.data_ptr(), lut=lut.data_ptr(),
+                                       u=0 if u is None else u.data_ptr(), ustride=MAX_K + 2, mask=mask.data_ptr())
         tables.extend(t for t in (base, lut, u, mask) if t is not None)
-        where[id(node)] = at
         return at
 
     def emit(node) -> int:
@@ -230,18 +330,19 @@ def plan(n: int, k: int) -> Plan | None:
             m, K = tab
             lut, base, mask, u, Kt = table(m, K)
             return leaf(node, m, K, min(K, Kt), lut, base, mask, u)
-        at = len(words)
-        words.extend([1, node.n, node.n1, node.K, 0, 0, 0, 0, 0, 0])
-        where[id(node)] = at
-        first = emit(node.first)
-        second = emit(node.second)
-        words[at + 4], words[at + 5] = first, second
-        words[at + 6] = len(words)
+        at = where[id(node)] = node_at(SPLIT, kind=NODE_SPLIT, n=node.n, n1=node.n1, K=node.K)
+
+        def put(name: str, value: int) -> None:
+            words[at + SPLIT.index(name)] = value
+
+        put("first", emit(node.first))
+        put("second", emit(node.second))
+        put("offs_at", len(words))
         words.extend(node.offs.tolist())
-        words[at + 7] = len(words)
+        put("v2_at", len(words))
         v2 = node.v2.tolist()
         words.extend(v2)
-        words[at + 8] = len(words)
+        put("rcp_at", len(words))
         # floor(2^64 / v) as the int64 with the same bits (the kernel reads it unsigned)
         rcp = [(1 << 64) - 1 if v == 1 else (1 << 64) // v for v in v2]
         words.extend(r - (1 << 64) if r >= 1 << 63 else r for r in rcp)
@@ -250,14 +351,14 @@ def plan(n: int, k: int) -> Plan | None:
         flat = node.offs.tolist()
         offs = [flat[kk * (K + 1): kk * (K + 1) + kk + 1] for kk in range(K + 1)]
         shifts, starts = _buckets(offs, [count(node.n, kk) for kk in range(K + 1)])
-        words[at + 9] = len(words)
+        put("bucket_at", len(words))
         words.extend(shifts)
         # the starting k1 (<= MAX_K) of every bucket as one byte, eight to a word (little-endian)
         starts += [0] * (-len(starts) % 8)
         words.extend(int.from_bytes(bytes(starts[j: j + 8]), "little", signed=True) for j in range(0, len(starts), 8))
         return at
 
-    top = emit(enumeration._node(n, k))
+    top = emit(enumeration.tree(n, k))
     assert top == 0
     unique = {id(t): t for t in tables}
     return Plan(torch.tensor(words, dtype=torch.int64), tuple(unique.values()))
