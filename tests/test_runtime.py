@@ -219,12 +219,10 @@ def test_a_library_of_another_abi_is_refused(monkeypatch):
     assert native.kernel() is not None and native.kernel_error() is None
 
 
-def test_plans_share_their_tables_of_points():
+def test_plans_share_their_tables_of_points(fresh_kernel_tables):
     # reserved for a model's settings first, every plan with leaves of 4 points uses one table, P(4, <= 29) at
     # most (2 MiB); sub-pyramids P(6, <= K) share one table too
     settings = [(16, 19), (16, 23), (16, 37), (12, 6), (12, 9)]
-    native._TABLES.clear()  # as in a fresh process (plans of earlier tests keep their own tables alive)
-    native.plan.cache_clear()
     native.reserve(settings)
     t4 = {id(t) for n, k in settings[:3] for t in native.plan(n, k).tables}
     assert len(t4) == 4  # points, base, mask, CWRS table
