@@ -1,0 +1,89 @@
+"""Faults a tester reproduced (issue "Works on a fresh machine, and never destroys, corrupts or silently
+spoils"): each test here failed before its fix. Tiny random models only."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pvq import picker
+from pvq.codec import INDEX_LIMIT, bits_per_weight
+from pvq.codec.gainshape import fake_quantize
+from pvq.settings import QuantConfig
+
+SMOL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # SmolLM2-135M's linears
+
+
+def _small_proxy(spec):
+    """The picker's Gaussian SQNR proxy on a small matrix: the same ranking idea, seconds instead of minutes
+    for the hundreds of large-k settings near 8 bits per weight."""
+    w = torch.randn(8, 48, generator=torch.Generator().manual_seed(1234))
+    return 10 * math.log10(float((w**2).sum() / ((w - fake_quantize(w, spec)) ** 2).sum()))
+
+
+@pytest.fixture
+def small_proxy(monkeypatch):
+    monkeypatch.setattr(picker, "proxy_sqnr", _small_proxy)
+
+
+def test_a_full_63_bit_code_gives_only_valid_candidates():
+    for n in (8, 12, 16):
+        specs = picker.pvq_candidates(n, 63, "beta", "tensor")
+        assert specs and all(s.radix <= INDEX_LIMIT and 2 <= s.gain_levels <= 512 for s in specs)
+
+
+@pytest.mark.parametrize("bits", [3.933, 3.95, 3.996, 7.871, 7.9, 7.996])
+def test_bits_next_to_a_full_63_bit_code_are_reachable(bits, small_proxy):
+    # n=16 (or n=8) fills a 63-bit code there: its k=1 setting is over the codec's limit (and one bit more
+    # than 63 has no setting at all), but k>1, n=12 or a code of one bit less reach it
+    for rows, cols in SMOL_SHAPES:
+        spec = picker.choose_spec(QuantConfig(method="pvq", bits=bits), rows, cols)
+        assert bits - 1 / 8 - 0.002 < bits_per_weight(spec, rows, cols, rotation_seeds=2).bits_per_weight <= bits + 0.005
+
+
+# --- the CLI on a tiny model -------------------------------------------------------------------------------
+
+from pvq import api, checkpoint  # noqa: E402
+from pvq.cli import main as cli  # noqa: E402
+from pvq.models.loading import tiny_model, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A tiny Llama as a Hugging Face folder (hf) and its rtn-quantized pvq directory (q)."""
+    root = tmp_path_factory.mktemp("faults")
+    tiny_model("llama").save_pretrained(root / "hf")
+    tiny_tokenizer().save_pretrained(root / "hf")
+    assert cli(["quantize", str(root / "hf"), "--method", "rtn", "-o", str(root / "q"), "--no-progress"]) == 0
+    return root
+
+
+def _error(capsys) -> str:
+    """The one error line the last command printed (progress bars aside), and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("pvq")]
+    assert len(lines) == 1 and ": error: " in lines[0], err
+    return lines[0]
+
+
+def _quantize(src, out, *extra):
+    return cli(["quantize", str(src), "--method", "rtn", "-o", str(out), "--no-progress", *extra])
+
+
+def _leftovers(where):
+    return sorted(p.name for p in where.iterdir() if ".tmp-" in p.name or ".probe-" in p.name)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Records whether quantizing started (a refusal must come before it)."""
+    calls, real = [], api.quantize
+    monkeypatch.setattr(api, "quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_bits_4_on_a_tiny_model(dirs, tmp_path, small_proxy):
+    assert cli(["quantize", str(dirs / "hf"), "--method", "pvq", "--bits", "4", "-o", str(tmp_path / "q"),
+                "--no-progress"]) == 0
+    assert checkpoint.read_config(tmp_path / "q")["quantization_config"]["achieved"]["bits_per_weight"] <= 4.005
