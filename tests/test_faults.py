@@ -87,3 +87,59 @@ def test_bits_4_on_a_tiny_model(dirs, tmp_path, small_proxy):
     assert cli(["quantize", str(dirs / "hf"), "--method", "pvq", "--bits", "4", "-o", str(tmp_path / "q"),
                 "--no-progress"]) == 0
     assert checkpoint.read_config(tmp_path / "q")["quantization_config"]["achieved"]["bits_per_weight"] <= 4.005
+
+
+# 7, 11. bad input (an option out of range, an empty prompt, a pvq directory to quantize, a format version
+# that is not an integer) is one line naming it, never a traceback
+
+def test_empty_prompt(dirs, capsys):
+    assert cli(["generate", str(dirs / "q"), ""]) == 2
+    assert "prompt" in _error(capsys)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["bench-run", "{q}", "--prompt-tokens", "0"], "--prompt-tokens"),
+    (["bench-run", "{q}", "--gen-tokens", "0"], "--gen-tokens"),
+    (["generate", "{q}", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["quantize", "{hf}", "--method", "rtn", "--group-size", "0", "-o", "{tmp}/x"], "--group-size"),
+    (["quantize", "{hf}", "--method", "pvq", "--bits", "1e308", "-o", "{tmp}/x"], "--bits"),
+    (["quantize", "{hf}", "--method", "pvq", "--bits", "nan", "-o", "{tmp}/x"], "--bits"),
+    (["quantize", "{hf}", "--method", "pvq", "--group-dim", "0", "-o", "{tmp}/x"], "--group-dim"),
+    (["quantize", "{hf}", "--nsamples", "0", "-o", "{tmp}/x"], "--nsamples"),
+    (["quantize", "{hf}", "--damp", "-1", "-o", "{tmp}/x"], "--damp"),
+    (["quantize", "{hf}", "--seed", "-1", "-o", "{tmp}/x"], "--seed"),
+    (["quantize", "{hf}", "--allocate", "--allocate-noise", "0", "-o", "{tmp}/x"], "--allocate-noise"),
+    (["eval", "{q}", "--windows", "-1"], "--windows"),
+    (["bench-run", "{q}", "--threads", "0"], "--threads"),
+])
+def test_option_ranges_are_checked_when_parsing(dirs, tmp_path, capsys, argv, option):
+    argv = [a.format(q=dirs / "q", hf=dirs / "hf", tmp=tmp_path) for a in argv]
+    assert cli(argv) == 2
+    assert f"argument {option}" in _error(capsys)  # argparse's refusal: nothing was loaded
+    assert not (tmp_path / "x").exists()
+
+
+def test_settings_refuse_what_the_parser_refuses():
+    for bad in ({"group_size": 0}, {"bits": 1e308}, {"group_dim": 0}):
+        with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
+            QuantConfig(method="pvq", **bad)
+
+
+def test_quantizing_a_pvq_directory(dirs, tmp_path, capsys, no_work):
+    assert _quantize(dirs / "q", tmp_path / "again") == 2
+    assert "already a pvq directory" in _error(capsys)
+    assert not no_work
+
+
+def test_format_version_written_as_a_string(dirs, tmp_path, capsys):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dirs / "q", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = "1"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert cli(["info", str(bad)]) == 2
+    line = _error(capsys)
+    assert "not an integer" in line and "newer" not in line
