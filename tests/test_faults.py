@@ -143,3 +143,144 @@ def test_format_version_written_as_a_string(dirs, tmp_path, capsys):
     assert cli(["info", str(bad)]) == 2
     line = _error(capsys)
     assert "not an integer" in line and "newer" not in line
+
+
+# 2, 6, 8, 11. the output location: --force replaces only a pvq output (or an empty directory), never the input
+# nor a directory above it or the current one; links, unwritable places and too little space are refused
+# before the work; a failure while writing leaves nothing; temporaries of dead runs are cleaned up
+
+def test_force_never_replaces_a_directory_above_the_current_one(dirs, tmp_path, monkeypatch, capsys, no_work):
+    (tmp_path / "p" / "child").mkdir(parents=True)
+    (tmp_path / "p" / "unrelated.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path / "p" / "child")
+    assert _quantize(dirs / "hf", "..", "--force") == 2
+    assert "current directory" in _error(capsys)
+    assert (tmp_path / "p" / "unrelated.txt").read_text() == "keep me" and (tmp_path / "p" / "child").is_dir()
+    assert not no_work and _leftovers(tmp_path) == []
+
+
+def test_force_never_replaces_the_input(dirs, tmp_path, capsys, no_work):
+    import shutil
+
+    src = tmp_path / "holder" / "m"
+    shutil.copytree(dirs / "hf", src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert _quantize(src, src, "--force") == 2
+    assert "input model" in _error(capsys)
+    assert _quantize(src, tmp_path / "holder", "--force") == 2  # a directory holding the input
+    assert "input model" in _error(capsys)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before and not no_work
+
+
+def test_force_replaces_a_pvq_output_but_nothing_else(dirs, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert _quantize(dirs / "hf", other, "--force") == 2
+    assert "not a pvq output" in _error(capsys)
+    assert (other / "notes.txt").read_text() == "mine"
+    out = tmp_path / "q"
+    assert _quantize(dirs / "hf", out) == 0
+    assert _quantize(dirs / "hf", out, "--force", "--bits", "4.5") == 0  # a pvq output: replaced
+    assert checkpoint.read_config(out)["quantization_config"]["config"]["bits"] == 4.5
+    (tmp_path / "empty").mkdir()
+    assert _quantize(dirs / "hf", tmp_path / "empty", "--force") == 0
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("what", ["weights", "tokenizer"])
+def test_disk_full_while_writing_leaves_nothing(dirs, tmp_path, monkeypatch, capsys, what):
+    import errno
+
+    import safetensors.torch
+
+    from pvq.models import loading
+
+    if what == "weights":
+        def save_file(tensors, filename, metadata=None):
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 100)  # a truncated file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    else:
+        real = loading.load_model
+
+        def load_model(spec=None, *a, **k):
+            model, tok = real(spec, *a, **k)
+
+            def save_pretrained(directory, *a, **k):
+                (Path(directory) / "tokenizer.json").write_text('{"trunc')
+                raise Exception("No space left on device (os error 28)")  # what the tokenizers library raises
+
+            tok.save_pretrained = save_pretrained
+            return model, tok
+
+        monkeypatch.setattr(loading, "load_model", load_model)
+    out = tmp_path / "out"
+    assert _quantize(dirs / "hf", out) == 2
+    line = _error(capsys)
+    assert "No space left on device" in line and str(out) in line
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_too_little_free_space_is_found_before_the_work(dirs, tmp_path, monkeypatch, capsys, no_work):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 4096, 4096))
+    assert _quantize(dirs / "hf", tmp_path / "out") == 2
+    assert "free space" in _error(capsys)
+    assert not no_work and not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_symbolic_link_as_output(dirs, tmp_path, capsys, no_work, dangling):
+    target = tmp_path / "elsewhere"
+    if not dangling:
+        target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    assert _quantize(dirs / "hf", tmp_path / "link") == 2
+    assert "symbolic link" in _error(capsys)
+    assert not no_work and _leftovers(tmp_path) == [] and (tmp_path / "link").is_symlink()
+    assert dangling or list(target.iterdir()) == []
+
+
+def test_unwritable_output_location(dirs, tmp_path, monkeypatch, capsys, no_work):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.mkdir
+
+    def mkdir(path, *a, **k):  # what a read-only directory does (root ignores chmod, so pretend)
+        if Path(path).resolve().parent == locked.resolve():
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    assert _quantize(dirs / "hf", locked / "out") == 2
+    assert "cannot write" in _error(capsys)
+    assert not no_work and list(locked.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    assert _quantize(dirs / "hf", tmp_path / "file" / "out") == 2
+    assert "not a directory" in _error(capsys)
+    assert not no_work
+
+
+def test_stale_temporaries_of_the_same_output_are_removed(dirs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live, other = (tmp_path / f"out.tmp-{dead.pid}", tmp_path / f"out.tmp-{os.getppid()}",
+                          tmp_path / f"another.tmp-{dead.pid}")
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert _quantize(dirs / "hf", tmp_path / "out") == 0
+    assert not stale.exists()  # its process is gone
+    assert live.exists() and other.exists()  # a running process's, another output's

@@ -80,7 +80,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--bits", type=_float(0, MAX_BITS, above=True), default=3.25,
                    help="target bits per weight of the quantized linears, every stored bit counted (default 3.25)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--force", action="store_true", help="replace the output directory if it is a pvq output (never the input model, a directory holding it, "
+                        "or the current directory or one above it); temporary directories of this output left by "
+                        "runs that died are removed")
     p.add_argument("--calib", default="wikitext2",
                    help="calibration text: a text file, 'wikitext2' (its validation split, the default), 'arc-easy' (its train questions), or a mix joined by +")
     p.add_argument("--nsamples", type=_int(1), default=128, help="calibration windows (default 128)")
@@ -241,11 +243,11 @@ def cmd_quantize(args) -> int:
 
     cfg, progress = _quant_config(args), not args.no_progress
     alloc = _allocation_settings(args) if args.allocate else None
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise FileExistsError(f"output directory {out} exists and is not empty (use --force to replace it)")
+    out, sources = Path(args.output), [args.model] if args.model else []
+    checkpoint.prepare_output(out, args.force, sources)  # a location pvq will not write fails before any work
     model, tok = load_model(args.model)
     api.check_reachable(model, cfg)  # an unreachable --bits or --abits fails before any long work
+    checkpoint.check_space(out, api.estimate_bytes(model, cfg))
     eval_text = resolve_text("wikitext2", "eval") if args.ppl else None  # a missing file fails now, not after the work
     text = resolve_text(cfg.calib, "calib") if cfg.uses_data or alloc else None
     report, extra, ppl = None, {}, None
@@ -265,7 +267,7 @@ def cmd_quantize(args) -> int:
 
         ppl = perplexity(model, tok, eval_text, seqlen=2048, windows=16, progress=progress)
         summary.update({"ppl": ppl["ppl"], "ppl_windows": ppl["windows"], "ppl_protocol": ppl["protocol"]})
-    checkpoint.save(model, tok, out, overwrite=args.force, extra_files=extra)
+    checkpoint.save(model, tok, out, overwrite=args.force, extra_files=extra, sources=sources)
     size, rss = (out / checkpoint.WEIGHTS).stat().st_size, peak_rss_mib()
     print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "
           f"({summary['linear_weights'] / 1e6:.1f} M weights), file {size / 2**20:.1f} MiB, "
