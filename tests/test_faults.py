@@ -284,3 +284,13 @@ def test_stale_temporaries_of_the_same_output_are_removed(dirs, tmp_path):
     assert _quantize(dirs / "hf", tmp_path / "out") == 0
     assert not stale.exists()  # its process is gone
     assert live.exists() and other.exists()  # a running process's, another output's
+
+
+# 11. calibration windows longer than the model's context
+
+def test_seqlen_beyond_the_model_context(dirs, tmp_path, capsys, no_work):
+    assert cli(["quantize", str(dirs / "hf"), "--method", "gptq", "--nsamples", "1", "--seqlen", "300",
+                "-o", str(tmp_path / "x"), "--no-progress"]) == 2
+    line = _error(capsys)
+    assert "--seqlen" in line and "300" in line and "256" in line
+    assert not no_work and not (tmp_path / "x").exists()

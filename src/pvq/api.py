@@ -128,6 +128,18 @@ def check_reachable(model, cfg: QuantConfig) -> None:
             act_spec(cfg.abits, cols)
 
 
+def check_context(model, cfg: QuantConfig, allocate_seqlen: int | None = None) -> None:
+    """Refuse calibration windows longer than the model's context (config.max_position_embeddings):
+    --seqlen where the method uses data, --allocate-seqlen where an allocation measures."""
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(ctx, int):
+        return
+    for option, seqlen in (("--seqlen", cfg.seqlen if cfg.uses_data else None), ("--allocate-seqlen", allocate_seqlen)):
+        if seqlen is not None and seqlen > ctx:
+            raise ValueError(f"{option} {seqlen} is longer than the model's context of {ctx} tokens "
+                             f"(max_position_embeddings); use at most {ctx}")
+
+
 def estimate_bytes(model, cfg: QuantConfig) -> int:
     """About the bytes of model.safetensors once quantized: the blocks' linears at cfg.bits per weight, every
     other parameter (a tied head once) in cfg.dense_dtype, the linears' biases as they are."""
