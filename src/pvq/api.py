@@ -126,3 +126,28 @@ def check_reachable(model, cfg: QuantConfig) -> None:
     if cfg.abits is not None and cfg.act_method == "pvq":
         for cols in sorted({c for _, c in shapes}):
             act_spec(cfg.abits, cols)
+
+
+def check_context(model, cfg: QuantConfig, allocate_seqlen: int | None = None) -> None:
+    """Refuse calibration windows longer than the model's context (config.max_position_embeddings):
+    --seqlen where the method uses data, --allocate-seqlen where an allocation measures."""
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(ctx, int):
+        return
+    for option, seqlen in (("--seqlen", cfg.seqlen if cfg.uses_data else None), ("--allocate-seqlen", allocate_seqlen)):
+        if seqlen is not None and seqlen > ctx:
+            raise ValueError(f"{option} {seqlen} is longer than the model's context of {ctx} tokens "
+                             f"(max_position_embeddings); use at most {ctx}")
+
+
+def estimate_bytes(model, cfg: QuantConfig) -> int:
+    """About the bytes of model.safetensors once quantized: the blocks' linears at cfg.bits per weight, every
+    other parameter (a tied head once) in cfg.dense_dtype, the linears' biases as they are."""
+    linears = [m for _, m in block_linear_names(model)]
+    weights = {id(m.weight) for m in linears}
+    dense = torch.finfo(DENSE_DTYPES[cfg.dense_dtype]).bits // 8
+    total = sum(m.weight.numel() for m in linears) * cfg.bits / 8
+    for p in model.parameters():  # each shared parameter once
+        if id(p) not in weights:
+            total += p.numel() * (dense if p.is_floating_point() else p.element_size())
+    return int(total)

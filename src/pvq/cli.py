@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+
+from .settings import MAX_BITS
 
 DESCRIPTION = """\
 pvq compresses a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) with Pyramid Vector
@@ -18,6 +21,51 @@ Quantization and measures it. Typical session:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line: "pvq CMD: error: ..." (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int(lo: int, hi: int | None = None):
+    """argparse type: an integer from lo (to hi), checked when the command line is parsed."""
+    what = f"an integer from {lo} to {hi}" if hi is not None else f"an integer >= {lo}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+        return v
+
+    return parse
+
+
+def _float(lo: float, hi: float | None = None, above: bool = False):
+    """argparse type: a finite number >= lo (> lo with `above`; at most hi), checked at parse time."""
+    what = f"a number {'above' if above else 'of at least'} {lo:g}" + ("" if hi is None else f" and at most {hi:g}")
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not math.isfinite(v) or v < lo or (above and v == lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give some text")
+    return text
+
+
 
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and write a pvq directory",
@@ -29,17 +77,20 @@ def _add_quantize(sub) -> None:
     p.add_argument("--method", choices=["rtn", "gptq", "pvq", "pvq-gptq"], default="pvq-gptq",
                    help="rtn: uniform round-to-nearest; gptq: uniform grid with GPTQ error feedback; pvq: rotation "
                         "+ PVQ, data-free; pvq-gptq: Hessian-aware PVQ (default)")
-    p.add_argument("--bits", type=float, default=3.25,
+    p.add_argument("--bits", type=_float(0, MAX_BITS, above=True), default=3.25,
                    help="target bits per weight of the quantized linears, every stored bit counted (default 3.25)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    p.add_argument("--force", action="store_true", help="replace the output directory if it is a pvq output (never the input model, a directory holding it, "
+                        "or the current directory or one above it); temporary directories of this output left by "
+                        "runs that died are removed")
     p.add_argument("--calib", default="wikitext2",
                    help="calibration text: a text file, 'wikitext2' (its validation split, the default), 'arc-easy' (its train questions), or a mix joined by +")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of rotations and calibration sampling (default 0)")
-    p.add_argument("--group-dim", type=int, default=None, help="PVQ group dimension n (default: best of 8, 12, 16)")
-    p.add_argument("--group-size", type=int, default=128, help="uniform grid group size (default 128)")
+    p.add_argument("--nsamples", type=_int(1), default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=_int(2), default=512,
+                   help="tokens per calibration window (default 512; at most the model's context)")
+    p.add_argument("--seed", type=_int(0, 2**63 - 1), default=0, help="seed of rotations and calibration sampling (default 0)")
+    p.add_argument("--group-dim", type=_int(1), default=None, help="PVQ group dimension n (default: best of 8, 12, 16)")
+    p.add_argument("--group-size", type=_int(1), default=128, help="uniform grid group size (default 128)")
     p.add_argument("--gain", choices=["beta", "empirical", "uniform"], default="beta",
                    help="PVQ gain quantizer (default beta: Lloyd-Max for the Beta law, nothing stored)")
     p.add_argument("--scale", choices=["tensor", "row"], default="tensor", help="PVQ gain scale granularity")
@@ -48,27 +99,27 @@ def _add_quantize(sub) -> None:
                         "shapes all fit one small table; lower quality, and no longer faster on the fly: "
                         "see README)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (uniform grid only)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
+    p.add_argument("--damp", type=_float(0), default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the tensors kept dense (embeddings, head, norms)")
     p.add_argument("--allocate", action="store_true",
                    help="pvq methods: choose a setting per layer so the total meets --bits with the smallest predicted "
                         "loss (per-layer sensitivity from noise injection on calibration text, exact knapsack); "
                         "writes allocation.json and allocation.png into the output directory")
-    p.add_argument("--allocate-samples", type=int, default=8, help="calibration windows for the sensitivities (default 8)")
-    p.add_argument("--allocate-seqlen", type=int, default=256, help="tokens per sensitivity window (default 256)")
+    p.add_argument("--allocate-samples", type=_int(1), default=8, help="calibration windows for the sensitivities (default 8)")
+    p.add_argument("--allocate-seqlen", type=_int(2), default=256, help="tokens per sensitivity window (default 256)")
     p.add_argument("--allocate-rates", default=None,
                    help="comma-separated bits per weight whose settings are each layer's options "
                         "(default 1.5, 1.75, ..., 6)")
     p.add_argument("--sensitivities", default=None, metavar="JSON",
                    help="with --allocate: read the per-layer sensitivities from this file if it exists, else measure "
                         "and write them there (they do not depend on --bits: measure once, allocate many budgets)")
-    p.add_argument("--allocate-floor", type=float, default=1.0,
+    p.add_argument("--allocate-floor", type=_float(0), default=1.0,
                    help="with --allocate: no layer gets fewer than --bits minus this many bits per weight (default 1)")
-    p.add_argument("--allocate-draws", type=int, default=3,
+    p.add_argument("--allocate-draws", type=_int(0), default=3,
                    help="with --allocate: noise draws of the rehearsal that predicts the plan's loss (every layer noised "
                         "at its planned error at once, W+N and W-N per draw; 0: report only the linear prediction)")
-    p.add_argument("--allocate-noise", type=float, default=0.01,
+    p.add_argument("--allocate-noise", type=_float(0, above=True), default=0.01,
                    help="relative energy of the noise injected per layer to measure its sensitivity (default 0.01)")
     _add_act_options(p, stored=True)
     p.add_argument("--ppl", action="store_true",
@@ -84,16 +135,16 @@ def _add_eval(sub) -> None:
                                    "DESIGN.md: WikiText-2 test perplexity (2048-token windows) and ARC-Easy 0-shot.")
     p.add_argument("model", nargs="?", default=None, help="pvq directory, HF folder, hub id or .gguf (default SmolLM2)")
     p.add_argument("--ppl", action="store_true", help="WikiText-2 perplexity (the default if nothing is chosen)")
-    p.add_argument("--windows", type=int, default=16, help="2048-token windows (default 16: quick protocol; 0: all)")
+    p.add_argument("--windows", type=_int(0), default=16, help="2048-token windows (default 16: quick protocol; 0: all)")
     p.add_argument("--arc-easy", action="store_true", help="ARC-Easy test accuracy, 0-shot")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N ARC-Easy questions")
+    p.add_argument("--limit", type=_int(1), default=None, help="use only the first N ARC-Easy questions")
     _add_act_options(p, stored=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pvq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="pvq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_eval(sub)
@@ -102,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("generate", help="greedy continuation of a prompt, to see that the model still talks")
     p.add_argument("model", help="pvq directory, HF folder, hub id or .gguf")
-    p.add_argument("prompt", help="the text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("prompt", type=_text, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=_int(1), default=32, help="tokens to generate (default 32)")
     _add_runtime_options(p)
     p = sub.add_parser("bench-run", help="prompt and generation tokens/s and peak memory of a model",
                        description="Run a fixed prompt (the same for every model) through the model, then "
@@ -111,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tokens/s, peak RSS while running, the file size and, for a pvq directory, "
                                    "the memory the quantized linears keep resident.")
     p.add_argument("model", nargs="?", default=None, help="pvq directory, HF folder, hub id or .gguf (default SmolLM2)")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
-    p.add_argument("--gen-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--prompt-tokens", type=_int(1), default=512, help="prompt length in tokens (default 512)")
+    p.add_argument("--gen-tokens", type=_int(1), default=64, help="tokens to generate (default 64)")
+    p.add_argument("--threads", type=_int(1), default=None,
                    help="threads of torch and of pvq's kernel (default: their own choice, OMP_NUM_THREADS or all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_runtime_options(p)
@@ -125,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_act_options(p, stored: bool) -> None:
     where = ("stored in config.json and applied whenever the directory is loaded" if stored else
              "overrides what a pvq directory stores; works on any model")
-    p.add_argument("--abits", type=int, default=None, metavar="B",
+    p.add_argument("--abits", type=_int(2, 16), default=None, metavar="B",
                    help=f"quantize the input of every linear of the blocks to B bits per activation, per token "
                         f"(8, 6, 4, ...; a per-token fp16 scale comes on top; {where})")
     p.add_argument("--act-method", choices=["rtn", "pvq"], default="rtn",
@@ -174,6 +225,9 @@ def _allocation_settings(args):
         rates = tuple(float(r) for r in args.allocate_rates.split(",")) if args.allocate_rates else RATES
     except ValueError:
         raise ValueError(f"--allocate-rates must be numbers separated by commas, got {args.allocate_rates!r}") from None
+    bad = [r for r in rates if not (math.isfinite(r) and 0 < r <= MAX_BITS)]
+    if bad:
+        raise ValueError(f"--allocate-rates must be numbers above 0 and at most {MAX_BITS}, got {bad[0]:g}")
     return AllocationSettings(samples=args.allocate_samples, seqlen=args.allocate_seqlen, rates=rates,
                               floor=args.allocate_floor, draws=args.allocate_draws, noise=args.allocate_noise,
                               sensitivities=args.sensitivities)
@@ -189,11 +243,12 @@ def cmd_quantize(args) -> int:
 
     cfg, progress = _quant_config(args), not args.no_progress
     alloc = _allocation_settings(args) if args.allocate else None
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise FileExistsError(f"output directory {out} exists and is not empty (use --force to replace it)")
+    out, sources = Path(args.output), [args.model] if args.model else []
+    checkpoint.prepare_output(out, args.force, sources)  # a location pvq will not write fails before any work
     model, tok = load_model(args.model)
     api.check_reachable(model, cfg)  # an unreachable --bits or --abits fails before any long work
+    api.check_context(model, cfg, alloc.seqlen if alloc else None)
+    checkpoint.check_space(out, api.estimate_bytes(model, cfg))
     eval_text = resolve_text("wikitext2", "eval") if args.ppl else None  # a missing file fails now, not after the work
     text = resolve_text(cfg.calib, "calib") if cfg.uses_data or alloc else None
     report, extra, ppl = None, {}, None
@@ -213,7 +268,7 @@ def cmd_quantize(args) -> int:
 
         ppl = perplexity(model, tok, eval_text, seqlen=2048, windows=16, progress=progress)
         summary.update({"ppl": ppl["ppl"], "ppl_windows": ppl["windows"], "ppl_protocol": ppl["protocol"]})
-    checkpoint.save(model, tok, out, overwrite=args.force, extra_files=extra)
+    checkpoint.save(model, tok, out, overwrite=args.force, extra_files=extra, sources=sources)
     size, rss = (out / checkpoint.WEIGHTS).stat().st_size, peak_rss_mib()
     print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "
           f"({summary['linear_weights'] / 1e6:.1f} M weights), file {size / 2**20:.1f} MiB, "
@@ -311,6 +366,8 @@ def cmd_generate(args) -> int:
 
     model, tok = load_any(args.model, args.decode, args.dtype)
     ids = tok(args.prompt, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        raise ValueError(f"the prompt {args.prompt!r} gives no tokens; give some text to continue")
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(tok.decode(out[0], skip_special_tokens=True))
@@ -355,7 +412,10 @@ def cmd_bench_run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a command line refused (one line already printed)
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
                 "bench-run": cmd_bench_run}
     try:

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from .codec import PVQSpec, UniformSpec, bits_per_weight, index_bits
+from .codec import PVQSpec, UniformSpec, bits_per_weight, count, index_bits
 from .codec import activation as act_codec
 from .codec.bitpack import MAX_WIDTH
 from .codec.gainshape import fake_quantize
@@ -42,8 +42,11 @@ def pvq_candidates(n: int, code_bits: int, gain: str, scale: str) -> list[PVQSpe
     for k in range(1, 512):
         if index_bits(n, k) > code_bits - 1:
             break
+        # gain levels first: a setting with more than 512 (k=1 in a 63-bit code) may exceed the codec's limit
+        if not 2 <= (1 << code_bits) // count(n, k) <= 512:
+            continue
         spec = PVQSpec.for_code_bits(n, k, code_bits, gain=gain, scale=scale)
-        if 2 <= spec.gain_levels <= 512 and spec.waste_bits_per_weight < 0.01:
+        if spec.waste_bits_per_weight < 0.01:
             out.append(spec)
     return out
 
@@ -67,12 +70,14 @@ def choose_spec(cfg: QuantConfig, rows: int, cols: int):
         probe = bits_per_weight(PVQSpec(n, 1, 2, cfg.gain, cfg.scale), rows, cols, seeds)
         overhead = (probe.total - probe.codes) / (rows * cols)  # scales, codebook, seeds
         code_bits = int(math.floor(n * (cfg.bits - overhead) + 1e-6))
-        # the last few thousandths (the fp16 scale, the seeds) may round a code up by one bit: allow it
-        if (code_bits + 1) / n + overhead <= cfg.bits + 0.005:
-            code_bits += 1
-        for spec in pvq_candidates(n, code_bits, cfg.gain, cfg.scale):
-            if fast and not full_table_fits(spec.n, spec.k):
-                continue
+        # the last few thousandths (the fp16 scale, the seeds) may round a code up by one bit: allow it,
+        # unless no setting has that code (past the 63-bit limit)
+        widths = [code_bits + 1, code_bits] if (code_bits + 1) / n + overhead <= cfg.bits + 0.005 else [code_bits]
+        for width in widths:
+            specs = [s for s in pvq_candidates(n, width, cfg.gain, cfg.scale) if not fast or full_table_fits(s.n, s.k)]
+            if specs:
+                break
+        for spec in specs:
             q = proxy_sqnr(spec)
             if best is None or q > best[0]:
                 best = (q, spec)

@@ -18,7 +18,12 @@ FORMAT_VERSION = 1
 METHODS = ("rtn", "gptq", "pvq", "pvq-gptq")
 LAYOUTS = ("compact", "fast")
 ACT_METHODS = ("rtn", "pvq")  # activation quantizers (modules/actquant.py)
+MAX_BITS = 64  # a target above this is no number of stored bits per weight (and overflows the picker's arithmetic)
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def check_act_settings(abits, method: str) -> None:
@@ -62,8 +67,12 @@ class QuantConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and self.bits > 0):
-            raise ValueError(f"--bits must be a positive number, got {self.bits!r}")
+        if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and 0 < self.bits <= MAX_BITS):
+            raise ValueError(f"--bits must be a number above 0 and at most {MAX_BITS}, got {self.bits!r}")
+        if not _positive_int(self.group_size):
+            raise ValueError(f"--group-size must be an integer >= 1, got {self.group_size!r}")
+        if self.group_dim is not None and not _positive_int(self.group_dim):
+            raise ValueError(f"--group-dim must be an integer >= 1, got {self.group_dim!r}")
         if self.dense_dtype not in DENSE_DTYPES:
             raise ValueError(f"dense_dtype must be float16, bfloat16 or float32, got {self.dense_dtype!r}")
         if self.layout not in LAYOUTS:
@@ -153,7 +162,11 @@ def stored_config(qc) -> dict | None:
 
 def check_format_version(version) -> None:
     """Refuse a format version this pvq cannot read (ValueError naming it)."""
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"format version {version!r} is not an integer (the file was not written by pvq, or was edited)")
+    if version < 1:
+        raise ValueError(f"format version {version!r} does not exist (versions start at 1)")
+    if version > FORMAT_VERSION:
         raise ValueError(f"format version {version!r} is newer than this pvq reads ({FORMAT_VERSION}); upgrade pvq")
 
 

@@ -48,7 +48,7 @@ class PVQSpec:
     @classmethod
     def for_code_bits(cls, n: int, k: int, code_bits: int, gain: str = "beta", scale: str = "row") -> "PVQSpec":
         """The spec with as many gain levels as fit next to V(n, k) in a `code_bits`-bit code."""
-        levels = (1 << code_bits) // pyramid.count(n, k)
+        levels = min(1 << code_bits, pyramid.INDEX_LIMIT) // pyramid.count(n, k)  # the radix fits an int64
         if levels < 1:
             raise ValueError(f"PVQ(n={n}, k={k}) needs {pyramid.index_bits(n, k):.2f} bits, more than {code_bits}")
         return cls(n, k, levels, gain, scale)

@@ -129,6 +129,10 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
         where = "folder" if path.is_dir() else "hub id"
         raise ModelLoadError(f"cannot load model {name!r} ({where}): {_one_line(exc)}") from exc
     _check_model_type(name, getattr(config, "model_type", None))
+    qc = getattr(config, "quantization_config", None)
+    if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "pvq":
+        raise ModelLoadError(f"cannot load model {name!r} as a float model: it is already a pvq directory "
+                             f"(quantize the original model; pvq eval, generate and bench-run run this one)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)

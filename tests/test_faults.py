@@ -1,0 +1,296 @@
+"""Faults a tester reproduced (issue "Works on a fresh machine, and never destroys, corrupts or silently
+spoils"): each test here failed before its fix. Tiny random models only."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pvq import picker
+from pvq.codec import INDEX_LIMIT, bits_per_weight
+from pvq.codec.gainshape import fake_quantize
+from pvq.settings import QuantConfig
+
+SMOL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # SmolLM2-135M's linears
+
+
+def _small_proxy(spec):
+    """The picker's Gaussian SQNR proxy on a small matrix: the same ranking idea, seconds instead of minutes
+    for the hundreds of large-k settings near 8 bits per weight."""
+    w = torch.randn(8, 48, generator=torch.Generator().manual_seed(1234))
+    return 10 * math.log10(float((w**2).sum() / ((w - fake_quantize(w, spec)) ** 2).sum()))
+
+
+@pytest.fixture
+def small_proxy(monkeypatch):
+    monkeypatch.setattr(picker, "proxy_sqnr", _small_proxy)
+
+
+def test_a_full_63_bit_code_gives_only_valid_candidates():
+    for n in (8, 12, 16):
+        specs = picker.pvq_candidates(n, 63, "beta", "tensor")
+        assert specs and all(s.radix <= INDEX_LIMIT and 2 <= s.gain_levels <= 512 for s in specs)
+
+
+@pytest.mark.parametrize("bits", [3.933, 3.95, 3.996, 7.871, 7.9, 7.996])
+def test_bits_next_to_a_full_63_bit_code_are_reachable(bits, small_proxy):
+    # n=16 (or n=8) fills a 63-bit code there: its k=1 setting is over the codec's limit (and one bit more
+    # than 63 has no setting at all), but k>1, n=12 or a code of one bit less reach it
+    for rows, cols in SMOL_SHAPES:
+        spec = picker.choose_spec(QuantConfig(method="pvq", bits=bits), rows, cols)
+        assert bits - 1 / 8 - 0.002 < bits_per_weight(spec, rows, cols, rotation_seeds=2).bits_per_weight <= bits + 0.005
+
+
+# --- the CLI on a tiny model -------------------------------------------------------------------------------
+
+from pvq import api, checkpoint  # noqa: E402
+from pvq.cli import main as cli  # noqa: E402
+from pvq.models.loading import tiny_model, tiny_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A tiny Llama as a Hugging Face folder (hf) and its rtn-quantized pvq directory (q)."""
+    root = tmp_path_factory.mktemp("faults")
+    tiny_model("llama").save_pretrained(root / "hf")
+    tiny_tokenizer().save_pretrained(root / "hf")
+    assert cli(["quantize", str(root / "hf"), "--method", "rtn", "-o", str(root / "q"), "--no-progress"]) == 0
+    return root
+
+
+def _error(capsys) -> str:
+    """The one error line the last command printed (progress bars aside), and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("pvq")]
+    assert len(lines) == 1 and ": error: " in lines[0], err
+    return lines[0]
+
+
+def _quantize(src, out, *extra):
+    return cli(["quantize", str(src), "--method", "rtn", "-o", str(out), "--no-progress", *extra])
+
+
+def _leftovers(where):
+    return sorted(p.name for p in where.iterdir() if ".tmp-" in p.name or ".probe-" in p.name)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Records whether quantizing started (a refusal must come before it)."""
+    calls, real = [], api.quantize
+    monkeypatch.setattr(api, "quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_bits_4_on_a_tiny_model(dirs, tmp_path, small_proxy):
+    assert cli(["quantize", str(dirs / "hf"), "--method", "pvq", "--bits", "4", "-o", str(tmp_path / "q"),
+                "--no-progress"]) == 0
+    assert checkpoint.read_config(tmp_path / "q")["quantization_config"]["achieved"]["bits_per_weight"] <= 4.005
+
+
+# 7, 11. bad input (an option out of range, an empty prompt, a pvq directory to quantize, a format version
+# that is not an integer) is one line naming it, never a traceback
+
+def test_empty_prompt(dirs, capsys):
+    assert cli(["generate", str(dirs / "q"), ""]) == 2
+    assert "prompt" in _error(capsys)
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["bench-run", "{q}", "--prompt-tokens", "0"], "--prompt-tokens"),
+    (["bench-run", "{q}", "--gen-tokens", "0"], "--gen-tokens"),
+    (["generate", "{q}", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["quantize", "{hf}", "--method", "rtn", "--group-size", "0", "-o", "{tmp}/x"], "--group-size"),
+    (["quantize", "{hf}", "--method", "pvq", "--bits", "1e308", "-o", "{tmp}/x"], "--bits"),
+    (["quantize", "{hf}", "--method", "pvq", "--bits", "nan", "-o", "{tmp}/x"], "--bits"),
+    (["quantize", "{hf}", "--method", "pvq", "--group-dim", "0", "-o", "{tmp}/x"], "--group-dim"),
+    (["quantize", "{hf}", "--nsamples", "0", "-o", "{tmp}/x"], "--nsamples"),
+    (["quantize", "{hf}", "--damp", "-1", "-o", "{tmp}/x"], "--damp"),
+    (["quantize", "{hf}", "--seed", "-1", "-o", "{tmp}/x"], "--seed"),
+    (["quantize", "{hf}", "--allocate", "--allocate-noise", "0", "-o", "{tmp}/x"], "--allocate-noise"),
+    (["eval", "{q}", "--windows", "-1"], "--windows"),
+    (["bench-run", "{q}", "--threads", "0"], "--threads"),
+])
+def test_option_ranges_are_checked_when_parsing(dirs, tmp_path, capsys, argv, option):
+    argv = [a.format(q=dirs / "q", hf=dirs / "hf", tmp=tmp_path) for a in argv]
+    assert cli(argv) == 2
+    assert f"argument {option}" in _error(capsys)  # argparse's refusal: nothing was loaded
+    assert not (tmp_path / "x").exists()
+
+
+def test_settings_refuse_what_the_parser_refuses():
+    for bad in ({"group_size": 0}, {"bits": 1e308}, {"group_dim": 0}):
+        with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
+            QuantConfig(method="pvq", **bad)
+
+
+def test_quantizing_a_pvq_directory(dirs, tmp_path, capsys, no_work):
+    assert _quantize(dirs / "q", tmp_path / "again") == 2
+    assert "already a pvq directory" in _error(capsys)
+    assert not no_work
+
+
+def test_format_version_written_as_a_string(dirs, tmp_path, capsys):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dirs / "q", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = "1"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert cli(["info", str(bad)]) == 2
+    line = _error(capsys)
+    assert "not an integer" in line and "newer" not in line
+
+
+# 2, 6, 8, 11. the output location: --force replaces only a pvq output (or an empty directory), never the input
+# nor a directory above it or the current one; links, unwritable places and too little space are refused
+# before the work; a failure while writing leaves nothing; temporaries of dead runs are cleaned up
+
+def test_force_never_replaces_a_directory_above_the_current_one(dirs, tmp_path, monkeypatch, capsys, no_work):
+    (tmp_path / "p" / "child").mkdir(parents=True)
+    (tmp_path / "p" / "unrelated.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path / "p" / "child")
+    assert _quantize(dirs / "hf", "..", "--force") == 2
+    assert "current directory" in _error(capsys)
+    assert (tmp_path / "p" / "unrelated.txt").read_text() == "keep me" and (tmp_path / "p" / "child").is_dir()
+    assert not no_work and _leftovers(tmp_path) == []
+
+
+def test_force_never_replaces_the_input(dirs, tmp_path, capsys, no_work):
+    import shutil
+
+    src = tmp_path / "holder" / "m"
+    shutil.copytree(dirs / "hf", src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert _quantize(src, src, "--force") == 2
+    assert "input model" in _error(capsys)
+    assert _quantize(src, tmp_path / "holder", "--force") == 2  # a directory holding the input
+    assert "input model" in _error(capsys)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before and not no_work
+
+
+def test_force_replaces_a_pvq_output_but_nothing_else(dirs, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert _quantize(dirs / "hf", other, "--force") == 2
+    assert "not a pvq output" in _error(capsys)
+    assert (other / "notes.txt").read_text() == "mine"
+    out = tmp_path / "q"
+    assert _quantize(dirs / "hf", out) == 0
+    assert _quantize(dirs / "hf", out, "--force", "--bits", "4.5") == 0  # a pvq output: replaced
+    assert checkpoint.read_config(out)["quantization_config"]["config"]["bits"] == 4.5
+    (tmp_path / "empty").mkdir()
+    assert _quantize(dirs / "hf", tmp_path / "empty", "--force") == 0
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("what", ["weights", "tokenizer"])
+def test_disk_full_while_writing_leaves_nothing(dirs, tmp_path, monkeypatch, capsys, what):
+    import errno
+
+    import safetensors.torch
+
+    from pvq.models import loading
+
+    if what == "weights":
+        def save_file(tensors, filename, metadata=None):
+            with open(filename, "wb") as f:
+                f.write(b"\0" * 100)  # a truncated file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    else:
+        real = loading.load_model
+
+        def load_model(spec=None, *a, **k):
+            model, tok = real(spec, *a, **k)
+
+            def save_pretrained(directory, *a, **k):
+                (Path(directory) / "tokenizer.json").write_text('{"trunc')
+                raise Exception("No space left on device (os error 28)")  # what the tokenizers library raises
+
+            tok.save_pretrained = save_pretrained
+            return model, tok
+
+        monkeypatch.setattr(loading, "load_model", load_model)
+    out = tmp_path / "out"
+    assert _quantize(dirs / "hf", out) == 2
+    line = _error(capsys)
+    assert "No space left on device" in line and str(out) in line
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_too_little_free_space_is_found_before_the_work(dirs, tmp_path, monkeypatch, capsys, no_work):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 4096, 4096))
+    assert _quantize(dirs / "hf", tmp_path / "out") == 2
+    assert "free space" in _error(capsys)
+    assert not no_work and not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_symbolic_link_as_output(dirs, tmp_path, capsys, no_work, dangling):
+    target = tmp_path / "elsewhere"
+    if not dangling:
+        target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    assert _quantize(dirs / "hf", tmp_path / "link") == 2
+    assert "symbolic link" in _error(capsys)
+    assert not no_work and _leftovers(tmp_path) == [] and (tmp_path / "link").is_symlink()
+    assert dangling or list(target.iterdir()) == []
+
+
+def test_unwritable_output_location(dirs, tmp_path, monkeypatch, capsys, no_work):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.mkdir
+
+    def mkdir(path, *a, **k):  # what a read-only directory does (root ignores chmod, so pretend)
+        if Path(path).resolve().parent == locked.resolve():
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    assert _quantize(dirs / "hf", locked / "out") == 2
+    assert "cannot write" in _error(capsys)
+    assert not no_work and list(locked.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    assert _quantize(dirs / "hf", tmp_path / "file" / "out") == 2
+    assert "not a directory" in _error(capsys)
+    assert not no_work
+
+
+def test_stale_temporaries_of_the_same_output_are_removed(dirs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live, other = (tmp_path / f"out.tmp-{dead.pid}", tmp_path / f"out.tmp-{os.getppid()}",
+                          tmp_path / f"another.tmp-{dead.pid}")
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"\0" * 1000)
+    assert _quantize(dirs / "hf", tmp_path / "out") == 0
+    assert not stale.exists()  # its process is gone
+    assert live.exists() and other.exists()  # a running process's, another output's
+
+
+# 11. calibration windows longer than the model's context
+
+def test_seqlen_beyond_the_model_context(dirs, tmp_path, capsys, no_work):
+    assert cli(["quantize", str(dirs / "hf"), "--method", "gptq", "--nsamples", "1", "--seqlen", "300",
+                "-o", str(tmp_path / "x"), "--no-progress"]) == 2
+    line = _error(capsys)
+    assert "--seqlen" in line and "300" in line and "256" in line
+    assert not no_work and not (tmp_path / "x").exists()
