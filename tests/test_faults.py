@@ -294,3 +294,38 @@ def test_seqlen_beyond_the_model_context(dirs, tmp_path, capsys, no_work):
     line = _error(capsys)
     assert "--seqlen" in line and "300" in line and "256" in line
     assert not no_work and not (tmp_path / "x").exists()
+
+
+# 1. the run seed changes the rotations (torch's CPU generator reads only the low 32 bits of its seed)
+
+def test_the_seed_changes_every_rotation():
+    from pvq.transforms.hadamard import RandomHadamard
+    from pvq.transforms.rotate import derive_seed, layer_seeds
+    seeds = (0, 1, 12345, 2**32 - 1)
+    for tag in ("model.layers.0.self_attn.q_proj:in", "model.layers.3.mlp.down_proj:out"):
+        signs = [RandomHadamard(64, derive_seed(s, tag)).apply(torch.eye(64, dtype=torch.float64)) for s in seeds]
+        assert all(not torch.equal(a, b) for i, a in enumerate(signs) for b in signs[i + 1:]), tag
+    # the default seed keeps the rotations files were written with before
+    assert layer_seeds(0, "model.layers.0.mlp.up_proj", True) == tuple(
+        __import__("zlib").crc32(f"model.layers.0.mlp.up_proj:{side}".encode()) for side in ("in", "out"))
+
+
+def test_seed_changes_the_quantized_model(dirs, tmp_path):
+    from safetensors.torch import load_file
+    files = {}
+    for seed in (0, 1, 12345):
+        out = tmp_path / f"s{seed}"
+        assert cli(["quantize", str(dirs / "hf"), "--method", "pvq", "--bits", "3", "-o", str(out),
+                    "--seed", str(seed), "--no-progress"]) == 0
+        files[seed] = load_file(out / "model.safetensors")
+    codes = [k for k in files[0] if k.endswith(".codes")]
+    assert codes
+    for a, b in ((0, 1), (0, 12345), (1, 12345)):
+        assert all(not torch.equal(files[a][k], files[b][k]) for k in codes), (a, b)
+
+
+def test_seed_beyond_32_bits_is_refused(capsys, dirs, tmp_path):
+    assert cli(["quantize", str(dirs / "hf"), "--seed", str(2**32), "-o", str(tmp_path / "x")]) == 2
+    assert "argument --seed" in _error(capsys)
+    with pytest.raises(ValueError, match="--seed"):
+        QuantConfig(seed=2**32)

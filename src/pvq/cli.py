@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from .settings import MAX_BITS
+from .settings import MAX_BITS, MAX_RUN_SEED
 
 DESCRIPTION = """\
 pvq compresses a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) with Pyramid Vector
@@ -88,7 +88,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--nsamples", type=_int(1), default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=_int(2), default=512,
                    help="tokens per calibration window (default 512; at most the model's context)")
-    p.add_argument("--seed", type=_int(0, 2**63 - 1), default=0, help="seed of rotations and calibration sampling (default 0)")
+    p.add_argument("--seed", type=_int(0, MAX_RUN_SEED), default=0, help="seed of rotations and calibration sampling (default 0)")
     p.add_argument("--group-dim", type=_int(1), default=None, help="PVQ group dimension n (default: best of 8, 12, 16)")
     p.add_argument("--group-size", type=_int(1), default=128, help="uniform grid group size (default 128)")
     p.add_argument("--gain", choices=["beta", "empirical", "uniform"], default="beta",

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from .codec import PVQSpec, UniformSpec
+from .transforms.rotate import MAX_RUN_SEED
 
 FORMAT_VERSION = 1
 METHODS = ("rtn", "gptq", "pvq", "pvq-gptq")
@@ -84,6 +85,8 @@ class QuantConfig:
                 except (KeyError, TypeError, ValueError) as exc:
                     raise ValueError(f"override for layer {name!r} is not a codec setting: {exc}") from None
         check_act_settings(self.abits, self.act_method)
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_RUN_SEED):
+            raise ValueError(f"--seed must be an integer from 0 to {MAX_RUN_SEED}, got {self.seed!r}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 

@@ -15,16 +15,28 @@ from .hadamard import RandomHadamard
 NO_SEED = -1  # marks a side that is not rotated
 
 
+MAX_RUN_SEED = (1 << 32) - 1
+_GOLDEN = 0x9E3779B1  # odd, so multiplying by it permutes the 32-bit seeds
+
+
 def derive_seed(seed: int, tag: str) -> int:
-    """A rotation seed from the run seed and a tag naming what is rotated (a layer and a side)."""
-    return ((int(seed) * 1_000_003) % (1 << 31)) << 32 | zlib.crc32(tag.encode())
+    """A rotation seed from the run seed (0..MAX_RUN_SEED) and a tag naming what is rotated (a layer, a side).
+
+    Torch's CPU generator reads only the low 32 bits of its seed, so the run seed must change those:
+    it is spread by an odd multiplier (a bijection on 32 bits, so every run seed gives other rotations)
+    and xor-ed with the tag's CRC. Seed 0 leaves the CRC alone, as files written before were seeded.
+    """
+    seed = int(seed)
+    if not 0 <= seed <= MAX_RUN_SEED:
+        raise ValueError(f"a run seed is an integer from 0 to {MAX_RUN_SEED}, got {seed}")
+    return zlib.crc32(tag.encode()) ^ ((seed * _GOLDEN) & MAX_RUN_SEED)
 
 
 def layer_seeds(seed: int, name: str, rotate: bool) -> tuple[int, int]:
-    """Rotation seeds (input side, output side) of the layer called `name`; kept below 2^62 as stored."""
+    """Rotation seeds (input side, output side) of the layer called `name`."""
     if not rotate:
         return (NO_SEED, NO_SEED)
-    return tuple(derive_seed(seed, f"{name}:{side}") % (1 << 62) for side in ("in", "out"))
+    return tuple(derive_seed(seed, f"{name}:{side}") for side in ("in", "out"))
 
 
 def layer_rotations(rows: int, cols: int, seeds: tuple[int, int]) -> tuple[RandomHadamard | None, RandomHadamard | None]:
