@@ -329,3 +329,43 @@ def test_seed_beyond_32_bits_is_refused(capsys, dirs, tmp_path):
     assert "argument --seed" in _error(capsys)
     with pytest.raises(ValueError, match="--seed"):
         QuantConfig(seed=2**32)
+
+
+# 4. values the stored dtype cannot hold are refused before anything is written (they became inf: a NaN model)
+
+def _edited(dirs, tmp_path, key, value):
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(dirs / "hf")
+    with torch.no_grad():
+        m.get_parameter(key).view(-1)[3] = value
+    m.save_pretrained(tmp_path / "src")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    return tmp_path / "src"
+
+
+@pytest.mark.parametrize("method, value", [("rtn", 1e6), ("rtn", -1e6), ("pvq", 1e7), ("gptq", 1e6), ("pvq-gptq", 1e7)])
+def test_a_weight_too_large_for_fp16_scales(dirs, tmp_path, capsys, method, value):
+    src = _edited(dirs, tmp_path, "model.layers.0.self_attn.q_proj.weight", value)
+    assert cli(["quantize", str(src), "--method", method, "-o", str(tmp_path / "x"), "--no-progress",
+                "--nsamples", "2", "--seqlen", "32"]) == 2
+    line = _error(capsys)
+    assert "model.layers.0.self_attn.q_proj" in line and "fp16" in line, line
+    assert not (tmp_path / "x").exists() and not _leftovers(tmp_path)
+
+
+def test_a_norm_too_large_for_the_dense_dtype(dirs, tmp_path, capsys, no_work):
+    src = _edited(dirs, tmp_path, "model.layers.1.input_layernorm.weight", 1e5)
+    assert _quantize(src, tmp_path / "x") == 2
+    line = _error(capsys)
+    assert "model.layers.1.input_layernorm.weight" in line and "--dense-dtype" in line, line
+    assert not no_work and not (tmp_path / "x").exists()
+    assert _quantize(src, tmp_path / "x", "--dense-dtype", "bfloat16") == 0  # wider storage holds it
+    assert cli(["eval", str(tmp_path / "x"), "--ppl", "--windows", "1", "--no-progress"]) == 0
+    assert "nan" not in capsys.readouterr().out
+
+
+def test_nan_weights_are_refused_before_the_work(dirs, tmp_path, capsys, no_work):
+    src = _edited(dirs, tmp_path, "model.layers.1.mlp.down_proj.weight", float("nan"))
+    assert _quantize(src, tmp_path / "x") == 2
+    assert "model.layers.1.mlp.down_proj.weight" in _error(capsys)
+    assert not no_work

@@ -6,12 +6,14 @@ block, and feed those to the next block. Peak memory is one block plus the calib
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from tqdm.auto import tqdm
 
 from . import codec
+from .codec.fp16 import FP16RangeError
 from .memory import release_memory
 from .models.adapters import (block_hessians, block_linear_names, block_linears, blocks, capture_block_inputs, check_supported,
                               layer_name, run_block, set_module)
@@ -25,9 +27,23 @@ from .solvers.steppers import PVQStepper, UniformStepper
 from .transforms.rotate import layer_seeds, rotate_hessian, rotate_weight
 
 
-def _check_weight(name: str, w: torch.Tensor) -> None:
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"weight {name} contains NaN or inf; refusing to quantize it")
+def check_weights(model, cfg: QuantConfig) -> None:
+    """Refuse, before any work, a parameter holding NaN or inf, or one that stays dense (embeddings, norms,
+    head) with a value outside the range of the dtype it will be stored in (--dense-dtype)."""
+    dtype = DENSE_DTYPES[cfg.dense_dtype]
+    top = torch.finfo(dtype).max
+    quantized = {id(m.weight) for _, m in block_linear_names(model)}
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        t = p.detach()
+        bad = ~torch.isfinite(t) if id(p) in quantized else ~torch.isfinite(t) | (t.abs() > top)
+        if bool(bad.any()):
+            v = float(t[bad].reshape(-1)[0])
+            if id(p) in quantized or not math.isfinite(v):
+                raise ValueError(f"tensor {name} holds {v}; refusing to quantize a model with NaN or inf weights")
+            hint = "" if dtype == torch.float32 else "; store it wider with --dense-dtype bfloat16 or float32"
+            raise ValueError(f"tensor {name} holds {v:.4g}, which {cfg.dense_dtype} cannot store{hint}")
 
 
 def layer_spec(cfg: QuantConfig, name: str, rows: int, cols: int):
@@ -49,6 +65,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     calib_ids: LongTensor [nsamples, seqlen] of calibration tokens (needed by gptq and pvq-gptq).
     """
     check_supported(model)
+    check_weights(model, cfg)
     if cfg.uses_data and calib_ids is None:
         raise ValueError(f"method {cfg.method} needs calibration data (calib_ids)")
     t0 = time.time()
@@ -65,21 +82,23 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         for name, mod in linears.items():
             full = layer_name(i, name)
             w = mod.weight.detach().float()
-            _check_weight(full, w)
             rows, cols = w.shape
             spec = layer_spec(cfg, full, rows, cols)
             seeds = layer_seeds(cfg.seed, full, cfg.rotates)
             w_rot = rotate_weight(w, seeds)
-            if cfg.uses_data:
-                stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
-                h_rot = rotate_hessian(hess[name], seeds[0])
-                w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp,
-                                     block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
-                errors[full] = relative_error(w_rot, w_hat, h_rot)
-                del h_rot
-            else:
-                packed = codec.quantize(w_rot, spec)
-                errors[full] = relative_error(w_rot, packed.dequantize(torch.float32))
+            try:
+                if cfg.uses_data:
+                    stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
+                    h_rot = rotate_hessian(hess[name], seeds[0])
+                    w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp,
+                                         block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
+                    errors[full] = relative_error(w_rot, w_hat, h_rot)
+                    del h_rot
+                else:
+                    packed = codec.quantize(w_rot, spec)
+                    errors[full] = relative_error(w_rot, packed.dequantize(torch.float32))
+            except FP16RangeError as exc:
+                raise ValueError(f"layer {full}: {exc}") from None
             q = QuantLinear.from_packed(packed, seeds, mod.bias)
             set_module(block, name, q)
             per_layer[full] = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),

@@ -248,6 +248,7 @@ def cmd_quantize(args) -> int:
     model, tok = load_model(args.model)
     api.check_reachable(model, cfg)  # an unreachable --bits or --abits fails before any long work
     api.check_context(model, cfg, alloc.seqlen if alloc else None)
+    api.check_weights(model, cfg)  # NaN, or a norm or embedding value its stored dtype cannot hold, fails now
     checkpoint.check_space(out, api.estimate_bytes(model, cfg))
     eval_text = resolve_text("wikitext2", "eval") if args.ppl else None  # a missing file fails now, not after the work
     text = resolve_text(cfg.calib, "calib") if cfg.uses_data or alloc else None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bitpack, enumeration, pyramid
-from .fp16 import positive_scale
+from .fp16 import check_fits, positive_scale
 from .search import search
 from .gain import GAIN_KINDS, GainCodebook, fit_gain_codebook
 
@@ -127,7 +127,9 @@ SCALE_KINDS = ("row", "tensor")
 def gain_scale(gains: torch.Tensor, kind: str) -> torch.Tensor:
     """fp16-representable RMS of the group gains (gains [rows, groups]) per row ([rows]) or per tensor ([1])."""
     g2 = gains.float().pow(2)
-    return positive_scale(g2.mean(dim=1).sqrt() if kind == "row" else g2.mean().sqrt().reshape(1))
+    s = g2.mean(dim=1).sqrt() if kind == "row" else g2.mean().sqrt().reshape(1)
+    check_fits(s, "the gain scale")
+    return positive_scale(s)
 
 
 def law_length(spec: "PVQSpec", rows: int, cols: int) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bitpack
-from .fp16 import positive_scale
+from .fp16 import check_fits, positive_scale
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,11 @@ def fit_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16-representable (scale, offset) of shape [..., 1] for groups w[..., g] (min..max range)."""
     lo = w.amin(dim=-1, keepdim=True)
     hi = w.amax(dim=-1, keepdim=True)
+    scale = (hi - lo) / (2**bits - 1)
+    check_fits(scale, "a group's step")
+    check_fits(lo, "a group's offset")
     # round the parameters to what is stored, so quantization uses exactly the stored values
-    return positive_scale((hi - lo) / (2**bits - 1)), lo.half().float()
+    return positive_scale(scale), lo.half().float()
 
 
 def quantize_grid(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
