@@ -369,3 +369,125 @@ def test_nan_weights_are_refused_before_the_work(dirs, tmp_path, capsys, no_work
     assert _quantize(src, tmp_path / "x") == 2
     assert "model.layers.1.mlp.down_proj.weight" in _error(capsys)
     assert not no_work
+
+
+# 3, 9, 10. a stored tensor missing, changed in place or cut off is refused on every loading path
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import pvq  # noqa: E402
+from pvq.checkpoint import PVQFormatError  # noqa: E402
+
+
+def _copy(dirs, tmp_path, checksums=True):
+    d = tmp_path / "copy"
+    shutil.copytree(dirs / "q", d)
+    if not checksums:  # as pvq wrote directories before it stored checksums
+        cfg = json.loads((d / "config.json").read_text())
+        del cfg["quantization_config"]["checksums"]
+        (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _rewrite(d, edit):
+    t = load_file(d / "model.safetensors")
+    edit(t)
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def _from_pretrained(d):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(d)
+
+
+def _refused_everywhere(d, match):
+    for load in (lambda: pvq.load(d), lambda: pvq.load(d, decode="once"), lambda: _from_pretrained(d)):
+        with pytest.raises(PVQFormatError, match=match):
+            load()
+
+
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+@pytest.mark.parametrize("key", ["scales", "seeds", "codes"])
+def test_a_missing_tensor_is_refused_by_transformers_too(dirs, tmp_path, checksums, key):
+    d = _copy(dirs, tmp_path, checksums)
+    _rewrite(d, lambda t: t.pop(f"{LAYER}.{key}"))
+    _refused_everywhere(d, f"{LAYER}.{key} is missing")
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_a_missing_norm_is_refused_by_transformers_too(dirs, tmp_path, checksums):
+    d = _copy(dirs, tmp_path, checksums)
+    _rewrite(d, lambda t: t.pop("model.layers.1.post_attention_layernorm.weight"))
+    _refused_everywhere(d, "post_attention_layernorm.weight is missing")
+
+
+def test_a_code_changed_in_place_is_refused(dirs, tmp_path, capsys):
+    d = _copy(dirs, tmp_path)
+
+    def flip(t):
+        t[f"{LAYER}.codes"][5] ^= 1
+    _rewrite(d, flip)
+    _refused_everywhere(d, f"{LAYER}.codes .*checksum mismatch")
+    assert cli(["info", str(d)]) == 2
+    assert "checksum mismatch" in _error(capsys)
+
+
+def test_a_dense_tensor_retyped_in_place_is_refused(dirs, tmp_path):
+    d = _copy(dirs, tmp_path)  # same bytes read as another dtype: the checksum covers dtype and shape
+
+    def retype(t):
+        t["model.norm.weight"] = t["model.norm.weight"].view(torch.bfloat16)
+    _rewrite(d, retype)
+    _refused_everywhere(d, "model.norm.weight .*checksum mismatch")
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_seeds_tensor_against_the_config(dirs, tmp_path, checksums):
+    d = _copy(dirs, tmp_path, checksums)
+
+    def reseed(t):
+        t[f"{LAYER}.seeds"] = torch.tensor([7, 8], dtype=torch.int64)
+    _rewrite(d, reseed)
+    _refused_everywhere(d, f"{LAYER}.seeds" + (" .*checksum mismatch" if checksums else " .*differs from the seeds"))
+
+
+def test_a_changed_config_is_refused(dirs, tmp_path, capsys):
+    d = _copy(dirs, tmp_path)
+    text = (d / "config.json").read_text()
+    assert '"rms_norm_eps": 1e-05' in text
+    (d / "config.json").write_text(text.replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e-04'))
+    _refused_everywhere(d, "config.json was changed")
+    assert cli(["info", str(d)]) == 2
+    assert "config.json was changed" in _error(capsys)
+
+
+def test_a_changed_tokenizer_is_refused_by_pvq_load(dirs, tmp_path):
+    d = _copy(dirs, tmp_path)
+    with open(d / "tokenizer.json", "ab") as f:
+        f.write(b" ")
+    with pytest.raises(PVQFormatError, match="tokenizer.json: checksum mismatch"):
+        pvq.load(d)
+
+
+@pytest.mark.parametrize("cut", [1, 100, 0.5])
+def test_info_on_a_truncated_file(dirs, tmp_path, capsys, cut):
+    d = _copy(dirs, tmp_path, checksums=False)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:int(len(data) * cut) if cut < 1 else len(data) - cut])
+    assert cli(["info", str(d)]) == 2
+    assert "truncated" in _error(capsys)
+    _refused_everywhere(d, "truncated")
+
+
+def test_an_intact_directory_loads_everywhere(dirs, capsys):
+    ids = torch.tensor([[1, 5, 9, 3]])
+    a = pvq.load(dirs / "q")[0](ids).logits
+    assert torch.equal(a, _from_pretrained(dirs / "q")(ids).logits)
+    assert cli(["info", str(dirs / "q")]) == 0
+    assert "every checksum matches" in capsys.readouterr().out

@@ -9,6 +9,12 @@ nothing that looks finished, and a failed write leaves nothing at all. Where it 
 any work (`prepare_output`): never a link, the input, the current directory or one above it; an
 existing directory is replaced only if it is empty or a pvq output; the place must be writable with
 room for the estimated size. Building a runnable model from a directory is loader.py's job.
+
+Integrity: quantization_config["checksums"] holds a CRC-32 of every tensor (its dtype, shape and bytes),
+of every other file written (tokenizer, reports) and of config.json itself (its JSON without this
+entry). Every reader checks them (`verify`): a tensor missing, extra, of another dtype or shape, or
+changed in place, and a changed config, are refused in one line. Directories written before checksums
+existed carry none and are read without them. config.json is written last.
 """
 from __future__ import annotations
 
@@ -17,10 +23,12 @@ import os
 import re
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
 
+from .errors import one_line
 from .modules.linear import QuantLinear
 from .settings import DENSE_DTYPES, check_format_version, stored_config
 
@@ -38,11 +46,6 @@ class OutputError(ValueError):
 
 class WriteError(OSError):
     """Writing a directory failed (disk full, ...); nothing is left of it: one line saying why."""
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def is_pvq_output(path: Path) -> bool:
@@ -146,7 +149,7 @@ def prepare_output(out: str | Path, force: bool = False, sources=(), nbytes: int
     try:  # the temporary directory goes next to the output: can we create one there?
         os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=where))
     except OSError as exc:
-        raise OutputError(f"output {out}: cannot write in {where} ({exc.strerror or _one_line(exc)})") from None
+        raise OutputError(f"output {out}: cannot write in {where} ({exc.strerror or one_line(exc)})") from None
     clean_stale(target)
     if nbytes is not None:
         check_space(target, nbytes)
@@ -185,6 +188,33 @@ def _replace(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+CHECKSUMS = "checksums"
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """CRC-32 of a tensor's dtype, shape and bytes (8 hex digits): what the file must give back."""
+    crc = zlib.crc32(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel():
+        crc = zlib.crc32(flat.view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
+
+
+def file_checksum(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def config_checksum(cfg: dict) -> str:
+    """CRC-32 of a config.json's content without its checksums entry (canonical JSON: sorted keys)."""
+    qc = {k: v for k, v in (cfg.get("quantization_config") or {}).items() if k != CHECKSUMS}
+    text = json.dumps({**cfg, "quantization_config": qc}, sort_keys=True, separators=(",", ":"))
+    return f"{zlib.crc32(text.encode()):08x}"
+
+
 def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False, extra_files: dict[str, bytes] | None = None,
          sources=()) -> Path:
     """Write a quantized model (after api.quantize) to out_dir atomically (extra_files: name -> bytes, e.g. reports).
@@ -208,18 +238,24 @@ def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False, extra_f
         # one metadata key only: safetensors writes metadata in hash order, which would break
         # byte-identical files across runs (the format version lives in config.json)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        cfg = model.config.to_dict()
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
+        cfg = model.config.to_dict()
+        qc = {k: v for k, v in cfg["quantization_config"].items() if k != CHECKSUMS}
+        cfg["quantization_config"] = qc
+        qc[CHECKSUMS] = {"tensors": {k: tensor_checksum(t) for k, t in sorted(tensors.items())},
+                         "files": {f.name: file_checksum(f) for f in sorted(tmp.iterdir())
+                                   if f.is_file() and f.name != WEIGHTS},
+                         "config": config_checksum(cfg)}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
         _replace(tmp, target)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: cleaned up, passed on
             raise
-        raise WriteError(f"writing {out_dir} failed, nothing was written ({_one_line(exc)})") from None
+        raise WriteError(f"writing {out_dir} failed, nothing was written ({one_line(exc)})") from None
     return Path(out_dir)
 
 
@@ -241,11 +277,58 @@ def read_config(path: str | Path) -> dict:
         check_format_version(qc.get("format_version"))
     except ValueError as exc:
         raise PVQFormatError(f"{f}: {exc}") from None
+    _checksums(cfg, f)
     return cfg
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a directory's model.safetensors (PVQFormatError for a missing or unreadable file)."""
+def _checksums(cfg: dict, source) -> dict | None:
+    sums = cfg["quantization_config"].get(CHECKSUMS)
+    if sums is None:
+        return None
+    if not (isinstance(sums, dict) and isinstance(sums.get("tensors"), dict) and isinstance(sums.get("files", {}), dict)):
+        raise PVQFormatError(f"{source}: quantization_config checksums are malformed")
+    if sums.get("config") != config_checksum(cfg):
+        raise PVQFormatError(f"{source}: checksum mismatch: config.json was changed after pvq wrote it")
+    return sums
+
+
+def verify(path: str | Path, cfg: dict, tensors, keep=None) -> dict[str, torch.Tensor]:
+    """Check (name, tensor) pairs read from a directory against its config: the checksums where it has
+    them, and every layer's stored seeds against the seeds its config lists. Returns {name: keep(name,
+    tensor)} (the tensor itself by default)."""
+    p = Path(path)
+    sums = _checksums(cfg, p / "config.json")
+    want = None if sums is None else sums["tensors"]
+    out = {}
+    for name, t in tensors:
+        if want is not None:
+            if name not in want:
+                raise PVQFormatError(f"{p / WEIGHTS}: unexpected tensor {name} (not in the checksums pvq wrote)")
+            if tensor_checksum(t) != want[name]:
+                raise PVQFormatError(f"{p / WEIGHTS}: tensor {name} ({str(t.dtype).removeprefix('torch.')} "
+                                     f"{list(t.shape)}): checksum mismatch, the file is damaged or was changed")
+        out[name] = t if keep is None else keep(name, t)
+    if want is not None and (missing := sorted(set(want) - set(out))):
+        raise PVQFormatError(f"{p / WEIGHTS}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for name, f in sorted(((sums or {}).get("files") or {}).items()):
+        fp = p / name
+        if fp.is_file() and file_checksum(fp) != f:  # one removed (a tokenizer, a report) leaves the model as it was
+            raise PVQFormatError(f"{fp}: checksum mismatch, the file is damaged or was changed")
+    for name, layer in (cfg["quantization_config"].get("layers") or {}).items():
+        t, listed = out.get(f"{name}.seeds"), layer.get("seeds") if isinstance(layer, dict) else None
+        if t is not None and listed is not None and [int(v) for v in t.reshape(-1).tolist()] != listed:
+            raise PVQFormatError(f"{p / WEIGHTS}: tensor {name}.seeds {t.tolist()} differs from the seeds "
+                                 f"config.json lists for the layer ({listed})")
+    return out
+
+
+def _safetensors_error(wf: Path, exc: BaseException) -> PVQFormatError:
+    return PVQFormatError(f"{wf}: unreadable or truncated safetensors file ({one_line(exc)})")
+
+
+def read_tensors(path: str | Path, cfg: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's model.safetensors (PVQFormatError for a missing or unreadable file),
+    checked against `cfg` (its config.json, read_config) by `verify` when given."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -253,6 +336,26 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not wf.is_file():
         raise PVQFormatError(f"{wf}: missing")
     try:
-        return load_file(str(wf))
+        tensors = load_file(str(wf))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PVQFormatError(f"{wf}: unreadable or truncated safetensors file ({str(exc).splitlines()[0]})") from None
+        raise _safetensors_error(wf, exc) from None
+    return tensors if cfg is None else verify(path, cfg, tensors.items())
+
+
+def scan_tensors(path: str | Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """`verify` a directory reading one tensor at a time (memory: the largest tensor), without keeping
+    them: returns each tensor's dtype and shape (on the meta device), and the stored seeds themselves."""
+    from safetensors import SafetensorError, safe_open
+
+    wf = Path(path) / WEIGHTS
+    if not wf.is_file():
+        raise PVQFormatError(f"{wf}: missing")
+
+    def keep(name, t):  # the seeds are compared with the config; of the rest only dtype and shape are used
+        return t if name.endswith(".seeds") else torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    try:
+        with safe_open(str(wf), framework="pt") as f:
+            return verify(path, cfg, ((n, f.get_tensor(n)) for n in f.keys()), keep)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise _safetensors_error(wf, exc) from None

@@ -326,16 +326,19 @@ def _print_result(res: dict, as_json: bool) -> None:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import WEIGHTS, read_config
+    from .checkpoint import CHECKSUMS, WEIGHTS, read_config, scan_tensors
     from .modules.actquant import bits_per_activation_of
     from .settings import ActConfig
 
-    qc = read_config(args.dir)["quantization_config"]
-    size = (Path(args.dir) / WEIGHTS).stat().st_size if (Path(args.dir) / WEIGHTS).is_file() else None
+    cfg = read_config(args.dir)
+    qc = cfg["quantization_config"]
+    tensors = scan_tensors(args.dir, cfg)  # a truncated, damaged or changed file is an error, not a report
+    size = (Path(args.dir) / WEIGHTS).stat().st_size
     info = {"method": qc["config"]["method"], "target_bits": qc["config"]["bits"],
             "bits_per_weight": qc["achieved"]["bits_per_weight"], "linear_weights": qc["achieved"]["linear_weights"],
-            "file_bytes": size, "file_bits_per_linear_weight": None if size is None else 8 * size / qc["achieved"]["linear_weights"],
-            "format_version": qc["format_version"], "layers": qc["layers"]}
+            "file_bytes": size, "file_bits_per_linear_weight": 8 * size / qc["achieved"]["linear_weights"],
+            "format_version": qc["format_version"], "layers": qc["layers"], "tensors": len(tensors),
+            "checksums": CHECKSUMS in qc}
     act = ActConfig.from_quant_config(qc["config"])
     if act is not None:
         info.update({"abits": act.bits, "act_method": act.method, "act_rotate": act.rotate,
@@ -345,8 +348,8 @@ def cmd_info(args) -> int:
         return 0
     print(f"method {info['method']} (target {info['target_bits']} bpw), format v{info['format_version']}")
     print(f"quantized linears: {info['bits_per_weight']:.4f} bits per weight over {info['linear_weights'] / 1e6:.2f} M weights")
-    if size is not None:
-        print(f"file model.safetensors: {size / 2**20:.2f} MiB (embeddings, head and norms included)")
+    print(f"file model.safetensors: {size / 2**20:.2f} MiB (embeddings, head and norms included), {len(tensors)} tensors, "
+          + ("every checksum matches" if info["checksums"] else "readable (written without checksums)"))
     if act is not None:
         print(f"activations: {act.name}: {info['bits_per_activation']:.4f} bits per activation "
               f"(inputs of the quantized linears, per-token fp16 scale included)")

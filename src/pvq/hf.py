@@ -11,9 +11,12 @@ The decode mode is a loading attribute:
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from .loader import finish_loading, replace_linears
+from .checkpoint import WEIGHTS, PVQFormatError
+from .loader import check_directory, finish_loading, replace_linears
 from .models.adapters import check_supported
 from .modules.linear import DECODE_MODES, check_decode
 from .settings import FORMAT_VERSION, check_format_version
@@ -61,6 +64,7 @@ def register() -> bool:
 
         def to_dict(self) -> dict:
             # what is written back to config.json: the stored format, not how it was last run
+            # (without the checksums: a directory transformers writes holds its own bytes, not pvq's)
             return {"quant_method": "pvq", "format_version": self.format_version, "config": self.config,
                     "layers": self.layers, "achieved": self.achieved}
 
@@ -74,11 +78,20 @@ def register() -> bool:
                 raise ValueError("pvq quantizes with `pvq quantize` (it needs calibration data); "
                                  "from_pretrained only loads directories it wrote")
 
-        def _process_model_before_weight_loading(self, model, **kwargs):
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             check_supported(model)
             qc = self.quantization_config
             wd = getattr(torch, qc.weight_dtype) if qc.weight_dtype else model.dtype
             replace_linears(model, qc.layers, decode=qc.decode, weight_dtype=wd)
+            # transformers leaves a tensor missing from the file uninitialized and loads a changed one
+            # silently: check the directory it reads as pvq.load does, before it reads it
+            files = [Path(f) for f in checkpoint_files or ()]
+            where = files[0].parent if files else Path(str(model.config.name_or_path))
+            if files and [f.name for f in files] != [WEIGHTS]:
+                raise PVQFormatError(f"{where}: a pvq directory holds one {WEIGHTS}, transformers found "
+                                     f"{', '.join(f.name for f in files)}")
+            if (where / "config.json").is_file():
+                check_directory(model, where, qc.layers)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):

