@@ -491,3 +491,14 @@ def test_an_intact_directory_loads_everywhere(dirs, capsys):
     assert torch.equal(a, _from_pretrained(dirs / "q")(ids).logits)
     assert cli(["info", str(dirs / "q")]) == 0
     assert "every checksum matches" in capsys.readouterr().out
+
+
+def test_transformers_without_pvq_refuses_instead_of_random_weights(dirs):
+    # transformers skips a quant_method it does not know and would fill the missing weights at random
+    import subprocess
+    import sys
+    code = ("from transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(dirs / 'q')!r})\nprint('LOADED')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "LOADED" not in r.stdout
+    assert "mismatch" in r.stderr.lower()

@@ -2,7 +2,8 @@
 
 Quantized linears store only their packed codes, scales, any stored gain codebook and two rotation
 seeds: `<layer>.codes` (uint8), `<layer>.scales` (fp16), `<layer>.offsets` (fp16, uniform grid),
-`<layer>.gain_levels` (fp16, data-fitted PVQ gains only), `<layer>.seeds` (int64 [2]). Everything
+`<layer>.gain_levels` (fp16, data-fitted PVQ gains only), `<layer>.seeds` (int64 [2]), and an empty
+`<layer>.weight` (uint8 [0]) so that a loader unaware of pvq fails instead of guessing. Everything
 else (embeddings, norms, head) is stored dense in the configured dtype. A directory is written
 under a temporary name (`OUT.tmp-PID`) and renamed when complete, so an interrupted run leaves
 nothing that looks finished, and a failed write leaves nothing at all. Where it goes is checked before
@@ -156,10 +157,18 @@ def prepare_output(out: str | Path, force: bool = False, sources=(), nbytes: int
     return target
 
 
+def guard_name(layer: str) -> str:
+    """The empty tensor stored under a quantized linear's `weight` name (see _tensors)."""
+    return f"{layer}.weight"
+
+
 def _tensors(model, qc: dict) -> dict[str, torch.Tensor]:
     dtype = DENSE_DTYPES[qc["config"]["dense_dtype"]]
     quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    tensors: dict[str, torch.Tensor] = {}
+    # A loader that does not know pvq (transformers without `import pvq` skips an unknown quant_method)
+    # would build plain linears and fill their missing weights at random: an empty tensor under each
+    # weight's name makes that a size-mismatch error instead. It holds no bytes.
+    tensors: dict[str, torch.Tensor] = {guard_name(n): torch.empty(0, dtype=torch.uint8) for n in sorted(quant)}
     seen = {}
     for key, t in model.state_dict().items():
         if key.rpartition(".")[0] in quant:  # packed buffers (and bias) are stored as they are

@@ -11,11 +11,12 @@ The decode mode is a loading attribute:
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
-from .checkpoint import WEIGHTS, PVQFormatError
+from .checkpoint import WEIGHTS, PVQFormatError, guard_name
 from .loader import check_directory, finish_loading, replace_linears
 from .models.adapters import check_supported
 from .modules.linear import DECODE_MODES, check_decode
@@ -83,6 +84,9 @@ def register() -> bool:
             qc = self.quantization_config
             wd = getattr(torch, qc.weight_dtype) if qc.weight_dtype else model.dtype
             replace_linears(model, qc.layers, decode=qc.decode, weight_dtype=wd)
+            # the empty guard tensors under the quantized linears' weight names are expected here
+            model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
+                                                        | {re.escape(guard_name(n)) + "$" for n in qc.layers})
             # transformers leaves a tensor missing from the file uninitialized and loads a changed one
             # silently: check the directory it reads as pvq.load does, before it reads it
             files = [Path(f) for f in checkpoint_files or ()]

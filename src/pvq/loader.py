@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, WEIGHTS, PVQFormatError, read_config, read_tensors, scan_tensors
+from .checkpoint import TOKENIZER_FILES, WEIGHTS, PVQFormatError, guard_name, read_config, read_tensors, scan_tensors
 from .models.adapters import check_supported, set_module
 from .models.loading import load_model
 from .modules.actquant import attach
@@ -110,7 +110,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     replace_linears(model, qc["layers"], decode, weight_dtype, str(p / "config.json"))
     check_tensors(model, tensors, qc["layers"], wf)
     check_complete(model, tensors, qc["layers"], wf)
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict({k: v for k, v in tensors.items() if k not in {guard_name(n) for n in qc["layers"]}}, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.config.quantization_config = qc
