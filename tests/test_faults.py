@@ -204,19 +204,19 @@ def test_disk_full_while_writing_leaves_nothing(dirs, tmp_path, monkeypatch, cap
 
         monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     else:
-        real = loading.load_model
+        real = loading.load_skeleton  # a folder is streamed
 
-        def load_model(spec=None, *a, **k):
-            model, tok = real(spec, *a, **k)
+        def load_skeleton(spec, *a, **k):
+            model, tok, reader = real(spec, *a, **k)
 
             def save_pretrained(directory, *a, **k):
                 (Path(directory) / "tokenizer.json").write_text('{"trunc')
                 raise Exception("No space left on device (os error 28)")  # what the tokenizers library raises
 
             tok.save_pretrained = save_pretrained
-            return model, tok
+            return model, tok, reader
 
-        monkeypatch.setattr(loading, "load_model", load_model)
+        monkeypatch.setattr(loading, "load_skeleton", load_skeleton)
     out = tmp_path / "out"
     assert _quantize(dirs / "hf", out) == 2
     line = _error(capsys)

@@ -13,11 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import codec
+from .checkpoint import stored_tensors
 from .codec.fp16 import FP16RangeError
 from .memory import release_memory
-from .models.adapters import (block_hessians, block_linear_names, block_linears, blocks, capture_block_inputs, check_supported,
-                              layer_name, run_block, set_module)
-from .modules.actquant import attach, bits_per_activation
+from .models.adapters import (block_hessians, block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
+                              check_supported, layer_name, run_block, set_module)
+from .models.streaming import materialize, release
+from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
 from .modules.linear import QuantLinear
 from .picker import act_spec, choose_spec
 from .settings import DENSE_DTYPES, QuantConfig, quantization_config, spec_from_dict, spec_to_dict
@@ -27,16 +29,20 @@ from .solvers.steppers import PVQStepper, UniformStepper
 from .transforms.rotate import layer_seeds, rotate_hessian, rotate_weight
 
 
-def check_weights(model, cfg: QuantConfig) -> None:
+def check_weights(model, cfg: QuantConfig, names=None, reader=None) -> None:
     """Refuse, before any work, a parameter holding NaN or inf, or one that stays dense (embeddings, norms,
-    head) with a value outside the range of the dtype it will be stored in (--dense-dtype)."""
+    head) with a value outside the range of the dtype it will be stored in (--dense-dtype). `names`: only
+    those. A parameter not read yet (meta device) is read from `reader` (a streamed checkpoint, one tensor
+    at a time) or, without one, skipped."""
     dtype = DENSE_DTYPES[cfg.dense_dtype]
     top = torch.finfo(dtype).max
-    quantized = {id(m.weight) for _, m in block_linear_names(model)}
+    quantized = {id(m.weight) for _, m in block_linear_names(model) if not isinstance(m, QuantLinear)}
     for name, p in model.named_parameters():
-        if not p.is_floating_point():
+        if not p.is_floating_point() or (names is not None and name not in names):
             continue
-        t = p.detach()
+        if p.device.type == "meta" and (reader is None or name not in reader):
+            continue
+        t = reader.get(name).float() if p.device.type == "meta" else p.detach()
         bad = ~torch.isfinite(t) if id(p) in quantized else ~torch.isfinite(t) | (t.abs() > top)
         if bool(bad.any()):
             v = float(t[bad].reshape(-1)[0])
@@ -56,20 +62,28 @@ def layer_spec(cfg: QuantConfig, name: str, rows: int, cols: int):
 
 
 @torch.no_grad()
-def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, progress: bool = True) -> dict:
+def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, progress: bool = True,
+             reader=None, writer=None) -> dict:
     """Quantize every linear of the transformer blocks of `model` in place. Returns a summary dict.
 
     summary["layer_errors"]: per layer, the relative error the quantizer left
     (solvers.hessian.relative_error, in the calibration Hessian's metric for gptq and pvq-gptq).
 
     calib_ids: LongTensor [nsamples, seqlen] of calibration tokens (needed by gptq and pvq-gptq).
+    reader: a models.streaming.CheckpointReader when `model` is a skeleton (models.loading.load_skeleton):
+    each block's weights are read when its turn comes, the rest first. writer: a checkpoint.Writer that
+    takes each finished block's tensors, after which the block's memory is released (the model is then
+    a shell: run the written directory, not this model).
     """
     check_supported(model)
+    layers = blocks(model)
+    if reader is not None:  # everything outside the blocks (embeddings, final norm, head) first
+        prefixes = tuple(block_prefix(i) for i in range(len(layers)))
+        check_weights(model, cfg, materialize(model, reader, lambda n: not n.startswith(prefixes)))
     check_weights(model, cfg)
     if cfg.uses_data and calib_ids is None:
         raise ValueError(f"method {cfg.method} needs calibration data (calib_ids)")
     t0 = time.time()
-    layers = blocks(model)
     hidden = kwargs = None
     if cfg.uses_data:
         hidden, kwargs = capture_block_inputs(model, calib_ids)
@@ -77,6 +91,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     errors = {}  # per layer: the relative error left, as isotropic-noise energy in the layer's metric
     bar = tqdm(total=len(layers) * 7, desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
     for i, block in enumerate(layers):
+        if reader is not None:
+            check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(block_prefix(i))))
         linears = block_linears(block)
         hess = block_hessians(block, hidden, kwargs)[0] if cfg.uses_data else {}
         for name, mod in linears.items():
@@ -106,11 +122,16 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             bar.update(1)
         if cfg.uses_data:
             hidden = run_block(block, hidden, kwargs)  # the quantized block's outputs feed the next block
+        if writer is not None:
+            writer.add(stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], block_prefix(i)))
+            release(block)
         release_memory()
     bar.close()
     _round_dense(model, DENSE_DTYPES[cfg.dense_dtype])
     summary = summarize(per_layer)
-    if cfg.act is not None:  # the in-memory model runs as the saved one will
+    if cfg.act is not None and writer is not None:  # the blocks are written and released: from the shapes
+        summary["bits_per_activation"] = bits_per_activation_of(cfg.act, [v["shape"][1] for v in per_layer.values()])
+    elif cfg.act is not None:  # the in-memory model runs as the saved one will
         attach(model, cfg.act)
         summary["bits_per_activation"] = bits_per_activation(model)
     # stored without timings, so the same seed, model and data give byte-identical files

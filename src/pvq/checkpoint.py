@@ -34,6 +34,7 @@ from .modules.linear import QuantLinear
 from .settings import DENSE_DTYPES, check_format_version, stored_config
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -162,22 +163,27 @@ def guard_name(layer: str) -> str:
     return f"{layer}.weight"
 
 
-def _tensors(model, qc: dict) -> dict[str, torch.Tensor]:
-    dtype = DENSE_DTYPES[qc["config"]["dense_dtype"]]
-    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+def stored_tensors(model, dense_dtype: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors a directory stores for `model` (only those whose names start with `prefix`): a quantized
+    linear's buffers (and bias) as they are, every other tensor in `dense_dtype`, a tied one once.
+    Tensors on the meta device (a streamed block already written) are left out."""
+    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n.startswith(prefix)}
     # A loader that does not know pvq (transformers without `import pvq` skips an unknown quant_method)
     # would build plain linears and fill their missing weights at random: an empty tensor under each
     # weight's name makes that a size-mismatch error instead. It holds no bytes.
-    tensors: dict[str, torch.Tensor] = {guard_name(n): torch.empty(0, dtype=torch.uint8) for n in sorted(quant)}
+    tensors: dict[str, torch.Tensor] = {guard_name(n): torch.empty(0, dtype=torch.uint8) for n in sorted(quant)
+                                        if any(b.device.type != "meta" for b in model.get_submodule(n).buffers())}
     seen = {}
     for key, t in model.state_dict().items():
+        if not key.startswith(prefix) or t.device.type == "meta":
+            continue
         if key.rpartition(".")[0] in quant:  # packed buffers (and bias) are stored as they are
             tensors[key] = t.detach().contiguous().clone()
             continue
         if t.data_ptr() in seen:  # tied weights (lm_head = embed_tokens): store once
             continue
         seen[t.data_ptr()] = key
-        tensors[key] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
+        tensors[key] = t.detach().to(dense_dtype if t.is_floating_point() else t.dtype).contiguous()
     return tensors
 
 
@@ -224,48 +230,134 @@ def config_checksum(cfg: dict) -> str:
     return f"{zlib.crc32(text.encode()):08x}"
 
 
+DEFAULT_SHARD_BYTES = 2 << 30
+SHARD = "model-{:05d}-of-{:05d}.safetensors"
+_PARTIAL = "shard-{:05d}.partial"
+
+
+class Writer:
+    """Writes a pvq directory as the work goes: tensors (`add`) into shards of about `shard_bytes`, written
+    when full; `finish` adds the rest of the model, the tokenizer, reports and config.json (last, with the
+    checksums). Everything lives under `OUT.tmp-PID` until the final rename; leaving the `with` block on an
+    error removes it. A model that fits one shard is one `model.safetensors`; a bigger one is Hugging Face
+    shards (`model-0000i-of-0000N.safetensors`) with `model.safetensors.index.json`."""
+
+    def __init__(self, out_dir: str | Path, overwrite: bool = False, sources=(), nbytes: int | None = None,
+                 shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.out_dir = Path(out_dir)
+        self.target = prepare_output(out_dir, overwrite, sources, nbytes)
+        self.tmp = self.target.with_name(f"{self.target.name}.tmp-{os.getpid()}")
+        self.shard_bytes = int(shard_bytes)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.shards: list[tuple[str, list[str]]] = []
+        self.sums: dict[str, str] = {}
+        self.total = 0
+        if self.tmp.is_symlink() or self.tmp.is_file():
+            self.tmp.unlink()
+        elif self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self._guard(lambda: self.tmp.mkdir(parents=True))
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if exc is not None:
+            self.abort()
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _guard(self, step):
+        try:
+            return step()
+        except BaseException as exc:
+            self.abort()
+            if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: cleaned up, passed on
+                raise
+            raise WriteError(f"writing {self.out_dir} failed, nothing was written ({one_line(exc)})") from None
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            if name in self.sums:
+                raise ValueError(f"tensor {name} was already written")
+            self.sums[name] = tensor_checksum(t)
+            self.pending[name] = t
+            self.total += t.numel() * t.element_size()
+        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = _PARTIAL.format(len(self.shards) + 1)
+        # one metadata key only: safetensors writes metadata in hash order, which would break
+        # byte-identical files across runs (the format version lives in config.json)
+        self._guard(lambda: save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"}))
+        self.shards.append((name, sorted(self.pending)))
+        self.pending = {}
+
+    def _weights(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.shards:  # it all fits one file
+            self._guard(lambda: save_file(self.pending, str(self.tmp / WEIGHTS), metadata={"format": "pt"}))
+            self.pending = {}
+            return
+        self._flush()
+        n, weight_map = len(self.shards), {}
+        for i, (partial, names) in enumerate(self.shards, 1):
+            final = SHARD.format(i, n)
+            self._guard(lambda: os.replace(self.tmp / partial, self.tmp / final))
+            weight_map.update({k: final for k in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        self._guard(lambda: (self.tmp / INDEX).write_text(json.dumps(index, indent=1)))
+
+    def finish(self, model, tokenizer, extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write what is left of `model` (after api.quantize), the tokenizer, `extra_files` (name -> bytes,
+        e.g. reports) and config.json; then put the directory in place. Returns out_dir."""
+        qc = stored_config(getattr(model.config, "quantization_config", None))
+        if qc is None:
+            self.abort()
+            raise ValueError("save: the model has not been quantized by pvq (no pvq quantization_config)")
+        rest = stored_tensors(model, DENSE_DTYPES[qc["config"]["dense_dtype"]])
+        self.add({k: v for k, v in rest.items() if k not in self.sums})
+        self._weights()
+
+        def meta_files():
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(self.tmp))
+            for name, data in (extra_files or {}).items():
+                (self.tmp / name).write_bytes(data)
+            cfg = model.config.to_dict()
+            q = {k: v for k, v in cfg["quantization_config"].items() if k != CHECKSUMS}
+            cfg["quantization_config"] = q
+            weights = {WEIGHTS, INDEX} | {SHARD.format(i, len(self.shards)) for i in range(1, len(self.shards) + 1)}
+            q[CHECKSUMS] = {"tensors": dict(sorted(self.sums.items())),
+                            "files": {f.name: file_checksum(f) for f in sorted(self.tmp.iterdir())
+                                      if f.is_file() and f.name not in weights},
+                            "config": config_checksum(cfg)}
+            (self.tmp / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
+            _replace(self.tmp, self.target)
+        self._guard(meta_files)
+        return self.out_dir
+
+
 def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False, extra_files: dict[str, bytes] | None = None,
-         sources=()) -> Path:
+         sources=(), shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a quantized model (after api.quantize) to out_dir atomically (extra_files: name -> bytes, e.g. reports).
 
     The location is checked first (prepare_output; `sources`: the input model's path, never replaced). A
     failure while writing removes the temporary directory and raises WriteError naming the cause."""
-    from safetensors.torch import save_file
-
     qc = stored_config(getattr(model.config, "quantization_config", None))
     if qc is None:
         raise ValueError("save: the model has not been quantized by pvq (no pvq quantization_config)")
-    tensors = _tensors(model, qc)
-    target = prepare_output(out_dir, overwrite, sources, sum(t.numel() * t.element_size() for t in tensors.values()))
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    if tmp.is_symlink() or tmp.is_file():
-        tmp.unlink()
-    elif tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir(parents=True)
-        # one metadata key only: safetensors writes metadata in hash order, which would break
-        # byte-identical files across runs (the format version lives in config.json)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        cfg = model.config.to_dict()
-        qc = {k: v for k, v in cfg["quantization_config"].items() if k != CHECKSUMS}
-        cfg["quantization_config"] = qc
-        qc[CHECKSUMS] = {"tensors": {k: tensor_checksum(t) for k, t in sorted(tensors.items())},
-                         "files": {f.name: file_checksum(f) for f in sorted(tmp.iterdir())
-                                   if f.is_file() and f.name != WEIGHTS},
-                         "config": config_checksum(cfg)}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
-        _replace(tmp, target)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: cleaned up, passed on
-            raise
-        raise WriteError(f"writing {out_dir} failed, nothing was written ({one_line(exc)})") from None
-    return Path(out_dir)
+    tensors = stored_tensors(model, DENSE_DTYPES[qc["config"]["dense_dtype"]])
+    with Writer(out_dir, overwrite, sources, sum(t.numel() * t.element_size() for t in tensors.values()),
+                shard_bytes) as w:
+        return w.finish(model, tokenizer, extra_files)
 
 
 def read_config(path: str | Path) -> dict:
@@ -307,18 +399,21 @@ def verify(path: str | Path, cfg: dict, tensors, keep=None) -> dict[str, torch.T
     tensor)} (the tensor itself by default)."""
     p = Path(path)
     sums = _checksums(cfg, p / "config.json")
+    wf = p / (INDEX if (p / INDEX).is_file() else WEIGHTS)
     want = None if sums is None else sums["tensors"]
     out = {}
     for name, t in tensors:
+        if name in out:
+            raise PVQFormatError(f"{wf}: tensor {name} is stored twice")
         if want is not None:
             if name not in want:
-                raise PVQFormatError(f"{p / WEIGHTS}: unexpected tensor {name} (not in the checksums pvq wrote)")
+                raise PVQFormatError(f"{wf}: unexpected tensor {name} (not in the checksums pvq wrote)")
             if tensor_checksum(t) != want[name]:
-                raise PVQFormatError(f"{p / WEIGHTS}: tensor {name} ({str(t.dtype).removeprefix('torch.')} "
+                raise PVQFormatError(f"{wf}: tensor {name} ({str(t.dtype).removeprefix('torch.')} "
                                      f"{list(t.shape)}): checksum mismatch, the file is damaged or was changed")
         out[name] = t if keep is None else keep(name, t)
     if want is not None and (missing := sorted(set(want) - set(out))):
-        raise PVQFormatError(f"{p / WEIGHTS}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise PVQFormatError(f"{wf}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     for name, f in sorted(((sums or {}).get("files") or {}).items()):
         fp = p / name
         if fp.is_file() and file_checksum(fp) != f:  # one removed (a tokenizer, a report) leaves the model as it was
@@ -326,7 +421,7 @@ def verify(path: str | Path, cfg: dict, tensors, keep=None) -> dict[str, torch.T
     for name, layer in (cfg["quantization_config"].get("layers") or {}).items():
         t, listed = out.get(f"{name}.seeds"), layer.get("seeds") if isinstance(layer, dict) else None
         if t is not None and listed is not None and [int(v) for v in t.reshape(-1).tolist()] != listed:
-            raise PVQFormatError(f"{p / WEIGHTS}: tensor {name}.seeds {t.tolist()} differs from the seeds "
+            raise PVQFormatError(f"{wf}: tensor {name}.seeds {t.tolist()} differs from the seeds "
                                  f"config.json lists for the layer ({listed})")
     return out
 
@@ -335,36 +430,63 @@ def _safetensors_error(wf: Path, exc: BaseException) -> PVQFormatError:
     return PVQFormatError(f"{wf}: unreadable or truncated safetensors file ({one_line(exc)})")
 
 
-def read_tensors(path: str | Path, cfg: dict | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a directory's model.safetensors (PVQFormatError for a missing or unreadable file),
-    checked against `cfg` (its config.json, read_config) by `verify` when given."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a pvq directory: model.safetensors, or the shards its index names."""
+    p = Path(path)
+    if (p / INDEX).is_file():
+        try:
+            files = sorted(set(json.loads((p / INDEX).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PVQFormatError(f"{p / INDEX}: not a safetensors index ({one_line(exc)})") from None
+        if not all(isinstance(f, str) and Path(f).name == f for f in files):
+            raise PVQFormatError(f"{p / INDEX}: names a file outside the directory")
+        return [p / f for f in files]
+    return [p / WEIGHTS]
 
-    wf = Path(path) / WEIGHTS
+
+def weights_bytes(path: str | Path) -> int:
+    """Bytes of a directory's safetensors files."""
+    return sum(f.stat().st_size for f in weight_files(path) if f.is_file())
+
+
+def _shard_tensors(wf: Path):
+    """(name, tensor) pairs of one safetensors file, one tensor at a time."""
+    from safetensors import safe_open
+
     if not wf.is_file():
         raise PVQFormatError(f"{wf}: missing")
-    try:
-        tensors = load_file(str(wf))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise _safetensors_error(wf, exc) from None
-    return tensors if cfg is None else verify(path, cfg, tensors.items())
+    with safe_open(str(wf), framework="pt") as f:
+        for n in f.keys():
+            yield n, f.get_tensor(n)
+
+
+def _read(path: str | Path, cfg: dict | None, keep=None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    files = weight_files(path)
+
+    def pairs():
+        for wf in files:
+            try:
+                yield from _shard_tensors(wf)
+            except PVQFormatError:
+                raise
+            except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+                raise _safetensors_error(wf, exc) from None
+    if cfg is None:
+        return dict(pairs())
+    return verify(path, cfg, pairs(), keep)
+
+
+def read_tensors(path: str | Path, cfg: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory (model.safetensors or its shards; PVQFormatError for a missing or
+    unreadable file), checked against `cfg` (its config.json, read_config) by `verify` when given."""
+    return _read(path, cfg)
 
 
 def scan_tensors(path: str | Path, cfg: dict) -> dict[str, torch.Tensor]:
     """`verify` a directory reading one tensor at a time (memory: the largest tensor), without keeping
     them: returns each tensor's dtype and shape (on the meta device), and the stored seeds themselves."""
-    from safetensors import SafetensorError, safe_open
-
-    wf = Path(path) / WEIGHTS
-    if not wf.is_file():
-        raise PVQFormatError(f"{wf}: missing")
-
     def keep(name, t):  # the seeds are compared with the config; of the rest only dtype and shape are used
         return t if name.endswith(".seeds") else torch.empty(t.shape, dtype=t.dtype, device="meta")
-
-    try:
-        with safe_open(str(wf), framework="pt") as f:
-            return verify(path, cfg, ((n, f.get_tensor(n)) for n in f.keys()), keep)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise _safetensors_error(wf, exc) from None
+    return _read(path, cfg, keep)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +27,22 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def _size(text: str) -> int:
+    """argparse type: a size in bytes such as 500MB, 2GB or 1GiB (at least 1 MB)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"must be a size such as 500MB or 2GB, got {text!r}")
+    v = int(float(m.group(1)) * _UNITS[unit])
+    if v < 10**6:
+        raise argparse.ArgumentTypeError(f"must be at least 1MB, got {text!r}")
+    return v
 
 
 def _int(lo: int, hi: int | None = None):
@@ -100,6 +117,12 @@ def _add_quantize(sub) -> None:
                         "see README)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (uniform grid only)")
     p.add_argument("--damp", type=_float(0), default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
+    p.add_argument("--shard-size", type=_size, default="2GB", metavar="SIZE",
+                   help="largest safetensors shard written, e.g. 500MB or 2GB (default 2GB); a smaller model is one "
+                        "model.safetensors")
+    p.add_argument("--no-stream", action="store_true",
+                   help="load the whole float model first (a safetensors folder is otherwise read one block at a "
+                        "time and written as it goes, so the model may be bigger than memory)")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the tensors kept dense (embeddings, head, norms)")
     p.add_argument("--allocate", action="store_true",
@@ -239,16 +262,18 @@ def cmd_quantize(args) -> int:
     from . import api, checkpoint
     from .data import calibration_batches, resolve_text
     from .memory import peak_rss_mib
-    from .models.loading import load_model
+    from .models.loading import load_model, load_skeleton, streamable
 
     cfg, progress = _quant_config(args), not args.no_progress
     alloc = _allocation_settings(args) if args.allocate else None
     out, sources = Path(args.output), [args.model] if args.model else []
     checkpoint.prepare_output(out, args.force, sources)  # a location pvq will not write fails before any work
-    model, tok = load_model(args.model)
+    # a safetensors folder is read block by block (allocation's probes need the whole model at once)
+    stream = streamable(args.model) and alloc is None and not args.no_stream
+    model, tok, reader = load_skeleton(args.model) if stream else (*load_model(args.model), None)
     api.check_reachable(model, cfg)  # an unreachable --bits or --abits fails before any long work
     api.check_context(model, cfg, alloc.seqlen if alloc else None)
-    api.check_weights(model, cfg)  # NaN, or a norm or embedding value its stored dtype cannot hold, fails now
+    api.check_weights(model, cfg, reader=reader)  # NaN, or a dense value its stored dtype cannot hold, fails now
     checkpoint.check_space(out, api.estimate_bytes(model, cfg))
     eval_text = resolve_text("wikitext2", "eval") if args.ppl else None  # a missing file fails now, not after the work
     text = resolve_text(cfg.calib, "calib") if cfg.uses_data or alloc else None
@@ -261,24 +286,35 @@ def cmd_quantize(args) -> int:
               f"(uniform x{report['uniform_predicted_ppl_factor']:.3f}; {report['prediction']})")
     calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed) if cfg.uses_data else None
     torch.manual_seed(cfg.seed)
-    summary = api.quantize(model, cfg, calib, progress=progress)
-    if report is not None:  # the report gets each layer's measured error next to the predicted one
-        extra = report_files(report, summary["layer_errors"])
-    if args.ppl:
-        from .eval.perplexity import perplexity
-
-        ppl = perplexity(model, tok, eval_text, seqlen=2048, windows=16, progress=progress)
-        summary.update({"ppl": ppl["ppl"], "ppl_windows": ppl["windows"], "ppl_protocol": ppl["protocol"]})
-    checkpoint.save(model, tok, out, overwrite=args.force, extra_files=extra, sources=sources)
-    size, rss = (out / checkpoint.WEIGHTS).stat().st_size, peak_rss_mib()
+    with checkpoint.Writer(out, args.force, sources, api.estimate_bytes(model, cfg), args.shard_size) as writer:
+        summary = api.quantize(model, cfg, calib, progress=progress, reader=reader, writer=writer if stream else None)
+        if report is not None:  # the report gets each layer's measured error next to the predicted one
+            extra = report_files(report, summary["layer_errors"])
+        if args.ppl and not stream:
+            ppl = _perplexity(model, tok, eval_text, progress, summary)
+        writer.finish(model, tok, extra)
+    if args.ppl and stream:  # the streamed model was written block by block: measure what was written
+        ppl = _perplexity(out, tok, eval_text, progress, summary)
+    size, rss = checkpoint.weights_bytes(out), peak_rss_mib()
     print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "
           f"({summary['linear_weights'] / 1e6:.1f} M weights), file {size / 2**20:.1f} MiB, "
           f"{summary['seconds']:.0f} s, peak RSS {rss:.0f} MiB -> {out}"
           + ("" if ppl is None else f"; perplexity {ppl['ppl']:.4f} ({ppl['protocol']})"))
     if args.json:
         print(json.dumps({**summary, "file_bytes": size, "peak_rss_mib": rss, "output": str(out),
-                          "method": cfg.method, "target_bits": cfg.bits}))
+                          "method": cfg.method, "target_bits": cfg.bits, "streamed": stream}))
     return 0
+
+
+def _perplexity(model, tok, text, progress, summary: dict) -> dict:
+    """The quick perplexity protocol on `model` (or the directory it was written to), added to `summary`."""
+    from .eval.perplexity import perplexity
+    from .loader import load
+
+    ppl = perplexity(model if not isinstance(model, Path) else load(model)[0], tok, text, seqlen=2048, windows=16,
+                     progress=progress)
+    summary.update({"ppl": ppl["ppl"], "ppl_windows": ppl["windows"], "ppl_protocol": ppl["protocol"]})
+    return ppl
 
 
 def cmd_eval(args) -> int:
@@ -326,14 +362,14 @@ def _print_result(res: dict, as_json: bool) -> None:
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import CHECKSUMS, WEIGHTS, read_config, scan_tensors
+    from .checkpoint import CHECKSUMS, read_config, scan_tensors, weight_files, weights_bytes
     from .modules.actquant import bits_per_activation_of
     from .settings import ActConfig
 
     cfg = read_config(args.dir)
     qc = cfg["quantization_config"]
     tensors = scan_tensors(args.dir, cfg)  # a truncated, damaged or changed file is an error, not a report
-    size = (Path(args.dir) / WEIGHTS).stat().st_size
+    size, files = weights_bytes(args.dir), weight_files(args.dir)
     info = {"method": qc["config"]["method"], "target_bits": qc["config"]["bits"],
             "bits_per_weight": qc["achieved"]["bits_per_weight"], "linear_weights": qc["achieved"]["linear_weights"],
             "file_bytes": size, "file_bits_per_linear_weight": 8 * size / qc["achieved"]["linear_weights"],
@@ -348,7 +384,8 @@ def cmd_info(args) -> int:
         return 0
     print(f"method {info['method']} (target {info['target_bits']} bpw), format v{info['format_version']}")
     print(f"quantized linears: {info['bits_per_weight']:.4f} bits per weight over {info['linear_weights'] / 1e6:.2f} M weights")
-    print(f"file model.safetensors: {size / 2**20:.2f} MiB (embeddings, head and norms included), {len(tensors)} tensors, "
+    print(f"{files[0].name if len(files) == 1 else f'{len(files)} shards'}: {size / 2**20:.2f} MiB (embeddings, "
+          f"head and norms included), {len(tensors)} tensors, "
           + ("every checksum matches" if info["checksums"] else "readable (written without checksums)"))
     if act is not None:
         print(f"activations: {act.name}: {info['bits_per_activation']:.4f} bits per activation "
@@ -382,7 +419,7 @@ def cmd_bench_run(args) -> int:
     import torch
 
     from . import measure
-    from .checkpoint import WEIGHTS
+    from .checkpoint import weights_bytes
     from .loader import load_any
     from .modules.linear import QuantLinear
     from .runtime import native
@@ -399,7 +436,7 @@ def cmd_bench_run(args) -> int:
     if qc is not None:
         decode = next(m.decode for m in model.modules() if isinstance(m, QuantLinear))  # "auto" resolved
         res.update({"method": qc["config"]["method"], "bits_per_weight": qc["achieved"]["bits_per_weight"],
-                    "decode": decode, "file_bytes": (Path(args.model) / WEIGHTS).stat().st_size})
+                    "decode": decode, "file_bytes": weights_bytes(args.model)})
         if decode == "on-the-fly":
             res["native_kernel"] = native.kernel() is not None
             if not res["native_kernel"]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import WEIGHTS, PVQFormatError, guard_name
+from .checkpoint import PVQFormatError, guard_name, weight_files
 from .loader import check_directory, finish_loading, replace_linears
 from .models.adapters import check_supported
 from .modules.linear import DECODE_MODES, check_decode
@@ -91,10 +91,11 @@ def register() -> bool:
             # silently: check the directory it reads as pvq.load does, before it reads it
             files = [Path(f) for f in checkpoint_files or ()]
             where = files[0].parent if files else Path(str(model.config.name_or_path))
-            if files and [f.name for f in files] != [WEIGHTS]:
-                raise PVQFormatError(f"{where}: a pvq directory holds one {WEIGHTS}, transformers found "
-                                     f"{', '.join(f.name for f in files)}")
             if (where / "config.json").is_file():
+                expected = sorted(f.name for f in weight_files(where))
+                if files and sorted(f.name for f in files) != expected:
+                    raise PVQFormatError(f"{where}: pvq wrote {', '.join(expected)}, transformers would read "
+                                         f"{', '.join(f.name for f in files)}")
                 check_directory(model, where, qc.layers)
             return model
 

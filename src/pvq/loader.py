@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, WEIGHTS, PVQFormatError, guard_name, read_config, read_tensors, scan_tensors
+from .checkpoint import TOKENIZER_FILES, PVQFormatError, guard_name, read_config, read_tensors, scan_tensors
 from .models.adapters import check_supported, set_module
 from .models.loading import load_model
 from .modules.actquant import attach
@@ -79,8 +79,8 @@ def check_directory(model, path: str | Path, layers: dict) -> None:
     and shape, the seeds), checked one tensor at a time against the model with its QuantLinear modules."""
     cfg = read_config(path)
     tensors = scan_tensors(path, cfg)
-    check_tensors(model, tensors, layers, Path(path) / WEIGHTS)
-    check_complete(model, tensors, layers, Path(path) / WEIGHTS)
+    check_tensors(model, tensors, layers, path)
+    check_complete(model, tensors, layers, path)
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "auto",
@@ -97,7 +97,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
 
     p = Path(path)
     cfg = read_config(p)
-    wf = p / WEIGHTS
+    wf = p
     tensors = read_tensors(p, cfg)
     qc = cfg.pop("quantization_config")
     model_type = cfg.pop("model_type", None)

@@ -35,7 +35,12 @@ def blocks(model) -> nn.ModuleList:
 
 def layer_name(index: int, name: str) -> str:
     """The full module name of linear `name` (relative to its block, e.g. "mlp.up_proj") of block `index`."""
-    return f"model.layers.{index}.{name}"
+    return f"{block_prefix(index)}{name}"
+
+
+def block_prefix(index: int) -> str:
+    """The prefix of the full names of block `index`'s modules and tensors."""
+    return f"model.layers.{index}."
 
 
 def block_linear_names(model) -> list[tuple[str, nn.Module]]:

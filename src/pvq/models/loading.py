@@ -87,7 +87,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     file (dequantized to `dtype`); a local folder -> `from_pretrained(folder)`; anything else
     -> a hub id. Every failure becomes a ModelLoadError.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = DEFAULT_MODEL if spec is None else str(spec)
     kwargs = _dtype_kwargs(dtype)
@@ -105,6 +105,20 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
         _check_model_type(name, getattr(model.config, "model_type", None))
         _forget_gguf_quantizer(model)
         return model.eval(), tokenizer
+
+    source, config = _checked_config(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}") from exc
+    return model.eval(), tokenizer
+
+
+def _checked_config(name: str):
+    """(where from_pretrained reads `name`, its config) of a folder or hub id, refused before any weights
+    load when the family is unsupported or it is already a pvq directory."""
+    from transformers import AutoConfig
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -129,12 +143,36 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "pvq":
         raise ModelLoadError(f"cannot load model {name!r} as a float model: it is already a pvq directory "
                              f"(quantize the original model; pvq eval, generate and bench-run run this one)")
+    return source, config
+
+
+def streamable(spec: str | None) -> bool:
+    """Whether `spec` is a local folder whose weights are safetensors (one file, or shards with an index)."""
+    from .streaming import weight_files
+
+    if spec is None or str(spec) == DEFAULT_MODEL or str(spec).lower().endswith(".gguf"):
+        return False
+    path = Path(str(spec)).expanduser()
+    return path.is_dir() and bool(weight_files(path))
+
+
+def load_skeleton(spec: str):
+    """(model, tokenizer, reader) of a local safetensors folder, the model built without its weights:
+    every parameter on the meta device (buffers real), to be filled from the reader one block at a time
+    (streaming.materialize). Checked as load_model checks it."""
+    from transformers import AutoTokenizer
+
+    from .streaming import CheckpointReader, skeleton
+
+    name = str(spec)
+    source, config = _checked_config(name)
     try:
+        reader = CheckpointReader(Path(source))
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+        model = skeleton(config)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}") from exc
-    return model.eval(), tokenizer
+    return model, tokenizer, reader
 
 
 def _tiny_config(model_type: str, overrides: dict):

@@ -1,0 +1,145 @@
+"""A model bigger than memory: build it without weights, read its tensors from disk one block at a time.
+
+The skeleton is the model transformers builds from the config, with every parameter on the meta
+device (no memory) and every buffer real (rotary frequencies are computed when the module is built,
+so they must not be lost). `materialize` then fills the parameters under one name prefix from the
+checkpoint (safetensors, memory mapped, one tensor at a time, any stored dtype, widened to float32),
+and `release` gives a finished block's memory back. A tied head shares the embedding's tensor.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be streamed: one line naming the file or tensor."""
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: file} of a safetensors checkpoint folder (an index's weight map, or the single file's
+    tensors); empty when the folder has neither."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{folder / INDEX}: not a safetensors index ({exc})") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    if (folder / SINGLE).is_file():
+        try:
+            with safe_open(str(folder / SINGLE), framework="pt") as f:
+                return {name: folder / SINGLE for name in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{folder / SINGLE}: unreadable safetensors file ({exc})") from None
+    return {}
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint folder by name, read one at a time (files opened once, mapped)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.files = weight_files(self.folder)
+        if not self.files:
+            raise CheckpointError(f"{self.folder}: no {SINGLE} nor {INDEX}")
+        self._open = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        if name not in self.files:
+            raise CheckpointError(f"{self.folder}: tensor {name} is not in the checkpoint")
+        path = self.files[name]
+        try:
+            if path not in self._open:
+                self._open[path] = safe_open(str(path), framework="pt")
+            return self._open[path].get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({str(exc).splitlines()[0]})") from None
+
+
+@contextmanager
+def parameters_on_meta():
+    """Every parameter registered inside goes to the meta device; buffers stay where they are built."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def skeleton(config):
+    """The causal LM of `config` with no weights in memory (parameters on meta), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def _slots(model: nn.Module):
+    """(module, parameter name, full name) for every parameter slot, tied ones each under every name."""
+    for mod_name, mod in model.named_modules():
+        for leaf, p in mod._parameters.items():
+            if p is not None:
+                yield mod, leaf, f"{mod_name}.{leaf}" if mod_name else leaf
+
+
+def materialize(model: nn.Module, reader: CheckpointReader, keep, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Fill every parameter still on meta whose full name `keep(name)` accepts from the checkpoint; a
+    parameter shared by several names (a tied head) is read once, under a name the checkpoint has.
+    Returns the names filled."""
+    by_param: dict[int, list] = {}
+    for mod, leaf, name in _slots(model):
+        p = mod._parameters[leaf]
+        if p.device.type == "meta" and keep(name):
+            by_param.setdefault(id(p), []).append((mod, leaf, name, p))
+    filled = []
+    for slots in by_param.values():
+        names = [name for _, _, name, _ in slots]
+        stored = next((n for n in names if n in reader), None)
+        if stored is None:
+            raise CheckpointError(f"{reader.folder}: tensor {names[0]} is not in the checkpoint")
+        want = slots[0][3]
+        t = reader.get(stored)
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(f"{reader.files[stored]}: tensor {stored} is {list(t.shape)}, the model "
+                                  f"expects {list(want.shape)}")
+        if not t.is_floating_point():
+            raise CheckpointError(f"{reader.files[stored]}: tensor {stored} is {t.dtype}, not a float tensor")
+        new = nn.Parameter(t.to(dtype), requires_grad=False)
+        for mod, leaf, name, _ in slots:
+            mod._parameters[leaf] = new
+            filled.append(name)
+    return filled
+
+
+def release(module: nn.Module) -> None:
+    """Give a finished part's memory back: its parameters and buffers go to the meta device."""
+    for mod in module.modules():
+        for leaf, p in mod._parameters.items():
+            if p is not None and p.device.type != "meta":
+                mod._parameters[leaf] = nn.Parameter(p.detach().to("meta"), requires_grad=False)
+        for leaf, b in mod._buffers.items():
+            if b is not None and b.device.type != "meta":
+                mod._buffers[leaf] = b.to("meta")

@@ -1,0 +1,158 @@
+"""Models bigger than memory (issue "Any size"): a safetensors folder is read one block at a time into a model
+built without weights, and the output is written as it goes, in shards when it is big. Tiny random models."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pvq
+from pvq import api, checkpoint
+from pvq.checkpoint import PVQFormatError
+from pvq.cli import main as cli
+from pvq.models import streaming
+from pvq.models.loading import load_skeleton, streamable, tiny_model, tiny_tokenizer
+from pvq.settings import QuantConfig
+
+IDS = torch.tensor([[1, 7, 42, 99, 3, 250, 17]])
+
+
+def _folder(root, name, dtype=torch.float32, shard=None, **overrides):
+    m = tiny_model("llama", num_hidden_layers=3, **overrides).to(dtype)
+    m.save_pretrained(root / name, **({"max_shard_size": shard} if shard else {}))
+    tiny_tokenizer().save_pretrained(root / name)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    return {"single": _folder(root, "single"),
+            "shards": _folder(root, "shards", torch.bfloat16, shard="60KB"),
+            "tied": _folder(root, "tied", tie_word_embeddings=True)}
+
+
+def _files(d):
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("which", ["single", "shards", "tied"])
+@pytest.mark.parametrize("method", ["pvq", "pvq-gptq"])
+def test_streamed_equals_loaded_whole(folders, tmp_path, which, method):
+    src = folders[which]
+    if which == "shards":
+        assert (src / "model.safetensors.index.json").is_file()
+    assert streamable(str(src))
+    args = ["--method", method, "--bits", "3", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
+    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "s")]) == 0
+    assert cli(["quantize", str(src), *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
+    assert _files(tmp_path / "s") == _files(tmp_path / "w")  # byte for byte
+
+
+def test_blocks_are_read_in_turn_and_released(folders, tmp_path, monkeypatch):
+    model, tok, reader = load_skeleton(str(folders["single"]))
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"  # buffers are real
+    events = []
+    get = reader.get
+    monkeypatch.setattr(reader, "get", lambda name: events.append(("read", name)) or get(name))
+    real_add = checkpoint.Writer.add
+
+    def add(self, tensors):
+        events.append(("write", sorted(tensors)[0]))
+        return real_add(self, tensors)
+    monkeypatch.setattr(checkpoint.Writer, "add", add)
+    cfg = QuantConfig(method="pvq", bits=3)
+    with checkpoint.Writer(tmp_path / "out") as w:
+        api.quantize(model, cfg, progress=False, reader=reader, writer=w)
+        for block in model.model.layers:  # written and given back
+            assert all(t.device.type == "meta" for t in [*block.parameters(), *block.buffers()])
+        w.finish(model, tok)
+    reads = [i for i, e in enumerate(events) if e[0] == "read" and ".layers." in e[1]]
+    writes = [i for i, e in enumerate(events) if e[0] == "write" and ".layers." in e[1]]
+    for b in range(3):  # block b is read after block b-1 was written
+        first = min(i for i in reads if f".layers.{b}." in events[i][1])
+        assert b == 0 or first > writes[b - 1]
+    with torch.no_grad():
+        got = pvq.load(tmp_path / "out", decode="once")[0](IDS).logits
+    assert torch.isfinite(got).all()
+
+
+def test_sharded_output_loads_everywhere(folders, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+    model, tok, reader = load_skeleton(str(folders["single"]))
+    with checkpoint.Writer(tmp_path / "sharded", shard_bytes=8_000) as w:
+        api.quantize(model, QuantConfig(method="pvq", bits=3), progress=False, reader=reader, writer=w)
+        w.finish(model, tok)
+    out = tmp_path / "sharded"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and not (out / "model.safetensors").exists()
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert cli(["quantize", str(folders["single"]), "--method", "pvq", "--bits", "3", "--no-progress",
+                "-o", str(tmp_path / "one")]) == 0
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    merged = {k: v for s in shards for k, v in load_file(out / s).items()}
+    assert merged.keys() == one.keys() and all(torch.equal(merged[k], one[k]) for k in one)
+    with torch.no_grad():
+        want = pvq.load(tmp_path / "one")[0](IDS).logits
+        assert torch.equal(pvq.load(out)[0](IDS).logits, want)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(IDS).logits, want)
+    assert cli(["info", str(out)]) == 0
+    assert f"{len(shards)} shards" in capsys.readouterr().out
+    (out / shards[1]).unlink()
+    with pytest.raises(PVQFormatError, match="missing"):
+        pvq.load(out)
+    assert cli(["info", str(out)]) == 2
+
+
+def test_an_error_in_the_middle_leaves_nothing(folders, tmp_path, monkeypatch):
+    model, tok, reader = load_skeleton(str(folders["single"]))
+    seen, real = [], api.rotate_weight
+
+    def fail_in_block_2(w, seeds):
+        seen.append(sorted(p.name for p in tmp_path.glob("out.tmp-*/*")))
+        if len(seen) > 14:  # blocks 0 and 1 are written by then
+            raise ValueError("a fault in block 2")
+        return real(w, seeds)
+    monkeypatch.setattr(api, "rotate_weight", fail_in_block_2)
+    with pytest.raises(ValueError, match="a fault in block 2"):
+        with checkpoint.Writer(tmp_path / "out", shard_bytes=20_000) as w:
+            api.quantize(model, QuantConfig(method="pvq", bits=3), progress=False, reader=reader, writer=w)
+    assert any(name.endswith(".partial") for name in seen[-1])  # shards were on disk, not named as finished
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_cli_error_in_the_middle_leaves_nothing(folders, tmp_path, monkeypatch, capsys):
+    real = api.rotate_weight
+    calls = []
+
+    def fail(w, seeds):
+        calls.append(1)
+        if len(calls) > 14:
+            raise ValueError("a fault in block 2")
+        return real(w, seeds)
+    monkeypatch.setattr(api, "rotate_weight", fail)
+    assert cli(["quantize", str(folders["single"]), "--method", "pvq", "--bits", "3", "--no-progress",
+                "-o", str(tmp_path / "out")]) == 2
+    assert "a fault in block 2" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_tensor_of_the_wrong_shape(folders, tmp_path):
+    from safetensors.torch import save_file
+    src = tmp_path / "bad"
+    import shutil
+    shutil.copytree(folders["single"], src)
+    t = load_file(src / "model.safetensors")
+    t["model.layers.1.mlp.up_proj.weight"] = t["model.layers.1.mlp.up_proj.weight"][:5]
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    model, tok, reader = load_skeleton(str(src))
+    with pytest.raises(streaming.CheckpointError, match=r"model.layers.1.mlp.up_proj.weight is \[5, 64\]"):
+        api.quantize(model, QuantConfig(method="pvq", bits=3), progress=False, reader=reader)
+
+
+def test_shard_size_option(folders, tmp_path, capsys):
+    for bad in ("0", "12XB", "100KB"):
+        assert cli(["quantize", str(folders["single"]), "--shard-size", bad, "-o", str(tmp_path / "x")]) == 2
+        assert "argument --shard-size" in capsys.readouterr().err
