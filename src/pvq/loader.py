@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import TOKENIZER_FILES, PVQFormatError, guard_name, read_config, read_tensors, scan_tensors
+from .errors import one_line
 from .models.adapters import check_supported, set_module
 from .models.loading import load_model
 from .modules.actquant import attach
@@ -120,7 +121,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(p))
         except Exception as exc:  # a directory with broken tokenizer files is an error, not "no tokenizer"
-            raise PVQFormatError(f"{p}: the tokenizer files cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise PVQFormatError(f"{p}: the tokenizer files cannot be read ({one_line(exc)})") from None
     return model.to(dtype).eval(), tokenizer
 
 
