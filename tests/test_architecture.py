@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pvq"
 LAYERS = [
     ("codec", "transforms", "solvers"),
     ("runtime",),
-    ("settings", "memory", "data", "models", "errors"),
+    ("settings", "memory", "data", "models", "errors", "resume", "tensorfile"),
     ("picker",),
     ("modules",),
     ("checkpoint", "eval", "measure"),

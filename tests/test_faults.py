@@ -192,17 +192,16 @@ def test_force_replaces_a_pvq_output_but_nothing_else(dirs, tmp_path, capsys):
 def test_disk_full_while_writing_leaves_nothing(dirs, tmp_path, monkeypatch, capsys, what):
     import errno
 
-    import safetensors.torch
-
+    from pvq import tensorfile
     from pvq.models import loading
 
     if what == "weights":
-        def save_file(tensors, filename, metadata=None):
+        def write(filename, tensors, metadata=None):
             with open(filename, "wb") as f:
                 f.write(b"\0" * 100)  # a truncated file, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+        monkeypatch.setattr(tensorfile, "write", write)
     else:
         real = loading.load_skeleton  # a folder is streamed
 

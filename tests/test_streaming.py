@@ -56,12 +56,12 @@ def test_blocks_are_read_in_turn_and_released(folders, tmp_path, monkeypatch):
     events = []
     get = reader.get
     monkeypatch.setattr(reader, "get", lambda name: events.append(("read", name)) or get(name))
-    real_add = checkpoint.Writer.add
+    real_add = checkpoint.Writer.add_block
 
-    def add(self, tensors):
+    def add_block(self, index, tensors, *a, **k):
         events.append(("write", sorted(tensors)[0]))
-        return real_add(self, tensors)
-    monkeypatch.setattr(checkpoint.Writer, "add", add)
+        return real_add(self, index, tensors, *a, **k)
+    monkeypatch.setattr(checkpoint.Writer, "add_block", add_block)
     cfg = QuantConfig(method="pvq", bits=3)
     with checkpoint.Writer(tmp_path / "out") as w:
         api.quantize(model, cfg, progress=False, reader=reader, writer=w)
@@ -119,7 +119,7 @@ def test_an_error_in_the_middle_leaves_nothing(folders, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="a fault in block 2"):
         with checkpoint.Writer(tmp_path / "out", shard_bytes=20_000) as w:
             api.quantize(model, QuantConfig(method="pvq", bits=3), progress=False, reader=reader, writer=w)
-    assert any(name.endswith(".partial") for name in seen[-1])  # shards were on disk, not named as finished
+    assert {"block-00000.safetensors", "block-00001.safetensors", "manifest.json"} <= set(seen[-1])  # on disk
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -156,3 +156,24 @@ def test_shard_size_option(folders, tmp_path, capsys):
     for bad in ("0", "12XB", "100KB"):
         assert cli(["quantize", str(folders["single"]), "--shard-size", bad, "-o", str(tmp_path / "x")]) == 2
         assert "argument --shard-size" in capsys.readouterr().err
+
+
+def test_tensorfile_writes_what_safetensors_writes(tmp_path):
+    import random
+
+    from safetensors.torch import save_file
+
+    from pvq import tensorfile
+    dtypes = [torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.int64, torch.int32, torch.bool]
+    for trial in range(30):
+        rng, g = random.Random(trial), torch.Generator().manual_seed(trial)
+        t = {f"m{rng.randrange(99)}.t{i}": (torch.rand(tuple(rng.randrange(6) for _ in range(rng.randrange(4))),
+                                                       generator=g) * 100).to(rng.choice(dtypes))
+             for i in range(rng.randint(1, 12))}
+        save_file(t, tmp_path / "a", metadata={"format": "pt"})
+        tensorfile.write(tmp_path / "b", t, {"format": "pt"})
+        assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+        e = tensorfile.entries(tmp_path / "a")
+        assert all(torch.equal(e[k].read(), v) for k, v in t.items())
+        tensorfile.write(tmp_path / "c", e, {"format": "pt"})  # copied from the file, one tensor at a time
+        assert (tmp_path / "c").read_bytes() == (tmp_path / "a").read_bytes()

@@ -73,7 +73,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     reader: a models.streaming.CheckpointReader when `model` is a skeleton (models.loading.load_skeleton):
     each block's weights are read when its turn comes, the rest first. writer: a checkpoint.Writer that
     takes each finished block's tensors, after which the block's memory is released (the model is then
-    a shell: run the written directory, not this model).
+    a shell: run the written directory, not this model); a writer that took over a killed run's directory
+    makes this continue after the run's last finished block.
     """
     check_supported(model)
     layers = blocks(model)
@@ -84,46 +85,28 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     if cfg.uses_data and calib_ids is None:
         raise ValueError(f"method {cfg.method} needs calibration data (calib_ids)")
     t0 = time.time()
+    start, per_layer, errors, saved = writer.resumed() if writer is not None else (0, {}, {}, None)
     hidden = kwargs = None
-    if cfg.uses_data:
+    if cfg.uses_data:  # the call arguments (rotary embeddings, masks) come from block 0's inputs
         hidden, kwargs = capture_block_inputs(model, calib_ids)
-    per_layer = {}
-    errors = {}  # per layer: the relative error left, as isotropic-noise energy in the layer's metric
+        hidden = hidden if saved is None else saved
     bar = tqdm(total=len(layers) * 7, desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
     for i, block in enumerate(layers):
+        if i < start:  # done by the run this one resumes
+            release(block)
+            bar.update(len(block_linears(block)))
+            continue
         if reader is not None:
             check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(block_prefix(i))))
-        linears = block_linears(block)
         hess = block_hessians(block, hidden, kwargs)[0] if cfg.uses_data else {}
-        for name, mod in linears.items():
-            full = layer_name(i, name)
-            w = mod.weight.detach().float()
-            rows, cols = w.shape
-            spec = layer_spec(cfg, full, rows, cols)
-            seeds = layer_seeds(cfg.seed, full, cfg.rotates)
-            w_rot = rotate_weight(w, seeds)
-            try:
-                if cfg.uses_data:
-                    stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
-                    h_rot = rotate_hessian(hess[name], seeds[0])
-                    w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp,
-                                         block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
-                    errors[full] = relative_error(w_rot, w_hat, h_rot)
-                    del h_rot
-                else:
-                    packed = codec.quantize(w_rot, spec)
-                    errors[full] = relative_error(w_rot, packed.dequantize(torch.float32))
-            except FP16RangeError as exc:
-                raise ValueError(f"layer {full}: {exc}") from None
-            q = QuantLinear.from_packed(packed, seeds, mod.bias)
-            set_module(block, name, q)
-            per_layer[full] = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
-                               "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
-            bar.update(1)
+        done, err = _quantize_block(block, i, cfg, hess, bar)
+        per_layer.update(done)
+        errors.update(err)
         if cfg.uses_data:
             hidden = run_block(block, hidden, kwargs)  # the quantized block's outputs feed the next block
         if writer is not None:
-            writer.add(stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], block_prefix(i)))
+            writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], block_prefix(i)), done, err,
+                             hidden if cfg.uses_data and i + 1 < len(layers) else None)
             release(block)
         release_memory()
     bar.close()
@@ -139,6 +122,38 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     summary["seconds"] = time.time() - t0
     summary["layer_errors"] = errors
     return summary
+
+
+def _quantize_block(block, i: int, cfg: QuantConfig, hess: dict, bar) -> tuple[dict, dict]:
+    """Swap block `i`'s linears for QuantLinear modules; returns their quantization_config entries and the
+    relative error each kept."""
+    per_layer, errors = {}, {}
+    for name, mod in block_linears(block).items():
+        full = layer_name(i, name)
+        w = mod.weight.detach().float()
+        rows, cols = w.shape
+        spec = layer_spec(cfg, full, rows, cols)
+        seeds = layer_seeds(cfg.seed, full, cfg.rotates)
+        w_rot = rotate_weight(w, seeds)
+        try:
+            if cfg.uses_data:
+                stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
+                h_rot = rotate_hessian(hess[name], seeds[0])
+                w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp,
+                                     block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
+                errors[full] = relative_error(w_rot, w_hat, h_rot)
+                del h_rot
+            else:
+                packed = codec.quantize(w_rot, spec)
+                errors[full] = relative_error(w_rot, packed.dequantize(torch.float32))
+        except FP16RangeError as exc:
+            raise ValueError(f"layer {full}: {exc}") from None
+        q = QuantLinear.from_packed(packed, seeds, mod.bias)
+        set_module(block, name, q)
+        per_layer[full] = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
+                           "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
+        bar.update(1)
+    return per_layer, errors
 
 
 def _round_dense(model, dtype: torch.dtype) -> None:

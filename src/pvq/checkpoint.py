@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
+from . import tensorfile
 from .errors import one_line
 from .modules.linear import QuantLinear
+from .resume import MANIFEST, Manifest, difference
 from .settings import DENSE_DTYPES, check_format_version, stored_config
 
 WEIGHTS = "model.safetensors"
@@ -76,19 +78,29 @@ def _alive(pid: int) -> bool:
 
 def clean_stale(target: Path) -> list[Path]:
     """Remove the temporary directories (`NAME.tmp-PID`, `NAME.tmp-PID.old`) left next to `target` by runs
-    whose process no longer exists; returns what was removed."""
+    whose process no longer exists, except resumable ones (`unfinished`); returns what was removed."""
     removed = []
-    if not target.parent.is_dir():
-        return removed
-    for p in target.parent.iterdir():
-        if not p.name.startswith(target.name):
-            continue
-        m = _TMP.fullmatch(p.name[len(target.name):])
+    for p in _dead_runs(target):
+        if not (p / MANIFEST).is_file():  # one with a manifest can be resumed: the Writer decides
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _dead_runs(target: Path) -> list[Path]:
+    """The temporary directories next to `target` whose process no longer exists."""
+    out = []
+    for p in sorted(target.parent.iterdir()) if target.parent.is_dir() else ():
+        m = _TMP.fullmatch(p.name[len(target.name):]) if p.name.startswith(target.name) else None
         if m is None or int(m.group(1)) == os.getpid() or p.is_symlink() or not p.is_dir() or _alive(int(m.group(1))):
             continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
+        out.append(p)
+    return out
+
+
+def unfinished(target: Path) -> list[Path]:
+    """Directories of runs of `target` that died before finishing and kept a manifest (resumable)."""
+    return [p for p in _dead_runs(target) if (p / MANIFEST).is_file()]
 
 
 def _existing_ancestor(p: Path) -> Path:
@@ -232,31 +244,77 @@ def config_checksum(cfg: dict) -> str:
 
 DEFAULT_SHARD_BYTES = 2 << 30
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
-_PARTIAL = "shard-{:05d}.partial"
+_BLOCK = "block-{:05d}.safetensors"
+_ACTIVATIONS = "activations-{:05d}.safetensors"
+
+
+def _save_atomic(tensors: dict, path: Path) -> None:
+    part = path.with_name(path.name + ".part")
+    # the bytes safetensors' save_file writes (one metadata key: the library writes metadata in hash
+    # order, which would break byte-identical files), one tensor at a time
+    tensorfile.write(part, tensors, metadata={"format": "pt"})
+    os.replace(part, path)
+
+
+def _nbytes(tensors: dict) -> int:
+    return sum(t.nbytes if isinstance(t, tensorfile.Entry) else t.numel() * t.element_size() for t in tensors.values())
+
+
+def _checksum(t) -> str:
+    """tensor_checksum of a tensor, or of a tensor still in a file (tensorfile.Entry), read in chunks."""
+    if not isinstance(t, tensorfile.Entry):
+        return tensor_checksum(t)
+    crc = zlib.crc32(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
+    for data in t.chunks():
+        crc = zlib.crc32(data, crc)
+    return f"{crc:08x}"
 
 
 class Writer:
-    """Writes a pvq directory as the work goes: tensors (`add`) into shards of about `shard_bytes`, written
-    when full; `finish` adds the rest of the model, the tokenizer, reports and config.json (last, with the
-    checksums). Everything lives under `OUT.tmp-PID` until the final rename; leaving the `with` block on an
-    error removes it. A model that fits one shard is one `model.safetensors`; a bigger one is Hugging Face
-    shards (`model-0000i-of-0000N.safetensors`) with `model.safetensors.index.json`."""
+    """Writes a pvq directory as the work goes, resumably. Each finished block (`add_block`) goes to its own
+    file in `OUT.tmp-PID` at once, with resume.Manifest saying what is done; `finish` assembles the files
+    (one `model.safetensors`, or Hugging Face shards of about `shard_bytes` with an index, cut between
+    blocks), adds the tokenizer, reports and config.json (last, with the checksums) and renames the
+    directory into place. Leaving the `with` block on an error removes it.
+
+    With a `fingerprint` (resume.fingerprint) the directory of a run of this output that died is taken
+    over when its fingerprint is the same, and the work continues after its last finished block; one of
+    other inputs is refused (OutputError saying what differs) unless `overwrite`, which discards it."""
 
     def __init__(self, out_dir: str | Path, overwrite: bool = False, sources=(), nbytes: int | None = None,
-                 shard_bytes: int = DEFAULT_SHARD_BYTES):
+                 shard_bytes: int = DEFAULT_SHARD_BYTES, fingerprint: dict | None = None):
         self.out_dir = Path(out_dir)
         self.target = prepare_output(out_dir, overwrite, sources, nbytes)
         self.tmp = self.target.with_name(f"{self.target.name}.tmp-{os.getpid()}")
         self.shard_bytes = int(shard_bytes)
-        self.pending: dict[str, torch.Tensor] = {}
-        self.shards: list[tuple[str, list[str]]] = []
-        self.sums: dict[str, str] = {}
-        self.total = 0
+        self.rest: dict[str, torch.Tensor] = {}
         if self.tmp.is_symlink() or self.tmp.is_file():
             self.tmp.unlink()
         elif self.tmp.exists():
             shutil.rmtree(self.tmp)
-        self._guard(lambda: self.tmp.mkdir(parents=True))
+        old = self._take_over(fingerprint, overwrite)
+        if old is None:
+            self._guard(lambda: self.tmp.mkdir(parents=True))
+        self.manifest = old or Manifest(self.tmp, fingerprint)
+        self.manifest.folder = self.tmp
+        self._guard(self.manifest.save)
+
+    def _take_over(self, fingerprint, overwrite: bool) -> "Manifest | None":
+        for old in unfinished(self.target):
+            m = Manifest.read(old)
+            same = fingerprint is not None and m is not None and m.fingerprint == fingerprint
+            if same:
+                os.replace(old, self.tmp)
+                m = Manifest.read(self.tmp)
+                self._tidy(keep={b["file"] for b in m.blocks} | {m.activations})
+                return m
+            if m is None or m.fingerprint is None or overwrite:
+                shutil.rmtree(old, ignore_errors=True)
+                continue
+            raise OutputError(f"{old} holds an unfinished run of {self.out_dir} from other inputs "
+                              f"({difference(m.fingerprint, fingerprint)}); rerun that command to finish it, "
+                              f"or add --force to start over")
+        return None
 
     def __enter__(self) -> "Writer":
         return self
@@ -277,43 +335,76 @@ class Writer:
                 raise
             raise WriteError(f"writing {self.out_dir} failed, nothing was written ({one_line(exc)})") from None
 
+    def resumed(self) -> tuple[int, dict, dict, torch.Tensor | None]:
+        """(first block still to do, per-layer entries and errors of the blocks done, the activations after
+        the last block done or None): what an interrupted run had finished."""
+        layers, errors = {}, {}
+        for b in self.manifest.blocks:
+            layers.update(b["layers"])
+            errors.update(b["errors"])
+        hidden = None
+        if self.manifest.activations is not None:
+            hidden = tensorfile.entries(self.tmp / self.manifest.activations)["hidden"].read()
+        return self.manifest.next_block, layers, errors, hidden
+
+    def add_block(self, index: int, tensors: dict[str, torch.Tensor], layers: dict, errors: dict,
+                  activations: torch.Tensor | None = None) -> None:
+        """Write block `index`'s stored tensors (and the activations after it) and record it as done."""
+        if index != self.manifest.next_block:
+            raise ValueError(f"block {index} written out of order (block {self.manifest.next_block} is next)")
+        file, act = _BLOCK.format(index), None
+        self._guard(lambda: _save_atomic(tensors, self.tmp / file))
+        if activations is not None:
+            act = _ACTIVATIONS.format(index + 1)
+            self._guard(lambda: _save_atomic({"hidden": activations.contiguous()}, self.tmp / act))
+        previous = self.manifest.activations
+        self.manifest.blocks.append({"index": index, "file": file, "bytes": _nbytes(tensors),
+                                     "tensors": {k: tensor_checksum(t) for k, t in sorted(tensors.items())},
+                                     "layers": layers, "errors": errors})
+        self.manifest.activations = act
+        self._guard(self.manifest.save)
+        if previous is not None and previous != act:
+            (self.tmp / previous).unlink(missing_ok=True)
+
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        for name, t in tensors.items():
-            if name in self.sums:
-                raise ValueError(f"tensor {name} was already written")
-            self.sums[name] = tensor_checksum(t)
-            self.pending[name] = t
-            self.total += t.numel() * t.element_size()
-        if sum(t.numel() * t.element_size() for t in self.pending.values()) >= self.shard_bytes:
-            self._flush()
+        """Tensors outside the blocks (embeddings, norms, head), written by finish."""
+        self.rest.update(tensors)
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def _weights(self, sums: dict[str, str]) -> list[str]:
+        """Assemble the block files and the rest into the final weight files; returns their names."""
+        items = [(b["file"], b["bytes"]) for b in self.manifest.blocks] + [(None, _nbytes(self.rest))]
+        groups, size = [[]], 0
+        for item in items:
+            if groups[-1] and size + item[1] > self.shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(item[0])
+            size += item[1]
+        names = [WEIGHTS] if len(groups) == 1 else [SHARD.format(i, len(groups)) for i in range(1, len(groups) + 1)]
+        weight_map = {}
+        for name, group in zip(names, groups):
+            tensors = {}  # tensors of the block files stay on disk: copied into the shard one at a time
+            for file in group:
+                tensors.update(self.rest if file is None else tensorfile.entries(self.tmp / file))
+            for k, t in tensors.items():  # a block file damaged while the run was stopped is not assembled
+                if sums.setdefault(k, _checksum(t)) != _checksum(t):
+                    raise PVQFormatError(f"{self.tmp}: tensor {k} changed on disk while the run was stopped")
+            _save_atomic(tensors, self.tmp / name)
+            weight_map.update({k: name for k in tensors})
+        if len(names) > 1:
+            index = {"metadata": {"total_size": sum(n for _, n in items)}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / INDEX).write_text(json.dumps(index, indent=1))
+        (self.tmp / MANIFEST).unlink()  # from here on the directory is no longer an unfinished run
+        self._tidy(keep=set())
+        return names
 
-        if not self.pending:
-            return
-        name = _PARTIAL.format(len(self.shards) + 1)
-        # one metadata key only: safetensors writes metadata in hash order, which would break
-        # byte-identical files across runs (the format version lives in config.json)
-        self._guard(lambda: save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"}))
-        self.shards.append((name, sorted(self.pending)))
-        self.pending = {}
-
-    def _weights(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.shards:  # it all fits one file
-            self._guard(lambda: save_file(self.pending, str(self.tmp / WEIGHTS), metadata={"format": "pt"}))
-            self.pending = {}
-            return
-        self._flush()
-        n, weight_map = len(self.shards), {}
-        for i, (partial, names) in enumerate(self.shards, 1):
-            final = SHARD.format(i, n)
-            self._guard(lambda: os.replace(self.tmp / partial, self.tmp / final))
-            weight_map.update({k: final for k in names})
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-        self._guard(lambda: (self.tmp / INDEX).write_text(json.dumps(index, indent=1)))
+    def _tidy(self, keep: set) -> None:
+        """Remove the work files (blocks, activations, half-written `.part` files) except those in `keep`:
+        a run killed between writing a file and recording it leaves such orphans."""
+        for f in self.tmp.iterdir():
+            work = f.name.endswith(".part") or f.name.startswith(("block-", "activations-"))
+            if work and f.name not in keep:
+                f.unlink(missing_ok=True)
 
     def finish(self, model, tokenizer, extra_files: dict[str, bytes] | None = None) -> Path:
         """Write what is left of `model` (after api.quantize), the tokenizer, `extra_files` (name -> bytes,
@@ -322,11 +413,12 @@ class Writer:
         if qc is None:
             self.abort()
             raise ValueError("save: the model has not been quantized by pvq (no pvq quantization_config)")
+        sums = {k: v for b in self.manifest.blocks for k, v in b["tensors"].items()}
         rest = stored_tensors(model, DENSE_DTYPES[qc["config"]["dense_dtype"]])
-        self.add({k: v for k, v in rest.items() if k not in self.sums})
-        self._weights()
+        self.add({k: v for k, v in rest.items() if k not in sums})
 
-        def meta_files():
+        def write():
+            weights = set(self._weights(sums)) | {INDEX}
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(self.tmp))
             for name, data in (extra_files or {}).items():
@@ -334,14 +426,13 @@ class Writer:
             cfg = model.config.to_dict()
             q = {k: v for k, v in cfg["quantization_config"].items() if k != CHECKSUMS}
             cfg["quantization_config"] = q
-            weights = {WEIGHTS, INDEX} | {SHARD.format(i, len(self.shards)) for i in range(1, len(self.shards) + 1)}
-            q[CHECKSUMS] = {"tensors": dict(sorted(self.sums.items())),
+            q[CHECKSUMS] = {"tensors": dict(sorted(sums.items())),
                             "files": {f.name: file_checksum(f) for f in sorted(self.tmp.iterdir())
                                       if f.is_file() and f.name not in weights},
                             "config": config_checksum(cfg)}
             (self.tmp / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
             _replace(self.tmp, self.target)
-        self._guard(meta_files)
+        self._guard(write)
         return self.out_dir
 
 
@@ -451,18 +542,13 @@ def weights_bytes(path: str | Path) -> int:
 
 def _shard_tensors(wf: Path):
     """(name, tensor) pairs of one safetensors file, one tensor at a time."""
-    from safetensors import safe_open
-
     if not wf.is_file():
         raise PVQFormatError(f"{wf}: missing")
-    with safe_open(str(wf), framework="pt") as f:
-        for n in f.keys():
-            yield n, f.get_tensor(n)
+    for n, e in tensorfile.entries(wf).items():
+        yield n, e.read()
 
 
 def _read(path: str | Path, cfg: dict | None, keep=None) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-
     files = weight_files(path)
 
     def pairs():
@@ -471,7 +557,7 @@ def _read(path: str | Path, cfg: dict | None, keep=None) -> dict[str, torch.Tens
                 yield from _shard_tensors(wf)
             except PVQFormatError:
                 raise
-            except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            except (OSError, RuntimeError, ValueError) as exc:
                 raise _safetensors_error(wf, exc) from None
     if cfg is None:
         return dict(pairs())

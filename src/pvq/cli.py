@@ -277,7 +277,7 @@ def cmd_quantize(args) -> int:
     checkpoint.check_space(out, api.estimate_bytes(model, cfg))
     eval_text = resolve_text("wikitext2", "eval") if args.ppl else None  # a missing file fails now, not after the work
     text = resolve_text(cfg.calib, "calib") if cfg.uses_data or alloc else None
-    report, extra, ppl = None, {}, None
+    report, extra = None, {}
     if alloc is not None:
         from .allocation import allocate, report_files
 
@@ -286,15 +286,12 @@ def cmd_quantize(args) -> int:
               f"(uniform x{report['uniform_predicted_ppl_factor']:.3f}; {report['prediction']})")
     calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed) if cfg.uses_data else None
     torch.manual_seed(cfg.seed)
-    with checkpoint.Writer(out, args.force, sources, api.estimate_bytes(model, cfg), args.shard_size) as writer:
-        summary = api.quantize(model, cfg, calib, progress=progress, reader=reader, writer=writer if stream else None)
+    with _writer(args, model, cfg, calib) as writer:
+        summary = api.quantize(model, cfg, calib, progress=progress, reader=reader, writer=writer)
         if report is not None:  # the report gets each layer's measured error next to the predicted one
             extra = report_files(report, summary["layer_errors"])
-        if args.ppl and not stream:
-            ppl = _perplexity(model, tok, eval_text, progress, summary)
         writer.finish(model, tok, extra)
-    if args.ppl and stream:  # the streamed model was written block by block: measure what was written
-        ppl = _perplexity(out, tok, eval_text, progress, summary)
+    ppl = _perplexity(out, tok, eval_text, progress, summary) if args.ppl else None  # of what was written
     size, rss = checkpoint.weights_bytes(out), peak_rss_mib()
     print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "
           f"({summary['linear_weights'] / 1e6:.1f} M weights), file {size / 2**20:.1f} MiB, "
@@ -306,13 +303,28 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _perplexity(model, tok, text, progress, summary: dict) -> dict:
-    """The quick perplexity protocol on `model` (or the directory it was written to), added to `summary`."""
+def _writer(args, model, cfg, calib):
+    """The output's writer. Each finished block is written at once: a killed run, rerun with the same
+    inputs (the fingerprint), continues after its last finished block."""
+    from . import api
+    from .checkpoint import Writer
+    from .models.adapters import blocks
+    from .models.loading import default_model_path
+    from .resume import fingerprint
+
+    w = Writer(args.output, args.force, [args.model] if args.model else [], api.estimate_bytes(model, cfg),
+               args.shard_size, fingerprint(args.model or default_model_path(), cfg.to_dict(), calib))
+    if w.manifest.next_block:
+        print(f"resuming {args.output}: {w.manifest.next_block} of {len(blocks(model))} blocks were done", file=sys.stderr)
+    return w
+
+
+def _perplexity(path: Path, tok, text, progress, summary: dict) -> dict:
+    """The quick perplexity protocol on the directory written, added to `summary`."""
     from .eval.perplexity import perplexity
     from .loader import load
 
-    ppl = perplexity(model if not isinstance(model, Path) else load(model)[0], tok, text, seqlen=2048, windows=16,
-                     progress=progress)
+    ppl = perplexity(load(path)[0], tok, text, seqlen=2048, windows=16, progress=progress)
     summary.update({"ppl": ppl["ppl"], "ppl_windows": ppl["windows"], "ppl_protocol": ppl["protocol"]})
     return ppl
 

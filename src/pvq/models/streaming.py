@@ -3,7 +3,7 @@
 The skeleton is the model transformers builds from the config, with every parameter on the meta
 device (no memory) and every buffer real (rotary frequencies are computed when the module is built,
 so they must not be lost). `materialize` then fills the parameters under one name prefix from the
-checkpoint (safetensors, memory mapped, one tensor at a time, any stored dtype, widened to float32),
+checkpoint (safetensors, one tensor at a time with plain reads, any stored dtype, widened to float32),
 and `release` gives a finished block's memory back. A tied head shares the embedding's tensor.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .. import tensorfile
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -26,8 +28,6 @@ class CheckpointError(ValueError):
 def weight_files(folder: Path) -> dict[str, Path]:
     """{tensor name: file} of a safetensors checkpoint folder (an index's weight map, or the single file's
     tensors); empty when the folder has neither."""
-    from safetensors import SafetensorError, safe_open
-
     folder = Path(folder)
     if (folder / INDEX).is_file():
         try:
@@ -36,39 +36,44 @@ def weight_files(folder: Path) -> dict[str, Path]:
             raise CheckpointError(f"{folder / INDEX}: not a safetensors index ({exc})") from None
         return {name: folder / file for name, file in weight_map.items()}
     if (folder / SINGLE).is_file():
-        try:
-            with safe_open(str(folder / SINGLE), framework="pt") as f:
-                return {name: folder / SINGLE for name in f.keys()}
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{folder / SINGLE}: unreadable safetensors file ({exc})") from None
+        return {name: folder / SINGLE for name in _entries(folder / SINGLE)}
     return {}
 
 
+def _entries(path: Path) -> dict:
+    try:
+        return tensorfile.entries(path)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable safetensors file: {exc}") from None
+
+
 class CheckpointReader:
-    """Tensors of a safetensors checkpoint folder by name, read one at a time (files opened once, mapped)."""
+    """Tensors of a safetensors checkpoint folder by name, each read with plain file reads when asked for
+    (headers parsed once; nothing mapped, so memory holds only the tensors being used)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.files = weight_files(self.folder)
         if not self.files:
             raise CheckpointError(f"{self.folder}: no {SINGLE} nor {INDEX}")
-        self._open = {}
+        self._headers = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
         if name not in self.files:
             raise CheckpointError(f"{self.folder}: tensor {name} is not in the checkpoint")
         path = self.files[name]
+        if path not in self._headers:
+            self._headers[path] = _entries(path)
+        entry = self._headers[path].get(name)
+        if entry is None:
+            raise CheckpointError(f"{path}: tensor {name} is in the index but not in the file")
         try:
-            if path not in self._open:
-                self._open[path] = safe_open(str(path), framework="pt")
-            return self._open[path].get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: cannot read tensor {name} ({str(exc).splitlines()[0]})") from None
+            return entry.read()
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
 
 
 @contextmanager

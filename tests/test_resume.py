@@ -1,0 +1,106 @@
+"""A run killed at any moment and rerun continues where it stopped and writes the very bytes an uninterrupted
+run writes (issue "Any size": resume). Tiny random models; real `kill -9` of a real process."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pvq.cli import main as cli
+from pvq.models.loading import tiny_model, tiny_tokenizer
+
+ARGS = ["--method", "pvq-gptq", "--bits", "3", "--nsamples", "4", "--seqlen", "32", "--no-progress"]
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    tiny_model("llama", num_hidden_layers=6).save_pretrained(root / "hf")
+    tiny_tokenizer().save_pretrained(root / "hf")
+    (root / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    return root
+
+
+def _digests(d: Path) -> dict:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir())}
+
+
+def _cmd(root, out, *extra):
+    return [sys.executable, "-m", "pvq.cli", "quantize", str(root / "hf"), *ARGS, "--calib", str(root / "calib.txt"),
+            "-o", str(out), *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def _blocks_done(out: Path) -> int:
+    import json
+    for m in out.parent.glob(f"{out.name}.tmp-*/manifest.json"):
+        try:
+            return len(json.loads(m.read_text())["blocks"])
+        except (OSError, ValueError):
+            pass
+    return 0
+
+
+def _run_and_kill(root, out, when) -> bool:
+    """Start a quantize run and kill -9 it once `when(out)` holds; False if it finished first."""
+    p = subprocess.Popen(_cmd(root, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None:
+        if when(out):
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return True
+        time.sleep(0.005)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    out = model_dir / "reference"
+    assert cli(["quantize", str(model_dir / "hf"), *ARGS, "--calib", str(model_dir / "calib.txt"), "-o", str(out)]) == 0
+    return _digests(out)
+
+
+@pytest.mark.parametrize("kills", [(2, 5)])
+def test_killed_and_rerun_gives_the_same_bytes(model_dir, reference, tmp_path, kills):
+    out = tmp_path / "out"
+    for k in kills:  # kill once k blocks are done, then (for the next k) kill the rerun again
+        assert _run_and_kill(model_dir, out, lambda o, k=k: _blocks_done(o) >= k)
+        assert not out.exists()  # nothing that looks complete
+        assert _blocks_done(out) >= k
+    r = subprocess.run(_cmd(model_dir, out), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and "blocks were done" in r.stderr
+    assert _digests(out) == reference
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the unfinished run's directory is gone
+
+
+def test_killed_at_random_moments(model_dir, reference, tmp_path):
+    out = tmp_path / "out"
+    start = time.time()
+    for delay in (3.0, 5.0):  # seconds after the start: imports, loading, calibration, blocks
+        _run_and_kill(model_dir, out, lambda o, t0=time.time(), d=delay: time.time() - t0 > d)
+    r = subprocess.run(_cmd(model_dir, out), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _digests(out) == reference
+    assert time.time() - start < 120
+
+
+def test_other_inputs_are_refused_then_force_starts_over(model_dir, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run_and_kill(model_dir, out, lambda o: _blocks_done(o) >= 2)
+    other = ["quantize", str(model_dir / "hf"), *ARGS, "--calib", str(model_dir / "calib.txt"), "--damp", "0.02",
+             "-o", str(out)]
+    assert cli(other) == 2
+    err = capsys.readouterr().err
+    assert "unfinished run" in err and "settings.damp: 0.01 then, 0.02 now" in err and "--force" in err
+    assert cli([*other, "--force"]) == 0
+    assert _digests(out) != reference  # another damping, another model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
