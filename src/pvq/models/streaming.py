@@ -117,10 +117,12 @@ def materialize(model: nn.Module, reader: CheckpointReader, keep, dtype: torch.d
     by_param: dict[int, list] = {}
     for mod, leaf, name in _slots(model):
         p = mod._parameters[leaf]
-        if p.device.type == "meta" and keep(name):
+        if p.device.type == "meta":
             by_param.setdefault(id(p), []).append((mod, leaf, name, p))
     filled = []
     for slots in by_param.values():
+        if not any(keep(name) for _, _, name, _ in slots):  # a tied parameter goes with any of its names
+            continue
         names = [name for _, _, name, _ in slots]
         stored = next((n for n in names if n in reader), None)
         if stored is None:
