@@ -94,8 +94,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     if reader is not None and cfg.uses_data:  # calibration needs the input embeddings now, the rest waits
         emb = {f"{n}.{k}" if n else k for n, m in model.named_modules() if m is model.get_input_embeddings()
                for k, _ in m.named_parameters()}
-        check_weights(model, cfg, materialize(model, reader, lambda n: n in emb))
-    check_weights(model, cfg)
+        materialize(model, reader, lambda n: n in emb)
+    check_weights(model, cfg)  # every parameter read so far
     if cfg.uses_data and calib_ids is None:
         raise ValueError(f"method {cfg.method} needs calibration data (calib_ids)")
     t0 = time.time()

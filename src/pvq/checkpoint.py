@@ -218,9 +218,14 @@ def _replace(tmp: Path, target: Path) -> None:
 CHECKSUMS = "checksums"
 
 
-def tensor_checksum(t: torch.Tensor) -> str:
-    """CRC-32 of a tensor's dtype, shape and bytes (8 hex digits): what the file must give back."""
+def tensor_checksum(t) -> str:
+    """CRC-32 of a tensor's dtype, shape and bytes (8 hex digits): what the file must give back. `t` is a
+    tensor, or one still in a file (tensorfile.Entry, read in chunks)."""
     crc = zlib.crc32(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
+    if isinstance(t, tensorfile.Entry):
+        for data in t.chunks():
+            crc = zlib.crc32(data, crc)
+        return f"{crc:08x}"
     flat = t.detach().contiguous().reshape(-1)
     if flat.numel():
         crc = zlib.crc32(flat.view(torch.uint8).numpy(), crc)
@@ -260,15 +265,6 @@ def _nbytes(tensors: dict) -> int:
     return sum(t.nbytes if isinstance(t, tensorfile.Entry) else t.numel() * t.element_size() for t in tensors.values())
 
 
-def _checksum(t) -> str:
-    """tensor_checksum of a tensor, or of a tensor still in a file (tensorfile.Entry), read in chunks."""
-    if not isinstance(t, tensorfile.Entry):
-        return tensor_checksum(t)
-    crc = zlib.crc32(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}".encode())
-    for data in t.chunks():
-        crc = zlib.crc32(data, crc)
-    return f"{crc:08x}"
-
 
 class Writer:
     """Writes a pvq directory as the work goes, resumably. Each finished block (`add_block`) goes to its own
@@ -296,7 +292,6 @@ class Writer:
         if old is None:
             self._guard(lambda: self.tmp.mkdir(parents=True))
         self.manifest = old or Manifest(self.tmp, fingerprint)
-        self.manifest.folder = self.tmp
         self._guard(self.manifest.save)
 
     def _take_over(self, fingerprint, overwrite: bool) -> "Manifest | None":
@@ -305,7 +300,7 @@ class Writer:
             same = fingerprint is not None and m is not None and m.fingerprint == fingerprint
             if same:
                 os.replace(old, self.tmp)
-                m = Manifest.read(self.tmp)
+                m.folder = self.tmp
                 self._tidy(keep={b["file"] for b in m.blocks} | {m.activations})
                 return m
             if m is None or m.fingerprint is None or overwrite:
@@ -366,10 +361,6 @@ class Writer:
         if previous is not None and previous != act:
             (self.tmp / previous).unlink(missing_ok=True)
 
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Tensors outside the blocks (embeddings, norms, head), written by finish."""
-        self.rest.update(tensors)
-
     def _weights(self, sums: dict[str, str]) -> list[str]:
         """Assemble the block files and the rest into the final weight files; returns their names."""
         items = [(b["file"], b["bytes"]) for b in self.manifest.blocks] + [(None, _nbytes(self.rest))]
@@ -387,7 +378,8 @@ class Writer:
             for file in group:
                 tensors.update(self.rest if file is None else tensorfile.entries(self.tmp / file))
             for k, t in tensors.items():  # a block file damaged while the run was stopped is not assembled
-                if sums.setdefault(k, _checksum(t)) != _checksum(t):
+                crc = tensor_checksum(t)
+                if sums.setdefault(k, crc) != crc:
                     raise PVQFormatError(f"{self.tmp}: tensor {k} changed on disk while the run was stopped")
             _save_atomic(tensors, self.tmp / name)
             weight_map.update({k: name for k in tensors})
@@ -406,16 +398,18 @@ class Writer:
             if work and f.name not in keep:
                 f.unlink(missing_ok=True)
 
-    def finish(self, model, tokenizer, extra_files: dict[str, bytes] | None = None) -> Path:
-        """Write what is left of `model` (after api.quantize), the tokenizer, `extra_files` (name -> bytes,
-        e.g. reports) and config.json; then put the directory in place. Returns out_dir."""
-        qc = stored_config(getattr(model.config, "quantization_config", None))
-        if qc is None:
+    def finish(self, model, tokenizer, extra_files: dict[str, bytes] | None = None,
+               stored: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write what is left of `model` (after api.quantize; `stored`: its stored_tensors, where the caller
+        has them), the tokenizer, `extra_files` (name -> bytes, e.g. reports) and config.json; then put the
+        directory in place. Returns out_dir."""
+        try:
+            stored = _stored(model) if stored is None else stored
+        except ValueError:
             self.abort()
-            raise ValueError("save: the model has not been quantized by pvq (no pvq quantization_config)")
+            raise
         sums = {k: v for b in self.manifest.blocks for k, v in b["tensors"].items()}
-        rest = stored_tensors(model, DENSE_DTYPES[qc["config"]["dense_dtype"]])
-        self.add({k: v for k, v in rest.items() if k not in sums})
+        self.rest = {k: v for k, v in stored.items() if k not in sums}
 
         def write():
             weights = set(self._weights(sums)) | {INDEX}
@@ -442,13 +436,17 @@ def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False, extra_f
 
     The location is checked first (prepare_output; `sources`: the input model's path, never replaced). A
     failure while writing removes the temporary directory and raises WriteError naming the cause."""
+    tensors = _stored(model)
+    with Writer(out_dir, overwrite, sources, _nbytes(tensors), shard_bytes) as w:
+        return w.finish(model, tokenizer, extra_files, tensors)
+
+
+def _stored(model) -> dict[str, torch.Tensor]:
+    """stored_tensors of a model pvq quantized, in its configured dense dtype (ValueError otherwise)."""
     qc = stored_config(getattr(model.config, "quantization_config", None))
     if qc is None:
         raise ValueError("save: the model has not been quantized by pvq (no pvq quantization_config)")
-    tensors = stored_tensors(model, DENSE_DTYPES[qc["config"]["dense_dtype"]])
-    with Writer(out_dir, overwrite, sources, sum(t.numel() * t.element_size() for t in tensors.values()),
-                shard_bytes) as w:
-        return w.finish(model, tokenizer, extra_files)
+    return stored_tensors(model, DENSE_DTYPES[qc["config"]["dense_dtype"]])
 
 
 def read_config(path: str | Path) -> dict:
@@ -504,7 +502,7 @@ def verify(path: str | Path, cfg: dict, tensors, keep=None) -> dict[str, torch.T
                                      f"{list(t.shape)}): checksum mismatch, the file is damaged or was changed")
         out[name] = t if keep is None else keep(name, t)
     if want is not None and (missing := sorted(set(want) - set(out))):
-        raise PVQFormatError(f"{wf}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise missing_error(wf, missing)
     for name, f in sorted(((sums or {}).get("files") or {}).items()):
         fp = p / name
         if fp.is_file() and file_checksum(fp) != f:  # one removed (a tokenizer, a report) leaves the model as it was
@@ -515,6 +513,12 @@ def verify(path: str | Path, cfg: dict, tensors, keep=None) -> dict[str, torch.T
             raise PVQFormatError(f"{wf}: tensor {name}.seeds {t.tolist()} differs from the seeds "
                                  f"config.json lists for the layer ({listed})")
     return out
+
+
+def missing_error(source, missing: list[str]) -> PVQFormatError:
+    """The refusal of a directory lacking tensors: the first one named, the rest counted."""
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return PVQFormatError(f"{source}: tensor {missing[0]} is missing{more}")
 
 
 def _safetensors_error(wf: Path, exc: BaseException) -> PVQFormatError:

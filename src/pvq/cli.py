@@ -276,7 +276,8 @@ def cmd_quantize(args) -> int:
     api.check_reachable(model, cfg)  # an unreachable --bits or --abits fails before any long work
     api.check_context(model, cfg, alloc.seqlen if alloc else None)
     api.check_weights(model, cfg, reader=reader)  # NaN, or a dense value its stored dtype cannot hold, fails now
-    checkpoint.check_space(out, api.estimate_bytes(model, cfg))
+    nbytes = api.estimate_bytes(model, cfg)
+    checkpoint.check_space(out, nbytes)
     eval_text = resolve_text("wikitext2", "eval") if args.ppl else None  # a missing file fails now, not after the work
     text = resolve_text(cfg.calib, "calib") if cfg.uses_data or alloc else None
     report, extra = None, {}
@@ -288,7 +289,7 @@ def cmd_quantize(args) -> int:
               f"(uniform x{report['uniform_predicted_ppl_factor']:.3f}; {report['prediction']})")
     calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed) if cfg.uses_data else None
     torch.manual_seed(cfg.seed)
-    with _writer(args, model, cfg, calib) as writer:
+    with _writer(args, sources, nbytes, model, cfg, calib) as writer:
         summary = api.quantize(model, cfg, calib, progress=progress, reader=reader, writer=writer)
         if report is not None:  # the report gets each layer's measured error next to the predicted one
             extra = report_files(report, summary["layer_errors"])
@@ -305,17 +306,16 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _writer(args, model, cfg, calib):
+def _writer(args, sources, nbytes: int, model, cfg, calib):
     """The output's writer. Each finished block is written at once: a killed run, rerun with the same
     inputs (the fingerprint), continues after its last finished block."""
-    from . import api
     from .checkpoint import Writer
     from .models.adapters import blocks
     from .models.loading import default_model_path
     from .resume import fingerprint
 
-    w = Writer(args.output, args.force, [args.model] if args.model else [], api.estimate_bytes(model, cfg),
-               args.shard_size, fingerprint(args.model or default_model_path(), cfg.to_dict(), calib))
+    w = Writer(args.output, args.force, sources, nbytes, args.shard_size,
+               fingerprint(args.model or default_model_path(), cfg.to_dict(), calib))
     if w.manifest.next_block:
         print(f"resuming {args.output}: {w.manifest.next_block} of {len(blocks(model))} blocks were done", file=sys.stderr)
     return w

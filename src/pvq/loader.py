@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER_FILES, PVQFormatError, guard_name, read_config, read_tensors, scan_tensors
+from .checkpoint import (TOKENIZER_FILES, PVQFormatError, guard_name, missing_error, read_config, read_tensors,
+                         scan_tensors)
 from .errors import one_line
 from .models.adapters import check_supported, set_module
 from .models.loading import load_model
@@ -67,12 +68,12 @@ def check_tensors(model, tensors: dict, layers: dict, source) -> None:
                                      f"{q.spec.name} of {[q.out_features, q.in_features]} needs {want.dtype} {list(want.shape)}")
 
 
-def check_complete(model, names, layers: dict, source) -> None:
+def check_complete(model, names, source) -> None:
     """Every tensor the model holds is among the stored `names` (a tied head shares the embedding)."""
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [k for k in model.state_dict() if k not in names and not (tied and k == "lm_head.weight")]
     if missing:
-        raise PVQFormatError(f"{source}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise missing_error(source, missing)
 
 
 def check_directory(model, path: str | Path, layers: dict) -> None:
@@ -81,7 +82,7 @@ def check_directory(model, path: str | Path, layers: dict) -> None:
     cfg = read_config(path)
     tensors = scan_tensors(path, cfg)
     check_tensors(model, tensors, layers, path)
-    check_complete(model, tensors, layers, path)
+    check_complete(model, tensors, path)
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "auto",
@@ -98,7 +99,6 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
 
     p = Path(path)
     cfg = read_config(p)
-    wf = p
     tensors = read_tensors(p, cfg)
     qc = cfg.pop("quantization_config")
     model_type = cfg.pop("model_type", None)
@@ -109,9 +109,10 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     check_supported(model)
     replace_linears(model, qc["layers"], decode, weight_dtype, str(p / "config.json"))
-    check_tensors(model, tensors, qc["layers"], wf)
-    check_complete(model, tensors, qc["layers"], wf)
-    model.load_state_dict({k: v for k, v in tensors.items() if k not in {guard_name(n) for n in qc["layers"]}}, strict=False)
+    check_tensors(model, tensors, qc["layers"], p)
+    check_complete(model, tensors, p)
+    guards = {guard_name(n) for n in qc["layers"]}
+    model.load_state_dict({k: v for k, v in tensors.items() if k not in guards}, strict=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.config.quantization_config = qc
