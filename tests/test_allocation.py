@@ -10,7 +10,8 @@ import torch
 from pvq import allocation, api
 from pvq.cli import main as cli
 from pvq.settings import QuantConfig
-from pvq.models.adapters import LINEARS
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 from pvq.models.loading import tiny_model, tiny_tokenizer
 from pvq.solvers.knapsack import multiple_choice_knapsack
 

@@ -37,6 +37,10 @@ RUNS = {
 }
 DATA_FREE = {"rtn-3.25", "pvq-3.25", "pvq-2.25-row-empirical", "pvq-fast-4.25", "pvq-3.25-a6pvq"}
 HASHED = ("model.safetensors", "config.json", "allocation.json")
+# An allocation's report (config.json, allocation.json) holds float32 loss differences of 1e-4 on a loss
+# of 5.6, whose last bits follow the CPU's kernels (Intel and AMD machines differ); the plan they give,
+# and so the quantized tensors, is what must not change.
+CPU_ROUNDED = {"pvq-gptq-2.5-allocate": ("config.json", "allocation.json")}
 
 
 def _versions() -> dict:
@@ -88,4 +92,7 @@ def test_quantized_bytes_match_the_recorded_hashes(source, monkeypatch, run):
     if run not in DATA_FREE and golden["versions"] != _versions():
         pytest.skip(f"{run} calibrates through transformers' forward pass; hashes recorded under "
                     f"{golden['versions']}, this is {_versions()}")
+    if not os.environ.get("PVQ_GOLDEN_STRICT"):
+        got = {f: h for f, h in got.items() if f not in CPU_ROUNDED.get(run, ())}
+        want = {f: h for f, h in want.items() if f not in CPU_ROUNDED.get(run, ())}
     assert got == want, f"{run}: the quantized files changed (same inputs must give the same bytes)"

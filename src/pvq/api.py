@@ -17,7 +17,7 @@ from .checkpoint import stored_tensors
 from .codec.fp16 import FP16RangeError
 from .memory import release_memory
 from .models.adapters import (block_hessians, block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
-                              check_supported, layer_name, run_block, set_module)
+                              check_supported, run_block, set_module)
 from .models.streaming import materialize, release
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
 from .modules.linear import QuantLinear
@@ -90,7 +90,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     """
     check_supported(model)
     layers = blocks(model)
-    prefixes = tuple(block_prefix(i) for i in range(len(layers)))
+    prefixes = tuple(block_prefix(model, i) for i in range(len(layers)))
     if reader is not None and cfg.uses_data:  # calibration needs the input embeddings now, the rest waits
         emb = {f"{n}.{k}" if n else k for n, m in model.named_modules() if m is model.get_input_embeddings()
                for k, _ in m.named_parameters()}
@@ -104,22 +104,22 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     if cfg.uses_data:  # the call arguments (rotary embeddings, masks) come from block 0's inputs
         hidden, kwargs = capture_block_inputs(model, calib_ids)
         hidden = hidden if saved is None else saved
-    bar = tqdm(total=len(layers) * 7, desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
+    bar = tqdm(total=len(block_linear_names(model)), desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
     for i, block in enumerate(layers):
         if i < start:  # done by the run this one resumes
             release(block)
             bar.update(len(block_linears(block)))
             continue
         if reader is not None:
-            check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(block_prefix(i))))
+            check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(block_prefix(model, i))))
         hess = block_hessians(block, hidden, kwargs)[0] if cfg.uses_data else {}
-        done, err = _quantize_block(block, i, cfg, hess, bar)
+        done, err = _quantize_block(block, block_prefix(model, i), cfg, hess, bar)
         per_layer.update(done)
         errors.update(err)
         if cfg.uses_data:
             hidden = run_block(block, hidden, kwargs)  # the quantized block's outputs feed the next block
         if writer is not None:
-            writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], block_prefix(i)), done, err,
+            writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], block_prefix(model, i)), done, err,
                              hidden if cfg.uses_data and i + 1 < len(layers) else None)
             release(block)
         release_memory()
@@ -140,12 +140,12 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     return summary
 
 
-def _quantize_block(block, i: int, cfg: QuantConfig, hess: dict, bar) -> tuple[dict, dict]:
-    """Swap block `i`'s linears for QuantLinear modules; returns their quantization_config entries and the
+def _quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar) -> tuple[dict, dict]:
+    """Swap the block's (whose tensor names start with `prefix`) linears for QuantLinear modules; returns their quantization_config entries and the
     relative error each kept."""
     per_layer, errors = {}, {}
     for name, mod in block_linears(block).items():
-        full = layer_name(i, name)
+        full = prefix + name
         w = mod.weight.detach().float()
         rows, cols = w.shape
         spec = layer_spec(cfg, full, rows, cols)
@@ -154,6 +154,8 @@ def _quantize_block(block, i: int, cfg: QuantConfig, hess: dict, bar) -> tuple[d
         try:
             if cfg.uses_data:
                 stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
+                if name not in hess:
+                    raise ValueError(f"layer {full}: no calibration token reached it, so it has no Hessian")
                 h_rot = rotate_hessian(hess[name], seeds[0])
                 w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp,
                                      block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))

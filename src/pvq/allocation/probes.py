@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models.adapters import LINEARS, block_hessians, block_linears, blocks, capture_block_inputs, layer_name, run_block
+from ..models.adapters import block_hessians, block_linear_names, block_linears, blocks, capture_block_inputs, layer_name, run_block
 from ..picker import FAST_GROUP_DIMS, PVQ_GROUP_DIMS
 from ..settings import QuantConfig
 from ..solvers.gptq import error_factors
@@ -61,11 +61,11 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
     base = _loss_from(model, len(blocks(model)), inputs[-1], kwargs, ids)
     out = {"_base_loss": base, "_rel_noise": rel_noise, "_tokens": int(ids.numel())}
     layers = blocks(model)
-    bar = tqdm(total=len(layers) * len(LINEARS), desc="sensitivity", disable=not progress, unit="linear")
+    bar = tqdm(total=len(block_linear_names(model)), desc="sensitivity", disable=not progress, unit="linear")
     g = torch.Generator().manual_seed(seed)
     for i, block in enumerate(layers):
-        for name in LINEARS:
-            w = block.get_submodule(name).weight
+        for name, mod in block_linears(block).items():
+            w = mod.weight
             keep = w.detach().clone()
             noise = _to_energy(torch.randn(w.shape, generator=g, dtype=torch.float32),
                                rel_noise * float(keep.float().pow(2).sum()))
@@ -79,7 +79,7 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
             down = _loss_from(model, i, inputs[i], kwargs, ids)
             w.copy_(keep)
             dloss = (up + down) / 2 - base
-            out[layer_name(i, name)] = {"a": dloss / rel_noise, "dloss": dloss, "dloss_plus": up - base,
+            out[layer_name(model, i, name)] = {"a": dloss / rel_noise, "dloss": dloss, "dloss_plus": up - base,
                                                "dloss_minus": down - base}
             bar.update(1)
     bar.close()
@@ -164,7 +164,7 @@ def gptq_error_factors(model, cfg: QuantConfig, calib_ids: torch.Tensor, progres
     for i, block in enumerate(layers):
         hess, hidden = block_hessians(block, hidden, kwargs, keep=True)
         for name, mod in block_linears(block).items():
-            full = layer_name(i, name)
+            full = layer_name(model, i, name)
             seeds = layer_seeds(cfg.seed, full, cfg.rotates)
             h = rotate_hessian(hess[name], seeds[0])
             dims = [cfg.group_dim] if cfg.group_dim else [n for n in PVQ_GROUP_DIMS + FAST_GROUP_DIMS

@@ -1,8 +1,11 @@
-"""Where the pieces of each supported model family live, and block-by-block calibration capture.
+"""Where the blocks and linears of a decoder model are, found rather than listed, and block-by-block capture.
 
-One table for every family (DESIGN.md: no script per family, no forked modeling files). The
-Llama family as transformers defines it (llama, mistral, qwen2, qwen3) shares one layout:
-model.model.layers[i].{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}.
+No table per family (DESIGN.md: no script per family, no forked modeling files): the decoder blocks
+are the model's ModuleList with one entry per hidden layer (the class transformers names in
+`_no_split_modules` when there are several lists), the quantizable linears of a block are every
+`nn.Linear` inside it (a router or gate with fewer than MIN_ROWS outputs stays dense: a few numbers
+per token that steer the rest), and linears that read the same input share one Hessian because the
+hooks of a real pass see the same tensor (block_hessians), whatever their names.
 """
 from __future__ import annotations
 
@@ -10,48 +13,81 @@ import torch
 from torch import nn
 
 from ..solvers.hessian import HessianAccumulator
-from .loading import SUPPORTED_MODEL_TYPES
 
-# linears of one block, in the order they run; names are relative to the block
-LINEARS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
-# linears that read the same input (so one Hessian serves all of them)
-SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
-                "mlp.up_proj": "mlp.gate_proj"}
+MIN_ROWS = 16  # fewer outputs than this: a router or gate, kept dense
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _quantizable(mod: nn.Module) -> bool:
+    # a QuantLinear (modules/, a layer above) marks itself with pvq_linear rather than being imported here
+    return getattr(mod, "pvq_linear", False) or (isinstance(mod, nn.Linear) and mod.out_features >= MIN_ROWS)
+
+
+def blocks_path(model) -> str:
+    """The dotted name of the model's list of decoder blocks (e.g. "model.layers"); ValueError naming what
+    is missing when the model has none pvq can walk."""
+    cached = getattr(model, "_pvq_blocks_path", None)
+    if cached is not None:
+        return cached
+    mt = getattr(model.config, "model_type", None)
+    n = getattr(_text_config(model.config), "num_hidden_layers", None)
+    found = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) == n and n]
+    wanted = set(getattr(model, "_no_split_modules", None) or ())
+    named = [(name, mod) for name, mod in found if type(mod[0]).__name__ in wanted]
+    found = named or found
+    if len(found) != 1:
+        what = "no list" if not found else f"{len(found)} lists ({', '.join(n for n, _ in found)})"
+        raise ValueError(f"unsupported architecture {mt!r}: pvq looks for one list of {n} decoder blocks and found {what}")
+    path, layers = found[0]
+    for name, mod in layers[0].named_modules():
+        if type(mod).__name__ == "Conv1D":
+            raise ValueError(f"unsupported architecture {mt!r}: {path}.0.{name} is a Conv1D (GPT-2 style, weight stored "
+                             f"transposed); pvq quantizes nn.Linear layers")
+    for name, p in layers[0].named_parameters():
+        if p.dim() == 3:
+            raise ValueError(f"unsupported architecture {mt!r}: {path}.0.{name} {list(p.shape)} holds fused experts "
+                             f"(a 3-D tensor); pvq does not quantize mixture-of-experts blocks yet")
+    if not any(_quantizable(m) for m in layers[0].modules()):
+        raise ValueError(f"unsupported architecture {mt!r}: the blocks of {path} hold no nn.Linear to quantize")
+    try:
+        model._pvq_blocks_path = path
+    except AttributeError:
+        pass
+    return path
 
 
 def check_supported(model) -> None:
-    mt = getattr(model.config, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported architecture {mt!r}; pvq supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    blocks_path(model)
 
 
 def blocks(model) -> nn.ModuleList:
-    check_supported(model)
-    return model.model.layers
+    return model.get_submodule(blocks_path(model))
 
 
-def layer_name(index: int, name: str) -> str:
+def layer_name(model, index: int, name: str) -> str:
     """The full module name of linear `name` (relative to its block, e.g. "mlp.up_proj") of block `index`."""
-    return f"{block_prefix(index)}{name}"
+    return f"{block_prefix(model, index)}{name}"
 
 
-def block_prefix(index: int) -> str:
+def block_prefix(model, index: int) -> str:
     """The prefix of the full names of block `index`'s modules and tensors."""
-    return f"model.layers.{index}."
+    return f"{blocks_path(model)}.{index}."
 
 
 def block_linear_names(model) -> list[tuple[str, nn.Module]]:
-    """(full name, module) of every quantizable linear of the model's blocks, in block and run order."""
-    return [(layer_name(i, name), block.get_submodule(name)) for i, block in enumerate(blocks(model))
-            for name in LINEARS]
+    """(full name, module) of every quantizable linear of the model's blocks, in block and module order."""
+    return [(layer_name(model, i, name), mod) for i, block in enumerate(blocks(model))
+            for name, mod in block_linears(block).items()]
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """The quantizable linears of one block, by name relative to the block."""
-    return {name: block.get_submodule(name) for name in LINEARS}
+    """The quantizable linears of one block, by name relative to the block, in module order (the order
+    their forward runs them in every family tested)."""
+    return {name: mod for name, mod in block.named_modules() if name and _quantizable(mod)}
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -112,17 +148,33 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int =
 def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False):
     """({linear name: H = X^T X of its input}, the block's outputs if keep) for one block run on hidden.
 
-    Linears that read the same input (SHARED_INPUT) share one accumulated Hessian."""
+    Linears that read the same tensor share one accumulated Hessian: the first batch is run with hooks
+    that hold every linear's input, which tells which inputs are one tensor; the rest accumulate once
+    per distinct input. A linear no token reached (an expert nobody was routed to) is missing."""
     linears = block_linears(block)
-    accs, handles = {}, []
-    for name, mod in linears.items():
-        if name in SHARED_INPUT:
-            continue
-        accs[name] = HessianAccumulator(mod.in_features)
-        handles.append(mod.register_forward_hook(lambda m, a, o, acc=accs[name]: acc.add_batch(a[0])))
+    if not linears:
+        return {}, (run_block(block, hidden, kwargs) if keep else None)
+    seen: dict[str, torch.Tensor] = {}
+    handles = [mod.register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, a[0].detach()))
+               for name, mod in linears.items()]
     try:
-        out = run_block(block, hidden, kwargs, keep=keep)
+        first = run_block(block, hidden[:8], kwargs, keep=keep)
     finally:
         for h in handles:
             h.remove()
-    return {name: accs[SHARED_INPUT.get(name, name)].hessian() for name in linears}, out
+    leader: dict[str, str] = {}
+    for name, x in seen.items():
+        leader[name] = next((other for other, y in seen.items() if y is x and leader.get(other) == other), name)
+    accs = {name: HessianAccumulator(linears[name].in_features) for name in seen if leader[name] == name}
+    for name, acc in accs.items():
+        acc.add_batch(seen[name])
+    seen.clear()
+    handles = [linears[name].register_forward_hook(lambda m, a, o, acc=acc: acc.add_batch(a[0]))
+               for name, acc in accs.items()]
+    try:
+        rest = run_block(block, hidden[8:], kwargs, keep=keep) if hidden.shape[0] > 8 else None
+    finally:
+        for h in handles:
+            h.remove()
+    out = None if not keep else (first if rest is None else torch.cat([first, rest]))
+    return {name: accs[leader[name]].hessian() for name in linears if name in leader}, out

@@ -119,6 +119,8 @@ class OnTheFly:
 class QuantLinear(nn.Module):
     """y = x W^T + b with W stored as packed PVQ or uniform codes in a rotated basis."""
 
+    pvq_linear = True  # what models.adapters looks for to find a block's quantized linears
+
     def __init__(self, spec: PVQSpec | UniformSpec, shape: tuple[int, int], *, bias: bool = False,
                  decode: str = "once", weight_dtype: torch.dtype = torch.float32):
         super().__init__()
