@@ -90,3 +90,20 @@ def test_unhandled_family_is_one_clear_line(mt, why):
 def test_blocks_are_found_where_each_family_keeps_them():
     assert blocks_path(family_model("gpt_neox")) == "gpt_neox.layers"
     assert blocks_path(family_model("llama")) == "model.layers"
+
+
+@torch.no_grad()
+def test_each_block_is_calibrated_with_its_own_mask():
+    """gemma2 alternates sliding-window and full attention: the captured call arguments of block 1 are
+    the full causal mask, not block 0's sliding one, and running the blocks with them gives the model."""
+    from pvq.models.adapters import blocks, capture_block_inputs, run_block
+
+    model = family_model("gemma2")
+    hidden, kwargs = capture_block_inputs(model, IDS)
+    assert len(kwargs) == 2
+    m0, m1 = kwargs[0]["attention_mask"], kwargs[1]["attention_mask"]
+    assert m0 is not None and m1 is not None and not torch.equal(m0, m1)  # 32 tokens > window 8
+    for block, kw in zip(blocks(model), kwargs):
+        hidden = run_block(block, hidden, kw)
+    want = model(IDS, output_hidden_states=True).hidden_states[-1]
+    assert (model.model.norm(hidden) - want).abs().max() < 1e-4

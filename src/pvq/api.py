@@ -112,12 +112,12 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             continue
         if reader is not None:
             check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(block_prefix(model, i))))
-        hess = block_hessians(block, hidden, kwargs)[0] if cfg.uses_data else {}
+        hess = block_hessians(block, hidden, kwargs[i])[0] if cfg.uses_data else {}
         done, err = _quantize_block(block, block_prefix(model, i), cfg, hess, bar)
         per_layer.update(done)
         errors.update(err)
         if cfg.uses_data:
-            hidden = run_block(block, hidden, kwargs)  # the quantized block's outputs feed the next block
+            hidden = run_block(block, hidden, kwargs[i])  # the quantized block's outputs feed the next block
         if writer is not None:
             writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], block_prefix(model, i)), done, err,
                              hidden if cfg.uses_data and i + 1 < len(layers) else None)

@@ -31,18 +31,18 @@ from ..transforms.rotate import layer_seeds, rotate_hessian
 def _block_inputs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
     hidden, kwargs = capture_block_inputs(model, ids)
     inputs = [hidden]
-    for block in blocks(model):
-        inputs.append(run_block(block, inputs[-1], kwargs))
+    for block, kw in zip(blocks(model), kwargs):
+        inputs.append(run_block(block, inputs[-1], kw))
     return inputs, kwargs
 
 
 @torch.no_grad()
-def _loss_from(model, start: int, hidden: torch.Tensor, kwargs: dict, ids: torch.Tensor) -> float:
+def _loss_from(model, start: int, hidden: torch.Tensor, kwargs: list, ids: torch.Tensor) -> float:
     """Mean next-token NLL of `ids` when `hidden` enters block `start`."""
     layers = blocks(model)
     h = hidden
     for j in range(start, len(layers)):
-        h = run_block(layers[j], h, kwargs)
+        h = run_block(layers[j], h, kwargs[j])
     logits = model.lm_head(model.model.norm(h)).float()
     return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
@@ -162,7 +162,7 @@ def gptq_error_factors(model, cfg: QuantConfig, calib_ids: torch.Tensor, progres
     layers = blocks(model)
     bar = tqdm(total=len(layers), desc="gptq error factors", disable=not progress, unit="block")
     for i, block in enumerate(layers):
-        hess, hidden = block_hessians(block, hidden, kwargs, keep=True)
+        hess, hidden = block_hessians(block, hidden, kwargs[i], keep=True)
         for name, mod in block_linears(block).items():
             full = layer_name(model, i, name)
             seeds = layer_seeds(cfg.seed, full, cfg.rotates)

@@ -100,22 +100,29 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Inputs of block 0 for every calibration sample: (hidden [N, L, D], keyword arguments of the call).
+def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """Inputs of block 0 for every calibration sample (hidden [N, L, D]) and the keyword arguments of each
+    block's call (rotary position embeddings, masks: a family with alternating sliding and full attention
+    gives its blocks different masks), the same for every sample of the same length, so kept once.
 
-    The keyword arguments (rotary position embeddings, masks) are the same for every sample of the
-    same length, so they are kept once.
-    """
+    The blocks do not run here: each is a pass-through that records its arguments, so this needs only
+    the embeddings' weights (a streamed skeleton has no others yet)."""
     layers = blocks(model)
-    hidden, kwargs = [], {}
+    hidden, kwargs = [], [None] * len(layers)
 
-    def hook(_module, args, kw):
-        hidden.append((args[0] if args else kw["hidden_states"]).detach())
-        if not kwargs:
-            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
+    def record(j):
+        def forward(*args, **kw):
+            if kwargs[j] is None:
+                kwargs[j] = {k: v for k, v in kw.items() if k != "hidden_states"}
+            if j == 0:
+                hidden.append((args[0] if args else kw["hidden_states"]).detach())
+            if j == len(layers) - 1 or kwargs[-1] is not None:
+                raise _Stop
+            return args[0] if args else kw["hidden_states"]
+        return forward
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    for j, block in enumerate(layers):
+        block.forward = record(j)
     try:
         for i in range(input_ids.shape[0]):
             try:
@@ -123,10 +130,12 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("cache", None)
-    kwargs["use_cache"] = False
+        for block in layers:
+            del block.forward
+    for kw in kwargs:
+        for k in ("past_key_values", "past_key_value", "cache"):
+            kw.pop(k, None)
+        kw["use_cache"] = False
     return torch.cat(hidden), kwargs
 
 
