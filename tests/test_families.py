@@ -13,20 +13,16 @@ from pvq import api
 from pvq.checkpoint import save
 from pvq.loader import load
 from pvq.models.adapters import block_linear_names, blocks_path, check_supported, set_module
-from pvq.models.loading import SUPPORTED_MODEL_TYPES, tiny_tokenizer
+from pvq.models.loading import SUPPORTED_MODEL_TYPES, tiny_model, tiny_tokenizer
+from pvq.modules.linear import Rotations
 from pvq.settings import QuantConfig
-from pvq.transforms.rotate import layer_rotations, layer_seeds, rotate_weight
+from pvq.transforms.rotate import layer_seeds, rotate_weight
 
-BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0)
-EXTRA = {"gemma2": {"sliding_window": 8}, "mistral": {"sliding_window": 8}}
+EXTRA = {"gemma2": {"sliding_window": 8}, "mistral": {"sliding_window": 8}}  # windows shorter than IDS
 
 
 def family_model(mt: str):
-    config = AutoConfig.for_model(mt, **BASE, **EXTRA.get(mt, {}))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return tiny_model(mt, **EXTRA.get(mt, {}))
 
 
 IDS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -37,13 +33,13 @@ class _Rotated(nn.Module):
 
     def __init__(self, lin: nn.Linear, seeds):
         super().__init__()
-        self.r_in, self.r_out = layer_rotations(lin.out_features, lin.in_features, seeds)
+        self.rot = Rotations(lin.out_features, lin.in_features, seeds)  # what QuantLinear runs
         self.w = rotate_weight(lin.weight.detach().float(), seeds)
         self.bias = lin.bias
 
     def forward(self, x):
-        y = F.linear(self.r_in.apply(x.double()).float(), self.w)
-        return self.r_out.apply_inverse(y.double()).float() + (0 if self.bias is None else self.bias)
+        y = self.rot.out_of(F.linear(self.rot.into(x), self.w))
+        return y if self.bias is None else y + self.bias
 
 
 @pytest.mark.parametrize("mt", SUPPORTED_MODEL_TYPES)
@@ -80,7 +76,8 @@ def test_family_quantize_save_load_generate(mt, method, tmp_path):
 
 @pytest.mark.parametrize("mt,why", [("gpt2", "Conv1D"), ("qwen2_moe", "fused experts")])
 def test_unhandled_family_is_one_clear_line(mt, why):
-    config = AutoConfig.for_model(mt, **{k: v for k, v in BASE.items() if k != "head_dim"}, **(
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
+    config = AutoConfig.for_model(mt, **small, **(
         {"num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32} if mt == "qwen2_moe" else {}))
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match=f"unsupported architecture '{mt}'.*{why}"):

@@ -101,7 +101,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     t0 = time.time()
     start, per_layer, errors, saved = writer.resumed() if writer is not None else (0, {}, {}, None)
     hidden = kwargs = None
-    if cfg.uses_data:  # the call arguments (rotary embeddings, masks) come from block 0's inputs
+    if cfg.uses_data:  # block 0's inputs, and every block's call arguments (rotary embeddings, masks)
         hidden, kwargs = capture_block_inputs(model, calib_ids)
         hidden = hidden if saved is None else saved
     bar = tqdm(total=len(block_linear_names(model)), desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
@@ -110,16 +110,17 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             release(block)
             bar.update(len(block_linears(block)))
             continue
+        prefix = prefixes[i]
         if reader is not None:
-            check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(block_prefix(model, i))))
+            check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
         hess = block_hessians(block, hidden, kwargs[i])[0] if cfg.uses_data else {}
-        done, err = _quantize_block(block, block_prefix(model, i), cfg, hess, bar)
+        done, err = _quantize_block(block, prefix, cfg, hess, bar)
         per_layer.update(done)
         errors.update(err)
         if cfg.uses_data:
             hidden = run_block(block, hidden, kwargs[i])  # the quantized block's outputs feed the next block
         if writer is not None:
-            writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], block_prefix(model, i)), done, err,
+            writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
                              hidden if cfg.uses_data and i + 1 < len(layers) else None)
             release(block)
         release_memory()
@@ -141,8 +142,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
 
 
 def _quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar) -> tuple[dict, dict]:
-    """Swap the block's (whose tensor names start with `prefix`) linears for QuantLinear modules; returns their quantization_config entries and the
-    relative error each kept."""
+    """Swap the linears of a block (its tensor names start with `prefix`) for QuantLinear modules; returns
+    their quantization_config entries and the relative error each kept."""
     per_layer, errors = {}, {}
     for name, mod in block_linears(block).items():
         full = prefix + name

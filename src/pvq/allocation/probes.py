@@ -28,7 +28,7 @@ from ..transforms.rotate import layer_seeds, rotate_hessian
 
 
 @torch.no_grad()
-def _block_inputs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+def _block_inputs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
     hidden, kwargs = capture_block_inputs(model, ids)
     inputs = [hidden]
     for block, kw in zip(blocks(model), kwargs):

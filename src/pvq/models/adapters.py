@@ -15,6 +15,7 @@ from torch import nn
 from ..solvers.hessian import HessianAccumulator
 
 MIN_ROWS = 16  # fewer outputs than this: a router or gate, kept dense
+BATCH = 8  # calibration samples run through a block at once
 
 
 def _text_config(config):
@@ -53,10 +54,7 @@ def blocks_path(model) -> str:
                              f"(a 3-D tensor); pvq does not quantize mixture-of-experts blocks yet")
     if not any(_quantizable(m) for m in layers[0].modules()):
         raise ValueError(f"unsupported architecture {mt!r}: the blocks of {path} hold no nn.Linear to quantize")
-    try:
-        model._pvq_blocks_path = path
-    except AttributeError:
-        pass
+    model._pvq_blocks_path = path  # the walk above costs a pass over every module; block_prefix asks often
     return path
 
 
@@ -140,7 +138,7 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = 8, keep: bool = True):
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = BATCH, keep: bool = True):
     """Outputs of one block for all samples (hidden [N, L, D]), a few samples at a time.
 
     keep=False runs the block only for its side effects (hooks) and keeps no output.
@@ -161,19 +159,16 @@ def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: b
     that hold every linear's input, which tells which inputs are one tensor; the rest accumulate once
     per distinct input. A linear no token reached (an expert nobody was routed to) is missing."""
     linears = block_linears(block)
-    if not linears:
-        return {}, (run_block(block, hidden, kwargs) if keep else None)
     seen: dict[str, torch.Tensor] = {}
     handles = [mod.register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, a[0].detach()))
                for name, mod in linears.items()]
     try:
-        first = run_block(block, hidden[:8], kwargs, keep=keep)
+        first = run_block(block, hidden[:BATCH], kwargs, keep=keep)
     finally:
         for h in handles:
             h.remove()
-    leader: dict[str, str] = {}
-    for name, x in seen.items():
-        leader[name] = next((other for other, y in seen.items() if y is x and leader.get(other) == other), name)
+    # the first linear (in call order) that read a tensor holds its Hessian
+    leader = {name: next(other for other, y in seen.items() if y is x) for name, x in seen.items()}
     accs = {name: HessianAccumulator(linears[name].in_features) for name in seen if leader[name] == name}
     for name, acc in accs.items():
         acc.add_batch(seen[name])
@@ -181,7 +176,7 @@ def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: b
     handles = [linears[name].register_forward_hook(lambda m, a, o, acc=acc: acc.add_batch(a[0]))
                for name, acc in accs.items()]
     try:
-        rest = run_block(block, hidden[8:], kwargs, keep=keep) if hidden.shape[0] > 8 else None
+        rest = run_block(block, hidden[BATCH:], kwargs, keep=keep) if hidden.shape[0] > BATCH else None
     finally:
         for h in handles:
             h.remove()
