@@ -34,7 +34,6 @@ from pvq.codec.search import search  # noqa: E402
 from pvq.transforms.hadamard import RandomHadamard  # noqa: E402
 
 RATES = (2.25, 3.25, 4.25)
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def rotate(w: torch.Tensor, seed: int) -> torch.Tensor:
@@ -45,16 +44,16 @@ def rotate(w: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def real_weights(layers: list[int]) -> list[tuple[str, torch.Tensor]]:
+    from pvq.models.adapters import block_linears, blocks
     from pvq.models.loading import load_model
 
     model, _ = load_model(None)
     out = []
-    for i, block in enumerate(model.model.layers):
+    for i, block in enumerate(blocks(model)):
         if i not in layers:
             continue
-        for name in LINEARS:
-            mod = getattr(block.self_attn, name, None) or getattr(block.mlp, name)
-            out.append((f"layers.{i}.{name}", mod.weight.detach().float().clone()))
+        for name, mod in block_linears(block).items():  # q, k, v, o, gate, up, down
+            out.append((f"layers.{i}.{name.rpartition('.')[2]}", mod.weight.detach().float().clone()))
     del model
     return out
 

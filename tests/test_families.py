@@ -74,14 +74,58 @@ def test_family_quantize_save_load_generate(mt, method, tmp_path):
     assert out.shape == (1, 12)
 
 
-@pytest.mark.parametrize("mt,why", [("gpt2", "Conv1D"), ("qwen2_moe", "fused experts")])
-def test_unhandled_family_is_one_clear_line(mt, why):
+def test_unhandled_family_is_one_clear_line():
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
-    config = AutoConfig.for_model(mt, **small, **(
-        {"num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32} if mt == "qwen2_moe" else {}))
-    model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match=f"unsupported architecture '{mt}'.*{why}"):
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", **small))
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*Conv1D"):
         check_supported(model)
+
+
+def test_fused_experts_without_the_experts_interface_are_one_clear_line():
+    model = tiny_model("qwen2_moe")
+    del model.model.layers[0].mlp.experts.has_gate  # what a family outside transformers' experts interface lacks
+    with pytest.raises(ValueError, match=r"'qwen2_moe'.*model\.layers\.0\.mlp\.experts .*3-D.*no has_gate"):
+        check_supported(model)
+
+
+MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt or mt in ("mixtral", "gpt_oss")]
+
+
+@pytest.mark.parametrize("mt", MOE)
+@torch.no_grad()
+def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(mt):
+    """One linear per expert, its Hessian from exactly the tokens its router sent it; the router stays dense."""
+    from pvq.models.adapters import block_hessians, block_linears, blocks, capture_block_inputs
+
+    model = tiny_model(mt)
+    block = blocks(model)[0]
+    experts = next(m for n, m in block.named_modules() if n.endswith("experts"))
+    name = next(n for n, m in block.named_modules() if m is experts)
+    routed = []
+    experts.register_forward_pre_hook(lambda m, a: routed.append((a[0].clone(), a[1].clone())))
+    hidden, kwargs = capture_block_inputs(model, IDS)
+    hess, _ = block_hessians(block, hidden, kwargs[0])
+    x = torch.cat([h for h, _ in routed]).double()
+    idx = torch.cat([i for _, i in routed])
+    first = "gate_up" if experts.has_gate else "up"
+    n_experts = len(getattr(experts, first))
+    assert n_experts == 4 and not any(p.dim() == 3 for p in block.parameters())
+    for e in range(n_experts):
+        xe = x[(idx == e).any(-1)]
+        assert xe.shape[0] > 0
+        assert torch.allclose(hess[f"{name}.{first}.{e}"], xe.T @ xe / xe.shape[0], atol=1e-9)
+    lin = block_linears(block)
+    assert f"{name}.down.0" in lin and not any(n.endswith(("gate", "router")) for n in lin)
+
+
+@torch.no_grad()
+def test_an_expert_no_token_reached_is_rounded_without_data():
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:  # the router never picks expert 3
+        layer.mlp.gate.register_forward_hook(lambda m, a, out: (out[0], out[1], out[2].masked_fill(out[2] == 3, 0)))
+    summary = api.quantize(model, QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32), IDS, progress=False)
+    assert summary["uncalibrated"] == [f"model.layers.{i}.mlp.experts.{k}.3" for i in range(2) for k in ("gate_up", "down")]
+    assert summary["layers"] == 2 * (4 + 2 * 4)
 
 
 def test_blocks_are_found_where_each_family_keeps_them():
@@ -104,3 +148,38 @@ def test_each_block_is_calibrated_with_its_own_mask():
         hidden = run_block(block, hidden, kw)
     want = model(IDS, output_hidden_states=True).hidden_states[-1]
     assert (model.model.norm(hidden) - want).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_cli_quantizes_a_saved_mixture_of_experts_folder(tmp_path, capsys):
+    """A folder save_pretrained wrote (experts stored one tensor per expert, the hub's form) goes through
+    `pvq quantize` (loaded whole: such checkpoints are not streamed yet) and the result runs."""
+    from pvq.cli import main as cli
+
+    src = tmp_path / "src"
+    tiny_model("qwen3_moe").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    args = ["--method", "pvq-gptq", "--bits", "4.25", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
+    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "q")]) == 0
+    assert "not streamed yet" in capsys.readouterr().err
+    model, tok = load(tmp_path / "q", decode="once")
+    assert sum(".experts.gate_up." in n for n, _ in block_linear_names(model)) == 2 * 4
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert (hf(IDS).logits - model(IDS).logits).abs().max() < 1e-4
+    assert hf.generate(IDS[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 12)
+
+
+@pytest.mark.parametrize("mt", ["gpt_neox", "gemma2", "olmoe"])
+@torch.no_grad()
+def test_allocation_probes_run_whatever_follows_the_blocks(mt):
+    """The sensitivity probes end in the family's own final norm and head (gpt_neox's final_layer_norm and
+    embed_out, gemma2's logit soft-capping), so allocation plans any family."""
+    from pvq.allocation.probes import sensitivities
+
+    model = family_model(mt)
+    base = float(torch.nn.functional.cross_entropy(model(IDS).logits[:, :-1].reshape(-1, 256), IDS[:, 1:].reshape(-1)))
+    got = sensitivities(model, IDS, progress=False)
+    assert abs(got["_base_loss"] - base) < 1e-4
+    names = [n for n, _ in block_linear_names(model)]
+    assert [k for k in got if not k.startswith("_")] == names
+    assert all(torch.isfinite(torch.tensor(got[n]["dloss"])) for n in names)

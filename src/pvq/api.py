@@ -101,6 +101,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     t0 = time.time()
     start, per_layer, errors, saved = writer.resumed() if writer is not None else (0, {}, {}, None)
     hidden = kwargs = None
+    uncalibrated: list[str] = []
     if cfg.uses_data:  # block 0's inputs, and every block's call arguments (rotary embeddings, masks)
         hidden, kwargs = capture_block_inputs(model, calib_ids)
         hidden = hidden if saved is None else saved
@@ -114,7 +115,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         if reader is not None:
             check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
         hess = block_hessians(block, hidden, kwargs[i])[0] if cfg.uses_data else {}
-        done, err = _quantize_block(block, prefix, cfg, hess, bar)
+        done, err = _quantize_block(block, prefix, cfg, hess, bar, uncalibrated)
         per_layer.update(done)
         errors.update(err)
         if cfg.uses_data:
@@ -138,12 +139,15 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     model.config.quantization_config = quantization_config(cfg, per_layer, dict(summary))
     summary["seconds"] = time.time() - t0
     summary["layer_errors"] = errors
+    summary["uncalibrated"] = uncalibrated
     return summary
 
 
-def _quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar) -> tuple[dict, dict]:
+def _quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list) -> tuple[dict, dict]:
     """Swap the linears of a block (its tensor names start with `prefix`) for QuantLinear modules; returns
-    their quantization_config entries and the relative error each kept."""
+    their quantization_config entries and the relative error each kept. A Hessian method quantizes a
+    linear missing from `hess` (no token reached it) with the identity for Hessian and appends its name
+    to `uncalibrated`."""
     per_layer, errors = {}, {}
     for name, mod in block_linears(block).items():
         full = prefix + name
@@ -155,9 +159,11 @@ def _quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar) -> tu
         try:
             if cfg.uses_data:
                 stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
-                if name not in hess:
-                    raise ValueError(f"layer {full}: no calibration token reached it, so it has no Hessian")
-                h_rot = rotate_hessian(hess[name], seeds[0])
+                if name in hess:
+                    h_rot = rotate_hessian(hess[name], seeds[0])
+                else:  # an expert no calibration token was routed to: nothing known of its inputs, plain rounding
+                    h_rot = torch.eye(cols, dtype=torch.float64)
+                    uncalibrated.append(full)
                 w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp,
                                      block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
                 errors[full] = relative_error(w_rot, w_hat, h_rot)

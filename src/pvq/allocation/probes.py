@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models.adapters import block_hessians, block_linear_names, block_linears, blocks, capture_block_inputs, layer_name, run_block
+from ..models.adapters import (block_hessians, block_linear_names, block_linears, blocks, capture_block_inputs, layer_name,
+                              logits_after_blocks, run_block)
 from ..picker import FAST_GROUP_DIMS, PVQ_GROUP_DIMS
 from ..settings import QuantConfig
 from ..solvers.gptq import error_factors
@@ -43,7 +44,7 @@ def _loss_from(model, start: int, hidden: torch.Tensor, kwargs: list, ids: torch
     h = hidden
     for j in range(start, len(layers)):
         h = run_block(layers[j], h, kwargs[j])
-    logits = model.lm_head(model.model.norm(h)).float()
+    logits = logits_after_blocks(model, h, ids).float()
     return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
 

@@ -5,7 +5,10 @@ are the model's ModuleList with one entry per hidden layer (the class transforme
 `_no_split_modules` when there are several lists), the quantizable linears of a block are every
 `nn.Linear` inside it (a router or gate with fewer than MIN_ROWS outputs stays dense: a few numbers
 per token that steer the rest), and linears that read the same input share one Hessian because the
-hooks of a real pass see the same tensor (block_hessians), whatever their names.
+hooks of a real pass see the same tensor (block_hessians), whatever their names. Experts stored as
+fused 3-D tensors are split into one linear per expert first (experts.py), so an expert's linear is
+found, hooked (the tokens routed to it) and replaced like any other; a router is not an nn.Linear in
+the families tested, or has fewer than MIN_ROWS outputs, and stays dense.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from ..solvers.hessian import HessianAccumulator
+from .experts import split_experts
 
 MIN_ROWS = 16  # fewer outputs than this: a router or gate, kept dense
 BATCH = 8  # calibration samples run through a block at once
@@ -30,7 +34,8 @@ def _quantizable(mod: nn.Module) -> bool:
 
 def blocks_path(model) -> str:
     """The dotted name of the model's list of decoder blocks (e.g. "model.layers"); ValueError naming what
-    is missing when the model has none pvq can walk."""
+    is missing when the model has none pvq can walk. The first call also splits fused experts into one
+    linear per expert (models/experts.py), in place: that is how their linears are found."""
     cached = getattr(model, "_pvq_blocks_path", None)
     if cached is not None:
         return cached
@@ -48,10 +53,11 @@ def blocks_path(model) -> str:
         if type(mod).__name__ == "Conv1D":
             raise ValueError(f"unsupported architecture {mt!r}: {path}.0.{name} is a Conv1D (GPT-2 style, weight stored "
                              f"transposed); pvq quantizes nn.Linear layers")
-    for name, p in layers[0].named_parameters():
-        if p.dim() == 3:
-            raise ValueError(f"unsupported architecture {mt!r}: {path}.0.{name} {list(p.shape)} holds fused experts "
-                             f"(a 3-D tensor); pvq does not quantize mixture-of-experts blocks yet")
+    for i, block in enumerate(layers):  # fused 3-D experts become one linear per expert (experts.py)
+        try:
+            split_experts(block, f"{path}.{i}.")
+        except ValueError as exc:
+            raise ValueError(f"unsupported architecture {mt!r}: {exc}") from None
     if not any(_quantizable(m) for m in layers[0].modules()):
         raise ValueError(f"unsupported architecture {mt!r}: the blocks of {path} hold no nn.Linear to quantize")
     model._pvq_blocks_path = path  # the walk above costs a pass over every module; block_prefix asks often
@@ -138,6 +144,28 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
+def logits_after_blocks(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits when the last block outputs `hidden` [N, L, D] for `input_ids` [N, L]: whatever
+    the family does after its blocks (final norm, head, logit scaling or soft-capping) runs as the model
+    runs it, with the blocks as pass-throughs that hand on `hidden`."""
+    layers = blocks(model)
+
+    def handover(*args, **kw):
+        return hidden
+
+    def through(*args, **kw):
+        return args[0] if args else kw["hidden_states"]
+
+    for j, block in enumerate(layers):
+        block.forward = handover if j == 0 else through
+    try:
+        return model(input_ids, use_cache=False).logits
+    finally:
+        for block in layers:
+            del block.forward
+
+
+@torch.no_grad()
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = BATCH, keep: bool = True):
     """Outputs of one block for all samples (hidden [N, L, D]), a few samples at a time.
 
@@ -157,7 +185,8 @@ def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: b
 
     Linears that read the same tensor share one accumulated Hessian: the first batch is run with hooks
     that hold every linear's input, which tells which inputs are one tensor; the rest accumulate once
-    per distinct input. A linear no token reached (an expert nobody was routed to) is missing."""
+    per distinct input (a linear first reached after the first batch, an expert, gets its own). A linear
+    no token reached (an expert nobody was routed to) is missing."""
     linears = block_linears(block)
     seen: dict[str, torch.Tensor] = {}
     handles = [mod.register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, a[0].detach()))
@@ -173,8 +202,18 @@ def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: b
     for name, acc in accs.items():
         acc.add_batch(seen[name])
     seen.clear()
-    handles = [linears[name].register_forward_hook(lambda m, a, o, acc=acc: acc.add_batch(a[0]))
-               for name, acc in accs.items()]
+
+    def late(name):  # a linear the first batch did not reach (an expert): its own Hessian from then on
+        def hook(m, a, o):
+            if name not in accs:
+                accs[name] = HessianAccumulator(m.in_features)
+                leader[name] = name
+            accs[name].add_batch(a[0])
+        return hook
+
+    handles = [linears[name].register_forward_hook(
+        (lambda m, a, o, acc=accs[name]: acc.add_batch(a[0])) if name in accs else late(name))
+        for name in linears if name in accs or name not in leader]
     try:
         rest = run_block(block, hidden[BATCH:], kwargs, keep=keep) if hidden.shape[0] > BATCH else None
     finally:

@@ -22,9 +22,15 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # config.model_type values pvq is tested on (tests/test_families.py: tiny random models of each,
 # quantized, saved, loaded and run). Blocks and linears are found, not listed (models/adapters.py), so
-# the list only guards loading a family nobody has tried; mixture-of-experts ones are not among them yet.
+# the list only guards loading a family nobody has tried.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "starcoder2", "olmo2",
-                         "cohere", "granite", "stablelm", "phi", "gpt_neox", "smollm3", "glm", "exaone4", "ernie4_5")
+                         "cohere", "granite", "stablelm", "phi", "gpt_neox", "smollm3", "glm", "exaone4", "ernie4_5",
+                         # mixture of experts (fused 3-D experts, split by models/experts.py)
+                         "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss")
+
+# a tiny mixture of experts: few, small experts, so every one is reached by a few test tokens
+_TINY_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 shared_expert_intermediate_size=64)
 
 
 class ModelLoadError(ValueError):
@@ -196,6 +202,8 @@ def _tiny_config(model_type: str, overrides: dict):
     )
     if model_type not in ("llama", "mistral", "qwen2", "qwen3"):  # their defaults lie outside the tiny vocabulary
         fields["pad_token_id"] = 0
+    defaults = AutoConfig.for_model(model_type)
+    fields.update({k: v for k, v in _TINY_MOE.items() if hasattr(defaults, k)})
     fields.update(overrides)
     return AutoConfig.for_model(model_type, **fields)
 

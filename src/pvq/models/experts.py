@@ -1,0 +1,103 @@
+"""Mixture-of-experts blocks whose experts are fused 3-D parameters, given one linear per expert.
+
+transformers keeps a block's experts as two stacked tensors (`gate_up_proj` [E, 2I, H] or `up_proj`,
+and `down_proj` [E, H, I]; transposed in some families) and multiplies with slices of them, so there
+is no `nn.Linear` per expert for pvq to find, hook or replace. `split_experts` turns every such module
+into the same module with `gate_up` (or `up`) and `down`: lists of E `nn.Linear` holding the slices
+(with their biases), and a forward that routes each token to its experts through them. Each expert's
+linears are then ordinary linears: the calibration hooks see exactly the tokens routed to that expert
+(its own Hessian), and pvq swaps each for a QuantLinear like any other.
+
+The forward follows the description transformers' experts interface gives every decorated experts
+class (`has_gate`, `has_bias`, `is_transposed`, `has_post_expert_norm`, the class's `_apply_gate` and
+`act_fn`), the description its batched and grouped kernels already compute from for every family;
+the gate/up layout (concatenated or interleaved) is the class's `_apply_gate`'s business, since the
+fused gate/up linear keeps the rows in the stored order. An experts module that carries 3-D parameters
+without that description is refused with one line.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FIRST = {True: "gate_up", False: "up"}  # the list of first (input) linears, by has_gate
+
+
+def _fused(mod: nn.Module) -> bool:
+    return any(p.dim() == 3 for p in mod.parameters(recurse=False))
+
+
+def fused_experts(model: nn.Module) -> bool:
+    """Whether `model` still holds experts as 3-D parameters (not split yet)."""
+    return any(p.dim() == 3 for p in model.parameters())
+
+
+class _SplitExperts:
+    """Mixed into the family's experts class: the forward over one linear per expert."""
+
+    pvq_split_experts = True
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        first = getattr(self, FIRST[self.has_gate])
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():  # ascending: the same order on every run
+            if e >= len(first):  # an expert-parallel placeholder index: no expert here
+                continue
+            token, slot = torch.where(top_k_index == e)
+            h = first[e](hidden_states[token])
+            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+            h = self.down[e](h)
+            if self.has_post_expert_norm:
+                h = self.post_expert_norm(h)
+            out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _split_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(cls.__name__, (_SplitExperts, cls), {"__module__": cls.__module__})
+    return _CLASSES[cls]
+
+
+def _linears(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> nn.ModuleList:
+    """One nn.Linear per expert from a stacked [E, out, in] weight ([E, in, out] when transposed)."""
+    out = nn.ModuleList()
+    for e in range(weight.shape[0]):
+        w = weight[e].T if transposed else weight[e]
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+        lin.weight = nn.Parameter(w.detach().clone(memory_format=torch.contiguous_format), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[e].detach().clone(), requires_grad=False)
+        out.append(lin)
+    return out
+
+
+def split_module(mod: nn.Module, where: str) -> None:
+    """Give one fused experts module (`where`: its full name, for the error) one linear per expert, in place."""
+    missing = [a for a in ("has_gate", "has_bias", "is_transposed") if not hasattr(mod, a)]
+    missing += [] if getattr(mod, "has_gate", True) else ["act_fn"] * (not hasattr(mod, "act_fn"))
+    first = FIRST.get(getattr(mod, "has_gate", None))
+    if not missing:
+        missing = [n for n in (f"{first}_proj", "down_proj") if getattr(mod, n, None) is None]
+    if missing:
+        raise ValueError(f"{where} ({type(mod).__name__}) stores its experts as 3-D tensors without transformers' "
+                         f"experts interface (no {', '.join(missing)}); pvq cannot split it")
+    for name in (first, "down"):
+        weight = mod._parameters.pop(f"{name}_proj")
+        bias = mod._parameters.pop(f"{name}_proj_bias", None) if mod.has_bias else None
+        mod.add_module(name, _linears(weight, bias, mod.is_transposed))
+    mod.__class__ = _split_class(type(mod))
+    # the family's weight initialisation reads the fused tensors this module no longer has; its linears
+    # hold the values (or, loading a pvq directory, are about to be filled)
+    mod._is_hf_initialized = True
+
+
+def split_experts(root: nn.Module, prefix: str = "") -> int:
+    """Split every fused experts module under `root` (full names start with `prefix`); returns how many."""
+    fused = [(name, mod) for name, mod in root.named_modules() if _fused(mod) and not getattr(mod, "pvq_split_experts", False)]
+    for name, mod in fused:
+        split_module(mod, prefix + name)
+    return len(fused)
