@@ -1,14 +1,18 @@
-"""Quality benchmark: WikiText-2 perplexity against bits per weight for rtn, gptq, pvq, pvq-gptq.
+"""Quality benchmark: WikiText-2 perplexity, KL divergence and top-1 agreement against bits per weight
+for rtn, gptq, pvq, pvq-gptq.
 
 Quantizes the default model (SmolLM2-135M-Instruct) with each method at about 2.25, 3.25 and 4.25
 bits per weight through the `pvq` command line (calibration: 128 x 512 tokens of the WikiText-2
-validation text), evaluates the quick protocol (16 windows of 2048 tokens of the test text), and
+validation text), evaluates the quick protocol (16 windows of 2048 tokens of the test text: perplexity,
+and `--kl`: the mean KL divergence from the unquantized model per token and the share of tokens whose
+top prediction agrees with it), and
 ARC-Easy 0-shot for the unquantized model and pvq-gptq at 3.25 bits. Every run is a separate
 process, so its time and peak memory are its own. Results are written after every run to
 bench/results/quality.json, and the plot to bench/results/pareto.png.
 
 Run:  python bench/quality.py                          (all 12 runs; hours on a 2-core CPU)
       python bench/quality.py --rates 3.25 --methods pvq,pvq-gptq --arc-limit 300
+      python bench/quality.py --rates 3.25 --redo    (measure those rows again, replacing them)
 """
 from __future__ import annotations
 
@@ -78,6 +82,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/pvq-quality", help="where the quantized directories go")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in quality.json")
+    ap.add_argument("--redo", action="store_true", help="measure the chosen rates and methods again, replacing their rows")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +98,7 @@ def main() -> None:
         results["unquantized"] = run_json(["eval", "--ppl", *arc])
         save(results, out)
     print(f"unquantized: {results['unquantized']}", flush=True)
-    done = {(r["method"], r["target_bits"]) for r in results["runs"] if "ppl" in r}
+    done = set() if args.redo else {(r["method"], r["target_bits"]) for r in results["runs"] if "kl" in r}
     for rate in [float(r) for r in args.rates.split(",")]:
         for m in args.methods.split(","):
             if (m, rate) in done:
@@ -101,12 +106,13 @@ def main() -> None:
             d = work / f"{m}-{rate}"
             q = run_json(["quantize", "--method", m, "--bits", str(rate), "-o", str(d), "--force"])
             extra = arc if (m == "pvq-gptq" and rate == 3.25) else []
-            e = run_json(["eval", str(d), "--ppl", *extra])
+            e = run_json(["eval", str(d), "--ppl", "--kl", *extra])
             r = {"method": m, "target_bits": rate, "bits_per_weight": q["bits_per_weight"], "file_bytes": q["file_bytes"],
                  "quantize_seconds": q["seconds"], "quantize_peak_rss_mib": q["peak_rss_mib"], **e}
             results["runs"] = [x for x in results["runs"] if (x["method"], x["target_bits"]) != (m, rate)] + [r]
             save(results, out)
-            print(f"{m} @ {rate}: {r['bits_per_weight']:.4f} bpw, ppl {r['ppl']:.2f}, quantize {r['quantize_seconds']:.0f} s,"
+            print(f"{m} @ {rate}: {r['bits_per_weight']:.4f} bpw, ppl {r['ppl']:.2f}, kl {r['kl']:.4f}, "
+                  f"top-1 {r['top1_agree']:.3f}, quantize {r['quantize_seconds']:.0f} s,"
                   f" {r['quantize_peak_rss_mib']:.0f} MiB", flush=True)
     print(f"wrote {path}")
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from .settings import MAX_BITS, MAX_RUN_SEED
 
 DESCRIPTION = """\
-pvq compresses a Hugging Face causal LM (Llama, Mistral, Qwen2, Qwen3) with Pyramid Vector
-Quantization and measures it. Typical session:
+pvq compresses a Hugging Face causal LM (Llama, Qwen, Gemma, Phi, Mistral, Mixtral and more: the
+README lists the tested families) with Pyramid Vector Quantization and measures it. Typical session:
 
   pvq quantize --method pvq-gptq --bits 3.25 -o out/smol-3.25     # the default model: SmolLM2-135M
   pvq eval out/smol-3.25 --ppl --arc-easy --limit 500
+  pvq eval out/smol-3.25 --kl                                      # KL divergence from the unquantized model
   pvq info out/smol-3.25
   pvq generate out/smol-3.25 "The capital of France is"
   pvq bench-run out/smol-3.25 --decode on-the-fly                  # tokens/s and memory while running
@@ -161,6 +162,10 @@ def _add_eval(sub) -> None:
     p.add_argument("model", nargs="?", default=None, help="pvq directory, HF folder, hub id or .gguf (default SmolLM2)")
     p.add_argument("--ppl", action="store_true", help="WikiText-2 perplexity (the default if nothing is chosen)")
     p.add_argument("--windows", type=_int(0), default=16, help="2048-token windows (default 16: quick protocol; 0: all)")
+    p.add_argument("--kl", nargs="?", const="SmolLM2-135M-Instruct", default=None, metavar="REF",
+                   help="also the mean KL divergence per token from REF's next-token distribution to the model's and "
+                        "the share of tokens whose top prediction agrees, on the perplexity windows (REF: the "
+                        "unquantized model, a folder, hub id or .gguf; default SmolLM2)")
     p.add_argument("--arc-easy", action="store_true", help="ARC-Easy test accuracy, 0-shot")
     p.add_argument("--limit", type=_int(1), default=None, help="use only the first N ARC-Easy questions")
     _add_act_options(p, stored=False)
@@ -360,11 +365,20 @@ def cmd_eval(args) -> int:
     if bpa is not None:
         q = next(iter(actquant.quantizers(model).values()))
         res.update({"bits_per_activation": bpa, "act_method": q.cfg.method, "act_rotate": q.cfg.rotate})
-    if args.ppl or not args.arc_easy:
+    windows = None if args.windows == 0 else args.windows
+    if args.kl is not None:  # perplexity comes out of the same passes
+        from .eval.divergence import divergence
+
+        reference, _ = load_any(None if args.kl == "SmolLM2-135M-Instruct" else args.kl, args.decode, args.dtype)
+        r = divergence(model, reference, tok, resolve_text("wikitext2", "eval"), seqlen=2048, windows=windows,
+                       progress=not args.no_progress)
+        del reference
+        res.update({k: r[k] for k in ("ppl", "ref_ppl", "kl", "top1_agree", "tokens", "windows", "protocol")})
+    elif args.ppl or not args.arc_easy:
         from .eval.perplexity import perplexity
 
-        r = perplexity(model, tok, resolve_text("wikitext2", "eval"), seqlen=2048,
-                       windows=None if args.windows == 0 else args.windows, progress=not args.no_progress)
+        r = perplexity(model, tok, resolve_text("wikitext2", "eval"), seqlen=2048, windows=windows,
+                       progress=not args.no_progress)
         res.update({"ppl": r["ppl"], "tokens": r["tokens"], "windows": r["windows"], "protocol": r["protocol"]})
     if args.arc_easy:
         from .eval.arc import arc_easy_accuracy

@@ -38,41 +38,43 @@ def perplexity(
     BOS: the tokenizer's own rule is applied once to the whole text (SmolLM2 adds no BOS, Llama-2
     style tokenizers add one at the very start); windows get no BOS of their own, as in GPTQ.
     """
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    used_seqlen = min(seqlen, max_pos) if max_pos else seqlen
-    if used_seqlen < 2:
-        raise ValueError(f"seqlen must be at least 2, got {used_seqlen}")
-
-    ids = encode_text(tokenizer, text)  # [n_tokens]
-    available = ids.numel() // used_seqlen
-    if available == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {used_seqlen}")
-    if windows is not None and windows < 1:
-        raise ValueError(f"windows must be positive or None, got {windows}")
-    count = available if windows is None else min(windows, available)
-
-    device = next(model.parameters()).device
+    w = Windows(model, tokenizer, text, seqlen, windows)
     nll_sum = 0.0  # float64 accumulator: summing many float32 means would drift in the last digit
     with torch.inference_mode():
-        for w in tqdm(range(count), desc=f"ppl seqlen={used_seqlen}", disable=not progress):
-            batch = ids[w * used_seqlen : (w + 1) * used_seqlen].unsqueeze(0).to(device)  # [1, seqlen]
-            logits = model(batch).logits  # [1, seqlen, vocab]
-            # Position t predicts token t+1; the loss is taken in float32 whatever the model dtype.
-            loss = F.cross_entropy(
-                logits[0, :-1].float(),  # [seqlen-1, vocab]
-                batch[0, 1:],  # [seqlen-1]
-                reduction="mean",
-            )
-            nll_sum += loss.item()
+        for batch in tqdm(w, total=w.count, desc=f"ppl seqlen={w.seqlen}", disable=not progress):
+            nll_sum += window_nll(model(batch).logits, batch)
+    nll = nll_sum / w.count
+    return {"ppl": math.exp(nll), "nll": nll, **w.summary()}
 
-    nll = nll_sum / count
-    return {
-        "ppl": math.exp(nll),
-        "nll": nll,
-        "tokens": count * used_seqlen,
-        "predicted": count * (used_seqlen - 1),
-        "text_tokens": ids.numel(),
-        "windows": count,
-        "seqlen": used_seqlen,
-        "protocol": "full" if count == available else "quick",
-    }
+
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """Mean NLL of one window: position t predicts token t+1, in float32 whatever the model dtype."""
+    return F.cross_entropy(logits[0, :-1].float(), batch[0, 1:], reduction="mean").item()
+
+
+class Windows:
+    """The protocol's windows of `text` for `model`: iterating gives each [1, seqlen] batch on the model's
+    device. `seqlen` is capped at the model's max_position_embeddings."""
+
+    def __init__(self, model, tokenizer, text: str, seqlen: int = 2048, windows: int | None = 16):
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        self.seqlen = min(seqlen, max_pos) if max_pos else seqlen
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen must be at least 2, got {self.seqlen}")
+        self.ids = encode_text(tokenizer, text)  # [n_tokens]
+        self.available = self.ids.numel() // self.seqlen
+        if self.available == 0:
+            raise ValueError(f"text has {self.ids.numel()} tokens, fewer than one window of {self.seqlen}")
+        if windows is not None and windows < 1:
+            raise ValueError(f"windows must be positive or None, got {windows}")
+        self.count = self.available if windows is None else min(windows, self.available)
+        self.device = next(model.parameters()).device
+
+    def __iter__(self):
+        for w in range(self.count):
+            yield self.ids[w * self.seqlen : (w + 1) * self.seqlen].unsqueeze(0).to(self.device)
+
+    def summary(self) -> dict:
+        return {"tokens": self.count * self.seqlen, "predicted": self.count * (self.seqlen - 1),
+                "text_tokens": self.ids.numel(), "windows": self.count, "seqlen": self.seqlen,
+                "protocol": "full" if self.count == self.available else "quick"}
