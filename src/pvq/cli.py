@@ -269,8 +269,8 @@ def cmd_quantize(args) -> int:
     from . import api, checkpoint
     from .data import calibration_batches, resolve_text
     from .memory import peak_rss_mib
-    from .models.experts import fused_experts
     from .models.loading import load_model, load_skeleton, streamable
+    from .models.streaming import NotStreamable
 
     cfg, progress = _quant_config(args), not args.no_progress
     alloc = _allocation_settings(args) if args.allocate else None
@@ -278,10 +278,12 @@ def cmd_quantize(args) -> int:
     checkpoint.prepare_output(out, args.force, sources)  # a location pvq will not write fails before any work
     # a safetensors folder is read block by block (allocation's probes need the whole model at once)
     stream = streamable(args.model) and alloc is None and not args.no_stream
-    model, tok, reader = load_skeleton(args.model) if stream else (None, None, None)
-    if stream and fused_experts(model):  # their stored names vary by family; transformers' loader maps them
-        print("mixture-of-experts checkpoints are not streamed yet: loading the whole model", file=sys.stderr)
-        model = reader = None
+    model = reader = None
+    if stream:
+        try:
+            model, tok, reader = load_skeleton(args.model)
+        except NotStreamable as exc:
+            print(f"{exc}: loading the whole model instead", file=sys.stderr)
     if model is None:
         model, tok = load_model(args.model)
     api.check_reachable(model, cfg)  # an unreachable --bits or --abits fails before any long work

@@ -167,10 +167,12 @@ def streamable(spec: str | None) -> bool:
 def load_skeleton(spec: str):
     """(model, tokenizer, reader) of a local safetensors folder, the model built without its weights:
     every parameter on the meta device (buffers real), to be filled from the reader one block at a time
-    (streaming.materialize). Checked as load_model checks it."""
+    (streaming.materialize). Checked as load_model checks it. streaming.NotStreamable (with the reason)
+    when its tensors cannot be read one for one (load_model loads it whole)."""
     from transformers import AutoTokenizer
 
-    from .streaming import CheckpointReader, skeleton
+    from .experts import fused_experts
+    from .streaming import CheckpointReader, NotStreamable, skeleton
 
     name = str(spec)
     source, config = _checked_config(name)
@@ -178,8 +180,13 @@ def load_skeleton(spec: str):
         reader = CheckpointReader(Path(source))
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = skeleton(config)
+        reader.follow(model)
+    except NotStreamable:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}") from exc
+    if fused_experts(model):  # stored per expert or fused, by family: transformers' loader maps them
+        raise NotStreamable(f"{source}: mixture-of-experts checkpoints are not streamed yet")
     return model, tokenizer, reader
 
 

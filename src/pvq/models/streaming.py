@@ -47,9 +47,17 @@ def _entries(path: Path) -> dict:
         raise CheckpointError(f"unreadable safetensors file: {exc}") from None
 
 
+class NotStreamable(CheckpointError):
+    """A checkpoint whose tensors are not the model's one for one (merged or split on loading): load it whole."""
+
+
 class CheckpointReader:
-    """Tensors of a safetensors checkpoint folder by name, each read with plain file reads when asked for
-    (headers parsed once; nothing mapped, so memory holds only the tensors being used)."""
+    """Tensors of a safetensors checkpoint folder by the model's names, each read with plain file reads when
+    asked for (headers parsed once; nothing mapped, so memory holds only the tensors being used).
+
+    Some families store a tensor under another name than their module has (gpt_neox's head is
+    `embed_out` on disk, `lm_head` in the model): `follow(model)` applies the renamings transformers'
+    loader would (its conversion mapping for the family), so both ask for the same tensor."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -57,13 +65,30 @@ class CheckpointReader:
         if not self.files:
             raise CheckpointError(f"{self.folder}: no {SINGLE} nor {INDEX}")
         self._headers = {}
+        self.stored = {name: name for name in self.files}  # the model's name -> the checkpoint's
+
+    def follow(self, model) -> None:
+        """Name the tensors as `model` does; NotStreamable when its family merges or splits tensors on loading."""
+        renames, merges = _conversions(model)
+        stored = {}
+        for name in self.files:
+            key = name
+            for t in merges:
+                if t.rename_source_key(key)[1] is not None:
+                    raise NotStreamable(f"{self.folder}: tensor {name} is one of several tensors transformers "
+                                        f"combines on loading {type(model).__name__}")
+            for t in renames:
+                key = t.rename_source_key(key)[0]
+            stored[key] = name
+        self.stored = stored
 
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return name in self.stored
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.files:
+        if name not in self.stored:
             raise CheckpointError(f"{self.folder}: tensor {name} is not in the checkpoint")
+        name = self.stored[name]
         path = self.files[name]
         if path not in self._headers:
             self._headers[path] = _entries(path)
@@ -74,6 +99,19 @@ class CheckpointReader:
             return entry.read()
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
+
+
+def _conversions(model) -> tuple[list, list]:
+    """(renamings, merging conversions) transformers' loader applies to `model`'s checkpoint keys; none where
+    this transformers has no such mapping."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # a transformers before conversion mappings: names are the model's
+        return [], []
+    transforms = get_model_conversion_mapping(model)  # fresh objects: matching keeps state in them
+    renames = [t for t in transforms if isinstance(t, WeightRenaming)]
+    return renames, [t for t in transforms if not isinstance(t, WeightRenaming)]
 
 
 @contextmanager
@@ -129,11 +167,11 @@ def materialize(model: nn.Module, reader: CheckpointReader, keep, dtype: torch.d
             raise CheckpointError(f"{reader.folder}: tensor {names[0]} is not in the checkpoint")
         want = slots[0][3]
         t = reader.get(stored)
+        where = f"{reader.files[reader.stored[stored]]}: tensor {reader.stored[stored]}"
         if tuple(t.shape) != tuple(want.shape):
-            raise CheckpointError(f"{reader.files[stored]}: tensor {stored} is {list(t.shape)}, the model "
-                                  f"expects {list(want.shape)}")
+            raise CheckpointError(f"{where} is {list(t.shape)}, the model expects {list(want.shape)}")
         if not t.is_floating_point():
-            raise CheckpointError(f"{reader.files[stored]}: tensor {stored} is {t.dtype}, not a float tensor")
+            raise CheckpointError(f"{where} is {t.dtype}, not a float tensor")
         new = nn.Parameter(t.to(dtype), requires_grad=False)
         for mod, leaf, name, _ in slots:
             mod._parameters[leaf] = new
