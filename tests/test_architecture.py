@@ -20,7 +20,7 @@ LAYERS = [
     ("modules",),
     ("checkpoint", "eval", "measure"),
     ("loader", "api", "allocation"),
-    ("hf",),
+    ("hf", "distributed"),
     ("cli", "__init__"),
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -74,7 +74,7 @@ def layer_spec(cfg: QuantConfig, name: str, rows: int, cols: int):
 
 @torch.no_grad()
 def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, progress: bool = True,
-             reader=None, writer=None) -> dict:
+             reader=None, writer=None, pool=None, source: str | None = None) -> dict:
     """Quantize every linear of the transformer blocks of `model` in place. Returns a summary dict.
 
     summary["layer_errors"]: per layer, the relative error the quantizer left
@@ -86,7 +86,9 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     rest at the end). writer: a checkpoint.Writer that
     takes each finished block's tensors, after which the block's memory is released (the model is then
     a shell: run the written directory, not this model); a writer that took over a killed run's directory
-    makes this continue after the run's last finished block.
+    makes this continue after the run's last finished block. pool: a distributed.Pool whose workers
+    quantize the blocks (data-free methods, with a writer), each opening `source` (the model's path,
+    None for the default model) itself; this process writes what they return, in block order.
     """
     check_supported(model)
     layers = blocks(model)
@@ -106,16 +108,29 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         hidden, kwargs = capture_block_inputs(model, calib_ids)
         hidden = hidden if saved is None else saved
     bar = tqdm(total=len(block_linear_names(model)), desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
+    done_elsewhere = iter(())
+    if pool is not None:  # every remaining block a task of its own, their results taken in block order
+        if cfg.uses_data or writer is None:
+            raise ValueError("quantizing on workers takes a data-free method (rtn, pvq) and a writer")
+        done_elsewhere = pool.quantize_blocks(model, source, cfg, range(start, len(layers)))
     for i, block in enumerate(layers):
         if i < start:  # done by the run this one resumes
             release(block)
             bar.update(len(block_linears(block)))
             continue
         prefix = prefixes[i]
+        if pool is not None:
+            _, (tensors, done, err) = next(done_elsewhere)
+            per_layer.update(done)
+            errors.update(err)
+            writer.add_block(i, tensors, done, err, None)
+            release(block)  # a model loaded whole keeps none of it: the worker's tensors are what is stored
+            bar.update(len(done))
+            continue
         if reader is not None:
             check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
         hess = block_hessians(block, hidden, kwargs[i])[0] if cfg.uses_data else {}
-        done, err = _quantize_block(block, prefix, cfg, hess, bar, uncalibrated)
+        done, err = quantize_block(block, prefix, cfg, hess, bar, uncalibrated)
         per_layer.update(done)
         errors.update(err)
         if cfg.uses_data:
@@ -143,9 +158,9 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     return summary
 
 
-def _quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list) -> tuple[dict, dict]:
+def quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list) -> tuple[dict, dict]:
     """Swap the linears of a block (its tensor names start with `prefix`) for QuantLinear modules; returns
-    their quantization_config entries and the relative error each kept. A Hessian method quantizes a
+    their quantization_config entries and the relative error each kept (`bar`: a progress bar or None). A Hessian method quantizes a
     linear missing from `hess` (no token reached it) with the identity for Hessian and appends its name
     to `uncalibrated`."""
     per_layer, errors = {}, {}
@@ -177,7 +192,8 @@ def _quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncal
         set_module(block, name, q)
         per_layer[full] = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
                            "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
     return per_layer, errors
 
 

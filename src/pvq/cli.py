@@ -126,6 +126,12 @@ def _add_quantize(sub) -> None:
     p.add_argument("--no-stream", action="store_true",
                    help="load the whole float model first (a safetensors folder is otherwise read one block at a "
                         "time and written as it goes, so the model may be bigger than memory)")
+    p.add_argument("--workers", type=_int(1), default=None, metavar="N",
+                   help="quantize on N local worker processes with Ray (pip install 'pvq[distributed]'); the same "
+                        "bytes as one process. rtn and pvq only for now")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="quantize on the Ray cluster at ADDR (e.g. 10.0.0.1:6379; every node must see the model's "
+                        "path); rtn and pvq only for now")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the tensors kept dense (embeddings, head, norms)")
     p.add_argument("--allocate", action="store_true",
@@ -274,6 +280,16 @@ def cmd_quantize(args) -> int:
 
     cfg, progress = _quant_config(args), not args.no_progress
     alloc = _allocation_settings(args) if args.allocate else None
+    distributed = args.workers is not None or args.ray_address is not None
+    if distributed and (cfg.uses_data or alloc is not None):
+        raise ValueError(f"--workers and --ray-address run the data-free methods (rtn, pvq) for now; "
+                         f"{'--allocate' if alloc is not None else cfg.method} runs in one process")
+    if args.workers is not None and args.ray_address is not None:
+        raise ValueError("--workers starts a local Ray runtime and --ray-address joins a cluster: give one of them")
+    if args.ray_address is not None:  # an unreachable cluster fails now, not after loading the model
+        from .distributed import check_reachable
+
+        check_reachable(args.ray_address)
     out, sources = Path(args.output), [args.model] if args.model else []
     checkpoint.prepare_output(out, args.force, sources)  # a location pvq will not write fails before any work
     # a safetensors folder is read block by block (allocation's probes need the whole model at once)
@@ -302,8 +318,9 @@ def cmd_quantize(args) -> int:
               f"(uniform x{report['uniform_predicted_ppl_factor']:.3f}; {report['prediction']})")
     calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed) if cfg.uses_data else None
     torch.manual_seed(cfg.seed)
-    with _writer(args, sources, nbytes, model, cfg, calib) as writer:
-        summary = api.quantize(model, cfg, calib, progress=progress, reader=reader, writer=writer)
+    with _pool(args) as pool, _writer(args, sources, nbytes, model, cfg, calib) as writer:
+        summary = api.quantize(model, cfg, calib, progress=progress, reader=reader, writer=writer, pool=pool,
+                               source=args.model)
         if report is not None:  # the report gets each layer's measured error next to the predicted one
             extra = report_files(report, summary["layer_errors"])
         writer.finish(model, tok, extra)
@@ -321,6 +338,17 @@ def cmd_quantize(args) -> int:
         print(json.dumps({**summary, "file_bytes": size, "peak_rss_mib": rss, "output": str(out),
                           "method": cfg.method, "target_bits": cfg.bits, "streamed": stream}))
     return 0
+
+
+def _pool(args):
+    """A distributed.Pool for --workers / --ray-address, else a context holding None (Ray not imported)."""
+    import contextlib
+
+    if args.workers is None and args.ray_address is None:
+        return contextlib.nullcontext(None)
+    from .distributed import Pool
+
+    return Pool(workers=args.workers, address=args.ray_address)
 
 
 def _writer(args, sources, nbytes: int, model, cfg, calib):

@@ -1,0 +1,153 @@
+"""Quantizing on many processes or machines with Ray: the same bytes as one process, in less time.
+
+Ray (PyPI `ray`, the optional extra `pvq[distributed]`) does the scheduling, the retries and the
+transport; pvq only says what a task is. Nothing here is imported unless `--workers` or
+`--ray-address` is given.
+
+Data-free methods (rtn, pvq): every block is an independent task. A worker opens the model itself
+(the checkpoint at a path every node can see: a safetensors folder read block by block, or any model
+`pvq quantize` accepts, loaded whole once per worker process), reads the block's tensors, rotates and
+quantizes its linears exactly as `api.quantize` does in one process, and returns the block's stored
+tensors; the driver writes them in block order, so a file does not depend on which worker ran what.
+Each worker runs torch with one thread (Ray gives a task one CPU). A worker process that dies is
+replaced and its task run again (Ray's retries); the result is the same, since a task depends only on
+the checkpoint, the settings and the block index.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import torch
+
+from . import api
+from .checkpoint import stored_tensors
+from .models.adapters import block_linears, block_prefix, blocks
+from .models.streaming import materialize, release
+from .settings import DENSE_DTYPES, QuantConfig, spec_to_dict
+
+RETRIES = 3  # runs of a task whose worker died, before the run fails
+FAULT_ENV = "PVQ_FAULT_KILL_BLOCK"  # "INDEX:MARKER": the first task of block INDEX kills its worker (tests)
+
+_worker_models: dict[str, tuple] = {}  # per worker process: source -> (model, reader, pristine blocks)
+
+
+class DistributedError(ValueError):
+    """Ray is missing, a cluster cannot be reached, or a task failed: one line saying which."""
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise DistributedError("--workers and --ray-address need Ray: pip install 'pvq[distributed]'") from None
+    return ray
+
+
+def _open(source: str | None):
+    """(model, reader or None, a pristine copy of its blocks) of `source`, once per worker process."""
+    if source not in _worker_models:
+        from .models.loading import load_model, load_skeleton, streamable
+        from .models.streaming import NotStreamable
+
+        model = reader = None
+        if streamable(source):
+            try:
+                model, _, reader = load_skeleton(source)
+            except NotStreamable:
+                pass
+        if model is None:
+            model, _ = load_model(source)
+        _worker_models[source] = (model, reader, copy.deepcopy(blocks(model)))
+    return _worker_models[source]
+
+
+def _fault(index: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if spec:
+        want, _, marker = spec.partition(":")
+        if int(want) == index and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(9)  # as a kill -9 would: no cleanup, no reply
+
+
+def quantize_block_task(source: str | None, cfg_dict: dict, index: int, specs: dict) -> tuple[dict, dict, dict]:
+    """(stored tensors, quantization_config entries, relative errors) of block `index`, data-free, each
+    linear with the codec setting `specs` gives it (chosen once by the driver, not again by every worker)."""
+    torch.set_num_threads(1)
+    _fault(index)
+    cfg = QuantConfig(**{**cfg_dict, "overrides": {**(cfg_dict.get("overrides") or {}), **specs}})
+    model, reader, pristine = _open(source)
+    layers = blocks(model)
+    layers[index] = block = copy.deepcopy(pristine[index])  # a retried task starts from the float block
+    prefix = block_prefix(model, index)
+    if reader is not None:
+        materialize(model, reader, lambda n: n.startswith(prefix))
+    with torch.no_grad():
+        done, err = api.quantize_block(block, prefix, cfg, {}, None, [])
+    tensors = stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix)
+    release(block)
+    return tensors, done, err
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once a cluster address nothing listens on (Ray itself waits minutes for it)."""
+    if address == "auto":  # the cluster this machine's `ray start` joined: Ray finds it
+        return
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise DistributedError(f"--ray-address {address!r}: expected HOST:PORT (the head node's `ray start` address)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise DistributedError(f"cannot reach the Ray cluster at {address!r}: {exc.strerror or exc}") from None
+
+
+class Pool:
+    """A Ray runtime to quantize on: `workers` local worker processes, or the cluster at `address`."""
+
+    def __init__(self, workers: int | None = None, address: str | None = None):
+        ray = _ray()
+        self.ray = ray
+        if address is not None:
+            check_reachable(address)
+        try:
+            if address is not None:
+                ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            else:
+                ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        except Exception as exc:  # ConnectionError, a bad address, a runtime that cannot start
+            where = f"the Ray cluster at {address!r}" if address else f"a local Ray runtime with {workers} workers"
+            raise DistributedError(f"cannot start {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        self._task = ray.remote(num_cpus=1, max_retries=RETRIES)(quantize_block_task)
+
+    def workers(self) -> int:
+        return int(self.ray.cluster_resources().get("CPU", 0))
+
+    def quantize_blocks(self, model, source: str | None, cfg: QuantConfig, indices):
+        """Yield (index, (tensors, entries, errors)) for every block of `indices` of `model` (a skeleton is
+        enough), in that order, every task submitted at once (Ray runs as many as there are CPUs)."""
+        cfg_dict = cfg.to_dict()
+        layers = blocks(model)
+        pending = []
+        for i in indices:
+            prefix = block_prefix(model, i)
+            specs = {prefix + name: spec_to_dict(api.layer_spec(cfg, prefix + name, *lin.weight.shape))
+                     for name, lin in block_linears(layers[i]).items()}
+            pending.append((i, self._task.remote(source, cfg_dict, i, specs)))
+        for i, ref in pending:
+            try:
+                yield i, self.ray.get(ref)
+            except self.ray.exceptions.RayError as exc:
+                raise DistributedError(f"block {i}: {str(exc).splitlines()[0]}") from None
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

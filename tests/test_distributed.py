@@ -1,0 +1,60 @@
+"""Quantizing on Ray workers (distributed.py, `--workers`, `--ray-address`): the same bytes as one process,
+a killed worker survived, a cluster that cannot be reached refused at once. Tiny models, a local Ray runtime."""
+import subprocess
+import sys
+
+import pytest
+
+from pvq.cli import main as cli
+from pvq.distributed import FAULT_ENV
+from pvq.models.loading import tiny_model, tiny_tokenizer
+
+pytest.importorskip("ray")
+
+ARGS = ["--method", "pvq", "--bits", "3.25", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    tiny_model("llama", num_hidden_layers=4).save_pretrained(root / "src")
+    tiny_tokenizer().save_pretrained(root / "src")
+    assert cli(["quantize", str(root / "src"), *ARGS, "-o", str(root / "one")]) == 0
+    return root
+
+
+def _files(d):
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_the_same_bytes_on_any_number_of_workers(source, tmp_path, workers):
+    assert cli(["quantize", str(source / "src"), *ARGS, "--workers", str(workers), "-o", str(tmp_path / "q")]) == 0
+    assert _files(tmp_path / "q") == _files(source / "one")
+
+
+def test_a_killed_worker_is_replaced_and_the_bytes_are_the_same(source, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"2:{marker}")  # block 2's first run kills its worker process
+    assert cli(["quantize", str(source / "src"), *ARGS, "--workers", "2", "-o", str(tmp_path / "q")]) == 0
+    assert marker.exists()
+    assert _files(tmp_path / "q") == _files(source / "one")
+
+
+def test_an_unreachable_cluster_is_one_line(source, tmp_path, capsys):
+    assert cli(["quantize", str(source / "src"), *ARGS, "--ray-address", "127.0.0.1:1", "-o", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Ray cluster at '127.0.0.1:1'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q").exists()
+
+
+def test_hessian_methods_are_refused_on_workers(source, tmp_path, capsys):
+    assert cli(["quantize", str(source / "src"), "--method", "pvq-gptq", "--workers", "2", "-o", str(tmp_path / "q")]) == 2
+    assert "data-free methods" in capsys.readouterr().err
+
+
+def test_without_the_options_ray_is_not_imported(source, tmp_path):
+    code = ("import sys; from pvq.cli import main; "
+            f"assert main(['quantize', {str(source / 'src')!r}, *{ARGS!r}, '-o', {str(tmp_path / 'q')!r}]) == 0; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
