@@ -38,11 +38,11 @@ def hashes(folder: Path) -> dict:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
 
 
-def quantize(model: str | None, out: Path, extra: list[str], bits: float) -> dict:
+def quantize(model: str | None, out: Path, extra: list[str], bits: float, env: dict = ENV) -> dict:
     cmd = [sys.executable, "-m", "pvq.cli", "quantize", *([model] if model else []), "--method", "pvq",
            "--bits", str(bits), "-o", str(out), "--force", "--json", "--no-progress", *extra]
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip().splitlines()[-3:]}")
@@ -55,16 +55,20 @@ def quantize(model: str | None, out: Path, extra: list[str], bits: float) -> dic
 
 
 class TwoNodes:
-    """A head node and a second node on this machine, one CPU each (`ray start`)."""
+    """A head node and a second node on this machine, one CPU each (`ray start`). Ray 2.5x wants a
+    token for a node to join a head (RAY_AUTH_MODE=token, the token in ~/.ray/auth_token), and the
+    driver then needs the same environment."""
 
     def __init__(self, port: int = 6391):
         self.address = f"127.0.0.1:{port}"
+        self.env = dict(ENV, RAY_AUTH_MODE="token")
         ray = [sys.executable, "-m", "ray.scripts.scripts"]
-        subprocess.run([*ray, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                        "--disable-usage-stats"], check=True, capture_output=True, env=ENV)
-        subprocess.run([*ray, "start", f"--address={self.address}", "--num-cpus=1", "--disable-usage-stats"],
-                       check=True, capture_output=True, env=ENV)
-        self.stop = lambda: subprocess.run([*ray, "stop", "--force"], capture_output=True, env=ENV)
+        run = lambda *a: subprocess.run([*ray, *a], check=True, capture_output=True, env=self.env)  # noqa: E731
+        if not (Path.home() / ".ray" / "auth_token").is_file():
+            run("get-auth-token", "--generate")
+        run("start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats")
+        run("start", f"--address={self.address}", "--num-cpus=1", "--disable-usage-stats")
+        self.stop = lambda: subprocess.run([*ray, "stop", "--force"], capture_output=True, env=self.env)
 
     def __enter__(self):
         return self
@@ -95,7 +99,8 @@ def main() -> None:
         for extra in ([], ["--workers", "1"], ["--workers", "2"], "two-nodes"):
             if extra == "two-nodes":
                 with TwoNodes() as cluster:
-                    run = quantize(model, args.workdir / "out", ["--ray-address", cluster.address], args.bits)
+                    run = quantize(model, args.workdir / "out", ["--ray-address", cluster.address], args.bits,
+                                   cluster.env)
                 run["options"] = "two nodes on this machine, one CPU each (--ray-address)"
             else:
                 run = quantize(model, args.workdir / "out", extra, args.bits)

@@ -270,13 +270,7 @@ def _allocation_settings(args):
 
 
 def cmd_quantize(args) -> int:
-    import torch
-
-    from . import api, checkpoint
-    from .data import calibration_batches, resolve_text
-    from .memory import peak_rss_mib
-    from .models.loading import load_model, load_skeleton, streamable
-    from .models.streaming import NotStreamable
+    from . import checkpoint
 
     cfg, progress = _quant_config(args), not args.no_progress
     alloc = _allocation_settings(args) if args.allocate else None
@@ -292,6 +286,21 @@ def cmd_quantize(args) -> int:
         check_reachable(args.ray_address)
     out, sources = Path(args.output), [args.model] if args.model else []
     checkpoint.prepare_output(out, args.force, sources)  # a location pvq will not write fails before any work
+    with _pool(args) as pool:
+        if pool is not None:  # the workers open the model while this process checks and plans
+            pool.warm(args.model)
+        return _quantize(args, cfg, alloc, out, sources, pool, progress)
+
+
+def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) -> int:
+    import torch
+
+    from . import api, checkpoint
+    from .data import calibration_batches, resolve_text
+    from .memory import peak_rss_mib
+    from .models.loading import load_model, load_skeleton, streamable
+    from .models.streaming import NotStreamable
+
     # a safetensors folder is read block by block (allocation's probes need the whole model at once)
     stream = streamable(args.model) and alloc is None and not args.no_stream
     model = reader = None
@@ -318,7 +327,7 @@ def cmd_quantize(args) -> int:
               f"(uniform x{report['uniform_predicted_ppl_factor']:.3f}; {report['prediction']})")
     calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed) if cfg.uses_data else None
     torch.manual_seed(cfg.seed)
-    with _pool(args) as pool, _writer(args, sources, nbytes, model, cfg, calib) as writer:
+    with _writer(args, sources, nbytes, model, cfg, calib) as writer:
         summary = api.quantize(model, cfg, calib, progress=progress, reader=reader, writer=writer, pool=pool,
                                source=args.model)
         if report is not None:  # the report gets each layer's measured error next to the predicted one

@@ -72,6 +72,11 @@ def _fault(index: int) -> None:
             os._exit(9)  # as a kill -9 would: no cleanup, no reply
 
 
+def _warm(source: str | None) -> None:
+    torch.set_num_threads(1)
+    _open(source)
+
+
 def quantize_block_task(source: str | None, cfg_dict: dict, index: int, specs: dict) -> tuple[dict, dict, dict]:
     """(stored tensors, quantization_config entries, relative errors) of block `index`, data-free, each
     linear with the codec setting `specs` gives it (chosen once by the driver, not again by every worker)."""
@@ -125,6 +130,12 @@ class Pool:
 
     def workers(self) -> int:
         return int(self.ray.cluster_resources().get("CPU", 0))
+
+    def warm(self, source: str | None) -> None:
+        """Have every worker open `source` now (imports, the model), while this process still checks and
+        plans: the first blocks then start at once. Nothing is waited for here."""
+        opener = self.ray.remote(num_cpus=1, max_retries=RETRIES)(_warm)
+        self._warming = [opener.remote(source) for _ in range(max(self.workers(), 1))]
 
     def quantize_blocks(self, model, source: str | None, cfg: QuantConfig, indices):
         """Yield (index, (tensors, entries, errors)) for every block of `indices` of `model` (a skeleton is
