@@ -8,7 +8,7 @@ CPU each). Every output's files are hashed (sha256) and compared with the run wi
 to bench/results/distributed.json, rewritten after every run.
 
     python bench/distributed.py                     # both models (about 15 minutes on 2 cores)
-    python bench/distributed.py --models smollm2    # the small one only
+    python bench/distributed.py --models smollm2    # the small one only (the other's results are kept)
 
 Only the data-free methods run on workers so far; gptq and pvq-gptq are recorded as not measured.
 """
@@ -86,7 +86,8 @@ def main() -> None:
     out_json = RESULTS / "distributed.json"
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
                "method": "pvq", "bits": args.bits, "command": "python bench/distributed.py " + " ".join(sys.argv[1:]),
-               "hessian_methods": "not measured: gptq and pvq-gptq do not run on workers yet", "models": {}}
+               "hessian_methods": "not measured: gptq and pvq-gptq do not run on workers yet",
+               "models": json.loads(out_json.read_text()).get("models", {}) if out_json.is_file() else {}}
     for name in args.models.split(","):
         if name == "random12":
             model = args.workdir / "llama-12"

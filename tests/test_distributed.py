@@ -33,6 +33,12 @@ def test_the_same_bytes_on_any_number_of_workers(source, tmp_path, workers):
     assert _files(tmp_path / "q") == _files(source / "one")
 
 
+def test_blocks_of_a_model_loaded_whole_travel_with_their_tasks(source, tmp_path):
+    """--no-stream (like a GGUF file): the driver holds the float model and sends each task its block."""
+    assert cli(["quantize", str(source / "src"), *ARGS, "--no-stream", "--workers", "2", "-o", str(tmp_path / "q")]) == 0
+    assert _files(tmp_path / "q") == _files(source / "one")
+
+
 def test_a_killed_worker_is_replaced_and_the_bytes_are_the_same(source, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"2:{marker}")  # block 2's first run kills its worker process

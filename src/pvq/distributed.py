@@ -4,11 +4,12 @@ Ray (PyPI `ray`, the optional extra `pvq[distributed]`) does the scheduling, the
 transport; pvq only says what a task is. Nothing here is imported unless `--workers` or
 `--ray-address` is given.
 
-Data-free methods (rtn, pvq): every block is an independent task. A worker opens the model itself
-(the checkpoint at a path every node can see: a safetensors folder read block by block, or any model
-`pvq quantize` accepts, loaded whole once per worker process), reads the block's tensors, rotates and
-quantizes its linears exactly as `api.quantize` does in one process, and returns the block's stored
-tensors; the driver writes them in block order, so a file does not depend on which worker ran what.
+Data-free methods (rtn, pvq): every block is an independent task. For a safetensors folder (at a
+path every node can see) a worker reads the block's tensors from the checkpoint itself; a model the
+driver had to load whole (a GGUF file, the default model) sends each task its float block. The worker
+rotates and quantizes the block's linears exactly as `api.quantize` does in one process and returns
+the block's stored tensors; the driver writes them in block order, so a file does not depend on which
+worker ran what.
 Each worker runs torch with one thread (Ray gives a task one CPU). A worker process that dies is
 replaced and its task run again (Ray's retries); the result is the same, since a task depends only on
 the checkpoint, the settings and the block index.
@@ -74,24 +75,33 @@ def _fault(index: int) -> None:
 
 def _warm(source: str | None) -> None:
     torch.set_num_threads(1)
-    _open(source)
+    from .models.loading import streamable
+
+    if streamable(source):  # a checkpoint the workers read themselves; otherwise blocks come with their tasks
+        _open(source)
 
 
-def quantize_block_task(source: str | None, cfg_dict: dict, index: int, specs: dict) -> tuple[dict, dict, dict]:
+def quantize_block_task(source: str | None, cfg_dict: dict, index: int, prefix: str, specs: dict,
+                        block=None) -> tuple[dict, dict, dict]:
     """(stored tensors, quantization_config entries, relative errors) of block `index`, data-free, each
-    linear with the codec setting `specs` gives it (chosen once by the driver, not again by every worker)."""
+    linear with the codec setting `specs` gives it (chosen once by the driver, not again by every worker).
+    `block`: the float block itself (a model the driver loaded whole), or None: read it from `source`."""
     torch.set_num_threads(1)
     _fault(index)
     cfg = QuantConfig(**{**cfg_dict, "overrides": {**(cfg_dict.get("overrides") or {}), **specs}})
+    dtype = DENSE_DTYPES[cfg.dense_dtype]
+    if block is not None:
+        with torch.no_grad():
+            done, err = api.quantize_block(block, prefix, cfg, {}, None, [])
+        return {prefix + k: t for k, t in stored_tensors(block, dtype).items()}, done, err
     model, reader, pristine = _open(source)
     layers = blocks(model)
     layers[index] = block = copy.deepcopy(pristine[index])  # a retried task starts from the float block
-    prefix = block_prefix(model, index)
     if reader is not None:
         materialize(model, reader, lambda n: n.startswith(prefix))
     with torch.no_grad():
         done, err = api.quantize_block(block, prefix, cfg, {}, None, [])
-    tensors = stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix)
+    tensors = stored_tensors(model, dtype, prefix)
     release(block)
     return tensors, done, err
 
@@ -122,7 +132,9 @@ class Pool:
             if address is not None:
                 ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
             else:
-                ray.init(num_cpus=workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+                # "local": a runtime of our own, even where a cluster this machine joined is running
+                ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="ERROR",
+                         log_to_driver=False)
         except Exception as exc:  # ConnectionError, a bad address, a runtime that cannot start
             where = f"the Ray cluster at {address!r}" if address else f"a local Ray runtime with {workers} workers"
             raise DistributedError(f"cannot start {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -138,21 +150,30 @@ class Pool:
         self._warming = [opener.remote(source) for _ in range(max(self.workers(), 1))]
 
     def quantize_blocks(self, model, source: str | None, cfg: QuantConfig, indices):
-        """Yield (index, (tensors, entries, errors)) for every block of `indices` of `model` (a skeleton is
-        enough), in that order, every task submitted at once (Ray runs as many as there are CPUs)."""
+        """Yield (index, (tensors, entries, errors)) for every block of `indices` of `model`, in that order.
+
+        A block still on the meta device (a streamed skeleton) is read by its worker from `source`; one in
+        memory travels with its task. A few tasks per worker are in flight at a time, so a model loaded
+        whole is not copied to Ray's object store all at once."""
         cfg_dict = cfg.to_dict()
         layers = blocks(model)
-        pending = []
-        for i in indices:
-            prefix = block_prefix(model, i)
-            specs = {prefix + name: spec_to_dict(api.layer_spec(cfg, prefix + name, *lin.weight.shape))
-                     for name, lin in block_linears(layers[i]).items()}
-            pending.append((i, self._task.remote(source, cfg_dict, i, specs)))
-        for i, ref in pending:
+        ahead = 2 * max(self.workers(), 1)
+        todo, pending = list(indices), []
+        while todo or pending:
+            while todo and len(pending) < ahead:
+                i = todo.pop(0)
+                prefix = block_prefix(model, i)
+                specs = {prefix + name: spec_to_dict(api.layer_spec(cfg, prefix + name, *lin.weight.shape))
+                         for name, lin in block_linears(layers[i]).items()}
+                streamed = any(p.device.type == "meta" for p in layers[i].parameters())
+                pending.append((i, self._task.remote(source, cfg_dict, i, prefix, specs,
+                                                     None if streamed else layers[i])))
+            i, ref = pending.pop(0)
             try:
-                yield i, self.ray.get(ref)
+                result = self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:
                 raise DistributedError(f"block {i}: {str(exc).splitlines()[0]}") from None
+            yield i, result
 
     def close(self) -> None:
         self.ray.shutdown()
