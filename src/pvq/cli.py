@@ -171,7 +171,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--kl", nargs="?", const="SmolLM2-135M-Instruct", default=None, metavar="REF",
                    help="also the mean KL divergence per token from REF's next-token distribution to the model's and "
                         "the share of tokens whose top prediction agrees, on the perplexity windows (REF: the "
-                        "unquantized model, a folder, hub id or .gguf; default SmolLM2)")
+                        "unquantized model, a folder, hub id or .gguf; default SmolLM2; write the model first: "
+                        "pvq eval DIR --kl)")
     p.add_argument("--arc-easy", action="store_true", help="ARC-Easy test accuracy, 0-shot")
     p.add_argument("--limit", type=_int(1), default=None, help="use only the first N ARC-Easy questions")
     _add_act_options(p, stored=False)
