@@ -31,7 +31,7 @@ from .settings import DENSE_DTYPES, QuantConfig, spec_to_dict
 RETRIES = 3  # runs of a task whose worker died, before the run fails
 FAULT_ENV = "PVQ_FAULT_KILL_BLOCK"  # "INDEX:MARKER": the first task of block INDEX kills its worker (tests)
 
-_worker_models: dict[str, tuple] = {}  # per worker process: source -> (model, reader, pristine blocks)
+_worker_models: dict[str, tuple] = {}  # per worker process: folder -> (skeleton, reader, pristine blocks)
 
 
 class DistributedError(ValueError):
@@ -46,20 +46,13 @@ def _ray():
     return ray
 
 
-def _open(source: str | None):
-    """(model, reader or None, a pristine copy of its blocks) of `source`, once per worker process."""
+def _open(source: str):
+    """(skeleton, checkpoint reader, a pristine copy of its blocks) of the safetensors folder `source`,
+    built once per worker process."""
     if source not in _worker_models:
-        from .models.loading import load_model, load_skeleton, streamable
-        from .models.streaming import NotStreamable
+        from .models.loading import load_skeleton
 
-        model = reader = None
-        if streamable(source):
-            try:
-                model, _, reader = load_skeleton(source)
-            except NotStreamable:
-                pass
-        if model is None:
-            model, _ = load_model(source)
+        model, _, reader = load_skeleton(source)
         _worker_models[source] = (model, reader, copy.deepcopy(blocks(model)))
     return _worker_models[source]
 
@@ -76,9 +69,13 @@ def _fault(index: int) -> None:
 def _warm(source: str | None) -> None:
     torch.set_num_threads(1)
     from .models.loading import streamable
+    from .models.streaming import NotStreamable
 
     if streamable(source):  # a checkpoint the workers read themselves; otherwise blocks come with their tasks
-        _open(source)
+        try:
+            _open(source)
+        except NotStreamable:  # the driver loads it whole and sends the blocks
+            pass
 
 
 def quantize_block_task(source: str | None, cfg_dict: dict, index: int, prefix: str, specs: dict,
@@ -96,9 +93,8 @@ def quantize_block_task(source: str | None, cfg_dict: dict, index: int, prefix: 
         return {prefix + k: t for k, t in stored_tensors(block, dtype).items()}, done, err
     model, reader, pristine = _open(source)
     layers = blocks(model)
-    layers[index] = block = copy.deepcopy(pristine[index])  # a retried task starts from the float block
-    if reader is not None:
-        materialize(model, reader, lambda n: n.startswith(prefix))
+    layers[index] = block = copy.deepcopy(pristine[index])  # a retried task starts from the unread block
+    materialize(model, reader, lambda n: n.startswith(prefix))
     with torch.no_grad():
         done, err = api.quantize_block(block, prefix, cfg, {}, None, [])
     tensors = stored_tensors(model, dtype, prefix)
