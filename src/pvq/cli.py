@@ -409,7 +409,7 @@ def cmd_eval(args) -> int:
     if args.kl is not None:  # perplexity comes out of the same passes
         from .eval.divergence import divergence
 
-        reference, _ = load_any(None if args.kl == "SmolLM2-135M-Instruct" else args.kl, args.decode, args.dtype)
+        reference, _ = load_any(args.kl, args.decode, args.dtype)
         r = divergence(model, reference, tok, resolve_text("wikitext2", "eval"), seqlen=2048, windows=windows,
                        progress=not args.no_progress)
         del reference

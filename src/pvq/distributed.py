@@ -86,18 +86,14 @@ def quantize_block_task(source: str | None, cfg_dict: dict, index: int, prefix: 
     torch.set_num_threads(1)
     _fault(index)
     cfg = QuantConfig(**{**cfg_dict, "overrides": {**(cfg_dict.get("overrides") or {}), **specs}})
-    dtype = DENSE_DTYPES[cfg.dense_dtype]
-    if block is not None:
-        with torch.no_grad():
-            done, err = api.quantize_block(block, prefix, cfg, {}, None, [])
-        return {prefix + k: t for k, t in stored_tensors(block, dtype).items()}, done, err
-    model, reader, pristine = _open(source)
-    layers = blocks(model)
-    layers[index] = block = copy.deepcopy(pristine[index])  # a retried task starts from the unread block
-    materialize(model, reader, lambda n: n.startswith(prefix))
+    if block is None:
+        model, reader, pristine = _open(source)
+        layers = blocks(model)
+        layers[index] = block = copy.deepcopy(pristine[index])  # a retried task starts from the unread block
+        materialize(model, reader, lambda n: n.startswith(prefix))
     with torch.no_grad():
         done, err = api.quantize_block(block, prefix, cfg, {}, None, [])
-    tensors = stored_tensors(model, dtype, prefix)
+    tensors = {prefix + k: t for k, t in stored_tensors(block, DENSE_DTYPES[cfg.dense_dtype]).items()}
     release(block)
     return tensors, done, err
 

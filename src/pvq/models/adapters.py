@@ -12,6 +12,8 @@ the families tested, or has fewer than MIN_ROWS outputs, and stays dense.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -103,6 +105,23 @@ class _Stop(Exception):
     """Raised by the capture hook: nothing past block 0 needs to run."""
 
 
+def _hidden(args, kw) -> torch.Tensor:
+    """The hidden states a block was called with."""
+    return args[0] if args else kw["hidden_states"]
+
+
+@contextmanager
+def _forwards(layers: nn.ModuleList, make):
+    """Inside, block j's forward is make(j): no block computes, each records or hands on its input."""
+    for j, block in enumerate(layers):
+        block.forward = make(j)
+    try:
+        yield
+    finally:
+        for block in layers:
+            del block.forward
+
+
 @torch.no_grad()
 def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     """Inputs of block 0 for every calibration sample (hidden [N, L, D]) and the keyword arguments of each
@@ -119,23 +138,18 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
             if kwargs[j] is None:
                 kwargs[j] = {k: v for k, v in kw.items() if k != "hidden_states"}
             if j == 0:
-                hidden.append((args[0] if args else kw["hidden_states"]).detach())
+                hidden.append(_hidden(args, kw).detach())
             if j == len(layers) - 1 or kwargs[-1] is not None:
                 raise _Stop
-            return args[0] if args else kw["hidden_states"]
+            return _hidden(args, kw)
         return forward
 
-    for j, block in enumerate(layers):
-        block.forward = record(j)
-    try:
+    with _forwards(layers, record):
         for i in range(input_ids.shape[0]):
             try:
                 model(input_ids[i : i + 1], use_cache=False)
             except _Stop:
                 pass
-    finally:
-        for block in layers:
-            del block.forward
     for kw in kwargs:
         for k in ("past_key_values", "past_key_value", "cache"):
             kw.pop(k, None)
@@ -148,21 +162,14 @@ def logits_after_blocks(model, hidden: torch.Tensor, input_ids: torch.Tensor) ->
     """The model's logits when the last block outputs `hidden` [N, L, D] for `input_ids` [N, L]: whatever
     the family does after its blocks (final norm, head, logit scaling or soft-capping) runs as the model
     runs it, with the blocks as pass-throughs that hand on `hidden`."""
-    layers = blocks(model)
-
     def handover(*args, **kw):
         return hidden
 
     def through(*args, **kw):
-        return args[0] if args else kw["hidden_states"]
+        return _hidden(args, kw)
 
-    for j, block in enumerate(layers):
-        block.forward = handover if j == 0 else through
-    try:
+    with _forwards(blocks(model), lambda j: handover if j == 0 else through):
         return model(input_ids, use_cache=False).logits
-    finally:
-        for block in layers:
-            del block.forward
 
 
 @torch.no_grad()
@@ -203,7 +210,7 @@ def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: b
         acc.add_batch(seen[name])
     seen.clear()
 
-    def late(name):  # a linear the first batch did not reach (an expert): its own Hessian from then on
+    def accumulate(name):  # a leader, or a linear the first batch did not reach (an expert): a Hessian of its own
         def hook(m, a, o):
             if name not in accs:
                 accs[name] = HessianAccumulator(m.in_features)
@@ -211,9 +218,8 @@ def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: b
             accs[name].add_batch(a[0])
         return hook
 
-    handles = [linears[name].register_forward_hook(
-        (lambda m, a, o, acc=accs[name]: acc.add_batch(a[0])) if name in accs else late(name))
-        for name in linears if name in accs or name not in leader]
+    handles = [linears[name].register_forward_hook(accumulate(name)) for name in linears
+               if name in accs or name not in leader]
     try:
         rest = run_block(block, hidden[BATCH:], kwargs, keep=keep) if hidden.shape[0] > BATCH else None
     finally:

@@ -29,7 +29,7 @@ def _fused(mod: nn.Module) -> bool:
 
 def fused_experts(model: nn.Module) -> bool:
     """Whether `model` still holds experts as 3-D parameters (not split yet)."""
-    return any(p.dim() == 3 for p in model.parameters())
+    return any(_fused(m) for m in model.modules())
 
 
 class _SplitExperts:
