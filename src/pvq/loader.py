@@ -86,14 +86,22 @@ def check_directory(model, path: str | Path, layers: dict) -> None:
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "auto",
-         weight_dtype: torch.dtype | None = None):
+         weight_dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a pvq directory: (model with QuantLinear layers, tokenizer or None if the directory has none).
 
     decode="once" decodes every quantized linear on first use and keeps it (in `weight_dtype`,
     default `dtype`); decode="on-the-fly" keeps only the packed codes resident (modules/linear.py); "auto" is
     on-the-fly where the native kernel builds, else once. The embeddings
-    and head stay in the file's 16-bit dtype and are widened where used (modules/dense.py)."""
+    and head stay in the file's 16-bit dtype and are widened where used (modules/dense.py).
+
+    device="cuda" moves the model there; "auto" then decodes on the fly with the Triton kernels
+    (runtime/gpu.py) where Triton imports, else once."""
     check_decode(decode)
+    device = check_device(device)
+    if device.type != "cpu" and decode == "auto":
+        from .runtime import gpu
+
+        decode = "on-the-fly" if gpu.available() else "once"
     weight_dtype = weight_dtype or dtype
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -123,7 +131,18 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
             tokenizer = AutoTokenizer.from_pretrained(str(p))
         except Exception as exc:  # a directory with broken tokenizer files is an error, not "no tokenizer"
             raise PVQFormatError(f"{p}: the tokenizer files cannot be read ({one_line(exc)})") from None
-    return model.to(dtype).eval(), tokenizer
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def check_device(device) -> torch.device:
+    """torch.device(device), or a one-line error for a name torch does not know or a GPU that is absent."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r}: not a torch device ({one_line(exc)})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch sees no CUDA GPU")
+    return dev
 
 
 def load_any(spec: str | None, decode: str = "auto", dtype: str = "float32"):

@@ -4,8 +4,9 @@ A Decoder holds references to the packed buffers (codes, scales, gain levels; no
 and, shared by every layer with the same (n, k), the serialised enumeration plan of the native
 kernel (whose tables of points every plan shares). `matmul(x)` picks the fused decode-and-multiply
 kernel for a few tokens (generation) and decode-a-block-of-rows-then-GEMM for many (prompt
-processing): each block is decoded once per call and reused for every token. Without the native
-kernel it falls back to the torch decoder.
+processing): each block is decoded once per call and reused for every token. PVQ codes on a GPU use
+the same two strategies with the Triton kernels of gpu.py. Without a kernel it falls back to the torch
+decoder (on a CPU copy of the codes: the torch unpacker is numpy's).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import ctypes
 import torch
 
 from ..codec import PackedPVQ, PackedUniform
-from . import native
+from . import gpu, native
 
 GEMV_TOKENS = 2  # at most this many rows of x: fused kernel
 ROTATE_TOKENS = 8  # at most this many rows: rotations in the kernel (torch's small GEMMs cost ~10 us a call)
@@ -22,13 +23,22 @@ ROW_BLOCK = 512  # rows decoded at once otherwise (a 512 x 1536 float32 block is
 
 
 class Decoder:
-    def __init__(self, packed: PackedPVQ | PackedUniform):
+    def __init__(self, packed: PackedPVQ | PackedUniform, triton: bool | None = None):
+        """triton: None uses the Triton kernels for PVQ codes on a GPU; True for any codes (CPU ones need
+        TRITON_INTERPRET=1: how the kernels are tested without a GPU); False never."""
         self.packed = packed
         self.rows, self.cols = packed.shape
         # the kernel reads CPU memory only: codes on another device decode with torch there
         self.lib = native.kernel() if packed.codes.device.type == "cpu" else None
         self.is_pvq = isinstance(packed, PackedPVQ)
         self.plan = self.table = None
+        self.gpu = None  # gpu.Operands: PVQ codes on a GPU, decoded by the Triton kernels
+        if triton is None:
+            triton = packed.codes.device.type != "cpu" and gpu.supports(packed.spec) and gpu.available()
+        if triton:
+            self.gpu = gpu.Operands(packed)  # raises for a setting the kernels do not cover
+            self._check_gpu_codes()
+            self.lib = None
         if self.is_pvq and self.lib is not None:
             # a small pyramid is decoded from a full table of its points, a large one by the split enumeration
             self.table = native.full_table(packed.spec.n, packed.spec.k)
@@ -47,6 +57,13 @@ class Decoder:
             self._ref = ctypes.byref(self.matrix)
             if self.is_pvq:
                 self._check_codes()
+
+    def _check_gpu_codes(self) -> None:
+        bad = self.gpu.bad_group()
+        if bad >= 0:
+            s = self.packed.spec
+            raise ValueError(f"packed {s.name} codes of a {self.rows}x{self.cols} layer: group {bad} holds a shape "
+                             f"index >= V({s.n}, {s.k}); the codes are corrupt")
 
     def _matrix(self) -> native.Matrix:
         """The packed matrix as the kernel reads it; its pointers point into tensors self keeps."""
@@ -100,8 +117,10 @@ class Decoder:
         return out
 
     def dense(self) -> torch.Tensor:
+        if self.gpu is not None:
+            return self.gpu.decode()
         if not self.native:
-            return self.packed.dequantize(torch.float32)
+            return _torch_dense(self.packed)
         return self.decode_rows(0, self.rows)
 
     def matmul(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -111,8 +130,10 @@ class Decoder:
         lead = x.shape[:-1]
         h = x.reshape(-1, self.cols).contiguous()
         t = h.shape[0]
+        if self.gpu is not None and h.device == self.packed.codes.device:
+            return self._gpu_matmul(h, dtype).reshape(*lead, self.rows)
         if not self.native or h.device.type != "cpu":
-            return (h @ self.packed.dequantize(torch.float32).to(h.device).T).reshape(*lead, self.rows)
+            return (h @ _torch_dense(self.packed).to(h.device).T).reshape(*lead, self.rows)
         out = torch.empty(t, self.rows, dtype=torch.float32)
         if t <= GEMV_TOKENS:
             self.lib.pvq_gemv(self._ref, h.data_ptr(), self.cols, t, out.data_ptr(), self.rows)
@@ -124,6 +145,34 @@ class Decoder:
                 w = self.decode_rows(r0, r1, block[: r1 - r0])
                 out[:, r0:r1] = hd @ (w if dtype == torch.float32 else w.to(dtype)).T
         return out.reshape(*lead, self.rows)
+
+
+    def _gpu_matmul(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A few tokens: the fused Triton product; more: decode blocks of rows and multiply each in `dtype`."""
+        if h.shape[0] <= gpu.MAX_TOKENS:
+            return self.gpu.gemv(h)
+        out = torch.empty(h.shape[0], self.rows, dtype=torch.float32, device=h.device)
+        hd = h.to(dtype)
+        step = gpu.DECODE_ROWS
+        for r0 in range(0, self.rows, step):
+            r1 = min(r0 + step, self.rows)
+            out[:, r0:r1] = (hd @ self.gpu.decode(r0, r1).to(dtype).T).float()
+        return out
+
+
+def _torch_dense(packed: PackedPVQ | PackedUniform) -> torch.Tensor:
+    """The torch decoder's float32 matrix, on the codes' device."""
+    dev = packed.codes.device
+    if dev.type == "cpu":
+        return packed.dequantize(torch.float32)
+    cpu = type(packed)(packed.spec, packed.shape, *(t.cpu() for t in _fields(packed)))
+    return cpu.dequantize(torch.float32).to(dev)
+
+
+def _fields(packed) -> tuple:
+    if isinstance(packed, PackedPVQ):
+        return packed.codes, packed.row_scale, packed.gain_levels
+    return packed.codes, packed.scale, packed.offset
 
 
 class FusedLinear:
