@@ -132,3 +132,21 @@ def test_load_names_a_bad_or_absent_device(tmp_path):
         with pytest.raises(ValueError, match="'cuda': this torch sees no CUDA GPU"):
             check_device("cuda")
     assert check_device("cpu").type == "cpu"
+
+
+def test_on_a_gpu_auto_decodes_covered_pvq_layers_on_the_fly_and_the_rest_once():
+    from torch import nn
+
+    from pvq.codec import UniformSpec
+    from pvq.loader import replace_linears
+    from pvq.settings import spec_to_dict
+
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 16), nn.Linear(16, 8))
+    specs = {"0": PVQSpec.for_code_bits(16, 29, 52), "1": UniformSpec(3, 16), "2": PVQSpec(8, 3, 4)}
+    layers = {name: {**spec_to_dict(s), "shape": list(model.get_submodule(name).weight.shape)}
+              for name, s in specs.items()}
+    replace_linears(model, layers, decode="auto", gpu=True)
+    modes = {name: model.get_submodule(name).decode for name in specs}
+    assert modes == {"0": "on-the-fly", "1": "once", "2": "on-the-fly"}
+    replace_linears(model := nn.Sequential(nn.Linear(32, 16)), {"0": layers["0"]}, decode="once", gpu=True)
+    assert model[0].decode == "once"

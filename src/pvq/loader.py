@@ -22,8 +22,10 @@ from .settings import DENSE_DTYPES, ActConfig, spec_from_dict
 
 
 def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: torch.dtype = torch.float32,
-                    source: str = "config.json") -> None:
-    """Swap the linears named in quantization_config["layers"] for empty QuantLinear modules to be filled."""
+                    source: str = "config.json", gpu: bool = False) -> None:
+    """Swap the linears named in quantization_config["layers"] for empty QuantLinear modules to be filled.
+    gpu: the model goes to a GPU, where "auto" is on the fly for the PVQ settings the Triton kernels cover
+    and once for the rest (their torch decoder would otherwise run on every forward)."""
     for name, layer in layers.items():
         try:
             spec = spec_from_dict(layer)
@@ -34,7 +36,12 @@ def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: tor
         if getattr(old, "weight", None) is not None and tuple(old.weight.shape) != shape:
             raise PVQFormatError(f"{source}: layer {name} has shape {list(shape)} but the model expects {list(old.weight.shape)}")
         bias = getattr(old, "bias", None) is not None
-        set_module(model, name, QuantLinear(spec, shape, bias=bias, decode=decode, weight_dtype=weight_dtype))
+        mode = decode
+        if gpu and decode == "auto":
+            from .runtime import gpu as kernels
+
+            mode = "on-the-fly" if kernels.supports(spec) and kernels.available() else "once"
+        set_module(model, name, QuantLinear(spec, shape, bias=bias, decode=mode, weight_dtype=weight_dtype))
 
 
 def attach_activations(model, qc: dict, source: str = "config.json") -> None:
@@ -95,13 +102,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     and head stay in the file's 16-bit dtype and are widened where used (modules/dense.py).
 
     device="cuda" moves the model there; "auto" then decodes on the fly with the Triton kernels
-    (runtime/gpu.py) where Triton imports, else once."""
+    (runtime/gpu.py) the PVQ layers they cover where Triton imports, and once the others."""
     check_decode(decode)
     device = check_device(device)
-    if device.type != "cpu" and decode == "auto":
-        from .runtime import gpu
-
-        decode = "on-the-fly" if gpu.available() else "once"
     weight_dtype = weight_dtype or dtype
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -116,7 +119,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
         raise PVQFormatError(f"{p / 'config.json'}: cannot build a {model_type!r} config ({exc})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     check_supported(model)
-    replace_linears(model, qc["layers"], decode, weight_dtype, str(p / "config.json"))
+    replace_linears(model, qc["layers"], decode, weight_dtype, str(p / "config.json"), gpu=device.type != "cpu")
     check_tensors(model, tensors, qc["layers"], p)
     check_complete(model, tensors, p)
     guards = {guard_name(n) for n in qc["layers"]}
