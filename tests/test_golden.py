@@ -29,9 +29,12 @@ RUNS = {
     "pvq-2.25-row-empirical": ["--method", "pvq", "--bits", "2.25", "--scale", "row", "--gain", "empirical"],
     "pvq-fast-4.25": ["--method", "pvq", "--bits", "4.25", "--layout", "fast"],
     "pvq-3.25-a6pvq": ["--method", "pvq", "--bits", "3.25", "--abits", "6", "--act-method", "pvq"],
-    "gptq-3.25": ["--method", "gptq", "--bits", "3.25", "--nsamples", "4", "--seqlen", "32"],
-    "pvq-gptq-3.25": ["--method", "pvq-gptq", "--bits", "3.25", "--nsamples", "4", "--seqlen", "32"],
+    # float32 calibration named: "auto" would take bfloat16 on CPUs that have it, whose products differ by kernel
+    "gptq-3.25": ["--method", "gptq", "--bits", "3.25", "--nsamples", "4", "--seqlen", "32", "--calib-dtype", "float32"],
+    "pvq-gptq-3.25": ["--method", "pvq-gptq", "--bits", "3.25", "--nsamples", "4", "--seqlen", "32",
+                      "--calib-dtype", "float32"],
     "pvq-gptq-2.5-allocate": ["--method", "pvq-gptq", "--bits", "2.5", "--nsamples", "4", "--seqlen", "32",
+                              "--calib-dtype", "float32",
                               "--allocate", "--allocate-samples", "2", "--allocate-seqlen", "32",
                               "--allocate-draws", "1", "--allocate-rates", "2,2.5,3.25"],
 }

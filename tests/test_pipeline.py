@@ -100,15 +100,58 @@ def test_calibrated_methods_round_trip_and_help(tmp_path, method):
         assert torch.equal(loaded(ids).logits, mem)
 
 
-def test_same_seed_gives_byte_identical_files(tmp_path):
+@pytest.mark.parametrize("calib_dtype", ["float32", "bfloat16"])
+def test_same_seed_gives_byte_identical_files(tmp_path, calib_dtype):
     files = []
     for run in range(2):
         model = tiny_model("qwen2", intermediate_size=96)
-        api.quantize(model, QuantConfig(method="pvq-gptq", bits=2.25, nsamples=4, seqlen=32), _ids(4, 32, 5),
-                     progress=False)
+        api.quantize(model, QuantConfig(method="pvq-gptq", bits=2.25, nsamples=4, seqlen=32, calib_dtype=calib_dtype),
+                     _ids(4, 32, 5), progress=False)
         out = checkpoint.save(model, tiny_tokenizer(), tmp_path / f"r{run}")
         files.append([(out / f).read_bytes() for f in ("model.safetensors", "config.json")])
     assert files[0] == files[1]
+
+
+def test_calibration_dtype_is_checked_resolved_and_stored():
+    from pvq.settings import native_bf16
+
+    with pytest.raises(ValueError, match="--calib-dtype"):
+        QuantConfig(method="pvq-gptq", calib_dtype="float16")
+    assert QuantConfig(method="pvq-gptq").calib_dtype == ("bfloat16" if native_bf16() else "float32")
+    assert QuantConfig(method="pvq").calib_dtype == "float32"  # no forward to run
+    assert QuantConfig.from_dict({"method": "pvq-gptq"}).calib_dtype == "float32"  # stored before the option
+    model = tiny_model("llama", intermediate_size=96)
+    api.quantize(model, QuantConfig(method="pvq-gptq", bits=3.25, nsamples=4, seqlen=32, calib_dtype="bfloat16"),
+                 _ids(4, 32, 5), progress=False)
+    assert model.config.quantization_config["config"]["calib_dtype"] == "bfloat16"
+
+
+def test_bfloat16_calibration_is_as_good_as_float32():
+    ids = _ids(4, 64, seed=2)
+    ref_model = tiny_model("llama", intermediate_size=96)
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    err = {}
+    for dtype in ("float32", "bfloat16"):
+        model = tiny_model("llama", intermediate_size=96)
+        api.quantize(model, QuantConfig(method="pvq-gptq", bits=3.25, nsamples=8, seqlen=64, calib_dtype=dtype),
+                     _ids(8, 64, seed=1), progress=False)
+        with torch.no_grad():
+            err[dtype] = float(((model(ids).logits - ref) ** 2).mean())
+    assert err["bfloat16"] < 1.1 * err["float32"]
+
+
+def test_a_block_run_with_its_quantized_matrices_as_dense_weights_equals_its_quantlinears():
+    model = tiny_model("llama", intermediate_size=96)
+    block = blocks(model)[0]
+    hidden, kwargs = api.capture_block_inputs(model, _ids(2, 32, 3))
+    cfg = QuantConfig(method="pvq", bits=3.25)
+    made, _, _ = api.quantize_linears(block, "model.layers.0.", cfg, {}, None, [])
+    with torch.no_grad():
+        dense = api.run_as_quantized(block, made, hidden, kwargs[0])
+        api.install(block, made)
+        quant = api.run_block(block, hidden, kwargs[0])
+    torch.testing.assert_close(dense, quant, rtol=1e-4, atol=1e-5)
 
 
 def test_bits_target_is_met_and_counted():

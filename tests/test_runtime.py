@@ -152,6 +152,31 @@ def test_native_rotation_matches_torch(dim):
     assert rotate(r, _w(100, dim)) is None  # long inputs stay on the torch GEMM path
 
 
+@needs_native
+@pytest.mark.parametrize("n", [1, 3, 8, 16, 64])
+def test_native_search_finds_the_torch_points(n):
+    import importlib
+
+    S = importlib.import_module("pvq.codec.search")  # the module: pvq.codec.search is also its function
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(600, n, generator=g)
+    x[0] = 0
+    x[1] = 1.0  # every coordinate equal
+    x[2:200] = torch.randint(-3, 4, (198, n), generator=g).float()  # ties everywhere
+    x[200:260] *= 1e-39  # subnormal
+    try:
+        for k in (1, 2, 5, 13, 29, 100):
+            for refine in (None, 0, 3):
+                S.accelerate(None)
+                torch_points = S.search(x, k, refine=refine)
+                S.accelerate(native.weight_search)
+                assert torch.equal(S.search(x, k, refine=refine), torch_points), (n, k, refine)
+    finally:
+        S.accelerate(native.weight_search)
+    assert native.weight_search(x.double(), 5, 0) is None  # not float32: the torch code's
+    assert native.weight_search(torch.randn(4, 65), 5, 0) is None  # longer than the kernel's groups
+
+
 def test_fast_layout_picks_table_decodable_settings():
     from pvq.picker import choose_spec
 

@@ -50,7 +50,8 @@ def test_hessian_accumulator_matches_direct_sum_over_batches():
     assert acc.count == x.shape[0] == 167
     h = acc.hessian()
     assert h.dtype == torch.float64 and h.shape == (32, 32)
-    torch.testing.assert_close(h, x.T @ x / x.shape[0], rtol=1e-12, atol=1e-12)
+    # each chunk's product is float32 (hessian.py says why): about 1e-7 of an entry, never more
+    torch.testing.assert_close(h, x.T @ x / x.shape[0], rtol=1e-6, atol=1e-6)
 
 
 def test_hessian_accumulator_rejects_bad_input():

@@ -63,6 +63,13 @@ def _first_bad(t: torch.Tensor, top: float, chunk: int = 1 << 22) -> float | Non
     return None
 
 
+def calibration_precision(cfg: QuantConfig, hidden: torch.Tensor | None):
+    """The context the calibration forwards run in: bfloat16 autocast for cfg.calib_dtype "bfloat16" (matrix
+    products and attention in bfloat16, norms, softmax and the residual stream in float32), else nothing."""
+    on = cfg.uses_data and cfg.calib_dtype == "bfloat16" and hidden is not None
+    return torch.autocast(hidden.device.type if on else "cpu", dtype=torch.bfloat16, enabled=on)
+
+
 def layer_spec(cfg: QuantConfig, name: str, rows: int, cols: int):
     """The codec setting of layer `name`: its override (an allocation plan) or the one cfg.bits picks."""
     if cfg.overrides and name in cfg.overrides:
@@ -129,12 +136,16 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             continue
         if reader is not None:
             check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
-        hess = block_hessians(block, hidden, kwargs[i])[0] if cfg.uses_data else {}
-        done, err = quantize_block(block, prefix, cfg, hess, bar, uncalibrated)
+        with calibration_precision(cfg, hidden):
+            hess = block_hessians(block, hidden, kwargs[i])[0] if cfg.uses_data else {}
+        made, done, err = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated)
+        del hess
         per_layer.update(done)
         errors.update(err)
-        if cfg.uses_data:
-            hidden = run_block(block, hidden, kwargs[i])  # the quantized block's outputs feed the next block
+        if cfg.uses_data:  # the quantized block's outputs feed the next block
+            with calibration_precision(cfg, hidden):
+                hidden = run_as_quantized(block, made, hidden, kwargs[i])
+        install(block, made)
         if writer is not None:
             writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
                              hidden if cfg.uses_data and i + 1 < len(layers) else None)
@@ -163,7 +174,31 @@ def quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncali
     their quantization_config entries and the relative error each kept (`bar`: a progress bar or None). A Hessian method quantizes a
     linear missing from `hess` (no token reached it) with the identity for Hessian and appends its name
     to `uncalibrated`."""
-    per_layer, errors = {}, {}
+    made, per_layer, errors = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated)
+    install(block, made)
+    return per_layer, errors
+
+
+def install(block, made: dict) -> None:
+    for name, q in made.items():
+        set_module(block, name, q)
+
+
+def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The block's outputs with its linears' quantized matrices, still as plain nn.Linear weights in the
+    original basis: one dense product per linear, where a QuantLinear would rotate its inputs and outputs on
+    every call (most of a calibration forward's time)."""
+    linears = block_linears(block)
+    for name, q in made.items():
+        linears[name].weight.data = q.weight_in_original_basis().to(linears[name].weight.dtype)
+        q._runner = None  # the decoded copy is rebuilt if the model is run later; a stream keeps none
+    return run_block(block, hidden, kwargs)
+
+
+def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list):
+    """(QuantLinear by linear name, quantization_config entries, relative errors) of a block's linears; the
+    block itself is left as it was (see quantize_block)."""
+    made, per_layer, errors = {}, {}, {}
     for name, mod in block_linears(block).items():
         full = prefix + name
         w = mod.weight.detach().float()
@@ -188,13 +223,12 @@ def quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncali
                 errors[full] = relative_error(w_rot, packed.dequantize(torch.float32))
         except FP16RangeError as exc:
             raise ValueError(f"layer {full}: {exc}") from None
-        q = QuantLinear.from_packed(packed, seeds, mod.bias)
-        set_module(block, name, q)
+        made[name] = q = QuantLinear.from_packed(packed, seeds, mod.bias)
         per_layer[full] = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
                            "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
         if bar is not None:
             bar.update(1)
-    return per_layer, errors
+    return made, per_layer, errors
 
 
 def _round_dense(model, dtype: torch.dtype) -> None:

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from .settings import MAX_BITS, MAX_RUN_SEED
+from .settings import CALIB_DTYPES, MAX_BITS, MAX_RUN_SEED
 
 DESCRIPTION = """\
 pvq compresses a Hugging Face causal LM (Llama, Qwen, Gemma, Phi, Mistral, Mixtral and more: the
@@ -120,6 +120,10 @@ def _add_quantize(sub) -> None:
                         "see README)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (uniform grid only)")
     p.add_argument("--damp", type=_float(0), default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
+    p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default="auto",
+                   help="precision of the calibration forwards (gptq, pvq-gptq): bfloat16 runs them about twice as "
+                        "fast on CPUs with bfloat16 hardware (AVX512-BF16, AMX), float32 everywhere else; auto (the "
+                        "default) picks bfloat16 where the CPU has it. Weights are quantized from float32 either way")
     p.add_argument("--shard-size", type=_size, default="2GB", metavar="SIZE",
                    help="largest safetensors shard written, e.g. 500MB or 2GB (default 2GB); a smaller model is one "
                         "model.safetensors")
@@ -250,7 +254,7 @@ def _quant_config(args):
     _act_config(args)  # --act-method and --no-act-rotate need --abits
     return QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
                        group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
-                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order,
+                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order, calib_dtype=args.calib_dtype,
                        dense_dtype=args.dense_dtype, abits=args.abits, act_method=args.act_method,
                        act_rotate=not args.no_act_rotate)
 

@@ -21,6 +21,16 @@ LAYOUTS = ("compact", "fast")
 ACT_METHODS = ("rtn", "pvq")  # activation quantizers (modules/actquant.py)
 MAX_BITS = 64  # a target above this is no number of stored bits per weight (and overflows the picker's arithmetic)
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+CALIB_DTYPES = ("auto", "float32", "bfloat16")  # what the calibration forwards multiply in
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): there bfloat16 calibration
+    forwards run about twice as fast as float32 ones; elsewhere they would be emulated, and slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _positive_int(v) -> bool:
@@ -56,6 +66,10 @@ class QuantConfig:
     seqlen: int = 512
     damp: float = 0.01
     block_size: int = 128
+    # the calibration forwards' matrix products: "bfloat16" (autocast; weights are quantized from their float32
+    # values, Hessians summed in float32/float64 either way) or "float32"; "auto" takes bfloat16 for a method
+    # that calibrates where the CPU has it in hardware, and is stored as what it chose
+    calib_dtype: str = "auto"
     act_order: bool = False
     dense_dtype: str = "float16"  # embeddings, head and norms are stored in this dtype
     # per-layer settings by full layer name (spec_to_dict form), e.g. from allocation.allocate
@@ -76,6 +90,10 @@ class QuantConfig:
             raise ValueError(f"--group-dim must be an integer >= 1, got {self.group_dim!r}")
         if self.dense_dtype not in DENSE_DTYPES:
             raise ValueError(f"dense_dtype must be float16, bfloat16 or float32, got {self.dense_dtype!r}")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise ValueError(f"--calib-dtype must be one of {', '.join(CALIB_DTYPES)}, got {self.calib_dtype!r}")
+        if self.calib_dtype == "auto":  # a data-free method runs no forward: float32, the same on every CPU
+            object.__setattr__(self, "calib_dtype", "bfloat16" if self.uses_data and native_bf16() else "float32")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.overrides is not None:
@@ -113,7 +131,8 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        # a config stored before calib_dtype existed was calibrated in float32
+        return cls(**{"calib_dtype": "float32", **{k: v for k, v in d.items() if k in names}})
 
 
 @dataclass(frozen=True)

@@ -10,5 +10,6 @@
 #include "kernel/rotate.c"
 #include "kernel/dense16.c"
 #include "kernel/actsearch.c"
+#include "kernel/search.c"
 #include "kernel/linear.c"
 #include "kernel/checks.c"

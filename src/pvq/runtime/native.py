@@ -33,6 +33,7 @@ import torch
 
 from ..codec import enumeration
 from ..codec.pyramid import count
+from ..codec.search import accelerate
 from .limits import BUCKET_BITS, MAX_K, MAX_N, PAD, full_table_fits, table_cap
 
 UNITY = Path(__file__).with_name("kernel.c")  # the one file compiled: it includes every file of kernel/
@@ -82,7 +83,7 @@ class Linear(ctypes.Structure):
     _fields_ = [("w", Matrix), ("r_in", Rotation), ("r_out", Rotation), ("bias", _P)]
 
 
-ABI_VERSION = 1  # kernel/pvq.h PVQ_ABI_VERSION: both change with any struct or entry point
+ABI_VERSION = 2  # kernel/pvq.h PVQ_ABI_VERSION: both change with any struct or entry point
 STRUCTS = {"matrix": Matrix, "rotation": Rotation, "linear": Linear}  # pvq_struct_size(i) is the i-th one's size
 _M, _R, _L = (ctypes.POINTER(s) for s in (Matrix, Rotation, Linear))
 ENTRIES = {  # name: (restype, argtypes), as kernel/pvq.h declares them
@@ -94,6 +95,7 @@ ENTRIES = {  # name: (restype, argtypes), as kernel/pvq.h declares them
     "pvq_linear": (None, [_L, _P, _P, _I64, _P]),
     "rot_apply": (None, [_R, _P, _P, _I64, _I32, _P]),
     "act_pvq_shapes": (None, [_P, _P, _P, _I64, _I64, _I64]),
+    "pvq_search": (None, [_P, _P, _I64, _I64, _I64, _I64]),
     "dense16_gemv": (None, [_P, _I32, _I64, _I64, _P, _I64, _I64, _P, _I64]),
     "pvq_set_threads": (None, [_I32]),
 }
@@ -393,6 +395,23 @@ def act_pvq_shapes(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     g = torch.empty(x.shape[0], dtype=torch.float32)
     lib.act_pvq_shapes(x.data_ptr(), u.data_ptr(), g.data_ptr(), x.shape[0], x.shape[1], int(k))
     return u, g
+
+
+def weight_search(x: torch.Tensor, k: int, rounds: int) -> torch.Tensor | None:
+    """The kernel's codec.search of float32 groups x [groups, n] (n <= MAX_N, CPU): int64 points [groups, n],
+    the same ones the torch code finds; None where the kernel cannot."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or not 1 <= x.shape[1] <= MAX_N:
+        return None
+    lib = kernel()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.int64)
+    lib.pvq_search(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], int(k), int(rounds))
+    return out
+
+
+accelerate(weight_search)  # codec.search runs on the kernel from now on (the same points, faster)
 
 
 DENSE16_KINDS = {torch.float16: 0, torch.bfloat16: 1}

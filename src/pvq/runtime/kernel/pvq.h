@@ -24,6 +24,7 @@
  *   rotate.c    the randomized Hadamard rotations
  *   dense16.c   16-bit dense weights (embeddings, head)
  *   actsearch.c the activation PVQ search
+ *   search.c    the weight PVQ search (codec/search.py, the same points)
  *   linear.c    the matrix entry points and pvq_linear (a whole layer in one call)
  *   checks.c    what native.py checks at load (ABI version, struct sizes), the codes' range, threads
  * The numbers Python shares with the kernel come from Python, as -D flags (native.py _defines): the plan's
@@ -49,7 +50,7 @@ _Static_assert(TABLE_PAD >= 8, "tables of points are read 8 bytes at a time (row
 
 /* Raised with every change to a struct below or an entry point's arguments (native.py ABI_VERSION and its
  * table of entry points change with it): kernel() refuses a library of another version. */
-#define PVQ_ABI_VERSION 1
+#define PVQ_ABI_VERSION 2
 
 /* One packed matrix [rows, cols] (native.Matrix). */
 typedef struct {
@@ -89,6 +90,7 @@ void pvq_gemv(const pvq_matrix_t *w, const float *x, int64_t ldx, int64_t B, flo
 void pvq_linear(const pvq_linear_t *a, const float *x, float *out, int64_t B, float *work);
 void rot_apply(const pvq_rotation_t *r, const float *x, float *out, int64_t B, int inverse, float *tmp);
 void act_pvq_shapes(const float *x, float *u, float *gain, int64_t groups, int64_t n, int64_t k);
+void pvq_search(const float *x, int64_t *out, int64_t groups, int64_t n, int64_t k, int64_t rounds);
 void dense16_gemv(const uint16_t *w, int kind, int64_t rows, int64_t cols, const float *x, int64_t ldx, int64_t B,
                   float *out, int64_t ldy);
 void pvq_set_threads(int n);
