@@ -133,6 +133,7 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype):
         else:
             # what a load from the file itself records, so nothing written from the model names the cache
             model.config._name_or_path = tokenizer.name_or_path = folder
+            _forget_gguf_quantizer(model)  # the same attributes as a model converted just now
             return model.eval(), tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
