@@ -344,7 +344,7 @@ def test_a_gguf_is_converted_once_and_the_cached_folder_loads_the_same_model(tmp
     monkeypatch.setenv("PVQ_CACHE", str(tmp_path))
     first, tok1 = load_model(None)
     folder = _gguf_cache_folder(default_model_path(), torch.float32)
-    assert (folder / "complete").is_file() and not list(folder.parent.glob("*.tmp-*"))
+    assert (folder / "model.safetensors").is_file() and not list(folder.parent.glob("*.tmp-*"))
     second, tok2 = load_model(None)  # from the folder now
     assert first.config.to_dict() == second.config.to_dict() and second.hf_quantizer is None
     assert tok1.name_or_path == tok2.name_or_path == str(default_model_path().parent)

@@ -191,7 +191,7 @@ def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict) -> t
     linears = block_linears(block)
     for name, q in made.items():
         linears[name].weight.data = q.weight_in_original_basis().to(linears[name].weight.dtype)
-        q._runner = None  # the decoded copy is rebuilt if the model is run later; a stream keeps none
+        q.drop_decoded()  # rebuilt if the model is run later; a stream keeps none
     return run_block(block, hidden, kwargs)
 
 

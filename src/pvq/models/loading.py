@@ -9,7 +9,10 @@ supported family are built here too, for tests.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -97,10 +100,8 @@ GGUF_CACHE_MAX_BYTES = 512 << 20
 
 def _gguf_cache_folder(path: Path, dtype: torch.dtype) -> Path | None:
     """Where the float folder of GGUF file `path` is cached: keyed by the file's bytes, the dtype and the
-    transformers that converted it; None when the file is too large or PVQ_GGUF_CACHE=0."""
-    import hashlib
-    import os
-
+    transformers that converted it; None when the file is too large or PVQ_GGUF_CACHE=0. A folder there is
+    whole: it is written beside and renamed into place."""
     import transformers
 
     from ..runtime.native import cache_dir
@@ -116,15 +117,12 @@ def _gguf_cache_folder(path: Path, dtype: torch.dtype) -> Path | None:
 
 
 def _load_gguf(name: str, path: Path, dtype: torch.dtype):
-    import os
-    import shutil
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, file = str(path.parent), path.name
     kwargs = _dtype_kwargs(dtype)
     cached = _gguf_cache_folder(path, dtype)
-    if cached is not None and (cached / "complete").is_file():
+    if cached is not None and cached.is_dir():
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(cached))
             model = AutoModelForCausalLM.from_pretrained(str(cached), **kwargs)
@@ -144,15 +142,12 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype):
     _forget_gguf_quantizer(model)
     if cached is not None:
         tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
-        try:  # written beside, marked complete, renamed: a killed write is never taken for a cache entry
+        try:  # written beside, then renamed: a killed write is never taken for a cache entry
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
-            (tmp / "complete").write_text("")
-            if not (cached / "complete").is_file():  # an entry a killed run left unmarked
-                shutil.rmtree(cached, ignore_errors=True)
             os.replace(tmp, cached)
-        except OSError:  # a read-only or full cache only costs the next load its time
+        except OSError:  # a read-only or full cache (or another process's entry, already there) costs nothing
             shutil.rmtree(tmp, ignore_errors=True)
     return model.eval(), tokenizer
 

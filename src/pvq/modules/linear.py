@@ -217,6 +217,10 @@ class QuantLinear(nn.Module):
         """The decoded matrix W' in the rotated basis ([out, in]); kept in decode="once" mode."""
         return self.runner.rotated_weight(self)
 
+    def drop_decoded(self) -> None:
+        """Forget the decoded matrix and decoder state; both are rebuilt from the buffers on next use."""
+        self._runner = None
+
     def weight_in_original_basis(self) -> torch.Tensor:
         """R_out W' R_in^T: the matrix this layer applies, for inspection and tests."""
         return self.runner.rot.to_original(self.rotated_weight())

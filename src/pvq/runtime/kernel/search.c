@@ -33,9 +33,8 @@ void pvq_search(const float *x, int64_t *out, int64_t groups, int64_t n, int64_t
         const float *xg = x + g * n;
         int64_t *yg = out + g * n;
         float a[MAXN], y[MAXN], add[MAXN], rem[MAXN];
-        float s = 0.f;
         for (int64_t j = 0; j < n; j++) a[j] = fabsf(xg[j]);
-        s = a[0];
+        float s = a[0];
         for (int64_t j = 1; j < n; j++) s += a[j];
         if (k == 0) {
             for (int64_t j = 0; j < n; j++) yg[j] = 0;
