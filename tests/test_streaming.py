@@ -177,3 +177,32 @@ def test_tensorfile_writes_what_safetensors_writes(tmp_path):
         assert all(torch.equal(e[k].read(), v) for k, v in t.items())
         tensorfile.write(tmp_path / "c", e, {"format": "pt"})  # copied from the file, one tensor at a time
         assert (tmp_path / "c").read_bytes() == (tmp_path / "a").read_bytes()
+
+
+def test_a_gguf_too_large_for_the_cache_is_streamed(monkeypatch):
+    from pvq.models.loading import default_model_path
+
+    gguf = str(default_model_path())
+    assert not streamable(gguf)  # small enough for the float cache: loaded whole (from the cache)
+    monkeypatch.setenv("PVQ_GGUF_CACHE", "0")
+    assert streamable(gguf)
+    monkeypatch.setattr("pvq.models.loading.GGUF_CACHE_MAX_BYTES", 1 << 20)
+    monkeypatch.delenv("PVQ_GGUF_CACHE")
+    assert streamable(gguf)
+
+
+@pytest.mark.slow
+def test_gguf_streamed_equals_loaded_whole(tmp_path, monkeypatch):
+    """The real SmolLM2 GGUF read a tensor at a time (dequantized, q/k rows permuted back as transformers
+    does) gives the bytes a whole load gives."""
+    from pvq.models.loading import default_model_path
+
+    monkeypatch.setenv("PVQ_GGUF_CACHE", "0")
+    gguf = str(default_model_path())
+    model, _, reader = load_skeleton(gguf)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert "model.layers.0.self_attn.q_proj.weight" in reader and "lm_head.weight" not in reader  # tied head
+    args = ["--method", "pvq", "--bits", "3.25", "--no-progress"]
+    assert cli(["quantize", gguf, *args, "-o", str(tmp_path / "s")]) == 0
+    assert cli(["quantize", gguf, *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
+    assert _files(tmp_path / "s") == _files(tmp_path / "w")

@@ -98,10 +98,11 @@ def _forget_gguf_quantizer(model) -> None:
 GGUF_CACHE_MAX_BYTES = 512 << 20
 
 
-def _gguf_cache_folder(path: Path, dtype: torch.dtype) -> Path | None:
+def _gguf_cache_folder(path: Path, dtype: torch.dtype, hash_bytes: bool = True) -> Path | None:
     """Where the float folder of GGUF file `path` is cached: keyed by the file's bytes, the dtype and the
-    transformers that converted it; None when the file is too large or PVQ_GGUF_CACHE=0. A folder there is
-    whole: it is written beside and renamed into place."""
+    transformers that converted it; None when the file is too large or PVQ_GGUF_CACHE=0 (such a file is
+    streamed when quantizing). A folder there is whole: it is written beside and renamed into place.
+    `hash_bytes` False: only whether there is such a folder (a path that is not the entry's)."""
     import transformers
 
     from ..runtime.native import cache_dir
@@ -109,6 +110,8 @@ def _gguf_cache_folder(path: Path, dtype: torch.dtype) -> Path | None:
     size = path.stat().st_size
     if size > GGUF_CACHE_MAX_BYTES or os.environ.get("PVQ_GGUF_CACHE", "1") == "0":
         return None
+    if not hash_bytes:
+        return cache_dir() / "gguf"
     digest = hashlib.sha256(f"{transformers.__version__}|{dtype}|{size}|".encode())
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -211,33 +214,45 @@ def _checked_config(name: str):
 
 
 def streamable(spec: str | None) -> bool:
-    """Whether `spec` is a local folder whose weights are safetensors (one file, or shards with an index)."""
+    """Whether `spec` is read block by block: a local folder whose weights are safetensors (one file, or
+    shards with an index), or a GGUF file too large for the float cache (or with PVQ_GGUF_CACHE=0)."""
     from .streaming import weight_files
 
-    if spec is None or str(spec) == DEFAULT_MODEL or str(spec).lower().endswith(".gguf"):
+    if spec is None or str(spec) == DEFAULT_MODEL:
         return False
     path = Path(str(spec)).expanduser()
+    if str(spec).lower().endswith(".gguf"):
+        return path.is_file() and _gguf_cache_folder(path, torch.float32, hash_bytes=False) is None
     return path.is_dir() and bool(weight_files(path))
 
 
 def load_skeleton(spec: str):
-    """(model, tokenizer, reader) of a local safetensors folder, the model built without its weights:
-    every parameter on the meta device (buffers real), to be filled from the reader one block at a time
-    (streaming.materialize). Checked as load_model checks it. streaming.NotStreamable (with the reason)
-    when its tensors cannot be read one for one (load_model loads it whole)."""
-    from transformers import AutoTokenizer
+    """(model, tokenizer, reader) of a local safetensors folder or GGUF file, the model built without its
+    weights: every parameter on the meta device (buffers real), to be filled from the reader one block at a
+    time (streaming.materialize). Checked as load_model checks it. streaming.NotStreamable (with the
+    reason) when its tensors cannot be read one for one (load_model loads it whole)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from .experts import fused_experts
+    from .gguf_stream import GGUFCheckpointReader
     from .streaming import CheckpointReader, NotStreamable, skeleton
 
     name = str(spec)
-    source, config = _checked_config(name)
+    gguf = name.lower().endswith(".gguf")
     try:
-        reader = CheckpointReader(Path(source))
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        if gguf:
+            path = Path(name).expanduser()
+            source, config = str(path.parent), AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            _check_model_type(name, getattr(config, "model_type", None))
+            reader = GGUFCheckpointReader(path)
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=path.name)
+        else:
+            source, config = _checked_config(name)
+            reader = CheckpointReader(Path(source))
+            tokenizer = AutoTokenizer.from_pretrained(source)
         model = skeleton(config)
         reader.follow(model)
-    except NotStreamable:
+    except (NotStreamable, ModelLoadError):
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}") from exc
