@@ -10,13 +10,18 @@ an interrupted benchmark keeps what it measured) and scale.png.
     python bench/scale.py                                   # 4, 12, 36 layers; pvq and pvq-gptq
     python bench/scale.py --layers 4,12 --methods pvq      # a subset
 
+The 12-layer pvq-gptq run is also run again killed (SIGKILL) at 3 random moments and rerun each time;
+`resume` in the JSON says whether every output file has the sha256 of the uninterrupted run's.
+
 Random weights say nothing of quality: quality figures use SmolLM2 (bench/quality.py).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -91,20 +96,72 @@ def make_checkpoint(folder: Path, layers: int, shard_bytes: int = 1 << 30) -> No
     (folder / "complete").write_text("")
 
 
-def quantize(folder: Path, out: Path, method: str, bits: float, nsamples: int, seqlen: int) -> dict:
-    cmd = [sys.executable, "-m", "pvq.cli", "quantize", str(folder), "--method", method, "--bits", str(bits),
-           "-o", str(out), "--force", "--json", "--no-progress", "--nsamples", str(nsamples), "--seqlen", str(seqlen)]
+def _command(folder: Path, out: Path, method: str, bits: float, nsamples: int, seqlen: int) -> list[str]:
+    return [sys.executable, "-m", "pvq.cli", "quantize", str(folder), "--method", method, "--bits", str(bits),
+            "-o", str(out), "--json", "--no-progress", "--nsamples", str(nsamples), "--seqlen", str(seqlen)]
+
+
+def quantize(folder: Path, out: Path, method: str, bits: float, nsamples: int, seqlen: int, keep: bool = False) -> dict:
+    cmd = _command(folder, out, method, bits, nsamples, seqlen) + ["--force"]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip().splitlines()[-1:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     return {"seconds": wall, "quantize_seconds": res["seconds"], "peak_rss_mib": res["peak_rss_mib"],
             "linear_weights": res["linear_weights"], "bits_per_weight": res["bits_per_weight"],
             "file_bytes": res["file_bytes"], "mweights_per_s": res["linear_weights"] / 1e6 / res["seconds"],
             "streamed": res.get("streamed")}
+
+
+def digests(out: Path) -> dict:
+    """sha256 of every file of an output directory."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir()) if f.is_file()}
+
+
+def killed_and_resumed(folder: Path, out: Path, method: str, bits: float, nsamples: int, seqlen: int,
+                       reference: dict, full_seconds: float, kills: int, seed: int) -> dict:
+    """Run the same command `kills` times, each killed (SIGKILL) after a random delay, then once to the end;
+    compare every output file with the uninterrupted run's (`reference`: name -> sha256)."""
+    rng = random.Random(seed)
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = _command(folder, out, method, bits, nsamples, seqlen)
+    attempts = []
+    for _ in range(kills):
+        delay = rng.uniform(0.1, 0.3) * full_seconds  # each try gets a tenth to a third of a whole run's time
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=delay)
+            killed = False
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            killed = True
+        done = _blocks_done(out)
+        attempts.append({"delay_s": round(delay, 1), "killed": killed, "blocks_done_after": done})
+        print(f"  killed after {delay:.0f} s: {done} blocks done" if killed else "  finished before the kill", flush=True)
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip().splitlines()[-1:]}")
+    got = digests(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"kills": attempts, "last_run_seconds": time.time() - t0, "files": len(got),
+            "same_sha256_as_uninterrupted": got == reference,
+            "resumed_message": next((ln for ln in r.stderr.splitlines() if ln.startswith("resuming")), None)}
+
+
+def _blocks_done(out: Path) -> int:
+    """Blocks an unfinished run of `out` has recorded (its manifest), 0 when there is none."""
+    for d in out.parent.glob(f"{out.name}.tmp-*"):
+        try:
+            return len(json.loads((d / "manifest.json").read_text())["blocks"])
+        except (OSError, ValueError, KeyError):
+            return 0
+    return 0
 
 
 def plot(results: dict, path: Path) -> None:
@@ -134,8 +191,13 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pvq-scale"))
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--resume-layers", type=int, default=12, help="the model whose run is also killed and resumed")
+    ap.add_argument("--resume-method", default="pvq-gptq")
+    ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    ap.add_argument("--results", type=Path, default=RESULTS / "scale.json", help="the JSON written (a PNG beside it)")
     args = ap.parse_args()
-    out_json = RESULTS / "scale.json"
+    out_json = args.results
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()},
                "shape": SHAPE, "bits": args.bits, "calibration": f"{args.nsamples} x {args.seqlen} tokens",
                "command": "python bench/scale.py " + " ".join(sys.argv[1:]), "runs": []}
@@ -146,13 +208,23 @@ def main() -> None:
         params = sum(int(torch.Size(s).numel()) for _, s in _tensor_shapes(layers))
         print(f"{layers} layers: {params / 1e9:.2f} B parameters, checkpoint {time.time() - t0:.0f} s", flush=True)
         for method in args.methods.split(","):
-            run = quantize(folder, args.workdir / "out", method, args.bits, args.nsamples, args.seqlen)
+            resume = layers == args.resume_layers and method == args.resume_method
+            out = args.workdir / "out"
+            run = quantize(folder, out, method, args.bits, args.nsamples, args.seqlen, keep=resume)
             run.update({"layers": layers, "method": method, "params_b": params / 1e9,
                         "checkpoint_gib": 2 * params / 2**30})
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
             write_json(out_json, results)
-            plot(results, RESULTS / "scale.png")
+            plot(results, out_json.with_suffix(".png"))
+            if resume:  # the same command killed at random moments and rerun: the same bytes?
+                reference = digests(out)
+                shutil.rmtree(out, ignore_errors=True)
+                results["resume"] = {"layers": layers, "method": method, "seed": args.seed, **killed_and_resumed(
+                    folder, args.workdir / "out-resumed", method, args.bits, args.nsamples, args.seqlen,
+                    reference, run["seconds"], args.kills, args.seed)}
+                print(json.dumps(results["resume"]), flush=True)
+                write_json(out_json, results)
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
 

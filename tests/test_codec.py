@@ -292,3 +292,21 @@ def test_fake_quantize_gives_the_decoded_floats():
     for spec in (gainshape.PVQSpec(16, 29, 7, "beta", "tensor"), gainshape.PVQSpec(12, 10, 5, "beta", "row"),
                  gainshape.PVQSpec(8, 20, 30, "empirical", "row")):
         assert torch.equal(fake_quantize(w, spec), codec.quantize(w, spec).dequantize())
+
+
+@pytest.mark.parametrize("scale", ["row", "tensor"])
+def test_row_chunks_change_nothing(monkeypatch, scale):
+    """The data-free codec and the decoder work a few rows at a time; the codes and floats are those of one pass."""
+    from pvq.codec import gainshape
+
+    w = torch.randn(37, 48, generator=torch.Generator().manual_seed(3))
+    spec = gainshape.PVQSpec(8, 6, 16, "beta", scale)
+    whole = gainshape.quantize(w, spec)
+    monkeypatch.setattr(gainshape, "CHUNK_WEIGHTS", 100)  # two rows a chunk, the last one short
+    assert len(gainshape.row_chunks(37, 48)) == 19
+    parts = gainshape.quantize(w, spec)
+    assert torch.equal(parts.codes, whole.codes) and torch.equal(parts.row_scale, whole.row_scale)
+    got = parts.dequantize(torch.float32)
+    monkeypatch.setattr(gainshape, "CHUNK_WEIGHTS", 1 << 21)
+    assert torch.equal(got, whole.dequantize(torch.float32))
+    assert torch.equal(got, gainshape.fake_quantize(w, spec))

@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 from . import codec
 from .checkpoint import stored_tensors
 from .codec.fp16 import FP16RangeError
-from .memory import release_memory
+from .memory import release_memory, trim_heap
 from .models.adapters import (block_hessians, block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
                               check_supported, run_block, set_module)
-from .models.streaming import materialize, release
+from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
 from .modules.linear import QuantLinear
 from .picker import act_spec, choose_spec
@@ -114,6 +114,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     if cfg.uses_data:  # block 0's inputs, and every block's call arguments (rotary embeddings, masks)
         hidden, kwargs = capture_block_inputs(model, calib_ids)
         hidden = hidden if saved is None else saved
+        if reader is not None:  # read again with the rest at the end: not held through every block
+            release_parameters(model, [model.get_input_embeddings().weight])
     bar = tqdm(total=len(block_linear_names(model)), desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
     done_elsewhere = iter(())
     if pool is not None:  # every remaining block a task of its own, their results taken in block order
@@ -138,7 +140,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
         with calibration_precision(cfg, hidden):
             hess = block_hessians(block, hidden, kwargs[i])[0] if cfg.uses_data else {}
-        made, done, err = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated)
+        made, done, err = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated, drop=writer is not None)
         del hess
         per_layer.update(done)
         errors.update(err)
@@ -152,9 +154,14 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             release(block)
         release_memory()
     bar.close()
+    dense = DENSE_DTYPES[cfg.dense_dtype]
     if reader is not None:  # what is outside the blocks (embeddings, final norm, head), once they are gone
-        check_weights(model, cfg, materialize(model, reader, lambda n: not n.startswith(prefixes)))
-    _round_dense(model, DENSE_DTYPES[cfg.dense_dtype])
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if p.device.type == "meta" and not name.startswith(prefixes):  # a tied twin is filled with it
+                check_weights(model, cfg, materialize(model, reader, lambda n, name=name: n == name))
+                if writer is not None:  # one float32 embedding or head in memory at a time
+                    _round_dense(model, dense, stored=True)
+    _round_dense(model, dense, stored=writer is not None)
     summary = summarize(per_layer)
     if cfg.act is not None and writer is not None:  # the blocks are written and released: from the shapes
         summary["bits_per_activation"] = bits_per_activation_of(cfg.act, [v["shape"][1] for v in per_layer.values()])
@@ -195,9 +202,11 @@ def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict) -> t
     return run_block(block, hidden, kwargs)
 
 
-def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list):
+def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list, drop: bool = False):
     """(QuantLinear by linear name, quantization_config entries, relative errors) of a block's linears; the
-    block itself is left as it was (see quantize_block)."""
+    block itself is left as it was (see quantize_block), but for `drop`: each linear's float weight is
+    emptied once quantized (a block whose quantized form goes to a writer), so the peak of its largest
+    linear is not paid on top of all the others' float weights."""
     made, per_layer, errors = {}, {}, {}
     for name, mod in block_linears(block).items():
         full = prefix + name
@@ -209,12 +218,14 @@ def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, unca
         try:
             if cfg.uses_data:
                 stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
-                if name in hess:
-                    h_rot = rotate_hessian(hess[name], seeds[0])
+                if name in hess:  # taken out: a Hessian no later linear shares is rotated in place, and freed
+                    h = hess.pop(name)
+                    h_rot = rotate_hessian(h, seeds[0], in_place=not any(o is h for o in hess.values()))
+                    del h
                 else:  # an expert no calibration token was routed to: nothing known of its inputs, plain rounding
                     h_rot = torch.eye(cols, dtype=torch.float64)
                     uncalibrated.append(full)
-                w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp,
+                w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp, share_h=True,
                                      block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
                 errors[full] = relative_error(w_rot, w_hat, h_rot)
                 del h_rot
@@ -224,20 +235,30 @@ def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, unca
         except FP16RangeError as exc:
             raise ValueError(f"layer {full}: {exc}") from None
         made[name] = q = QuantLinear.from_packed(packed, seeds, mod.bias)
+        if drop:
+            del w
+            mod.weight.data = torch.empty(0, dtype=mod.weight.dtype)
         per_layer[full] = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
                            "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
+        trim_heap()
         if bar is not None:
             bar.update(1)
     return made, per_layer, errors
 
 
-def _round_dense(model, dtype: torch.dtype) -> None:
-    """Round the parameters that stay dense to their storage dtype, so the in-memory model equals the saved one."""
+def _round_dense(model, dtype: torch.dtype, stored: bool = False) -> None:
+    """Round the parameters that stay dense to their storage dtype, so the in-memory model equals the saved
+    one; `stored`: keep them in that dtype (a model whose blocks went to a writer only has them to store)."""
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             continue
         for p in mod.parameters(recurse=False):
-            p.data = p.data.to(dtype).to(p.dtype)
+            if p.device.type == "meta" or p.dtype == dtype:
+                continue
+            if stored:
+                p.data = p.data.to(dtype)
+            else:  # in place: an embedding's float32 copy costs no second one
+                p.data.copy_(p.data.to(dtype))
 
 
 def summarize(per_layer: dict) -> dict:

@@ -111,8 +111,23 @@ class PackedPVQ:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         rows, cols = self.shape
         idx, lvl = self.unpack()
-        y = enumeration.decode(idx, self.spec.n, self.spec.k)  # [rows, groups, n]
-        return reconstruct(y, lvl, self.row_scale, self.gain_levels).reshape(rows, cols).to(dtype)
+        out = torch.empty(rows, cols, dtype=dtype)
+        for s, e in row_chunks(rows, cols):  # the int64 shapes of a few rows at a time
+            y = enumeration.decode(idx[s:e], self.spec.n, self.spec.k)  # [rows, groups, n]
+            scale = self.row_scale if self.row_scale.numel() == 1 else self.row_scale[s:e]
+            out[s:e] = reconstruct(y, lvl[s:e], scale, self.gain_levels).reshape(e - s, cols)
+        return out
+
+
+# weights handled at once by the data-free codec: its int64 shapes and float temporaries take about 40
+# bytes a weight, so a whole 14336 x 4096 matrix at once would add gigabytes to a run's peak memory
+CHUNK_WEIGHTS = 1 << 21
+
+
+def row_chunks(rows: int, cols: int):
+    """(start, end) row ranges of about CHUNK_WEIGHTS weights each."""
+    step = max(1, CHUNK_WEIGHTS // max(cols, 1))
+    return [(s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
 def reconstruct(y: torch.Tensor, lvl: torch.Tensor, row_scale: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -149,18 +164,32 @@ class GainShapeFit:
     book: GainCodebook
 
 
-def fit(w: torch.Tensor, spec: PVQSpec) -> GainShapeFit:
-    """Shapes, gain scale and gain codebook of a 2-D weight matrix (shape search, then g = <w, u>)."""
+def _check_matrix(w, spec: PVQSpec) -> None:
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
+    spec.check_shape(*w.shape)
+
+
+def _shapes(w: torch.Tensor, spec: PVQSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nearest shapes y [rows, groups, n], their optimal gains g = <w, u> [rows, groups]) of rows of w."""
     rows, cols = w.shape
-    spec.check_shape(rows, cols)
     x = w.float().reshape(rows, cols // spec.n, spec.n)
     y = search(x, spec.k)
-    g = (x * pyramid.shapes(y)).sum(-1)  # optimal gain for each shape, >= 0 since signs agree
+    return y, (x * pyramid.shapes(y)).sum(-1)  # gains >= 0 since signs agree
+
+
+def _gains(g: torch.Tensor, spec: PVQSpec, rows: int, cols: int):
+    """(fp16-representable scale, gains over it, gain codebook) of a matrix's group gains [rows, groups]."""
     s = gain_scale(g, spec.scale)
     r = g / s.reshape(-1, 1)
-    book = fit_gain_codebook(spec.gain, r, spec.n, law_length(spec, rows, cols), spec.gain_levels)
+    return s, r, fit_gain_codebook(spec.gain, r, spec.n, law_length(spec, rows, cols), spec.gain_levels)
+
+
+def fit(w: torch.Tensor, spec: PVQSpec) -> GainShapeFit:
+    """Shapes, gain scale and gain codebook of a 2-D weight matrix (shape search, then g = <w, u>)."""
+    _check_matrix(w, spec)
+    y, g = _shapes(w, spec)
+    s, r, book = _gains(g, spec, *w.shape)
     return GainShapeFit(y, r, s, book)
 
 
@@ -171,10 +200,19 @@ def _round(w: torch.Tensor, spec: PVQSpec):
 
 
 def quantize(w: torch.Tensor, spec: PVQSpec) -> PackedPVQ:
-    """Data-free PVQ of a 2-D weight matrix (round to the nearest shape, then the nearest gain)."""
-    y, lvl, scale, levels = _round(w, spec)
-    code = enumeration.encode(y, spec.k) * spec.gain_levels + lvl
-    return PackedPVQ(spec, tuple(w.shape), bitpack.pack(code.reshape(-1), spec.code_bits), scale, levels)
+    """Data-free PVQ of a 2-D weight matrix (round to the nearest shape, then the nearest gain). The shapes
+    are searched and enumerated a few rows at a time: only their indices and gains are kept whole."""
+    _check_matrix(w, spec)
+    rows, cols = w.shape
+    idx, gains = [], []
+    for s, e in row_chunks(rows, cols):
+        y, g = _shapes(w[s:e], spec)
+        idx.append(enumeration.encode(y, spec.k))
+        gains.append(g)
+        del y
+    scale, ratios, book = _gains(torch.cat(gains), spec, rows, cols)
+    code = torch.cat(idx) * spec.gain_levels + book.quantize(ratios)
+    return PackedPVQ(spec, tuple(w.shape), bitpack.pack(code.reshape(-1), spec.code_bits), scale.half(), book.levels)
 
 
 def fake_quantize(w: torch.Tensor, spec: PVQSpec) -> torch.Tensor:

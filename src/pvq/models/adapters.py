@@ -226,4 +226,5 @@ def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: b
         for h in handles:
             h.remove()
     out = None if not keep else (first if rest is None else torch.cat([first, rest]))
-    return {name: accs[leader[name]].hessian() for name in linears if name in leader}, out
+    hess = {name: accs[name].take() for name in accs}  # one mean at a time, in its sum's memory
+    return {name: hess[leader[name]] for name in linears if name in leader}, out

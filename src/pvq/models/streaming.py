@@ -188,3 +188,12 @@ def release(module: nn.Module) -> None:
         for leaf, b in mod._buffers.items():
             if b is not None and b.device.type != "meta":
                 mod._buffers[leaf] = b.to("meta")
+
+
+def release_parameters(model: nn.Module, params) -> None:
+    """Give these parameters' memory back (to the meta device) under every name they have: a tied head goes
+    with its embedding, so both are read again as one."""
+    new = {id(p): nn.Parameter(p.detach().to("meta"), requires_grad=False) for p in params if p.device.type != "meta"}
+    for mod, leaf, _ in list(_slots(model)):
+        if id(mod._parameters[leaf]) in new:
+            mod._parameters[leaf] = new[id(mod._parameters[leaf])]

@@ -38,23 +38,33 @@ _RETRIES = 4
 def inverse_cholesky(h: torch.Tensor, lam: float) -> torch.Tensor:
     """Upper U with (h + lam I)^-1 = U^T U, float64 [cols, cols].
 
-    If a factorisation fails (H singular or indefinite in floating point), retry with 10x the
+    A float64 h is used as working memory, so a large layer needs one more [cols, cols] matrix, not three:
+    its diagonal is damped during the call and put back, and its zeros lose their sign (as adding lam I
+    makes them). If a factorisation fails (H singular or indefinite in floating point), retry with 10x the
     damping, up to a few times, then raise ValueError.
     """
-    cols = h.shape[0]
-    eye = torch.eye(cols, dtype=torch.float64, device=h.device)
+    h = h if h.dtype == torch.float64 else h.double()
     mean_diag = float(h.diagonal().mean())
+    diag = h.diagonal().clone()
+    h.add_(0.0)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
     tried = []
-    for _ in range(_RETRIES + 1):
-        tried.append(lam)
-        low, info = torch.linalg.cholesky_ex(h + lam * eye)
-        if int(info) == 0:
-            # H^-1 from its Cholesky factor (cheaper and more accurate than a general inverse)
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
-                return u
-        # zero damping cannot grow by 10x: restart from a tiny fraction of the diagonal instead
-        lam = 10 * lam if lam > 0 else 1e-6 * max(mean_diag, 1e-30)
+    try:
+        for _ in range(_RETRIES + 1):
+            tried.append(lam)
+            h.diagonal().copy_(diag + lam)
+            low, fail = torch.linalg.cholesky_ex(h)  # column-major: the two steps below run in its memory
+            if int(fail) == 0:
+                # H^-1 from its Cholesky factor (cheaper and more accurate than a general inverse)
+                torch.cholesky_inverse(low, out=low)
+                torch.linalg.cholesky_ex(low, upper=True, out=(low, info))
+                if int(info) == 0 and bool(torch.isfinite(low).all()):
+                    return low
+            del low
+            # zero damping cannot grow by 10x: restart from a tiny fraction of the diagonal instead
+            lam = 10 * lam if lam > 0 else 1e-6 * max(mean_diag, 1e-30)
+    finally:
+        h.diagonal().copy_(diag)
     raise ValueError(
         f"gptq: the Hessian is not positive definite even with damping {', '.join(f'{t:.3g}' for t in tried)} "
         f"(mean diagonal {mean_diag:.3g}); check the calibration inputs"
@@ -64,8 +74,8 @@ def inverse_cholesky(h: torch.Tensor, lam: float) -> torch.Tensor:
 def group_metrics(u: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For every group of d columns: inv(U_GG) and A_G = inv(U_GG^T U_GG), float64 [groups, d, d]."""
     groups = u.shape[0] // d
-    # the diagonal d x d blocks of U: view [groups, d, groups, d] and take the group diagonal
-    blocks = u.reshape(groups, d, groups, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    # the diagonal d x d blocks of U, gathered (a reshape of a column-major U would copy all of it)
+    blocks = torch.stack([u[g * d:(g + 1) * d, g * d:(g + 1) * d] for g in range(groups)])
     eye = torch.eye(d, dtype=u.dtype, device=u.device).expand(groups, d, d)
     u_inv = torch.linalg.solve_triangular(blocks, eye, upper=True)  # inv(U_GG), upper
     # inv(U^T U) = U^-1 U^-T
@@ -121,6 +131,7 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    share_h: bool = False,
 ) -> tuple[torch.Tensor, Packed]:
     """Quantize w [rows, cols] for the input second moment h [cols, cols] with `stepper`.
 
@@ -130,6 +141,8 @@ def gptq(
     act_order (uniform grid only): quantize columns in descending diag(H) order, GPTQ's
     "act-order" heuristic, with every group's grid fixed up front from the initial w ("static
     groups"), so groups stay contiguous in the stored format and no permutation is stored.
+    share_h: work in h's own memory instead of a copy (a float64 h; it is as it was on return but for the signs of its zeros), which
+    saves a [cols, cols] float64 at the peak of a large layer.
     """
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"gptq expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
@@ -148,7 +161,7 @@ def gptq(
         raise ValueError("act_order is only supported for the uniform grid")
 
     W = w.detach().to(torch.float32, copy=True)  # [rows, cols], updated in place
-    H = h.detach().to(device=W.device, dtype=torch.float64, copy=True)  # [cols, cols]
+    H = h.detach().to(device=W.device, dtype=torch.float64, copy=not share_h)  # [cols, cols]
     if not bool(torch.isfinite(W).all()) or not bool(torch.isfinite(H).all()):
         raise ValueError("gptq: w or h contains NaN or inf")
 
@@ -157,6 +170,7 @@ def gptq(
     dead = H.diagonal() == 0  # [cols] bool
     live = ~dead
     H.diagonal()[dead] = 1.0  # diagonal() is a view: this writes H[i, i]
+    caller_h = H if share_h else None
     W[:, dead] = 0.0
     # Damping lambda = damp * mean(diag H) keeps H^-1 well conditioned (GPTQ's percdamp); the mean
     # is over live inputs, so the arbitrary 1 put in for dead ones does not set its scale.
@@ -173,7 +187,9 @@ def gptq(
         cols_stored = None
 
     U = inverse_cholesky(H, lam)
-    del H
+    if caller_h is not None:
+        caller_h.diagonal()[dead] = 0.0  # h as it came (but for the signs of its zeros)
+    del H, caller_h
     u_inv, metric = group_metrics(U, d)  # [groups, d, d] float64
     U = U.to(torch.float32)  # the updates run in float32, like W
     u_inv = u_inv.to(torch.float32)

@@ -20,6 +20,7 @@ import torch
 # Rows multiplied at once in float32 before their product joins the float64 sum: few enough that a chunk's
 # own rounding stays small, enough that the matmuls run at full speed.
 _ROWS_PER_CHUNK = 8192
+_ADD_ROWS = 256
 
 
 class HessianAccumulator:
@@ -51,7 +52,10 @@ class HessianAccumulator:
             self._sum = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=flat.device)
         for s in range(0, flat.shape[0], _ROWS_PER_CHUNK):
             xc = flat[s : s + _ROWS_PER_CHUNK].to(device=self._sum.device, dtype=torch.float32)
-            self._sum += xc.T @ xc  # H += x^T x: the chunk in float32, the running sum in float64
+            prod = xc.T @ xc  # H += x^T x: the chunk in float32, the running sum in float64
+            for r in range(0, self.dim, _ADD_ROWS):  # widened a few rows at a time: no float64 copy of it all
+                self._sum[r:r + _ADD_ROWS] += prod[r:r + _ADD_ROWS]
+            del prod
         self.count += flat.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -59,6 +63,13 @@ class HessianAccumulator:
         if self.count == 0 or self._sum is None:
             raise ValueError("HessianAccumulator.hessian(): no input rows were added")
         return self._sum / self.count
+
+    def take(self) -> torch.Tensor:
+        """hessian(), computed in the running sum's own memory; the accumulator holds nothing afterwards."""
+        if self.count == 0 or self._sum is None:
+            raise ValueError("HessianAccumulator.take(): no input rows were added")
+        h, self._sum, self.count = self._sum.div_(self.count), None, 0  # the same floats as hessian()
+        return h
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None = None) -> float:
@@ -71,18 +82,22 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None 
     """
     if w.shape != w_hat.shape or w.dim() != 2:
         raise ValueError(f"relative_error expects two matrices of one shape, got {tuple(w.shape)} and {tuple(w_hat.shape)}")
-    wd = w.detach().double()
-    d = wd - w_hat.detach().double()
-    energy = float(wd.pow(2).sum())
+    cols = w.shape[1]
+    if h is not None:
+        if tuple(h.shape) != (cols, cols):
+            raise ValueError(f"relative_error: h must be [{cols}, {cols}], got {tuple(h.shape)}")
+        h = h.detach().double()
+        trace = float(h.diagonal().sum())
+    # a few rows at a time: float64 copies of a whole large matrix would dominate a run's peak memory
+    energy = noise = 0.0
+    step = max(1, (1 << 21) // max(cols, 1))
+    for s in range(0, w.shape[0], step):
+        part = w[s:s + step].detach().double()
+        d = part - w_hat[s:s + step].detach().double()
+        energy += float(part.pow(2).sum())
+        noise += float(d.pow(2).sum()) if h is None else float(((d @ h) * d).sum())
     if energy == 0:
         return 0.0
     if h is None:
-        return float(d.pow(2).sum()) / energy
-    cols = w.shape[1]
-    if tuple(h.shape) != (cols, cols):
-        raise ValueError(f"relative_error: h must be [{cols}, {cols}], got {tuple(h.shape)}")
-    hd = h.detach().double()
-    trace = float(hd.diagonal().sum())
-    if trace <= 0:
-        return 0.0
-    return float(((d @ hd) * d).sum()) * cols / (energy * trace)
+        return noise / energy
+    return 0.0 if trace <= 0 else noise * cols / (energy * trace)

@@ -46,20 +46,42 @@ def layer_rotations(rows: int, cols: int, seeds: tuple[int, int]) -> tuple[Rando
             RandomHadamard(rows, s_out) if s_out != NO_SEED else None)
 
 
+# vectors rotated at once: a whole 14336 x 4096 matrix in float64 with the transform's temporaries would
+# add gigabytes to a run's peak memory; each vector is rotated on its own, so the values are the same
+CHUNK_WEIGHTS = 1 << 21
+
+
+def _rotated(x: torch.Tensor, r: RandomHadamard | None, out: torch.Tensor) -> torch.Tensor:
+    """out[i] = x[i] @ R (float64 math) for every row i of x, a few rows at a time."""
+    step = max(1, CHUNK_WEIGHTS // max(x.shape[1], 1))
+    for s in range(0, x.shape[0], step):
+        part = x[s:s + step].double()
+        out[s:s + step] = part if r is None else r.apply(part)
+    return out
+
+
 def rotate_weight(w: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
     """W' = R_out^T W R_in (float64 math, float32 result)."""
     r_in, r_out = layer_rotations(*w.shape, seeds)
-    w = w.double()
-    if r_in is not None:
-        w = r_in.apply(w)
-    if r_out is not None:
-        w = r_out.apply(w.T).T
-    return w.float()
+    mid = _rotated(w, r_in, torch.empty(w.shape, dtype=torch.float64))
+    if r_out is None:
+        return mid.float()
+    return _rotated(mid.T, r_out, torch.empty(w.shape[::-1], dtype=torch.float32)).T.contiguous()
 
 
-def rotate_hessian(h: torch.Tensor, seed_in: int) -> torch.Tensor:
-    """Hessian of the rotated inputs x R_in: R_in^T H R_in (H symmetric, float64)."""
+def rotate_hessian(h: torch.Tensor, seed_in: int, in_place: bool = False) -> torch.Tensor:
+    """Hessian of the rotated inputs x R_in: R_in^T H R_in (H symmetric, float64). `in_place`: in the memory
+    of h (a float64 tensor nothing else uses), so a large layer's Hessian costs no second copy.
+
+    Both passes rotate a few vectors at a time in one buffer: the first rows (M = H R), the second the
+    columns of M, each written over the column it came from (so the buffer holds the result transposed,
+    and the transpose view of it is returned)."""
     if seed_in == NO_SEED:
         return h
     r = RandomHadamard(h.shape[0], seed_in)
-    return r.apply(r.apply(h.double()).T)
+    m = h if in_place and h.dtype == torch.float64 and h.is_contiguous() else torch.empty(h.shape, dtype=torch.float64)
+    m = _rotated(h, r, m)
+    step = max(1, CHUNK_WEIGHTS // max(h.shape[0], 1))
+    for s in range(0, h.shape[0], step):
+        m[:, s:s + step] = r.apply(m[:, s:s + step].T.contiguous()).T
+    return m.T
