@@ -206,3 +206,26 @@ def test_gguf_streamed_equals_loaded_whole(tmp_path, monkeypatch):
     assert cli(["quantize", gguf, *args, "-o", str(tmp_path / "s")]) == 0
     assert cli(["quantize", gguf, *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
     assert _files(tmp_path / "s") == _files(tmp_path / "w")
+
+
+def test_offloaded_activations_give_the_same_bytes(folders, tmp_path, monkeypatch, capsys):
+    """--offload keeps the calibration activations in memory-mapped files (removed at the end); the output is
+    byte for byte the one calibrated in memory. Without the option it happens when they would not fit."""
+    from pvq import offload
+
+    src = folders["single"]
+    args = ["--method", "pvq-gptq", "--bits", "3", "--nsamples", "3", "--seqlen", "32", "--no-progress"]
+    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "mem")]) == 0
+    made = []
+    real = offload.ActivationFiles.empty_like
+    monkeypatch.setattr(offload.ActivationFiles, "empty_like", lambda self, t: made.append(self.folder) or real(self, t))
+    assert cli(["quantize", str(src), *args, "--offload", str(tmp_path / "acts"), "-o", str(tmp_path / "off")]) == 0
+    assert "kept in files under" in capsys.readouterr().err
+    assert len(made) == 4 and made[0].parent == tmp_path / "acts"  # block 0's inputs, then each block's outputs
+    assert list((tmp_path / "acts").iterdir()) == []  # removed at the end
+    assert _files(tmp_path / "off") == _files(tmp_path / "mem")
+    monkeypatch.setattr(offload, "available_bytes", lambda: 1000)  # a machine where they would not fit
+    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "auto")]) == 0
+    assert len(made) == 8 and made[-1].parent == tmp_path
+    assert _files(tmp_path / "auto") == _files(tmp_path / "mem")
+    assert not any(p.name.startswith("pvq-activations-") for p in tmp_path.iterdir())

@@ -81,7 +81,7 @@ def layer_spec(cfg: QuantConfig, name: str, rows: int, cols: int):
 
 @torch.no_grad()
 def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, progress: bool = True,
-             reader=None, writer=None, pool=None, source: str | None = None) -> dict:
+             reader=None, writer=None, pool=None, source: str | None = None, activations=None) -> dict:
     """Quantize every linear of the transformer blocks of `model` in place. Returns a summary dict.
 
     summary["layer_errors"]: per layer, the relative error the quantizer left
@@ -96,6 +96,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     makes this continue after the run's last finished block. pool: a distributed.Pool whose workers
     quantize the blocks (data-free methods, with a writer), each opening `source` (the model's path,
     None for the default model) itself; this process writes what they return, in block order.
+    activations: an offload.ActivationFiles that holds the calibration activations in files, not memory.
     """
     check_supported(model)
     layers = blocks(model)
@@ -116,6 +117,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         hidden = hidden if saved is None else saved
         if reader is not None:  # read again with the rest at the end: not held through every block
             release_parameters(model, [model.get_input_embeddings().weight])
+        if activations is not None:
+            hidden = activations.hold(hidden)
     bar = tqdm(total=len(block_linear_names(model)), desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
     done_elsewhere = iter(())
     if pool is not None:  # every remaining block a task of its own, their results taken in block order
@@ -146,7 +149,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         errors.update(err)
         if cfg.uses_data:  # the quantized block's outputs feed the next block
             with calibration_precision(cfg, hidden):
-                hidden = run_as_quantized(block, made, hidden, kwargs[i])
+                hidden = run_as_quantized(block, made, hidden, kwargs[i],
+                                          None if activations is None else activations.empty_like(hidden))
         install(block, made)
         if writer is not None:
             writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
@@ -191,7 +195,7 @@ def install(block, made: dict) -> None:
         set_module(block, name, q)
 
 
-def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None) -> torch.Tensor:
     """The block's outputs with its linears' quantized matrices, still as plain nn.Linear weights in the
     original basis: one dense product per linear, where a QuantLinear would rotate its inputs and outputs on
     every call (most of a calibration forward's time)."""
@@ -199,7 +203,7 @@ def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict) -> t
     for name, q in made.items():
         linears[name].weight.data = q.weight_in_original_basis().to(linears[name].weight.dtype)
         q.drop_decoded()  # rebuilt if the model is run later; a stream keeps none
-    return run_block(block, hidden, kwargs)
+    return run_block(block, hidden, kwargs, out=out)
 
 
 def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list, drop: bool = False):

@@ -130,6 +130,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--no-stream", action="store_true",
                    help="load the whole float model first (a safetensors folder is otherwise read one block at a "
                         "time and written as it goes, so the model may be bigger than memory)")
+    p.add_argument("--offload", default=None, metavar="DIR",
+                   help="keep the calibration activations (gptq, pvq-gptq) in memory-mapped files under DIR instead "
+                        "of memory; done beside the output without asking when they would take more than a quarter "
+                        "of the available memory. The files are removed at the end; the output is the same")
     p.add_argument("--workers", type=_int(1), default=None, metavar="N",
                    help="quantize on N local worker processes with Ray (pip install 'pvq[distributed]'); the same "
                         "bytes as one process. rtn and pvq only for now")
@@ -332,9 +336,9 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
               f"(uniform x{report['uniform_predicted_ppl_factor']:.3f}; {report['prediction']})")
     calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed) if cfg.uses_data else None
     torch.manual_seed(cfg.seed)
-    with _writer(args, sources, nbytes, model, cfg, calib) as writer:
+    with _writer(args, sources, nbytes, model, cfg, calib) as writer, _activations(args, model, cfg, calib) as acts:
         summary = api.quantize(model, cfg, calib, progress=progress, reader=reader, writer=writer, pool=pool,
-                               source=args.model)
+                               source=args.model, activations=acts)
         if report is not None:  # the report gets each layer's measured error next to the predicted one
             extra = report_files(report, summary["layer_errors"])
         writer.finish(model, tok, extra)
@@ -352,6 +356,24 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
         print(json.dumps({**summary, "file_bytes": size, "peak_rss_mib": rss, "output": str(out),
                           "method": cfg.method, "target_bits": cfg.bits, "streamed": stream}))
     return 0
+
+
+def _activations(args, model, cfg, calib):
+    """An offload.ActivationFiles where the calibration activations go to files (--offload, or too large for
+    memory), else a context holding None."""
+    import contextlib
+
+    from .offload import ActivationFiles, activation_bytes, pick_folder
+
+    if calib is None:
+        return contextlib.nullcontext(None)
+    width = model.get_input_embeddings().embedding_dim
+    folder = pick_folder(args.offload, args.output, calib.shape[0], calib.shape[1], width)
+    if folder is None:
+        return contextlib.nullcontext(None)
+    size = activation_bytes(calib.shape[0], calib.shape[1], width) / 2**30
+    print(f"calibration activations ({size:.2f} GiB a copy) kept in files under {folder}", file=sys.stderr)
+    return ActivationFiles(folder)
 
 
 def _pool(args):

@@ -173,12 +173,14 @@ def logits_after_blocks(model, hidden: torch.Tensor, input_ids: torch.Tensor) ->
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = BATCH, keep: bool = True):
-    """Outputs of one block for all samples (hidden [N, L, D]), a few samples at a time.
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = BATCH, keep: bool = True,
+              out: torch.Tensor | None = None):
+    """Outputs of one block for all samples (hidden [N, L, D]), a few samples at a time, written into `out`
+    where given (a memory-mapped file, say).
 
     keep=False runs the block only for its side effects (hooks) and keeps no output.
     """
-    out = torch.empty_like(hidden) if keep else None
+    out = (torch.empty_like(hidden) if out is None else out) if keep else None
     for s in range(0, hidden.shape[0], batch):
         r = block(hidden[s : s + batch], **kwargs)
         if keep:

@@ -1,0 +1,92 @@
+"""Calibration activations in files instead of memory, for models whose activations would not fit.
+
+Block-by-block calibration holds one block's inputs and outputs, each [samples, tokens, hidden] in
+float32: 2 GiB each for 128 x 512 tokens of an 8192-wide model. With an offload folder both live in
+two memory-mapped files there (the block's inputs, and its outputs written batch by batch), which the
+operating system pages in and out as the block runs, so they cost page cache, not committed memory.
+The values and so the quantized files are the same either way.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# offload without being asked when both copies would take more than this share of the available memory
+AUTO_SHARE = 0.25
+
+
+def activation_bytes(samples: int, tokens: int, hidden: int) -> int:
+    """Bytes of one copy of the calibration activations (float32)."""
+    return 4 * samples * tokens * hidden
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def needs_offload(samples: int, tokens: int, hidden: int) -> bool:
+    """Whether an input and an output copy of the activations would take more than AUTO_SHARE of the memory
+    available now."""
+    avail = available_bytes()
+    return avail is not None and 2 * activation_bytes(samples, tokens, hidden) > AUTO_SHARE * avail
+
+
+class ActivationFiles:
+    """Two memory-mapped files in `folder` (a private folder made inside it, removed by `close`):
+    `hold(t)` copies t into one and returns it as a tensor; `empty_like(t)` gives the other, for the next
+    block's outputs; they alternate."""
+
+    def __init__(self, folder: str | Path):
+        parent = Path(folder)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.folder = Path(tempfile.mkdtemp(prefix="pvq-activations-", dir=parent))
+        except OSError as exc:
+            raise ValueError(f"--offload {folder}: cannot make a folder there ({exc.strerror or exc})") from None
+        self._turn = 0
+
+    def empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        path = self.folder / f"activations-{self._turn}.bin"
+        self._turn ^= 1
+        numel = t.numel()
+        try:
+            with open(path, "wb") as f:
+                f.truncate(t.element_size() * numel)
+        except OSError as exc:
+            raise ValueError(f"--offload: cannot write {path} ({exc.strerror or exc})") from None
+        return torch.from_file(str(path), shared=True, size=numel, dtype=t.dtype).reshape(t.shape)
+
+    def hold(self, t: torch.Tensor) -> torch.Tensor:
+        out = self.empty_like(t)
+        out.copy_(t)
+        return out
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "ActivationFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def pick_folder(offload: str | None, output: str | Path, samples: int, tokens: int, hidden: int) -> Path | None:
+    """The folder activations go to: --offload, else beside the output when they would not fit in memory
+    (needs_offload), else None (memory)."""
+    if offload is not None:
+        return Path(offload)
+    if needs_offload(samples, tokens, hidden):
+        return Path(os.fspath(output)).expanduser().resolve().parent
+    return None
