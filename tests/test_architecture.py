@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "pvq"
 LAYERS = [
     ("codec", "transforms", "solvers"),
     ("runtime",),
-    ("settings", "memory", "data", "models", "errors", "resume", "tensorfile"),
+    ("settings", "memory", "data", "models", "errors", "resume", "tensorfile", "offload"),
     ("picker",),
     ("modules",),
     ("checkpoint", "eval", "measure"),
