@@ -164,6 +164,54 @@ def _blocks_done(out: Path) -> int:
     return 0
 
 
+# Llama block shapes a projection is made for: (hidden, intermediate, KV width, vocabulary)
+PROJECTED = {"this benchmark's shape": (2560, 6912, 640, 32000), "Llama-3-8B": (4096, 14336, 1024, 128256),
+             "Llama-3-70B": (8192, 28672, 1024, 128256)}
+
+
+def projected_peak_bytes(hidden: int, inter: int, kv: int, vocab: int, method: str, tokens: int,
+                         base: float) -> float:
+    """A count of the large buffers alive at the peak of a streamed run, plus `base` (the process itself:
+    torch, transformers, the tokenizer; fitted from a measured run). Data-free: one block's float32 weights
+    and its largest linear's rotation (float32 in, float64 between the two sides, float32 out: 16 bytes a
+    weight), or at the end one float32 embedding beside both 16-bit copies. pvq-gptq adds the calibration
+    activations (inputs and outputs, float32) and takes the larger of the block's Hessians (float64, one per
+    distinct input: 3 of hidden^2, 1 of intermediate^2, and a float32 product of the largest) and the solve
+    of the down projection (its Hessian, the one inverse-Cholesky buffer, the factor in float32)."""
+    block = 4 * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)
+    largest = hidden * inter
+    end = 4 * vocab * hidden + 2 * 2 * vocab * hidden
+    if method != "pvq-gptq":
+        return base + max(block + 16 * largest, end)
+    acts = 2 * 4 * tokens * hidden
+    hessians = block + 8 * (3 * hidden * hidden + inter * inter) + 4 * inter * inter
+    solve = 4 * largest + (8 + 8 + 4) * inter * inter + 16 * largest
+    return base + acts + max(hessians, solve, end)
+
+
+def projection(results: dict, nsamples: int, seqlen: int) -> dict:
+    """Peak memory of other block shapes from projected_peak_bytes, its base fitted to the deepest measured
+    run of each method, and the deviation of the projection at the measured depths."""
+    out = {"assumptions": "streamed safetensors, calibration of nsamples x seqlen tokens in memory (--offload "
+                          "moves the activations to files), float32 compute; "
+                          + " ".join(projected_peak_bytes.__doc__.split(". ", 1)[1].split()),
+           "calibration_tokens": nsamples * seqlen, "methods": {}}
+    for method in sorted({r["method"] for r in results["runs"]}):
+        runs = sorted((r for r in results["runs"] if r["method"] == method), key=lambda r: r["layers"])
+        shape = PROJECTED["this benchmark's shape"]
+        model = projected_peak_bytes(*shape, method, nsamples * seqlen, 0.0)
+        base = runs[-1]["peak_rss_mib"] * 2**20 - model
+        out["methods"][method] = {
+            "base_gib": base / 2**30,
+            "deviation_at_measured": {r["layers"]: (model + base) / (r["peak_rss_mib"] * 2**20) - 1 for r in runs},
+            "peak_gib": {name: projected_peak_bytes(*dims, method, nsamples * seqlen, base) / 2**30
+                         for name, dims in PROJECTED.items()},
+            # pvq quantize's default calibration, 128 x 512 tokens
+            "peak_gib_default_calibration": {name: projected_peak_bytes(*dims, method, 128 * 512, base) / 2**30
+                                             for name, dims in PROJECTED.items()}}
+    return out
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -196,8 +244,16 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     ap.add_argument("--results", type=Path, default=RESULTS / "scale.json", help="the JSON written (a PNG beside it)")
+    ap.add_argument("--reproject", action="store_true",
+                    help="only recompute the memory projection of the runs already in --results")
     args = ap.parse_args()
     out_json = args.results
+    if args.reproject:
+        results = json.loads(out_json.read_text())
+        n, L = (int(x) for x in results["calibration"].split(" tokens")[0].split(" x "))
+        results["projection"] = projection(results, n, L)
+        write_json(out_json, results)
+        return
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()},
                "shape": SHAPE, "bits": args.bits, "calibration": f"{args.nsamples} x {args.seqlen} tokens",
                "command": "python bench/scale.py " + " ".join(sys.argv[1:]), "runs": []}
@@ -214,6 +270,7 @@ def main() -> None:
             run.update({"layers": layers, "method": method, "params_b": params / 1e9,
                         "checkpoint_gib": 2 * params / 2**30})
             results["runs"].append(run)
+            results["projection"] = projection(results, args.nsamples, args.seqlen)
             print(json.dumps(run), flush=True)
             write_json(out_json, results)
             plot(results, out_json.with_suffix(".png"))
