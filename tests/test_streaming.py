@@ -228,4 +228,8 @@ def test_offloaded_activations_give_the_same_bytes(folders, tmp_path, monkeypatc
     assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "auto")]) == 0
     assert len(made) == 8 and made[-1].parent == tmp_path
     assert _files(tmp_path / "auto") == _files(tmp_path / "mem")
-    assert not any(p.name.startswith("pvq-activations-") for p in tmp_path.iterdir())
+    assert not any(p.name.endswith(".pvq-activations") for p in tmp_path.iterdir())
+    (tmp_path / ".auto.pvq-activations").mkdir()  # what a killed run left: cleared by the next
+    (tmp_path / ".auto.pvq-activations" / "activations-0.bin").write_bytes(b"x" * 10)
+    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "auto"), "--force"]) == 0
+    assert not (tmp_path / ".auto.pvq-activations").exists()

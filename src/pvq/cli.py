@@ -363,7 +363,7 @@ def _activations(args, model, cfg, calib):
     memory), else a context holding None."""
     import contextlib
 
-    from .offload import ActivationFiles, activation_bytes, pick_folder
+    from .offload import ActivationFiles, activation_bytes, folder_name, pick_folder
 
     if calib is None:
         return contextlib.nullcontext(None)
@@ -373,7 +373,7 @@ def _activations(args, model, cfg, calib):
         return contextlib.nullcontext(None)
     size = activation_bytes(calib.shape[0], calib.shape[1], width) / 2**30
     print(f"calibration activations ({size:.2f} GiB a copy) kept in files under {folder}", file=sys.stderr)
-    return ActivationFiles(folder)
+    return ActivationFiles(folder, folder_name(args.output))
 
 
 def _pool(args):

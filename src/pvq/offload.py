@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -43,17 +42,17 @@ def needs_offload(samples: int, tokens: int, hidden: int) -> bool:
 
 
 class ActivationFiles:
-    """Two memory-mapped files in `folder` (a private folder made inside it, removed by `close`):
-    `hold(t)` copies t into one and returns it as a tensor; `empty_like(t)` gives the other, for the next
-    block's outputs; they alternate."""
+    """Two memory-mapped files in the folder `name` inside `parent` (made anew, so what a killed run left
+    there goes; removed by `close`): `hold(t)` copies t into one and returns it as a tensor; `empty_like(t)`
+    gives the other, for the next block's outputs; they alternate."""
 
-    def __init__(self, folder: str | Path):
-        parent = Path(folder)
+    def __init__(self, parent: str | Path, name: str):
+        self.folder = Path(parent) / name
         try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.folder = Path(tempfile.mkdtemp(prefix="pvq-activations-", dir=parent))
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
         except OSError as exc:
-            raise ValueError(f"--offload {folder}: cannot make a folder there ({exc.strerror or exc})") from None
+            raise ValueError(f"--offload {parent}: cannot make a folder there ({exc.strerror or exc})") from None
         self._turn = 0
 
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,7 @@ class ActivationFiles:
         self._turn ^= 1
         numel = t.numel()
         try:
-            with open(path, "wb") as f:
+            with open(path, "ab") as f:  # never shortened: a mapping of it that is still alive stays valid
                 f.truncate(t.element_size() * numel)
         except OSError as exc:
             raise ValueError(f"--offload: cannot write {path} ({exc.strerror or exc})") from None
@@ -90,3 +89,9 @@ def pick_folder(offload: str | None, output: str | Path, samples: int, tokens: i
     if needs_offload(samples, tokens, hidden):
         return Path(os.fspath(output)).expanduser().resolve().parent
     return None
+
+
+def folder_name(output: str | Path) -> str:
+    """The activations folder of a run writing `output`: one name per output, so a rerun clears a killed
+    run's files."""
+    return f".{Path(os.fspath(output)).expanduser().resolve().name}.pvq-activations"
