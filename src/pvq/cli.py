@@ -128,8 +128,9 @@ def _add_quantize(sub) -> None:
                    help="largest safetensors shard written, e.g. 500MB or 2GB (default 2GB); a smaller model is one "
                         "model.safetensors")
     p.add_argument("--no-stream", action="store_true",
-                   help="load the whole float model first (a safetensors folder is otherwise read one block at a "
-                        "time and written as it goes, so the model may be bigger than memory)")
+                   help="load the whole float model first (a safetensors folder, or a GGUF file too large for pvq's "
+                        "float cache, is otherwise read one block at a time and written as it goes, so the model "
+                        "may be bigger than memory)")
     p.add_argument("--offload", default=None, metavar="DIR",
                    help="keep the calibration activations (gptq, pvq-gptq) in memory-mapped files under DIR instead "
                         "of memory; done beside the output without asking when they would take more than a quarter "
