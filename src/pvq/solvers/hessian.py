@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..codec.gainshape import row_chunks
+
 # Rows multiplied at once in float32 before their product joins the float64 sum: few enough that a chunk's
 # own rounding stays small, enough that the matmuls run at full speed.
 _ROWS_PER_CHUNK = 8192
@@ -90,10 +92,9 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None 
         trace = float(h.diagonal().sum())
     # a few rows at a time: float64 copies of a whole large matrix would dominate a run's peak memory
     energy = noise = 0.0
-    step = max(1, (1 << 21) // max(cols, 1))
-    for s in range(0, w.shape[0], step):
-        part = w[s:s + step].detach().double()
-        d = part - w_hat[s:s + step].detach().double()
+    for s, e in row_chunks(*w.shape):
+        part = w[s:e].detach().double()
+        d = part - w_hat[s:e].detach().double()
         energy += float(part.pow(2).sum())
         noise += float(d.pow(2).sum()) if h is None else float(((d @ h) * d).sum())
     if energy == 0:
