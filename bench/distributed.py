@@ -1,16 +1,30 @@
 """Quantizing on Ray workers: wall time against the number of workers, and the bytes against one process.
 
 On the 12-layer random Llama checkpoint of bench/scale.py (about 1 B parameters, bfloat16 shards) and
-on SmolLM2-135M (the default model), `pvq quantize --method pvq --bits 3.25` runs in its own process:
+on SmolLM2-135M (the default model), `pvq quantize --method M --bits 3.25` runs in its own process:
 without Ray (torch's own threads), with `--workers 1` and `--workers 2` (one thread per worker), and
 on a two-node Ray cluster on this machine (`ray start --head` and a second `ray start --address`, one
 CPU each). Every output's files are hashed (sha256) and compared with the run without Ray. Results go
-to bench/results/distributed.json, rewritten after every run.
+to bench/results/distributed.json under the method's name, rewritten after every run.
 
-    python bench/distributed.py                     # both models (about 15 minutes on 2 cores)
-    python bench/distributed.py --models smollm2    # the small one only (the other's results are kept)
+pvq-gptq runs every row with `--calib-shards 2` (the unit of parallel work, the same setting in every
+row, so the bytes must agree), the default calibration (128 x 512 tokens) on SmolLM2 and 32 x 256
+tokens on the random model (as bench/scale.py).
 
-Only the data-free methods run on workers so far; gptq and pvq-gptq are recorded as not measured.
+    python bench/distributed.py                                  # pvq, both models (about 15 minutes)
+    python bench/distributed.py --methods pvq-gptq --models smollm2   # the others' results are kept
+    python bench/distributed.py --project                        # only the 8B / 70B time projection
+
+The projection (`projection` in the JSON) times, with one thread, the pieces of one block of a Llama-3-8B
+shape (random weights): the Hessian pass and the forward through the block per calibration token, the
+solve of each linear (pvq-gptq), the data-free quantization of the block (pvq). A 70B block's pieces
+are scaled from those (forwards by the block's weights, a solve by rows x cols^2, the data-free codec
+by weights). It then schedules a whole model on 1, 8 and 64 nodes of 32 single-thread workers the way
+distributed.py runs it: data-free blocks as independent tasks; for pvq-gptq the blocks in order, each
+with its calibration shards (one per worker, at most one per sample) and its 7 linears in parallel
+(longest first), so a block never takes less than its largest solve. The result is divided by the
+parallel efficiency measured here with 2 workers against 1 (bench rows above). Not modelled: reading
+the checkpoint, the network (Hessians and weights travel to the workers once per block), writing.
 """
 from __future__ import annotations
 
@@ -38,9 +52,18 @@ def hashes(folder: Path) -> dict:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
 
 
-def quantize(model: str | None, out: Path, extra: list[str], bits: float, env: dict = ENV) -> dict:
-    cmd = [sys.executable, "-m", "pvq.cli", "quantize", *([model] if model else []), "--method", "pvq",
-           "--bits", str(bits), "-o", str(out), "--force", "--json", "--no-progress", *extra]
+def method_options(method: str, model: str | None) -> list[str]:
+    """What a method's every row adds to the command line (the same in every row of one model)."""
+    if method == "pvq":
+        return []
+    calib = [] if model is None else ["--nsamples", "32", "--seqlen", "256"]
+    return ["--calib-shards", "2", *calib]
+
+
+def quantize(model: str | None, out: Path, extra: list[str], bits: float, env: dict = ENV, method: str = "pvq") -> dict:
+    cmd = [sys.executable, "-m", "pvq.cli", "quantize", *([model] if model else []), "--method", method,
+           "--bits", str(bits), "-o", str(out), "--force", "--json", "--no-progress", *method_options(method, model),
+           *extra]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - t0
@@ -77,44 +100,150 @@ class TwoNodes:
         self.stop()
 
 
+SHAPES = {"8B": dict(hidden=4096, inter=14336, heads=32, kv=8, layers=32),
+          "70B": dict(hidden=8192, inter=28672, heads=64, kv=8, layers=80)}
+
+
+def _linears(hidden: int, inter: int, heads: int, kv: int) -> dict[str, tuple[int, int]]:
+    d = hidden // heads
+    return {"q": (hidden, hidden), "k": (kv * d, hidden), "v": (kv * d, hidden), "o": (hidden, hidden),
+            "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+
+
+def phase_costs(bits: float, tokens: int = 2048, seqlen: int = 512) -> dict:
+    """Seconds, with one thread, of the pieces of one 8B-shaped block (random weights)."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from pvq import api
+    from pvq.models.adapters import block_hessian_sums, run_block
+    from pvq.settings import QuantConfig
+
+    torch.set_num_threads(1)
+    sh = SHAPES["8B"]
+    cfg_m = LlamaConfig(hidden_size=sh["hidden"], intermediate_size=sh["inter"], num_attention_heads=sh["heads"],
+                        num_key_value_heads=sh["kv"], num_hidden_layers=1, max_position_embeddings=seqlen)
+    torch.manual_seed(0)
+    block = LlamaDecoderLayer(cfg_m, 0).eval()
+    for p in block.parameters():
+        p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1.0)
+    hidden = torch.randn(tokens // seqlen, seqlen, sh["hidden"])
+    pos = torch.arange(seqlen)[None]
+    kwargs = {"position_embeddings": LlamaRotaryEmbedding(cfg_m)(hidden, pos), "attention_mask": None,
+              "position_ids": pos, "use_cache": False}
+    cfg = QuantConfig(method="pvq-gptq", bits=bits)
+    out = {"threads": 1, "tokens": tokens, "calib_dtype": cfg.calib_dtype}
+    with torch.no_grad():
+        with api.calibration_precision(cfg, hidden):
+            t0 = time.time()
+            lead, accs, _ = block_hessian_sums(block, hidden, kwargs)
+            out["hessian_s_per_token"] = (time.time() - t0) / tokens
+            t0 = time.time()
+            run_block(block, hidden, kwargs)
+            out["forward_s_per_token"] = (time.time() - t0) / tokens
+        hess = {name: accs[who].hessian() for name, who in lead.items()}
+        del accs
+        names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+        out["solve_s"], out["data_free_s"] = {}, {}
+        for short, name in names.items():
+            lin = block.get_submodule(name)
+            t0 = time.time()
+            api.quantize_linear(name, lin.weight.detach(), None, cfg, hess[name].clone(), owned=True)
+            out["solve_s"][short] = time.time() - t0
+            t0 = time.time()
+            api.quantize_linear(name, lin.weight.detach(), None, QuantConfig(method="pvq", bits=bits))
+            out["data_free_s"][short] = time.time() - t0
+            print("phase", short, f"{out['solve_s'][short]:.1f} s", f"{out['data_free_s'][short]:.1f} s", flush=True)
+    return out
+
+
+def project(costs: dict, efficiency: dict, nsamples: int = 128, seqlen: int = 512) -> dict:
+    """Hours to quantize 8B and 70B models on 1, 8 and 64 nodes of 32 workers, from `costs` (phase_costs)."""
+    base = _linears(**{k: v for k, v in SHAPES["8B"].items() if k != "layers"})
+    base_weights = sum(r * c for r, c in base.values())
+    tokens = nsamples * seqlen
+    table = {}
+    for model, sh in SHAPES.items():
+        lin = _linears(**{k: v for k, v in sh.items() if k != "layers"})
+        weights = sum(r * c for r, c in lin.values())
+        grow = weights / base_weights
+        solve = {k: costs["solve_s"][k] * (r * c * c) / (base[k][0] * base[k][1] ** 2) for k, (r, c) in lin.items()}
+        free_block = sum(costs["data_free_s"].values()) * grow
+        per_token = (costs["hessian_s_per_token"] + costs["forward_s_per_token"]) * grow
+        row = {}
+        for nodes in (1, 8, 64):
+            workers = 32 * nodes
+            # data-free: every block a task, `workers` at a time
+            pvq = -(-sh["layers"] // workers) * free_block / efficiency["pvq"]
+            # pvq-gptq: blocks in order; shards and linears of a block in parallel (longest solve first)
+            shards = min(workers, nsamples)
+            loads = [0.0] * min(workers, len(solve))
+            for t in sorted(solve.values(), reverse=True):
+                loads[loads.index(min(loads))] += t
+            block = tokens * per_token / shards + max(loads)
+            gptq = sh["layers"] * block / efficiency["pvq-gptq"]
+            row[f"{nodes} node{'s' if nodes > 1 else ''}"] = {"pvq_hours": pvq / 3600, "pvq_gptq_hours": gptq / 3600}
+        table[model] = row
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="random12,smollm2")
+    ap.add_argument("--methods", default="pvq", help="comma-separated: pvq, pvq-gptq")
+    ap.add_argument("--runs", default="none,1,2,two-nodes",
+                    help="comma-separated rows: none (no Ray), 1 and 2 (--workers), two-nodes")
     ap.add_argument("--bits", type=float, default=3.25)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pvq-distributed"))
+    ap.add_argument("--project", action="store_true", help="only time the pieces of an 8B block and project")
     args = ap.parse_args()
     out_json = RESULTS / "distributed.json"
+    old = json.loads(out_json.read_text()) if out_json.is_file() else {}
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-               "method": "pvq", "bits": args.bits, "command": "python bench/distributed.py " + " ".join(sys.argv[1:]),
-               "hessian_methods": "not measured: gptq and pvq-gptq do not run on workers yet",
-               "models": json.loads(out_json.read_text()).get("models", {}) if out_json.is_file() else {}}
-    for name in args.models.split(","):
-        if name == "random12":
-            model = args.workdir / "llama-12"
-            make_checkpoint(model, 12)
-            model = str(model)
-        else:
-            model = None  # the default model, SmolLM2-135M (a GGUF file each worker loads whole)
-        runs = []
-        entry = results["models"][name] = {"runs": runs}
-        for extra in ([], ["--workers", "1"], ["--workers", "2"], "two-nodes"):
-            if extra == "two-nodes":
-                with TwoNodes() as cluster:
-                    run = quantize(model, args.workdir / "out", ["--ray-address", cluster.address], args.bits,
-                                   cluster.env)
-                run["options"] = "two nodes on this machine, one CPU each (--ray-address)"
+               "bits": args.bits, "command": "python bench/distributed.py " + " ".join(sys.argv[1:]),
+               "methods": old.get("methods", {}), **({"projection": old["projection"]} if "projection" in old else {})}
+    if args.project:
+        costs = phase_costs(args.bits)
+        eff = {m: min(r["speedup_2_over_1_workers"] for r in results["methods"][m]["models"].values()) / 2
+               for m in ("pvq", "pvq-gptq")}
+        results["projection"] = {"costs_8b_block": costs, "efficiency_2_workers": eff,
+                                 "calibration": "128 x 512 tokens", "hours": project(costs, eff),
+                                 "assumptions": __doc__.split("The projection", 1)[1].strip()}
+        write_json(out_json, results)
+        print(json.dumps(results["projection"]["hours"], indent=1))
+        return
+    for method in args.methods.split(","):
+        mres = results["methods"].setdefault(method, {"models": {}})
+        for name in args.models.split(","):
+            if name == "random12":
+                model = args.workdir / "llama-12"
+                make_checkpoint(model, 12)
+                model = str(model)
             else:
-                run = quantize(model, args.workdir / "out", extra, args.bits)
-            run["same_bytes_as_one_process"] = run["sha256"] == runs[0]["sha256"] if runs else True
-            runs.append(run)
-            print(name, run["options"], f"{run['seconds']:.0f} s", run["same_bytes_as_one_process"], flush=True)
-            one = next((r for r in runs if r["options"] == "--workers 1"), None)
-            two = next((r for r in runs if r["options"] == "--workers 2"), None)
-            if one and two:
-                entry["speedup_2_over_1_workers"] = one["seconds"] / two["seconds"]
-                entry["speedup_2_over_1_workers_quantize"] = one["quantize_seconds"] / two["quantize_seconds"]
-            entry["all_same_bytes"] = all(r["same_bytes_as_one_process"] for r in runs)
-            write_json(out_json, results)
+                model = None  # the default model, SmolLM2-135M (a GGUF file each worker loads whole)
+            runs = []
+            entry = mres["models"][name] = {"options_every_row": " ".join(method_options(method, model)), "runs": runs}
+            rows = {"none": [], "1": ["--workers", "1"], "2": ["--workers", "2"], "two-nodes": "two-nodes"}
+            for extra in (rows[r] for r in args.runs.split(",")):
+                if extra == "two-nodes":
+                    with TwoNodes() as cluster:
+                        run = quantize(model, args.workdir / "out", ["--ray-address", cluster.address], args.bits,
+                                       cluster.env, method)
+                    run["options"] = "two nodes on this machine, one CPU each (--ray-address)"
+                else:
+                    run = quantize(model, args.workdir / "out", extra, args.bits, method=method)
+                run["same_bytes_as_one_process"] = run["sha256"] == runs[0]["sha256"] if runs else True
+                runs.append(run)
+                print(method, name, run["options"], f"{run['seconds']:.0f} s", run["same_bytes_as_one_process"], flush=True)
+                one = next((r for r in runs if r["options"] == "--workers 1"), None)
+                two = next((r for r in runs if r["options"] == "--workers 2"), None)
+                if one and two:
+                    entry["speedup_2_over_1_workers"] = one["seconds"] / two["seconds"]
+                    entry["speedup_2_over_1_workers_quantize"] = one["quantize_seconds"] / two["quantize_seconds"]
+                entry["all_same_bytes"] = all(r["same_bytes_as_one_process"] for r in runs)
+                write_json(out_json, results)
     print(f"wrote {out_json}")
 
 

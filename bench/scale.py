@@ -230,6 +230,14 @@ def plot(results: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def commit() -> str:
+    """The pvq commit a row was measured with ("+changes" when the work tree differs from it)."""
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "src") else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="4,12,36")
@@ -257,6 +265,13 @@ def main() -> None:
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()},
                "shape": SHAPE, "bits": args.bits, "calibration": f"{args.nsamples} x {args.seqlen} tokens",
                "command": "python bench/scale.py " + " ".join(sys.argv[1:]), "runs": []}
+    redo = {(int(n), m) for n in args.layers.split(",") for m in args.methods.split(",")}
+    if out_json.is_file():  # the rows of other models or methods stay, each with the commit that measured it
+        old = json.loads(out_json.read_text())
+        if old.get("calibration") == results["calibration"] and old.get("bits") == args.bits:
+            results["runs"] = [r for r in old["runs"] if (r["layers"], r["method"]) not in redo]
+            if "resume" in old and (old["resume"]["layers"], old["resume"]["method"]) not in redo:
+                results["resume"] = old["resume"]
     for layers in (int(x) for x in args.layers.split(",")):
         folder = args.workdir / f"llama-{layers}"
         t0 = time.time()
@@ -268,8 +283,9 @@ def main() -> None:
             out = args.workdir / "out"
             run = quantize(folder, out, method, args.bits, args.nsamples, args.seqlen, keep=resume)
             run.update({"layers": layers, "method": method, "params_b": params / 1e9,
-                        "checkpoint_gib": 2 * params / 2**30})
+                        "checkpoint_gib": 2 * params / 2**30, "commit": commit()})
             results["runs"].append(run)
+            results["runs"].sort(key=lambda r: (r["method"] != "pvq", r["method"], r["layers"]))
             results["projection"] = projection(results, args.nsamples, args.seqlen)
             print(json.dumps(run), flush=True)
             write_json(out_json, results)

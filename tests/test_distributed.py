@@ -54,9 +54,42 @@ def test_an_unreachable_cluster_is_one_line(source, tmp_path, capsys):
     assert not (tmp_path / "q").exists()
 
 
-def test_hessian_methods_are_refused_on_workers(source, tmp_path, capsys):
-    assert cli(["quantize", str(source / "src"), "--method", "pvq-gptq", "--workers", "2", "-o", str(tmp_path / "q")]) == 2
-    assert "data-free methods" in capsys.readouterr().err
+GPTQ = ["--method", "pvq-gptq", "--bits", "3.25", "--nsamples", "10", "--seqlen", "32", "--calib-shards", "3",
+        "--calib-dtype", "float32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(source):
+    """pvq-gptq in one process without Ray: the bytes every worker count must give."""
+    assert cli(["quantize", str(source / "src"), *GPTQ, "-o", str(source / "gptq-one")]) == 0
+    return source / "gptq-one"
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_a_hessian_method_gives_the_same_bytes_on_any_number_of_workers(source, calibrated, tmp_path, workers):
+    """Shards of 4, 3 and 3 samples (batches restart at each shard), Hessians added in shard order, linears
+    solved as parallel tasks: the file of one process, whatever the worker count."""
+    assert cli(["quantize", str(source / "src"), *GPTQ, "--workers", str(workers), "-o", str(tmp_path / "q")]) == 0
+    assert _files(tmp_path / "q") == _files(calibrated)
+
+
+def test_calibration_shards_are_a_setting_stored_with_the_file(source, calibrated, tmp_path):
+    import json
+
+    assert json.loads((calibrated / "config.json").read_text())["quantization_config"]["config"]["calib_shards"] == 3
+    one = [a if a != "3" or GPTQ[i - 1] != "--calib-shards" else "1" for i, a in enumerate(GPTQ)]
+    assert cli(["quantize", str(source / "src"), *one, "-o", str(tmp_path / "q")]) == 0
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config"]
+    assert "calib_shards" not in cfg  # one shard is the plain sum every earlier file was made with
+
+
+def test_a_worker_killed_while_calibrating_is_replaced_and_the_bytes_are_the_same(source, calibrated, tmp_path,
+                                                                                  monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"1:{marker}")  # the first Hessian task of block 1 kills its worker process
+    assert cli(["quantize", str(source / "src"), *GPTQ, "--workers", "2", "-o", str(tmp_path / "q")]) == 0
+    assert marker.exists()
+    assert _files(tmp_path / "q") == _files(calibrated)
 
 
 def test_without_the_options_ray_is_not_imported(source, tmp_path):

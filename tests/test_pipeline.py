@@ -9,7 +9,7 @@ from pvq import api, checkpoint, loader
 from pvq.cli import main as cli
 from pvq.picker import choose_spec
 from pvq.settings import QuantConfig
-from pvq.models.adapters import block_linears, blocks, set_module
+from pvq.models.adapters import block_linears, blocks, run_block, set_module
 from pvq.models.loading import tiny_model, tiny_tokenizer
 from pvq.codec import UniformSpec
 from pvq.modules.linear import QuantLinear
@@ -150,7 +150,7 @@ def test_a_block_run_with_its_quantized_matrices_as_dense_weights_equals_its_qua
     with torch.no_grad():
         dense = api.run_as_quantized(block, made, hidden, kwargs[0])
         api.install(block, made)
-        quant = api.run_block(block, hidden, kwargs[0])
+        quant = run_block(block, hidden, kwargs[0])
     torch.testing.assert_close(dense, quant, rtol=1e-4, atol=1e-5)
 
 

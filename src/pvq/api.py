@@ -16,8 +16,9 @@ from . import codec
 from .checkpoint import stored_tensors
 from .codec.fp16 import FP16RangeError
 from .memory import release_memory, trim_heap
-from .models.adapters import (block_hessians, block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
-                              check_supported, run_block, set_module)
+from .models.adapters import (block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
+                              check_supported, set_module)
+from .models.shards import sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
 from .modules.linear import QuantLinear
@@ -120,10 +121,12 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         if activations is not None:
             hidden = activations.hold(hidden)
     bar = tqdm(total=len(block_linear_names(model)), desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")
-    done_elsewhere = iter(())
-    if pool is not None:  # every remaining block a task of its own, their results taken in block order
-        if cfg.uses_data or writer is None:
-            raise ValueError("quantizing on workers takes a data-free method (rtn, pvq) and a writer")
+    done_elsewhere, shards = iter(()), None
+    if pool is not None and writer is None:
+        raise ValueError("quantizing on workers writes each block as it is done: it takes a writer")
+    if pool is not None and cfg.uses_data:  # the activations go to the workers' object store, in shards
+        shards, hidden = pool.calibration(hidden, kwargs, cfg), None
+    elif pool is not None:  # every remaining block a task of its own, their results taken in block order
         done_elsewhere = pool.quantize_blocks(model, source, cfg, range(start, len(layers)))
     for i, block in enumerate(layers):
         if i < start:  # done by the run this one resumes
@@ -131,6 +134,18 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             bar.update(len(block_linears(block)))
             continue
         prefix = prefixes[i]
+        if shards is not None:  # blocks in order, the work inside each spread over the workers
+            if reader is not None:
+                check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
+            made, done, err = shards.quantize_block(block, i, prefix, bar, uncalibrated)
+            per_layer.update(done)
+            errors.update(err)
+            install(block, made)
+            writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
+                             shards.gather() if i + 1 < len(layers) else None)
+            release(block)
+            release_memory()
+            continue
         if pool is not None:
             _, (tensors, done, err) = next(done_elsewhere)
             per_layer.update(done)
@@ -142,7 +157,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         if reader is not None:
             check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
         with calibration_precision(cfg, hidden):
-            hess = block_hessians(block, hidden, kwargs[i])[0] if cfg.uses_data else {}
+            hess = sharded_hessians(block, hidden, kwargs[i], cfg.calib_shards) if cfg.uses_data else {}
         made, done, err = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated, drop=writer is not None)
         del hess
         per_layer.update(done)
@@ -150,7 +165,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         if cfg.uses_data:  # the quantized block's outputs feed the next block
             with calibration_precision(cfg, hidden):
                 hidden = run_as_quantized(block, made, hidden, kwargs[i],
-                                          None if activations is None else activations.empty_like(hidden))
+                                          None if activations is None else activations.empty_like(hidden),
+                                          cfg.calib_shards)
         install(block, made)
         if writer is not None:
             writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
@@ -195,7 +211,8 @@ def install(block, made: dict) -> None:
         set_module(block, name, q)
 
 
-def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None,
+                     shards: int = 1) -> torch.Tensor:
     """The block's outputs with its linears' quantized matrices, still as plain nn.Linear weights in the
     original basis: one dense product per linear, where a QuantLinear would rotate its inputs and outputs on
     every call (most of a calibration forward's time)."""
@@ -203,7 +220,7 @@ def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict, out:
     for name, q in made.items():
         linears[name].weight.data = q.weight_in_original_basis().to(linears[name].weight.dtype)
         q.drop_decoded()  # rebuilt if the model is run later; a stream keeps none
-    return run_block(block, hidden, kwargs, out=out)
+    return sharded_outputs(block, hidden, kwargs, shards, out)
 
 
 def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list, drop: bool = False):
@@ -214,40 +231,53 @@ def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, unca
     made, per_layer, errors = {}, {}, {}
     for name, mod in block_linears(block).items():
         full = prefix + name
-        w = mod.weight.detach().float()
-        rows, cols = w.shape
-        spec = layer_spec(cfg, full, rows, cols)
-        seeds = layer_seeds(cfg.seed, full, cfg.rotates)
-        w_rot = rotate_weight(w, seeds)
-        try:
-            if cfg.uses_data:
-                stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
-                if name in hess:  # taken out: a Hessian no later linear shares is rotated in place, and freed
-                    h = hess.pop(name)
-                    h_rot = rotate_hessian(h, seeds[0], in_place=not any(o is h for o in hess.values()))
-                    del h
-                else:  # an expert no calibration token was routed to: nothing known of its inputs, plain rounding
-                    h_rot = torch.eye(cols, dtype=torch.float64)
-                    uncalibrated.append(full)
-                w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp, share_h=True,
-                                     block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
-                errors[full] = relative_error(w_rot, w_hat, h_rot)
-                del h_rot
-            else:
-                packed = codec.quantize(w_rot, spec)
-                errors[full] = relative_error(w_rot, packed.dequantize(torch.float32))
-        except FP16RangeError as exc:
-            raise ValueError(f"layer {full}: {exc}") from None
-        made[name] = q = QuantLinear.from_packed(packed, seeds, mod.bias)
+        h = hess.pop(name, None)  # taken out: a Hessian no later linear shares is rotated in place, and freed
+        if cfg.uses_data and h is None:
+            uncalibrated.append(full)
+        owned = h is not None and not any(o is h for o in hess.values())
+        made[name], per_layer[full], errors[full] = quantize_linear(full, mod.weight.detach(), mod.bias, cfg, h, owned)
+        del h
         if drop:
-            del w
             mod.weight.data = torch.empty(0, dtype=mod.weight.dtype)
-        per_layer[full] = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
-                           "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
         trim_heap()
         if bar is not None:
             bar.update(1)
     return made, per_layer, errors
+
+
+def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: torch.Tensor | None = None,
+                    owned: bool = False):
+    """(QuantLinear, quantization_config entry, relative error) of the linear called `full` with this weight
+    and bias. A Hessian method takes the mean Hessian h of its inputs (None: no token reached it, an expert
+    nobody was routed to; it is rounded with the identity for Hessian); `owned`: h is used by nothing
+    else, so it is rotated in its own memory."""
+    w = weight.float()
+    rows, cols = w.shape
+    spec = layer_spec(cfg, full, rows, cols)
+    seeds = layer_seeds(cfg.seed, full, cfg.rotates)
+    w_rot = rotate_weight(w, seeds)
+    del w
+    try:
+        if cfg.uses_data:
+            stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
+            if h is not None:
+                h_rot = rotate_hessian(h, seeds[0], in_place=owned)
+                del h
+            else:
+                h_rot = torch.eye(cols, dtype=torch.float64)
+            w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp, share_h=True,
+                                 block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
+            error = relative_error(w_rot, w_hat, h_rot)
+            del h_rot, w_hat
+        else:
+            packed = codec.quantize(w_rot, spec)
+            error = relative_error(w_rot, packed.dequantize(torch.float32))
+    except FP16RangeError as exc:
+        raise ValueError(f"layer {full}: {exc}") from None
+    q = QuantLinear.from_packed(packed, seeds, bias)
+    entry = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
+             "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
+    return q, entry, error
 
 
 def _round_dense(model, dtype: torch.dtype, stored: bool = False) -> None:

@@ -137,10 +137,17 @@ def _add_quantize(sub) -> None:
                         "of the available memory. The files are removed at the end; the output is the same")
     p.add_argument("--workers", type=_int(1), default=None, metavar="N",
                    help="quantize on N local worker processes with Ray (pip install 'pvq[distributed]'); the same "
-                        "bytes as one process. rtn and pvq only for now")
+                        "bytes as one process with the same settings. rtn and pvq: blocks in parallel; gptq and "
+                        "pvq-gptq: blocks in order, each block's calibration shards (--calib-shards) and linears in "
+                        "parallel")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="quantize on the Ray cluster at ADDR (e.g. 10.0.0.1:6379; every node must see the model's "
-                        "path); rtn and pvq only for now")
+                        "path); see --workers")
+    p.add_argument("--calib-shards", type=_int(1), default=1, metavar="S",
+                   help="gptq, pvq-gptq: cut the calibration samples into S shards whose Hessian sums are added in "
+                        "shard order (default 1, the plain sum). The unit of parallel work on Ray workers: give at "
+                        "least --workers. A setting of its own, not the worker count, so the bytes are the same on "
+                        "any number of workers or without Ray")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the tensors kept dense (embeddings, head, norms)")
     p.add_argument("--allocate", action="store_true",
@@ -260,6 +267,7 @@ def _quant_config(args):
     return QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
                        group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
                        nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order, calib_dtype=args.calib_dtype,
+                       calib_shards=args.calib_shards,
                        dense_dtype=args.dense_dtype, abits=args.abits, act_method=args.act_method,
                        act_rotate=not args.no_act_rotate)
 
@@ -285,11 +293,14 @@ def cmd_quantize(args) -> int:
     cfg, progress = _quant_config(args), not args.no_progress
     alloc = _allocation_settings(args) if args.allocate else None
     distributed = args.workers is not None or args.ray_address is not None
-    if distributed and (cfg.uses_data or alloc is not None):
-        raise ValueError(f"--workers and --ray-address run the data-free methods (rtn, pvq) for now; "
-                         f"{'--allocate' if alloc is not None else cfg.method} runs in one process")
+    if distributed and alloc is not None:
+        raise ValueError("--allocate runs in one process: give it without --workers and --ray-address")
     if args.workers is not None and args.ray_address is not None:
         raise ValueError("--workers starts a local Ray runtime and --ray-address joins a cluster: give one of them")
+    if args.workers is not None and cfg.uses_data and cfg.calib_shards < min(args.workers, cfg.nsamples):
+        print(f"note: --calib-shards {cfg.calib_shards} keeps the calibration forwards on {cfg.calib_shards} of the "
+              f"{args.workers} workers (only the linears are solved in parallel); --calib-shards {args.workers} or more "
+              f"spreads them too", file=sys.stderr)
     if args.ray_address is not None:  # an unreachable cluster fails now, not after loading the model
         from .distributed import check_reachable
 

@@ -10,9 +10,20 @@ driver had to load whole (a GGUF file, the default model) sends each task its fl
 rotates and quantizes the block's linears exactly as `api.quantize` does in one process and returns
 the block's stored tensors; the driver writes them in block order, so a file does not depend on which
 worker ran what.
+Hessian methods (gptq, pvq-gptq): the blocks stay in order and the work inside each is spread. The
+calibration samples are cut into `calib_shards` shards (a setting, models/shards.py, never the worker
+count); each shard's activations live in Ray's object store, owned by this process but kept on the node
+whose task made them (they are never fetched here, but for the resume checkpoint the writer keeps at
+each block boundary). For each block, one task per shard returns the partial Hessian sums of its
+samples, this process adds them in shard order (float64), the linears are solved as parallel tasks,
+and one task per shard runs its activations through the quantized block, giving the next block's.
+One process computes the same sums in the same order (api.quantize), so the bytes are those of a run
+without Ray with the same shard count.
+
 Each worker runs torch with one thread (Ray gives a task one CPU). A worker process that dies is
 replaced and its task run again (Ray's retries); the result is the same, since a task depends only on
-the checkpoint, the settings and the block index.
+its arguments: the checkpoint, the settings and the block index, or the shard's activations at the
+last block boundary, which outlive the worker that made them.
 """
 from __future__ import annotations
 
@@ -24,7 +35,8 @@ import torch
 
 from . import api
 from .checkpoint import stored_tensors
-from .models.adapters import block_linears, block_prefix, blocks
+from .models.adapters import block_hessian_sums, block_linears, block_prefix, blocks
+from .models.shards import merge, shard_bounds
 from .models.streaming import materialize, release
 from .settings import DENSE_DTYPES, QuantConfig, spec_to_dict
 
@@ -98,6 +110,88 @@ def quantize_block_task(source: str | None, cfg_dict: dict, index: int, prefix: 
     return tensors, done, err
 
 
+def hessian_task(block, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict, index: int):
+    """(leaders, Hessian accumulators) of one calibration shard through the float block `index`."""
+    torch.set_num_threads(1)
+    _fault(index)
+    cfg = QuantConfig(**cfg_dict)
+    with torch.no_grad(), api.calibration_precision(cfg, hidden):
+        lead, accs, _ = block_hessian_sums(block, hidden, kwargs)
+    return lead, accs
+
+
+def solve_task(full: str, weight: torch.Tensor, bias, cfg_dict: dict, h, index: int):
+    """(QuantLinear, quantization_config entry, relative error) of one linear (api.quantize_linear)."""
+    torch.set_num_threads(1)
+    _fault(index)
+    with torch.no_grad():
+        return api.quantize_linear(full, weight, bias, QuantConfig(**cfg_dict), h, owned=True)
+
+
+def advance_task(block, made: dict, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict) -> torch.Tensor:
+    """One shard's outputs of the quantized block: the next block's inputs for that shard."""
+    torch.set_num_threads(1)
+    cfg = QuantConfig(**cfg_dict)
+    with torch.no_grad(), api.calibration_precision(cfg, hidden):
+        return api.run_as_quantized(block, made, hidden, kwargs)
+
+
+class Shards:
+    """The calibration activations of a Hessian-method run, one object per shard in Ray's object store,
+    and the per-block work on them (Pool.calibration makes one)."""
+
+    def __init__(self, pool: "Pool", hidden: torch.Tensor, kwargs: list, cfg: QuantConfig):
+        ray = self.ray = pool.ray
+        self.pool, self.cfg, self.cfg_dict = pool, cfg, cfg.to_dict()
+        self.bounds = shard_bounds(hidden.shape[0], cfg.calib_shards)
+        self.acts = [ray.put(hidden[s:e].clone()) for s, e in self.bounds]
+        self.kwargs = [ray.put(kw) for kw in kwargs]
+
+    def _get(self, ref, what: str):
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:
+            raise DistributedError(f"{what}: {str(exc).splitlines()[0]}") from None
+
+    def quantize_block(self, block, index: int, prefix: str, bar, uncalibrated: list):
+        """(QuantLinear by linear name, entries, errors) of block `index`, its shards' activations moved on
+        through the quantized block."""
+        ray, pool = self.ray, self.pool
+        block_ref = ray.put(block)
+        parts = [pool._hess.remote(block_ref, a, self.kwargs[index], self.cfg_dict, index) for a in self.acts]
+        hess = merge(self._get(r, f"block {index}: Hessians of calibration shard {j}") for j, r in enumerate(parts))
+        del parts
+        stored, pending = {}, {}
+        for name, mod in block_linears(block).items():
+            full = prefix + name
+            h = hess.get(name)
+            if h is None:
+                uncalibrated.append(full)
+            elif id(h) not in stored:  # a Hessian shared by several linears travels once
+                stored[id(h)] = ray.put(h)
+            ref = pool._solve.remote(full, mod.weight.detach(), mod.bias, self.cfg_dict,
+                                     None if h is None else stored[id(h)], index)
+            pending[ref] = name
+        del hess, stored
+        results, waiting = {}, list(pending)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            results[pending[ready[0]]] = self._get(ready[0], f"block {index}: linear {pending[ready[0]]}")
+            if bar is not None:
+                bar.update(1)
+        made, per_layer, errors = {}, {}, {}
+        for name in block_linears(block):  # in the block's order, whatever order they finished in
+            made[name], per_layer[prefix + name], errors[prefix + name] = results[name]
+        made_ref = ray.put(made)
+        self.acts = [pool._advance.remote(block_ref, made_ref, a, self.kwargs[index], self.cfg_dict)
+                     for a in self.acts]
+        return made, per_layer, errors
+
+    def gather(self) -> torch.Tensor:
+        """Every shard's activations in sample order (the writer's resume checkpoint)."""
+        return torch.cat([self._get(r, f"calibration shard {j}") for j, r in enumerate(self.acts)])
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Refuse at once a cluster address nothing listens on (Ray itself waits minutes for it)."""
     if address == "auto":  # the cluster this machine's `ray start` joined: Ray finds it
@@ -131,6 +225,9 @@ class Pool:
             where = f"the Ray cluster at {address!r}" if address else f"a local Ray runtime with {workers} workers"
             raise DistributedError(f"cannot start {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         self._task = ray.remote(num_cpus=1, max_retries=RETRIES)(quantize_block_task)
+        self._hess = ray.remote(num_cpus=1, max_retries=RETRIES)(hessian_task)
+        self._solve = ray.remote(num_cpus=1, max_retries=RETRIES)(solve_task)
+        self._advance = ray.remote(num_cpus=1, max_retries=RETRIES)(advance_task)
 
     def workers(self) -> int:
         return int(self.ray.cluster_resources().get("CPU", 0))
@@ -166,6 +263,11 @@ class Pool:
             except self.ray.exceptions.RayError as exc:
                 raise DistributedError(f"block {i}: {str(exc).splitlines()[0]}") from None
             yield i, result
+
+    def calibration(self, hidden: torch.Tensor, kwargs: list, cfg: QuantConfig) -> Shards:
+        """The calibration activations `hidden` (block 0's inputs, or a resumed run's) cut into
+        cfg.calib_shards shards and put in the object store; `kwargs`: each block's call arguments."""
+        return Shards(self, hidden, kwargs, cfg)
 
     def close(self) -> None:
         self.ray.shutdown()

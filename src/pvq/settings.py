@@ -70,6 +70,9 @@ class QuantConfig:
     # values, Hessians summed in float32/float64 either way) or "float32"; "auto" takes bfloat16 for a method
     # that calibrates where the CPU has it in hardware, and is stored as what it chose
     calib_dtype: str = "auto"
+    # the calibration samples in this many shards, each summed on its own, the sums then added in shard order
+    # (models/shards.py): the unit of work Ray workers share; 1 is the plain sequential sum, and is not stored
+    calib_shards: int = 1
     act_order: bool = False
     dense_dtype: str = "float16"  # embeddings, head and norms are stored in this dtype
     # per-layer settings by full layer name (spec_to_dict form), e.g. from allocation.allocate
@@ -105,6 +108,8 @@ class QuantConfig:
         check_act_settings(self.abits, self.act_method)
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_RUN_SEED):
             raise ValueError(f"--seed must be an integer from 0 to {MAX_RUN_SEED}, got {self.seed!r}")
+        if not _positive_int(self.calib_shards):
+            raise ValueError(f"--calib-shards must be an integer >= 1, got {self.calib_shards!r}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 
@@ -126,7 +131,10 @@ class QuantConfig:
         return ActConfig.from_quant_config(self.to_dict())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["calib_shards"] == 1:  # the sum every file made before shards existed: stored as it always was
+            del d["calib_shards"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":

@@ -120,8 +120,11 @@ class PackedPVQ:
 
 
 # weights handled at once by the data-free codec: its int64 shapes and float temporaries take about 40
-# bytes a weight, so a whole 14336 x 4096 matrix at once would add gigabytes to a run's peak memory
-CHUNK_WEIGHTS = 1 << 21
+# bytes a weight, so a whole 14336 x 4096 matrix at once would add gigabytes to a run's peak memory. Small
+# (1 MB of float64): temporaries of 16 MB sit in glibc's heap between longer-lived arrays and fragment it,
+# so the peak of a 36-block streamed run was 20 % above a 4-block run's; at this size the two are equal
+# (docs/results.md, "Models bigger than memory") for about 7 % more time
+CHUNK_WEIGHTS = 1 << 17
 
 
 def row_chunks(rows: int, cols: int):

@@ -189,8 +189,9 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int =
 
 
 @torch.no_grad()
-def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False):
-    """({linear name: H = X^T X of its input}, the block's outputs if keep) for one block run on hidden.
+def block_hessian_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False):
+    """({linear name: the linear whose accumulator holds its input's sums}, {that linear: its
+    HessianAccumulator}, the block's outputs if keep) for one block run on hidden.
 
     Linears that read the same tensor share one accumulated Hessian: the first batch is run with hooks
     that hold every linear's input, which tells which inputs are one tensor; the rest accumulate once
@@ -228,5 +229,12 @@ def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: b
         for h in handles:
             h.remove()
     out = None if not keep else (first if rest is None else torch.cat([first, rest]))
+    return {name: leader[name] for name in linears if name in leader}, accs, out
+
+
+def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False):
+    """({linear name: H = X^T X / rows of its input}, the block's outputs if keep) for one block run on
+    hidden; linears that read one tensor share one H (the same tensor object)."""
+    leader, accs, out = block_hessian_sums(block, hidden, kwargs, keep)
     hess = {name: accs[name].take() for name in accs}  # one mean at a time, in its sum's memory
-    return {name: hess[leader[name]] for name in linears if name in leader}, out
+    return {name: hess[leader[name]] for name in leader}, out

@@ -66,6 +66,19 @@ class HessianAccumulator:
             raise ValueError("HessianAccumulator.hessian(): no input rows were added")
         return self._sum / self.count
 
+    def merge(self, other: "HessianAccumulator") -> None:
+        """Add another accumulator's rows (the sums of a later calibration shard) to this one, in place.
+        Merged in a fixed order, shards give the same floats wherever each shard was summed."""
+        if other.dim != self.dim:
+            raise ValueError(f"HessianAccumulator.merge: dimensions {self.dim} and {other.dim} differ")
+        if other._sum is None:
+            return
+        if self._sum is None:
+            self._sum = other._sum.clone()
+        else:
+            self._sum += other._sum
+        self.count += other.count
+
     def take(self) -> torch.Tensor:
         """hessian(), computed in the running sum's own memory; the accumulator holds nothing afterwards."""
         if self.count == 0 or self._sum is None:

@@ -47,8 +47,9 @@ def layer_rotations(rows: int, cols: int, seeds: tuple[int, int]) -> tuple[Rando
 
 
 # vectors rotated at once: a whole 14336 x 4096 matrix in float64 with the transform's temporaries would
-# add gigabytes to a run's peak memory; each vector is rotated on its own, so the values are the same
-CHUNK_WEIGHTS = 1 << 21
+# add gigabytes to a run's peak memory; each vector is rotated on its own, so the values are the same. As
+# small as the codec's chunks (codec/gainshape.py), for the same reason: large temporaries fragment the heap
+CHUNK_WEIGHTS = 1 << 17
 
 
 def _rotated(x: torch.Tensor, r: RandomHadamard | None, out: torch.Tensor) -> torch.Tensor:

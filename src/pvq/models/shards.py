@@ -1,0 +1,64 @@
+"""Calibration samples cut into a fixed number of shards, so the work of a block can be spread.
+
+A block's Hessians are sums over every calibration token. With `shards` > 1 each shard's sums are
+formed on their own (its samples run a few at a time from the shard's first sample) and then added
+in shard order, in float64; the quantized block's outputs are likewise computed shard by shard. That
+is the definition of the result, whoever computes it: one process here, or Ray workers
+(distributed.py) that each hold some shards, give the same floats. The shard count is a setting,
+never the worker count, so the bytes do not depend on how many workers ran. One shard is the plain
+sequential sum.
+"""
+from __future__ import annotations
+
+import torch
+
+from .adapters import block_hessian_sums, run_block
+
+
+def shard_bounds(samples: int, shards: int) -> list[tuple[int, int]]:
+    """(start, end) sample ranges of `shards` contiguous shards, sizes differing by at most one (the first
+    ones larger); fewer when there are fewer samples than shards."""
+    if shards < 1:
+        raise ValueError(f"calibration shards must be at least 1, got {shards}")
+    shards = min(shards, samples)
+    base, extra = divmod(samples, shards)
+    out, s = [], 0
+    for j in range(shards):
+        e = s + base + (j < extra)
+        out.append((s, e))
+        s = e
+    return out
+
+
+def merge(parts) -> dict[str, torch.Tensor]:
+    """{linear name: mean H} from per-shard (leaders, accumulators) taken in shard order: the running
+    sum lives in the first shard's memory, each later shard is added to it and dropped."""
+    leader, total = {}, {}
+    for lead, accs in parts:
+        for name, who in lead.items():
+            leader.setdefault(name, who)
+        for name, acc in accs.items():
+            if name in total:
+                total[name].merge(acc)
+            else:
+                total[name] = acc
+        del accs
+    hess = {name: total[name].take() for name in total}
+    return {name: hess[leader[name]] for name in leader}
+
+
+def sharded_hessians(block, hidden: torch.Tensor, kwargs: dict, shards: int) -> dict[str, torch.Tensor]:
+    """{linear name: H} of a block run on every sample of hidden, summed shard by shard."""
+    def parts():
+        for s, e in shard_bounds(hidden.shape[0], shards):
+            lead, accs, _ = block_hessian_sums(block, hidden[s:e], kwargs)
+            yield lead, accs
+    return merge(parts())
+
+
+def sharded_outputs(block, hidden: torch.Tensor, kwargs: dict, shards: int, out: torch.Tensor | None = None):
+    """The block's outputs for every sample, computed shard by shard (into `out` where given)."""
+    out = torch.empty_like(hidden) if out is None else out
+    for s, e in shard_bounds(hidden.shape[0], shards):
+        run_block(block, hidden[s:e], kwargs, out=out[s:e])
+    return out
