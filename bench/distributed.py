@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_json  # noqa: E402
-from scale import make_checkpoint  # noqa: E402
+from scale import commit, make_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -72,7 +72,7 @@ def quantize(model: str | None, out: Path, extra: list[str], bits: float, env: d
     res = json.loads(r.stdout.strip().splitlines()[-1])
     run = {"options": " ".join(extra) or "(no Ray)", "seconds": wall, "quantize_seconds": res["seconds"],
            "linear_weights": res["linear_weights"], "mweights_per_s": res["linear_weights"] / 1e6 / res["seconds"],
-           "peak_rss_mib_driver": res["peak_rss_mib"], "sha256": hashes(out)}
+           "peak_rss_mib_driver": res["peak_rss_mib"], "sha256": hashes(out), "commit": commit()}
     shutil.rmtree(out, ignore_errors=True)
     return run
 

@@ -162,12 +162,15 @@ class Shards:
         hess = merge(self._get(r, f"block {index}: Hessians of calibration shard {j}") for j, r in enumerate(parts))
         del parts
         stored, pending = {}, {}
-        for name, mod in block_linears(block).items():
+        linears = block_linears(block)
+        uncalibrated += [prefix + name for name in linears if name not in hess]
+        # the longest solves (about rows x cols^2) first: the last task to start is then a short one
+        order = sorted(linears, key=lambda n: -linears[n].out_features * linears[n].in_features ** 2)
+        for name in order:
+            mod = linears[name]
             full = prefix + name
             h = hess.get(name)
-            if h is None:
-                uncalibrated.append(full)
-            elif id(h) not in stored:  # a Hessian shared by several linears travels once
+            if h is not None and id(h) not in stored:  # a Hessian shared by several linears travels once
                 stored[id(h)] = ray.put(h)
             ref = pool._solve.remote(full, mod.weight.detach(), mod.bias, self.cfg_dict,
                                      None if h is None else stored[id(h)], index)
