@@ -97,3 +97,37 @@ def test_without_the_options_ray_is_not_imported(source, tmp_path):
             f"assert main(['quantize', {str(source / 'src')!r}, *{ARGS!r}, '-o', {str(tmp_path / 'q')!r}]) == 0; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_a_killed_driver_is_resumed_by_rerunning_the_command(source, calibrated, tmp_path):
+    """kill -9 of the process that writes (Ray's local processes die with it) once two blocks are done; the
+    same command again continues after them and writes the bytes of the uninterrupted run."""
+    import json
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "q"
+    cmd = [sys.executable, "-m", "pvq.cli", "quantize", str(source / "src"), *GPTQ, "--workers", "2", "-o", str(out)]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def blocks_done():
+        for m in tmp_path.glob("q.tmp-*/manifest.json"):
+            try:
+                return len(json.loads(m.read_text())["blocks"])
+            except (OSError, ValueError):
+                pass
+        return 0
+
+    deadline = time.time() + 300
+    while p.poll() is None and blocks_done() < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert p.poll() is None, "the run ended before two blocks were done"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists()
+    assert cli(["quantize", str(source / "src"), *GPTQ, "--workers", "2", "-o", str(out)]) == 0
+    assert _files(out) == _files(calibrated)

@@ -126,6 +126,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         raise ValueError("quantizing on workers writes each block as it is done: it takes a writer")
     if pool is not None and cfg.uses_data:  # the activations go to the workers' object store, in shards
         shards, hidden = pool.calibration(hidden, kwargs, cfg), None
+        # the linears' bar moves as workers finish them; this one as blocks are written
+        blocks_bar = tqdm(total=len(layers), initial=start, desc="blocks", disable=not progress, unit="block")
     elif pool is not None:  # every remaining block a task of its own, their results taken in block order
         done_elsewhere = pool.quantize_blocks(model, source, cfg, range(start, len(layers)))
     for i, block in enumerate(layers):
@@ -145,6 +147,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                              shards.gather() if i + 1 < len(layers) else None)
             release(block)
             release_memory()
+            blocks_bar.update(1)
             continue
         if pool is not None:
             _, (tensors, done, err) = next(done_elsewhere)
@@ -174,6 +177,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             release(block)
         release_memory()
     bar.close()
+    if shards is not None:
+        blocks_bar.close()
     dense = DENSE_DTYPES[cfg.dense_dtype]
     if reader is not None:  # what is outside the blocks (embeddings, final norm, head), once they are gone
         for name, p in model.named_parameters(remove_duplicate=False):
