@@ -142,9 +142,8 @@ class Shards:
 
     def __init__(self, pool: "Pool", hidden: torch.Tensor, kwargs: list, cfg: QuantConfig):
         ray = self.ray = pool.ray
-        self.pool, self.cfg, self.cfg_dict = pool, cfg, cfg.to_dict()
-        self.bounds = shard_bounds(hidden.shape[0], cfg.calib_shards)
-        self.acts = [ray.put(hidden[s:e].clone()) for s, e in self.bounds]
+        self.pool, self.cfg_dict = pool, cfg.to_dict()
+        self.acts = [ray.put(hidden[s:e].clone()) for s, e in shard_bounds(hidden.shape[0], cfg.calib_shards)]
         self.kwargs = [ray.put(kw) for kw in kwargs]
 
     def _get(self, ref, what: str):
