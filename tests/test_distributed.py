@@ -101,7 +101,8 @@ def test_without_the_options_ray_is_not_imported(source, tmp_path):
 
 def test_a_killed_driver_is_resumed_by_rerunning_the_command(source, calibrated, tmp_path):
     """kill -9 of the process that writes (Ray's local processes die with it) once two blocks are done; the
-    same command again continues after them and writes the bytes of the uninterrupted run."""
+    same command again continues after them, from the activations the workers wrote, and writes the bytes
+    of the uninterrupted run."""
     import json
     import os
     import signal
@@ -129,5 +130,9 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_command(source, calibrated,
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not out.exists()
+    # the activations at the last boundary were written by the workers, one file per shard, not by the driver
+    (work,) = tmp_path.glob("q.tmp-*")
+    acts = json.loads((work / "manifest.json").read_text())["activations"]
+    assert isinstance(acts, list) and len(acts) == 3 and all((work / f).is_file() for f in acts)
     assert cli(["quantize", str(source / "src"), *GPTQ, "--workers", "2", "-o", str(out)]) == 0
     assert _files(out) == _files(calibrated)

@@ -139,12 +139,13 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         if shards is not None:  # blocks in order, the work inside each spread over the workers
             if reader is not None:
                 check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
-            made, done, err = shards.quantize_block(block, i, prefix, bar, uncalibrated)
+            saves = writer.shard_activations(i, len(shards.acts)) if i + 1 < len(layers) else None
+            made, done, err = shards.quantize_block(block, i, prefix, bar, uncalibrated, saves)
             per_layer.update(done)
             errors.update(err)
             install(block, made)
             writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
-                             shards.gather() if i + 1 < len(layers) else None)
+                             None if saves is None else shards.checkpoint(saves))
             release(block)
             release_memory()
             blocks_bar.update(1)

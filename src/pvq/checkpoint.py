@@ -251,6 +251,7 @@ DEFAULT_SHARD_BYTES = 2 << 30
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
 _BLOCK = "block-{:05d}.safetensors"
 _ACTIVATIONS = "activations-{:05d}.safetensors"
+_SHARD_ACTIVATIONS = "activations-{:05d}-{:04d}.safetensors"
 
 
 def _save_atomic(tensors: dict, path: Path) -> None:
@@ -259,6 +260,16 @@ def _save_atomic(tensors: dict, path: Path) -> None:
     # order, which would break byte-identical files), one tensor at a time
     tensorfile.write(part, tensors, metadata={"format": "pt"})
     os.replace(part, path)
+
+
+def save_activations(hidden: torch.Tensor, path: Path) -> None:
+    """The calibration activations at a block boundary (or one shard's), whole or not at all."""
+    _save_atomic({"hidden": hidden.contiguous()}, path)
+
+
+def _files(activations) -> list[str]:
+    """The manifest's activation files: none, one name, or a list of shard files."""
+    return [] if activations is None else [activations] if isinstance(activations, str) else list(activations)
 
 
 def _nbytes(tensors: dict) -> int:
@@ -301,7 +312,7 @@ class Writer:
             if same:
                 os.replace(old, self.tmp)
                 m.folder = self.tmp
-                self._tidy(keep={b["file"] for b in m.blocks} | {m.activations})
+                self._tidy(keep={b["file"] for b in m.blocks} | set(_files(m.activations)))
                 return m
             if m is None or m.fingerprint is None or overwrite:
                 shutil.rmtree(old, ignore_errors=True)
@@ -337,29 +348,40 @@ class Writer:
         for b in self.manifest.blocks:
             layers.update(b["layers"])
             errors.update(b["errors"])
-        hidden = None
-        if self.manifest.activations is not None:
-            hidden = tensorfile.entries(self.tmp / self.manifest.activations)["hidden"].read()
+        files = _files(self.manifest.activations)
+        hidden = torch.cat([tensorfile.entries(self.tmp / f)["hidden"].read() for f in files]) if files else None
         return self.manifest.next_block, layers, errors, hidden
 
     def add_block(self, index: int, tensors: dict[str, torch.Tensor], layers: dict, errors: dict,
-                  activations: torch.Tensor | None = None) -> None:
-        """Write block `index`'s stored tensors (and the activations after it) and record it as done."""
+                  activations: "torch.Tensor | list[str] | None" = None) -> None:
+        """Write block `index`'s stored tensors (and the activations after it) and record it as done.
+        `activations`: the tensor, or the names of the files (shard_activations) already holding it in
+        sample order."""
         if index != self.manifest.next_block:
             raise ValueError(f"block {index} written out of order (block {self.manifest.next_block} is next)")
         file, act = _BLOCK.format(index), None
         self._guard(lambda: _save_atomic(tensors, self.tmp / file))
-        if activations is not None:
+        if isinstance(activations, list):
+            missing = [f for f in activations if not (self.tmp / f).is_file()]
+            if missing:
+                raise ValueError(f"block {index}: activation files {missing} are not in {self.tmp}")
+            act = activations
+        elif activations is not None:
             act = _ACTIVATIONS.format(index + 1)
-            self._guard(lambda: _save_atomic({"hidden": activations.contiguous()}, self.tmp / act))
-        previous = self.manifest.activations
+            self._guard(lambda: save_activations(activations, self.tmp / act))
+        previous = _files(self.manifest.activations)
         self.manifest.blocks.append({"index": index, "file": file, "bytes": _nbytes(tensors),
                                      "tensors": {k: tensor_checksum(t) for k, t in sorted(tensors.items())},
                                      "layers": layers, "errors": errors})
         self.manifest.activations = act
         self._guard(self.manifest.save)
-        if previous is not None and previous != act:
-            (self.tmp / previous).unlink(missing_ok=True)
+        for f in set(previous) - set(_files(act)):
+            (self.tmp / f).unlink(missing_ok=True)
+
+    def shard_activations(self, index: int, shards: int) -> list[Path]:
+        """Where the activations after block `index` go when each calibration shard's are written apart
+        (by the worker that computed them), in sample order."""
+        return [self.tmp / _SHARD_ACTIVATIONS.format(index + 1, j) for j in range(shards)]
 
     def _weights(self, sums: dict[str, str]) -> list[str]:
         """Assemble the block files and the rest into the final weight files; returns their names."""

@@ -13,8 +13,9 @@ worker ran what.
 Hessian methods (gptq, pvq-gptq): the blocks stay in order and the work inside each is spread. The
 calibration samples are cut into `calib_shards` shards (a setting, models/shards.py, never the worker
 count); each shard's activations live in Ray's object store, owned by this process but kept on the node
-whose task made them (they are never fetched here, but for the resume checkpoint the writer keeps at
-each block boundary). For each block, one task per shard returns the partial Hessian sums of its
+whose task made them, and never fetched here: the task that computes them also writes them to the
+writer's resume checkpoint, one file per shard (fetched only where a worker cannot see the output's
+folder, another machine's disk). For each block, one task per shard returns the partial Hessian sums of its
 samples, this process adds them in shard order (float64), the linears are solved as parallel tasks,
 and one task per shard runs its activations through the quantized block, giving the next block's.
 One process computes the same sums in the same order (api.quantize), so the bytes are those of a run
@@ -30,11 +31,12 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from pathlib import Path
 
 import torch
 
 from . import api
-from .checkpoint import stored_tensors
+from .checkpoint import save_activations, stored_tensors
 from .models.adapters import block_hessian_sums, block_linears, block_prefix, blocks
 from .models.shards import merge, shard_bounds
 from .models.streaming import materialize, release
@@ -128,12 +130,17 @@ def solve_task(full: str, weight: torch.Tensor, bias, cfg_dict: dict, h, index: 
         return api.quantize_linear(full, weight, bias, QuantConfig(**cfg_dict), h, owned=True)
 
 
-def advance_task(block, made: dict, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict) -> torch.Tensor:
-    """One shard's outputs of the quantized block: the next block's inputs for that shard."""
+def advance_task(block, made: dict, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict,
+                 save: str | None = None) -> torch.Tensor:
+    """One shard's outputs of the quantized block: the next block's inputs for that shard. `save`: a file
+    of the writer's resume checkpoint to write them to as well, where this node sees its folder."""
     torch.set_num_threads(1)
     cfg = QuantConfig(**cfg_dict)
     with torch.no_grad(), api.calibration_precision(cfg, hidden):
-        return api.run_as_quantized(block, made, hidden, kwargs)
+        out = api.run_as_quantized(block, made, hidden, kwargs)
+    if save is not None and os.path.isdir(os.path.dirname(save)):
+        save_activations(out, Path(save))
+    return out
 
 
 class Shards:
@@ -152,9 +159,9 @@ class Shards:
         except self.ray.exceptions.RayError as exc:
             raise DistributedError(f"{what}: {str(exc).splitlines()[0]}") from None
 
-    def quantize_block(self, block, index: int, prefix: str, bar, uncalibrated: list):
+    def quantize_block(self, block, index: int, prefix: str, bar, uncalibrated: list, saves: list | None = None):
         """(QuantLinear by linear name, entries, errors) of block `index`, its shards' activations moved on
-        through the quantized block."""
+        through the quantized block (and written to `saves`, one file per shard, where a worker sees them)."""
         ray, pool = self.ray, self.pool
         block_ref = ray.put(block)
         parts = [pool._hess.remote(block_ref, a, self.kwargs[index], self.cfg_dict, index) for a in self.acts]
@@ -185,13 +192,19 @@ class Shards:
         for name in block_linears(block):  # in the block's order, whatever order they finished in
             made[name], per_layer[prefix + name], errors[prefix + name] = results[name]
         made_ref = ray.put(made)
-        self.acts = [pool._advance.remote(block_ref, made_ref, a, self.kwargs[index], self.cfg_dict)
-                     for a in self.acts]
+        self.acts = [pool._advance.remote(block_ref, made_ref, a, self.kwargs[index], self.cfg_dict,
+                                          None if saves is None else str(saves[j]))
+                     for j, a in enumerate(self.acts)]
         return made, per_layer, errors
 
-    def gather(self) -> torch.Tensor:
-        """Every shard's activations in sample order (the writer's resume checkpoint)."""
-        return torch.cat([self._get(r, f"calibration shard {j}") for j, r in enumerate(self.acts)])
+    def checkpoint(self, saves: list) -> "list[str] | torch.Tensor":
+        """The resume checkpoint of the activations the last quantize_block wrote to `saves`: the names of
+        those files once every shard's is there, or, where a worker could not see the writer's folder
+        (another machine's disk), every shard's activations fetched here in sample order."""
+        self.ray.wait(self.acts, num_returns=len(self.acts), fetch_local=False)
+        if not all(os.path.isfile(f) for f in saves):  # a failed task is raised here, in one line
+            return torch.cat([self._get(r, f"calibration shard {j}") for j, r in enumerate(self.acts)])
+        return [Path(f).name for f in saves]
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -3,7 +3,8 @@
 A run writes each finished block into its temporary directory (checkpoint.Writer) and then rewrites
 `manifest.json` there, atomically: the fingerprint, the blocks done (their file, tensor checksums,
 per-layer settings and errors) and, for calibrated methods, the file holding the activations at the
-boundary after the last finished block. Rerunning the same command finds the directory of the dead
+boundary after the last finished block (or one file per calibration shard, where Ray workers wrote
+their shards' themselves). Rerunning the same command finds the directory of the dead
 run; when the fingerprint is the same it continues from there, and the output is byte-identical to an
 uninterrupted run, because every result depends only on the fingerprinted inputs and the block order.
 """
@@ -72,7 +73,7 @@ class Manifest:
     """The state of an unfinished run, kept in its temporary directory."""
 
     def __init__(self, folder: Path, fingerprint: dict | None, blocks: list | None = None,
-                 activations: str | None = None):
+                 activations: str | list[str] | None = None):
         self.folder = Path(folder)
         self.fingerprint = fingerprint
         self.blocks = blocks or []
