@@ -18,7 +18,7 @@ LAYERS = [
     ("settings", "memory", "data", "models", "errors", "resume", "tensorfile", "offload"),
     ("picker",),
     ("modules",),
-    ("checkpoint", "eval", "measure"),
+    ("checkpoint", "eval", "measure", "finetune"),
     ("loader", "api", "allocation"),
     ("hf", "distributed"),
     ("cli", "__init__"),

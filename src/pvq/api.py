@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from . import codec
 from .checkpoint import stored_tensors
 from .codec.fp16 import FP16RangeError
+from .finetune import block_targets, tune_block
 from .memory import release_memory, trim_heap
 from .models.adapters import (block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
                               check_supported, set_module)
@@ -27,7 +28,7 @@ from .settings import DENSE_DTYPES, QuantConfig, quantization_config, spec_from_
 from .solvers.gptq import gptq
 from .solvers.hessian import relative_error
 from .solvers.steppers import PVQStepper, UniformStepper
-from .transforms.rotate import layer_seeds, rotate_hessian, rotate_weight
+from .transforms.rotate import derive_seed, layer_seeds, rotate_hessian, rotate_weight
 
 
 def check_weights(model, cfg: QuantConfig, names=None, reader=None) -> None:
@@ -113,6 +114,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     start, per_layer, errors, saved = writer.resumed() if writer is not None else (0, {}, {}, None)
     hidden = kwargs = None
     uncalibrated: list[str] = []
+    tuning: list[dict] = []  # per block: the tuning loss before and after (--finetune blocks)
     if cfg.uses_data:  # block 0's inputs, and every block's call arguments (rotary embeddings, masks)
         hidden, kwargs = capture_block_inputs(model, calib_ids)
         hidden = hidden if saved is None else saved
@@ -124,6 +126,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     done_elsewhere, shards = iter(()), None
     if pool is not None and writer is None:
         raise ValueError("quantizing on workers writes each block as it is done: it takes a writer")
+    if pool is not None and cfg.finetune != "none":
+        raise ValueError(f"--finetune {cfg.finetune} runs in one process: drop --workers / --ray-address")
     if pool is not None and cfg.uses_data:  # the activations go to the workers' object store, in shards
         shards, hidden = pool.calibration(hidden, kwargs, cfg), None
         # the linears' bar moves as workers finish them; this one as blocks are written
@@ -160,10 +164,19 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             continue
         if reader is not None:
             check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
+        tune = hidden[:min(hidden.shape[0], max(1, cfg.finetune_tokens // hidden.shape[1]))] \
+            if cfg.finetune == "blocks" else None
+        target = None if tune is None else block_targets(block, tune, kwargs[i])
         with calibration_precision(cfg, hidden):
             hess = sharded_hessians(block, hidden, kwargs[i], cfg.calib_shards) if cfg.uses_data else {}
         made, done, err = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated, drop=writer is not None)
         del hess
+        if tune is not None:
+            tuning.append({"block": i, **tune_block(
+                block, made, tune, target, kwargs[i], steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                seed=derive_seed(cfg.seed, f"finetune {i}"), stored=DENSE_DTYPES[cfg.dense_dtype],
+                desc=f"tune block {i}", progress=progress)})
+            del tune, target
         per_layer.update(done)
         errors.update(err)
         if cfg.uses_data:  # the quantized block's outputs feed the next block
@@ -199,6 +212,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     summary["seconds"] = time.time() - t0
     summary["layer_errors"] = errors
     summary["uncalibrated"] = uncalibrated
+    if tuning:
+        summary["finetune"] = tuning
     return summary
 
 

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from .settings import CALIB_DTYPES, MAX_BITS, MAX_RUN_SEED
+from .settings import CALIB_DTYPES, FINETUNE_MODES, MAX_BITS, MAX_RUN_SEED
 
 DESCRIPTION = """\
 pvq compresses a Hugging Face causal LM (Llama, Qwen, Gemma, Phi, Mistral, Mixtral and more: the
@@ -148,6 +148,16 @@ def _add_quantize(sub) -> None:
                         "shard order (default 1, the plain sum). The unit of parallel work on Ray workers: give at "
                         "least --workers. A setting of its own, not the worker count, so the bytes are the same on "
                         "any number of workers or without Ray")
+    p.add_argument("--finetune", choices=FINETUNE_MODES, default="none",
+                   help="gptq, pvq-gptq: 'blocks' tunes, right after each block is quantized, what it stores beside "
+                        "its codes (PVQ scales, biases, norm weights) so its outputs on calibration text match the "
+                        "unquantized block's; the file keeps its size. Default none")
+    p.add_argument("--finetune-tokens", type=_int(1), default=16384, metavar="T",
+                   help="calibration tokens the tuning uses, whole samples from the first (default 16384)")
+    p.add_argument("--finetune-steps", type=_int(1), default=50, metavar="S",
+                   help="Adam steps per block, 2 samples a step (default 50)")
+    p.add_argument("--lr", type=_float(0, above=True), default=1e-3,
+                   help="tuning learning rate; every value is tuned as a relative change (default 0.001)")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the tensors kept dense (embeddings, head, norms)")
     p.add_argument("--allocate", action="store_true",
@@ -267,7 +277,8 @@ def _quant_config(args):
     return QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
                        group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
                        nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order, calib_dtype=args.calib_dtype,
-                       calib_shards=args.calib_shards,
+                       calib_shards=args.calib_shards, finetune=args.finetune, finetune_tokens=args.finetune_tokens,
+                       finetune_steps=args.finetune_steps, finetune_lr=args.lr,
                        dense_dtype=args.dense_dtype, abits=args.abits, act_method=args.act_method,
                        act_rotate=not args.no_act_rotate)
 
@@ -295,6 +306,8 @@ def cmd_quantize(args) -> int:
     distributed = args.workers is not None or args.ray_address is not None
     if distributed and alloc is not None:
         raise ValueError("--allocate runs in one process: give it without --workers and --ray-address")
+    if distributed and cfg.finetune != "none":
+        raise ValueError(f"--finetune {cfg.finetune} runs in one process: give it without --workers and --ray-address")
     if args.workers is not None and args.ray_address is not None:
         raise ValueError("--workers starts a local Ray runtime and --ray-address joins a cluster: give one of them")
     if args.workers is not None and cfg.uses_data and cfg.calib_shards < min(args.workers, cfg.nsamples):

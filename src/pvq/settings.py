@@ -21,6 +21,7 @@ LAYOUTS = ("compact", "fast")
 ACT_METHODS = ("rtn", "pvq")  # activation quantizers (modules/actquant.py)
 MAX_BITS = 64  # a target above this is no number of stored bits per weight (and overflows the picker's arithmetic)
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FINETUNE_MODES = ("none", "blocks")  # what --finetune tunes after quantizing (finetune.py)
 CALIB_DTYPES = ("auto", "float32", "bfloat16")  # what the calibration forwards multiply in
 
 
@@ -74,6 +75,12 @@ class QuantConfig:
     # (models/shards.py): the unit of work Ray workers share; 1 is the plain sequential sum, and is not stored
     calib_shards: int = 1
     act_order: bool = False
+    # after each block is quantized, tune its stored continuous values (scales, norms, biases) so its outputs
+    # match the unquantized block's (finetune.py): "none" or "blocks"; the other three only matter then
+    finetune: str = "none"
+    finetune_tokens: int = 16384  # calibration tokens the tuning uses (whole samples, the first ones)
+    finetune_steps: int = 50  # Adam steps a block
+    finetune_lr: float = 1e-3
     dense_dtype: str = "float16"  # embeddings, head and norms are stored in this dtype
     # per-layer settings by full layer name (spec_to_dict form), e.g. from allocation.allocate
     overrides: dict | None = None
@@ -110,6 +117,15 @@ class QuantConfig:
             raise ValueError(f"--seed must be an integer from 0 to {MAX_RUN_SEED}, got {self.seed!r}")
         if not _positive_int(self.calib_shards):
             raise ValueError(f"--calib-shards must be an integer >= 1, got {self.calib_shards!r}")
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(f"--finetune must be one of {', '.join(FINETUNE_MODES)}, got {self.finetune!r}")
+        if self.finetune != "none" and not self.uses_data:
+            raise ValueError(f"--finetune {self.finetune} tunes against calibration data: use it with a calibrated "
+                             f"method (gptq, pvq-gptq), not {self.method}")
+        if not _positive_int(self.finetune_tokens) or not _positive_int(self.finetune_steps):
+            raise ValueError("--finetune-tokens and --finetune-steps must be integers >= 1")
+        if not (isinstance(self.finetune_lr, (int, float)) and math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            raise ValueError(f"--lr must be a number above 0, got {self.finetune_lr!r}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 
@@ -134,6 +150,9 @@ class QuantConfig:
         d = asdict(self)
         if d["calib_shards"] == 1:  # the sum every file made before shards existed: stored as it always was
             del d["calib_shards"]
+        if d["finetune"] == "none":  # an untuned file is stored as every file before tuning existed
+            for k in ("finetune", "finetune_tokens", "finetune_steps", "finetune_lr"):
+                del d[k]
         return d
 
     @classmethod
