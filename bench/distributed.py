@@ -17,14 +17,17 @@ tokens on the random model (as bench/scale.py).
 
 The projection (`projection` in the JSON) times, with one thread, the pieces of one block of a Llama-3-8B
 shape (random weights): the Hessian pass and the forward through the block per calibration token, the
-solve of each linear (pvq-gptq), the data-free quantization of the block (pvq). A 70B block's pieces
-are scaled from those (forwards by the block's weights, a solve by rows x cols^2, the data-free codec
-by weights). It then schedules a whole model on 1, 8 and 64 nodes of 32 single-thread workers the way
-distributed.py runs it: data-free blocks as independent tasks; for pvq-gptq the blocks in order, each
-with its calibration shards (one per worker, at most one per sample) and its 7 linears in parallel
-(longest first), so a block never takes less than its largest solve. The result is divided by the
-parallel efficiency measured here with 2 workers against 1 (bench rows above). Not modelled: reading
-the checkpoint, the network (Hessians and weights travel to the workers once per block), writing.
+solve of each linear (pvq-gptq) and the down_proj's solve again on 2 threads, the data-free quantization
+of the block (pvq). A 70B block's pieces are scaled from those (forwards by the block's weights, a solve
+by rows x cols^2, the data-free codec by weights). It then schedules a whole model on 1, 8 and 64 nodes
+of 32 CPUs the way distributed.py runs it: data-free blocks as independent one-CPU tasks; for pvq-gptq
+the blocks in order, each with its calibration shards (one per CPU, at most one per sample) and then
+its 7 solves at once, each on as many threads as its share of the block's solving work
+(distributed.solve_threads, at most a node's 32), a solve on T threads sped up by Amdahl's law with the
+parallel fraction the 2-thread solve measured; so a block takes its shards' forwards plus its longest
+solve. The result is divided by the parallel efficiency measured here with 2 workers against 1 (bench
+rows above). Not modelled: reading the checkpoint, the network (Hessians and weights travel to the
+workers once per block), writing.
 """
 from __future__ import annotations
 
@@ -156,11 +159,27 @@ def phase_costs(bits: float, tokens: int = 2048, seqlen: int = 512) -> dict:
             api.quantize_linear(name, lin.weight.detach(), None, QuantConfig(method="pvq", bits=bits))
             out["data_free_s"][short] = time.time() - t0
             print("phase", short, f"{out['solve_s'][short]:.1f} s", f"{out['data_free_s'][short]:.1f} s", flush=True)
+        # how a solve speeds up with threads (distributed.solve_threads gives the longest most of a node)
+        torch.set_num_threads(2)
+        lin = block.get_submodule(names["down"])
+        t0 = time.time()
+        api.quantize_linear("down", lin.weight.detach(), None, cfg, hess[names["down"]].clone(), owned=True)
+        out["solve_down_2_threads_s"] = time.time() - t0
+        torch.set_num_threads(1)
+        print("down solve on 2 threads", f"{out['solve_down_2_threads_s']:.1f} s", flush=True)
     return out
+
+
+def thread_speedup(costs: dict, threads: int) -> float:
+    """Amdahl's law with the parallel fraction the 2-thread solve of the 8B down_proj measured."""
+    s2 = costs["solve_s"]["down"] / costs["solve_down_2_threads_s"]
+    par = min(max(2 * (1 - 1 / s2), 0.0), 1.0)
+    return 1 / ((1 - par) + par / threads)
 
 
 def project(costs: dict, efficiency: dict, nsamples: int = 128, seqlen: int = 512) -> dict:
     """Hours to quantize 8B and 70B models on 1, 8 and 64 nodes of 32 workers, from `costs` (phase_costs)."""
+    from pvq.distributed import solve_threads
     base = _linears(**{k: v for k, v in SHAPES["8B"].items() if k != "layers"})
     base_weights = sum(r * c for r, c in base.values())
     tokens = nsamples * seqlen
@@ -179,10 +198,9 @@ def project(costs: dict, efficiency: dict, nsamples: int = 128, seqlen: int = 51
             pvq = -(-sh["layers"] // workers) * free_block / efficiency["pvq"]
             # pvq-gptq: blocks in order; shards and linears of a block in parallel (longest solve first)
             shards = min(workers, nsamples)
-            loads = [0.0] * min(workers, len(solve))
-            for t in sorted(solve.values(), reverse=True):
-                loads[loads.index(min(loads))] += t
-            block = tokens * per_token / shards + max(loads)
+            threads = solve_threads({k: c * c * (c + r) for k, (r, c) in lin.items()}, workers, 32)
+            solves = max(t / thread_speedup(costs, threads[k]) for k, t in solve.items())
+            block = tokens * per_token / shards + solves
             gptq = sh["layers"] * block / efficiency["pvq-gptq"]
             row[f"{nodes} node{'s' if nodes > 1 else ''}"] = {"pvq_hours": pvq / 3600, "pvq_gptq_hours": gptq / 3600}
         table[model] = row

@@ -52,6 +52,7 @@ def save(results: dict, out: Path) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
+    """The quality-per-bit curves of results["runs"], and the tuned curve of finetune.json beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,6 +64,10 @@ def plot(results: dict, path: Path) -> None:
         pts = sorted((r["bits_per_weight"], r["ppl"]) for r in results["runs"] if r["method"] == m and "ppl" in r)
         if pts:
             ax.plot(*zip(*pts), "o-", label=m, color=f"C{i}")
+    tuned = path.parent / "finetune.json"
+    if tuned.exists() and json.loads(tuned.read_text()).get("curve"):
+        ax.plot(*zip(*json.loads(tuned.read_text())["curve"]), "s--", label="pvq-gptq --finetune blocks",
+                color=f"C{len(METHODS)}")
     if base:
         ax.axhline(base, color="k", ls="--", label=f"unquantized ({base:.1f})")
     ax.set_yscale("log")

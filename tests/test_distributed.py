@@ -136,3 +136,12 @@ def test_a_killed_driver_is_resumed_by_rerunning_the_command(source, calibrated,
     assert isinstance(acts, list) and len(acts) == 3 and all((work / f).is_file() for f in acts)
     assert cli(["quantize", str(source / "src"), *GPTQ, "--workers", "2", "-o", str(out)]) == 0
     assert _files(out) == _files(calibrated)
+
+
+def test_solves_get_threads_by_their_share_of_the_work():
+    from pvq.distributed import solve_threads
+
+    costs = {"q": 1, "k": 1, "down": 30}
+    assert solve_threads(costs, 1, 1) == {"q": 1, "k": 1, "down": 1}  # one CPU: one thread each, queued
+    assert solve_threads(costs, 64, 32) == {"q": 2, "k": 2, "down": 32}  # a task never spans two nodes
+    assert solve_threads(costs, 64, 64) == {"q": 2, "k": 2, "down": 60}

@@ -154,10 +154,10 @@ def _add_quantize(sub) -> None:
                         "unquantized block's; the file keeps its size. Default none")
     p.add_argument("--finetune-tokens", type=_int(1), default=16384, metavar="T",
                    help="calibration tokens the tuning uses, whole samples from the first (default 16384)")
-    p.add_argument("--finetune-steps", type=_int(1), default=50, metavar="S",
-                   help="Adam steps per block, 2 samples a step (default 50)")
-    p.add_argument("--lr", type=_float(0, above=True), default=1e-3,
-                   help="tuning learning rate; every value is tuned as a relative change (default 0.001)")
+    p.add_argument("--finetune-steps", type=_int(1), default=100, metavar="S",
+                   help="Adam steps per block, 2 samples a step (default 100)")
+    p.add_argument("--lr", type=_float(0, above=True), default=5e-3,
+                   help="tuning learning rate; every value is tuned as a relative change (default 0.005)")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the tensors kept dense (embeddings, head, norms)")
     p.add_argument("--allocate", action="store_true",

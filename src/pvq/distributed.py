@@ -21,7 +21,8 @@ and one task per shard runs its activations through the quantized block, giving 
 One process computes the same sums in the same order (api.quantize), so the bytes are those of a run
 without Ray with the same shard count.
 
-Each worker runs torch with one thread (Ray gives a task one CPU). A worker process that dies is
+Each task runs torch with one thread (Ray gives it one CPU), but a solve, which gets as many CPUs as its
+share of the block's solving work (solve_threads), and as many threads. A worker process that dies is
 replaced and its task run again (Ray's retries); the result is the same, since a task depends only on
 its arguments: the checkpoint, the settings and the block index, or the shard's activations at the
 last block boundary, which outlive the worker that made them.
@@ -122,9 +123,10 @@ def hessian_task(block, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict, inde
     return lead, accs
 
 
-def solve_task(full: str, weight: torch.Tensor, bias, cfg_dict: dict, h, index: int):
-    """(QuantLinear, quantization_config entry, relative error) of one linear (api.quantize_linear)."""
-    torch.set_num_threads(1)
+def solve_task(full: str, weight: torch.Tensor, bias, cfg_dict: dict, h, index: int, threads: int = 1):
+    """(QuantLinear, quantization_config entry, relative error) of one linear (api.quantize_linear), on
+    `threads` threads (the CPUs Ray gave the task)."""
+    torch.set_num_threads(threads)
     _fault(index)
     with torch.no_grad():
         return api.quantize_linear(full, weight, bias, QuantConfig(**cfg_dict), h, owned=True)
@@ -141,6 +143,21 @@ def advance_task(block, made: dict, hidden: torch.Tensor, kwargs: dict, cfg_dict
     if save is not None and os.path.isdir(os.path.dirname(save)):
         save_activations(out, Path(save))
     return out
+
+
+def _solve_cost(linear) -> int:
+    """About the work of one linear's solve: the Hessian's factorisation (cols^3) and the column updates
+    (rows x cols^2)."""
+    return linear.in_features ** 2 * (linear.in_features + linear.out_features)
+
+
+def solve_threads(costs: dict, cpus: int, node_cpus: int) -> dict:
+    """Threads for each of a block's solves, run at once on `cpus` CPUs (at most `node_cpus` each: a task
+    runs on one node): shares of the CPUs in proportion to their cost, at least one, so the longest solve,
+    which the block waits for, gets the most. A solve's result does not depend on its thread count (the
+    same bytes as one process: tests/test_distributed.py)."""
+    total = sum(costs.values()) or 1
+    return {n: max(1, min(node_cpus, round(cpus * c / total))) for n, c in costs.items()}
 
 
 class Shards:
@@ -170,16 +187,18 @@ class Shards:
         stored, pending = {}, {}
         linears = block_linears(block)
         uncalibrated += [prefix + name for name in linears if name not in hess]
-        # the longest solves (about rows x cols^2) first: the last task to start is then a short one
-        order = sorted(linears, key=lambda n: -linears[n].out_features * linears[n].in_features ** 2)
+        # the longest solves first: the last task to start is then a short one
+        order = sorted(linears, key=lambda n: -_solve_cost(linears[n]))
+        threads = solve_threads({n: _solve_cost(linears[n]) for n in order}, pool.workers(), pool.node_cpus())
         for name in order:
             mod = linears[name]
             full = prefix + name
             h = hess.get(name)
             if h is not None and id(h) not in stored:  # a Hessian shared by several linears travels once
                 stored[id(h)] = ray.put(h)
-            ref = pool._solve.remote(full, mod.weight.detach(), mod.bias, self.cfg_dict,
-                                     None if h is None else stored[id(h)], index)
+            ref = pool._solve.options(num_cpus=threads[name]).remote(
+                full, mod.weight.detach(), mod.bias, self.cfg_dict, None if h is None else stored[id(h)], index,
+                threads[name])
             pending[ref] = name
         del hess, stored
         results, waiting = {}, list(pending)
@@ -246,6 +265,10 @@ class Pool:
 
     def workers(self) -> int:
         return int(self.ray.cluster_resources().get("CPU", 0))
+
+    def node_cpus(self) -> int:
+        """The most CPUs one node of the runtime has (what one task can be given)."""
+        return max([int(n["Resources"].get("CPU", 0)) for n in self.ray.nodes() if n.get("Alive")] or [1]) or 1
 
     def warm(self, source: str | None) -> None:
         """Have every worker open `source` now (imports, the model), while this process still checks and

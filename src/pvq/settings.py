@@ -79,8 +79,8 @@ class QuantConfig:
     # match the unquantized block's (finetune.py): "none" or "blocks"; the other three only matter then
     finetune: str = "none"
     finetune_tokens: int = 16384  # calibration tokens the tuning uses (whole samples, the first ones)
-    finetune_steps: int = 50  # Adam steps a block
-    finetune_lr: float = 1e-3
+    finetune_steps: int = 100  # Adam steps a block
+    finetune_lr: float = 5e-3
     dense_dtype: str = "float16"  # embeddings, head and norms are stored in this dtype
     # per-layer settings by full layer name (spec_to_dict form), e.g. from allocation.allocate
     overrides: dict | None = None

@@ -1,0 +1,77 @@
+"""Tuning after quantizing (--finetune): perplexity, KL divergence and top-1 agreement of pvq-gptq with and
+without tuning, at 2.25 and 3.25 bits, on SmolLM2-135M-Instruct.
+
+Every row is `pvq quantize --method pvq-gptq --bits B [--allocate] --finetune F` in its own process
+(calibration: 128 x 512 tokens of the WikiText-2 validation text, the tuning uses the first
+--finetune-tokens of them; the test text never), then `pvq eval --ppl --kl` on the quick protocol (16
+windows of 2048 tokens of the test text) and, at 3.25 bits, ARC-Easy 0-shot on all 2376 test questions.
+Rows without tuning are taken from bench/results/quality.json where it has them (the same commands).
+Results go to bench/results/finetune.json after every row; the tuned curve is added to
+bench/results/pareto.png.
+
+Run:  python bench/finetune.py                                  (every row; about 2 hours on 2 cores)
+      python bench/finetune.py --rows 3.25 --finetune-steps 200   (one row, tuning settings passed on)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import write_json  # noqa: E402
+from quality import plot, run_json  # noqa: E402
+from scale import commit  # noqa: E402
+
+ROWS = {"3.25": ["--bits", "3.25"], "2.25": ["--bits", "2.25"], "2.25-allocate": ["--bits", "2.25", "--allocate"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}")
+    ap.add_argument("--finetune", default="blocks")
+    ap.add_argument("--finetune-steps", default=None)
+    ap.add_argument("--finetune-tokens", default=None)
+    ap.add_argument("--lr", default=None)
+    ap.add_argument("--no-arc", action="store_true", help="skip ARC-Easy (the 3.25 row runs it otherwise)")
+    ap.add_argument("--work", default="/tmp/pvq-finetune")
+    args = ap.parse_args()
+    out = ROOT / "bench" / "results"
+    path = out / "finetune.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["protocol"] = {"ppl": "WikiText-2 test, 16 windows x 2048 tokens", "calib": "wikitext2 validation, 128 x 512",
+                           "arc_easy": "test, 0-shot, all 2376", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"}
+    rows = results.setdefault("rows", [])
+    tune = ["--finetune", args.finetune]
+    for opt in ("finetune_steps", "finetune_tokens", "lr"):
+        if getattr(args, opt) is not None:
+            tune += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
+    for name in args.rows.split(","):
+        d = Path(args.work) / name
+        q = run_json(["quantize", "--method", "pvq-gptq", *ROWS[name], *tune, "-o", str(d), "--force"])
+        arc = [] if args.no_arc or not name.startswith("3.25") else ["--arc-easy"]
+        e = run_json(["eval", str(d), "--ppl", "--kl", *arc])
+        row = {"row": name, "options": " ".join([*ROWS[name], *tune]), "bits_per_weight": q["bits_per_weight"],
+               "file_bytes": q["file_bytes"], "quantize_seconds": q["seconds"], "quantize_wall_seconds": q["wall_seconds"],
+               "quantize_peak_rss_mib": q["peak_rss_mib"], "blocks": q.get("finetune"), "commit": commit(), **e}
+        rows[:] = [r for r in rows if r["options"] != row["options"]] + [row]
+        write_json(path, results)
+        print(f"{row['options']}: {row['bits_per_weight']:.4f} bpw, ppl {row['ppl']:.2f}, kl {row['kl']:.4f}, "
+              f"top-1 {row['top1_agree']:.3f}, quantize {row['quantize_seconds']:.0f} s, "
+              f"{row['quantize_peak_rss_mib']:.0f} MiB", flush=True)
+    quality = json.loads((out / "quality.json").read_text())
+    best = {}
+    for r in rows:  # per target, the tuned row with the lowest perplexity
+        key = r["options"].split()[1] + (" allocate" if "--allocate" in r["options"] else "")
+        if "--allocate" not in r["options"] and (key not in best or r["ppl"] < best[key]["ppl"]):
+            best[key] = r
+    results["curve"] = sorted((r["bits_per_weight"], r["ppl"]) for r in best.values())
+    write_json(path, results)
+    plot(quality, out / "pareto.png")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
