@@ -227,7 +227,7 @@ def main() -> None:
         eff = {m: min(r["speedup_2_over_1_workers"] for r in results["methods"][m]["models"].values()) / 2
                for m in ("pvq", "pvq-gptq")}
         results["projection"] = {"costs_8b_block": costs, "efficiency_2_workers": eff,
-                                 "calibration": "128 x 512 tokens", "hours": project(costs, eff),
+                                 "calibration": "128 x 512 tokens", "hours": project(costs, eff), "commit": commit(),
                                  "assumptions": __doc__.split("The projection", 1)[1].strip()}
         write_json(out_json, results)
         print(json.dumps(results["projection"]["hours"], indent=1))
