@@ -5,12 +5,14 @@ Every row is `pvq quantize --method pvq-gptq --bits B [--allocate] --finetune F`
 (calibration: 128 x 512 tokens of the WikiText-2 validation text, the tuning uses the first
 --finetune-tokens of them; the test text never), then `pvq eval --ppl --kl` on the quick protocol (16
 windows of 2048 tokens of the test text) and, at 3.25 bits, ARC-Easy 0-shot on all 2376 test questions.
-Rows without tuning are taken from bench/results/quality.json where it has them (the same commands).
+The untuned rows (`--finetune none`) are measured the same way, on the same machine, so the calibration
+precision (`--calib-dtype auto`) is the same in both.
 Results go to bench/results/finetune.json after every row; the tuned curve is added to
 bench/results/pareto.png.
 
 Run:  python bench/finetune.py                                  (every row; about 2 hours on 2 cores)
       python bench/finetune.py --rows 3.25 --finetune-steps 200   (one row, tuning settings passed on)
+      python bench/finetune.py --rows 3.25,2.25 --finetune none --no-arc   (the untuned rows to compare)
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def main() -> None:
     best = {}
     for r in rows:  # per target, the tuned row with the lowest perplexity
         key = r["options"].split()[1] + (" allocate" if "--allocate" in r["options"] else "")
-        if "--allocate" not in r["options"] and (key not in best or r["ppl"] < best[key]["ppl"]):
+        tuned = "--finetune none" not in r["options"]
+        if tuned and "--allocate" not in r["options"] and (key not in best or r["ppl"] < best[key]["ppl"]):
             best[key] = r
     results["curve"] = sorted((r["bits_per_weight"], r["ppl"]) for r in best.values())
     write_json(path, results)
