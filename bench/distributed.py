@@ -179,7 +179,7 @@ def thread_speedup(costs: dict, threads: int) -> float:
 
 def project(costs: dict, efficiency: dict, nsamples: int = 128, seqlen: int = 512) -> dict:
     """Hours to quantize 8B and 70B models on 1, 8 and 64 nodes of 32 workers, from `costs` (phase_costs)."""
-    from pvq.distributed import solve_threads
+    from pvq.distributed import solve_cost, solve_threads
     base = _linears(**{k: v for k, v in SHAPES["8B"].items() if k != "layers"})
     base_weights = sum(r * c for r, c in base.values())
     tokens = nsamples * seqlen
@@ -198,7 +198,7 @@ def project(costs: dict, efficiency: dict, nsamples: int = 128, seqlen: int = 51
             pvq = -(-sh["layers"] // workers) * free_block / efficiency["pvq"]
             # pvq-gptq: blocks in order; shards and linears of a block in parallel (longest solve first)
             shards = min(workers, nsamples)
-            threads = solve_threads({k: c * c * (c + r) for k, (r, c) in lin.items()}, workers, 32)
+            threads = solve_threads({k: solve_cost(r, c) for k, (r, c) in lin.items()}, workers, 32)
             solves = max(t / thread_speedup(costs, threads[k]) for k, t in solve.items())
             block = tokens * per_token / shards + solves
             gptq = sh["layers"] * block / efficiency["pvq-gptq"]

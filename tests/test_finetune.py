@@ -9,9 +9,10 @@ from pvq import api
 from pvq.cli import main as cli
 from pvq.finetune import block_targets, tune_block
 from pvq.loader import load
-from pvq.models.adapters import block_linears, blocks, capture_block_inputs
+from pvq.models.adapters import blocks, capture_block_inputs
 from pvq.models.loading import tiny_model, tiny_tokenizer
 from pvq.settings import QuantConfig
+
 
 def _text(seed: int, words: int) -> str:
     """Words drawn at random from a small vocabulary: calibration and held-out text of one distribution."""

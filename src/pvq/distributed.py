@@ -145,10 +145,10 @@ def advance_task(block, made: dict, hidden: torch.Tensor, kwargs: dict, cfg_dict
     return out
 
 
-def _solve_cost(linear) -> int:
+def solve_cost(rows: int, cols: int) -> int:
     """About the work of one linear's solve: the Hessian's factorisation (cols^3) and the column updates
     (rows x cols^2)."""
-    return linear.in_features ** 2 * (linear.in_features + linear.out_features)
+    return cols ** 2 * (cols + rows)
 
 
 def solve_threads(costs: dict, cpus: int, node_cpus: int) -> dict:
@@ -188,8 +188,9 @@ class Shards:
         linears = block_linears(block)
         uncalibrated += [prefix + name for name in linears if name not in hess]
         # the longest solves first: the last task to start is then a short one
-        order = sorted(linears, key=lambda n: -_solve_cost(linears[n]))
-        threads = solve_threads({n: _solve_cost(linears[n]) for n in order}, pool.workers(), pool.node_cpus())
+        costs = {n: solve_cost(linears[n].out_features, linears[n].in_features) for n in linears}
+        order = sorted(linears, key=lambda n: -costs[n])
+        threads = solve_threads(costs, pool.workers(), pool.node_cpus())
         for name in order:
             mod = linears[name]
             full = prefix + name

@@ -104,6 +104,13 @@ class _TunedNorms:
             mod._parameters[attr] = p
 
 
+def _round_delta(delta: torch.Tensor, v0: torch.Tensor, dtype: torch.dtype) -> None:
+    """Set delta so v0 * (1 + delta) is exactly its value rounded to `dtype` (where v0 is 0 the value is 0
+    whatever delta is, so delta is left as it is)."""
+    rounded = (v0 * (1 + delta)).to(dtype).float()
+    delta.copy_(torch.where(v0 != 0, rounded / torch.where(v0 != 0, v0, 1) - 1, delta))
+
+
 def _loss(block, hidden, target, kwargs, rows) -> torch.Tensor:
     out = block(hidden[rows], **kwargs)
     out = out[0] if isinstance(out, tuple) else out
@@ -152,12 +159,12 @@ def tune_block(block: nn.Module, made: dict, hidden: torch.Tensor, target: torch
         with torch.no_grad():  # what would be stored: scales in fp16, norms in their stored dtype
             for t in tuned.values():
                 if t.pvq:
-                    t.ds.copy_((t.s0 * (1 + t.ds)).half().float() / t.s0 - 1)
+                    _round_delta(t.ds, t.s0, torch.float16)
             for _, _, p, d in norms.items:
-                d.copy_((p.detach().float() * (1 + d)).to(stored).float() / p.detach().float() - 1)
-        d_nan = [p for p in params if not bool(torch.isfinite(p).all())]
+                _round_delta(d, p.detach().float(), stored)
+        diverged = any(not bool(torch.isfinite(p).all()) for p in params)
         norms.set()
-        after = float("inf") if d_nan else _total(block, hidden, target, kwargs)
+        after = float("inf") if diverged else _total(block, hidden, target, kwargs)
     finally:
         for name, lin in originals.items():
             set_module(block, name, lin)
