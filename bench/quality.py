@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--fresh", action="store_true", help="ignore runs already in quality.json")
     ap.add_argument("--redo", action="store_true", help="measure the chosen rates and methods again, replacing their rows")
+    ap.add_argument("--calib-dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                    help="passed to `pvq quantize` (rows measured on one CPU compare with another's float32 rows)")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,10 +111,11 @@ def main() -> None:
             if (m, rate) in done:
                 continue
             d = work / f"{m}-{rate}"
-            q = run_json(["quantize", "--method", m, "--bits", str(rate), "-o", str(d), "--force"])
+            dtype = ["--calib-dtype", args.calib_dtype] if args.calib_dtype else []
+            q = run_json(["quantize", "--method", m, "--bits", str(rate), "-o", str(d), "--force", *dtype])
             extra = arc if (m == "pvq-gptq" and rate == 3.25) else []
             e = run_json(["eval", str(d), "--ppl", "--kl", *extra])
-            r = {"method": m, "target_bits": rate, "bits_per_weight": q["bits_per_weight"], "file_bytes": q["file_bytes"],
+            r = {"method": m, "target_bits": rate, **({"calib_dtype": args.calib_dtype} if args.calib_dtype else {}), "bits_per_weight": q["bits_per_weight"], "file_bytes": q["file_bytes"],
                  "quantize_seconds": q["seconds"], "quantize_peak_rss_mib": q["peak_rss_mib"], **e}
             results["runs"] = [x for x in results["runs"] if (x["method"], x["target_bits"]) != (m, rate)] + [r]
             save(results, out)
