@@ -1,17 +1,24 @@
 """--finetune blocks (finetune.py): a quantized block's stored scales, biases and norms tuned against the
 unquantized block, the file the same size, the same bytes twice, the tuned values what is stored."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from pvq import api
 from pvq.cli import main as cli
-from pvq.finetune import block_targets, tune_block
+from pvq.finetune import Teacher, _log_rest, block_targets, tune_block
 from pvq.loader import load
 from pvq.models.adapters import blocks, capture_block_inputs
 from pvq.models.loading import tiny_model, tiny_tokenizer
 from pvq.settings import QuantConfig
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def _text(seed: int, words: int) -> str:
@@ -94,3 +101,76 @@ def test_finetune_needs_a_calibrated_method_and_one_process(model_dir, tmp_path,
                 "-o", str(tmp_path / "y")]) != 0
     assert "runs in one process" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_the_coarsened_kl_is_exact_when_one_token_is_left_out_and_zero_for_the_reference_itself():
+    g = torch.Generator().manual_seed(0)
+    ref, other = torch.randn(3, 5, 12, generator=g), torch.randn(3, 5, 12, generator=g)
+    lp, lq = ref.log_softmax(-1), other.log_softmax(-1)
+    full = (lp.exp() * (lp - lq)).sum(-1).mean()
+    top = lp.topk(11, dim=-1)
+    t = Teacher(top.indices, top.values, _log_rest(top.values))
+    assert float(t.kl(other, slice(0, 3))) == pytest.approx(float(full), rel=1e-5)
+    assert abs(float(t.kl(ref, slice(0, 3)))) < 1e-6
+    few = lp.topk(3, dim=-1)  # fewer tokens kept: a lower bound of the full divergence
+    t3 = Teacher(few.indices, few.values, _log_rest(few.values))
+    assert 0 <= float(t3.kl(other, slice(0, 3))) <= float(full) + 1e-6
+
+
+def _kl_to(ref, d: Path, ids) -> float:
+    with torch.no_grad():
+        lp = ref(ids).logits.log_softmax(-1)
+        lq = load(str(d))[0](ids).logits.log_softmax(-1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def test_model_tuning_is_deterministic_keeps_the_size_and_lowers_the_divergence(model_dir, tmp_path):
+    plain = _quantize(model_dir, tmp_path / "plain")
+    tune = ["--finetune-model-steps", "12", "--lr", "3e-3"]
+    a = _quantize(model_dir, tmp_path / "a", "--finetune", "model", *tune)
+    b = _quantize(model_dir, tmp_path / "b", "--finetune", "model", *tune)
+    both = _quantize(model_dir, tmp_path / "both", "--finetune", "both", "--finetune-steps", "10", *tune)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    qa = json.loads((a / "config.json").read_text())["quantization_config"]
+    assert qa["config"]["finetune"] == "model" and qa["config"]["finetune_model_steps"] == 12
+    for d in (a, both):
+        assert (d / "model.safetensors").stat().st_size == (plain / "model.safetensors").stat().st_size
+    ref = tiny_model("qwen2")
+    ids = tiny_tokenizer()(_text(1, 400), return_tensors="pt").input_ids[:, :128]  # held out
+    kl = {k: _kl_to(ref, d, ids) for k, d in (("plain", plain), ("model", a), ("both", both))}
+    assert kl["model"] < kl["plain"] and kl["both"] < kl["plain"], kl
+
+
+_DIE = """import os, sys
+import {module} as m
+setattr({target}, {attr!r}, lambda *a, **k: os._exit(3))
+from pvq.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _killed(root, out, module, target, attr, extra):
+    """Run `pvq quantize` in a process that dies (os._exit, as kill -9 would leave it) where `attr` is called."""
+    script = _DIE.format(module=module, target=target, attr=attr)
+    cmd = [sys.executable, "-c", script, "quantize", str(root / "hf"), *ARGS, "--calib", str(root / "calib.txt"),
+           "-o", str(out), *extra]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def test_a_run_killed_while_or_after_tuning_the_model_resumes_to_the_same_bytes(model_dir, tmp_path):
+    tune = ["--finetune", "model", "--finetune-model-steps", "6", "--lr", "3e-3"]
+    want = _quantize(model_dir, tmp_path / "want", *tune)
+    out = tmp_path / "out"
+    r = _killed(model_dir, out, "pvq.api", "m", "tune_model", tune)  # every block written, the model not tuned
+    assert r.returncode == 3 and not out.exists()
+    manifest = json.loads(next(tmp_path.glob("out.tmp-*/manifest.json")).read_text())
+    assert len(manifest["blocks"]) == 2 and "tuned" not in manifest
+    r = _killed(model_dir, out, "pvq.checkpoint", "m.Writer", "finish", tune)  # tuned and recorded, not assembled
+    assert r.returncode == 3 and "resuming" in r.stderr and not out.exists()
+    manifest = json.loads(next(tmp_path.glob("out.tmp-*/manifest.json")).read_text())
+    assert manifest["tuned"]["summary"]["kept"]
+    assert cli(["quantize", str(model_dir / "hf"), *ARGS, "--calib", str(model_dir / "calib.txt"), "-o", str(out),
+                *tune]) == 0
+    assert (out / "model.safetensors").read_bytes() == (want / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "want"]

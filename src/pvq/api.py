@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import codec
 from .checkpoint import stored_tensors
 from .codec.fp16 import FP16RangeError
-from .finetune import block_targets, tune_block
+from .finetune import Teacher, block_targets, reference_stream, tune_block, tune_model, tuned_names
 from .memory import release_memory, trim_heap
 from .models.adapters import (block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
                               check_supported, set_module)
@@ -115,8 +115,12 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     hidden = kwargs = None
     uncalibrated: list[str] = []
     tuning: list[dict] = []  # per block: the tuning loss before and after (--finetune blocks)
+    ref = ref_ids = None  # --finetune model: the unquantized model's stream on the tuning samples
     if cfg.uses_data:  # block 0's inputs, and every block's call arguments (rotary embeddings, masks)
         hidden, kwargs = capture_block_inputs(model, calib_ids)
+        if cfg.tunes_model:
+            ref_ids = calib_ids[:tuning_samples(cfg, calib_ids)]
+            ref = hidden[:ref_ids.shape[0]].float().clone()
         hidden = hidden if saved is None else saved
         if reader is not None:  # read again with the rest at the end: not held through every block
             release_parameters(model, [model.get_input_embeddings().weight])
@@ -135,11 +139,17 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     elif pool is not None:  # every remaining block a task of its own, their results taken in block order
         done_elsewhere = pool.quantize_blocks(model, source, cfg, range(start, len(layers)))
     for i, block in enumerate(layers):
+        prefix = prefixes[i]
         if i < start:  # done by the run this one resumes
-            release(block)
+            if ref is not None and writer.tuned() is None:  # its reference outputs and its quantized form again
+                if reader is not None:
+                    materialize(model, reader, lambda n: n.startswith(prefix))
+                ref = reference_stream(block, ref, kwargs[i])
+                install_written(block, prefix, per_layer, writer.block_tensors(i))
+            else:
+                release(block)
             bar.update(len(block_linears(block)))
             continue
-        prefix = prefixes[i]
         if shards is not None:  # blocks in order, the work inside each spread over the workers
             if reader is not None:
                 check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
@@ -164,9 +174,10 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             continue
         if reader is not None:
             check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
-        tune = hidden[:min(hidden.shape[0], max(1, cfg.finetune_tokens // hidden.shape[1]))] \
-            if cfg.finetune == "blocks" else None
+        tune = hidden[:tuning_samples(cfg, hidden)] if cfg.tunes_blocks else None
         target = None if tune is None else block_targets(block, tune, kwargs[i])
+        if ref is not None:
+            ref = reference_stream(block, ref, kwargs[i])
         with calibration_precision(cfg, hidden):
             hess = sharded_hessians(block, hidden, kwargs[i], cfg.calib_shards) if cfg.uses_data else {}
         made, done, err = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated, drop=writer is not None)
@@ -188,7 +199,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         if writer is not None:
             writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
                              hidden if cfg.uses_data and i + 1 < len(layers) else None)
-            release(block)
+            if ref is None:  # tuning the whole model needs every block at the end
+                release(block)
         release_memory()
     bar.close()
     if shards is not None:
@@ -198,8 +210,20 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         for name, p in model.named_parameters(remove_duplicate=False):
             if p.device.type == "meta" and not name.startswith(prefixes):  # a tied twin is filled with it
                 check_weights(model, cfg, materialize(model, reader, lambda n, name=name: n == name))
-                if writer is not None:  # one float32 embedding or head in memory at a time
+                if writer is not None and ref is None:  # one float32 embedding or head in memory at a time
                     _round_dense(model, dense, stored=True)
+    model_tuning = None
+    if ref is not None:  # the reference's head in float32, the tuned model's as it is stored
+        model_tuning = None if writer is None else writer.tuned()
+        if model_tuning is None:
+            teacher = Teacher.of(model, ref, ref_ids, progress=progress)
+            del ref
+            _round_dense(model, dense)
+            model_tuning = tune_model(model, ref_ids, teacher, steps=cfg.finetune_model_steps, lr=cfg.finetune_lr,
+                                      seed=derive_seed(cfg.seed, "finetune model"), stored=dense, progress=progress)
+            if writer is not None:
+                names = set(tuned_names(model))
+                writer.add_tuned({k: t for k, t in stored_tensors(model, dense).items() if k in names}, model_tuning)
     _round_dense(model, dense, stored=writer is not None)
     summary = summarize(per_layer)
     if cfg.act is not None and writer is not None:  # the blocks are written and released: from the shapes
@@ -214,7 +238,26 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     summary["uncalibrated"] = uncalibrated
     if tuning:
         summary["finetune"] = tuning
+    if model_tuning is not None:
+        summary["finetune_model"] = model_tuning
     return summary
+
+
+def tuning_samples(cfg: QuantConfig, calib: torch.Tensor) -> int:
+    """How many of the calibration samples (the first ones) the tuning uses: --finetune-tokens in whole samples."""
+    return min(calib.shape[0], max(1, cfg.finetune_tokens // calib.shape[1]))
+
+
+def install_written(block, prefix: str, layers: dict, tensors: dict) -> None:
+    """Put back a block as a run this one resumes wrote it: QuantLinear modules built from their
+    quantization_config entries (`layers`, by full name), every tensor from the block's file (`tensors`)."""
+    for name, mod in block_linears(block).items():
+        entry = layers.get(prefix + name)
+        if entry is not None:
+            set_module(block, name, QuantLinear(spec_from_dict(entry), tuple(entry["shape"]),
+                                                bias=getattr(mod, "bias", None) is not None))
+    own = block.state_dict()
+    block.load_state_dict({k[len(prefix):]: t for k, t in tensors.items() if k[len(prefix):] in own}, strict=False)
 
 
 def quantize_block(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list) -> tuple[dict, dict]:

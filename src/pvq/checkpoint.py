@@ -252,6 +252,7 @@ SHARD = "model-{:05d}-of-{:05d}.safetensors"
 _BLOCK = "block-{:05d}.safetensors"
 _ACTIVATIONS = "activations-{:05d}.safetensors"
 _SHARD_ACTIVATIONS = "activations-{:05d}-{:04d}.safetensors"
+_TUNED = "tuned-model.safetensors"
 
 
 def _save_atomic(tensors: dict, path: Path) -> None:
@@ -312,7 +313,8 @@ class Writer:
             if same:
                 os.replace(old, self.tmp)
                 m.folder = self.tmp
-                self._tidy(keep={b["file"] for b in m.blocks} | set(_files(m.activations)))
+                self._tidy(keep={b["file"] for b in m.blocks} | set(_files(m.activations))
+                           | ({m.tuned["file"]} if m.tuned else set()))
                 return m
             if m is None or m.fingerprint is None or overwrite:
                 shutil.rmtree(old, ignore_errors=True)
@@ -378,6 +380,30 @@ class Writer:
         for f in set(previous) - set(_files(act)):
             (self.tmp / f).unlink(missing_ok=True)
 
+    def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors block `index` was written with (a resumed run that tunes the whole model needs every
+        block back in memory)."""
+        b = self.manifest.blocks[index]
+        return {k: e.read() for k, e in tensorfile.entries(self.tmp / b["file"]).items()}
+
+    def add_tuned(self, tensors: dict[str, torch.Tensor], summary: dict) -> None:
+        """Record the whole model's tuning (--finetune model): the tensors it changed, which replace those of
+        the block files and of the rest when the directory is assembled, and its summary. One file, written
+        before the manifest names it: a run killed while tuning tunes again from the same state."""
+        if self.manifest.tuned is not None:
+            raise ValueError("the model's tuning is already recorded")
+        self._guard(lambda: _save_atomic(tensors, self.tmp / _TUNED))
+        self.manifest.tuned = {"file": _TUNED, "tensors": {k: tensor_checksum(t) for k, t in sorted(tensors.items())},
+                               "summary": summary}
+        self._guard(self.manifest.save)
+
+    def tuned(self) -> dict | None:
+        """The summary of the whole model's tuning where a run recorded it (add_tuned), else None."""
+        return None if self.manifest.tuned is None else self.manifest.tuned["summary"]
+
+    def _tuned_tensors(self) -> dict:
+        return {} if self.manifest.tuned is None else dict(tensorfile.entries(self.tmp / self.manifest.tuned["file"]))
+
     def shard_activations(self, index: int, shards: int) -> list[Path]:
         """Where the activations after block `index` go when each calibration shard's are written apart
         (by the worker that computed them), in sample order."""
@@ -386,6 +412,7 @@ class Writer:
     def _weights(self, sums: dict[str, str]) -> list[str]:
         """Assemble the block files and the rest into the final weight files; returns their names."""
         items = [(b["file"], b["bytes"]) for b in self.manifest.blocks] + [(None, _nbytes(self.rest))]
+        tuned = self._tuned_tensors()  # the whole model's tuning replaces what the blocks were written with
         groups, size = [[]], 0
         for item in items:
             if groups[-1] and size + item[1] > self.shard_bytes:
@@ -399,6 +426,7 @@ class Writer:
             tensors = {}  # tensors of the block files stay on disk: copied into the shard one at a time
             for file in group:
                 tensors.update(self.rest if file is None else tensorfile.entries(self.tmp / file))
+            tensors.update({k: tuned[k] for k in tensors.keys() & tuned.keys()})
             for k, t in tensors.items():  # a block file damaged while the run was stopped is not assembled
                 crc = tensor_checksum(t)
                 if sums.setdefault(k, crc) != crc:
@@ -416,7 +444,7 @@ class Writer:
         """Remove the work files (blocks, activations, half-written `.part` files) except those in `keep`:
         a run killed between writing a file and recording it leaves such orphans."""
         for f in self.tmp.iterdir():
-            work = f.name.endswith(".part") or f.name.startswith(("block-", "activations-"))
+            work = f.name.endswith(".part") or f.name.startswith(("block-", "activations-", "tuned-"))
             if work and f.name not in keep:
                 f.unlink(missing_ok=True)
 
@@ -432,6 +460,8 @@ class Writer:
             raise
         sums = {k: v for b in self.manifest.blocks for k, v in b["tensors"].items()}
         self.rest = {k: v for k, v in stored.items() if k not in sums}
+        if self.manifest.tuned is not None:  # the tuned values, wherever they are assembled from
+            sums.update(self.manifest.tuned["tensors"])
 
         def write():
             weights = set(self._weights(sums)) | {INDEX}

@@ -149,13 +149,18 @@ def _add_quantize(sub) -> None:
                         "least --workers. A setting of its own, not the worker count, so the bytes are the same on "
                         "any number of workers or without Ray")
     p.add_argument("--finetune", choices=FINETUNE_MODES, default="none",
-                   help="gptq, pvq-gptq: 'blocks' tunes, right after each block is quantized, what it stores beside "
-                        "its codes (PVQ scales, biases, norm weights) so its outputs on calibration text match the "
-                        "unquantized block's; the file keeps its size. Default none")
+                   help="gptq, pvq-gptq: tune what is stored beside the codes (PVQ scales, biases, norm weights) "
+                        "against the unquantized model; the file keeps its size. 'blocks': right after each block "
+                        "is quantized, so its outputs on calibration text match the unquantized block's; 'model': "
+                        "once every block is done, all of them at once, so the model's next-token distributions "
+                        "match the unquantized model's (KL divergence on its 64 most likely tokens); 'both': one "
+                        "then the other. Default none")
     p.add_argument("--finetune-tokens", type=_int(1), default=16384, metavar="T",
                    help="calibration tokens the tuning uses, whole samples from the first (default 16384)")
     p.add_argument("--finetune-steps", type=_int(1), default=100, metavar="S",
-                   help="Adam steps per block, 2 samples a step (default 100)")
+                   help="'blocks': Adam steps per block, 2 samples a step (default 100)")
+    p.add_argument("--finetune-model-steps", type=_int(1), default=100, metavar="S",
+                   help="'model': Adam steps over the whole model, 2 samples a step (default 100)")
     p.add_argument("--lr", type=_float(0, above=True), default=5e-3,
                    help="tuning learning rate; every value is tuned as a relative change (default 0.005)")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
@@ -279,6 +284,7 @@ def _quant_config(args):
                        nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order, calib_dtype=args.calib_dtype,
                        calib_shards=args.calib_shards, finetune=args.finetune, finetune_tokens=args.finetune_tokens,
                        finetune_steps=args.finetune_steps, finetune_lr=args.lr,
+                       finetune_model_steps=args.finetune_model_steps,
                        dense_dtype=args.dense_dtype, abits=args.abits, act_method=args.act_method,
                        act_rotate=not args.no_act_rotate)
 
@@ -367,6 +373,10 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
         if report is not None:  # the report gets each layer's measured error next to the predicted one
             extra = report_files(report, summary["layer_errors"])
         writer.finish(model, tok, extra)
+    if "finetune_model" in summary:
+        t = summary["finetune_model"]
+        print(f"model tuning: KL to the unquantized model on the tuning samples {t['kl_before']:.4g} -> "
+              f"{t['kl_after']:.4g}" + ("" if t["kept"] else " (no lower: the untuned values were kept)"))
     if summary["uncalibrated"]:
         n = len(summary["uncalibrated"])
         print(f"{n} linear{'s' * (n > 1)} reached by no calibration token (experts nobody was routed to) "

@@ -1,4 +1,4 @@
-"""Tuning what a quantized block stores beside its codes, so that it answers like the unquantized block.
+"""Tuning what a quantized model stores beside its codes, so that it answers like the unquantized model.
 
 Once a block's linears are quantized, the values still continuous and stored anyway are tuned: each PVQ
 linear's fp16 scales (one per row, or one for the matrix), each quantized linear's bias, and the block's
@@ -14,6 +14,16 @@ as b0 + delta), so one learning rate suits values of any size. Adam, mini-batche
 by a generator seeded from the run's seed and the block index; the tuned values are rounded to the dtype
 they are stored in, and kept only where they lower the loss over all the tuning samples (otherwise the
 block is left as quantized), so tuning never makes a block worse on its own data.
+
+The whole model (tune_model, `--finetune model`) is tuned the same way, every block's values and the
+final norm at once, against the unquantized model's next-token distributions on the tuning samples: the
+loss is the KL divergence KL(P_ref || P) per token. The reference distributions are computed once, from
+the unquantized blocks' outputs carried beside the quantized stream (reference_stream), and kept as their
+TOPK most likely tokens plus one bucket for all the others (`Teacher`): KL between the two distributions
+coarsened that way, which is exact on the tokens that carry almost all the mass and bounds the full KL
+from below, in memory of tokens x TOPK rather than tokens x vocabulary. (End-to-end tuning of quantization
+parameters: PEQA and EfficientQAT's E2E-QP, Kim et al. 2023 and Chen et al. 2024; distillation on the
+teacher's logits as in PV-tuning, Malinovskii et al. 2024.)
 """
 from __future__ import annotations
 
@@ -23,10 +33,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .codec import PackedPVQ, PVQSpec
-from .models.adapters import block_linears, run_block, set_module
+from .models.adapters import block_linears, logits_after_blocks, run_block, set_module
 from .modules.linear import QuantLinear, Rotations
 
 BATCH = 2  # samples a step
+TOPK = 64  # the reference's most likely tokens kept per position (the rest: one bucket)
 
 
 class _TunedLinear(nn.Module):
@@ -180,3 +191,117 @@ def block_targets(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch
     """The unquantized block's outputs on `hidden`, in float32: what tune_block matches."""
     with torch.no_grad():
         return run_block(block, hidden, kwargs).float()
+
+
+class Teacher:
+    """The unquantized model's next-token distributions on the tuning samples, as each position's TOPK most
+    likely tokens (`index` int64 [N, L, K], their log-probabilities `logp` float32 [N, L, K]) and the log of
+    the mass of all others (`rest` [N, L])."""
+
+    def __init__(self, index: torch.Tensor, logp: torch.Tensor, rest: torch.Tensor):
+        self.index, self.logp, self.rest = index, logp, rest
+
+    @classmethod
+    def of(cls, model, hidden: torch.Tensor, input_ids: torch.Tensor, k: int = TOPK, progress: bool = False) -> "Teacher":
+        """From `hidden`, the unquantized last block's outputs [N, L, D] for `input_ids` [N, L]: the model's
+        head runs on one sample at a time (a sample's full logits are L x vocabulary floats)."""
+        index, logp, rest = [], [], []
+        for s in tqdm(range(input_ids.shape[0]), desc="reference logits", disable=not progress, leave=False):
+            lp = logits_after_blocks(model, hidden[s:s + 1], input_ids[s:s + 1]).float().log_softmax(-1)
+            top = lp.topk(min(k, lp.shape[-1] - 1), dim=-1)  # the bucket of the others never empty
+            index.append(top.indices)
+            logp.append(top.values)
+            rest.append(_log_rest(top.values))
+        return cls(torch.cat(index), torch.cat(logp), torch.cat(rest))
+
+    def kl(self, logits: torch.Tensor, rows) -> torch.Tensor:
+        """Mean over positions of KL(reference || model) between the coarsened distributions, for the model's
+        `logits` [n, L, V] on samples `rows`."""
+        lq = logits.float().log_softmax(-1)
+        index, logp, rest = self.index[rows], self.logp[rows], self.rest[rows]
+        lq_top = lq.gather(-1, index)
+        lq_rest = torch.logsumexp(lq.scatter(-1, index, float("-inf")), dim=-1)
+        kl = (logp.exp() * (logp - lq_top)).sum(-1) + rest.exp() * (rest - lq_rest)
+        return kl.mean()
+
+
+def _log_rest(top: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(top))), the log of the mass outside the kept tokens, at least -100 (exp gives 0)."""
+    mass = torch.logsumexp(top, dim=-1).clamp_max(0)
+    return torch.log(-torch.expm1(mass)).clamp_min(-100.0)
+
+
+def reference_stream(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The unquantized block's outputs on the unquantized stream: what the reference model's next block sees."""
+    with torch.no_grad():
+        return run_block(block, hidden, kwargs).float()
+
+
+def tuned_names(model) -> list[str]:
+    """The names of the stored tensors tune_model may change (PVQ scales, quantized linears' biases, the 1-D
+    float parameters of the blocks and after them): the tensors a resumed run takes from its tuned file."""
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    names = [f"{n}.{k}" for n, m in quant.items() for k in ("scales", "bias")
+             if getattr(m, k, None) is not None and (k == "bias" or isinstance(m.packed, PackedPVQ))]
+    inside = {id(p) for m in quant.values() for p in m.parameters()}
+    embed = {id(p) for p in model.get_input_embeddings().parameters()}
+    names += [n for n, p in model.named_parameters() if p.dim() == 1 and p.is_floating_point()
+              and id(p) not in inside | embed]
+    return sorted(names)
+
+
+def _total_kl(model, ids: torch.Tensor, teacher: Teacher) -> float:
+    with torch.no_grad():
+        return sum(float(teacher.kl(model(ids[s:s + BATCH], use_cache=False).logits, slice(s, s + BATCH)))
+                   * min(BATCH, ids.shape[0] - s) for s in range(0, ids.shape[0], BATCH)) / ids.shape[0]
+
+
+def tune_model(model, input_ids: torch.Tensor, teacher: Teacher, *, steps: int, lr: float, seed: int,
+               stored: torch.dtype = torch.float16, progress: bool = True) -> dict:
+    """Tune every block's stored continuous values and the 1-D parameters after the blocks (the final norm)
+    so the model's next-token distributions on `input_ids` [N, L] match `teacher`'s (see the module
+    docstring). The model's QuantLinear modules and parameters receive the tuned values, rounded to their
+    stored dtypes, if they lower the mean KL over all N samples. Returns {"kl_before", "kl_after", "kept"}."""
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    embed = model.get_input_embeddings()
+    norms = _TunedNorms(model, {**quant, "embed": embed}, stored)
+    tuned = {name: _TunedLinear(q) for name, q in quant.items()}
+    for name, t in tuned.items():
+        set_module(model, name, t)
+    params = [p for t in tuned.values() for p in (t.ds, t.db) if p is not None] + norms.deltas()
+    gen = torch.Generator().manual_seed(seed)
+    n = input_ids.shape[0]
+    try:
+        norms.set()
+        before = _total_kl(model, input_ids, teacher)
+        opt = torch.optim.Adam(params, lr=lr)
+        bar = tqdm(range(steps), desc="tune model", disable=not progress, leave=False, unit="step")
+        with torch.enable_grad():
+            for _ in bar:
+                rows = torch.randperm(n, generator=gen)[:BATCH]
+                opt.zero_grad(set_to_none=True)
+                norms.set()
+                loss = teacher.kl(model(input_ids[rows], use_cache=False).logits, rows)
+                loss.backward()
+                loss = loss.detach()
+                opt.step()
+                bar.set_postfix(kl=f"{loss.item():.4g}")
+        bar.close()
+        with torch.no_grad():
+            for t in tuned.values():
+                if t.pvq:
+                    _round_delta(t.ds, t.s0, torch.float16)
+            for _, _, p, d in norms.items:
+                _round_delta(d, p.detach().float(), stored)
+        diverged = any(not bool(torch.isfinite(p).all()) for p in params)
+        norms.set()
+        after = float("inf") if diverged else _total_kl(model, input_ids, teacher)
+    finally:
+        for name, q in quant.items():
+            set_module(model, name, q)
+    keep = after < before
+    norms.restore(keep)
+    if keep:
+        for t in tuned.values():
+            t.store()
+    return {"kl_before": before, "kl_after": after if keep else before, "kept": keep, "steps": steps}

@@ -73,24 +73,27 @@ class Manifest:
     """The state of an unfinished run, kept in its temporary directory."""
 
     def __init__(self, folder: Path, fingerprint: dict | None, blocks: list | None = None,
-                 activations: str | list[str] | None = None):
+                 activations: str | list[str] | None = None, tuned: dict | None = None):
         self.folder = Path(folder)
         self.fingerprint = fingerprint
         self.blocks = blocks or []
         self.activations = activations
+        self.tuned = tuned  # the whole model's tuning, once done: {"file", "tensors" (checksums), "summary"}
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest | None":
         try:
             d = json.loads((Path(folder) / MANIFEST).read_text())
-            return cls(folder, d["fingerprint"], list(d["blocks"]), d.get("activations"))
+            return cls(folder, d["fingerprint"], list(d["blocks"]), d.get("activations"), d.get("tuned"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def save(self) -> None:
         tmp = self.folder / (MANIFEST + ".part")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "blocks": self.blocks,
-                                   "activations": self.activations}, indent=1))
+        state = {"fingerprint": self.fingerprint, "blocks": self.blocks, "activations": self.activations}
+        if self.tuned is not None:
+            state["tuned"] = self.tuned
+        tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.folder / MANIFEST)
 
     @property

@@ -21,7 +21,7 @@ LAYOUTS = ("compact", "fast")
 ACT_METHODS = ("rtn", "pvq")  # activation quantizers (modules/actquant.py)
 MAX_BITS = 64  # a target above this is no number of stored bits per weight (and overflows the picker's arithmetic)
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-FINETUNE_MODES = ("none", "blocks")  # what --finetune tunes after quantizing (finetune.py)
+FINETUNE_MODES = ("none", "blocks", "model", "both")  # what --finetune tunes after quantizing (finetune.py)
 CALIB_DTYPES = ("auto", "float32", "bfloat16")  # what the calibration forwards multiply in
 
 
@@ -76,11 +76,14 @@ class QuantConfig:
     calib_shards: int = 1
     act_order: bool = False
     # after each block is quantized, tune its stored continuous values (scales, norms, biases) so its outputs
-    # match the unquantized block's (finetune.py): "none" or "blocks"; the other three only matter then
+    # match the unquantized block's ("blocks"), and/or those of the whole model so its next-token
+    # distributions match the unquantized model's ("model"; "both": one then the other) (finetune.py);
+    # the other four only matter when tuning
     finetune: str = "none"
     finetune_tokens: int = 16384  # calibration tokens the tuning uses (whole samples, the first ones)
     finetune_steps: int = 100  # Adam steps a block
     finetune_lr: float = 5e-3
+    finetune_model_steps: int = 100  # Adam steps of the whole model's tuning
     dense_dtype: str = "float16"  # embeddings, head and norms are stored in this dtype
     # per-layer settings by full layer name (spec_to_dict form), e.g. from allocation.allocate
     overrides: dict | None = None
@@ -122,8 +125,8 @@ class QuantConfig:
         if self.finetune != "none" and not self.uses_data:
             raise ValueError(f"--finetune {self.finetune} tunes against calibration data: use it with a calibrated "
                              f"method (gptq, pvq-gptq), not {self.method}")
-        if not _positive_int(self.finetune_tokens) or not _positive_int(self.finetune_steps):
-            raise ValueError("--finetune-tokens and --finetune-steps must be integers >= 1")
+        if not all(_positive_int(v) for v in (self.finetune_tokens, self.finetune_steps, self.finetune_model_steps)):
+            raise ValueError("--finetune-tokens, --finetune-steps and --finetune-model-steps must be integers >= 1")
         if not (isinstance(self.finetune_lr, (int, float)) and math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             raise ValueError(f"--lr must be a number above 0, got {self.finetune_lr!r}")
         if self.nsamples < 1 or self.seqlen < 2:
@@ -136,6 +139,14 @@ class QuantConfig:
     @property
     def uses_data(self) -> bool:
         return self.method.endswith("gptq")
+
+    @property
+    def tunes_blocks(self) -> bool:
+        return self.finetune in ("blocks", "both")
+
+    @property
+    def tunes_model(self) -> bool:
+        return self.finetune in ("model", "both")
 
     @property
     def rotates(self) -> bool:
@@ -151,8 +162,10 @@ class QuantConfig:
         if d["calib_shards"] == 1:  # the sum every file made before shards existed: stored as it always was
             del d["calib_shards"]
         if d["finetune"] == "none":  # an untuned file is stored as every file before tuning existed
-            for k in ("finetune", "finetune_tokens", "finetune_steps", "finetune_lr"):
+            for k in ("finetune", "finetune_tokens", "finetune_steps", "finetune_lr", "finetune_model_steps"):
                 del d[k]
+        elif d["finetune"] == "blocks":  # as stored before the whole model could be tuned
+            del d["finetune_model_steps"]
         return d
 
     @classmethod
