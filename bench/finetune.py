@@ -13,6 +13,7 @@ bench/results/pareto.png.
 Run:  python bench/finetune.py                                  (every row; about 2 hours on 2 cores)
       python bench/finetune.py --rows 3.25 --finetune-steps 200   (one row, tuning settings passed on)
       python bench/finetune.py --rows 3.25,2.25 --finetune none --no-arc   (the untuned rows to compare)
+      python bench/finetune.py --rows 3.25 --finetune model --no-arc      (the whole model tuned at once)
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--finetune", default="blocks")
     ap.add_argument("--finetune-steps", default=None)
     ap.add_argument("--finetune-tokens", default=None)
+    ap.add_argument("--finetune-model-steps", default=None)
     ap.add_argument("--lr", default=None)
     ap.add_argument("--no-arc", action="store_true", help="skip ARC-Easy (the 3.25 row runs it otherwise)")
     ap.add_argument("--work", default="/tmp/pvq-finetune")
@@ -47,7 +49,7 @@ def main() -> None:
                            "arc_easy": "test, 0-shot, all 2376", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"}
     rows = results.setdefault("rows", [])
     tune = ["--finetune", args.finetune]
-    for opt in ("finetune_steps", "finetune_tokens", "lr"):
+    for opt in ("finetune_steps", "finetune_tokens", "finetune_model_steps", "lr"):
         if getattr(args, opt) is not None:
             tune += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
     for name in args.rows.split(","):
@@ -57,7 +59,7 @@ def main() -> None:
         e = run_json(["eval", str(d), "--ppl", "--kl", *arc])
         row = {"row": name, "options": " ".join([*ROWS[name], *tune]), "bits_per_weight": q["bits_per_weight"],
                "file_bytes": q["file_bytes"], "quantize_seconds": q["seconds"], "quantize_wall_seconds": q["wall_seconds"],
-               "quantize_peak_rss_mib": q["peak_rss_mib"], "blocks": q.get("finetune"), "commit": commit(), **e}
+               "quantize_peak_rss_mib": q["peak_rss_mib"], "blocks": q.get("finetune"), "model": q.get("finetune_model"), "commit": commit(), **e}
         rows[:] = [r for r in rows if r["options"] != row["options"]] + [row]
         write_json(path, results)
         print(f"{row['options']}: {row['bits_per_weight']:.4f} bpw, ppl {row['ppl']:.2f}, kl {row['kl']:.4f}, "
