@@ -30,10 +30,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .codec import PackedPVQ, PVQSpec
-from .models.adapters import block_linears, logits_after_blocks, run_block, set_module
+from .models.adapters import block_linears, blocks, logits_after_blocks, run_block, set_module
 from .modules.linear import QuantLinear, Rotations
 
 BATCH = 2  # samples a step
@@ -250,6 +251,24 @@ def tuned_names(model) -> list[str]:
     return sorted(names)
 
 
+class _Recompute:
+    """Inside, each block keeps only its inputs for the backward pass and runs again there (activation
+    checkpointing): the whole model's activations at once would be the peak of tuning it."""
+
+    def __init__(self, model):
+        self.layers = blocks(model)
+
+    def __enter__(self):
+        for block in self.layers:
+            forward = block.forward
+            block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+        return self
+
+    def __exit__(self, *exc):
+        for block in self.layers:
+            del block.forward
+
+
 def _total_kl(model, ids: torch.Tensor, teacher: Teacher) -> float:
     with torch.no_grad():
         return sum(float(teacher.kl(model(ids[s:s + BATCH], use_cache=False).logits, slice(s, s + BATCH)))
@@ -276,7 +295,7 @@ def tune_model(model, input_ids: torch.Tensor, teacher: Teacher, *, steps: int, 
         before = _total_kl(model, input_ids, teacher)
         opt = torch.optim.Adam(params, lr=lr)
         bar = tqdm(range(steps), desc="tune model", disable=not progress, leave=False, unit="step")
-        with torch.enable_grad():
+        with torch.enable_grad(), _Recompute(model):
             for _ in bar:
                 rows = torch.randperm(n, generator=gen)[:BATCH]
                 opt.zero_grad(set_to_none=True)
