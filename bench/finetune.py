@@ -59,7 +59,7 @@ def main() -> None:
         e = run_json(["eval", str(d), "--ppl", "--kl", *arc])
         row = {"row": name, "options": " ".join([*ROWS[name], *tune]), "bits_per_weight": q["bits_per_weight"],
                "file_bytes": q["file_bytes"], "quantize_seconds": q["seconds"], "quantize_wall_seconds": q["wall_seconds"],
-               "quantize_peak_rss_mib": q["peak_rss_mib"], "blocks": q.get("finetune"), "model": q.get("finetune_model"), "commit": commit(), **e}
+               "quantize_peak_rss_mib": q["peak_rss_mib"], "blocks": q.get("finetune"), "model_tuning": q.get("finetune_model"), "commit": commit(), **e}
         rows[:] = [r for r in rows if r["options"] != row["options"]] + [row]
         write_json(path, results)
         print(f"{row['options']}: {row['bits_per_weight']:.4f} bpw, ppl {row['ppl']:.2f}, kl {row['kl']:.4f}, "
