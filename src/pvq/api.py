@@ -99,6 +99,9 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     quantize the blocks (data-free methods, with a writer), each opening `source` (the model's path,
     None for the default model) itself; this process writes what they return, in block order.
     activations: an offload.ActivationFiles that holds the calibration activations in files, not memory.
+    cfg.finetune "model" / "both" keeps every finished block (a writer still gets each as it is done), carries
+    the unquantized model's outputs on the tuning samples beside the quantized stream, and tunes the whole
+    model at the end (finetune.tune_model); a writer records the tuned values, so a resumed run assembles them.
     """
     check_supported(model)
     layers = blocks(model)

@@ -153,8 +153,10 @@ def _add_quantize(sub) -> None:
                         "against the unquantized model; the file keeps its size. 'blocks': right after each block "
                         "is quantized, so its outputs on calibration text match the unquantized block's; 'model': "
                         "once every block is done, all of them at once, so the model's next-token distributions "
-                        "match the unquantized model's (KL divergence on its 64 most likely tokens); 'both': one "
-                        "then the other. Default none")
+                        "match the unquantized model's (KL divergence on its 64 most likely tokens; it holds every "
+                        "quantized linear decoded in float32 meanwhile, 4 bytes a weight); 'both': one then the "
+                        "other. Default none: 'model' took SmolLM2 at 3.25 bits from perplexity 24.3 to 23.5 but "
+                        "quadrupled the time")
     p.add_argument("--finetune-tokens", type=_int(1), default=16384, metavar="T",
                    help="calibration tokens the tuning uses, whole samples from the first (default 16384)")
     p.add_argument("--finetune-steps", type=_int(1), default=100, metavar="S",
