@@ -133,6 +133,7 @@ def test_model_tuning_is_deterministic_keeps_the_size_and_lowers_the_divergence(
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     qa = json.loads((a / "config.json").read_text())["quantization_config"]
     assert qa["config"]["finetune"] == "model" and qa["config"]["finetune_model_steps"] == 12
+    assert "finetune_steps" not in qa["config"]  # unused by model tuning: a resume may change it
     for d in (a, both):
         assert (d / "model.safetensors").stat().st_size == (plain / "model.safetensors").stat().st_size
     ref = tiny_model("qwen2")
@@ -174,3 +175,16 @@ def test_a_run_killed_while_or_after_tuning_the_model_resumes_to_the_same_bytes(
                 *tune]) == 0
     assert (out / "model.safetensors").read_bytes() == (want / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "want"]
+
+
+def test_a_whole_loaded_run_of_both_tunings_killed_while_tuning_the_model_resumes_to_the_streamed_bytes(
+        model_dir, tmp_path):
+    tune = ["--finetune", "both", "--finetune-steps", "5", "--finetune-model-steps", "6", "--lr", "3e-3"]
+    want = _quantize(model_dir, tmp_path / "want", *tune)  # streamed, one block in memory at a time
+    out = tmp_path / "out"
+    r = _killed(model_dir, out, "pvq.api", "m", "tune_model", [*tune, "--no-stream"])
+    assert r.returncode == 3 and not out.exists()
+    assert cli(["quantize", str(model_dir / "hf"), *ARGS, "--calib", str(model_dir / "calib.txt"), "-o", str(out),
+                *tune, "--no-stream"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (want / "model.safetensors").read_bytes()
+    assert json.loads((out / "config.json").read_text()) == json.loads((want / "config.json").read_text())

@@ -225,8 +225,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             model_tuning = tune_model(model, ref_ids, teacher, steps=cfg.finetune_model_steps, lr=cfg.finetune_lr,
                                       seed=derive_seed(cfg.seed, "finetune model"), stored=dense, progress=progress)
             if writer is not None:
-                names = set(tuned_names(model))
-                writer.add_tuned({k: t for k, t in stored_tensors(model, dense).items() if k in names}, model_tuning)
+                writer.add_tuned(stored_tensors(model, dense, wanted=set(tuned_names(model)).__contains__), model_tuning)
     _round_dense(model, dense, stored=writer is not None)
     summary = summarize(per_layer)
     if cfg.act is not None and writer is not None:  # the blocks are written and released: from the shapes

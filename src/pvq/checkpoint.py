@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -175,19 +176,22 @@ def guard_name(layer: str) -> str:
     return f"{layer}.weight"
 
 
-def stored_tensors(model, dense_dtype: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The tensors a directory stores for `model` (only those whose names start with `prefix`): a quantized
-    linear's buffers (and bias) as they are, every other tensor in `dense_dtype`, a tied one once.
-    Tensors on the meta device (a streamed block already written) are left out."""
+def stored_tensors(model, dense_dtype: torch.dtype, prefix: str = "",
+                   wanted: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a directory stores for `model` (only those whose names start with `prefix`, and only
+    those `wanted(name)` where given): a quantized linear's buffers (and bias) as they are, every other tensor in
+    `dense_dtype`, a tied one once. Tensors on the meta device (a streamed block already written) are left
+    out."""
     quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n.startswith(prefix)}
     # A loader that does not know pvq (transformers without `import pvq` skips an unknown quant_method)
     # would build plain linears and fill their missing weights at random: an empty tensor under each
     # weight's name makes that a size-mismatch error instead. It holds no bytes.
     tensors: dict[str, torch.Tensor] = {guard_name(n): torch.empty(0, dtype=torch.uint8) for n in sorted(quant)
-                                        if any(b.device.type != "meta" for b in model.get_submodule(n).buffers())}
+                                        if any(b.device.type != "meta" for b in model.get_submodule(n).buffers())
+                                        and (wanted is None or wanted(guard_name(n)))}
     seen = {}
     for key, t in model.state_dict().items():
-        if not key.startswith(prefix) or t.device.type == "meta":
+        if not key.startswith(prefix) or t.device.type == "meta" or (wanted is not None and not wanted(key)):
             continue
         if key.rpartition(".")[0] in quant:  # packed buffers (and bias) are stored as they are
             tensors[key] = t.detach().contiguous().clone()
@@ -453,12 +457,12 @@ class Writer:
         """Write what is left of `model` (after api.quantize; `stored`: its stored_tensors, where the caller
         has them), the tokenizer, `extra_files` (name -> bytes, e.g. reports) and config.json; then put the
         directory in place. Returns out_dir."""
-        try:
-            stored = _stored(model) if stored is None else stored
+        sums = {k: v for b in self.manifest.blocks for k, v in b["tensors"].items()}
+        try:  # the blocks' tensors are in their files already (a model kept whole for tuning still has them)
+            stored = _stored(model, lambda k: k not in sums) if stored is None else stored
         except ValueError:
             self.abort()
             raise
-        sums = {k: v for b in self.manifest.blocks for k, v in b["tensors"].items()}
         self.rest = {k: v for k, v in stored.items() if k not in sums}
         if self.manifest.tuned is not None:  # the tuned values, wherever they are assembled from
             sums.update(self.manifest.tuned["tensors"])
@@ -493,12 +497,12 @@ def save(model, tokenizer, out_dir: str | Path, overwrite: bool = False, extra_f
         return w.finish(model, tokenizer, extra_files, tensors)
 
 
-def _stored(model) -> dict[str, torch.Tensor]:
+def _stored(model, wanted: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """stored_tensors of a model pvq quantized, in its configured dense dtype (ValueError otherwise)."""
     qc = stored_config(getattr(model.config, "quantization_config", None))
     if qc is None:
         raise ValueError("save: the model has not been quantized by pvq (no pvq quantization_config)")
-    return stored_tensors(model, DENSE_DTYPES[qc["config"]["dense_dtype"]])
+    return stored_tensors(model, DENSE_DTYPES[qc["config"]["dense_dtype"]], wanted=wanted)
 
 
 def read_config(path: str | Path) -> dict:

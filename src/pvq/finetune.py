@@ -27,6 +27,8 @@ teacher's logits as in PV-tuning, Malinovskii et al. 2024.)
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,7 @@ class _TunedLinear(nn.Module):
             self.ds = nn.Parameter(torch.zeros_like(self.s0))
         else:  # a uniform grid: its per-group scales and offsets stay; only the bias is tuned
             unit = q.rotated_weight().float()
+            q.drop_decoded()  # the copy here is the one tuning uses; the layer's own would stay behind
             self.s0 = self.ds = None
         self.u = unit if rot.r_in is None else rot.r_in.apply_inverse(unit)
         self.b0 = None if q.bias is None else q.bias.detach().float().clone()
@@ -136,6 +139,61 @@ def _total(block, hidden, target, kwargs) -> float:
                    for s in range(0, hidden.shape[0], BATCH)) / hidden.shape[0]
 
 
+def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, steps: int, lr: float, seed: int,
+          n: int, desc: str, progress: bool, recompute=None) -> tuple[float, float, bool]:
+    """The loop tune_block and tune_model share: the QuantLinear modules `quant` (name in `root` ->
+    QuantLinear, installed or not) are swapped for _TunedLinear while Adam lowers `loss(rows)` on
+    mini-batches of the n samples; the tuned values are rounded to their stored dtypes and kept (written into
+    the QuantLinears and norms) only if `total()`, the loss over all samples, drops. Returns (before, after,
+    kept). Whatever happens inside, `root` leaves with its own modules and parameters back."""
+    originals = {name: root.get_submodule(name) for name in quant}
+    tuned = {name: _TunedLinear(q) for name, q in quant.items()}
+    for name, t in tuned.items():
+        set_module(root, name, t)
+    params = [p for t in tuned.values() for p in (t.ds, t.db) if p is not None] + norms.deltas()
+    own = {id(p) for p in params}
+    frozen = [p for p in root.parameters() if p.requires_grad and id(p) not in own]  # only deltas need gradients
+    for p in frozen:
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    keep = False
+    try:
+        norms.set()
+        before = total()
+        opt = torch.optim.Adam(params, lr=lr)
+        bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
+        with torch.enable_grad(), (recompute(root) if recompute else nullcontext()):
+            for _ in bar:
+                rows = torch.randperm(n, generator=gen)[:BATCH]
+                opt.zero_grad(set_to_none=True)
+                norms.set()
+                value = loss(rows)
+                value.backward()
+                opt.step()
+                bar.set_postfix(loss=f"{value.item():.4g}")
+        bar.close()
+        with torch.no_grad():  # what would be stored: scales in fp16, norms in their stored dtype
+            for t in tuned.values():
+                if t.pvq:
+                    _round_delta(t.ds, t.s0, torch.float16)
+            for _, _, p, d in norms.items:
+                _round_delta(d, p.detach().float(), norms.stored)
+        diverged = any(not bool(torch.isfinite(p).all()) for p in params)
+        norms.set()
+        after = float("inf") if diverged else total()
+        keep = after < before
+    finally:
+        for name, lin in originals.items():
+            set_module(root, name, lin)
+        norms.restore(keep)
+        for p in frozen:
+            p.requires_grad_(True)
+    if keep:
+        for t in tuned.values():
+            t.store()
+    return before, (after if keep else before), keep
+
+
 def tune_block(block: nn.Module, made: dict, hidden: torch.Tensor, target: torch.Tensor, kwargs: dict, *,
                steps: int, lr: float, seed: int, stored: torch.dtype = torch.float16,
                desc: str = "tune", progress: bool = True) -> dict:
@@ -143,49 +201,18 @@ def tune_block(block: nn.Module, made: dict, hidden: torch.Tensor, target: torch
     linears `made` (name -> QuantLinear, not yet installed) match `target` (the unquantized block's outputs
     on `hidden`, [samples, seqlen, hidden]). The tuned scales and biases are written into `made`, the norms
     into the block. Returns {"loss_before", "loss_after", "kept"} (relative mean squared errors)."""
-    linears = block_linears(block)
-    originals = {name: linears[name] for name in made}
-    tuned = {name: _TunedLinear(q) for name, q in made.items()}
-    norms = _TunedNorms(block, linears, stored)
-    for name, t in tuned.items():
-        set_module(block, name, t)
-    params = [p for t in tuned.values() for p in (t.ds, t.db) if p is not None] + norms.deltas()
-    gen = torch.Generator().manual_seed(seed)
-    n = hidden.shape[0]
+    norms = _TunedNorms(block, block_linears(block), stored)
+    originals = {name: block.get_submodule(name) for name in made}
+    for name, q in made.items():  # installed for the loop, which puts the originals back after
+        set_module(block, name, q)
     try:
-        norms.set()
-        before = _total(block, hidden, target, kwargs)
-        opt = torch.optim.Adam(params, lr=lr)
-        bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
-        with torch.enable_grad():
-            for _ in bar:
-                rows = torch.randperm(n, generator=gen)[:BATCH]
-                opt.zero_grad(set_to_none=True)
-                norms.set()
-                loss = _loss(block, hidden, target, kwargs, rows)
-                loss.backward()
-                loss = loss.detach()
-                opt.step()
-                bar.set_postfix(loss=f"{loss.item():.3g}")
-        bar.close()
-        with torch.no_grad():  # what would be stored: scales in fp16, norms in their stored dtype
-            for t in tuned.values():
-                if t.pvq:
-                    _round_delta(t.ds, t.s0, torch.float16)
-            for _, _, p, d in norms.items:
-                _round_delta(d, p.detach().float(), stored)
-        diverged = any(not bool(torch.isfinite(p).all()) for p in params)
-        norms.set()
-        after = float("inf") if diverged else _total(block, hidden, target, kwargs)
+        before, after, keep = _tune(block, made, norms, lambda rows: _loss(block, hidden, target, kwargs, rows),
+                                    lambda: _total(block, hidden, target, kwargs), steps=steps, lr=lr,
+                                    seed=seed, n=hidden.shape[0], desc=desc, progress=progress)
     finally:
         for name, lin in originals.items():
             set_module(block, name, lin)
-    keep = after < before
-    norms.restore(keep)
-    if keep:
-        for t in tuned.values():
-            t.store()
-    return {"loss_before": before, "loss_after": after if keep else before, "kept": keep}
+    return {"loss_before": before, "loss_after": after, "kept": keep}
 
 
 def block_targets(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -282,45 +309,12 @@ def tune_model(model, input_ids: torch.Tensor, teacher: Teacher, *, steps: int, 
     docstring). The model's QuantLinear modules and parameters receive the tuned values, rounded to their
     stored dtypes, if they lower the mean KL over all N samples. Returns {"kl_before", "kl_after", "kept"}."""
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    embed = model.get_input_embeddings()
-    norms = _TunedNorms(model, {**quant, "embed": embed}, stored)
-    tuned = {name: _TunedLinear(q) for name, q in quant.items()}
-    for name, t in tuned.items():
-        set_module(model, name, t)
-    params = [p for t in tuned.values() for p in (t.ds, t.db) if p is not None] + norms.deltas()
-    gen = torch.Generator().manual_seed(seed)
-    n = input_ids.shape[0]
-    try:
-        norms.set()
-        before = _total_kl(model, input_ids, teacher)
-        opt = torch.optim.Adam(params, lr=lr)
-        bar = tqdm(range(steps), desc="tune model", disable=not progress, leave=False, unit="step")
-        with torch.enable_grad(), _Recompute(model):
-            for _ in bar:
-                rows = torch.randperm(n, generator=gen)[:BATCH]
-                opt.zero_grad(set_to_none=True)
-                norms.set()
-                loss = teacher.kl(model(input_ids[rows], use_cache=False).logits, rows)
-                loss.backward()
-                loss = loss.detach()
-                opt.step()
-                bar.set_postfix(kl=f"{loss.item():.4g}")
-        bar.close()
-        with torch.no_grad():
-            for t in tuned.values():
-                if t.pvq:
-                    _round_delta(t.ds, t.s0, torch.float16)
-            for _, _, p, d in norms.items:
-                _round_delta(d, p.detach().float(), stored)
-        diverged = any(not bool(torch.isfinite(p).all()) for p in params)
-        norms.set()
-        after = float("inf") if diverged else _total_kl(model, input_ids, teacher)
-    finally:
-        for name, q in quant.items():
-            set_module(model, name, q)
-    keep = after < before
-    norms.restore(keep)
-    if keep:
-        for t in tuned.values():
-            t.store()
-    return {"kl_before": before, "kl_after": after if keep else before, "kept": keep, "steps": steps}
+    norms = _TunedNorms(model, {**quant, "embed": model.get_input_embeddings()}, stored)
+
+    def loss(rows):
+        return teacher.kl(model(input_ids[rows], use_cache=False).logits, rows)
+
+    before, after, keep = _tune(model, quant, norms, loss, lambda: _total_kl(model, input_ids, teacher),
+                                steps=steps, lr=lr, seed=seed, n=input_ids.shape[0], desc="tune model",
+                                progress=progress, recompute=_Recompute)
+    return {"kl_before": before, "kl_after": after, "kept": keep, "steps": steps}

@@ -166,6 +166,8 @@ class QuantConfig:
                 del d[k]
         elif d["finetune"] == "blocks":  # as stored before the whole model could be tuned
             del d["finetune_model_steps"]
+        elif d["finetune"] == "model":  # unused: a resume with other block steps is the same run
+            del d["finetune_steps"]
         return d
 
     @classmethod
