@@ -14,6 +14,7 @@ Run:  python bench/finetune.py                                  (every row; abou
       python bench/finetune.py --rows 3.25 --finetune-steps 200   (one row, tuning settings passed on)
       python bench/finetune.py --rows 3.25,2.25 --finetune none --no-arc   (the untuned rows to compare)
       python bench/finetune.py --rows 3.25 --finetune model --no-arc      (the whole model tuned at once)
+      python bench/finetune.py --rows 3.25 --finetune model --scale row --no-arc  (a scale per row to tune)
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--finetune-tokens", default=None)
     ap.add_argument("--finetune-model-steps", default=None)
     ap.add_argument("--lr", default=None)
+    ap.add_argument("--scale", default=None, help="PVQ scale granularity passed on (tensor, row)")
     ap.add_argument("--no-arc", action="store_true", help="skip ARC-Easy (the 3.25 row runs it otherwise)")
     ap.add_argument("--work", default="/tmp/pvq-finetune")
     args = ap.parse_args()
@@ -49,7 +51,7 @@ def main() -> None:
                            "arc_easy": "test, 0-shot, all 2376", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"}
     rows = results.setdefault("rows", [])
     tune = ["--finetune", args.finetune]
-    for opt in ("finetune_steps", "finetune_tokens", "finetune_model_steps", "lr"):
+    for opt in ("finetune_steps", "finetune_tokens", "finetune_model_steps", "lr", "scale"):
         if getattr(args, opt) is not None:
             tune += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
     for name in args.rows.split(","):
