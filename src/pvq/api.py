@@ -83,7 +83,8 @@ def layer_spec(cfg: QuantConfig, name: str, rows: int, cols: int):
 
 @torch.no_grad()
 def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, progress: bool = True,
-             reader=None, writer=None, pool=None, source: str | None = None, activations=None) -> dict:
+             reader=None, writer=None, pool=None, source: str | None = None, activations=None,
+             device: str | torch.device | None = None) -> dict:
     """Quantize every linear of the transformer blocks of `model` in place. Returns a summary dict.
 
     summary["layer_errors"]: per layer, the relative error the quantizer left
@@ -102,8 +103,13 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     cfg.finetune "model" / "both" keeps every finished block (a writer still gets each as it is done), carries
     the unquantized model's outputs on the tuning samples beside the quantized stream, and tunes the whole
     model at the end (finetune.tune_model); a writer records the tuned values, so a resumed run assembles them.
+    device: where a calibrated method (gptq, pvq-gptq) runs the work of a block (a GPU: "cuda"): the block,
+    the calibration activations and the solver go there, the model stays where it is and each finished block
+    comes back (the codes are made on the CPU, where the enumeration and the files are). None: where the
+    model is (the CPU). The results are those of the CPU up to the order of floating-point sums.
     """
     check_supported(model)
+    device = check_work_device(device, cfg, pool, activations)
     layers = blocks(model)
     prefixes = tuple(block_prefix(model, i) for i in range(len(layers)))
     if reader is not None and cfg.uses_data:  # calibration needs the input embeddings now, the rest waits
@@ -125,6 +131,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             ref_ids = calib_ids[:tuning_samples(cfg, calib_ids)]
             ref = hidden[:ref_ids.shape[0]].float().clone()
         hidden = hidden if saved is None else saved
+        if device is not None:
+            hidden, kwargs = hidden.to(device), [to_device(k, device) for k in kwargs]
         if reader is not None:  # read again with the rest at the end: not held through every block
             release_parameters(model, [model.get_input_embeddings().weight])
         if activations is not None:
@@ -177,6 +185,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             continue
         if reader is not None:
             check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
+        if device is not None:
+            block.to(device)
         tune = hidden[:tuning_samples(cfg, hidden)] if cfg.tunes_blocks else None
         target = None if tune is None else block_targets(block, tune, kwargs[i])
         if ref is not None:
@@ -199,6 +209,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                                           None if activations is None else activations.empty_like(hidden),
                                           cfg.calib_shards)
         install(block, made)
+        if device is not None:  # back where the model is, its codes made there already
+            block.to("cpu")
         if writer is not None:
             writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
                              hidden if cfg.uses_data and i + 1 < len(layers) else None)
@@ -245,6 +257,43 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     return summary
 
 
+def check_work_device(device, cfg: QuantConfig, pool, activations) -> torch.device | None:
+    """The torch.device a run's blocks are worked on (None: where the model is), or a one-line ValueError for
+    a device torch does not know or cannot see, and for what does not run on a GPU yet."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r}: not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"--device {device}: quantizing runs on the CPU or on a CUDA GPU (cuda, cuda:N)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    for bad, why in ((not cfg.uses_data, f"{cfg.method} needs no calibration; it runs on the CPU in seconds"),
+                     (pool is not None, "--workers and --ray-address spread the work over CPU processes"),
+                     (activations is not None, "--offload keeps the activations in files for the CPU"),
+                     (cfg.finetune != "none", "--finetune runs on the CPU for now")):
+        if bad:
+            raise ValueError(f"--device {device}: {why}; drop one of the two")
+    return dev
+
+
+def to_device(obj, device: torch.device):
+    """obj with every tensor inside (in tuples, lists and dicts: a block's call arguments) moved to device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 def tuning_samples(cfg: QuantConfig, calib: torch.Tensor) -> int:
     """How many of the calibration samples (the first ones) the tuning uses: --finetune-tokens in whole samples."""
     return min(calib.shape[0], max(1, cfg.finetune_tokens // calib.shape[1]))
@@ -284,7 +333,7 @@ def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict, out:
     every call (most of a calibration forward's time)."""
     linears = block_linears(block)
     for name, q in made.items():
-        linears[name].weight.data = q.weight_in_original_basis().to(linears[name].weight.dtype)
+        linears[name].weight.data = q.weight_in_original_basis().to(hidden.device, linears[name].weight.dtype)
         q.drop_decoded()  # rebuilt if the model is run later; a stream keeps none
     return sharded_outputs(block, hidden, kwargs, shards, out)
 
@@ -330,7 +379,7 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
                 h_rot = rotate_hessian(h, seeds[0], in_place=owned)
                 del h
             else:
-                h_rot = torch.eye(cols, dtype=torch.float64)
+                h_rot = torch.eye(cols, dtype=torch.float64, device=w_rot.device)
             w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp, share_h=True,
                                  block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
             error = relative_error(w_rot, w_hat, h_rot)

@@ -269,7 +269,7 @@ def _save_atomic(tensors: dict, path: Path) -> None:
 
 def save_activations(hidden: torch.Tensor, path: Path) -> None:
     """The calibration activations at a block boundary (or one shard's), whole or not at all."""
-    _save_atomic({"hidden": hidden.contiguous()}, path)
+    _save_atomic({"hidden": hidden.cpu().contiguous()}, path)
 
 
 def _files(activations) -> list[str]:

@@ -127,6 +127,11 @@ def _add_quantize(sub) -> None:
     p.add_argument("--shard-size", type=_size, default="2GB", metavar="SIZE",
                    help="largest safetensors shard written, e.g. 500MB or 2GB (default 2GB); a smaller model is one "
                         "model.safetensors")
+    p.add_argument("--device", default=None, metavar="DEV",
+                   help="gptq, pvq-gptq: where each block's calibration forwards, Hessians and solver run: cpu (the "
+                        "default) or a CUDA GPU (cuda, cuda:1). The model stays in CPU memory and is read, kept and "
+                        "written as without it, one block at a time on the GPU; the file is the CPU's up to the "
+                        "order of floating-point sums (so not byte for byte)")
     p.add_argument("--no-stream", action="store_true",
                    help="load the whole float model first (a safetensors folder, or a GGUF file too large for pvq's "
                         "float cache, is otherwise read one block at a time and written as it goes, so the model "
@@ -343,6 +348,7 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
     from .models.loading import load_model, load_skeleton, streamable
     from .models.streaming import NotStreamable
 
+    api.check_work_device(args.device, cfg, pool, args.offload)  # before any long work
     # a safetensors folder is read block by block (allocation's probes need the whole model at once)
     stream = streamable(args.model) and alloc is None and not args.no_stream
     model = reader = None
@@ -371,7 +377,7 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
     torch.manual_seed(cfg.seed)
     with _writer(args, sources, nbytes, model, cfg, calib) as writer, _activations(args, model, cfg, calib) as acts:
         summary = api.quantize(model, cfg, calib, progress=progress, reader=reader, writer=writer, pool=pool,
-                               source=args.model, activations=acts)
+                               source=args.model, activations=acts, device=args.device)
         if report is not None:  # the report gets each layer's measured error next to the predicted one
             extra = report_files(report, summary["layer_errors"])
         writer.finish(model, tok, extra)

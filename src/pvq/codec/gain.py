@@ -114,7 +114,7 @@ def fit_gain_codebook(kind: str, r: torch.Tensor, n: int, m: int, levels: int) -
     """Build the codebook of a given kind for normalised gains r (data used only by data-fitted kinds)."""
     if kind == "beta":
         return GainCodebook("beta", beta_codebook(n, m, levels))
-    r = r.reshape(-1).to(torch.float64)
+    r = r.reshape(-1).to("cpu", torch.float64)  # a few values per group: a codebook is fitted and kept on the CPU
     if kind == "uniform":
         lo = torch.tensor(float(r.min()), dtype=torch.float16).double()
         hi = torch.tensor(float(r.max()), dtype=torch.float16).double()

@@ -58,7 +58,7 @@ def _project(a: torch.Tensor, k: int) -> torch.Tensor:
     g, n = a.shape
     s = _row_sum(a)[:, None]
     if k <= n // 2:
-        y = torch.zeros(g, n, dtype=a.dtype)
+        y = torch.zeros(g, n, dtype=a.dtype, device=a.device)
     else:
         y = torch.floor(a * ((k + 0.8) / s.clamp_min(torch.finfo(a.dtype).tiny)))
     # an all-zero group: put every pulse on the first coordinate (any point is as good)
@@ -101,7 +101,7 @@ def _pulse_moves(a: torch.Tensor, y: torch.Tensor, xy: torch.Tensor, yy: torch.T
     """
     g, n = a.shape
     top = min(top, n)
-    active = torch.arange(g)
+    active = torch.arange(g, device=a.device)
     tiny = torch.finfo(a.dtype).eps
     for _ in range(max_rounds):
         if active.numel() == 0:
@@ -149,7 +149,7 @@ def search(x: torch.Tensor, k: int, *, refine: int | None = None) -> torch.Tenso
     rounds = 2 * n if refine is None else int(refine)
     shape = x.shape
     flat = x.reshape(-1, n)
-    out = torch.empty(flat.shape, dtype=torch.int64)
+    out = torch.empty(flat.shape, dtype=torch.int64, device=flat.device)
     if k == 0:
         return out.zero_().reshape(shape)
     work_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32

@@ -64,10 +64,10 @@ def _rotated(x: torch.Tensor, r: RandomHadamard | None, out: torch.Tensor) -> to
 def rotate_weight(w: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
     """W' = R_out^T W R_in (float64 math, float32 result)."""
     r_in, r_out = layer_rotations(*w.shape, seeds)
-    mid = _rotated(w, r_in, torch.empty(w.shape, dtype=torch.float64))
+    mid = _rotated(w, r_in, torch.empty(w.shape, dtype=torch.float64, device=w.device))
     if r_out is None:
         return mid.float()
-    return _rotated(mid.T, r_out, torch.empty(w.shape[::-1], dtype=torch.float32)).T.contiguous()
+    return _rotated(mid.T, r_out, torch.empty(w.shape[::-1], dtype=torch.float32, device=w.device)).T.contiguous()
 
 
 def rotate_hessian(h: torch.Tensor, seed_in: int, in_place: bool = False) -> torch.Tensor:
@@ -80,7 +80,8 @@ def rotate_hessian(h: torch.Tensor, seed_in: int, in_place: bool = False) -> tor
     if seed_in == NO_SEED:
         return h
     r = RandomHadamard(h.shape[0], seed_in)
-    m = h if in_place and h.dtype == torch.float64 and h.is_contiguous() else torch.empty(h.shape, dtype=torch.float64)
+    m = h if in_place and h.dtype == torch.float64 and h.is_contiguous() else torch.empty(h.shape, dtype=torch.float64,
+                                                                                              device=h.device)
     m = _rotated(h, r, m)
     step = max(1, CHUNK_WEIGHTS // max(h.shape[0], 1))
     for s in range(0, h.shape[0], step):
