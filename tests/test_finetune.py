@@ -188,3 +188,19 @@ def test_a_whole_loaded_run_of_both_tunings_killed_while_tuning_the_model_resume
                 *tune, "--no-stream"]) == 0
     assert (out / "model.safetensors").read_bytes() == (want / "model.safetensors").read_bytes()
     assert json.loads((out / "config.json").read_text()) == json.loads((want / "config.json").read_text())
+
+
+def test_tuning_in_bfloat16_like_its_calibration_is_deterministic_and_still_lowers_the_divergence(
+        model_dir, tmp_path, capsys):
+    tune = ["--finetune", "both", "--finetune-steps", "5", "--finetune-model-steps", "8", "--lr", "3e-3",
+            "--calib-dtype", "bfloat16", "--json"]
+    outs, summaries = [], []
+    for name in ("a", "b"):
+        outs.append(_quantize(model_dir, tmp_path / name, *tune))
+        summaries.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    t = summaries[0]["finetune_model"]
+    assert t["kept"] and t["kl_after"] < t["kl_before"], t
+    assert all(b["loss_after"] <= b["loss_before"] for b in summaries[0]["finetune"])
+    assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
+    qc = json.loads((outs[0] / "config.json").read_text())["quantization_config"]
+    assert qc["config"]["calib_dtype"] == "bfloat16"

@@ -140,12 +140,13 @@ def _total(block, hidden, target, kwargs) -> float:
 
 
 def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, steps: int, lr: float, seed: int,
-          n: int, desc: str, progress: bool, recompute=None) -> tuple[float, float, bool]:
+          n: int, desc: str, progress: bool, recompute=None, precision=nullcontext) -> tuple[float, float, bool]:
     """The loop tune_block and tune_model share: the QuantLinear modules `quant` (name in `root` ->
     QuantLinear, installed or not) are swapped for _TunedLinear while Adam lowers `loss(rows)` on
     mini-batches of the n samples; the tuned values are rounded to their stored dtypes and kept (written into
     the QuantLinears and norms) only if `total()`, the loss over all samples, drops. Returns (before, after,
-    kept). Whatever happens inside, `root` leaves with its own modules and parameters back."""
+    kept). `precision()`: the context the forwards run in (the calibration's: bfloat16 autocast or nothing).
+    Whatever happens inside, `root` leaves with its own modules and parameters back."""
     originals = {name: root.get_submodule(name) for name in quant}
     tuned = {name: _TunedLinear(q) for name, q in quant.items()}
     for name, t in tuned.items():
@@ -159,7 +160,8 @@ def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, step
     keep = False
     try:
         norms.set()
-        before = total()
+        with precision():
+            before = total()
         opt = torch.optim.Adam(params, lr=lr)
         bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
         with torch.enable_grad(), (recompute(root) if recompute else nullcontext()):
@@ -167,7 +169,8 @@ def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, step
                 rows = torch.randperm(n, generator=gen)[:BATCH]
                 opt.zero_grad(set_to_none=True)
                 norms.set()
-                value = loss(rows)
+                with precision():
+                    value = loss(rows)
                 value.backward()
                 opt.step()
                 bar.set_postfix(loss=f"{value.item():.4g}")
@@ -180,7 +183,8 @@ def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, step
                 _round_delta(d, p.detach().float(), norms.stored)
         diverged = any(not bool(torch.isfinite(p).all()) for p in params)
         norms.set()
-        after = float("inf") if diverged else total()
+        with precision():
+            after = float("inf") if diverged else total()
         keep = after < before
     finally:
         for name, lin in originals.items():
@@ -196,7 +200,7 @@ def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, step
 
 def tune_block(block: nn.Module, made: dict, hidden: torch.Tensor, target: torch.Tensor, kwargs: dict, *,
                steps: int, lr: float, seed: int, stored: torch.dtype = torch.float16,
-               desc: str = "tune", progress: bool = True) -> dict:
+               desc: str = "tune", progress: bool = True, precision=nullcontext) -> dict:
     """Tune block's stored continuous values (see the module docstring) so its outputs with the quantized
     linears `made` (name -> QuantLinear, not yet installed) match `target` (the unquantized block's outputs
     on `hidden`, [samples, seqlen, hidden]). The tuned scales and biases are written into `made`, the norms
@@ -208,7 +212,8 @@ def tune_block(block: nn.Module, made: dict, hidden: torch.Tensor, target: torch
     try:
         before, after, keep = _tune(block, made, norms, lambda rows: _loss(block, hidden, target, kwargs, rows),
                                     lambda: _total(block, hidden, target, kwargs), steps=steps, lr=lr,
-                                    seed=seed, n=hidden.shape[0], desc=desc, progress=progress)
+                                    seed=seed, n=hidden.shape[0], desc=desc, progress=progress,
+                                    precision=precision)
     finally:
         for name, lin in originals.items():
             set_module(block, name, lin)
@@ -303,7 +308,7 @@ def _total_kl(model, ids: torch.Tensor, teacher: Teacher) -> float:
 
 
 def tune_model(model, input_ids: torch.Tensor, teacher: Teacher, *, steps: int, lr: float, seed: int,
-               stored: torch.dtype = torch.float16, progress: bool = True) -> dict:
+               stored: torch.dtype = torch.float16, progress: bool = True, precision=nullcontext) -> dict:
     """Tune every block's stored continuous values and the 1-D parameters after the blocks (the final norm)
     so the model's next-token distributions on `input_ids` [N, L] match `teacher`'s (see the module
     docstring). The model's QuantLinear modules and parameters receive the tuned values, rounded to their
@@ -316,5 +321,5 @@ def tune_model(model, input_ids: torch.Tensor, teacher: Teacher, *, steps: int, 
 
     before, after, keep = _tune(model, quant, norms, loss, lambda: _total_kl(model, input_ids, teacher),
                                 steps=steps, lr=lr, seed=seed, n=input_ids.shape[0], desc="tune model",
-                                progress=progress, recompute=_Recompute)
+                                progress=progress, recompute=_Recompute, precision=precision)
     return {"kl_before": before, "kl_after": after, "kept": keep, "steps": steps}
