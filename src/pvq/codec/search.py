@@ -17,6 +17,10 @@ from .pyramid import _CHUNK, _check_nk
 # (runtime/native.py offers one when it is imported; this package imports nothing above itself). It must find
 # exactly the points the torch code below finds, so that whether it is used changes speed, never a file.
 _native = None
+# Groups up to which input on another device (a GPU) is searched by the native code on a CPU copy: GPTQ
+# searches one column group of every row per step (a few thousand groups), where the greedy's ~k dependent
+# pulses and the moves after them are hundreds of tiny GPU launches and syncs, microseconds of CPU work.
+FEW_GROUPS = 1 << 16
 
 
 def accelerate(fn) -> None:
@@ -153,10 +157,11 @@ def search(x: torch.Tensor, k: int, *, refine: int | None = None) -> torch.Tenso
     if k == 0:
         return out.zero_().reshape(shape)
     work_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
-    if _native is not None and work_dtype == torch.float32 and flat.device.type == "cpu":
-        y = _native(flat.to(work_dtype), k, rounds)
+    if _native is not None and work_dtype == torch.float32 and (flat.device.type == "cpu"
+                                                                or flat.shape[0] <= FEW_GROUPS):
+        y = _native(flat.to("cpu", work_dtype), k, rounds)
         if y is not None:
-            return y.reshape(shape)
+            return y.to(flat.device).reshape(shape)
     chunk = max(1, (_CHUNK * 16) // max(n, 1) if rounds == 0 else (_CHUNK * 4) // max(n, 1))
     for s in range(0, flat.shape[0], chunk):
         xc = flat[s : s + chunk].to(work_dtype)
