@@ -204,3 +204,22 @@ def test_tuning_in_bfloat16_like_its_calibration_is_deterministic_and_still_lowe
     assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
     qc = json.loads((outs[0] / "config.json").read_text())["quantization_config"]
     assert qc["config"]["calib_dtype"] == "bfloat16"
+
+
+def test_a_norm_weight_two_modules_share_is_tuned_once():
+    from pvq.finetune import _TunedNorms
+
+    block = torch.nn.Module()
+    block.a, block.b = torch.nn.LayerNorm(4, bias=False), torch.nn.LayerNorm(4, bias=False)
+    block.b.weight = block.a.weight
+    with torch.no_grad():
+        block.a.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    norms = _TunedNorms(block, {}, torch.float32)
+    assert len(norms.items) == 2 and len(norms.deltas()) == 1
+    with torch.no_grad():
+        norms.deltas()[0].fill_(0.5)
+    norms.set()
+    assert torch.equal(block.a.weight, block.b.weight)
+    norms.restore(True)
+    assert block.a.weight is block.b.weight and isinstance(block.a.weight, torch.nn.Parameter)
+    assert torch.equal(block.a.weight.detach(), torch.tensor([1.5, 3.0, 4.5, 6.0]))

@@ -89,19 +89,26 @@ class _TunedLinear(nn.Module):
 
 class _TunedNorms:
     """The block's 1-D parameters outside its linears (norm weights and biases), as p0 * (1 + delta)
-    tensors set on their modules before every forward; `stored`: the dtype they are saved in."""
+    tensors set on their modules before every forward; `stored`: the dtype they are saved in. A parameter
+    two modules share has one delta."""
 
     def __init__(self, block: nn.Module, linears: dict, stored: torch.dtype):
         inside = {id(p) for lin in linears.values() for p in lin.parameters()}
         self.items = []  # (module, attribute, original parameter, delta)
+        delta = {}  # id(parameter) -> its delta
         for mod in block.modules():
             for attr, p in list(mod._parameters.items()):
                 if p is not None and p.dim() == 1 and id(p) not in inside and p.is_floating_point():
-                    self.items.append((mod, attr, p, nn.Parameter(torch.zeros_like(p, dtype=torch.float32))))
+                    d = delta.setdefault(id(p), nn.Parameter(torch.zeros_like(p, dtype=torch.float32)))
+                    self.items.append((mod, attr, p, d))
         self.stored = stored
 
+    def pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(parameter, delta), each parameter once."""
+        return list({id(p): (p, d) for *_, p, d in self.items}.values())
+
     def deltas(self) -> list[nn.Parameter]:
-        return [d for *_, d in self.items]
+        return [d for _, d in self.pairs()]
 
     def set(self) -> None:
         for mod, attr, p, d in self.items:
@@ -113,10 +120,11 @@ class _TunedNorms:
         for mod, attr, p, d in self.items:
             if hasattr(mod, attr) and attr not in mod._parameters:
                 delattr(mod, attr)
-            if keep:
-                with torch.no_grad():
-                    p.data.copy_((p.detach().float() * (1 + d.detach())).to(self.stored).to(p.dtype))
             mod._parameters[attr] = p
+        if keep:
+            with torch.no_grad():
+                for p, d in self.pairs():
+                    p.data.copy_((p.detach().float() * (1 + d.detach())).to(self.stored).to(p.dtype))
 
 
 def _round_delta(delta: torch.Tensor, v0: torch.Tensor, dtype: torch.dtype) -> None:
@@ -179,7 +187,7 @@ def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, step
             for t in tuned.values():
                 if t.pvq:
                     _round_delta(t.ds, t.s0, torch.float16)
-            for _, _, p, d in norms.items:
+            for p, d in norms.pairs():
                 _round_delta(d, p.detach().float(), norms.stored)
         diverged = any(not bool(torch.isfinite(p).all()) for p in params)
         norms.set()
