@@ -99,7 +99,6 @@ def pack_model(model, bits: float, device) -> int:
         q = QuantLinear.from_packed(made[(rows, cols)], seeds, decode="on-the-fly").to(device)
         packed_bytes += sum(b.numel() * b.element_size() for b in q.buffers())
         set_module(model, name, q)
-        del lin
     return packed_bytes
 
 

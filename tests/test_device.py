@@ -43,7 +43,7 @@ def test_a_device_that_cannot_run_it_is_one_clear_line(tmp_path, capsys, monkeyp
         assert len(err.splitlines()) == 1, err
         return err
 
-    assert "not a device (cpu, cuda or cuda:N)" in error("--method", "pvq-gptq", "--device", "gpu0")
+    assert "'gpu0': not a torch device" in error("--method", "pvq-gptq", "--device", "gpu0")
     assert "quantizing runs on the CPU or on a CUDA GPU" in error("--method", "pvq-gptq", "--device", "meta")
     if not CUDA:
         assert "this torch sees no CUDA GPU" in error("--method", "pvq-gptq", "--device", "cuda")

@@ -16,6 +16,7 @@ from . import codec
 from .checkpoint import stored_tensors
 from .codec.fp16 import FP16RangeError
 from .finetune import Teacher, block_targets, reference_stream, tune_block, tune_model, tuned_names
+from .loader import check_device
 from .memory import release_memory, trim_heap
 from .models.adapters import (block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
                               check_supported, set_module)
@@ -263,16 +264,11 @@ def check_work_device(device, cfg: QuantConfig, pool, activations) -> torch.devi
     a device torch does not know or cannot see, and for what does not run on a GPU yet."""
     if device is None:
         return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r}: not a device (cpu, cuda or cuda:N)") from None
+    dev = check_device(device)
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
         raise ValueError(f"--device {device}: quantizing runs on the CPU or on a CUDA GPU (cuda, cuda:N)")
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch sees no CUDA GPU")
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     for bad, why in ((not cfg.uses_data, f"{cfg.method} needs no calibration; it runs on the CPU in seconds"),

@@ -149,12 +149,12 @@ def _total(block, hidden, target, kwargs) -> float:
 
 def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, steps: int, lr: float, seed: int,
           n: int, desc: str, progress: bool, recompute=None, precision=nullcontext) -> tuple[float, float, bool]:
-    """The loop tune_block and tune_model share: the QuantLinear modules `quant` (name in `root` ->
-    QuantLinear, installed or not) are swapped for _TunedLinear while Adam lowers `loss(rows)` on
+    """The loop tune_block and tune_model share: the modules of `root` named in `quant` (name -> the
+    QuantLinear it is or will be) are swapped for _TunedLinear while Adam lowers `loss(rows)` on
     mini-batches of the n samples; the tuned values are rounded to their stored dtypes and kept (written into
     the QuantLinears and norms) only if `total()`, the loss over all samples, drops. Returns (before, after,
     kept). `precision()`: the context the forwards run in (the calibration's: bfloat16 autocast or nothing).
-    Whatever happens inside, `root` leaves with its own modules and parameters back."""
+    Whatever happens inside, `root` leaves with the modules and parameters it came with."""
     originals = {name: root.get_submodule(name) for name in quant}
     tuned = {name: _TunedLinear(q) for name, q in quant.items()}
     for name, t in tuned.items():
@@ -214,17 +214,9 @@ def tune_block(block: nn.Module, made: dict, hidden: torch.Tensor, target: torch
     on `hidden`, [samples, seqlen, hidden]). The tuned scales and biases are written into `made`, the norms
     into the block. Returns {"loss_before", "loss_after", "kept"} (relative mean squared errors)."""
     norms = _TunedNorms(block, block_linears(block), stored)
-    originals = {name: block.get_submodule(name) for name in made}
-    for name, q in made.items():  # installed for the loop, which puts the originals back after
-        set_module(block, name, q)
-    try:
-        before, after, keep = _tune(block, made, norms, lambda rows: _loss(block, hidden, target, kwargs, rows),
-                                    lambda: _total(block, hidden, target, kwargs), steps=steps, lr=lr,
-                                    seed=seed, n=hidden.shape[0], desc=desc, progress=progress,
-                                    precision=precision)
-    finally:
-        for name, lin in originals.items():
-            set_module(block, name, lin)
+    before, after, keep = _tune(block, made, norms, lambda rows: _loss(block, hidden, target, kwargs, rows),
+                                lambda: _total(block, hidden, target, kwargs), steps=steps, lr=lr, seed=seed,
+                                n=hidden.shape[0], desc=desc, progress=progress, precision=precision)
     return {"loss_before": before, "loss_after": after, "kept": keep}
 
 

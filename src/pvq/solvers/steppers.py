@@ -183,8 +183,7 @@ class PVQStepper:
         self._shape = (rows, cols)
         self._scale = f.scale  # divides the gains, as in the codec
         self._scale_h = f.scale.half()  # what is stored, and what dequantization multiplies by
-        self._book = f.book  # stored as it is (a codebook lives on the CPU)
-        self._book_w = GainCodebook(f.book.kind, f.book.levels.to(w.device))  # what rounds and rebuilds gains
+        self._book = GainCodebook(f.book.kind, f.book.levels.to(w.device))  # on w's device, as the gains it rounds
         self._idx = torch.zeros(rows, groups, dtype=torch.int64)  # shape indices (CPU: the enumeration is)
         self._lvl = torch.zeros(rows, groups, dtype=torch.int64)  # gain levels
         self._stepped = torch.zeros(groups, dtype=torch.bool)
@@ -202,12 +201,12 @@ class PVQStepper:
             g = _metric_gain(x, y, u, metric)
         else:
             g = (x * u).sum(-1)
-        lvl = self._book_w.quantize(g / self._scale)  # [rows]; nearest level = best in the A metric too
+        lvl = self._book.quantize(g / self._scale)  # [rows]; nearest level = best in the A metric too
         self._idx[:, grp] = enumeration.encode(y.cpu(), spec.k)
         self._lvl[:, grp] = lvl.cpu()
         self._stepped[grp] = True
         # rebuilt from the stored fp16 scale and codebook, exactly as PackedPVQ.dequantize does
-        return reconstruct(y[:, None, :], lvl[:, None], self._scale_h, self._book_w.levels)[:, 0, :]
+        return reconstruct(y[:, None, :], lvl[:, None], self._scale_h, self._book.levels)[:, 0, :]
 
     def finish(self) -> PackedPVQ:
         _check_begun(self, "finish")
@@ -216,5 +215,6 @@ class PVQStepper:
         spec = self.spec
         code = self._idx * spec.gain_levels + self._lvl  # fused mixed-radix code
         return PackedPVQ(
-            spec, self._shape, bitpack.pack(code.reshape(-1), spec.code_bits), self._scale_h.cpu(), self._book.levels
+            spec, self._shape, bitpack.pack(code.reshape(-1), spec.code_bits), self._scale_h.cpu(),
+            self._book.levels.cpu()
         )
