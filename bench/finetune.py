@@ -15,6 +15,8 @@ Run:  python bench/finetune.py                                  (every row; abou
       python bench/finetune.py --rows 3.25,2.25 --finetune none --no-arc   (the untuned rows to compare)
       python bench/finetune.py --rows 3.25 --finetune model --no-arc      (the whole model tuned at once)
       python bench/finetune.py --rows 3.25 --finetune model --scale row --no-arc  (a scale per row to tune)
+      python bench/finetune.py --rows 2.25-allocate --finetune model --scale row \
+          --sensitivities bench/results/sensitivities.json --no-arc   (allocated, sensitivities measured before)
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ from common import write_json  # noqa: E402
 from quality import plot, run_json  # noqa: E402
 from scale import commit  # noqa: E402
 
-ROWS = {"3.25": ["--bits", "3.25"], "2.25": ["--bits", "2.25"], "2.25-allocate": ["--bits", "2.25", "--allocate"]}
+ROWS = {"3.25": ["--bits", "3.25"], "2.25": ["--bits", "2.25"], "3.25-allocate": ["--bits", "3.25", "--allocate"],
+        "2.25-allocate": ["--bits", "2.25", "--allocate"]}
 
 
 def main() -> None:
@@ -41,6 +44,8 @@ def main() -> None:
     ap.add_argument("--finetune-model-steps", default=None)
     ap.add_argument("--lr", default=None)
     ap.add_argument("--scale", default=None, help="PVQ scale granularity passed on (tensor, row)")
+    ap.add_argument("--sensitivities", default=None,
+                    help="allocated rows: reuse this sensitivities file (pvq quantize --sensitivities) instead of measuring")
     ap.add_argument("--no-arc", action="store_true", help="skip ARC-Easy (the 3.25 row runs it otherwise)")
     ap.add_argument("--work", default="/tmp/pvq-finetune")
     args = ap.parse_args()
@@ -56,10 +61,11 @@ def main() -> None:
             tune += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
     for name in args.rows.split(","):
         d = Path(args.work) / name
-        q = run_json(["quantize", "--method", "pvq-gptq", *ROWS[name], *tune, "-o", str(d), "--force"])
+        sens = ["--sensitivities", args.sensitivities] if args.sensitivities and "--allocate" in ROWS[name] else []
+        q = run_json(["quantize", "--method", "pvq-gptq", *ROWS[name], *tune, *sens, "-o", str(d), "--force"])
         arc = [] if args.no_arc or not name.startswith("3.25") else ["--arc-easy"]
         e = run_json(["eval", str(d), "--ppl", "--kl", *arc])
-        row = {"row": name, "options": " ".join([*ROWS[name], *tune]), "bits_per_weight": q["bits_per_weight"],
+        row = {"row": name, "options": " ".join([*ROWS[name], *tune]), "sensitivities": args.sensitivities if sens else None, "bits_per_weight": q["bits_per_weight"],
                "file_bytes": q["file_bytes"], "quantize_seconds": q["seconds"], "quantize_wall_seconds": q["wall_seconds"],
                "quantize_peak_rss_mib": q["peak_rss_mib"], "blocks": q.get("finetune"), "model_tuning": q.get("finetune_model"), "commit": commit(), **e}
         rows[:] = [r for r in rows if r["options"] != row["options"]] + [row]
