@@ -176,3 +176,30 @@ def test_quantize_reports_each_layers_error():
     w = rotate_weight(ref, layer_seeds(0, "model.layers.0.self_attn.q_proj", True))
     w_hat = codec.quantize(w, choose_spec(cfg, *w.shape)).dequantize()
     assert errs["model.layers.0.self_attn.q_proj"] == pytest.approx(float((w - w_hat).pow(2).sum() / w.pow(2).sum()), rel=1e-6)
+
+
+def test_fisher_sensitivity_is_the_expected_gauss_newton_curvature():
+    """a_l = ||W||^2 / numel * tr(GN_l) / (2 T), tr(GN_l) = sum_t E_{y ~ p_t} ||grad log p_t(y)||^2: computed
+    exactly here (every label at every position) and matched by the sampled estimate within its noise."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", intermediate_size=96)
+    ids = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(0))
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS]
+    weights = [model.get_submodule(n).weight for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    logp = model(ids, use_cache=False).logits[0, :-1].float().log_softmax(-1)
+    exact = torch.zeros(len(names), dtype=torch.float64)
+    for t in range(logp.shape[0]):
+        for y in range(logp.shape[1]):
+            grads = torch.autograd.grad(logp[t, y], weights, retain_graph=True)
+            exact += float(logp[t, y].detach().exp()) * torch.tensor([float(g.pow(2).sum()) for g in grads], dtype=torch.float64)
+    want = {n: float(w.detach().pow(2).sum()) / w.numel() * float(e) / (2 * logp.shape[0])
+            for n, w, e in zip(names, weights, exact)}
+    got = allocation.fisher_sensitivities(model, ids, draws=150, seed=0, progress=False)
+    assert set(n for n in got if not n.startswith("_")) == set(names)
+    ratios = torch.tensor([got[n]["a"] / want[n] for n in names])
+    assert ratios.mean().sub(1).abs() < 0.06 and ratios.min() > 0.8 and ratios.max() < 1.25, ratios
+    assert all(w.requires_grad for w in weights)  # the flags it found are put back
+    again = allocation.fisher_sensitivities(model, ids, draws=150, seed=0, progress=False)
+    assert again == got  # seeded labels: the same figures every time

@@ -2,6 +2,8 @@
 
 Tiny random models built from each family's transformers config: blocks and linears are discovered
 (models/adapters.py), so this is what proves a family works, not a table entry."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,7 +176,7 @@ def test_cli_quantizes_a_saved_mixture_of_experts_folder(tmp_path, capsys):
 def test_allocation_probes_run_whatever_follows_the_blocks(mt):
     """The sensitivity probes end in the family's own final norm and head (gpt_neox's final_layer_norm and
     embed_out, gemma2's logit soft-capping), so allocation plans any family."""
-    from pvq.allocation.probes import sensitivities
+    from pvq.allocation.probes import fisher_sensitivities, sensitivities
 
     model = family_model(mt)
     base = float(torch.nn.functional.cross_entropy(model(IDS).logits[:, :-1].reshape(-1, 256), IDS[:, 1:].reshape(-1)))
@@ -183,6 +185,10 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
     names = [n for n, _ in block_linear_names(model)]
     assert [k for k in got if not k.startswith("_")] == names
     assert all(torch.isfinite(torch.tensor(got[n]["dloss"])) for n in names)
+    fisher = fisher_sensitivities(model, IDS, draws=1, progress=False)
+    assert abs(fisher["_base_loss"] - base) < 1e-4
+    assert [k for k in fisher if not k.startswith("_")] == names
+    assert all(math.isfinite(fisher[n]["a"]) and fisher[n]["a"] >= 0 for n in names)
 
 
 # a renamed head on disk, alternating masks, fused projections, biases with LayerNorm, a parallel block

@@ -16,17 +16,21 @@ from pathlib import Path
 from ..data import calibration_batches
 from ..settings import QuantConfig
 from .planner import RATES, options, plan
-from .probes import gptq_error_factors, rehearse, rehearse_plan, sensitivities
+from .probes import fisher_sensitivities, gptq_error_factors, rehearse, rehearse_plan, sensitivities
 from .report import add_measured, plot
 
 __all__ = ["AllocationSettings", "allocate", "report_files", "RATES", "options", "plan", "gptq_error_factors",
-           "rehearse", "rehearse_plan", "sensitivities", "add_measured", "plot"]
+           "rehearse", "rehearse_plan", "sensitivities", "fisher_sensitivities", "add_measured", "plot"]
+
+PROBES = ("fisher", "noise")
 
 
 @dataclass(frozen=True)
 class AllocationSettings:
-    """How the plan is measured: calibration windows for the sensitivities, the ladder of rates whose
-    settings are each layer's options, a floor below the target, rehearsal draws and the probe noise.
+    """How the plan is measured: calibration windows for the sensitivities and how they are probed
+    (`probe` "fisher": squared gradients under `fisher_draws` label draws, every layer at once; "noise":
+    one noise pair of relative energy `noise` per layer, a forward pass each), the ladder of rates whose
+    settings are each layer's options, a floor below the target and the rehearsal draws.
     `sensitivities`: a JSON file read if it exists, else written with what is measured (they do not
     depend on the budget: measure once, allocate many)."""
 
@@ -36,6 +40,8 @@ class AllocationSettings:
     floor: float | None = 1.0
     draws: int = 3
     noise: float = 0.01
+    probe: str = "fisher"
+    fisher_draws: int = 2
     sensitivities: str | Path | None = None
 
     def __post_init__(self):
@@ -46,6 +52,10 @@ class AllocationSettings:
             raise ValueError(f"--allocate-floor must be >= 0, got {self.floor}")
         if self.draws < 0:
             raise ValueError(f"--allocate-draws must be >= 0, got {self.draws}")
+        if self.probe not in PROBES:
+            raise ValueError(f"--allocate-probe must be one of {', '.join(PROBES)}, got {self.probe!r}")
+        if self.fisher_draws < 1:
+            raise ValueError(f"fisher_draws must be >= 1, got {self.fisher_draws}")
         if not self.rates:
             raise ValueError("--allocate-rates needs at least one rate")
 
@@ -77,7 +87,8 @@ def allocate(model, tokenizer, cfg: QuantConfig, text: str, settings: Allocation
     ids = (calibration_batches(tokenizer, text, settings.samples, settings.seqlen, cfg.seed + 1)
            if sens is None or settings.draws else None)
     if sens is None:
-        sens = sensitivities(model, ids, settings.noise, cfg.seed, progress=progress)
+        sens = (fisher_sensitivities(model, ids, settings.fisher_draws, cfg.seed, progress=progress)
+                if settings.probe == "fisher" else sensitivities(model, ids, settings.noise, cfg.seed, progress=progress))
         if sens_file is not None:
             _write_atomically(sens_file, json.dumps(sens, indent=1))
     factors = None

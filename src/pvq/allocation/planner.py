@@ -97,7 +97,7 @@ def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0
         "allocated_bits": sum(table[shapes[n]][j]["bits"] for n, j in zip(names, pick)),
         "error_model": "pvq-gptq (data-free error x gptq error factor)" if factors is not None else "data-free",
         "floor_bits": None if floor is None else cfg.bits - floor,
-        "rel_noise": sens.get("_rel_noise", rel_noise), "calib_tokens": sens.get("_tokens"), "base_loss": sens["_base_loss"],
+        "probe": sens.get("_probe", "noise"), "rel_noise": sens.get("_rel_noise"), "calib_tokens": sens.get("_tokens"), "base_loss": sens["_base_loss"],
         "prediction": "linear (sum of a_l * err_l)",
         "predicted_dloss": pred, "predicted_ppl_factor": math.exp(pred),
         "uniform_predicted_dloss": upred, "uniform_predicted_ppl_factor": math.exp(upred),

@@ -5,6 +5,10 @@
   mean change of the next-token loss on calibration windows is measured: a_l = dloss / rel_noise. The
   inputs of every block are cached once, so each probe runs only the blocks from the noisy layer's
   block onward.
+- fisher_sensitivities: the same a_l from gradients instead of one noisy forward pair per layer: the
+  curvature term of a probe, E[N^T H N] / 2, is sigma^2 tr(H_ll) / 2, and for the next-token loss the
+  trace of each layer's (Gauss-Newton) Hessian is the expected squared gradient norm under labels drawn
+  from the model's own predictions. A few backward passes give every layer at once.
 - gptq_error_factors: how much pvq-gptq's error feedback shrinks each layer's error, from its Hessian.
 - rehearse / rehearse_plan: the linear sum sum_l a_l err_l is what the knapsack minimises, but it
   underestimates the loss of a whole quantized model, more so at low rates (the layers' errors
@@ -60,7 +64,7 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
         raise ValueError(f"rel_noise must be > 0, got {rel_noise!r}")
     inputs, kwargs = _block_inputs(model, ids)
     base = _loss_from(model, len(blocks(model)), inputs[-1], kwargs, ids)
-    out = {"_base_loss": base, "_rel_noise": rel_noise, "_tokens": int(ids.numel())}
+    out = {"_base_loss": base, "_rel_noise": rel_noise, "_tokens": int(ids.numel()), "_probe": "noise"}
     layers = blocks(model)
     bar = tqdm(total=len(block_linear_names(model)), desc="sensitivity", disable=not progress, unit="linear")
     g = torch.Generator().manual_seed(seed)
@@ -84,6 +88,54 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
                                                "dloss_minus": down - base}
             bar.update(1)
     bar.close()
+    return out
+
+
+def fisher_sensitivities(model, ids: torch.Tensor, draws: int = 4, seed: int = 0, progress: bool = True) -> dict:
+    """sensitivities()'s {layer name: {"a": ...}} from the Fisher information instead of noise probes.
+
+    For the mean next-token loss over T positions, noise N with entries of variance s^2 in layer l raises
+    the loss by s^2 tr(H_l) / 2 on average, and tr(H_l) (the Gauss-Newton part, the Hessian of a model
+    near its optimum) is E ||grad_{W_l} sum_t -log p(y_t)||^2 / T with y_t drawn from the model's own
+    distribution at t: the cross terms between positions vanish in expectation, so one backward pass per
+    sample and draw estimates every layer's trace at once, and it is never negative. With relative noise
+    energy r, s^2 = r ||W_l||^2 / numel, so a_l = ||W_l||^2 / numel * E||grad||^2 / (2 T). Labels are
+    drawn by a generator seeded with `seed`; `draws` label draws per window are averaged."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws!r}")
+    names = {layer_name(model, i, name): mod for i, block in enumerate(blocks(model))
+             for name, mod in block_linears(block).items()}
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    for mod in names.values():
+        mod.weight.requires_grad_(True)
+    sq = {n: 0.0 for n in names}
+    gen = torch.Generator().manual_seed(seed)
+    base, positions = 0.0, ids.shape[0] * (ids.shape[1] - 1)
+    bar = tqdm(total=draws * ids.shape[0], desc="sensitivity (fisher)", disable=not progress, unit="backward")
+    try:
+        with torch.enable_grad():
+            for d in range(draws):
+                for s in range(ids.shape[0]):
+                    logits = model(ids[s:s + 1], use_cache=False).logits[0, :-1].float()
+                    if d == 0:
+                        base += float(F.cross_entropy(logits.detach(), ids[s, 1:], reduction="sum"))
+                    labels = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)[:, 0]
+                    grads = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"),
+                                                [m.weight for m in names.values()], allow_unused=True)
+                    for n, g in zip(names, grads):  # None: an expert no token of this window was routed to
+                        sq[n] += 0.0 if g is None else float(g.float().pow(2).sum())
+                    bar.update(1)
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+        bar.close()
+    out = {"_base_loss": base / positions, "_tokens": int(ids.numel()), "_probe": f"fisher ({draws} label draws)"}
+    for n, mod in names.items():
+        w = mod.weight.detach().float()
+        out[n] = {"a": float(w.pow(2).sum()) / w.numel() * sq[n] / draws / (2 * positions)}
     return out
 
 
