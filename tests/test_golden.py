@@ -36,7 +36,7 @@ RUNS = {
     "pvq-gptq-2.5-allocate": ["--method", "pvq-gptq", "--bits", "2.5", "--nsamples", "4", "--seqlen", "32",
                               "--calib-dtype", "float32",
                               "--allocate", "--allocate-samples", "2", "--allocate-seqlen", "32",
-                              "--allocate-draws", "1", "--allocate-rates", "2,2.5,3.25"],
+                              "--allocate-draws", "1", "--allocate-rates", "2,2.5,3.25", "--allocate-probe", "noise"],
 }
 DATA_FREE = {"rtn-3.25", "pvq-3.25", "pvq-2.25-row-empirical", "pvq-fast-4.25", "pvq-3.25-a6pvq"}
 HASHED = ("model.safetensors", "config.json", "allocation.json")
