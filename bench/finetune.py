@@ -65,7 +65,8 @@ def main() -> None:
         q = run_json(["quantize", "--method", "pvq-gptq", *ROWS[name], *tune, *sens, "-o", str(d), "--force"])
         arc = [] if args.no_arc or not name.startswith("3.25") else ["--arc-easy"]
         e = run_json(["eval", str(d), "--ppl", "--kl", *arc])
-        row = {"row": name, "options": " ".join([*ROWS[name], *tune]), "sensitivities": args.sensitivities if sens else None, "bits_per_weight": q["bits_per_weight"],
+        row = {"row": name, "options": " ".join([*ROWS[name], *tune]), "sensitivities": args.sensitivities if sens else None,
+               "bits_per_weight": q["bits_per_weight"],
                "file_bytes": q["file_bytes"], "quantize_seconds": q["seconds"], "quantize_wall_seconds": q["wall_seconds"],
                "quantize_peak_rss_mib": q["peak_rss_mib"], "blocks": q.get("finetune"), "model_tuning": q.get("finetune_model"), "commit": commit(), **e}
         rows[:] = [r for r in rows if r["options"] != row["options"]] + [row]

@@ -103,8 +103,7 @@ def fisher_sensitivities(model, ids: torch.Tensor, draws: int = 4, seed: int = 0
     drawn by a generator seeded with `seed`; `draws` label draws per window are averaged."""
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws!r}")
-    names = {layer_name(model, i, name): mod for i, block in enumerate(blocks(model))
-             for name, mod in block_linears(block).items()}
+    names = dict(block_linear_names(model))
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
     for p in params:
