@@ -193,7 +193,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--allocate-probe", choices=["fisher", "noise"], default="fisher",
                    help="with --allocate: how each layer's sensitivity is measured. fisher (the default): squared "
                         "gradients of the loss under labels drawn from the model, every layer in one backward pass "
-                        "(under 3 minutes for SmolLM2-135M on 2 busy cores); noise: noise injected into one layer at a "
+                        "(30 seconds for SmolLM2-135M on 2 cores); noise: noise injected into one layer at a "
                         "time, two forward passes per layer (the same figures on SmolLM2, noisier, about an hour)")
     p.add_argument("--allocate-noise", type=_float(0, above=True), default=0.01,
                    help="with --allocate-probe noise: relative energy of the noise injected per layer (default 0.01)")

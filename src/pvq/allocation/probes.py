@@ -91,7 +91,7 @@ def sensitivities(model, ids: torch.Tensor, rel_noise: float = 0.01, seed: int =
     return out
 
 
-def fisher_sensitivities(model, ids: torch.Tensor, draws: int = 4, seed: int = 0, progress: bool = True) -> dict:
+def fisher_sensitivities(model, ids: torch.Tensor, draws: int = 2, seed: int = 0, progress: bool = True) -> dict:
     """sensitivities()'s {layer name: {"a": ...}} from the Fisher information instead of noise probes.
 
     For the mean next-token loss over T positions, noise N with entries of variance s^2 in layer l raises
