@@ -29,7 +29,7 @@ def _text(seed: int, words: int) -> str:
 
 
 ARGS = ["--method", "pvq-gptq", "--bits", "3", "--nsamples", "4", "--seqlen", "32", "--calib-dtype", "float32",
-        "--no-progress"]
+        "--finetune-tokens", "128", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +142,30 @@ def test_model_tuning_is_deterministic_keeps_the_size_and_lowers_the_divergence(
     assert kl["model"] < kl["plain"] and kl["both"] < kl["plain"], kl
 
 
+def test_model_tuning_on_more_tokens_than_the_calibration_draws_windows_after_it_and_judges_by_held_out_ones(
+        model_dir, tmp_path, capsys):
+    from pvq.data import calibration_batches
+
+    tok, text = tiny_tokenizer(), (model_dir / "calib.txt").read_text()
+    assert torch.equal(calibration_batches(tok, text, 12, 32, 0)[:4], calibration_batches(tok, text, 4, 32, 0))
+    tune = ["--finetune", "model", "--finetune-model-steps", "8", "--lr", "3e-3", "--json"]
+    a = _quantize(model_dir, tmp_path / "a", *tune, "--finetune-tokens", "384")  # 12 windows of 32
+    t = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["finetune_model"]
+    assert (t["samples"], t["held_out"]) == (11, 1), t
+    b = _quantize(model_dir, tmp_path / "b", *tune, "--finetune-tokens", "384")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    c = _quantize(model_dir, tmp_path / "c", *tune)  # the 4 calibration windows only: other values
+    t = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["finetune_model"]
+    assert (t["samples"], t["held_out"]) == (3, 1), t
+    assert (c / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
+
+
+def test_held_out_samples_are_an_eighth_at_most_32_and_none_of_one():
+    from pvq.finetune import held_out
+
+    assert [held_out(n) for n in (1, 2, 7, 8, 128, 256, 432)] == [0, 1, 1, 1, 16, 32, 32]
+
+
 _DIE = """import os, sys
 import {module} as m
 setattr({target}, {attr!r}, lambda *a, **k: os._exit(3))
@@ -160,7 +184,7 @@ def _killed(root, out, module, target, attr, extra):
 
 
 def test_a_run_killed_while_or_after_tuning_the_model_resumes_to_the_same_bytes(model_dir, tmp_path):
-    tune = ["--finetune", "model", "--finetune-model-steps", "6", "--lr", "3e-3"]
+    tune = ["--finetune", "model", "--finetune-model-steps", "6", "--lr", "3e-3", "--finetune-tokens", "512"]
     want = _quantize(model_dir, tmp_path / "want", *tune)
     out = tmp_path / "out"
     r = _killed(model_dir, out, "pvq.api", "m", "tune_model", tune)  # every block written, the model not tuned
@@ -193,7 +217,7 @@ def test_a_whole_loaded_run_of_both_tunings_killed_while_tuning_the_model_resume
 def test_tuning_in_bfloat16_like_its_calibration_is_deterministic_and_still_lowers_the_divergence(
         model_dir, tmp_path, capsys):
     tune = ["--finetune", "both", "--finetune-steps", "5", "--finetune-model-steps", "8", "--lr", "3e-3",
-            "--calib-dtype", "bfloat16", "--json"]
+            "--calib-dtype", "bfloat16", "--finetune-tokens", "512", "--json"]
     outs, summaries = [], []
     for name in ("a", "b"):
         outs.append(_quantize(model_dir, tmp_path / name, *tune))

@@ -85,7 +85,7 @@ def layer_spec(cfg: QuantConfig, name: str, rows: int, cols: int):
 @torch.no_grad()
 def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, progress: bool = True,
              reader=None, writer=None, pool=None, source: str | None = None, activations=None,
-             device: str | torch.device | None = None) -> dict:
+             device: str | torch.device | None = None, tune_ids: torch.Tensor | None = None) -> dict:
     """Quantize every linear of the transformer blocks of `model` in place. Returns a summary dict.
 
     summary["layer_errors"]: per layer, the relative error the quantizer left
@@ -104,6 +104,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     cfg.finetune "model" / "both" keeps every finished block (a writer still gets each as it is done), carries
     the unquantized model's outputs on the tuning samples beside the quantized stream, and tunes the whole
     model at the end (finetune.tune_model); a writer records the tuned values, so a resumed run assembles them.
+    tune_ids: LongTensor [n, seqlen], the samples the whole model is tuned on when they are to be more than the
+    calibration's (None: the first --finetune-tokens of calib_ids).
     device: where a calibrated method (gptq, pvq-gptq) runs the work of a block (a GPU: "cuda"): the block,
     the calibration activations and the solver go there, the model stays where it is and each finished block
     comes back (the codes are made on the CPU, where the enumeration and the files are). None: where the
@@ -128,9 +130,10 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     ref = ref_ids = None  # --finetune model: the unquantized model's stream on the tuning samples
     if cfg.uses_data:  # block 0's inputs, and every block's call arguments (rotary embeddings, masks)
         hidden, kwargs = capture_block_inputs(model, calib_ids)
-        if cfg.tunes_model:
-            ref_ids = calib_ids[:tuning_samples(cfg, calib_ids)]
-            ref = hidden[:ref_ids.shape[0]].float().clone()
+        if cfg.tunes_model:  # the calibration samples, or tune_ids (which may hold more)
+            ref_ids = calib_ids[:tuning_samples(cfg, calib_ids)] if tune_ids is None else tune_ids
+            ref = (hidden[:ref_ids.shape[0]].float().clone() if tune_ids is None
+                   else capture_block_inputs(model, ref_ids)[0].float())
         hidden = hidden if saved is None else saved
         if device is not None:
             hidden, kwargs = hidden.to(device), [to_device(k, device) for k in kwargs]

@@ -163,7 +163,9 @@ def _add_quantize(sub) -> None:
                         "other. Default none: 'model' took SmolLM2 at 3.25 bits from perplexity 24.3 to 23.5 but "
                         "quadrupled the time")
     p.add_argument("--finetune-tokens", type=_int(1), default=16384, metavar="T",
-                   help="calibration tokens the tuning uses, whole samples from the first (default 16384)")
+                   help="tokens the tuning uses, whole samples of --seqlen: the calibration's first; 'model' "
+                        "draws more windows of the calibration text when T is more than --nsamples x --seqlen, "
+                        "and judges the tuning by an eighth of them (at most 32) it takes no steps on (default 16384)")
     p.add_argument("--finetune-steps", type=_int(1), default=100, metavar="S",
                    help="'blocks': Adam steps per block, 2 samples a step (default 100)")
     p.add_argument("--finetune-model-steps", type=_int(1), default=100, metavar="S",
@@ -380,17 +382,22 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
         cfg, report = allocate(model, tok, cfg, text, alloc, progress=progress)
         print(f"allocation: {report['bits_per_weight']:.4f} bpw, predicted ppl x{report['predicted_ppl_factor']:.3f} "
               f"(uniform x{report['uniform_predicted_ppl_factor']:.3f}; {report['prediction']})")
-    calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed) if cfg.uses_data else None
+    # tuning the whole model on more tokens than the calibration holds draws more windows of the same text with
+    # the same seed: the calibration's windows come first, the tuning's extend them
+    tuned = max(1, cfg.finetune_tokens // cfg.seqlen) if cfg.uses_data and cfg.tunes_model else 0
+    draw = calibration_batches(tok, text, max(cfg.nsamples, tuned), cfg.seqlen, cfg.seed) if cfg.uses_data else None
+    calib = None if draw is None else draw[:cfg.nsamples]
+    tune_ids = draw[:tuned] if tuned > cfg.nsamples else None
     torch.manual_seed(cfg.seed)
     with _writer(args, sources, nbytes, model, cfg, calib) as writer, _activations(args, model, cfg, calib) as acts:
         summary = api.quantize(model, cfg, calib, progress=progress, reader=reader, writer=writer, pool=pool,
-                               source=args.model, activations=acts, device=args.device)
+                               source=args.model, activations=acts, device=args.device, tune_ids=tune_ids)
         if report is not None:  # the report gets each layer's measured error next to the predicted one
             extra = report_files(report, summary["layer_errors"])
         writer.finish(model, tok, extra)
     if "finetune_model" in summary:
         t = summary["finetune_model"]
-        print(f"model tuning: KL to the unquantized model on the tuning samples {t['kl_before']:.4g} -> "
+        print(f"model tuning: KL to the unquantized model on {t['held_out']} held-out samples {t['kl_before']:.4g} -> "
               f"{t['kl_after']:.4g}" + ("" if t["kept"] else " (no lower: the untuned values were kept)"))
     if summary["uncalibrated"]:
         n = len(summary["uncalibrated"])

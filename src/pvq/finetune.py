@@ -23,7 +23,10 @@ TOPK most likely tokens plus one bucket for all the others (`Teacher`): KL betwe
 coarsened that way, which is exact on the tokens that carry almost all the mass and bounds the full KL
 from below, in memory of tokens x TOPK rather than tokens x vocabulary. (End-to-end tuning of quantization
 parameters: PEQA and EfficientQAT's E2E-QP, Kim et al. 2023 and Chen et al. 2024; distillation on the
-teacher's logits as in PV-tuning, Malinovskii et al. 2024.)
+teacher's logits as in PV-tuning, Malinovskii et al. 2024.) A model's worth of scales fits a few hundred
+samples too well (on SmolLM2 the KL on the tuning samples fell by two thirds, on the test text by a sixth),
+so the whole model's tuning may draw more samples than the calibration holds, and its last samples take no
+steps: they decide whether the tuned values are kept.
 """
 from __future__ import annotations
 
@@ -41,13 +44,15 @@ from .modules.linear import QuantLinear, Rotations
 
 BATCH = 2  # samples a step
 TOPK = 64  # the reference's most likely tokens kept per position (the rest: one bucket)
+HELD_OUT = 32  # tuning samples at most that judge the whole model's tuning instead of taking steps
 
 
 class _TunedLinear(nn.Module):
     """A QuantLinear whose scales and bias are tuned: its codes decoded once at unit scale, in the original
-    input basis (D R_in^T), the output rotation applied as the layer does."""
+    input basis (D R_in^T), the output rotation applied as the layer does. `dtype`: that of the matrix
+    products the tuning's forwards run in (bfloat16 under the calibration's autocast)."""
 
-    def __init__(self, q: QuantLinear):
+    def __init__(self, q: QuantLinear, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.q = q
         rot = Rotations(q.out_features, q.in_features, q.seed_pair)
@@ -63,7 +68,8 @@ class _TunedLinear(nn.Module):
             unit = q.rotated_weight().float()
             q.drop_decoded()  # the copy here is the one tuning uses; the layer's own would stay behind
             self.s0 = self.ds = None
-        self.u = unit if rot.r_in is None else rot.r_in.apply_inverse(unit)
+        # held in the dtype autocast would cast it to on every forward (the same rounding, once, in half the memory)
+        self.u = (unit if rot.r_in is None else rot.r_in.apply_inverse(unit)).to(dtype)
         self.b0 = None if q.bias is None else q.bias.detach().float().clone()
         self.db = None if q.bias is None else nn.Parameter(torch.zeros_like(self.b0))
 
@@ -156,7 +162,10 @@ def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, step
     kept). `precision()`: the context the forwards run in (the calibration's: bfloat16 autocast or nothing).
     Whatever happens inside, `root` leaves with the modules and parameters it came with."""
     originals = {name: root.get_submodule(name) for name in quant}
-    tuned = {name: _TunedLinear(q) for name, q in quant.items()}
+    where = next(root.parameters()).device.type
+    with precision():
+        low = torch.get_autocast_dtype(where) if torch.is_autocast_enabled(where) else torch.float32
+    tuned = {name: _TunedLinear(q, low) for name, q in quant.items()}
     for name, t in tuned.items():
         set_module(root, name, t)
     params = [p for t in tuned.values() for p in (t.ds, t.db) if p is not None] + norms.deltas()
@@ -301,25 +310,38 @@ class _Recompute:
             del block.forward
 
 
-def _total_kl(model, ids: torch.Tensor, teacher: Teacher) -> float:
+def held_out(n: int) -> int:
+    """How many of n tuning samples (the last ones) tune_model keeps out of the steps to judge the tuning by:
+    an eighth, at least 1 and at most HELD_OUT; none of 1 (that one sample then judges itself)."""
+    return 0 if n < 2 else max(1, min(HELD_OUT, n // 8))
+
+
+def _total_kl(model, ids: torch.Tensor, teacher: Teacher, first: int) -> float:
+    """Mean KL over samples first.. of ids (the last one when first is past it)."""
+    first = min(first, ids.shape[0] - 1)
     with torch.no_grad():
         return sum(float(teacher.kl(model(ids[s:s + BATCH], use_cache=False).logits, slice(s, s + BATCH)))
-                   * min(BATCH, ids.shape[0] - s) for s in range(0, ids.shape[0], BATCH)) / ids.shape[0]
+                   * min(BATCH, ids.shape[0] - s) for s in range(first, ids.shape[0], BATCH)) / (ids.shape[0] - first)
 
 
 def tune_model(model, input_ids: torch.Tensor, teacher: Teacher, *, steps: int, lr: float, seed: int,
                stored: torch.dtype = torch.float16, progress: bool = True, precision=nullcontext) -> dict:
     """Tune every block's stored continuous values and the 1-D parameters after the blocks (the final norm)
     so the model's next-token distributions on `input_ids` [N, L] match `teacher`'s (see the module
-    docstring). The model's QuantLinear modules and parameters receive the tuned values, rounded to their
-    stored dtypes, if they lower the mean KL over all N samples. Returns {"kl_before", "kl_after", "kept"}."""
+    docstring). The steps draw from the first N - held_out(N) samples; the model's QuantLinear modules and
+    parameters receive the tuned values, rounded to their stored dtypes, if they lower the mean KL over the
+    held-out rest (tuning that only fits its own samples is not kept). Returns {"kl_before", "kl_after",
+    "kept", "steps", "samples", "held_out"} (the KL on the held-out samples)."""
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     norms = _TunedNorms(model, {**quant, "embed": model.get_input_embeddings()}, stored)
 
     def loss(rows):
         return teacher.kl(model(input_ids[rows], use_cache=False).logits, rows)
 
-    before, after, keep = _tune(model, quant, norms, loss, lambda: _total_kl(model, input_ids, teacher),
-                                steps=steps, lr=lr, seed=seed, n=input_ids.shape[0], desc="tune model",
+    n = input_ids.shape[0]
+    held = held_out(n)
+    before, after, keep = _tune(model, quant, norms, loss, lambda: _total_kl(model, input_ids, teacher, n - held),
+                                steps=steps, lr=lr, seed=seed, n=n - held, desc="tune model",
                                 progress=progress, recompute=_Recompute, precision=precision)
-    return {"kl_before": before, "kl_after": after, "kept": keep, "steps": steps}
+    return {"kl_before": before, "kl_after": after, "kept": keep, "steps": steps, "samples": n - held,
+            "held_out": held}
