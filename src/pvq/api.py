@@ -294,9 +294,14 @@ def to_device(obj, device: torch.device):
     return obj
 
 
+def tuning_windows(cfg: QuantConfig, seqlen: int) -> int:
+    """--finetune-tokens in whole windows of seqlen tokens (at least one)."""
+    return max(1, cfg.finetune_tokens // seqlen)
+
+
 def tuning_samples(cfg: QuantConfig, calib: torch.Tensor) -> int:
     """How many of the calibration samples (the first ones) the tuning uses: --finetune-tokens in whole samples."""
-    return min(calib.shape[0], max(1, cfg.finetune_tokens // calib.shape[1]))
+    return min(calib.shape[0], tuning_windows(cfg, calib.shape[1]))
 
 
 def install_written(block, prefix: str, layers: dict, tensors: dict) -> None:

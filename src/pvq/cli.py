@@ -384,7 +384,7 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
               f"(uniform x{report['uniform_predicted_ppl_factor']:.3f}; {report['prediction']})")
     # tuning the whole model on more tokens than the calibration holds draws more windows of the same text with
     # the same seed: the calibration's windows come first, the tuning's extend them
-    tuned = max(1, cfg.finetune_tokens // cfg.seqlen) if cfg.uses_data and cfg.tunes_model else 0
+    tuned = api.tuning_windows(cfg, cfg.seqlen) if cfg.uses_data and cfg.tunes_model else 0
     draw = calibration_batches(tok, text, max(cfg.nsamples, tuned), cfg.seqlen, cfg.seed) if cfg.uses_data else None
     calib = None if draw is None else draw[:cfg.nsamples]
     tune_ids = draw[:tuned] if tuned > cfg.nsamples else None

@@ -318,8 +318,7 @@ def held_out(n: int) -> int:
 
 
 def _total_kl(model, ids: torch.Tensor, teacher: Teacher, first: int) -> float:
-    """Mean KL over samples first.. of ids (the last one when first is past it)."""
-    first = min(first, ids.shape[0] - 1)
+    """Mean KL over samples first.. of ids."""
     with torch.no_grad():
         return sum(float(teacher.kl(model(ids[s:s + BATCH], use_cache=False).logits, slice(s, s + BATCH)))
                    * min(BATCH, ids.shape[0] - s) for s in range(first, ids.shape[0], BATCH)) / (ids.shape[0] - first)
@@ -341,7 +340,8 @@ def tune_model(model, input_ids: torch.Tensor, teacher: Teacher, *, steps: int, 
 
     n = input_ids.shape[0]
     held = held_out(n)
-    before, after, keep = _tune(model, quant, norms, loss, lambda: _total_kl(model, input_ids, teacher, n - held),
+    judge = n - max(held, 1)  # the first sample judged (a lone sample judges itself)
+    before, after, keep = _tune(model, quant, norms, loss, lambda: _total_kl(model, input_ids, teacher, judge),
                                 steps=steps, lr=lr, seed=seed, n=n - held, desc="tune model",
                                 progress=progress, recompute=_Recompute, precision=precision)
     return {"kl_before": before, "kl_after": after, "kept": keep, "steps": steps, "samples": n - held,
