@@ -202,6 +202,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         if tune is not None:
             tuning.append({"block": i, **tune_block(
                 block, made, tune, target, kwargs[i], steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                schedule=cfg.finetune_schedule,
                 seed=derive_seed(cfg.seed, f"finetune {i}"), stored=DENSE_DTYPES[cfg.dense_dtype],
                 desc=f"tune block {i}", progress=progress, precision=lambda: calibration_precision(cfg, tune))})
             del tune, target
@@ -239,6 +240,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             del ref
             _round_dense(model, dense)
             model_tuning = tune_model(model, ref_ids, teacher, steps=cfg.finetune_model_steps, lr=cfg.finetune_lr,
+                                      schedule=cfg.finetune_schedule,
                                       seed=derive_seed(cfg.seed, "finetune model"), stored=dense, progress=progress,
                                       precision=lambda: calibration_precision(cfg, ref_ids))
             if writer is not None:

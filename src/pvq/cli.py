@@ -172,6 +172,10 @@ def _add_quantize(sub) -> None:
                    help="'model': Adam steps over the whole model, 2 samples a step (default 100)")
     p.add_argument("--lr", type=_float(0, above=True), default=5e-3,
                    help="tuning learning rate; every value is tuned as a relative change (default 0.005)")
+    p.add_argument("--finetune-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="the learning rate over the tuning's steps: 'cosine' lowers it from --lr to 0 along half a "
+                        "cosine, so the last steps settle instead of leaving their noise in the stored values; "
+                        "'constant' keeps --lr (default cosine)")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the tensors kept dense (embeddings, head, norms)")
     p.add_argument("--allocate", action="store_true",
@@ -299,7 +303,7 @@ def _quant_config(args):
                        nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, act_order=args.act_order, calib_dtype=args.calib_dtype,
                        calib_shards=args.calib_shards, finetune=args.finetune, finetune_tokens=args.finetune_tokens,
                        finetune_steps=args.finetune_steps, finetune_lr=args.lr,
-                       finetune_model_steps=args.finetune_model_steps,
+                       finetune_model_steps=args.finetune_model_steps, finetune_schedule=args.finetune_schedule,
                        dense_dtype=args.dense_dtype, abits=args.abits, act_method=args.act_method,
                        act_rotate=not args.no_act_rotate)
 

@@ -11,9 +11,10 @@ block reconstruction of OmniQuant, Shao et al. 2023, restricted to what pvq stor
 The gradients are exact: a PVQ linear computes y = ((x R_in) (diag(s) D)^T) R_out^T + b, D its decoded
 matrix at unit scale, which is linear in s and b. Every tuned value enters as value0 * (1 + delta) (a bias
 as b0 + delta), so one learning rate suits values of any size. Adam, mini-batches of whole samples drawn
-by a generator seeded from the run's seed and the block index; the tuned values are rounded to the dtype
-they are stored in, and kept only where they lower the loss over all the tuning samples (otherwise the
-block is left as quantized), so tuning never makes a block worse on its own data.
+by a generator seeded from the run's seed and the block index, the rate lowered to 0 along half a cosine
+(`--finetune-schedule`); the tuned values are rounded to the dtype they are stored in, and kept only where
+they lower the loss over all the tuning samples (otherwise the block is left as quantized), so tuning never
+makes a block worse on its own data.
 
 The whole model (tune_model, `--finetune model`) is tuned the same way, every block's values and the
 final norm at once, against the unquantized model's next-token distributions on the tuning samples: the
@@ -31,6 +32,7 @@ perplexity).
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -154,11 +156,22 @@ def _total(block, hidden, target, kwargs) -> float:
                    for s in range(0, hidden.shape[0], BATCH)) / hidden.shape[0]
 
 
+def _rate(schedule: str, steps: int):
+    """The learning rate's factor at each step: "cosine" from 1 down along half a cosine (the last step's
+    factor is small, not 0, so every step moves), "constant" 1."""
+    if schedule == "constant":
+        return lambda t: 1.0
+    if schedule == "cosine":
+        return lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))
+    raise ValueError(f"unknown schedule {schedule!r}: cosine or constant")
+
+
 def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, steps: int, lr: float, seed: int,
-          n: int, desc: str, progress: bool, recompute=None, precision=nullcontext) -> tuple[float, float, bool]:
+          n: int, desc: str, progress: bool, recompute=None, precision=nullcontext,
+          schedule: str = "cosine") -> tuple[float, float, bool]:
     """The loop tune_block and tune_model share: the modules of `root` named in `quant` (name -> the
     QuantLinear it is or will be) are swapped for _TunedLinear while Adam lowers `loss(rows)` on
-    mini-batches of the n samples; the tuned values are rounded to their stored dtypes and kept (written into
+    mini-batches of the n samples, its rate following `schedule` (see _rate); the tuned values are rounded to their stored dtypes and kept (written into
     the QuantLinears and norms) only if `total()`, the loss over all samples, drops. Returns (before, after,
     kept). `precision()`: the context the forwards run in (the calibration's: bfloat16 autocast or nothing).
     Whatever happens inside, `root` leaves with the modules and parameters it came with."""
@@ -181,9 +194,12 @@ def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, step
         with precision():
             before = total()
         opt = torch.optim.Adam(params, lr=lr)
+        rate = _rate(schedule, steps)
         bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, unit="step")
         with torch.enable_grad(), (recompute(root) if recompute else nullcontext()):
-            for _ in bar:
+            for step in bar:
+                for group in opt.param_groups:
+                    group["lr"] = lr * rate(step)
                 rows = torch.randperm(n, generator=gen)[:BATCH]
                 opt.zero_grad(set_to_none=True)
                 norms.set()
@@ -217,7 +233,7 @@ def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, step
 
 
 def tune_block(block: nn.Module, made: dict, hidden: torch.Tensor, target: torch.Tensor, kwargs: dict, *,
-               steps: int, lr: float, seed: int, stored: torch.dtype = torch.float16,
+               steps: int, lr: float, seed: int, stored: torch.dtype = torch.float16, schedule: str = "cosine",
                desc: str = "tune", progress: bool = True, precision=nullcontext) -> dict:
     """Tune block's stored continuous values (see the module docstring) so its outputs with the quantized
     linears `made` (name -> QuantLinear, not yet installed) match `target` (the unquantized block's outputs
@@ -226,7 +242,8 @@ def tune_block(block: nn.Module, made: dict, hidden: torch.Tensor, target: torch
     norms = _TunedNorms(block, block_linears(block), stored)
     before, after, keep = _tune(block, made, norms, lambda rows: _loss(block, hidden, target, kwargs, rows),
                                 lambda: _total(block, hidden, target, kwargs), steps=steps, lr=lr, seed=seed,
-                                n=hidden.shape[0], desc=desc, progress=progress, precision=precision)
+                                n=hidden.shape[0], desc=desc, progress=progress, precision=precision,
+                                schedule=schedule)
     return {"loss_before": before, "loss_after": after, "kept": keep}
 
 
@@ -260,12 +277,39 @@ class Teacher:
     def kl(self, logits: torch.Tensor, rows) -> torch.Tensor:
         """Mean over positions of KL(reference || model) between the coarsened distributions, for the model's
         `logits` [n, L, V] on samples `rows`."""
-        lq = logits.float().log_softmax(-1)
-        index, logp, rest = self.index[rows], self.logp[rows], self.rest[rows]
-        lq_top = lq.gather(-1, index)
-        lq_rest = torch.logsumexp(lq.scatter(-1, index, float("-inf")), dim=-1)
-        kl = (logp.exp() * (logp - lq_top)).sum(-1) + rest.exp() * (rest - lq_rest)
+        return _CoarseKL.apply(logits.float(), self.index[rows], self.logp[rows], self.rest[rows])
+
+
+class _CoarseKL(torch.autograd.Function):
+    """Teacher.kl with its gradient written out: the logits are vocabulary-wide (on SmolLM2 [2, 512, 49152]
+    floats a step), and autograd through log_softmax, a scatter and a logsumexp walked such tensors about
+    fifteen times, half of a tuning step. Here the forward walks them four times and the backward once.
+
+    With q = softmax(z), a position's loss is sum_k p_k (log p_k - log q_k) + r (log r - log q_rest), where
+    q_rest = the model's mass outside the reference's kept tokens, summed directly (not 1 - sum q_k, which
+    loses the small rests to cancellation). Its gradient in z_j is c q_j - p_j on a kept token and
+    q_j (c - r / q_rest) on any other, with c = sum_k p_k + r (1 up to rounding)."""
+
+    @staticmethod
+    def forward(ctx, z, index, logp, rest):
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        q = torch.sub(z, lse).exp_()
+        q_top = q.gather(-1, index)
+        rest_mass = q.scatter_(-1, index, 0.0).sum(-1).clamp_min(1e-30)
+        p, r = logp.exp(), rest.exp()
+        lq_top = z.gather(-1, index) - lse  # not log(q_top): exact where q_top underflows
+        kl = (p * (logp - lq_top)).sum(-1) + r * (rest - rest_mass.log())
+        c = p.sum(-1) + r
+        ctx.save_for_backward(q, index, c.unsqueeze(-1) * q_top - p, c - r / rest_mass)
         return kl.mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, index, top, others = ctx.saved_tensors
+        scale = grad / others.numel()
+        g = q.mul_((others * scale).unsqueeze(-1))  # q is this function's own tensor, used once
+        return g.scatter_(-1, index, top * scale), None, None, None
 
 
 def _log_rest(top: torch.Tensor) -> torch.Tensor:
@@ -325,7 +369,8 @@ def _total_kl(model, ids: torch.Tensor, teacher: Teacher, first: int) -> float:
 
 
 def tune_model(model, input_ids: torch.Tensor, teacher: Teacher, *, steps: int, lr: float, seed: int,
-               stored: torch.dtype = torch.float16, progress: bool = True, precision=nullcontext) -> dict:
+               stored: torch.dtype = torch.float16, schedule: str = "cosine", progress: bool = True,
+               precision=nullcontext) -> dict:
     """Tune every block's stored continuous values and the 1-D parameters after the blocks (the final norm)
     so the model's next-token distributions on `input_ids` [N, L] match `teacher`'s (see the module
     docstring). The steps draw from the first N - held_out(N) samples; the model's QuantLinear modules and
@@ -343,6 +388,6 @@ def tune_model(model, input_ids: torch.Tensor, teacher: Teacher, *, steps: int, 
     judge = n - max(held, 1)  # the first sample judged (a lone sample judges itself)
     before, after, keep = _tune(model, quant, norms, loss, lambda: _total_kl(model, input_ids, teacher, judge),
                                 steps=steps, lr=lr, seed=seed, n=n - held, desc="tune model",
-                                progress=progress, recompute=_Recompute, precision=precision)
+                                progress=progress, recompute=_Recompute, precision=precision, schedule=schedule)
     return {"kl_before": before, "kl_after": after, "kept": keep, "steps": steps, "samples": n - held,
             "held_out": held}

@@ -22,6 +22,7 @@ ACT_METHODS = ("rtn", "pvq")  # activation quantizers (modules/actquant.py)
 MAX_BITS = 64  # a target above this is no number of stored bits per weight (and overflows the picker's arithmetic)
 DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FINETUNE_MODES = ("none", "blocks", "model", "both")  # what --finetune tunes after quantizing (finetune.py)
+SCHEDULES = ("cosine", "constant")  # the tuning's learning rate over its steps (finetune.py)
 CALIB_DTYPES = ("auto", "float32", "bfloat16")  # what the calibration forwards multiply in
 
 
@@ -84,6 +85,7 @@ class QuantConfig:
     finetune_steps: int = 100  # Adam steps a block
     finetune_lr: float = 5e-3
     finetune_model_steps: int = 100  # Adam steps of the whole model's tuning
+    finetune_schedule: str = "cosine"  # the learning rate over the steps: "cosine" decays it to 0, "constant"
     dense_dtype: str = "float16"  # embeddings, head and norms are stored in this dtype
     # per-layer settings by full layer name (spec_to_dict form), e.g. from allocation.allocate
     overrides: dict | None = None
@@ -129,6 +131,8 @@ class QuantConfig:
             raise ValueError("--finetune-tokens, --finetune-steps and --finetune-model-steps must be integers >= 1")
         if not (isinstance(self.finetune_lr, (int, float)) and math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             raise ValueError(f"--lr must be a number above 0, got {self.finetune_lr!r}")
+        if self.finetune_schedule not in SCHEDULES:
+            raise ValueError(f"--finetune-schedule must be one of {', '.join(SCHEDULES)}, got {self.finetune_schedule!r}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 
@@ -162,7 +166,8 @@ class QuantConfig:
         if d["calib_shards"] == 1:  # the sum every file made before shards existed: stored as it always was
             del d["calib_shards"]
         if d["finetune"] == "none":  # an untuned file is stored as every file before tuning existed
-            for k in ("finetune", "finetune_tokens", "finetune_steps", "finetune_lr", "finetune_model_steps"):
+            for k in ("finetune", "finetune_tokens", "finetune_steps", "finetune_lr", "finetune_model_steps",
+                      "finetune_schedule"):
                 del d[k]
         elif d["finetune"] == "blocks":  # as stored before the whole model could be tuned
             del d["finetune_model_steps"]
@@ -173,8 +178,10 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         names = {f.name for f in fields(cls)}
-        # a config stored before calib_dtype existed was calibrated in float32
-        return cls(**{"calib_dtype": "float32", **{k: v for k, v in d.items() if k in names}})
+        # a config stored before calib_dtype existed was calibrated in float32; a tuned one stored before
+        # schedules existed tuned at a constant rate
+        old = {"calib_dtype": "float32", **({"finetune_schedule": "constant"} if "finetune" in d else {})}
+        return cls(**{**old, **{k: v for k, v in d.items() if k in names}})
 
 
 @dataclass(frozen=True)
