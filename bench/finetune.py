@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--finetune-tokens", default=None)
     ap.add_argument("--finetune-model-steps", default=None)
     ap.add_argument("--lr", default=None)
+    ap.add_argument("--finetune-schedule", default=None, help="cosine or constant (pvq's default: cosine)")
     ap.add_argument("--scale", default=None, help="PVQ scale granularity passed on (tensor, row)")
     ap.add_argument("--sensitivities", default=None,
                     help="allocated rows: reuse this sensitivities file (pvq quantize --sensitivities) instead of measuring")
@@ -56,7 +57,7 @@ def main() -> None:
                            "arc_easy": "test, 0-shot, all 2376", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"}
     rows = results.setdefault("rows", [])
     tune = ["--finetune", args.finetune]
-    for opt in ("finetune_steps", "finetune_tokens", "finetune_model_steps", "lr", "scale"):
+    for opt in ("finetune_steps", "finetune_tokens", "finetune_model_steps", "lr", "finetune_schedule", "scale"):
         if getattr(args, opt) is not None:
             tune += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
     for name in args.rows.split(","):
@@ -65,7 +66,9 @@ def main() -> None:
         q = run_json(["quantize", "--method", "pvq-gptq", *ROWS[name], *tune, *sens, "-o", str(d), "--force"])
         arc = [] if args.no_arc or not name.startswith("3.25") else ["--arc-easy"]
         e = run_json(["eval", str(d), "--ppl", "--kl", *arc])
-        row = {"row": name, "options": " ".join([*ROWS[name], *tune]), "sensitivities": args.sensitivities if sens else None,
+        # rows tuned before schedules existed ran at a constant rate; a row that names none ran pvq's default
+        schedule = args.finetune_schedule or ("cosine" if args.finetune != "none" else None)
+        row = {"row": name, "options": " ".join([*ROWS[name], *tune]), "schedule": schedule, "sensitivities": args.sensitivities if sens else None,
                "bits_per_weight": q["bits_per_weight"],
                "file_bytes": q["file_bytes"], "quantize_seconds": q["seconds"], "quantize_wall_seconds": q["wall_seconds"],
                "quantize_peak_rss_mib": q["peak_rss_mib"], "blocks": q.get("finetune"), "model_tuning": q.get("finetune_model"), "commit": commit(), **e}
