@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from .settings import CALIB_DTYPES, FINETUNE_MODES, MAX_BITS, MAX_RUN_SEED
+from .settings import CALIB_DTYPES, FINETUNE_MODES, MAX_BITS, MAX_RUN_SEED, SCHEDULES
 
 DESCRIPTION = """\
 pvq compresses a Hugging Face causal LM (Llama, Qwen, Gemma, Phi, Mistral, Mixtral and more: the
@@ -173,7 +173,7 @@ def _add_quantize(sub) -> None:
                    help="'model': Adam steps over the whole model, 2 samples a step (default 100)")
     p.add_argument("--lr", type=_float(0, above=True), default=5e-3,
                    help="tuning learning rate; every value is tuned as a relative change (default 0.005)")
-    p.add_argument("--finetune-schedule", choices=["cosine", "constant"], default="cosine",
+    p.add_argument("--finetune-schedule", choices=SCHEDULES, default="cosine",
                    help="the learning rate over the tuning's steps: 'cosine' lowers it from --lr to 0 along half a "
                         "cosine, so the last steps settle instead of leaving their noise in the stored values; "
                         "'constant' keeps --lr (default cosine)")

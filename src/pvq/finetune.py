@@ -171,9 +171,10 @@ def _tune(root: nn.Module, quant: dict, norms: _TunedNorms, loss, total, *, step
           schedule: str = "cosine") -> tuple[float, float, bool]:
     """The loop tune_block and tune_model share: the modules of `root` named in `quant` (name -> the
     QuantLinear it is or will be) are swapped for _TunedLinear while Adam lowers `loss(rows)` on
-    mini-batches of the n samples, its rate following `schedule` (see _rate); the tuned values are rounded to their stored dtypes and kept (written into
-    the QuantLinears and norms) only if `total()`, the loss over all samples, drops. Returns (before, after,
-    kept). `precision()`: the context the forwards run in (the calibration's: bfloat16 autocast or nothing).
+    mini-batches of the n samples, its rate following `schedule` (see _rate); the tuned values are rounded
+    to their stored dtypes and kept (written into the QuantLinears and norms) only if `total()`, the loss
+    over all samples, drops. Returns (before, after, kept). `precision()`: the context the forwards run in
+    (the calibration's: bfloat16 autocast or nothing).
     Whatever happens inside, `root` leaves with the modules and parameters it came with."""
     originals = {name: root.get_submodule(name) for name in quant}
     where = next(root.parameters()).device.type
