@@ -203,3 +203,26 @@ def test_fisher_sensitivity_is_the_expected_gauss_newton_curvature():
     assert all(w.requires_grad for w in weights)  # the flags it found are put back
     again = allocation.fisher_sensitivities(model, ids, draws=150, seed=0, progress=False)
     assert again == got  # seeded labels: the same figures every time
+
+
+def test_the_plan_computes_each_settings_proxy_once(monkeypatch):
+    # the options of every rate for several layer shapes revisit the same settings in the same order: each
+    # proxy SQNR (a PVQ search over a 256 x 2304 Gaussian matrix) must be computed once, not once per shape
+    from pvq import picker
+    from pvq.allocation import planner
+
+    seen = []
+
+    def counted(w, spec):
+        seen.append(spec)
+        return w * (1 - 1 / (2 + spec.k))
+
+    monkeypatch.setattr(picker, "fake_quantize", counted)
+    picker.proxy_sqnr.cache_clear()
+    try:
+        cfg = QuantConfig(method="pvq-gptq", bits=3.25, scale="row")
+        for rows, cols in ((576, 576), (1536, 576)):
+            planner.options(cfg, rows, cols)
+        assert len(seen) > 256 and len(seen) == len(set(seen))
+    finally:
+        picker.proxy_sqnr.cache_clear()  # nothing computed with the stand-in may stay behind

@@ -25,7 +25,9 @@ FAST_GROUP_DIMS = (4, 6, 8)  # candidate n of layout="fast"
 ACT_GROUP_DIMS = (4, 8, 16)  # candidate n for activations; each must divide the input size
 
 
-@lru_cache(maxsize=256)
+# unbounded: a plan over every rate (allocation) visits ~600 settings per layer shape in the same order, so a
+# bounded LRU would evict each one before its next use and compute all of them again for every shape
+@lru_cache(maxsize=None)
 def proxy_sqnr(spec: PVQSpec) -> float:
     """SQNR of a spec on a fixed i.i.d. Gaussian matrix: a data-free proxy for rotated weights."""
     cols = 2304  # divisible by 8, 12 and 16
