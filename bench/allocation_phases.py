@@ -17,35 +17,37 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import write_json  # noqa: E402
 from scale import commit  # noqa: E402
 
+PHASES = {"fisher_sensitivities": "fisher", "gptq_error_factors": "gptq_error_factors", "plan": "plan",
+          "rehearse_plan": "rehearse"}  # allocate()'s steps -> the names the results file has used
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=float, default=3.25)
     ap.add_argument("--out", default=str(ROOT / "bench/results/allocation_phases.json"))
     args = ap.parse_args()
-    from pvq.allocation import AllocationSettings, fisher_sensitivities, gptq_error_factors, plan, rehearse_plan
-    from pvq.data import calibration_batches, resolve_text
+    import pvq.allocation as alloc
+    from pvq.data import resolve_text
     from pvq.models.loading import load_model
     from pvq.settings import QuantConfig
 
     seconds = {}
 
     def timed(name, fn):
-        t = time.time()
-        out = fn()
-        seconds[name] = time.time() - t
-        print(f"{name}: {seconds[name]:.1f} s", flush=True)
-        return out
+        def run(*a, **k):
+            t = time.time()
+            out = fn(*a, **k)
+            seconds[name] = time.time() - t
+            print(f"{name}: {seconds[name]:.1f} s", flush=True)
+            return out
+        return run
 
-    model, tok = timed("load", lambda: load_model(None))
-    cfg, s = QuantConfig(method="pvq-gptq", bits=args.bits, scale="row"), AllocationSettings()
-    text = resolve_text(cfg.calib, "calib")
-    ids = calibration_batches(tok, text, s.samples, s.seqlen, cfg.seed + 1)
-    sens = timed("fisher", lambda: fisher_sensitivities(model, ids, s.fisher_draws, cfg.seed, progress=False))
-    calib = calibration_batches(tok, text, cfg.nsamples, cfg.seqlen, cfg.seed)
-    factors = timed("gptq_error_factors", lambda: gptq_error_factors(model, cfg, calib, progress=False))
-    _, report = timed("plan", lambda: plan(model, cfg, None, rates=s.rates, sens=sens, factors=factors, floor=s.floor))
-    timed("rehearse", lambda: rehearse_plan(model, ids, report, s.draws, cfg.seed, progress=False))
+    model, tok = timed("load", load_model)(None)
+    cfg, s = QuantConfig(method="pvq-gptq", bits=args.bits, scale="row"), alloc.AllocationSettings()
+    # the phases of the command's own allocate(), each timed where it calls it (no copy of its sequence here)
+    for phase, name in PHASES.items():
+        setattr(alloc, phase, timed(name, getattr(alloc, phase)))
+    alloc.allocate(model, tok, cfg, resolve_text(cfg.calib, "calib"), s, progress=False)
     write_json(Path(args.out), {"model": "SmolLM2-135M-Instruct", "bits": args.bits, "scale": "row",
                                 "fisher_draws": s.fisher_draws, "rehearsal_draws": s.draws,
                                 "calibration_windows": cfg.nsamples, "seconds": seconds,
