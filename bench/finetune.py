@@ -49,6 +49,10 @@ def main() -> None:
     ap.add_argument("--damp", default=None, help="GPTQ Hessian damping passed on (pvq's default: 0.01)")
     ap.add_argument("--sensitivities", default=None,
                     help="allocated rows: reuse this sensitivities file (pvq quantize --sensitivities) instead of measuring")
+    ap.add_argument("--allocate-factor-samples", default=None,
+                    help="allocated rows: calibration windows for pvq-gptq's error factors, passed on (pvq's default: all)")
+    ap.add_argument("--allocate-draws", default=None,
+                    help="allocated rows: rehearsal draws passed on (0 skips the plan's loss prediction; pvq's default: 3)")
     ap.add_argument("--no-arc", action="store_true", help="skip ARC-Easy (the 3.25 row runs it otherwise)")
     ap.add_argument("--work", default="/tmp/pvq-finetune")
     args = ap.parse_args()
@@ -65,7 +69,9 @@ def main() -> None:
     for name in args.rows.split(","):
         d = Path(args.work) / name
         sens = ["--sensitivities", args.sensitivities] if args.sensitivities and "--allocate" in ROWS[name] else []
-        q = run_json(["quantize", "--method", "pvq-gptq", *ROWS[name], *tune, *sens, "-o", str(d), "--force"])
+        alloc = [x for opt in ("allocate_factor_samples", "allocate_draws") if getattr(args, opt) is not None
+                 and "--allocate" in ROWS[name] for x in ("--" + opt.replace("_", "-"), str(getattr(args, opt)))]
+        q = run_json(["quantize", "--method", "pvq-gptq", *ROWS[name], *alloc, *tune, *sens, "-o", str(d), "--force"])
         e = run_json(["eval", str(d), "--ppl", "--kl"])
         if not args.no_arc and name.startswith("3.25"):
             # each layer decoded once (float32): the same model as on the fly, the products summed in another
@@ -75,7 +81,7 @@ def main() -> None:
                       "arc_wall_seconds": a["wall_seconds"]})
         # rows tuned before schedules existed ran at a constant rate; a row that names none ran pvq's default
         schedule = args.finetune_schedule or ("cosine" if args.finetune != "none" else None)
-        row = {"row": name, "options": " ".join([*ROWS[name], *tune]), "schedule": schedule, "sensitivities": args.sensitivities if sens else None,
+        row = {"row": name, "options": " ".join([*ROWS[name], *alloc, *tune]), "schedule": schedule, "sensitivities": args.sensitivities if sens else None,
                "bits_per_weight": q["bits_per_weight"],
                "file_bytes": q["file_bytes"], "quantize_seconds": q["seconds"], "quantize_wall_seconds": q["wall_seconds"],
                "quantize_peak_rss_mib": q["peak_rss_mib"], "blocks": q.get("finetune"), "model_tuning": q.get("finetune_model"), "commit": commit(), **e}

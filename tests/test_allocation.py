@@ -226,3 +226,25 @@ def test_the_plan_computes_each_settings_proxy_once(monkeypatch):
         assert len(seen) > 256 and len(seen) == len(set(seen))
     finally:
         picker.proxy_sqnr.cache_clear()  # nothing computed with the stand-in may stay behind
+
+
+def test_allocate_measures_the_error_factors_on_the_first_calibration_windows(monkeypatch):
+    from dataclasses import replace
+
+    model, tok = tiny_model("llama", intermediate_size=96), tiny_tokenizer()
+    cfg = QuantConfig(method="pvq-gptq", bits=3.0, nsamples=6, seqlen=32)
+    text = " ".join(["river stone bridge market tower clock field"] * 300)
+    seen, real = [], allocation.gptq_error_factors
+
+    def spy(model, cfg, ids, progress=True):
+        seen.append(ids.clone())
+        return real(model, cfg, ids, progress=progress)
+
+    monkeypatch.setattr(allocation, "gptq_error_factors", spy)
+    s = allocation.AllocationSettings(samples=2, seqlen=32, draws=0, rates=(2.0, 3.0, 4.0))
+    _, full = allocation.allocate(model, tok, cfg, text, s, progress=False)
+    _, few = allocation.allocate(model, tok, cfg, text, replace(s, factor_samples=2), progress=False)
+    assert seen[0].shape == (6, 32) and torch.equal(seen[1], seen[0][:2])
+    assert full["factor_windows"] == 6 and few["factor_windows"] == 2
+    with pytest.raises(ValueError, match="--allocate-factor-samples"):
+        allocation.AllocationSettings(factor_samples=0)

@@ -430,3 +430,29 @@ def test_one_native_call_per_layer_matches_decode_once(spec):
             assert got.shape == (*shape[:-1], 40)
             torch.testing.assert_close(got, once(x), rtol=1e-4, atol=1e-4)
     assert fly.runner.fused is not None
+
+
+def test_stored_head_gradient_over_many_tokens_is_the_float32_products(monkeypatch):
+    """Tuning backpropagates through the head on many tokens at once: its output and the gradient to its
+    input are those of the float32 product, with the rows taken in blocks (one block short)."""
+    from pvq.modules import dense
+
+    model = tiny_model("llama", intermediate_size=96)
+    model.get_input_embeddings().weight.data = model.get_input_embeddings().weight.data.half().float()
+    model.get_output_embeddings().weight.data = model.get_output_embeddings().weight.data.half().float()
+    assert dense.keep_stored(model, torch.float16)
+    head = model.get_output_embeddings()
+    rows = head.weight.shape[0]
+    monkeypatch.setattr(dense, "ROW_BLOCK", rows // 3 + 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3 * GEMV_TOKENS, head.weight.shape[1], generator=g, requires_grad=True)
+    r = torch.randn(2, 3 * GEMV_TOKENS, rows, generator=g)
+    out = head(x)
+    (out * r).sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = ref_x @ head.weight.float().T
+    (ref * r).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    with torch.no_grad():  # the buffer path gives the same values
+        assert torch.equal(head(x), out.detach())

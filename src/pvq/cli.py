@@ -197,6 +197,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--allocate-draws", type=_int(0), default=3,
                    help="with --allocate: noise draws of the rehearsal that predicts the plan's loss (every layer noised "
                         "at its planned error at once, W+N and W-N per draw; 0: report only the linear prediction)")
+    p.add_argument("--allocate-factor-samples", type=_int(1), default=None,
+                   help="with --allocate and pvq-gptq: measure each layer's error factor (how much GPTQ's error feedback "
+                        "shrinks its error) on this many of the calibration windows (default: all --nsamples); fewer is "
+                        "faster (32 of 128 cut the measurement from 226 s to 71 s on SmolLM2-135M)")
     p.add_argument("--allocate-probe", choices=["fisher", "noise"], default="fisher",
                    help="with --allocate: how each layer's sensitivity is measured. fisher (the default): squared "
                         "gradients of the loss under labels drawn from the model, every layer in one backward pass "
@@ -322,6 +326,7 @@ def _allocation_settings(args):
     return AllocationSettings(samples=args.allocate_samples, seqlen=args.allocate_seqlen, rates=rates,
                               floor=args.allocate_floor, draws=args.allocate_draws, noise=args.allocate_noise,
                               probe=args.allocate_probe,
+                              factor_samples=args.allocate_factor_samples,
                               sensitivities=args.sensitivities)
 
 
