@@ -434,7 +434,7 @@ def test_one_native_call_per_layer_matches_decode_once(spec):
 
 def test_stored_head_gradient_over_many_tokens_is_the_float32_products(monkeypatch):
     """Tuning backpropagates through the head on many tokens at once: its output and the gradient to its
-    input are those of the float32 product, with the rows taken in blocks (one block short)."""
+    input are those of the float32 product, with the rows widened a block at a time (the last one short)."""
     from pvq.modules import dense
 
     model = tiny_model("llama", intermediate_size=96)

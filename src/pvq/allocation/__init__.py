@@ -32,8 +32,8 @@ class AllocationSettings:
     one noise pair of relative energy `noise` per layer, a forward pass each), the ladder of rates whose
     settings are each layer's options, a floor below the target and the rehearsal draws.
     `factor_samples`: how many of the quantization's calibration windows (the first ones) measure pvq-gptq's
-    error factors; None: all of them. The factors' forwards and Hessians grow with the windows (on SmolLM2
-    128 windows of 512 tokens took 226 s, 32 took 71 s, and moved the factors by 5 % on average).
+    error factors; None: all of them. The factors' forwards and Hessians grow with the windows; fewer windows
+    estimate each Hessian less well (timings and their effect: docs/results.md).
     `sensitivities`: a JSON file read if it exists, else written with what is measured (they do not
     depend on the budget: measure once, allocate many)."""
 

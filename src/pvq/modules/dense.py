@@ -76,12 +76,7 @@ class StoredHead(nn.Linear):
         h = x.reshape(-1, cols).float().contiguous()
         t = h.shape[0]
         out = native.dense16_gemv(w, h) if t <= GEMV_TOKENS else None
-        if out is None and torch.is_grad_enabled() and h.requires_grad:
-            # blocks written into one buffer would make autograd's backward copy the whole gradient once per
-            # block (CopySlices: 12 copies of [tokens, 49152] floats a step when tuning SmolLM2); joined, the
-            # gradient is sliced as views
-            out = torch.cat([h @ w[r0: r0 + ROW_BLOCK].float().T for r0 in range(0, rows, ROW_BLOCK)], dim=1)
-        elif out is None:
+        if out is None:
             out = torch.empty(t, rows, dtype=torch.float32, device=h.device)
             for r0 in range(0, rows, ROW_BLOCK):
                 out[:, r0: r0 + ROW_BLOCK] = h @ w[r0: r0 + ROW_BLOCK].float().T
