@@ -38,9 +38,9 @@ def main() -> None:
 
     from pvq.api import calibration_precision
     from pvq.data import calibration_batches, resolve_text
-    from pvq.finetune import BATCH, Teacher, held_out, tune_model
+    from pvq.finetune import BATCH, Teacher, reference_stream, tune_model
     from pvq.loader import load
-    from pvq.models.adapters import blocks, capture_block_inputs, run_block
+    from pvq.models.adapters import blocks, capture_block_inputs
     from pvq.models.loading import load_model
     from pvq.settings import QuantConfig
 
@@ -53,13 +53,12 @@ def main() -> None:
                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
         ref, tok = load_model(None)
         cfg = QuantConfig(method="pvq-gptq", bits=3.25)  # only for its calibration settings and precision
-        n = args.steps * BATCH + 2  # every step draws new samples; 2 judge (held_out)
+        n = args.steps * BATCH + 2  # the steps draw from all but the last 2 (finetune.held_out), which judge
         ids = calibration_batches(tok, resolve_text(cfg.calib, "calib"), n, cfg.seqlen, cfg.seed)
-        assert held_out(n) >= 1
         with torch.no_grad():
             hidden, kwargs = capture_block_inputs(ref, ids)
             for i, block in enumerate(blocks(ref)):
-                hidden = run_block(block, hidden, kwargs[i]).float()
+                hidden = reference_stream(block, hidden, kwargs[i])
             teacher = Teacher.of(ref, hidden, ids)
         del ref, hidden
         model, _ = load(path)

@@ -454,5 +454,5 @@ def test_stored_head_gradient_over_many_tokens_is_the_float32_products(monkeypat
     (ref * r).sum().backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, ref_x.grad)
-    with torch.no_grad():  # the buffer path gives the same values
+    with torch.no_grad():  # and without autograd the same values
         assert torch.equal(head(x), out.detach())

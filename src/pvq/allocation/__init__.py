@@ -97,16 +97,14 @@ def allocate(model, tokenizer, cfg: QuantConfig, text: str, settings: Allocation
                 if settings.probe == "fisher" else sensitivities(model, ids, settings.noise, cfg.seed, progress=progress))
         if sens_file is not None:
             _write_atomically(sens_file, json.dumps(sens, indent=1))
-    factors, factor_windows = None, 0
+    calib = factors = None
     if cfg.uses_data:  # pvq-gptq: its error feedback shrinks each layer's error by a factor of its Hessian
         calib = calibration_batches(tokenizer, text, cfg.nsamples, cfg.seqlen, cfg.seed)[:settings.factor_samples]
         factors = gptq_error_factors(model, cfg, calib, progress=progress)
-        factor_windows = calib.shape[0]
-        del calib
     overrides, report = plan(model, cfg, None, rates=settings.rates, sens=sens, factors=factors,
                              floor=settings.floor)
-    if factors is not None:
-        report["factor_windows"] = factor_windows
+    if calib is not None:
+        report["factor_windows"] = calib.shape[0]
     if settings.draws:
         rehearse_plan(model, ids, report, settings.draws, cfg.seed, progress=progress)
     return replace(cfg, overrides=overrides), report
