@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--finetune-schedule", default=None, help="cosine or constant (pvq's default: cosine)")
     ap.add_argument("--scale", default=None, help="PVQ scale granularity passed on (tensor, row)")
     ap.add_argument("--damp", default=None, help="GPTQ Hessian damping passed on (pvq's default: 0.01)")
+    ap.add_argument("--asymmetric", default=None, help="GPTQ's target toward the unquantized outputs, passed on (pvq's default: 0)")
     ap.add_argument("--sensitivities", default=None,
                     help="allocated rows: reuse this sensitivities file (pvq quantize --sensitivities) instead of measuring")
     ap.add_argument("--allocate-factor-samples", default=None,
@@ -63,7 +64,7 @@ def main() -> None:
                            "arc_easy": "test, 0-shot, all 2376", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"}
     rows = results.setdefault("rows", [])
     tune = ["--finetune", args.finetune]
-    for opt in ("finetune_steps", "finetune_tokens", "finetune_model_steps", "lr", "finetune_schedule", "scale", "damp"):
+    for opt in ("finetune_steps", "finetune_tokens", "finetune_model_steps", "lr", "finetune_schedule", "scale", "damp", "asymmetric"):
         if getattr(args, opt) is not None:
             tune += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
     for name in args.rows.split(","):

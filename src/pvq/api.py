@@ -20,13 +20,13 @@ from .loader import check_device
 from .memory import release_memory, trim_heap
 from .models.adapters import (block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
                               check_supported, set_module)
-from .models.shards import sharded_hessians, sharded_outputs
+from .models.shards import sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
 from .modules.linear import QuantLinear
 from .picker import act_spec, choose_spec
 from .settings import DENSE_DTYPES, QuantConfig, quantization_config, spec_from_dict, spec_to_dict
-from .solvers.gptq import gptq
+from .solvers.gptq import asymmetric_target, gptq
 from .solvers.hessian import relative_error
 from .solvers.steppers import PVQStepper, UniformStepper
 from .transforms.rotate import derive_seed, layer_seeds, rotate_hessian, rotate_weight
@@ -128,8 +128,14 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     uncalibrated: list[str] = []
     tuning: list[dict] = []  # per block: the tuning loss before and after (--finetune blocks)
     ref = ref_ids = None  # --finetune model: the unquantized model's stream on the tuning samples
+    fp = None  # --asymmetric: the unquantized model's stream on the calibration samples
+    if pool is not None and cfg.asymmetric:
+        raise ValueError(f"--asymmetric {cfg.asymmetric:g} carries the unquantized model's activations beside the "
+                         "quantized ones in this process: drop --workers / --ray-address, or pass --asymmetric 0")
     if cfg.uses_data:  # block 0's inputs, and every block's call arguments (rotary embeddings, masks)
         hidden, kwargs = capture_block_inputs(model, calib_ids)
+        if cfg.asymmetric:  # both streams start from the same embeddings
+            fp = hidden.clone() if activations is None else activations.reference.hold(hidden)
         if cfg.tunes_model:  # the calibration samples, or tune_ids (which may hold more)
             ref_ids = calib_ids[:tuning_samples(cfg, calib_ids)] if tune_ids is None else tune_ids
             ref = (hidden[:ref_ids.shape[0]].float().clone() if tune_ids is None
@@ -137,6 +143,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         hidden = hidden if saved is None else saved
         if device is not None:
             hidden, kwargs = hidden.to(device), [to_device(k, device) for k in kwargs]
+            fp = None if fp is None else fp.to(device)
         if reader is not None:  # read again with the rest at the end: not held through every block
             release_parameters(model, [model.get_input_embeddings().weight])
         if activations is not None:
@@ -156,9 +163,16 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     for i, block in enumerate(layers):
         prefix = prefixes[i]
         if i < start:  # done by the run this one resumes
-            if ref is not None and writer.tuned() is None:  # its reference outputs and its quantized form again
-                if reader is not None:
-                    materialize(model, reader, lambda n: n.startswith(prefix))
+            tuned_ref = ref is not None and writer.tuned() is None
+            if reader is not None and (tuned_ref or fp is not None):
+                materialize(model, reader, lambda n: n.startswith(prefix))
+            if fp is not None:  # the unquantized stream as the killed run computed it, through the float block
+                block.to(fp.device)
+                with calibration_precision(cfg, fp):
+                    fp = sharded_outputs(block, fp, kwargs[i], cfg.calib_shards,
+                                         None if activations is None else activations.reference.empty_like(fp))
+                block.to("cpu")
+            if tuned_ref:  # its reference outputs and its quantized form again
                 ref = reference_stream(block, ref, kwargs[i])
                 install_written(block, prefix, per_layer, writer.block_tensors(i))
             else:
@@ -195,10 +209,16 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         target = None if tune is None else block_targets(block, tune, kwargs[i])
         if ref is not None:
             ref = reference_stream(block, ref, kwargs[i])
+        cross = {}
         with calibration_precision(cfg, hidden):
-            hess = sharded_hessians(block, hidden, kwargs[i], cfg.calib_shards) if cfg.uses_data else {}
-        made, done, err = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated, drop=writer is not None)
-        del hess
+            if fp is not None:  # and the block's outputs on the unquantized stream, for the next block
+                hess, cross, fp = sharded_asymmetric_sums(block, hidden, fp, kwargs[i], cfg.calib_shards,
+                                                          None if activations is None else activations.reference.empty_like(fp))
+            else:
+                hess = sharded_hessians(block, hidden, kwargs[i], cfg.calib_shards) if cfg.uses_data else {}
+        made, done, err = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated, drop=writer is not None,
+                                           cross=cross)
+        del hess, cross
         if tune is not None:
             tuning.append({"block": i, **tune_block(
                 block, made, tune, target, kwargs[i], steps=cfg.finetune_steps, lr=cfg.finetune_lr,
@@ -345,11 +365,13 @@ def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict, out:
     return sharded_outputs(block, hidden, kwargs, shards, out)
 
 
-def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list, drop: bool = False):
+def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list, drop: bool = False,
+                     cross: dict | None = None):
     """(QuantLinear by linear name, quantization_config entries, relative errors) of a block's linears; the
     block itself is left as it was (see quantize_block), but for `drop`: each linear's float weight is
     emptied once quantized (a block whose quantized form goes to a writer), so the peak of its largest
-    linear is not paid on top of all the others' float weights."""
+    linear is not paid on top of all the others' float weights. cross: {linear name: C} of --asymmetric
+    (hessian.CrossAccumulator); a linear without one is aimed at its own weight."""
     made, per_layer, errors = {}, {}, {}
     for name, mod in block_linears(block).items():
         full = prefix + name
@@ -357,7 +379,13 @@ def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, unca
         if cfg.uses_data and h is None:
             uncalibrated.append(full)
         owned = h is not None and not any(o is h for o in hess.values())
-        made[name], per_layer[full], errors[full] = quantize_linear(full, mod.weight.detach(), mod.bias, cfg, h, owned)
+        weight = mod.weight.detach()
+        c = (cross or {}).get(name)
+        if c is not None and h is not None and cfg.asymmetric:
+            weight = asymmetric_target(weight, h, c, cfg.damp, cfg.asymmetric)
+        del c
+        made[name], per_layer[full], errors[full] = quantize_linear(full, weight, mod.bias, cfg, h, owned)
+        del weight
         del h
         if drop:
             mod.weight.data = torch.empty(0, dtype=mod.weight.dtype)

@@ -44,7 +44,7 @@ def needs_offload(samples: int, tokens: int, hidden: int) -> bool:
 class ActivationFiles:
     """Two memory-mapped files in the folder `name` inside `parent` (made anew, so what a killed run left
     there goes; removed by `close`): `hold(t)` copies t into one and returns it as a tensor; `empty_like(t)`
-    gives the other, for the next block's outputs; they alternate."""
+    gives the other, for the next block's outputs; they alternate. `reference`: another such pair."""
 
     def __init__(self, parent: str | Path, name: str):
         self.folder = Path(parent) / name
@@ -54,6 +54,14 @@ class ActivationFiles:
         except OSError as exc:
             raise ValueError(f"--offload {parent}: cannot make a folder there ({exc.strerror or exc})") from None
         self._turn = 0
+        self._reference: "ActivationFiles | None" = None
+
+    @property
+    def reference(self) -> "ActivationFiles":
+        """Two more files, in a folder inside this one, for the unquantized model's stream (--asymmetric)."""
+        if self._reference is None:
+            self._reference = ActivationFiles(self.folder, "reference")
+        return self._reference
 
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
         path = self.folder / f"activations-{self._turn}.bin"

@@ -76,6 +76,9 @@ class QuantConfig:
     # (models/shards.py): the unit of work Ray workers share; 1 is the plain sequential sum, and is not stored
     calib_shards: int = 1
     act_order: bool = False
+    # how far GPTQ's target moves from each weight toward the unquantized model's outputs (solvers.gptq.
+    # asymmetric_target; 0: the weight's own outputs on the quantized model's inputs, as GPTQ; 1: all the way)
+    asymmetric: float = 0.0
     # after each block is quantized, tune its stored continuous values (scales, norms, biases) so its outputs
     # match the unquantized block's ("blocks"), and/or those of the whole model so its next-token
     # distributions match the unquantized model's ("model"; "both": one then the other) (finetune.py);
@@ -133,6 +136,12 @@ class QuantConfig:
             raise ValueError(f"--lr must be a number above 0, got {self.finetune_lr!r}")
         if self.finetune_schedule not in SCHEDULES:
             raise ValueError(f"--finetune-schedule must be one of {', '.join(SCHEDULES)}, got {self.finetune_schedule!r}")
+        if not (isinstance(self.asymmetric, (int, float)) and not isinstance(self.asymmetric, bool)
+                and math.isfinite(self.asymmetric) and 0 <= self.asymmetric <= 1):
+            raise ValueError(f"--asymmetric must be a number from 0 to 1, got {self.asymmetric!r}")
+        if self.asymmetric and not self.uses_data:
+            raise ValueError(f"--asymmetric aims GPTQ at the unquantized model's outputs on calibration data: use it "
+                             f"with a calibrated method (gptq, pvq-gptq), not {self.method}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 
@@ -165,6 +174,8 @@ class QuantConfig:
         d = asdict(self)
         if d["calib_shards"] == 1:  # the sum every file made before shards existed: stored as it always was
             del d["calib_shards"]
+        if d["asymmetric"] == 0:  # GPTQ's own target, as every file before it could move
+            del d["asymmetric"]
         if d["finetune"] == "none":  # an untuned file is stored as every file before tuning existed
             for k in ("finetune", "finetune_tokens", "finetune_steps", "finetune_lr", "finetune_model_steps",
                       "finetune_schedule"):

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..solvers.hessian import HessianAccumulator
+from ..solvers.hessian import CrossAccumulator, HessianAccumulator
 from .experts import split_experts
 
 MIN_ROWS = 16  # fewer outputs than this: a router or gate, kept dense
@@ -197,39 +197,97 @@ def block_hessian_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, kee
     that hold every linear's input, which tells which inputs are one tensor; the rest accumulate once
     per distinct input (a linear first reached after the first batch, an expert, gets its own). A linear
     no token reached (an expert nobody was routed to) is missing."""
+    leader, accs, _, out, _ = block_input_sums(block, hidden, kwargs, keep)
+    return leader, accs, out
+
+
+@torch.no_grad()
+def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False,
+                     reference: torch.Tensor | None = None):
+    """block_hessian_sums, and with `reference` (the unquantized model's inputs to this block for the same
+    samples, hidden being the quantized model's) also ({leader: CrossAccumulator of its input's pairs}, the
+    block's outputs on reference): (leader, Hessian accumulators, cross accumulators, outputs if keep,
+    reference outputs). Each batch of reference runs first, its linears' inputs held, then the same batch of
+    hidden, whose hooks pair every token's two inputs. Only linears every token reaches are paired (a
+    linear whose input is not [batch, tokens, dim] in both, an expert, has no cross accumulator): an expert's
+    tokens in one stream are not those in the other."""
     linears = block_linears(block)
+    n = hidden.shape[0]
+    out = torch.empty_like(hidden) if keep else None
+    ref_out = None if reference is None else torch.empty_like(reference)
+    ref_in: dict[str, torch.Tensor] = {}
+    crosses: dict[str, CrossAccumulator] = {}
+    unpaired: set[str] = set()
+    on_ref = [False]  # the hooks below watch the quantized stream only
+
+    def run(s: int) -> None:  # one batch: the reference's (its linears' inputs held), then the quantized stream's
+        e = min(s + BATCH, n)
+        if reference is not None:
+            ref_in.clear()
+            hs = [mod.register_forward_pre_hook(lambda m, a, n=name: ref_in.setdefault(n, a[0].detach()))
+                  for name, mod in linears.items()]
+            on_ref[0] = True
+            try:
+                run_block(block, reference[s:e], kwargs, out=ref_out[s:e])
+            finally:
+                on_ref[0] = False
+                for h in hs:
+                    h.remove()
+        run_block(block, hidden[s:e], kwargs, keep=keep, out=None if out is None else out[s:e])
+
+    def pair(name: str, x: torch.Tensor, lead_dims) -> None:
+        if reference is None or name in unpaired:
+            return
+        r = ref_in.get(name)
+        if r is None or x.shape != r.shape or tuple(x.shape[:-1]) != tuple(lead_dims):
+            unpaired.add(name)
+            crosses.pop(name, None)
+            return
+        if name not in crosses:
+            crosses[name] = CrossAccumulator(x.shape[-1])
+        crosses[name].add_batch(x, r)
+
+    # the input tensor itself (no autograd here): a detached view would be a new object for every linear
     seen: dict[str, torch.Tensor] = {}
-    handles = [mod.register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, a[0].detach()))
+    handles = [mod.register_forward_pre_hook(lambda m, a, n=name: None if on_ref[0] else seen.setdefault(n, a[0]))
                for name, mod in linears.items()]
     try:
-        first = run_block(block, hidden[:BATCH], kwargs, keep=keep)
+        run(0)
     finally:
         for h in handles:
             h.remove()
     # the first linear (in call order) that read a tensor holds its Hessian
     leader = {name: next(other for other, y in seen.items() if y is x) for name, x in seen.items()}
     accs = {name: HessianAccumulator(linears[name].in_features) for name in seen if leader[name] == name}
+    lead_dims = hidden.shape[1:-1]
     for name, acc in accs.items():
         acc.add_batch(seen[name])
+        pair(name, seen[name], (min(BATCH, n), *lead_dims))
     seen.clear()
 
     def accumulate(name):  # a leader, or a linear the first batch did not reach (an expert): a Hessian of its own
         def hook(m, a, o):
+            if on_ref[0]:
+                return
             if name not in accs:
                 accs[name] = HessianAccumulator(m.in_features)
                 leader[name] = name
+                unpaired.add(name)  # not in the first batch: perhaps not in every batch
             accs[name].add_batch(a[0])
+            pair(name, a[0], (batch[0], *lead_dims))
         return hook
 
+    batch = [0]
     handles = [linears[name].register_forward_hook(accumulate(name)) for name in linears
                if name in accs or name not in leader]
     try:
-        rest = run_block(block, hidden[BATCH:], kwargs, keep=keep) if hidden.shape[0] > BATCH else None
+        for s in range(BATCH, n, BATCH):
+            batch[0] = min(s + BATCH, n) - s
+            run(s)
     finally:
         for h in handles:
             h.remove()
-    out = None if not keep else (first if rest is None else torch.cat([first, rest]))
-    return {name: leader[name] for name in linears if name in leader}, accs, out
+    return {name: leader[name] for name in linears if name in leader}, accs, crosses, out, ref_out
 
 
 def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False):

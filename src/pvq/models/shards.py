@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import block_hessian_sums, run_block
+from .adapters import block_hessian_sums, block_input_sums, run_block
 
 
 def shard_bounds(samples: int, shards: int) -> list[tuple[int, int]]:
@@ -44,7 +44,7 @@ def merge(parts) -> dict[str, torch.Tensor]:
                 total[name] = acc
         del accs
     hess = {name: total[name].take() for name in total}
-    return {name: hess[leader[name]] for name in leader}
+    return {name: hess[leader[name]] for name in leader if leader[name] in hess}
 
 
 def sharded_hessians(block, hidden: torch.Tensor, kwargs: dict, shards: int) -> dict[str, torch.Tensor]:
@@ -54,6 +54,27 @@ def sharded_hessians(block, hidden: torch.Tensor, kwargs: dict, shards: int) -> 
             lead, accs, _ = block_hessian_sums(block, hidden[s:e], kwargs)
             yield lead, accs
     return merge(parts())
+
+
+def sharded_asymmetric_sums(block, hidden: torch.Tensor, reference: torch.Tensor, kwargs: dict, shards: int,
+                            out: torch.Tensor | None = None):
+    """({linear name: H}, {linear name: C}, the block's outputs on reference, written into `out` where given) of
+    a block run on every sample of hidden (the quantized model's stream) and of reference (the unquantized
+    model's, the same samples), summed shard by shard (adapters.block_input_sums); a linear paired in no shard,
+    or not in every one, has no C."""
+    ref_out = torch.empty_like(reference) if out is None else out
+    bounds = shard_bounds(hidden.shape[0], shards)
+    paired: list[dict] = []
+
+    def parts():
+        for s, e in bounds:
+            lead, accs, crosses, _, ref_out[s:e] = block_input_sums(block, hidden[s:e], kwargs, reference=reference[s:e])
+            paired.append((lead, crosses))
+            yield lead, accs
+    hess = merge(parts())
+    both = set.intersection(*(set(c) for _, c in paired))
+    cross = merge((lead, {k: v for k, v in c.items() if k in both}) for lead, c in paired)
+    return hess, cross, ref_out
 
 
 def sharded_outputs(block, hidden: torch.Tensor, kwargs: dict, shards: int, out: torch.Tensor | None = None):

@@ -33,6 +33,7 @@ from .steppers import Packed, Stepper
 # Damping retries: each multiplies the damping by 10 (0.01 -> 100 x mean diag at most), enough to
 # make any positive semi-definite H numerically positive definite.
 _RETRIES = 4
+_TARGET_ROWS = 1024  # rows of a weight moved to its asymmetric target at once
 
 
 def inverse_cholesky(h: torch.Tensor, lam: float) -> torch.Tensor:
@@ -69,6 +70,37 @@ def inverse_cholesky(h: torch.Tensor, lam: float) -> torch.Tensor:
         f"gptq: the Hessian is not positive definite even with damping {', '.join(f'{t:.3g}' for t in tried)} "
         f"(mean diagonal {mean_diag:.3g}); check the calibration inputs"
     )
+
+
+def asymmetric_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float = 0.01,
+                      share: float = 1.0) -> torch.Tensor:
+    """The weight GPTQ should quantize so the layer's outputs approach the unquantized model's (asymmetric
+    calibration, GPTQv2/GPTAQ, Li et al. 2025): float32 w + share * w c^T (h + lam I)^-1, lam = damp * mean diag h.
+
+    h = E[x x^T] of the layer's inputs x in the quantized model, c = E[x (r - x)^T] with r the unquantized model's
+    input for the same token (hessian.CrossAccumulator). Over the calibration tokens, with Q any matrix,
+    E||Q x - W r||^2 + lam ||Q - W||^2 = tr((Q - W') (h + lam I) (Q - W')^T) + const for W' the target at share 1:
+    GPTQ on W' with h then aims at the unquantized model's outputs from the inputs the quantized model gives,
+    instead of at W's outputs from them; lam keeps W' near W along directions the inputs barely visit. share
+    scales the step from W to W' (GPTAQ takes a quarter): the target's correction is fitted on the same tokens
+    whose outputs it then matches. w [rows, cols]; h, c [cols, cols]; w's float32 copy where share is 0."""
+    rows, cols = w.shape
+    if tuple(h.shape) != (cols, cols) or tuple(c.shape) != (cols, cols):
+        raise ValueError(f"asymmetric_target: h and c must be [{cols}, {cols}], got {tuple(h.shape)} and {tuple(c.shape)}")
+    if not (math.isfinite(share) and share >= 0):
+        raise ValueError(f"asymmetric_target: share must be a number >= 0, got {share!r}")
+    out = w.detach().to(torch.float32, copy=True)
+    if share == 0:
+        return out
+    hd = h.detach().to(torch.float64)  # a float64 h is the factorisation's working memory, as it was on return
+    live = hd.diagonal() > 0
+    lam = damp * (float(hd.diagonal()[live].mean()) if bool(live.any()) else 1.0)
+    u = inverse_cholesky(hd, lam)  # (h + lam I)^-1 = U^T U
+    del hd
+    for s in range(0, rows, _TARGET_ROWS):  # a few rows at a time: no float64 copy of a large w
+        part = w[s:s + _TARGET_ROWS].detach().double()
+        out[s:s + _TARGET_ROWS] += (share * ((part @ c.T.to(part.device)) @ u.T) @ u).float()
+    return out
 
 
 def group_metrics(u: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,17 @@ _ROWS_PER_CHUNK = 8192
 _ADD_ROWS = 256
 
 
+def _add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a^T b for rows a, b [N, dim]: each chunk of rows multiplied in float32, the running sum float64."""
+    for s in range(0, a.shape[0], _ROWS_PER_CHUNK):
+        ac = a[s : s + _ROWS_PER_CHUNK].to(device=total.device, dtype=torch.float32)
+        bc = ac if b is a else b[s : s + _ROWS_PER_CHUNK].to(device=total.device, dtype=torch.float32)
+        prod = ac.T @ bc
+        for r in range(0, total.shape[0], _ADD_ROWS):  # widened a few rows at a time: no float64 copy of it all
+            total[r:r + _ADD_ROWS] += prod[r:r + _ADD_ROWS]
+        del prod
+
+
 class HessianAccumulator:
     """Running H = sum_t x_t x_t^T over every input row x_t seen, and the number of rows.
 
@@ -34,7 +45,7 @@ class HessianAccumulator:
 
     def __init__(self, dim: int):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"HessianAccumulator dim must be a positive integer, got {dim!r}")
+            raise ValueError(f"{type(self).__name__} dim must be a positive integer, got {dim!r}")
         self.dim = dim
         self.count = 0
         self._sum: torch.Tensor | None = None  # float64 [dim, dim], allocated on the first batch's device
@@ -52,25 +63,20 @@ class HessianAccumulator:
             raise ValueError("add_batch: x contains NaN or inf (a diverged activation would poison H)")
         if self._sum is None:
             self._sum = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=flat.device)
-        for s in range(0, flat.shape[0], _ROWS_PER_CHUNK):
-            xc = flat[s : s + _ROWS_PER_CHUNK].to(device=self._sum.device, dtype=torch.float32)
-            prod = xc.T @ xc  # H += x^T x: the chunk in float32, the running sum in float64
-            for r in range(0, self.dim, _ADD_ROWS):  # widened a few rows at a time: no float64 copy of it all
-                self._sum[r:r + _ADD_ROWS] += prod[r:r + _ADD_ROWS]
-            del prod
+        _add_products(self._sum, flat, flat)
         self.count += flat.shape[0]
 
     def hessian(self) -> torch.Tensor:
         """The mean second moment H / count: float64 [dim, dim]."""
         if self.count == 0 or self._sum is None:
-            raise ValueError("HessianAccumulator.hessian(): no input rows were added")
+            raise ValueError(f"{type(self).__name__}.hessian(): no input rows were added")
         return self._sum / self.count
 
     def merge(self, other: "HessianAccumulator") -> None:
         """Add another accumulator's rows (the sums of a later calibration shard) to this one, in place.
         Merged in a fixed order, shards give the same floats wherever each shard was summed."""
         if other.dim != self.dim:
-            raise ValueError(f"HessianAccumulator.merge: dimensions {self.dim} and {other.dim} differ")
+            raise ValueError(f"{type(self).__name__}.merge: dimensions {self.dim} and {other.dim} differ")
         if other._sum is None:
             return
         if self._sum is None:
@@ -82,9 +88,30 @@ class HessianAccumulator:
     def take(self) -> torch.Tensor:
         """hessian(), computed in the running sum's own memory; the accumulator holds nothing afterwards."""
         if self.count == 0 or self._sum is None:
-            raise ValueError("HessianAccumulator.take(): no input rows were added")
+            raise ValueError(f"{type(self).__name__}.take(): no input rows were added")
         h, self._sum, self.count = self._sum.div_(self.count), None, 0  # the same floats as hessian()
         return h
+
+
+class CrossAccumulator(HessianAccumulator):
+    """Running C = sum_t x_t (r_t - x_t)^T over pairs of rows: x_t a layer's input in the quantized model, r_t
+    the same token's input to that layer in the unquantized model. With H = E[x x^T], the mean C / count (take)
+    is what moves GPTQ's target from the weight to the unquantized model's outputs (gptq.asymmetric_target)."""
+
+    def add_batch(self, x: torch.Tensor, ref: torch.Tensor) -> None:
+        """Accumulate the pairs of rows of x[..., dim] and ref[..., dim] (the same shape, row t with row t)."""
+        if not (isinstance(x, torch.Tensor) and isinstance(ref, torch.Tensor)) or x.shape != ref.shape \
+                or x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"CrossAccumulator.add_batch expects x and ref of one shape [..., {self.dim}], got "
+                             f"{tuple(getattr(x, 'shape', ()))} and {tuple(getattr(ref, 'shape', ()))}")
+        flat = x.detach().reshape(-1, self.dim).float()
+        diff = ref.detach().reshape(-1, self.dim).float() - flat
+        if flat.numel() and not (bool(torch.isfinite(flat).all()) and bool(torch.isfinite(diff).all())):
+            raise ValueError("CrossAccumulator.add_batch: x or ref contains NaN or inf")
+        if self._sum is None:
+            self._sum = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=flat.device)
+        _add_products(self._sum, flat, diff)
+        self.count += flat.shape[0]
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None = None) -> float:
