@@ -64,7 +64,7 @@ def sharded_asymmetric_sums(block, hidden: torch.Tensor, reference: torch.Tensor
     or not in every one, has no C."""
     ref_out = torch.empty_like(reference) if out is None else out
     bounds = shard_bounds(hidden.shape[0], shards)
-    paired: list[dict] = []
+    paired: list[tuple[dict, dict]] = []  # per shard: (leaders, cross accumulators)
 
     def parts():
         for s, e in bounds:

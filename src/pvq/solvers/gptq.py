@@ -36,6 +36,12 @@ _RETRIES = 4
 _TARGET_ROWS = 1024  # rows of a weight moved to its asymmetric target at once
 
 
+def damping(h: torch.Tensor, live: torch.Tensor, damp: float) -> float:
+    """GPTQ's lambda: damp x the mean diagonal of h over the live inputs (1 x damp when none is live), so the
+    diagonal a dead input is given does not set its scale."""
+    return damp * (float(h.diagonal()[live].mean()) if bool(live.any()) else 1.0)
+
+
 def inverse_cholesky(h: torch.Tensor, lam: float) -> torch.Tensor:
     """Upper U with (h + lam I)^-1 = U^T U, float64 [cols, cols].
 
@@ -75,7 +81,7 @@ def inverse_cholesky(h: torch.Tensor, lam: float) -> torch.Tensor:
 def asymmetric_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float = 0.01,
                       share: float = 1.0) -> torch.Tensor:
     """The weight GPTQ should quantize so the layer's outputs approach the unquantized model's (asymmetric
-    calibration, GPTQv2/GPTAQ, Li et al. 2025): float32 w + share * w c^T (h + lam I)^-1, lam = damp * mean diag h.
+    calibration, GPTQv2/GPTAQ, Li et al. 2025): float32 w + share * w c^T (h + lam I)^-1, lam GPTQ's damping.
 
     h = E[x x^T] of the layer's inputs x in the quantized model, c = E[x (r - x)^T] with r the unquantized model's
     input for the same token (hessian.CrossAccumulator). Over the calibration tokens, with Q any matrix,
@@ -93,13 +99,13 @@ def asymmetric_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: f
     if share == 0:
         return out
     hd = h.detach().to(torch.float64)  # a float64 h is the factorisation's working memory, as it was on return
-    live = hd.diagonal() > 0
-    lam = damp * (float(hd.diagonal()[live].mean()) if bool(live.any()) else 1.0)
+    lam = damping(hd, hd.diagonal() > 0, damp)
     u = inverse_cholesky(hd, lam)  # (h + lam I)^-1 = U^T U
     del hd
+    ct = c.detach().to(device=u.device, dtype=torch.float64).T
     for s in range(0, rows, _TARGET_ROWS):  # a few rows at a time: no float64 copy of a large w
         part = w[s:s + _TARGET_ROWS].detach().double()
-        out[s:s + _TARGET_ROWS] += (share * ((part @ c.T.to(part.device)) @ u.T) @ u).float()
+        out[s:s + _TARGET_ROWS] += (share * ((part @ ct) @ u.T) @ u).float()
     return out
 
 
@@ -128,8 +134,7 @@ def error_factors(h: torch.Tensor, dims, damp: float = 0.01) -> dict[int, float]
     h = h.detach().to(torch.float64, copy=True)
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
-    live = ~dead
-    lam = damp * (float(h.diagonal()[live].mean()) if bool(live.any()) else 1.0)
+    lam = damping(h, ~dead, damp)
     u = inverse_cholesky(h, lam)
     total = float(h.diagonal().sum()) + lam * h.shape[0]
     out = {}
@@ -206,7 +211,7 @@ def gptq(
     W[:, dead] = 0.0
     # Damping lambda = damp * mean(diag H) keeps H^-1 well conditioned (GPTQ's percdamp); the mean
     # is over live inputs, so the arbitrary 1 put in for dead ones does not set its scale.
-    lam = damp * (float(H.diagonal()[live].mean()) if bool(live.any()) else 1.0)
+    lam = damping(H, live, damp)
 
     if act_order:
         stepper.begin(W, static_groups=True)  # grids from the unpermuted W, as GPTQ's static groups
