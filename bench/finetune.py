@@ -86,7 +86,9 @@ def main() -> None:
                "bits_per_weight": q["bits_per_weight"],
                "file_bytes": q["file_bytes"], "quantize_seconds": q["seconds"], "quantize_wall_seconds": q["wall_seconds"],
                "quantize_peak_rss_mib": q["peak_rss_mib"], "blocks": q.get("finetune"), "model_tuning": q.get("finetune_model"), "commit": commit(), **e}
-        rows[:] = [r for r in rows if (r["options"], r.get("schedule")) != (row["options"], schedule)] + [row]
+        # a row measured again replaces its old one; another sensitivities source is another row
+        key = (row["options"], schedule, bool(row["sensitivities"]))
+        rows[:] = [r for r in rows if (r["options"], r.get("schedule"), bool(r.get("sensitivities"))) != key] + [row]
         write_json(path, results)
         print(f"{row['options']}: {row['bits_per_weight']:.4f} bpw, ppl {row['ppl']:.2f}, kl {row['kl']:.4f}, "
               f"top-1 {row['top1_agree']:.3f}, quantize {row['quantize_seconds']:.0f} s, "
