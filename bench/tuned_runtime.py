@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import write_json  # noqa: E402
 from quality import run_json  # noqa: E402
+from runtime import cli_json  # noqa: E402
 from scale import commit  # noqa: E402
 
 
@@ -61,14 +62,16 @@ def main() -> None:
     ap.add_argument("--options", required=True, help="the `pvq quantize` options the tuned file was made with")
     ap.add_argument("--twin", type=Path, default=Path("/tmp/pvq-twin"))
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--keep-twin", action="store_true", help="reuse the twin an earlier run of this script wrote")
     args = ap.parse_args()
     opts = twin_command(args.options)
-    q = run_json(["quantize", *opts, "-o", str(args.twin), "--force"])
+    reuse = args.keep_twin and (args.twin / "model.safetensors").exists()
+    q = {"seconds": None} if reuse else run_json(["quantize", *opts, "-o", str(args.twin), "--force"])
     result = {"tuned": str(args.tuned), "twin_options": " ".join(opts), "twin_quantize_seconds": q["seconds"],
               "tensors": compare(args.tuned, args.twin), "runs": [], "commit": commit()}
     for i in range(args.repeats):
         for name, d in (("untuned", args.twin), ("tuned", args.tuned)):
-            r = run_json(["bench-run", str(d), "--decode", "on-the-fly"])
+            r = cli_json(["bench-run", str(d), "--decode", "on-the-fly"])
             result["runs"].append({"file": name, "repeat": i, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}})
             print(name, {k: v for k, v in r.items() if "tok" in k or "rss" in k}, flush=True)
     path = ROOT / "bench" / "results" / "tuned_runtime.json"
