@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import write_json  # noqa: E402
+from common import row_line, write_json  # noqa: E402
 from quality import run_json  # noqa: E402
 from scale import commit  # noqa: E402
 
@@ -51,9 +51,7 @@ def main() -> None:
                    **{k: e[k] for k in ("ppl", "ref_ppl", "kl", "top1_agree", "windows")}}
             rows[:] = [r for r in rows if r["options"] != row["options"]] + [row]
             write_json(path, results)
-            print(f"{row['options']}: {row['bits_per_weight']:.4f} bpw, ppl {row['ppl']:.2f}, kl {row['kl']:.4f}, "
-                  f"top-1 {row['top1_agree']:.3f}, quantize {row['quantize_seconds']:.0f} s, "
-                  f"{row['quantize_peak_rss_mib']:.0f} MiB", flush=True)
+            print(row_line(row["options"], row), flush=True)
     print(f"wrote {path}")
 
 

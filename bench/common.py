@@ -17,3 +17,10 @@ def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
+
+
+def row_line(label: str, row: dict) -> str:
+    """One measured quantization as the benchmarks print it while they run."""
+    return (f"{label}: {row['bits_per_weight']:.4f} bpw, ppl {row['ppl']:.2f}, kl {row['kl']:.4f}, "
+            f"top-1 {row['top1_agree']:.3f}, quantize {row['quantize_seconds']:.0f} s, "
+            f"{row['quantize_peak_rss_mib']:.0f} MiB")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import write_json  # noqa: E402
+from common import row_line, write_json  # noqa: E402
 from quality import plot, run_json  # noqa: E402
 from scale import commit  # noqa: E402
 
@@ -90,9 +90,7 @@ def main() -> None:
         key = (row["options"], schedule, bool(row["sensitivities"]))
         rows[:] = [r for r in rows if (r["options"], r.get("schedule"), bool(r.get("sensitivities"))) != key] + [row]
         write_json(path, results)
-        print(f"{row['options']}: {row['bits_per_weight']:.4f} bpw, ppl {row['ppl']:.2f}, kl {row['kl']:.4f}, "
-              f"top-1 {row['top1_agree']:.3f}, quantize {row['quantize_seconds']:.0f} s, "
-              f"{row['quantize_peak_rss_mib']:.0f} MiB", flush=True)
+        print(row_line(row["options"], row), flush=True)
     quality = json.loads((out / "quality.json").read_text())
     best = {}
     for r in rows:  # per target, the tuned row with the lowest perplexity

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import save_figure, write_json  # noqa: E402
+from common import row_line, save_figure, write_json  # noqa: E402
 METHODS = ("rtn", "gptq", "pvq", "pvq-gptq")
 
 
@@ -119,9 +119,7 @@ def main() -> None:
                  "quantize_seconds": q["seconds"], "quantize_peak_rss_mib": q["peak_rss_mib"], **e}
             results["runs"] = [x for x in results["runs"] if (x["method"], x["target_bits"]) != (m, rate)] + [r]
             save(results, out)
-            print(f"{m} @ {rate}: {r['bits_per_weight']:.4f} bpw, ppl {r['ppl']:.2f}, kl {r['kl']:.4f}, "
-                  f"top-1 {r['top1_agree']:.3f}, quantize {r['quantize_seconds']:.0f} s,"
-                  f" {r['quantize_peak_rss_mib']:.0f} MiB", flush=True)
+            print(row_line(f"{m} @ {rate}", r), flush=True)
     print(f"wrote {path}")
 
 
