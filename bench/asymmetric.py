@@ -9,6 +9,7 @@ CPUs. Results go to bench/results/asymmetric.json after every row (a row measure
 
 Run:  python bench/asymmetric.py                                  (3.25 and 4.25 bits, shares 0 and 0.25)
       python bench/asymmetric.py --rates 2.25 --shares 0.5 --scale row   (one more share at 2.25)
+      python bench/asymmetric.py --rates 3.25 --shares 0.25 --samples 16,32   (the unquantized stream on fewer samples)
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="3.25,4.25", help="comma-separated target bits per weight")
     ap.add_argument("--shares", default="0,0.25", help="comma-separated --asymmetric values")
+    ap.add_argument("--samples", default="0",
+                    help="comma-separated --asymmetric-samples values for the rows with a share above 0 (0: all)")
     ap.add_argument("--scale", default=None, help="PVQ scale granularity passed on (tensor, row)")
     ap.add_argument("--work", default="/tmp/pvq-asymmetric")
     args = ap.parse_args()
@@ -36,22 +39,25 @@ def main() -> None:
     results["protocol"] = {"ppl": "WikiText-2 test, 16 windows x 2048 tokens", "calib": "wikitext2 validation, 128 x 512",
                            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)"}
     rows = results.setdefault("rows", [])
-    for bits in args.rates.split(","):
-        for share in args.shares.split(","):
-            opts = ["--bits", bits, *(["--scale", args.scale] if args.scale else []), "--asymmetric", share,
-                    "--finetune", "none"]
-            d = Path(args.work) / f"{bits}-{share}"
-            q = run_json(["quantize", "--method", "pvq-gptq", *opts, "-o", str(d), "--force"])
-            e = run_json(["eval", str(d), "--ppl", "--kl"])
-            row = {"options": " ".join(opts), "bits": float(bits), "asymmetric": float(share),
-                   "bits_per_weight": q["bits_per_weight"], "quantize_seconds": q["seconds"],
-                   "quantize_wall_seconds": q["wall_seconds"], "quantize_peak_rss_mib": q["peak_rss_mib"],
-                   "calib_dtype": json.loads((d / "config.json").read_text())["quantization_config"]["config"]["calib_dtype"],
-                   "commit": commit(),
-                   **{k: e[k] for k in ("ppl", "ref_ppl", "kl", "top1_agree", "windows")}}
-            rows[:] = [r for r in rows if r["options"] != row["options"]] + [row]
-            write_json(path, results)
-            print(row_line(row["options"], row), flush=True)
+    runs = [(bits, share, samples) for bits in args.rates.split(",") for share in args.shares.split(",")
+            for samples in (args.samples.split(",") if float(share) else ["0"])]
+    for bits, share, samples in runs:
+        opts = ["--bits", bits, *(["--scale", args.scale] if args.scale else []), "--asymmetric", share,
+                *(["--asymmetric-samples", samples] if int(samples) else []), "--finetune", "none"]
+        d = Path(args.work) / f"{bits}-{share}-{samples}"
+        q = run_json(["quantize", "--method", "pvq-gptq", *opts, "-o", str(d), "--force"])
+        e = run_json(["eval", str(d), "--ppl", "--kl"])
+        cfg = json.loads((d / "config.json").read_text())["quantization_config"]["config"]
+        row = {"options": " ".join(opts), "bits": float(bits), "asymmetric": float(share),
+               "paired_samples": (min(int(samples), cfg["nsamples"]) or cfg["nsamples"]) if float(share) else 0,
+               "bits_per_weight": q["bits_per_weight"], "quantize_seconds": q["seconds"],
+               "quantize_wall_seconds": q["wall_seconds"], "quantize_peak_rss_mib": q["peak_rss_mib"],
+               "calib_dtype": cfg["calib_dtype"],
+               "commit": commit(),
+               **{k: e[k] for k in ("ppl", "ref_ppl", "kl", "top1_agree", "windows")}}
+        rows[:] = [r for r in rows if r["options"] != row["options"]] + [row]
+        write_json(path, results)
+        print(row_line(row["options"], row), flush=True)
     print(f"wrote {path}")
 
 

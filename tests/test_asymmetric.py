@@ -63,6 +63,16 @@ def test_cross_sums_pair_rows_and_merge_in_shards():
         CrossAccumulator(6).add_batch(x[:3].float(), r[:4].float())
     with pytest.raises(ValueError, match="NaN"):
         CrossAccumulator(6).add_batch(x[:3].float(), torch.full((3, 6), float("nan")))
+    # a bad value in either stream, also where the other is 0 (0 * inf is NaN), leaves the sums as they were
+    acc = CrossAccumulator(6)
+    acc.add_batch(x[:4].float(), r[:4].float())
+    before = acc._sum.clone()
+    for which, value in (("x", float("nan")), ("x", float("inf")), ("ref", float("inf")), ("ref", float("-inf"))):
+        xb, rb = torch.zeros(3, 6), torch.ones(3, 6)
+        (xb if which == "x" else rb)[2, 4] = value
+        with pytest.raises(ValueError, match="NaN or inf"):
+            acc.add_batch(xb, rb)
+    assert acc.count == 4 and torch.equal(acc._sum, before)
     with pytest.raises(ValueError, match="no input rows"):
         CrossAccumulator(6).take()
 
@@ -112,6 +122,27 @@ def test_block_input_sums_pair_each_linears_two_inputs(block_and_streams):
     assert hess["self_attn.o_proj"] is not hess["self_attn.q_proj"]
 
 
+@pytest.mark.parametrize("paired", [3, 9])  # inside the first batch of 8; straddling the second
+def test_a_reference_of_the_first_samples_pairs_those_and_sums_hessians_over_all(block_and_streams, paired):
+    block, hidden, ref, kwargs = block_and_streams
+    _, accs, _ = block_hessian_sums(block, hidden, kwargs)
+    lead, accs2, crosses, _, ref_out = block_input_sums(block, hidden, kwargs, reference=ref[:paired])
+    assert all(torch.equal(accs[k].take(), accs2[k].take()) for k in accs)  # every sample's Hessian
+    _, _, want, _, want_out = block_input_sums(block, hidden[:paired], kwargs, reference=ref[:paired])
+    assert set(crosses) == set(want) and torch.equal(ref_out, want_out)
+    for k in want:  # the cross moments of the first samples only
+        assert crosses[k].count == want[k].count == paired * hidden.shape[1]
+        assert torch.allclose(crosses[k].take(), want[k].take(), atol=1e-6, rtol=1e-5), k
+    # in shards, some of which have no paired sample: the same sums
+    hess, cross, ref_out3 = sharded_asymmetric_sums(block, hidden, ref[:paired], kwargs, 3)
+    whole_h, whole_c, _ = sharded_asymmetric_sums(block, hidden, ref[:paired], kwargs, 1)
+    assert torch.allclose(ref_out3, ref_out, atol=1e-6) and set(cross) == set(whole_c) == set(block_linears(block))
+    assert all(torch.allclose(hess[k], whole_h[k], atol=1e-6) and torch.allclose(cross[k], whole_c[k], atol=1e-6)
+               for k in whole_h)
+    with pytest.raises(ValueError, match="first samples"):
+        block_input_sums(block, hidden[:2], kwargs, reference=ref[:3])
+
+
 def test_the_same_stream_gives_no_correction(block_and_streams):
     block, hidden, _, kwargs = block_and_streams
     _, _, crosses, _, _ = block_input_sums(block, hidden, kwargs, reference=hidden.clone())
@@ -124,6 +155,12 @@ def test_config_checks_and_storage():
     assert "asymmetric" not in QuantConfig().to_dict()  # files made without it are stored as before
     assert QuantConfig(asymmetric=0.25).to_dict()["asymmetric"] == 0.25
     assert QuantConfig.from_dict(QuantConfig(asymmetric=0.5).to_dict()).asymmetric == 0.5
+    assert "asymmetric_samples" not in QuantConfig(asymmetric_samples=32).to_dict()  # meaningless without it
+    assert QuantConfig.from_dict(QuantConfig(asymmetric=0.5, asymmetric_samples=32).to_dict()).asymmetric_samples == 32
+    assert QuantConfig.from_dict({"asymmetric": 0.5}).asymmetric_samples == 0  # stored before it: every sample
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="--asymmetric-samples"):
+            QuantConfig(asymmetric=0.5, asymmetric_samples=bad)
     with pytest.raises(ValueError, match="--asymmetric must be a number from 0 to 1"):
         QuantConfig(asymmetric=1.5)
     with pytest.raises(ValueError, match="calibrated method"):
@@ -172,6 +209,23 @@ def test_asymmetric_runs_are_deterministic_and_offload_and_stream_alike(model_di
     assert all(torch.equal(a[k], p[k]) for k in a if ".layers.0." in k)
     assert any(not torch.equal(a[k], p[k]) for k in a if ".layers.5." in k)
     assert torch.isfinite(_logits(tmp_path / "a", torch.tensor([[1, 5, 9, 200]]))).all()
+
+
+def test_asymmetric_samples_pair_the_first_calibration_samples(model_dir, tmp_path):
+    """--asymmetric-samples N: the unquantized stream on the first N samples only; N at least the calibration
+    samples is every sample (the same weights), fewer gives other weights, the same ones with offloading."""
+    import json
+    full = _run(model_dir, tmp_path / "a", "--asymmetric", "1")
+    assert _run(model_dir, tmp_path / "all", "--asymmetric", "1", "--asymmetric-samples", "9")["model.safetensors"] \
+        == full["model.safetensors"]
+    part = _run(model_dir, tmp_path / "p", "--asymmetric", "1", "--asymmetric-samples", "2")
+    assert part["model.safetensors"] != full["model.safetensors"]
+    plain = _run(model_dir, tmp_path / "plain")
+    assert part["model.safetensors"] != plain["model.safetensors"]
+    assert _run(model_dir, tmp_path / "o", "--asymmetric", "1", "--asymmetric-samples", "2", "--offload",
+                str(tmp_path / "acts")) == part
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["config"]
+    assert cfg["asymmetric_samples"] == 2
 
 
 def test_asymmetric_with_workers_is_refused_by_name(model_dir, tmp_path, capsys):

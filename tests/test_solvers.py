@@ -7,6 +7,7 @@ import torch
 from pvq import codec
 from pvq.codec import gainshape, uniform
 from pvq.solvers.gptq import group_metrics, gptq, inverse_cholesky
+from pvq.solvers import hessian as hessian_module
 from pvq.solvers.hessian import HessianAccumulator
 from pvq.solvers.steppers import PVQStepper, Stepper, UniformStepper
 
@@ -68,8 +69,31 @@ def test_hessian_accumulator_rejects_bad_input():
         x[1, 2] = bad
         with pytest.raises(ValueError, match="NaN or inf"):
             acc.add_batch(x)
+    huge = torch.ones(3, 8)
+    huge[0, 5] = 3e30  # finite, but its square is not a float32
+    with pytest.raises(ValueError, match="too large"):
+        acc.add_batch(huge)
     # a rejected batch leaves the running sum untouched
     assert acc.count == 2 and torch.equal(acc.hessian(), torch.ones(8, 8, dtype=torch.float64))
+
+
+def test_a_bad_value_in_any_chunk_of_a_batch_is_refused_before_any_chunk_is_added(monkeypatch):
+    """Batches are multiplied in chunks of rows, each checked by its product's diagonal; a batch of several
+    chunks is checked whole first, or the chunks before the bad one would already be in the sum."""
+    monkeypatch.setattr(hessian_module, "_ROWS_PER_CHUNK", 4)
+    acc = HessianAccumulator(8)
+    acc.add_batch(torch.ones(2, 8))
+    for row in (0, 5, 9):  # first, middle and last of three chunks
+        for bad in (float("nan"), float("-inf")):
+            x = torch.ones(10, 8)
+            x[row, 7] = bad
+            with pytest.raises(ValueError, match="NaN or inf"):
+                acc.add_batch(x)
+    assert acc.count == 2 and torch.equal(acc.hessian(), torch.ones(8, 8, dtype=torch.float64))
+    x = torch.randn(10, 8)
+    acc.add_batch(x)  # and in chunks, the same sum as whole
+    want = (torch.ones(2, 8).double().T @ torch.ones(2, 8).double() + x.double().T @ x.double()) / 12
+    assert torch.allclose(acc.hessian(), want, atol=1e-6)
     for dim in (0, -3, 2.0, True):
         with pytest.raises(ValueError):
             HessianAccumulator(dim)

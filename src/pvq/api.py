@@ -134,8 +134,9 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                          "quantized ones in this process: drop --workers / --ray-address, or pass --asymmetric 0")
     if cfg.uses_data:  # block 0's inputs, and every block's call arguments (rotary embeddings, masks)
         hidden, kwargs = capture_block_inputs(model, calib_ids)
-        if cfg.asymmetric:  # both streams start from the same embeddings
-            fp = hidden.clone() if activations is None else activations.reference.hold(hidden)
+        if cfg.asymmetric:  # both streams start from the same embeddings (on the first samples: see settings)
+            paired = hidden[:cfg.asymmetric_samples or hidden.shape[0]]
+            fp = paired.clone() if activations is None else activations.reference.hold(paired)
         if cfg.tunes_model:  # the calibration samples, or tune_ids (which may hold more)
             ref_ids = calib_ids[:tuning_samples(cfg, calib_ids)] if tune_ids is None else tune_ids
             ref = (hidden[:ref_ids.shape[0]].float().clone() if tune_ids is None

@@ -125,6 +125,10 @@ def _add_quantize(sub) -> None:
                         "on the quantized model's inputs (asymmetric calibration, as GPTQv2/GPTAQ): 1 moves the target "
                         "all the way, 0 (the default) not at all. Carries the unquantized model's activations beside "
                         "the quantized ones (twice the calibration activations, one more forward a block)")
+    p.add_argument("--asymmetric-samples", type=_int(0), default=0, metavar="N",
+                   help="with --asymmetric: run the unquantized model's stream on the first N calibration samples "
+                        "only (the target's correction is measured on those, the Hessians on all), for less time "
+                        "and memory; 0 (the default) takes every sample")
     p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default="auto",
                    help="precision of the calibration forwards (gptq, pvq-gptq): bfloat16 runs them about twice as "
                         "fast on CPUs with bfloat16 hardware (AVX512-BF16, AMX), float32 everywhere else; auto (the "
@@ -310,7 +314,7 @@ def _quant_config(args):
     _act_config(args)  # --act-method and --no-act-rotate need --abits
     return QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
                        group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
-                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, asymmetric=args.asymmetric, act_order=args.act_order, calib_dtype=args.calib_dtype,
+                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, asymmetric=args.asymmetric, asymmetric_samples=args.asymmetric_samples, act_order=args.act_order, calib_dtype=args.calib_dtype,
                        calib_shards=args.calib_shards, finetune=args.finetune, finetune_tokens=args.finetune_tokens,
                        finetune_steps=args.finetune_steps, finetune_lr=args.lr,
                        finetune_model_steps=args.finetune_model_steps, finetune_schedule=args.finetune_schedule,
@@ -440,8 +444,9 @@ def _activations(args, model, cfg, calib):
     if calib is None:
         return contextlib.nullcontext(None)
     width = model.get_input_embeddings().embedding_dim
-    streams = 2 if cfg.asymmetric else 1  # --asymmetric carries the unquantized model's stream too
-    folder = pick_folder(args.offload, args.output, streams * calib.shape[0], calib.shape[1], width)
+    n = calib.shape[0]  # --asymmetric carries the unquantized model's stream too, on its first samples
+    paired = (min(cfg.asymmetric_samples, n) or n) if cfg.asymmetric else 0
+    folder = pick_folder(args.offload, args.output, n + paired, calib.shape[1], width)
     if folder is None:
         return contextlib.nullcontext(None)
     size = activation_bytes(calib.shape[0], calib.shape[1], width) / 2**30

@@ -79,6 +79,9 @@ class QuantConfig:
     # how far GPTQ's target moves from each weight toward the unquantized model's outputs (solvers.gptq.
     # asymmetric_target; 0: the weight's own outputs on the quantized model's inputs, as GPTQ; 1: all the way)
     asymmetric: float = 0.0
+    # the calibration samples (the first ones) the unquantized model's stream runs on for --asymmetric: the
+    # target's cross moments come from these, the Hessians from all; 0 takes every sample
+    asymmetric_samples: int = 0
     # after each block is quantized, tune its stored continuous values (scales, norms, biases) so its outputs
     # match the unquantized block's ("blocks"), and/or those of the whole model so its next-token
     # distributions match the unquantized model's ("model"; "both": one then the other) (finetune.py);
@@ -142,6 +145,10 @@ class QuantConfig:
         if self.asymmetric and not self.uses_data:
             raise ValueError(f"--asymmetric aims GPTQ at the unquantized model's outputs on calibration data: use it "
                              f"with a calibrated method (gptq, pvq-gptq), not {self.method}")
+        if not (isinstance(self.asymmetric_samples, int) and not isinstance(self.asymmetric_samples, bool)
+                and self.asymmetric_samples >= 0):
+            raise ValueError(f"--asymmetric-samples must be an integer >= 0 (0: every calibration sample), got "
+                             f"{self.asymmetric_samples!r}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 
@@ -175,7 +182,7 @@ class QuantConfig:
         if d["calib_shards"] == 1:  # the sum every file made before shards existed: stored as it always was
             del d["calib_shards"]
         if d["asymmetric"] == 0:  # GPTQ's own target, as every file before it could move
-            del d["asymmetric"]
+            del d["asymmetric"], d["asymmetric_samples"]
         if d["finetune"] == "none":  # an untuned file is stored as every file before tuning existed
             for k in ("finetune", "finetune_tokens", "finetune_steps", "finetune_lr", "finetune_model_steps",
                       "finetune_schedule"):
@@ -190,8 +197,9 @@ class QuantConfig:
     def from_dict(cls, d: dict) -> "QuantConfig":
         names = {f.name for f in fields(cls)}
         # a config stored before calib_dtype existed was calibrated in float32; a tuned one stored before
-        # schedules existed tuned at a constant rate
-        old = {"calib_dtype": "float32", **({"finetune_schedule": "constant"} if "finetune" in d else {})}
+        # schedules existed tuned at a constant rate; an asymmetric one before --asymmetric-samples paired all
+        old = {"calib_dtype": "float32", **({"finetune_schedule": "constant"} if "finetune" in d else {}),
+               **({"asymmetric_samples": 0} if "asymmetric" in d else {})}
         return cls(**{**old, **{k: v for k, v in d.items() if k in names}})
 
 

@@ -208,11 +208,16 @@ def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep:
     samples, hidden being the quantized model's) also ({leader: CrossAccumulator of its input's pairs}, the
     block's outputs on reference): (leader, Hessian accumulators, cross accumulators, outputs if keep,
     reference outputs). Each batch of reference runs first, its linears' inputs held, then the same batch of
-    hidden, whose hooks pair every token's two inputs. Only linears every token reaches are paired (a
-    linear whose input is not [batch, tokens, dim] in both, an expert, has no cross accumulator): an expert's
-    tokens in one stream are not those in the other."""
+    hidden, whose hooks pair every token's two inputs. reference may hold only the first samples of hidden:
+    the cross sums then come from those and the Hessians from all. Only linears every token reaches are
+    paired (a linear whose input is not [batch, tokens, dim] in both, an expert, has no cross accumulator):
+    an expert's tokens in one stream are not those in the other."""
     linears = block_linears(block)
     n = hidden.shape[0]
+    if reference is not None and (reference.shape[0] > n or tuple(reference.shape[1:]) != tuple(hidden.shape[1:])):
+        raise ValueError(f"block_input_sums: reference {tuple(reference.shape)} must be the first samples of "
+                         f"hidden {tuple(hidden.shape)}")
+    n_ref = 0 if reference is None else reference.shape[0]  # the samples paired
     out = torch.empty_like(hidden) if keep else None
     ref_out = None if reference is None else torch.empty_like(reference)
     ref_in: dict[str, torch.Tensor] = {}
@@ -222,13 +227,13 @@ def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep:
 
     def run(s: int) -> None:  # one batch: the reference's (its linears' inputs held), then the quantized stream's
         e = min(s + BATCH, n)
-        if reference is not None:
-            ref_in.clear()
+        ref_in.clear()
+        if s < n_ref:
             hs = [mod.register_forward_pre_hook(lambda m, a, n=name: ref_in.setdefault(n, a[0].detach()))
                   for name, mod in linears.items()]
             on_ref[0] = True
             try:
-                run_block(block, reference[s:e], kwargs, out=ref_out[s:e])
+                run_block(block, reference[s:min(e, n_ref)], kwargs, out=ref_out[s:min(e, n_ref)])
             finally:
                 on_ref[0] = False
                 for h in hs:
@@ -236,16 +241,17 @@ def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep:
         run_block(block, hidden[s:e], kwargs, keep=keep, out=None if out is None else out[s:e])
 
     def pair(name: str, x: torch.Tensor, lead_dims) -> None:
-        if reference is None or name in unpaired:
+        if not ref_in or name in unpaired:  # no reference for this batch, or a linear not every token reaches
             return
         r = ref_in.get(name)
-        if r is None or x.shape != r.shape or tuple(x.shape[:-1]) != tuple(lead_dims):
+        if r is None or tuple(x.shape[:-1]) != tuple(lead_dims) or x.shape[1:] != r.shape[1:] \
+                or r.shape[0] > x.shape[0]:
             unpaired.add(name)
             crosses.pop(name, None)
             return
         if name not in crosses:
             crosses[name] = CrossAccumulator(x.shape[-1])
-        crosses[name].add_batch(x, r)
+        crosses[name].add_batch(x[:r.shape[0]], r)  # a batch that straddles the last paired sample
 
     # the input tensor itself (no autograd here): a detached view would be a new object for every linear
     seen: dict[str, torch.Tensor] = {}

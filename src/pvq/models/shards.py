@@ -60,19 +60,24 @@ def sharded_asymmetric_sums(block, hidden: torch.Tensor, reference: torch.Tensor
                             out: torch.Tensor | None = None):
     """({linear name: H}, {linear name: C}, the block's outputs on reference, written into `out` where given) of
     a block run on every sample of hidden (the quantized model's stream) and of reference (the unquantized
-    model's, the same samples), summed shard by shard (adapters.block_input_sums); a linear paired in no shard,
-    or not in every one, has no C."""
+    model's, the same samples or the first of them: C from those, H from all), summed shard by shard
+    (adapters.block_input_sums); a linear paired in no shard, or not in every shard with paired samples, has
+    no C."""
     ref_out = torch.empty_like(reference) if out is None else out
     bounds = shard_bounds(hidden.shape[0], shards)
-    paired: list[tuple[dict, dict]] = []  # per shard: (leaders, cross accumulators)
+    m = reference.shape[0]  # the first m samples are paired (all, or fewer: --asymmetric-samples)
+    paired: list[tuple[dict, dict]] = []  # per shard with paired samples: (leaders, cross accumulators)
 
     def parts():
         for s, e in bounds:
-            lead, accs, crosses, _, ref_out[s:e] = block_input_sums(block, hidden[s:e], kwargs, reference=reference[s:e])
-            paired.append((lead, crosses))
+            part = reference[s:min(e, m)] if s < m else None
+            lead, accs, crosses, _, part_out = block_input_sums(block, hidden[s:e], kwargs, reference=part)
+            if part is not None:
+                ref_out[s:min(e, m)] = part_out
+                paired.append((lead, crosses))
             yield lead, accs
     hess = merge(parts())
-    both = set.intersection(*(set(c) for _, c in paired))
+    both = set.intersection(*(set(c) for _, c in paired)) if paired else set()
     cross = merge((lead, {k: v for k, v in c.items() if k in both}) for lead, c in paired)
     return hess, cross, ref_out
 
