@@ -4,7 +4,8 @@
 The packed matrices hold random valid codes (uniform shape indices below V(n, k), random gain levels):
 the kernels' time does not depend on the weights, and packing 8B-sized matrices with the PVQ search
 would take longer than a GPU session allows. Per setting (the picker's choice for 3.25 and 2.25 bits)
-and layer shape it measures: time of one token (1-token GEMV) and of a 512-token prompt, against
+and layer shape it measures: time of one token (1-token GEMV) and of a 512-token prompt (its tiles decoded,
+and rebuilt inside the fused tiled product: the two ways gpu.PROMPT offers), against
 torch's bfloat16 GEMM on the same shape; the bytes resident on the device for the packed layer.
 
 With --model, the whole model too: an 8B-shaped Llama (--layers of its 32 blocks, so that building it
@@ -41,6 +42,7 @@ from pvq.codec.gainshape import law_length  # noqa: E402
 from pvq.codec.pyramid import count  # noqa: E402
 from pvq.picker import choose_spec  # noqa: E402
 from pvq.runtime import gpu  # noqa: E402
+from pvq.runtime.decode import Decoder  # noqa: E402
 from pvq.settings import QuantConfig  # noqa: E402
 from pvq.transforms.rotate import layer_seeds  # noqa: E402
 
@@ -63,6 +65,16 @@ def random_packed(spec, rows: int, cols: int, device, seed: int = 0) -> PackedPV
     levels = beta_codebook(spec.n, law_length(spec, rows, cols), spec.gain_levels)
     scale = torch.ones(rows if spec.scale == "row" else 1, dtype=torch.float16)
     return PackedPVQ(spec, (rows, cols), codes.to(device), scale.to(device), levels.to(device))
+
+
+def prompt_product(dec, x, how: str):
+    """A prompt's product through the runtime's own path, its tiles decoded (gpu.PROMPT "tiles") or rebuilt
+    inside the fused tiled product ("fused"), in bfloat16 as a bfloat16 model multiplies."""
+    keep, gpu.PROMPT = gpu.PROMPT, how
+    try:
+        return dec.matmul(x, torch.bfloat16)
+    finally:
+        gpu.PROMPT = keep
 
 
 def timed(fn, reps: int, sync) -> float:
@@ -174,7 +186,8 @@ def main() -> None:
     for bits in (3.25, 2.25):
         for name, (rows, cols) in shapes.items():
             spec = choose_spec(QuantConfig(method="pvq", bits=bits), rows, cols)
-            op = gpu.Operands(random_packed(spec, rows, cols, dev))
+            dec = Decoder(random_packed(spec, rows, cols, dev), triton=True)
+            op = dec.gpu
             w16 = torch.randn(rows, cols, device=dev).to(torch.bfloat16)
             x1 = torch.randn(1, cols, device=dev)
             xp = torch.randn(prompt, cols, device=dev)
@@ -183,16 +196,18 @@ def main() -> None:
             r = dict(bits=bits, layer=name, rows=rows, cols=cols, spec=spec.name,
                      gemv_ms=1e3 * timed(lambda: op.gemv(x1), reps, sync),
                      bf16_gemv_ms=1e3 * timed(lambda: x1.to(torch.bfloat16) @ w16.T, reps, sync),
-                     prompt_ms=1e3 * timed(lambda: (xp.to(torch.bfloat16) @ op.decode().to(torch.bfloat16).T), reps,
-                                           sync),
+                     prompt_ms=1e3 * timed(lambda: prompt_product(dec, xp, "tiles"), reps, sync),
+                     fused_prompt_ms=1e3 * timed(lambda: prompt_product(dec, xp, "fused"), reps, sync),
                      bf16_prompt_ms=1e3 * timed(lambda: xp.to(torch.bfloat16) @ w16.T, reps, sync),
                      packed_bytes=packed_bytes, resident_bytes=packed_bytes + 4 * op.levels.numel() + 4 * op.scales.numel(),
                      shared_table_bytes=tables, bf16_bytes=2 * rows * cols)
             r["gemv_speedup"] = r["bf16_gemv_ms"] / r["gemv_ms"]
             r["prompt_ratio"] = r["bf16_prompt_ms"] / r["prompt_ms"]
+            r["fused_prompt_ratio"] = r["bf16_prompt_ms"] / r["fused_prompt_ms"]
             print(f"{bits} {name:9s} {spec.name}: 1 token {r['gemv_ms']:.3f} ms (bf16 {r['bf16_gemv_ms']:.3f}, "
-                  f"{r['gemv_speedup']:.2f}x); {prompt} tokens {r['prompt_ms']:.2f} ms (bf16 {r['bf16_prompt_ms']:.2f}, "
-                  f"{r['prompt_ratio']:.2f}x)", flush=True)
+                  f"{r['gemv_speedup']:.2f}x); {prompt} tokens {r['prompt_ms']:.2f} ms decoded in tiles, "
+                  f"{r['fused_prompt_ms']:.2f} fused (bf16 {r['bf16_prompt_ms']:.2f}: {r['prompt_ratio']:.2f}x, "
+                  f"{r['fused_prompt_ratio']:.2f}x)", flush=True)
             rows_out.append(r)
     result = dict(device=torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)", tiny=args.tiny,
                   prompt_tokens=prompt, reps=reps, rows=rows_out,

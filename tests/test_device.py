@@ -72,3 +72,24 @@ def test_on_a_gpu_the_same_layers_about_the_same_errors_and_outputs(tmp_path, me
         a, b = cpu_model(ids).logits, gpu_model(ids).logits
     # the two quantizations differ from each other far less than either differs from the float model
     assert float((a - b).pow(2).mean()) < 0.25 * float((a - want).pow(2).mean())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_on_a_gpu_the_triton_kernels_in_bfloat16():
+    """What Triton's interpreter cannot check on a CPU (its bfloat16 products are wrong in 3.9): the fused tiled
+    product with bfloat16 operands, and tiles decoded into bfloat16 (rounded to nearest on a GPU)."""
+    pytest.importorskip("triton")
+    from pvq.codec import PVQSpec
+    from pvq.codec.gainshape import quantize
+    from pvq.runtime import gpu
+
+    for spec in (PVQSpec.for_code_bits(12, 10, 27), PVQSpec.for_code_bits(16, 29, 52, scale="row")):
+        p = quantize(torch.randn(300, 40 * spec.n, generator=torch.Generator().manual_seed(0)), spec)
+        ref = p.dequantize(torch.float32).cuda()
+        op = gpu.Operands(type(p)(p.spec, p.shape, p.codes.cuda(), p.row_scale.cuda(), p.gain_levels.cuda()))
+        assert torch.equal(op.decode(dtype=torch.bfloat16), ref.bfloat16())
+        x = torch.randn(200, ref.shape[1], device="cuda")
+        want = x.bfloat16().float() @ ref.bfloat16().float().T
+        torch.testing.assert_close(op.matmul(x, torch.bfloat16), want, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(op.matmul(x, torch.float32), x @ ref.T, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(op.gemv(x[:5]), x[:5] @ ref.T, rtol=1e-4, atol=1e-4)

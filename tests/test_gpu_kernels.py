@@ -51,10 +51,20 @@ def test_points_equal_the_torch_decoder_and_products_match(spec):
     ref = p.dequantize(torch.float32)
     torch.testing.assert_close(op.decode(), ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(op.decode(5, 11), ref[5:11], rtol=1e-6, atol=1e-6)
-    x = torch.randn(8, ref.shape[1], generator=torch.Generator().manual_seed(1))
+    x = torch.randn(70, ref.shape[1], generator=torch.Generator().manual_seed(1))
     for t in (1, 2, 5, 8):
         torch.testing.assert_close(op.gemv(x[:t]), x[:t] @ ref.T, rtol=1e-5, atol=1e-5)
+    # the fused tiled product: two tiles of tokens, the second short; exact float32 products, float16 operands
+    torch.testing.assert_close(op.matmul(x, torch.float32), x @ ref.T, rtol=1e-5, atol=1e-5)
+    assert torch.equal(op.decode(dtype=torch.float16), ref.half())
+    assert _rel(op.matmul(x[:20], torch.float16), x[:20].half().float() @ ref.half().float().T) < 2e-3
     assert op.bad_group() == -1
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Relative error of a product with float16 operands: Triton's interpreter also rounds each tl.dot's result
+    to float16 (a GPU sums in float32), a few 1e-4 of the sum; a wrong weight or column would be order 1."""
+    return float((got - want).norm() / want.norm())
 
 
 def test_row_scales_and_wide_codes():
@@ -108,6 +118,19 @@ def test_decoder_routes_few_tokens_to_the_fused_product_and_many_to_decoded_tile
     for t in (1, 8, 9, 20):
         x = torch.randn(2, t, ref.shape[1])
         torch.testing.assert_close(dec.matmul(x), x @ ref.T, rtol=1e-5, atol=1e-5)
+        assert _rel(dec.matmul(x, torch.float16), x.half().float() @ ref.half().float().T) < 2e-3
+    monkeypatch.setattr(gpu, "PROMPT", "fused")  # the other way to multiply a prompt: the fused tiled product
+    for t in (9, 20, 70):
+        x = torch.randn(t, ref.shape[1])
+        torch.testing.assert_close(dec.matmul(x), x @ ref.T, rtol=1e-5, atol=1e-5)
+        assert _rel(dec.matmul(x, torch.float16), x.half().float() @ ref.half().float().T) < 2e-3
+    op = dec.gpu
+    with pytest.raises(ValueError, match="dtype must be"):
+        op.matmul(x, torch.float64)
+    with pytest.raises(ValueError, match="dtype must be"):
+        op.decode(dtype=torch.int32)
+    with pytest.raises(ValueError, match="rows of 72 values"):
+        op.matmul(x[:, :5])
 
 
 def test_a_whole_quantized_linear_with_rotations_and_bias():

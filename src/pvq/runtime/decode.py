@@ -148,15 +148,18 @@ class Decoder:
 
 
     def _gpu_matmul(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A few tokens: the fused Triton product; more: decode blocks of rows and multiply each in `dtype`."""
+        """A few tokens: the fused Triton product; more: as gpu.PROMPT says, blocks of rows decoded into `dtype`
+        and multiplied by torch, or the fused tiled product in `dtype`."""
         if h.shape[0] <= gpu.MAX_TOKENS:
             return self.gpu.gemv(h)
+        if gpu.PROMPT == "fused":
+            return self.gpu.matmul(h, dtype)
         out = torch.empty(h.shape[0], self.rows, dtype=torch.float32, device=h.device)
         hd = h.to(dtype)
         step = gpu.DECODE_ROWS
         for r0 in range(0, self.rows, step):
             r1 = min(r0 + step, self.rows)
-            out[:, r0:r1] = (hd @ self.gpu.decode(r0, r1).to(dtype).T).float()
+            out[:, r0:r1] = hd @ self.gpu.decode(r0, r1, dtype).T
         return out
 
 

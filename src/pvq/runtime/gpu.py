@@ -37,6 +37,15 @@ GEMV_ROWS = 16  # rows one program of the fused product owns
 GEMV_GROUPS = 8  # groups per row it decodes per step
 MAX_TOKENS = 8  # most rows of x the fused product takes
 DECODE_ROWS = 1024  # rows decoded at once for a prompt's GEMM (a 1024 x 4096 float32 tile is 16 MiB)
+GEMM_TOKENS = 64  # tokens one program of the fused tiled product owns
+GEMM_ROWS = 64  # rows it owns
+GEMM_WIDTH = 64  # lanes of each row it rebuilds per step (whole groups, padded lanes included)
+# How more than MAX_TOKENS tokens are multiplied: "tiles" decodes DECODE_ROWS rows at a time into the layer's
+# dtype and multiplies them with torch; "fused" rebuilds tiles in registers inside the product (gemm_kernel),
+# never writing the matrix but rebuilding each row once per GEMM_TOKENS tokens. Which is faster on a given GPU
+# is what bench/gpu.py measures (both, per layer shape).
+PROMPT = "tiles"
+_DOT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # gemm_kernel's operand precisions
 
 
 def available() -> bool:
@@ -103,10 +112,10 @@ def tables(spec: PVQSpec, device) -> Tables:
 
 @lru_cache(maxsize=1)
 def _kernels():
-    """(decode kernel, fused product kernel), imported on first use."""
+    """(decode kernel, fused product kernel, fused tiled product kernel), imported on first use."""
     from . import gpu_kernels
 
-    return gpu_kernels.decode_kernel, gpu_kernels.gemv_kernel
+    return gpu_kernels.decode_kernel, gpu_kernels.gemv_kernel, gpu_kernels.gemm_kernel
 
 
 def _args(packed: PackedPVQ, tab: Tables) -> dict:
@@ -136,11 +145,11 @@ class Operands:
         self.gpr = self.cols // packed.spec.n
         self.V = count(packed.spec.n, packed.spec.k)
 
-    def _decode(self, r0: int, r1: int, shapes: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        dk, _ = _kernels()
+    def _decode(self, r0: int, r1: int, shapes: bool, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        dk = _kernels()[0]
         G = (r1 - r0) * self.gpr
         dev = self.codes.device
-        out = torch.empty(r1 - r0, self.cols, dtype=torch.int32 if shapes else torch.float32, device=dev)
+        out = torch.empty(r1 - r0, self.cols, dtype=torch.int32 if shapes else dtype, device=dev)
         bad = torch.empty(max(G, 1), dtype=torch.int8, device=dev)
         t = self.tab
         grid = (max(1, math.ceil(G / BLOCK_GROUPS)),)
@@ -149,9 +158,12 @@ class Operands:
                  G0=r0 * self.gpr, **self.kw)
         return out, bad[:G]
 
-    def decode(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
-        """Rows [r0, r1) of W' as float32 [r1 - r0, cols] on the codes' device."""
-        return self._decode(r0, self.rows if r1 is None else r1, False)[0]
+    def decode(self, r0: int = 0, r1: int | None = None, dtype=torch.float32) -> torch.Tensor:
+        """Rows [r0, r1) of W' [r1 - r0, cols] on the codes' device, computed in float32 and stored in `dtype`
+        (a prompt's tile goes straight to the dtype it is multiplied in)."""
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"decode: dtype must be float32, bfloat16 or float16, got {dtype}")
+        return self._decode(r0, self.rows if r1 is None else r1, False, dtype)[0]
 
     def shapes(self) -> torch.Tensor:
         """The integer points [rows, groups, n] (int32)."""
@@ -165,7 +177,7 @@ class Operands:
 
     def gemv(self, x: torch.Tensor) -> torch.Tensor:
         """x [t, cols] float32 (t <= MAX_TOKENS) -> x W'^T [t, rows] float32, decoding inside the product."""
-        _, gk = _kernels()
+        gk = _kernels()[1]
         t = x.shape[0]
         if not 1 <= t <= MAX_TOKENS or x.shape[1] != self.cols:
             raise ValueError(f"gemv takes 1..{MAX_TOKENS} rows of {self.cols} values, got {tuple(x.shape)}")
@@ -176,4 +188,26 @@ class Operands:
         gk[grid](self.codes, self.codes.numel(), tb.offs, tb.v2, tb.lut, tb.base, self.levels, self.scales, xc, out,
                  self.gpr, self.rows, self.V, int(self.scales.numel() > 1), t, BR=GEMV_ROWS, BG=GEMV_GROUPS,
                  TP=1 << (t - 1).bit_length(), **self.kw)
+        return out
+
+    def matmul(self, x: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+        """x [t, cols] -> x W'^T [t, rows] float32 for any t, rebuilding tiles of W' inside the product (the fused
+        tiled kernel), its operands rounded to `dtype` (float32: exact products), the sums float32. (Triton's
+        interpreter multiplies bfloat16 wrongly, 3.9: CI checks float32 and float16, a GPU bfloat16.)"""
+        gk = _kernels()[2]
+        if x.dim() != 2 or x.shape[1] != self.cols:
+            raise ValueError(f"matmul takes rows of {self.cols} values, got {tuple(x.shape)}")
+        if dtype not in _DOT:
+            raise ValueError(f"matmul: dtype must be float32, float16 or bfloat16, got {dtype}")
+        t = x.shape[0]
+        xc = x.to(torch.float32).contiguous()
+        out = torch.empty(t, self.rows, dtype=torch.float32, device=x.device)
+        if t == 0:
+            return out
+        tb = self.tab
+        width = (1 << tb.depth) * tb.lanes  # lanes of one group
+        grid = (math.ceil(t / GEMM_TOKENS), math.ceil(self.rows / GEMM_ROWS))
+        gk[grid](self.codes, self.codes.numel(), tb.offs, tb.v2, tb.lut, tb.base, self.levels, self.scales, xc, out,
+                 self.gpr, self.rows, self.V, int(self.scales.numel() > 1), t, BM=GEMM_TOKENS, BR=GEMM_ROWS,
+                 BG=max(1, GEMM_WIDTH // width), DOT=_DOT[dtype], **self.kw)
         return out

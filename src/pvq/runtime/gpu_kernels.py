@@ -122,3 +122,49 @@ def gemv_kernel(codes, nbytes, offs, v2, lut, base, levels, scales, x, out, GPR,
         acc += tl.sum(tl.sum(prod, axis=3), axis=2)
     acc = acc * s[:, None]
     tl.store(out + t[None, :] * ROWS + r[:, None], acc, mask=rm[:, None] & tm[None, :])
+
+@triton.jit
+def gemm_kernel(codes, nbytes, offs, v2, lut, base, levels, scales, x, out, GPR, ROWS, V, per_row, T,
+                B: tl.constexpr, NB: tl.constexpr, L: tl.constexpr, K: tl.constexpr, DEPTH: tl.constexpr,
+                LANES: tl.constexpr, D: tl.constexpr, LOGK: tl.constexpr, N: tl.constexpr,
+                BM: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr, DOT: tl.constexpr):
+    """out[t, r] = sum_c x[t, c] W'[r, c] for a tile of BM tokens and BR rows: each step rebuilds BG groups of
+    every row into registers and multiplies them with tl.dot, its operands in float32 (DOT 0, exact products),
+    float16 (1) or bfloat16 (2), the sums in float32; the matrix is never written, and every tile of tokens
+    rebuilds its rows again."""
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    t = pid_t * BM + tl.arange(0, BM).to(tl.int64)
+    tm = t < T
+    r = pid_r * BR + tl.arange(0, BR).to(tl.int64)
+    rm = r < ROWS
+    S: tl.constexpr = 1 << DEPTH
+    W: tl.constexpr = S * LANES
+    j = tl.arange(0, W)
+    seg = j // LANES
+    ln = j - seg * LANES
+    col_in = seg * D + ln
+    lane_ok = ln < D
+    s = tl.load(scales + r * per_row, mask=rm, other=0.0)
+    acc = tl.zeros((BM, BR), tl.float32)
+    for c0 in range(0, GPR, BG):
+        c = c0 + tl.arange(0, BG).to(tl.int64)
+        cm = c < GPR
+        g = tl.reshape(r[:, None] * GPR + c[None, :], (BR * BG,))
+        gm = tl.reshape(rm[:, None] & cm[None, :], (BR * BG,))
+        y, lvl, bad = rebuild(codes, nbytes, g, gm, offs, v2, lut, base, V, B, NB, L, K, DEPTH, LANES, LOGK)
+        yf = y.to(tl.float32)
+        rinv = 1.0 / tl.sqrt(tl.maximum(tl.sum(yf * yf, axis=1), 1.0))
+        lev = tl.load(levels + lvl, mask=gm, other=0.0)
+        w = tl.reshape(yf * (rinv * lev)[:, None], (BR, BG * W))  # padded lanes hold 0
+        cols = tl.reshape(c[:, None] * N + col_in[None, :], (BG * W,))
+        ok = tl.reshape(cm[:, None] & lane_ok[None, :], (BG * W,))
+        xv = tl.load(x + t[:, None] * (GPR * N) + cols[None, :], mask=tm[:, None] & ok[None, :], other=0.0)
+        if DOT == 2:
+            acc += tl.dot(xv.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+        elif DOT == 1:
+            acc += tl.dot(xv.to(tl.float16), tl.trans(w.to(tl.float16)))
+        else:
+            acc += tl.dot(xv, tl.trans(w), input_precision="ieee")
+    acc = acc * s[None, :]
+    tl.store(out + t[:, None] * ROWS + r[None, :], acc, mask=tm[:, None] & rm[None, :])
