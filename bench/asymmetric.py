@@ -10,6 +10,7 @@ CPUs. Results go to bench/results/asymmetric.json after every row (a row measure
 Run:  python bench/asymmetric.py                                  (3.25 and 4.25 bits, shares 0 and 0.25)
       python bench/asymmetric.py --rates 2.25 --shares 0.5 --scale row   (one more share at 2.25)
       python bench/asymmetric.py --rates 3.25 --shares 0.25 --samples 16,32   (the unquantized stream on fewer samples)
+      python bench/asymmetric.py --rates 3.25 --nsamples 256                  (more calibration samples for both)
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--shares", default="0,0.25", help="comma-separated --asymmetric values")
     ap.add_argument("--samples", default="0",
                     help="comma-separated --asymmetric-samples values for the rows with a share above 0 (0: all)")
+    ap.add_argument("--nsamples", default=None, help="calibration samples passed on (default: pvq's, 128)")
     ap.add_argument("--scale", default=None, help="PVQ scale granularity passed on (tensor, row)")
     ap.add_argument("--work", default="/tmp/pvq-asymmetric")
     args = ap.parse_args()
@@ -42,9 +44,10 @@ def main() -> None:
     runs = [(bits, share, samples) for bits in args.rates.split(",") for share in args.shares.split(",")
             for samples in (args.samples.split(",") if float(share) else ["0"])]
     for bits, share, samples in runs:
-        opts = ["--bits", bits, *(["--scale", args.scale] if args.scale else []), "--asymmetric", share,
+        opts = ["--bits", bits, *(["--scale", args.scale] if args.scale else []),
+                *(["--nsamples", args.nsamples] if args.nsamples else []), "--asymmetric", share,
                 *(["--asymmetric-samples", samples] if int(samples) else []), "--finetune", "none"]
-        d = Path(args.work) / f"{bits}-{share}-{samples}"
+        d = Path(args.work) / f"{bits}-{share}-{samples}-{args.nsamples or 'default'}"
         q = run_json(["quantize", "--method", "pvq-gptq", *opts, "-o", str(d), "--force"])
         e = run_json(["eval", str(d), "--ppl", "--kl"])
         cfg = json.loads((d / "config.json").read_text())["quantization_config"]["config"]

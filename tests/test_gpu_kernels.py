@@ -96,6 +96,8 @@ def test_codes_out_of_range_are_reported_and_never_read_outside_a_table():
     assert op.bad_group() == 9
     w = op.decode()  # clamped inside the kernel: finite values, no stray read
     assert torch.isfinite(w).all()
+    x = torch.randn(20, w.shape[1])
+    assert torch.isfinite(op.gemv(x[:3])).all() and torch.isfinite(op.matmul(x, torch.float32)).all()
     with pytest.raises(ValueError, match=r"group 9 holds a shape index >= V\(16, 12\)"):
         Decoder(bad, triton=True)
 

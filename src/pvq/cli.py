@@ -124,11 +124,13 @@ def _add_quantize(sub) -> None:
                    help="gptq, pvq-gptq: aim each linear at the unquantized model's outputs instead of its own weight's "
                         "on the quantized model's inputs (asymmetric calibration, as GPTQv2/GPTAQ): 1 moves the target "
                         "all the way, 0 (the default) not at all. Carries the unquantized model's activations beside "
-                        "the quantized ones (twice the calibration activations, one more forward a block)")
+                        "the quantized ones (twice the calibration activations, one more forward a block). 0.25 "
+                        "took SmolLM2's 3.25-bit perplexity from 24.32 to 23.48 in 1.5x the time")
     p.add_argument("--asymmetric-samples", type=_int(0), default=0, metavar="N",
                    help="with --asymmetric: run the unquantized model's stream on the first N calibration samples "
                         "only (the target's correction is measured on those, the Hessians on all), for less time "
-                        "and memory; 0 (the default) takes every sample")
+                        "and memory but a noisier correction (SmolLM2, 3.25 bits: 64 of 128 kept two thirds of the "
+                        "gain, 16 none); 0 (the default) takes every sample")
     p.add_argument("--calib-dtype", choices=CALIB_DTYPES, default="auto",
                    help="precision of the calibration forwards (gptq, pvq-gptq): bfloat16 runs them about twice as "
                         "fast on CPUs with bfloat16 hardware (AVX512-BF16, AMX), float32 everywhere else; auto (the "

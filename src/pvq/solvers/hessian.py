@@ -36,8 +36,8 @@ def _add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bad: st
     overflow float32. Entry (j, j) of a chunk's product is sum_t a_tj b_tj, and a product with a NaN or an
     infinite factor is never finite, nor is a sum with such a term: so a column of a or b with a bad value in
     it gives a bad diagonal entry, and checking the diagonal (dim values) before adding the chunk checks the
-    whole chunk. (Testing every input value costs a pass over the activations and a mask of their size: a
-    tenth of a calibration run's time went to it.) A batch of several chunks is checked whole first, so that
+    whole chunk. (Testing every input value costs a pass over the activations and a mask of their size: 4 % of
+    a pvq-gptq run's time on SmolLM2, 7 % with --asymmetric.) A batch of several chunks is checked whole first, so that
     no chunk of it is added before a later one fails."""
     rows = a.shape[0]
     if rows > _ROWS_PER_CHUNK and not (_finite(a) and (b is a or _finite(b))):
