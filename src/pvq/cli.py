@@ -316,7 +316,8 @@ def _quant_config(args):
     _act_config(args)  # --act-method and --no-act-rotate need --abits
     return QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
                        group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
-                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, asymmetric=args.asymmetric, asymmetric_samples=args.asymmetric_samples, act_order=args.act_order, calib_dtype=args.calib_dtype,
+                       nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, asymmetric=args.asymmetric,
+                       asymmetric_samples=args.asymmetric_samples, act_order=args.act_order, calib_dtype=args.calib_dtype,
                        calib_shards=args.calib_shards, finetune=args.finetune, finetune_tokens=args.finetune_tokens,
                        finetune_steps=args.finetune_steps, finetune_lr=args.lr,
                        finetune_model_steps=args.finetune_model_steps, finetune_schedule=args.finetune_schedule,
