@@ -45,7 +45,8 @@ GEMM_WIDTH = 64  # lanes of each row it rebuilds per step (whole groups, padded 
 # never writing the matrix but rebuilding each row once per GEMM_TOKENS tokens. Which is faster on a given GPU
 # is what bench/gpu.py measures (both, per layer shape).
 PROMPT = "tiles"
-_DOT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # gemm_kernel's operand precisions
+# the dtypes a tile is decoded into or multiplied in, and gemm_kernel's code for each
+_DOT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def available() -> bool:
@@ -161,8 +162,8 @@ class Operands:
     def decode(self, r0: int = 0, r1: int | None = None, dtype=torch.float32) -> torch.Tensor:
         """Rows [r0, r1) of W' [r1 - r0, cols] on the codes' device, computed in float32 and stored in `dtype`
         (a prompt's tile goes straight to the dtype it is multiplied in)."""
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"decode: dtype must be float32, bfloat16 or float16, got {dtype}")
+        if dtype not in _DOT:
+            raise ValueError(f"decode: dtype must be float32, float16 or bfloat16, got {dtype}")
         return self._decode(r0, self.rows if r1 is None else r1, False, dtype)[0]
 
     def shapes(self) -> torch.Tensor:
