@@ -56,6 +56,33 @@ def rebuild(codes, nbytes, g, gm, offs, v2, lut, base, V,
     return y, lvl, bad
 
 @triton.jit
+def lane_columns(DEPTH: tl.constexpr, LANES: tl.constexpr, D: tl.constexpr):
+    """For each of the 2^DEPTH * LANES lanes rebuild returns: its column inside the group, and whether it is one
+    (each of the 2^DEPTH segments holds D columns, padded to LANES)."""
+    S: tl.constexpr = 1 << DEPTH
+    j = tl.arange(0, S * LANES)
+    seg = j // LANES
+    ln = j - seg * LANES
+    return seg * D + ln, ln < D
+
+@triton.jit
+def row_weights(codes, nbytes, offs, v2, lut, base, levels, r, rm, c0, GPR, V,
+                B: tl.constexpr, NB: tl.constexpr, L: tl.constexpr, K: tl.constexpr, DEPTH: tl.constexpr,
+                LANES: tl.constexpr, LOGK: tl.constexpr, BG: tl.constexpr):
+    """Weights of groups c0..c0+BG of rows r as float32 [len(r) * BG, lanes], without the row scales (applied
+    once to the sums), with those groups' numbers in their rows and which of them exist; groups outside the
+    masks and padded lanes hold 0."""
+    c = c0 + tl.arange(0, BG).to(tl.int64)
+    cm = c < GPR
+    g = tl.reshape(r[:, None] * GPR + c[None, :], (r.shape[0] * BG,))
+    gm = tl.reshape(rm[:, None] & cm[None, :], (r.shape[0] * BG,))
+    y, lvl, bad = rebuild(codes, nbytes, g, gm, offs, v2, lut, base, V, B, NB, L, K, DEPTH, LANES, LOGK)
+    yf = y.to(tl.float32)
+    rinv = 1.0 / tl.sqrt(tl.maximum(tl.sum(yf * yf, axis=1), 1.0))
+    lev = tl.load(levels + lvl, mask=gm, other=0.0)
+    return yf * (rinv * lev)[:, None], c, cm
+
+@triton.jit
 def decode_kernel(codes, nbytes, offs, v2, lut, base, levels, scales, out, bad_out, G, GPR, V, per_row,
                   B: tl.constexpr, NB: tl.constexpr, L: tl.constexpr, K: tl.constexpr, DEPTH: tl.constexpr,
                   LANES: tl.constexpr, D: tl.constexpr, LOGK: tl.constexpr, N: tl.constexpr,
@@ -65,12 +92,8 @@ def decode_kernel(codes, nbytes, offs, v2, lut, base, levels, scales, out, bad_o
     gm = gl < G
     g = gl + G0
     y, lvl, bad = rebuild(codes, nbytes, g, gm, offs, v2, lut, base, V, B, NB, L, K, DEPTH, LANES, LOGK)
-    S: tl.constexpr = 1 << DEPTH
-    j = tl.arange(0, S * LANES)
-    seg = j // LANES
-    ln = j - seg * LANES
-    col = seg * D + ln
-    om = gm[:, None] & (ln < D)[None, :]
+    col, lane_ok = lane_columns(DEPTH, LANES, D)
+    om = gm[:, None] & lane_ok[None, :]
     dst = out + gl[:, None] * N + col[None, :]
     if SHAPES:
         tl.store(dst, y.to(tl.int32), mask=om)
@@ -92,29 +115,16 @@ def gemv_kernel(codes, nbytes, offs, v2, lut, base, levels, scales, x, out, GPR,
     pid = tl.program_id(0)
     r = pid * BR + tl.arange(0, BR).to(tl.int64)
     rm = r < ROWS
-    S: tl.constexpr = 1 << DEPTH
-    W: tl.constexpr = S * LANES
-    j = tl.arange(0, W)
-    seg = j // LANES
-    ln = j - seg * LANES
-    col_in = seg * D + ln  # column of each lane inside its group
-    lane_ok = ln < D
+    W: tl.constexpr = (1 << DEPTH) * LANES
+    col_in, lane_ok = lane_columns(DEPTH, LANES, D)
     t = tl.arange(0, TP)
     tm = t < T
     s = tl.load(scales + r * per_row, mask=rm, other=0.0)
     acc = tl.zeros((BR, TP), tl.float32)
     for c0 in range(0, GPR, BG):
-        c = c0 + tl.arange(0, BG).to(tl.int64)
-        cm = c < GPR
-        g = (r[:, None] * GPR + c[None, :])
-        gm = rm[:, None] & cm[None, :]
-        gf = tl.reshape(g, (BR * BG,))
-        gmf = tl.reshape(gm, (BR * BG,))
-        y, lvl, bad = rebuild(codes, nbytes, gf, gmf, offs, v2, lut, base, V, B, NB, L, K, DEPTH, LANES, LOGK)
-        yf = y.to(tl.float32)
-        rinv = 1.0 / tl.sqrt(tl.maximum(tl.sum(yf * yf, axis=1), 1.0))
-        lev = tl.load(levels + lvl, mask=gmf, other=0.0)
-        w = tl.reshape(yf * (rinv * lev)[:, None], (BR, BG, W))  # row scale applied at the end
+        w, c, cm = row_weights(codes, nbytes, offs, v2, lut, base, levels, r, rm, c0, GPR, V,
+                               B, NB, L, K, DEPTH, LANES, LOGK, BG)
+        w = tl.reshape(w, (BR, BG, W))
         cols = c[:, None] * N + col_in[None, :]  # [BG, W]
         xm = tm[:, None, None] & (cm[:, None] & lane_ok[None, :])[None, :, :]
         xv = tl.load(x + t[:, None, None] * (GPR * N) + cols[None, :, :], mask=xm, other=0.0)  # [TP, BG, W]
@@ -138,25 +148,14 @@ def gemm_kernel(codes, nbytes, offs, v2, lut, base, levels, scales, x, out, GPR,
     tm = t < T
     r = pid_r * BR + tl.arange(0, BR).to(tl.int64)
     rm = r < ROWS
-    S: tl.constexpr = 1 << DEPTH
-    W: tl.constexpr = S * LANES
-    j = tl.arange(0, W)
-    seg = j // LANES
-    ln = j - seg * LANES
-    col_in = seg * D + ln
-    lane_ok = ln < D
+    W: tl.constexpr = (1 << DEPTH) * LANES
+    col_in, lane_ok = lane_columns(DEPTH, LANES, D)
     s = tl.load(scales + r * per_row, mask=rm, other=0.0)
     acc = tl.zeros((BM, BR), tl.float32)
     for c0 in range(0, GPR, BG):
-        c = c0 + tl.arange(0, BG).to(tl.int64)
-        cm = c < GPR
-        g = tl.reshape(r[:, None] * GPR + c[None, :], (BR * BG,))
-        gm = tl.reshape(rm[:, None] & cm[None, :], (BR * BG,))
-        y, lvl, bad = rebuild(codes, nbytes, g, gm, offs, v2, lut, base, V, B, NB, L, K, DEPTH, LANES, LOGK)
-        yf = y.to(tl.float32)
-        rinv = 1.0 / tl.sqrt(tl.maximum(tl.sum(yf * yf, axis=1), 1.0))
-        lev = tl.load(levels + lvl, mask=gm, other=0.0)
-        w = tl.reshape(yf * (rinv * lev)[:, None], (BR, BG * W))  # padded lanes hold 0
+        w, c, cm = row_weights(codes, nbytes, offs, v2, lut, base, levels, r, rm, c0, GPR, V,
+                               B, NB, L, K, DEPTH, LANES, LOGK, BG)
+        w = tl.reshape(w, (BR, BG * W))
         cols = tl.reshape(c[:, None] * N + col_in[None, :], (BG * W,))
         ok = tl.reshape(cm[:, None] & lane_ok[None, :], (BG * W,))
         xv = tl.load(x + t[:, None] * (GPR * N) + cols[None, :], mask=tm[:, None] & ok[None, :], other=0.0)
