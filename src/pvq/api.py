@@ -17,7 +17,7 @@ from .checkpoint import stored_tensors
 from .codec.fp16 import FP16RangeError
 from .finetune import Teacher, block_targets, reference_stream, tune_block, tune_model, tuned_names
 from .loader import check_device
-from .memory import release_memory, trim_heap
+from .memory import release_memory, settled_heap, trim_heap
 from .models.adapters import (block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
                               check_supported, set_module)
 from .models.shards import sharded_asymmetric_sums, sharded_hessians, sharded_outputs
@@ -83,6 +83,7 @@ def layer_spec(cfg: QuantConfig, name: str, rows: int, cols: int):
 
 
 @torch.no_grad()
+@settled_heap()
 def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, progress: bool = True,
              reader=None, writer=None, pool=None, source: str | None = None, activations=None,
              device: str | torch.device | None = None, tune_ids: torch.Tensor | None = None) -> dict:

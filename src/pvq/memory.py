@@ -10,6 +10,7 @@ import ctypes
 import gc
 import resource
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -21,6 +22,24 @@ def release_memory() -> None:
     """
     gc.collect()
     trim_heap()
+
+
+@contextmanager
+def settled_heap():
+    """Leave the objects alive on entry (imported modules: some 400,000 with transformers, the model's
+    modules) out of the garbage collections inside, which then walk only what was made since: each
+    release_memory between blocks costs milliseconds instead of a quarter of a second. They are handed
+    back to the collector on exit, so one that dies meanwhile inside a reference cycle waits until then.
+    Nothing changes where the caller has frozen objects of its own (gc.freeze)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def trim_heap() -> None:

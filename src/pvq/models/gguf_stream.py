@@ -10,7 +10,9 @@ gemma's norms shifted by one), so a streamed model gets the same floats as a who
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +23,17 @@ from .streaming import CheckpointError, NotStreamable
 _MERGING = ("Qwen2MoeTensorProcessor", "GptOssTensorProcessor", "MiniMaxM2TensorProcessor")
 
 
+class _Stored(NamedTuple):
+    """Where a tensor lies in the file and how to read it back: all a reader keeps of the parsed file (its
+    metadata fields, the vocabulary among them, are hundreds of thousands of objects that each garbage
+    collection between blocks would walk)."""
+    offset: int
+    n_bytes: int
+    dtype: np.dtype
+    shape: tuple
+    kind: object  # the gguf library's quantization type
+
+
 class GGUFCheckpointReader:
     """The tensors of a GGUF file by the model's names (after `follow(model)`); same interface as
     streaming.CheckpointReader: `folder` (here the file), `files` and `stored` for messages, `in`, `get`."""
@@ -29,29 +42,40 @@ class GGUFCheckpointReader:
         from gguf import GGUFReader
 
         self.folder = self.path = Path(path)
+        from transformers.modeling_gguf_pytorch_utils import read_field
+
         try:
-            self._gguf = GGUFReader(str(self.path))
+            parsed = GGUFReader(str(self.path))
         except Exception as exc:  # not a GGUF file, truncated header, ...
             raise CheckpointError(f"{self.path}: not a readable GGUF file ({exc})") from None
-        self._tensors = {t.name: t for t in self._gguf.tensors}
+        arch = read_field(parsed, "general.architecture")
+        self._arch = arch[0] if arch else ""
+        self._tensors = {t.name: _Stored(int(t.data_offset), int(t.n_bytes), t.data.dtype, tuple(t.data.shape),
+                                         t.tensor_type) for t in parsed.tensors}
         self.files = {name: self.path for name in self._tensors}
         self.stored: dict[str, str] = {}
         self._processor = None
 
     def follow(self, model) -> None:
         """Name the tensors as `model` does, through transformers' GGUF name map for its family."""
+        import gguf
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                               get_gguf_hf_weights_map, read_field)
+                                                               get_gguf_hf_weights_map)
 
-        arch = read_field(self._gguf, "general.architecture")
-        processor_class = TENSOR_PROCESSORS.get(arch[0] if arch else "", TensorProcessor)
+        processor_class = TENSOR_PROCESSORS.get(self._arch, TensorProcessor)
         if processor_class.__name__ in _MERGING:
             raise NotStreamable(f"{self.path}: transformers splits or merges this family's tensors on loading")
         self._processor = processor_class(config=model.config.to_dict())
+        # transformers walks every submodule and builds the family's whole name map again for each (400
+        # times for SmolLM2, 9 s): the same map each time, so it is built once while the walk runs
+        build = gguf.get_tensor_name_map
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(build)
         try:
             mapping = get_gguf_hf_weights_map(model, self._processor)  # GGUF name -> model name
         except NotImplementedError as exc:
             raise NotStreamable(f"{self.path}: {exc}") from None
+        finally:
+            gguf.get_tensor_name_map = build
         self.stored = {hf: g for g, hf in mapping.items() if g in self._tensors}
 
     def __contains__(self, name: str) -> bool:
@@ -66,12 +90,12 @@ class GGUFCheckpointReader:
         t = self._tensors[gname]
         try:
             with open(self.path, "rb") as f:
-                f.seek(int(t.data_offset))
-                raw = f.read(int(t.n_bytes))
-            if len(raw) != int(t.n_bytes):
+                f.seek(t.offset)
+                raw = f.read(t.n_bytes)
+            if len(raw) != t.n_bytes:
                 raise ValueError("the file ends inside the tensor (truncated)")
-            data = np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
-            weights = dequantize(data, t.tensor_type)
+            data = np.frombuffer(raw, dtype=t.dtype).reshape(t.shape)
+            weights = dequantize(data, t.kind)
         except (OSError, ValueError, NotImplementedError) as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {gname}: {exc}") from None
         weights = self._processor.process(weights=weights, name=gname, tensor_key_mapping={},
