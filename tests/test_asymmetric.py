@@ -13,7 +13,7 @@ import torch
 from pvq.cli import main as cli
 from pvq.models.adapters import block_hessian_sums, block_input_sums, block_linears, blocks, capture_block_inputs
 from pvq.models.loading import tiny_model, tiny_tokenizer
-from pvq.models.shards import sharded_asymmetric_sums, sharded_hessians
+from pvq.models.shards import paired_bounds, reference_outputs, sharded_asymmetric_sums, sharded_hessians
 from pvq.settings import QuantConfig
 from pvq.solvers.gptq import asymmetric_target
 from pvq.solvers.hessian import CrossAccumulator
@@ -139,6 +139,9 @@ def test_a_reference_of_the_first_samples_pairs_those_and_sums_hessians_over_all
     assert torch.allclose(ref_out3, ref_out, atol=1e-6) and set(cross) == set(whole_c) == set(block_linears(block))
     assert all(torch.allclose(hess[k], whole_h[k], atol=1e-6) and torch.allclose(cross[k], whole_c[k], atol=1e-6)
                for k in whole_h)
+    # a resumed run carries the stream on through the blocks it skips in the same pieces: the same floats
+    assert torch.equal(reference_outputs(block, ref[:paired], kwargs, hidden.shape[0], 3), ref_out3)
+    assert paired_bounds(11, paired, 3) == ([(0, 3), None, None] if paired == 3 else [(0, 4), (4, 8), (8, 9)])
     with pytest.raises(ValueError, match="first samples"):
         block_input_sums(block, hidden[:2], kwargs, reference=ref[:3])
 
@@ -228,21 +231,30 @@ def test_asymmetric_samples_pair_the_first_calibration_samples(model_dir, tmp_pa
     assert cfg["asymmetric_samples"] == 2
 
 
-def test_asymmetric_with_workers_is_refused_by_name(model_dir, tmp_path, capsys):
+def test_asymmetric_on_workers_gives_the_bytes_of_one_process(model_dir, tmp_path):
+    """Each shard's unquantized stream stays on the workers beside its quantized one; with 3 shards of the 4
+    samples and the first 3 paired (the last shard has none), 1 and 2 workers write one process's bytes."""
     pytest.importorskip("ray")
-    code = cli(["quantize", str(model_dir / "hf"), *ARGS, "--calib", str(model_dir / "calib.txt"), "--asymmetric", "1",
-                "--workers", "1", "-o", str(tmp_path / "x")])
-    assert code != 0 and "--asymmetric" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+    extra = ["--asymmetric", "1", "--asymmetric-samples", "3", "--calib-shards", "3", "--calib-dtype", "float32"]
+    want = _run(model_dir, tmp_path / "one", *extra)
+    assert want != _run(model_dir, tmp_path / "plain", *extra[4:])
+    for workers in (1, 2):
+        assert _run(model_dir, tmp_path / f"w{workers}", *extra, "--workers", str(workers)) == want
 
 
-def test_killed_asymmetric_run_resumes_to_the_same_bytes(model_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--asymmetric-samples", "3", "--calib-shards", "3", "--calib-dtype", "float32",
+                                         "--workers", "2"]], ids=["one-process", "workers"])
+def test_killed_asymmetric_run_resumes_to_the_same_bytes(model_dir, tmp_path, extra):
     """The unquantized stream is not saved with a killed run's blocks: the rerun recomputes it through the float
-    blocks it skips, and writes the bytes an uninterrupted run writes."""
+    blocks it skips (on its paired samples, shard by shard), and writes the bytes an uninterrupted run in one
+    process writes; on workers too, which take it over from the first block they quantize."""
+    if "--workers" in extra:
+        pytest.importorskip("ray")
     out = tmp_path / "out"
-    want = _run(model_dir, tmp_path / "whole", "--asymmetric", "1")
+    one = extra[:-2] if "--workers" in extra else extra
+    want = _run(model_dir, tmp_path / "whole", "--asymmetric", "1", *one)
     cmd = [sys.executable, "-m", "pvq.cli", "quantize", str(model_dir / "hf"), *ARGS, "--calib",
-           str(model_dir / "calib.txt"), "--asymmetric", "1", "-o", str(out)]
+           str(model_dir / "calib.txt"), "--asymmetric", "1", *extra, "-o", str(out)]
     p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and _blocks_done(out) < 3:
         time.sleep(0.005)

@@ -20,7 +20,7 @@ from .loader import check_device
 from .memory import release_memory, settled_heap, trim_heap
 from .models.adapters import (block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
                               check_supported, set_module)
-from .models.shards import sharded_asymmetric_sums, sharded_hessians, sharded_outputs
+from .models.shards import reference_outputs, sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
 from .modules.linear import QuantLinear
@@ -130,9 +130,6 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     tuning: list[dict] = []  # per block: the tuning loss before and after (--finetune blocks)
     ref = ref_ids = None  # --finetune model: the unquantized model's stream on the tuning samples
     fp = None  # --asymmetric: the unquantized model's stream on the calibration samples
-    if pool is not None and cfg.asymmetric:
-        raise ValueError(f"--asymmetric {cfg.asymmetric:g} carries the unquantized model's activations beside the "
-                         "quantized ones in this process: drop --workers / --ray-address, or pass --asymmetric 0")
     if cfg.uses_data:  # block 0's inputs, and every block's call arguments (rotary embeddings, masks)
         hidden, kwargs = capture_block_inputs(model, calib_ids)
         if cfg.asymmetric:  # both streams start from the same embeddings (on the first samples: see settings)
@@ -171,8 +168,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             if fp is not None:  # the unquantized stream as the killed run computed it, through the float block
                 block.to(fp.device)
                 with calibration_precision(cfg, fp):
-                    fp = sharded_outputs(block, fp, kwargs[i], cfg.calib_shards,
-                                         None if activations is None else activations.reference.empty_like(fp))
+                    fp = reference_outputs(block, fp, kwargs[i], calib_ids.shape[0], cfg.calib_shards,
+                                           None if activations is None else activations.reference.empty_like(fp))
                 block.to("cpu")
             if tuned_ref:  # its reference outputs and its quantized form again
                 ref = reference_stream(block, ref, kwargs[i])
@@ -182,6 +179,9 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             bar.update(len(block_linears(block)))
             continue
         if shards is not None:  # blocks in order, the work inside each spread over the workers
+            if fp is not None:  # the unquantized stream joins the workers' shards from here on
+                shards.pair(fp)
+                fp = None
             if reader is not None:
                 check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
             saves = writer.shard_activations(i, len(shards.acts)) if i + 1 < len(layers) else None

@@ -18,6 +18,10 @@ writer's resume checkpoint, one file per shard (fetched only where a worker cann
 folder, another machine's disk). For each block, one task per shard returns the partial Hessian sums of its
 samples, this process adds them in shard order (float64), the linears are solved as parallel tasks,
 and one task per shard runs its activations through the quantized block, giving the next block's.
+With --asymmetric each shard also carries the unquantized model's stream on its paired samples: the
+shard's Hessian task runs that through the float block too, returning the cross moments with the sums
+and leaving its outputs in the object store as the next block's; each solve moves its weight's target
+first, as one process does.
 One process computes the same sums in the same order (api.quantize), so the bytes are those of a run
 without Ray with the same shard count.
 
@@ -38,10 +42,11 @@ import torch
 
 from . import api
 from .checkpoint import save_activations, stored_tensors
-from .models.adapters import block_hessian_sums, block_linears, block_prefix, blocks
-from .models.shards import merge, shard_bounds
+from .models.adapters import block_hessian_sums, block_input_sums, block_linears, block_prefix, blocks
+from .models.shards import merge, merge_asymmetric, paired_bounds, shard_bounds
 from .models.streaming import materialize, release
 from .settings import DENSE_DTYPES, QuantConfig, spec_to_dict
+from .solvers.gptq import asymmetric_target
 
 RETRIES = 3  # runs of a task whose worker died, before the run fails
 FAULT_ENV = "PVQ_FAULT_KILL_BLOCK"  # "INDEX:MARKER": the first task of block INDEX kills its worker (tests)
@@ -113,23 +118,33 @@ def quantize_block_task(source: str | None, cfg_dict: dict, index: int, prefix: 
     return tensors, done, err
 
 
-def hessian_task(block, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict, index: int):
-    """(leaders, Hessian accumulators) of one calibration shard through the float block `index`."""
+def hessian_task(block, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict, index: int, reference=None):
+    """(leaders, Hessian accumulators) of one calibration shard through the float block `index`; with
+    `reference` (--asymmetric: the unquantized stream on the shard's paired samples), ((leaders, Hessian
+    accumulators, cross accumulators), the block's outputs on reference), two results (Ray's num_returns=2):
+    the outputs stay in the object store as the shard's unquantized stream for the next block."""
     torch.set_num_threads(1)
     _fault(index)
     cfg = QuantConfig(**cfg_dict)
     with torch.no_grad(), api.calibration_precision(cfg, hidden):
-        lead, accs, _ = block_hessian_sums(block, hidden, kwargs)
-    return lead, accs
+        if reference is None:
+            lead, accs, _ = block_hessian_sums(block, hidden, kwargs)
+            return lead, accs
+        lead, accs, crosses, _, ref_out = block_input_sums(block, hidden, kwargs, reference=reference)
+    return (lead, accs, crosses), ref_out
 
 
-def solve_task(full: str, weight: torch.Tensor, bias, cfg_dict: dict, h, index: int, threads: int = 1):
+def solve_task(full: str, weight: torch.Tensor, bias, cfg_dict: dict, h, index: int, threads: int = 1, c=None):
     """(QuantLinear, quantization_config entry, relative error) of one linear (api.quantize_linear), on
-    `threads` threads (the CPUs Ray gave the task)."""
+    `threads` threads (the CPUs Ray gave the task); `c`: its cross moments (--asymmetric), which move the
+    weight it aims at first, as api.quantize_linears does."""
     torch.set_num_threads(threads)
     _fault(index)
+    cfg = QuantConfig(**cfg_dict)
     with torch.no_grad():
-        return api.quantize_linear(full, weight, bias, QuantConfig(**cfg_dict), h, owned=True)
+        if c is not None and h is not None and cfg.asymmetric:
+            weight = asymmetric_target(weight, h, c, cfg.damp, cfg.asymmetric)
+        return api.quantize_linear(full, weight, bias, cfg, h, owned=True)
 
 
 def advance_task(block, made: dict, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict,
@@ -168,7 +183,15 @@ class Shards:
         ray = self.ray = pool.ray
         self.pool, self.cfg_dict = pool, cfg.to_dict()
         self.acts = [ray.put(hidden[s:e].clone()) for s, e in shard_bounds(hidden.shape[0], cfg.calib_shards)]
+        self.samples, self.shards = hidden.shape[0], cfg.calib_shards
+        self.refs = None  # --asymmetric: per shard, the unquantized stream on its paired samples (None: none)
         self.kwargs = [ray.put(kw) for kw in kwargs]
+
+    def pair(self, reference: torch.Tensor) -> None:
+        """Carry the unquantized model's stream (--asymmetric: the inputs of the next block to quantize, on the
+        first reference.shape[0] samples) beside the quantized one, each shard's paired samples with it."""
+        self.refs = [None if b is None else self.ray.put(reference[b[0]:b[1]].clone())
+                     for b in paired_bounds(self.samples, reference.shape[0], self.shards)]
 
     def _get(self, ref, what: str):
         try:
@@ -181,8 +204,28 @@ class Shards:
         through the quantized block (and written to `saves`, one file per shard, where a worker sees them)."""
         ray, pool = self.ray, self.pool
         block_ref = ray.put(block)
-        parts = [pool._hess.remote(block_ref, a, self.kwargs[index], self.cfg_dict, index) for a in self.acts]
-        hess = merge(self._get(r, f"block {index}: Hessians of calibration shard {j}") for j, r in enumerate(parts))
+        if self.refs is None:
+            parts = [pool._hess.remote(block_ref, a, self.kwargs[index], self.cfg_dict, index) for a in self.acts]
+            hess = merge(self._get(r, f"block {index}: Hessians of calibration shard {j}") for j, r in enumerate(parts))
+            cross = {}
+        else:  # each paired shard's task gives its sums and, kept in the object store, its unquantized outputs
+            parts, refs = [], []
+            for a, r in zip(self.acts, self.refs):
+                if r is None:
+                    parts.append(pool._hess.remote(block_ref, a, self.kwargs[index], self.cfg_dict, index))
+                    refs.append(None)
+                else:
+                    sums, out = pool._hess.options(num_returns=2).remote(block_ref, a, self.kwargs[index],
+                                                                         self.cfg_dict, index, r)
+                    parts.append(sums)
+                    refs.append(out)
+
+            def sums():  # fetched one shard at a time, in shard order
+                for j, (part, r) in enumerate(zip(parts, refs)):
+                    got = self._get(part, f"block {index}: Hessians of calibration shard {j}")
+                    yield got if r is not None else (*got, None)
+            hess, cross = merge_asymmetric(sums())
+            self.refs = refs
         del parts
         stored, pending = {}, {}
         linears = block_linears(block)
@@ -194,14 +237,15 @@ class Shards:
         for name in order:
             mod = linears[name]
             full = prefix + name
-            h = hess.get(name)
-            if h is not None and id(h) not in stored:  # a Hessian shared by several linears travels once
-                stored[id(h)] = ray.put(h)
+            h, c = hess.get(name), cross.get(name)
+            for m in (h, c):  # a Hessian (or cross moments) shared by several linears travels once
+                if m is not None and id(m) not in stored:
+                    stored[id(m)] = ray.put(m)
             ref = pool._solve.options(num_cpus=threads[name]).remote(
                 full, mod.weight.detach(), mod.bias, self.cfg_dict, None if h is None else stored[id(h)], index,
-                threads[name])
+                threads[name], None if c is None else stored[id(c)])
             pending[ref] = name
-        del hess, stored
+        del hess, cross, stored
         results, waiting = {}, list(pending)
         while waiting:
             ready, waiting = ray.wait(waiting, num_returns=1)

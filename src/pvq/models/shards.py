@@ -30,6 +30,12 @@ def shard_bounds(samples: int, shards: int) -> list[tuple[int, int]]:
     return out
 
 
+def paired_bounds(samples: int, paired: int, shards: int) -> list[tuple[int, int] | None]:
+    """Per shard of `samples` samples, the range of its samples that are paired with the unquantized stream
+    (the first `paired` samples, --asymmetric-samples), None for a shard past them."""
+    return [(s, min(e, paired)) if s < paired else None for s, e in shard_bounds(samples, shards)]
+
+
 def merge(parts) -> dict[str, torch.Tensor]:
     """{linear name: mean H} from per-shard (leaders, accumulators) taken in shard order: the running
     sum lives in the first shard's memory, each later shard is added to it and dropped."""
@@ -65,21 +71,46 @@ def sharded_asymmetric_sums(block, hidden: torch.Tensor, reference: torch.Tensor
     no C."""
     ref_out = torch.empty_like(reference) if out is None else out
     bounds = shard_bounds(hidden.shape[0], shards)
-    m = reference.shape[0]  # the first m samples are paired (all, or fewer: --asymmetric-samples)
-    paired: list[tuple[dict, dict]] = []  # per shard with paired samples: (leaders, cross accumulators)
+    pairs = paired_bounds(hidden.shape[0], reference.shape[0], shards)
 
     def parts():
-        for s, e in bounds:
-            part = reference[s:min(e, m)] if s < m else None
+        for (s, e), pair in zip(bounds, pairs):
+            part = None if pair is None else reference[pair[0]:pair[1]]
             lead, accs, crosses, _, part_out = block_input_sums(block, hidden[s:e], kwargs, reference=part)
-            if part is not None:
-                ref_out[s:min(e, m)] = part_out
+            if pair is not None:
+                ref_out[pair[0]:pair[1]] = part_out
+            yield lead, accs, None if pair is None else crosses
+    hess, cross = merge_asymmetric(parts())
+    return hess, cross, ref_out
+
+
+def merge_asymmetric(parts) -> tuple[dict, dict]:
+    """({linear name: H}, {linear name: C}) from per-shard (leaders, Hessian accumulators, cross accumulators or
+    None for a shard without paired samples) taken in shard order; a linear missing from the crosses of a shard
+    with paired samples (no token of those reached it) has no C."""
+    paired: list[tuple[dict, dict]] = []  # per shard with paired samples: (leaders, cross accumulators)
+
+    def hessians():
+        for lead, accs, crosses in parts:
+            if crosses is not None:
                 paired.append((lead, crosses))
             yield lead, accs
-    hess = merge(parts())
+    hess = merge(hessians())
     both = set.intersection(*(set(c) for _, c in paired)) if paired else set()
     cross = merge((lead, {k: v for k, v in c.items() if k in both}) for lead, c in paired)
-    return hess, cross, ref_out
+    return hess, cross
+
+
+def reference_outputs(block, reference: torch.Tensor, kwargs: dict, samples: int, shards: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """The block's outputs on the unquantized stream (the first reference.shape[0] of `samples` calibration
+    samples), run in the pieces sharded_asymmetric_sums runs them in (batches start at each shard), so a
+    resumed run carries the floats of an uninterrupted one."""
+    out = torch.empty_like(reference) if out is None else out
+    for pair in paired_bounds(samples, reference.shape[0], shards):
+        if pair is not None:
+            run_block(block, reference[pair[0]:pair[1]], kwargs, out=out[pair[0]:pair[1]])
+    return out
 
 
 def sharded_outputs(block, hidden: torch.Tensor, kwargs: dict, shards: int, out: torch.Tensor | None = None):
