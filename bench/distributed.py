@@ -14,6 +14,7 @@ tokens on the random model (as bench/scale.py).
     python bench/distributed.py                                  # pvq, both models (about 15 minutes)
     python bench/distributed.py --methods pvq-gptq --models smollm2   # the others' results are kept
     python bench/distributed.py --project                        # only the 8B / 70B time projection
+    python bench/distributed.py --methods pvq-gptq --models smollm2 --runs none,1,2 --asymmetric 0.25
 
 The projection (`projection` in the JSON) times, with one thread, the pieces of one block of a Llama-3-8B
 shape (random weights): the Hessian pass and the forward through the block per calibration token, the
@@ -55,18 +56,19 @@ def hashes(folder: Path) -> dict:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
 
 
-def method_options(method: str, model: str | None) -> list[str]:
+def method_options(method: str, model: str | None, asymmetric: float = 0.0) -> list[str]:
     """What a method's every row adds to the command line (the same in every row of one model)."""
     if method == "pvq":
         return []
     calib = [] if model is None else ["--nsamples", "32", "--seqlen", "256"]
-    return ["--calib-shards", "2", *calib]
+    return ["--calib-shards", "2", *calib, *(["--asymmetric", f"{asymmetric:g}"] if asymmetric else [])]
 
 
-def quantize(model: str | None, out: Path, extra: list[str], bits: float, env: dict = ENV, method: str = "pvq") -> dict:
+def quantize(model: str | None, out: Path, extra: list[str], bits: float, env: dict = ENV, method: str = "pvq",
+             asymmetric: float = 0.0) -> dict:
     cmd = [sys.executable, "-m", "pvq.cli", "quantize", *([model] if model else []), "--method", method,
-           "--bits", str(bits), "-o", str(out), "--force", "--json", "--no-progress", *method_options(method, model),
-           *extra]
+           "--bits", str(bits), "-o", str(out), "--force", "--json", "--no-progress",
+           *method_options(method, model, asymmetric), *extra]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - t0
@@ -214,6 +216,8 @@ def main() -> None:
     ap.add_argument("--runs", default="none,1,2,two-nodes",
                     help="comma-separated rows: none (no Ray), 1 and 2 (--workers), two-nodes")
     ap.add_argument("--bits", type=float, default=3.25)
+    ap.add_argument("--asymmetric", type=float, default=0.0,
+                    help="pvq-gptq rows with --asymmetric S, kept under 'pvq-gptq --asymmetric S'")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pvq-distributed"))
     ap.add_argument("--project", action="store_true", help="only time the pieces of an 8B block and project")
     args = ap.parse_args()
@@ -233,7 +237,9 @@ def main() -> None:
         print(json.dumps(results["projection"]["hours"], indent=1))
         return
     for method in args.methods.split(","):
-        mres = results["methods"].setdefault(method, {"models": {}})
+        asym = args.asymmetric if method != "pvq" else 0.0
+        key = method + (f" --asymmetric {asym:g}" if asym else "")
+        mres = results["methods"].setdefault(key, {"models": {}})
         for name in args.models.split(","):
             if name == "random12":
                 model = args.workdir / "llama-12"
@@ -242,16 +248,17 @@ def main() -> None:
             else:
                 model = None  # the default model, SmolLM2-135M (a GGUF file each worker loads whole)
             runs = []
-            entry = mres["models"][name] = {"options_every_row": " ".join(method_options(method, model)), "runs": runs}
+            entry = mres["models"][name] = {"options_every_row": " ".join(method_options(method, model, asym)),
+                                            "runs": runs}
             rows = {"none": [], "1": ["--workers", "1"], "2": ["--workers", "2"], "two-nodes": "two-nodes"}
             for extra in (rows[r] for r in args.runs.split(",")):
                 if extra == "two-nodes":
                     with TwoNodes() as cluster:
                         run = quantize(model, args.workdir / "out", ["--ray-address", cluster.address], args.bits,
-                                       cluster.env, method)
+                                       cluster.env, method, asym)
                     run["options"] = "two nodes on this machine, one CPU each (--ray-address)"
                 else:
-                    run = quantize(model, args.workdir / "out", extra, args.bits, method=method)
+                    run = quantize(model, args.workdir / "out", extra, args.bits, method=method, asymmetric=asym)
                 run["same_bytes_as_one_process"] = run["sha256"] == runs[0]["sha256"] if runs else True
                 runs.append(run)
                 print(method, name, run["options"], f"{run['seconds']:.0f} s", run["same_bytes_as_one_process"], flush=True)
