@@ -231,23 +231,13 @@ def test_asymmetric_samples_pair_the_first_calibration_samples(model_dir, tmp_pa
     assert cfg["asymmetric_samples"] == 2
 
 
-def test_asymmetric_on_workers_gives_the_bytes_of_one_process(model_dir, tmp_path):
-    """Each shard's unquantized stream stays on the workers beside its quantized one; with 3 shards of the 4
-    samples and the first 3 paired (the last shard has none), 1 and 2 workers write one process's bytes."""
-    pytest.importorskip("ray")
-    extra = ["--asymmetric", "1", "--asymmetric-samples", "3", "--calib-shards", "3", "--calib-dtype", "float32"]
-    want = _run(model_dir, tmp_path / "one", *extra)
-    assert want != _run(model_dir, tmp_path / "plain", *extra[4:])
-    for workers in (1, 2):
-        assert _run(model_dir, tmp_path / f"w{workers}", *extra, "--workers", str(workers)) == want
-
-
 @pytest.mark.parametrize("extra", [[], ["--asymmetric-samples", "3", "--calib-shards", "3", "--calib-dtype", "float32",
                                          "--workers", "2"]], ids=["one-process", "workers"])
 def test_killed_asymmetric_run_resumes_to_the_same_bytes(model_dir, tmp_path, extra):
     """The unquantized stream is not saved with a killed run's blocks: the rerun recomputes it through the float
     blocks it skips (on its paired samples, shard by shard), and writes the bytes an uninterrupted run in one
-    process writes; on workers too, which take it over from the first block they quantize."""
+    process writes; on workers too (3 shards of the 4 samples, the first 3 paired: the last shard has none), which
+    take it over from the first block they quantize."""
     if "--workers" in extra:
         pytest.importorskip("ray")
     out = tmp_path / "out"

@@ -40,10 +40,9 @@ class GGUFCheckpointReader:
 
     def __init__(self, path: Path):
         from gguf import GGUFReader
-
-        self.folder = self.path = Path(path)
         from transformers.modeling_gguf_pytorch_utils import read_field
 
+        self.folder = self.path = Path(path)
         try:
             parsed = GGUFReader(str(self.path))
         except Exception as exc:  # not a GGUF file, truncated header, ...
