@@ -381,11 +381,7 @@ def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, unca
         if cfg.uses_data and h is None:
             uncalibrated.append(full)
         owned = h is not None and not any(o is h for o in hess.values())
-        weight = mod.weight.detach()
-        c = (cross or {}).get(name)
-        if c is not None and h is not None and cfg.asymmetric:
-            weight = asymmetric_target(weight, h, c, cfg.damp, cfg.asymmetric)
-        del c
+        weight = aimed_weight(mod.weight.detach(), h, (cross or {}).get(name), cfg)
         made[name], per_layer[full], errors[full] = quantize_linear(full, weight, mod.bias, cfg, h, owned)
         del weight
         del h
@@ -395,6 +391,14 @@ def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, unca
         if bar is not None:
             bar.update(1)
     return made, per_layer, errors
+
+
+def aimed_weight(weight: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | None, cfg: QuantConfig):
+    """The weight a linear's solve aims at: its own, or with --asymmetric and its cross moments c the target
+    moved toward the unquantized model's outputs (solvers.gptq.asymmetric_target)."""
+    if c is not None and h is not None and cfg.asymmetric:
+        return asymmetric_target(weight, h, c, cfg.damp, cfg.asymmetric)
+    return weight
 
 
 def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: torch.Tensor | None = None,

@@ -43,10 +43,9 @@ import torch
 from . import api
 from .checkpoint import save_activations, stored_tensors
 from .models.adapters import block_hessian_sums, block_input_sums, block_linears, block_prefix, blocks
-from .models.shards import merge, merge_asymmetric, paired_bounds, shard_bounds
+from .models.shards import merge_asymmetric, paired_bounds, shard_bounds
 from .models.streaming import materialize, release
 from .settings import DENSE_DTYPES, QuantConfig, spec_to_dict
-from .solvers.gptq import asymmetric_target
 
 RETRIES = 3  # runs of a task whose worker died, before the run fails
 FAULT_ENV = "PVQ_FAULT_KILL_BLOCK"  # "INDEX:MARKER": the first task of block INDEX kills its worker (tests)
@@ -142,9 +141,7 @@ def solve_task(full: str, weight: torch.Tensor, bias, cfg_dict: dict, h, index: 
     _fault(index)
     cfg = QuantConfig(**cfg_dict)
     with torch.no_grad():
-        if c is not None and h is not None and cfg.asymmetric:
-            weight = asymmetric_target(weight, h, c, cfg.damp, cfg.asymmetric)
-        return api.quantize_linear(full, weight, bias, cfg, h, owned=True)
+        return api.quantize_linear(full, api.aimed_weight(weight, h, c, cfg), bias, cfg, h, owned=True)
 
 
 def advance_task(block, made: dict, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict,
@@ -184,7 +181,7 @@ class Shards:
         self.pool, self.cfg_dict = pool, cfg.to_dict()
         self.acts = [ray.put(hidden[s:e].clone()) for s, e in shard_bounds(hidden.shape[0], cfg.calib_shards)]
         self.samples, self.shards = hidden.shape[0], cfg.calib_shards
-        self.refs = None  # --asymmetric: per shard, the unquantized stream on its paired samples (None: none)
+        self.refs = [None] * len(self.acts)  # --asymmetric: per shard, the unquantized stream on its paired samples
         self.kwargs = [ray.put(kw) for kw in kwargs]
 
     def pair(self, reference: torch.Tensor) -> None:
@@ -204,28 +201,23 @@ class Shards:
         through the quantized block (and written to `saves`, one file per shard, where a worker sees them)."""
         ray, pool = self.ray, self.pool
         block_ref = ray.put(block)
-        if self.refs is None:
-            parts = [pool._hess.remote(block_ref, a, self.kwargs[index], self.cfg_dict, index) for a in self.acts]
-            hess = merge(self._get(r, f"block {index}: Hessians of calibration shard {j}") for j, r in enumerate(parts))
-            cross = {}
-        else:  # each paired shard's task gives its sums and, kept in the object store, its unquantized outputs
-            parts, refs = [], []
-            for a, r in zip(self.acts, self.refs):
-                if r is None:
-                    parts.append(pool._hess.remote(block_ref, a, self.kwargs[index], self.cfg_dict, index))
-                    refs.append(None)
-                else:
-                    sums, out = pool._hess.options(num_returns=2).remote(block_ref, a, self.kwargs[index],
-                                                                         self.cfg_dict, index, r)
-                    parts.append(sums)
-                    refs.append(out)
+        parts, refs = [], []  # a paired shard's task also gives its unquantized outputs, kept in the object store
+        for a, r in zip(self.acts, self.refs):
+            if r is None:
+                parts.append(pool._hess.remote(block_ref, a, self.kwargs[index], self.cfg_dict, index))
+                refs.append(None)
+            else:
+                sums, out = pool._hess.options(num_returns=2).remote(block_ref, a, self.kwargs[index],
+                                                                     self.cfg_dict, index, r)
+                parts.append(sums)
+                refs.append(out)
 
-            def sums():  # fetched one shard at a time, in shard order
-                for j, (part, r) in enumerate(zip(parts, refs)):
-                    got = self._get(part, f"block {index}: Hessians of calibration shard {j}")
-                    yield got if r is not None else (*got, None)
-            hess, cross = merge_asymmetric(sums())
-            self.refs = refs
+        def sums():  # fetched one shard at a time, in shard order
+            for j, (part, r) in enumerate(zip(parts, refs)):
+                got = self._get(part, f"block {index}: Hessians of calibration shard {j}")
+                yield got if r is not None else (*got, None)
+        hess, cross = merge_asymmetric(sums())
+        self.refs = refs
         del parts
         stored, pending = {}, {}
         linears = block_linears(block)
