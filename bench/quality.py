@@ -10,7 +10,12 @@ ARC-Easy 0-shot for the unquantized model and pvq-gptq at 3.25 bits. Every run i
 process, so its time and peak memory are its own. Results are written after every run to
 bench/results/quality.json, and the plot to bench/results/pareto.png.
 
+`--flags` adds variants of the methods instead (stored under "variants", keyed by method, rate and
+flags): `--methods gptq --flags "--rotate"` measures rotated GPTQ, the baseline that separates what the
+rotation buys from what PVQ buys.
+
 Run:  python bench/quality.py                          (all 12 runs; hours on a 2-core CPU)
+      python bench/quality.py --rates 3.25 --methods gptq,rtn --flags "--rotate" --calib-dtype float32
       python bench/quality.py --rates 3.25 --methods pvq,pvq-gptq --arc-limit 300
       python bench/quality.py --rates 3.25 --redo    (measure those rows again, replacing them)
 """
@@ -64,6 +69,10 @@ def plot(results: dict, path: Path) -> None:
         pts = sorted((r["bits_per_weight"], r["ppl"]) for r in results["runs"] if r["method"] == m and "ppl" in r)
         if pts:
             ax.plot(*zip(*pts), "o-", label=m, color=f"C{i}")
+        for j, flags in enumerate(sorted({r["flags"] for r in results.get("variants", []) if r["method"] == m})):
+            pts = sorted((r["bits_per_weight"], r["ppl"]) for r in results["variants"]
+                         if r["method"] == m and r["flags"] == flags and "ppl" in r)
+            ax.plot(*zip(*pts), "x:^v<>"[j % 6] + "--", label=f"{m} {flags}", color=f"C{i}", alpha=0.7)
     tuned = path.parent / "finetune.json"
     if tuned.exists() and json.loads(tuned.read_text()).get("curve"):
         ax.plot(*zip(*json.loads(tuned.read_text())["curve"]), "s--", label="pvq-gptq --finetune blocks",
@@ -90,6 +99,7 @@ def main() -> None:
     ap.add_argument("--redo", action="store_true", help="measure the chosen rates and methods again, replacing their rows")
     ap.add_argument("--calib-dtype", default=None, choices=["auto", "float32", "bfloat16"],
                     help="passed to `pvq quantize` (rows measured on one CPU compare with another's float32 rows)")
+    ap.add_argument("--flags", default="", help="more `pvq quantize` options, e.g. \"--rotate\": the rows are variants")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,21 +115,29 @@ def main() -> None:
         results["unquantized"] = run_json(["eval", "--ppl", *arc])
         save(results, out)
     print(f"unquantized: {results['unquantized']}", flush=True)
-    done = set() if args.redo else {(r["method"], r["target_bits"]) for r in results["runs"] if "kl" in r}
+    flags = args.flags.split()
+    table = "variants" if flags else "runs"
+    results.setdefault(table, [])
+
+    def key(r):
+        return r["method"], r["target_bits"], r.get("flags", "")
+
+    done = set() if args.redo else {key(r) for r in results[table] if "kl" in r}
     for rate in [float(r) for r in args.rates.split(",")]:
         for m in args.methods.split(","):
-            if (m, rate) in done:
+            if (m, rate, " ".join(flags)) in done:
                 continue
-            d = work / f"{m}-{rate}"
+            d = work / "".join([m, *flags, f"-{rate}"])
             dtype = ["--calib-dtype", args.calib_dtype] if args.calib_dtype else []
-            q = run_json(["quantize", "--method", m, "--bits", str(rate), "-o", str(d), "--force", *dtype])
-            extra = arc if (m == "pvq-gptq" and rate == 3.25) else []
+            q = run_json(["quantize", "--method", m, "--bits", str(rate), "-o", str(d), "--force", *dtype, *flags])
+            extra = arc if (m == "pvq-gptq" and rate == 3.25 and not flags) else []
             e = run_json(["eval", str(d), "--ppl", "--kl", *extra])
-            r = {"method": m, "target_bits": rate, **({"calib_dtype": args.calib_dtype} if args.calib_dtype else {}), "bits_per_weight": q["bits_per_weight"], "file_bytes": q["file_bytes"],
+            r = {"method": m, "target_bits": rate, **({"flags": " ".join(flags)} if flags else {}),
+                 **({"calib_dtype": args.calib_dtype} if args.calib_dtype else {}), "bits_per_weight": q["bits_per_weight"], "file_bytes": q["file_bytes"],
                  "quantize_seconds": q["seconds"], "quantize_peak_rss_mib": q["peak_rss_mib"], **e}
-            results["runs"] = [x for x in results["runs"] if (x["method"], x["target_bits"]) != (m, rate)] + [r]
+            results[table] = [x for x in results[table] if key(x) != key(r)] + [r]
             save(results, out)
-            print(row_line(f"{m} @ {rate}", r), flush=True)
+            print(row_line(" ".join([m, *flags, f"@ {rate}"]), r), flush=True)
     print(f"wrote {path}")
 
 

@@ -218,6 +218,27 @@ def test_cli_quantize_ppl_is_what_the_saved_directory_measures(tiny_dirs, tmp_pa
         assert loaded["ppl"] == pytest.approx(after["ppl"], rel=1e-5)
 
 
+@pytest.mark.parametrize("method,flag", [("rtn", "--rotate"), ("pvq", "--no-rotate")])
+def test_cli_rotation_can_be_turned_on_or_off(tiny_dirs, tmp_path, capsys, method, flag):
+    from pvq.transforms.rotate import NO_SEED
+
+    out = tmp_path / "q"
+    assert cli(["quantize", str(tiny_dirs / "hf"), "--method", method, "--bits", "3.25", flag, "-o", str(out), "--ppl",
+                "--json", "--no-progress"]) == 0
+    after = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config"]["rotate"] is (flag == "--rotate")
+    seeds = [e["seeds"] for e in qc["layers"].values()]
+    assert seeds and all((NO_SEED not in s) == (flag == "--rotate") for s in seeds)
+    assert cli(["eval", str(out), "--ppl", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] == pytest.approx(after["ppl"], rel=1e-5)
+    default = json.loads((tiny_dirs / "q" / "config.json").read_text())["quantization_config"]
+    assert default["config"]["rotate"] is None  # the method's own default is stored as it always was
+    assert after["bits_per_weight"] == qc["achieved"]["bits_per_weight"]
+    if method == "pvq":  # the seeds are stored (NO_SEED markers) and counted either way: the target holds unrotated
+        assert after["bits_per_weight"] <= 3.25 + 0.005
+
+
 def test_cli_errors_are_one_line(tiny_dirs, tmp_path, capsys):
     q = tiny_dirs / "q"
     # refuses to overwrite, names the option

@@ -118,6 +118,11 @@ def _add_quantize(sub) -> None:
                    help="PVQ settings: compact (best quality per bit, the default) or fast (groups of 4-8 whose "
                         "shapes all fit one small table; lower quality, and no longer faster on the fly: "
                         "see README)")
+    p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="rotate each weight on both sides by seeded randomized Hadamards before quantizing, and its "
+                        "inputs and outputs when it runs (default: on for pvq and pvq-gptq, off for rtn and gptq, "
+                        "their published forms; --rotate with rtn or gptq is QuaRot-style rotated uniform "
+                        "quantization, --no-rotate with pvq shows what the rotation buys)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (uniform grid only)")
     p.add_argument("--damp", type=_float(0), default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
     p.add_argument("--asymmetric", type=_float(0, 1), default=0.0, metavar="SHARE",
@@ -315,7 +320,8 @@ def _quant_config(args):
 
     _act_config(args)  # --act-method and --no-act-rotate need --abits
     return QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
-                       group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, calib=args.calib,
+                       group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, rotate=args.rotate,
+                       calib=args.calib,
                        nsamples=args.nsamples, seqlen=args.seqlen, damp=args.damp, asymmetric=args.asymmetric,
                        asymmetric_samples=args.asymmetric_samples, act_order=args.act_order, calib_dtype=args.calib_dtype,
                        calib_shards=args.calib_shards, finetune=args.finetune, finetune_tokens=args.finetune_tokens,

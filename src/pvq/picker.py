@@ -56,7 +56,7 @@ def pvq_candidates(n: int, code_bits: int, gain: str, scale: str) -> list[PVQSpe
 def choose_spec(cfg: QuantConfig, rows: int, cols: int):
     """The codec setting for a [rows, cols] layer that lands on cfg.bits without exceeding it by
     more than the unavoidable per-layer overhead. Raises ValueError if no setting reaches it."""
-    seeds = 2 if cfg.rotates else 0
+    seeds = 2  # every QuantLinear stores its two seeds, NO_SEED markers where it is not rotated
     if not cfg.is_pvq:
         b = int(math.floor(cfg.bits - 32 / cfg.group_size + 1e-9))
         if not 1 <= b <= 8:

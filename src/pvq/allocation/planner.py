@@ -37,7 +37,7 @@ def options(cfg: QuantConfig, rows: int, cols: int, rates=RATES) -> list[dict]:
         if spec in seen or not isinstance(spec, PVQSpec):
             continue
         seen.add(spec)
-        stored = bits_per_weight(spec, rows, cols, 2 if cfg.rotates else 0).total
+        stored = bits_per_weight(spec, rows, cols, 2).total  # the two seeds are stored, rotated or not
         out.append({"spec": spec, "bits": stored, "err": 10 ** (-proxy_sqnr(spec) / 10)})
     return out
 
