@@ -1,5 +1,5 @@
 """Quality benchmark: WikiText-2 perplexity, KL divergence and top-1 agreement against bits per weight
-for rtn, gptq, pvq, pvq-gptq.
+for rtn, hqq, gptq, pvq, pvq-gptq.
 
 Quantizes the default model (SmolLM2-135M-Instruct) with each method at about 2.25, 3.25 and 4.25
 bits per weight through the `pvq` command line (calibration: 128 x 512 tokens of the WikiText-2
@@ -11,11 +11,11 @@ process, so its time and peak memory are its own. Results are written after ever
 bench/results/quality.json, and the plot to bench/results/pareto.png.
 
 `--flags` adds variants of the methods instead (stored under "variants", keyed by method, rate and
-flags): `--methods gptq --flags "--rotate"` measures rotated GPTQ, the baseline that separates what the
+flags): `--methods gptq --flags=--rotate` measures rotated GPTQ, the baseline that separates what the
 rotation buys from what PVQ buys.
 
 Run:  python bench/quality.py                          (all 12 runs; hours on a 2-core CPU)
-      python bench/quality.py --rates 3.25 --methods gptq,rtn --flags "--rotate" --calib-dtype float32
+      python bench/quality.py --rates 3.25 --methods gptq,rtn --flags=--rotate --calib-dtype float32
       python bench/quality.py --rates 3.25 --methods pvq,pvq-gptq --arc-limit 300
       python bench/quality.py --rates 3.25 --redo    (measure those rows again, replacing them)
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import row_line, save_figure, write_json  # noqa: E402
-METHODS = ("rtn", "gptq", "pvq", "pvq-gptq")
+METHODS = ("rtn", "hqq", "gptq", "pvq", "pvq-gptq")
 
 
 def run_json(args: list[str]) -> dict:
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--redo", action="store_true", help="measure the chosen rates and methods again, replacing their rows")
     ap.add_argument("--calib-dtype", default=None, choices=["auto", "float32", "bfloat16"],
                     help="passed to `pvq quantize` (rows measured on one CPU compare with another's float32 rows)")
-    ap.add_argument("--flags", default="", help="more `pvq quantize` options, e.g. \"--rotate\": the rows are variants")
+    ap.add_argument("--flags", default="", help="more `pvq quantize` options, e.g. --flags=--rotate (with the =: the value starts with a dash); the rows are variants")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)

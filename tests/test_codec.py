@@ -260,6 +260,35 @@ def test_uniform_short_last_group_costs_its_own_scale():
     assert bool(((w - packed.dequantize()).abs() <= scale / 2 + 1e-3).all())
 
 
+def _heavy_tailed(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    return torch.where(torch.rand(rows, cols, generator=g) < 0.01, 6 * w, w)  # 1% outliers, as real weights have
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_hqq_fit_lowers_the_error_of_the_same_grid(bits):
+    w = _heavy_tailed(64, 512, bits)
+    spec = codec.UniformSpec(bits, 128)
+    rtn, hqq = codec.quantize(w, spec), codec.quantize(w, spec, "hqq")
+    assert hqq.nbits == rtn.nbits and torch.equal(hqq.scale, rtn.scale)  # the same step and storage, other offsets
+    err = {k: (p.dequantize() - w).abs() for k, p in (("rtn", rtn), ("hqq", hqq))}
+    lp = {k: e.pow(uniform.HQQ_P).reshape(64, 4, 128).sum(-1) for k, e in err.items()}
+    assert bool((lp["hqq"] <= lp["rtn"] * (1 + 1e-6)).all())  # no group's objective gets worse ...
+    assert float(lp["hqq"].sum()) < 0.99 * float(lp["rtn"].sum())  # ... and the whole improves
+    assert float(err["hqq"].pow(2).mean()) < float(err["rtn"].pow(2).mean())  # the squared error follows here
+    with pytest.raises(ValueError, match="grid fit"):
+        codec.quantize(w, spec, "best")
+
+
+def test_hqq_short_last_group_is_fitted_on_its_own_weights():
+    w = _heavy_tailed(8, 576, 7)
+    whole = codec.quantize(w, codec.UniformSpec(3, 128), "hqq")
+    tail = codec.quantize(w[:, 512:].contiguous(), codec.UniformSpec(3, 64), "hqq")  # the padding must not count
+    assert torch.equal(whole.offset[:, 4], tail.offset[:, 0]) and torch.equal(whole.scale[:, 4], tail.scale[:, 0])
+    torch.testing.assert_close(whole.dequantize()[:, 512:], tail.dequantize(), rtol=0, atol=0)
+
+
 def test_pvq_beats_rtn_and_nears_shannon_on_gaussian():
     w = torch.randn(256, 2048, generator=torch.Generator().manual_seed(5))
     pvq_spec = codec.PVQSpec.for_code_bits(16, 29, 52)

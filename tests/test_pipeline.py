@@ -54,7 +54,7 @@ def test_rotated_unquantized_model_gives_the_same_logits(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["rtn", "pvq"])
+@pytest.mark.parametrize("method", ["rtn", "hqq", "pvq"])
 def test_quantize_save_load_gives_identical_logits(tmp_path, family, method):
     model = tiny_model(family, intermediate_size=96)
     ids = _ids()

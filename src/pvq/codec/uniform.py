@@ -4,6 +4,12 @@ Each group stores an fp16 scale and an fp16 offset (its minimum), so it costs b 
 weight (3-bit g128 = 3.25). A row whose length is not a multiple of g ends in one shorter group
 (576 = 4 x 128 + 64, as GPTQ does), which costs its own scale and offset: 3.278 bits there. This is the RTN baseline of GPTQ/AWQ papers and the grid GPTQ
 solves over.
+
+Two ways to fit a group's grid, stored alike: "minmax" spans the group's range (RTN); "hqq" keeps that
+step and moves the offset to minimize the group's l_p error, p = 0.7, by half-quadratic splitting
+(HQQ, Badri & Shaji 2023: a few alternations of rounding, an l_p shrinkage of the error and a closed-form
+offset; their defaults: p 0.7, beta 10 growing by 1.01 a step, 20 steps). A small p lets the grid give up
+on a few outliers to fit the bulk of the group.
 """
 from __future__ import annotations
 
@@ -66,6 +72,45 @@ def quantize_grid(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bi
     return torch.clamp(torch.round((w - offset) / scale), 0, 2**bits - 1).to(torch.int64)
 
 
+FITS = ("minmax", "hqq")
+HQQ_P, HQQ_BETA, HQQ_KAPPA, HQQ_STEPS = 0.7, 10.0, 1.01, 20
+
+
+def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """The proximal step of |x|^p / beta: soft thresholding whose threshold grows as |x| shrinks (p < 1)."""
+    a = x.abs()
+    return torch.sign(x) * torch.relu(a - a.pow(p - 1) / beta)
+
+
+def fit_hqq(w: torch.Tensor, bits: int, valid: torch.Tensor | None = None,
+            steps: int = HQQ_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """fit_grid's step, and for each group w[..., g] the offset of least l_p error found along the
+    half-quadratic iteration (fp16-representable). `valid` (bool, like w): the entries that count (a
+    short group's padding does not)."""
+    scale, offset = fit_grid(w, bits)
+    valid = torch.ones_like(w, dtype=torch.bool) if valid is None else valid
+    n = valid.sum(-1, keepdim=True).clamp_min(1)
+    top = 2**bits - 1
+
+    def error(off):  # the group's l_p error with the offset stored as fp16, as the file will hold it
+        off = off.half().float()
+        q = torch.clamp(torch.round((w - off) / scale), 0, top)
+        return ((w - off - scale * q).abs().pow(HQQ_P) * valid).sum(-1, keepdim=True), q
+
+    best, (best_err, q) = offset, error(offset)
+    beta = HQQ_BETA
+    for _ in range(steps):
+        e = _shrink_lp(w - offset - scale * q, beta, HQQ_P)
+        offset = ((w - e - scale * q) * valid).sum(-1, keepdim=True) / n
+        err, q = error(offset)
+        better = err < best_err
+        best, best_err = torch.where(better, offset, best), torch.where(better, err, best_err)
+        beta *= HQQ_KAPPA
+    best = best.half().float()
+    check_fits(best, "a group's offset")
+    return scale, best
+
+
 @dataclass
 class PackedUniform:
     spec: UniformSpec
@@ -87,8 +132,11 @@ class PackedUniform:
         return (offset + scale * q).to(dtype)
 
 
-def quantize(w: torch.Tensor, spec: UniformSpec) -> PackedUniform:
-    """Round-to-nearest quantization of a 2-D weight matrix with the uniform grid of `spec`."""
+def quantize(w: torch.Tensor, spec: UniformSpec, fit: str = "minmax") -> PackedUniform:
+    """Round-to-nearest quantization of a 2-D weight matrix with the uniform grid of `spec`, each group's
+    grid fitted by `fit` (FITS)."""
+    if fit not in FITS:
+        raise ValueError(f"unknown grid fit {fit!r}; choose one of {', '.join(FITS)}")
     rows, cols = w.shape
     spec.check_shape(rows, cols)
     g = spec.group_size
@@ -96,7 +144,11 @@ def quantize(w: torch.Tensor, spec: UniformSpec) -> PackedUniform:
     w = w.float()
     # a short last group is padded with copies of its last weight, which leaves its range unchanged
     padded = torch.cat([w, w[:, -1:].expand(rows, ng * g - cols)], dim=1).reshape(rows, ng, g)
-    scale, offset = fit_grid(padded, spec.bits)
+    if fit == "hqq":
+        valid = (torch.arange(ng * g, device=w.device) < cols).reshape(1, ng, g).expand(rows, ng, g)
+        scale, offset = fit_hqq(padded, spec.bits, valid)
+    else:
+        scale, offset = fit_grid(padded, spec.bits)
     q = quantize_grid(padded, scale, offset, spec.bits).reshape(rows, ng * g)[:, :cols]
     return PackedUniform(
         spec, (rows, cols), bitpack.pack(q.reshape(-1), spec.bits), scale[..., 0].half(), offset[..., 0].half()
