@@ -265,6 +265,10 @@ def test_cli_errors_are_one_line(tiny_dirs, tmp_path, capsys):
     assert cli(["quantize", str(tiny_dirs / "hf"), "--method", "pvq", "--bits", "0.3", "-o", str(tmp_path / "x")]) == 2
     assert "bits" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # an option of another method: refused before any work, not ignored nor failed deep inside the solver
+    assert cli(["quantize", str(tiny_dirs / "hf"), "--method", "pvq-gptq", "--act-order", "-o", str(tmp_path / "x")]) == 2
+    assert "--act-order" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_tokenizer_files_broken_or_absent(tiny_dirs, tmp_path):

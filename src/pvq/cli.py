@@ -124,7 +124,8 @@ def _add_quantize(sub) -> None:
                         "inputs and outputs when it runs (default: on for pvq and pvq-gptq, off for rtn, hqq and gptq, "
                         "their published forms; --rotate with those is QuaRot-style rotated uniform "
                         "quantization, --no-rotate with pvq shows what the rotation buys)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (uniform grid only)")
+    p.add_argument("--act-order", action="store_true", help="gptq only: quantize the columns in descending order of the Hessian's diagonal (GPTQ's act-order, "
+                        "desc_act), each group's grid fitted before the solve")
     p.add_argument("--damp", type=_float(0), default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
     p.add_argument("--asymmetric", type=_float(0, 1), default=0.0, metavar="SHARE",
                    help="gptq, pvq-gptq: aim each linear at the unquantized model's outputs instead of its own weight's "

@@ -4,7 +4,7 @@ Ray (PyPI `ray`, the optional extra `pvq[distributed]`) does the scheduling, the
 transport; pvq only says what a task is. Nothing here is imported unless `--workers` or
 `--ray-address` is given.
 
-Data-free methods (rtn, pvq): every block is an independent task. For a safetensors folder (at a
+Data-free methods (rtn, hqq, pvq): every block is an independent task. For a safetensors folder (at a
 path every node can see) a worker reads the block's tensors from the checkpoint itself; a model the
 driver had to load whole (a GGUF file, the default model) sends each task its float block. The worker
 rotates and quantizes the block's linears exactly as `api.quantize` does in one process and returns

@@ -142,6 +142,9 @@ class QuantConfig:
         if not (isinstance(self.asymmetric, (int, float)) and not isinstance(self.asymmetric, bool)
                 and math.isfinite(self.asymmetric) and 0 <= self.asymmetric <= 1):
             raise ValueError(f"--asymmetric must be a number from 0 to 1, got {self.asymmetric!r}")
+        if self.act_order and self.method != "gptq":
+            raise ValueError(f"--act-order orders GPTQ's columns on the uniform grid: use it with --method gptq, "
+                             f"not {self.method}")
         if self.asymmetric and not self.uses_data:
             raise ValueError(f"--asymmetric aims GPTQ at the unquantized model's outputs on calibration data: use it "
                              f"with a calibrated method (gptq, pvq-gptq), not {self.method}")

@@ -9,7 +9,9 @@ Two ways to fit a group's grid, stored alike: "minmax" spans the group's range (
 step and moves the offset to minimize the group's l_p error, p = 0.7, by half-quadratic splitting
 (HQQ, Badri & Shaji 2023: a few alternations of rounding, an l_p shrinkage of the error and a closed-form
 offset; their defaults: p 0.7, beta 10 growing by 1.01 a step, 20 steps). A small p lets the grid give up
-on a few outliers to fit the bulk of the group.
+on a few outliers to fit the bulk of the group. Their solver stops every group at once when the matrix's
+mean |error| stops falling; here each group keeps the offset of its own least l_p error along the 20 steps
+(on SmolLM2's 3-bit g128 weights both lower the squared error by about 4 % from min-max, the absolute by 2 %).
 """
 from __future__ import annotations
 
