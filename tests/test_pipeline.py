@@ -266,9 +266,11 @@ def test_cli_errors_are_one_line(tiny_dirs, tmp_path, capsys):
     assert "bits" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     # an option of another method: refused before any work, not ignored nor failed deep inside the solver
-    assert cli(["quantize", str(tiny_dirs / "hf"), "--method", "pvq-gptq", "--act-order", "-o", str(tmp_path / "x")]) == 2
-    assert "--act-order" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+    for method, option in (("pvq-gptq", ["--act-order"]), ("pvq", ["--group-size", "64"]), ("rtn", ["--scale", "row"]),
+                           ("hqq", ["--group-dim", "8"])):
+        assert cli(["quantize", str(tiny_dirs / "hf"), "--method", method, *option, "-o", str(tmp_path / "x")]) == 2
+        assert option[0] in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
 
 
 def test_tokenizer_files_broken_or_absent(tiny_dirs, tmp_path):
