@@ -235,6 +235,8 @@ def test_cli_rotation_can_be_turned_on_or_off(tiny_dirs, tmp_path, capsys, metho
     default = json.loads((tiny_dirs / "q" / "config.json").read_text())["quantization_config"]
     assert default["config"]["rotate"] is None  # the method's own default is stored as it always was
     assert after["bits_per_weight"] == qc["achieved"]["bits_per_weight"]
+    assert cli(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rotated"] is (flag == "--rotate")
     if method == "pvq":  # the seeds are stored (NO_SEED markers) and counted either way: the target holds unrotated
         assert after["bits_per_weight"] <= 3.25 + 0.005
 

@@ -558,6 +558,7 @@ def cmd_info(args) -> int:
     from .checkpoint import CHECKSUMS, read_config, scan_tensors, weight_files, weights_bytes
     from .modules.actquant import bits_per_activation_of
     from .settings import ActConfig
+    from .transforms.rotate import NO_SEED
 
     cfg = read_config(args.dir)
     qc = cfg["quantization_config"]
@@ -567,7 +568,8 @@ def cmd_info(args) -> int:
             "bits_per_weight": qc["achieved"]["bits_per_weight"], "linear_weights": qc["achieved"]["linear_weights"],
             "file_bytes": size, "file_bits_per_linear_weight": 8 * size / qc["achieved"]["linear_weights"],
             "format_version": qc["format_version"], "layers": qc["layers"], "tensors": len(tensors),
-            "checksums": CHECKSUMS in qc}
+            "checksums": CHECKSUMS in qc,
+            "rotated": any(NO_SEED not in l.get("seeds", [NO_SEED]) for l in qc["layers"].values())}
     act = ActConfig.from_quant_config(qc["config"])
     if act is not None:
         info.update({"abits": act.bits, "act_method": act.method, "act_rotate": act.rotate,
@@ -575,7 +577,8 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"method {info['method']} (target {info['target_bits']} bpw), format v{info['format_version']}")
+    print(f"method {info['method']}, {'rotated' if info['rotated'] else 'not rotated'} (target {info['target_bits']} bpw), "
+          f"format v{info['format_version']}")
     print(f"quantized linears: {info['bits_per_weight']:.4f} bits per weight over {info['linear_weights'] / 1e6:.2f} M weights")
     print(f"{files[0].name if len(files) == 1 else f'{len(files)} shards'}: {size / 2**20:.2f} MiB (embeddings, "
           f"head and norms included), {len(tensors)} tensors, "
