@@ -72,7 +72,7 @@ def plot(results: dict, path: Path) -> None:
         for j, flags in enumerate(sorted({r["flags"] for r in results.get("variants", []) if r["method"] == m})):
             pts = sorted((r["bits_per_weight"], r["ppl"]) for r in results["variants"]
                          if r["method"] == m and r["flags"] == flags and "ppl" in r)
-            ax.plot(*zip(*pts), "x:^v<>"[j % 6] + "--", label=f"{m} {flags}", color=f"C{i}", alpha=0.7)
+            ax.plot(*zip(*pts), "x^v<>s"[j % 6] + "--", label=f"{m} {flags}", color=f"C{i}", alpha=0.7)
     tuned = path.parent / "finetune.json"
     if tuned.exists() and json.loads(tuned.read_text()).get("curve"):
         ax.plot(*zip(*json.loads(tuned.read_text())["curve"]), "s--", label="pvq-gptq --finetune blocks",
