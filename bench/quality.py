@@ -63,7 +63,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     base = results.get("unquantized", {}).get("ppl")
     for i, m in enumerate(METHODS):
         pts = sorted((r["bits_per_weight"], r["ppl"]) for r in results["runs"] if r["method"] == m and "ppl" in r)
@@ -84,7 +84,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("WikiText-2 perplexity (quick protocol, log scale)")
     ax.set_title("SmolLM2-135M-Instruct")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     save_figure(fig, path)
 
 
