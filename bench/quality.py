@@ -14,7 +14,7 @@ bench/results/quality.json, and the plot to bench/results/pareto.png.
 flags): `--methods gptq --flags=--rotate` measures rotated GPTQ, the baseline that separates what the
 rotation buys from what PVQ buys.
 
-Run:  python bench/quality.py                          (all 12 runs; hours on a 2-core CPU)
+Run:  python bench/quality.py                          (all 15 runs; hours on a 2-core CPU)
       python bench/quality.py --rates 3.25 --methods gptq,rtn --flags=--rotate --calib-dtype float32
       python bench/quality.py --rates 3.25 --methods pvq,pvq-gptq --arc-limit 300
       python bench/quality.py --rates 3.25 --redo    (measure those rows again, replacing them)
