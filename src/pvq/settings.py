@@ -142,12 +142,13 @@ class QuantConfig:
         if not (isinstance(self.asymmetric, (int, float)) and not isinstance(self.asymmetric, bool)
                 and math.isfinite(self.asymmetric) and 0 <= self.asymmetric <= 1):
             raise ValueError(f"--asymmetric must be a number from 0 to 1, got {self.asymmetric!r}")
-        pvq_options = [o for o, on in (("--group-dim", self.group_dim is not None), ("--gain", self.gain != "beta"),
-                                       ("--scale", self.scale != "tensor"), ("--layout", self.layout != "compact")) if on]
+        default = {f.name: f.default for f in fields(self)}
+        pvq_options = [f"--{k.replace('_', '-')}" for k in ("group_dim", "gain", "scale", "layout")
+                       if getattr(self, k) != default[k]]
         if pvq_options and not self.is_pvq:
             raise ValueError(f"{', '.join(pvq_options)} set PVQ's codes: use them with --method pvq or pvq-gptq, "
                              f"not {self.method} (its grid is set by --group-size)")
-        if self.group_size != 128 and self.is_pvq:
+        if self.group_size != default["group_size"] and self.is_pvq:
             raise ValueError(f"--group-size sets the uniform grid's groups (rtn, hqq, gptq), not {self.method}'s: "
                              f"PVQ's group dimension is --group-dim")
         if self.act_order and self.method != "gptq":
