@@ -54,8 +54,13 @@ def test_rotated_unquantized_gives_the_original_logits(mt):
     assert (model(IDS).logits - ref).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize("method", ["rtn", "pvq", "pvq-gptq"])
-@pytest.mark.parametrize("mt", SUPPORTED_MODEL_TYPES)
+# pvq-gptq runs every family's blocks (calibration, Hessians, the solver); the data-free methods only
+# find, replace and store linears, so a few families of each kind stand for the rest
+DATA_FREE = ("llama", "gemma2", "qwen3_moe", "gpt_oss", "deepseek_v3", "falcon_h1")
+
+
+@pytest.mark.parametrize("mt,method", [(mt, "pvq-gptq") for mt in SUPPORTED_MODEL_TYPES]
+                         + [(mt, m) for mt in DATA_FREE for m in ("rtn", "pvq")])
 @torch.no_grad()
 def test_family_quantize_save_load_generate(mt, method, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -72,7 +77,7 @@ def test_family_quantize_save_load_generate(mt, method, tmp_path):
     assert torch.equal(loaded(IDS).logits, want)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert (hf(IDS).logits - want).abs().max() < 1e-4
-    out = hf.generate(IDS[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = hf.generate(IDS[:1, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 12)
 
 
@@ -90,28 +95,35 @@ def test_fused_experts_without_the_experts_interface_are_one_clear_line():
         check_supported(model)
 
 
-MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt or mt in ("mixtral", "gpt_oss")]
+# Llama 4's experts are called another way (every token, scaled by its score): test_llama4_experts_see_their_own_tokens
+MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt or mt in ("mixtral", "gpt_oss", "deepseek_v2", "deepseek_v3",
+                                                                    "dots1", "qwen3_next", "minimax")]
 
 
 @pytest.mark.parametrize("mt", MOE)
 @torch.no_grad()
 def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(mt):
     """One linear per expert, its Hessian from exactly the tokens its router sent it; the router stays dense."""
-    from pvq.models.adapters import block_hessians, block_linears, blocks, capture_block_inputs
+    from pvq.models.adapters import block_hessians, block_linears, blocks, capture_block_inputs, run_block
 
     model = tiny_model(mt)
-    block = blocks(model)[0]
+    hidden, kwargs = capture_block_inputs(model, IDS)
+    j = next(j for j, b in enumerate(blocks(model)) if any(n.endswith("experts") for n, _ in b.named_modules()))
+    for k in range(j):  # the blocks before the first with experts (DeepSeek-style: dense first)
+        hidden = run_block(blocks(model)[k], hidden, kwargs[k])
+    block = blocks(model)[j]
     experts = next(m for n, m in block.named_modules() if n.endswith("experts"))
     name = next(n for n, m in block.named_modules() if m is experts)
     routed = []
     experts.register_forward_pre_hook(lambda m, a: routed.append((a[0].clone(), a[1].clone())))
-    hidden, kwargs = capture_block_inputs(model, IDS)
-    hess, _ = block_hessians(block, hidden, kwargs[0])
+    hess, _ = block_hessians(block, hidden, kwargs[j])
     x = torch.cat([h for h, _ in routed]).double()
     idx = torch.cat([i for _, i in routed])
     first = "gate_up" if experts.has_gate else "up"
     n_experts = len(getattr(experts, first))
-    assert n_experts == 4 and not any(p.dim() == 3 for p in block.parameters())
+    fused = [p for m in block.modules() if not isinstance(m, nn.modules.conv._ConvNd) for p in m.parameters(recurse=False)
+             if p.dim() == 3]  # a Mamba block's convolution is 3-D too, and stays
+    assert n_experts == 4 and not fused
     for e in range(n_experts):
         xe = x[(idx == e).any(-1)]
         assert xe.shape[0] > 0
@@ -128,6 +140,45 @@ def test_an_expert_no_token_reached_is_rounded_without_data():
     summary = api.quantize(model, QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32), IDS, progress=False)
     assert summary["uncalibrated"] == [f"model.layers.{i}.mlp.experts.{k}.3" for i in range(2) for k in ("gate_up", "down")]
     assert summary["layers"] == 2 * (4 + 2 * 4)
+
+
+@pytest.mark.parametrize("mt", ["phimoe", "llama4_text"])
+@torch.no_grad()
+def test_a_router_stays_dense_however_many_experts(mt):
+    """With 16 experts a router has 16 outputs (MIN_ROWS); PhiMoE's and Llama 4's are nn.Linear subclasses
+    whose own forward takes the top k: quantized, the swap to a QuantLinear would drop it."""
+    model = tiny_model(mt, num_local_experts=16)
+    router = next(m for n, m in model.named_modules() if n.endswith("router"))
+    kind, weight = type(router), router.weight.clone()
+    assert isinstance(router, nn.Linear) and router.out_features == 16
+    names = [n for n, _ in block_linear_names(model)]
+    assert not any("router" in n for n in names) and sum(".experts." in n for n in names) == 2 * 2 * 16
+    api.quantize(model, QuantConfig(method="rtn", bits=4.25), None, progress=False)
+    router = next(m for n, m in model.named_modules() if n.endswith("router"))
+    assert type(router) is kind and torch.equal(router.weight, weight.half().float())  # dense, as float16 stores it
+    assert torch.isfinite(model(IDS).logits).all()
+
+
+@torch.no_grad()
+def test_llama4_experts_see_their_own_tokens():
+    """Llama 4 calls its experts with every token for every expert, each scaled by the router's score (zero
+    where the router did not choose that expert): each expert's Hessian is that of its own tokens alone."""
+    from pvq.models.adapters import block_hessians, blocks, capture_block_inputs
+
+    model = tiny_model("llama4_text")
+    block = blocks(model)[0]
+    seen, scores = [], []
+    block.feed_forward.experts.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    block.feed_forward.router.register_forward_hook(lambda m, a, out: scores.append(out[0].clone()))
+    hidden, kwargs = capture_block_inputs(model, IDS)
+    hess, _ = block_hessians(block, hidden, kwargs[0])
+    x = torch.cat([t.view(4, -1, t.shape[-1]) for t in seen], dim=1).double()  # [experts, tokens, hidden]
+    chosen = torch.cat([t.T for t in scores], dim=1) > 0
+    assert torch.equal(chosen.sum(0), torch.full((x.shape[1],), 2))  # top 2 of 4
+    for e in range(4):
+        xe = x[e][chosen[e]]
+        assert 0 < xe.shape[0] < x.shape[1] and not x[e][~chosen[e]].any()
+        assert torch.allclose(hess[f"feed_forward.experts.gate_up.{e}"], xe.T @ xe / xe.shape[0], rtol=1e-5, atol=1e-7)
 
 
 def test_blocks_are_found_where_each_family_keeps_them():
@@ -193,7 +244,8 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
 
 # a renamed head on disk, alternating masks, fused projections, biases with LayerNorm, a parallel block
 # (every dense family passed this when it was written; a few keep the suite short)
-STREAMED = ("gpt_neox", "gemma2", "phi3", "starcoder2", "phi", "cohere")
+# (opt: position embeddings before the blocks; falcon_h1: a Mamba block's 3-D convolution is no expert)
+STREAMED = ("gpt_neox", "gemma2", "phi3", "starcoder2", "phi", "cohere", "opt", "falcon_h1")
 
 
 @pytest.mark.parametrize("mt", STREAMED)

@@ -116,10 +116,11 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     device = check_work_device(device, cfg, pool, activations)
     layers = blocks(model)
     prefixes = tuple(block_prefix(model, i) for i in range(len(layers)))
-    if reader is not None and cfg.uses_data:  # calibration needs the input embeddings now, the rest waits
-        emb = {f"{n}.{k}" if n else k for n, m in model.named_modules() if m is model.get_input_embeddings()
-               for k, _ in m.named_parameters()}
-        materialize(model, reader, lambda n: n in emb)
+    before = []  # calibration runs what comes before the blocks now (the input embeddings, OPT's position
+    if reader is not None and cfg.uses_data:  # embeddings, ...); the blocks and the head wait
+        head = model.get_output_embeddings()
+        later = {f"{n}.{k}" if n else k for n, m in model.named_modules() if m is head for k, _ in m.named_parameters()}
+        before = materialize(model, reader, lambda n: not n.startswith(prefixes) and n not in later)
     check_weights(model, cfg)  # every parameter read so far
     if cfg.uses_data and calib_ids is None:
         raise ValueError(f"method {cfg.method} needs calibration data (calib_ids)")
@@ -144,7 +145,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             hidden, kwargs = hidden.to(device), [to_device(k, device) for k in kwargs]
             fp = None if fp is None else fp.to(device)
         if reader is not None:  # read again with the rest at the end: not held through every block
-            release_parameters(model, [model.get_input_embeddings().weight])
+            release_parameters(model, [model.get_parameter(n) for n in before])
         if activations is not None:
             hidden = activations.hold(hidden)
     bar = tqdm(total=len(block_linear_names(model)), desc=f"quantize {cfg.method} {cfg.bits} bpw", disable=not progress, unit="linear")

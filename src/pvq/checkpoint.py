@@ -179,9 +179,9 @@ def guard_name(layer: str) -> str:
 def stored_tensors(model, dense_dtype: torch.dtype, prefix: str = "",
                    wanted: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """The tensors a directory stores for `model` (only those whose names start with `prefix`, and only
-    those `wanted(name)` where given): a quantized linear's buffers (and bias) as they are, every other tensor in
-    `dense_dtype`, a tied one once. Tensors on the meta device (a streamed block already written) are left
-    out."""
+    those `wanted(name)` where given): a quantized linear's buffers (and bias) and the model's other
+    buffers as they are, every other tensor in `dense_dtype`, a tied one once. Tensors on the meta device
+    (a streamed block already written) are left out."""
     quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n.startswith(prefix)}
     # A loader that does not know pvq (transformers without `import pvq` skips an unknown quant_method)
     # would build plain linears and fill their missing weights at random: an empty tensor under each
@@ -190,6 +190,9 @@ def stored_tensors(model, dense_dtype: torch.dtype, prefix: str = "",
                                         if any(b.device.type != "meta" for b in model.get_submodule(n).buffers())
                                         and (wanted is None or wanted(guard_name(n)))}
     seen = {}
+    # a family's persistent float buffers (MiniMax's attention decay tables) are constants computed in
+    # their own dtype, not weights: stored as they are, so the loaded model is the quantized one exactly
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     for key, t in model.state_dict().items():
         if not key.startswith(prefix) or t.device.type == "meta" or (wanted is not None and not wanted(key)):
             continue
@@ -199,7 +202,8 @@ def stored_tensors(model, dense_dtype: torch.dtype, prefix: str = "",
         if t.data_ptr() in seen:  # tied weights (lm_head = embed_tokens): store once
             continue
         seen[t.data_ptr()] = key
-        tensors[key] = t.detach().to(dense_dtype if t.is_floating_point() else t.dtype).contiguous()
+        keep = key in buffers or not t.is_floating_point()
+        tensors[key] = t.detach().to(t.dtype if keep else dense_dtype).contiguous()
     return tensors
 
 

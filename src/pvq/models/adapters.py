@@ -3,12 +3,11 @@
 No table per family (DESIGN.md: no script per family, no forked modeling files): the decoder blocks
 are the model's ModuleList with one entry per hidden layer (the class transformers names in
 `_no_split_modules` when there are several lists), the quantizable linears of a block are every
-`nn.Linear` inside it (a router or gate with fewer than MIN_ROWS outputs stays dense: a few numbers
-per token that steer the rest), and linears that read the same input share one Hessian because the
+`nn.Linear` inside it (a router, one output per expert, or a gate with fewer than MIN_ROWS outputs stays
+dense: a few numbers per token that steer the rest), and linears that read the same input share one Hessian because the
 hooks of a real pass see the same tensor (block_hessians), whatever their names. Experts stored as
 fused 3-D tensors are split into one linear per expert first (experts.py), so an expert's linear is
-found, hooked (the tokens routed to it) and replaced like any other; a router is not an nn.Linear in
-the families tested, or has fewer than MIN_ROWS outputs, and stays dense.
+found, hooked (the tokens routed to it) and replaced like any other.
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from ..solvers.hessian import CrossAccumulator, HessianAccumulator
-from .experts import split_experts
+from .experts import FIRST, split_experts
 
 MIN_ROWS = 16  # fewer outputs than this: a router or gate, kept dense
 BATCH = 8  # calibration samples run through a block at once
@@ -90,10 +89,28 @@ def block_linear_names(model) -> list[tuple[str, nn.Module]]:
             for name, mod in block_linears(block).items()]
 
 
+def _routers(block: nn.Module) -> set[int]:
+    """ids of a block's routers: linears outside its experts with one output per expert. They stay dense
+    however many experts there are: a few numbers per token that steer the rest, and some families give
+    theirs a forward of its own (Llama 4's and PhiMoE's routers are nn.Linear subclasses that take the
+    top k), which a quantized linear would replace."""
+    counts, inside = set(), set()
+    for name, mod in block.named_modules():
+        if getattr(mod, "pvq_split_experts", False):
+            counts.add(len(getattr(mod, FIRST[mod.has_gate])))
+        elif name.rpartition(".")[2] == "experts" and isinstance(mod, nn.ModuleList):  # one module per expert
+            counts.add(len(mod))
+        else:
+            continue
+        inside |= {id(m) for m in mod.modules()}
+    return {id(m) for m in block.modules() if isinstance(m, nn.Linear) and m.out_features in counts and id(m) not in inside}
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     """The quantizable linears of one block, by name relative to the block, in module order (the order
     their forward runs them in every family tested)."""
-    return {name: mod for name, mod in block.named_modules() if name and _quantizable(mod)}
+    routers = _routers(block)
+    return {name: mod for name, mod in block.named_modules() if name and _quantizable(mod) and id(mod) not in routers}
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:

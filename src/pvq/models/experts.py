@@ -24,6 +24,10 @@ FIRST = {True: "gate_up", False: "up"}  # the list of first (input) linears, by 
 
 
 def _fused(mod: nn.Module) -> bool:
+    # a convolution's kernel is 3-D too (the short causal convolutions of Mamba and linear-attention
+    # blocks): it is no stack of experts, and stays as it is
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return False
     return any(p.dim() == 3 for p in mod.parameters(recurse=False))
 
 
@@ -53,13 +57,39 @@ class _SplitExperts:
         return out
 
 
-_CLASSES: dict[type, type] = {}
+class _SplitDenseExperts:
+    """Mixed into Llama 4's experts class, which is called with every token for every expert ([E * T, H],
+    each expert's rows already scaled by its router score: zero where the router did not choose it): the
+    forward over one linear per expert, run on the rows that expert was given. A zero row gives a zero
+    output through gate, up and down (no bias, act(0) * 0 = 0), so skipping it is exact, and each expert's
+    calibration sees only its own tokens."""
+
+    pvq_split_experts = True
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.view(len(self.gate_up), -1, hidden_states.shape[-1])
+        out = torch.zeros_like(x)
+        for e in range(x.shape[0]):
+            rows = torch.where(x[e].ne(0).any(-1))[0]
+            if rows.numel() == 0:
+                continue
+            gate, up = self.gate_up[e](x[e, rows]).chunk(2, dim=-1)
+            out[e, rows] = self.down[e](up * self.act_fn(gate)).to(out.dtype)
+        return out.view(-1, x.shape[-1])
 
 
-def _split_class(cls: type) -> type:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(cls.__name__, (_SplitExperts, cls), {"__module__": cls.__module__})
-    return _CLASSES[cls]
+# experts classes outside transformers' experts interface whose layout is known: the interface's
+# description they lack, and the forward their callers expect
+_KNOWN = {"Llama4TextExperts": (dict(has_gate=True, has_bias=False, is_transposed=True, has_post_expert_norm=False),
+                                _SplitDenseExperts)}
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _split_class(cls: type, mixin: type) -> type:
+    if (cls, mixin) not in _CLASSES:
+        _CLASSES[cls, mixin] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
+    return _CLASSES[cls, mixin]
 
 
 def _linears(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> nn.ModuleList:
@@ -77,6 +107,9 @@ def _linears(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) 
 
 def split_module(mod: nn.Module, where: str) -> None:
     """Give one fused experts module (`where`: its full name, for the error) one linear per expert, in place."""
+    described, mixin = _KNOWN.get(type(mod).__name__, ({}, _SplitExperts))
+    for k, v in described.items():
+        setattr(mod, k, v)
     missing = [a for a in ("has_gate", "has_bias", "is_transposed") if not hasattr(mod, a)]
     missing += [] if getattr(mod, "has_gate", True) else ["act_fn"] * (not hasattr(mod, "act_fn"))
     first = FIRST.get(getattr(mod, "has_gate", None))
@@ -89,7 +122,7 @@ def split_module(mod: nn.Module, where: str) -> None:
         weight = mod._parameters.pop(f"{name}_proj")
         bias = mod._parameters.pop(f"{name}_proj_bias", None) if mod.has_bias else None
         mod.add_module(name, _linears(weight, bias, mod.is_transposed))
-    mod.__class__ = _split_class(type(mod))
+    mod.__class__ = _split_class(type(mod), mixin)
     # the family's weight initialisation reads the fused tensors this module no longer has; its linears
     # hold the values (or, loading a pvq directory, are about to be filled)
     mod._is_hf_initialized = True

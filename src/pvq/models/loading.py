@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
 from pathlib import Path
@@ -28,12 +29,35 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the list only guards loading a family nobody has tried.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "starcoder2", "olmo2",
                          "cohere", "granite", "stablelm", "phi", "gpt_neox", "smollm3", "glm", "exaone4", "ernie4_5",
+                         "gemma3_text", "glm4", "olmo3", "hunyuan_v1_dense", "seed_oss", "apertus", "arcee", "ministral",
+                         "nemotron", "opt", "mpt", "falcon", "lfm2",
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
-                         "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss")
+                         "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
+                         "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
+                         "ernie4_5_moe", "exaone_moe",
+                         # hybrids: Mamba or linear-attention blocks beside attention (their convolutions stay dense)
+                         "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "minimax")
 
 # a tiny mixture of experts: few, small experts, so every one is reached by a few test tokens
 _TINY_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                 shared_expert_intermediate_size=64)
+                 shared_expert_intermediate_size=64, n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1,
+                 first_k_dense_replace=1)
+# what tiny blocks of a family need beyond that: both kinds of block of a hybrid (a default list of layer
+# kinds cut to 2 can hold only one), and tiny sizes where the family names them its own way (Mamba and
+# linear-attention widths, DeepSeek's latent attention, OPT's MLP) rather than inheriting full-size defaults
+_TINY_FAMILY = {
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention"], shared_intermediate_size=128, mamba_n_heads=4,
+                             mamba_d_head=32, mamba_d_state=16),
+    "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16),
+    "nemotron_h": dict(mamba_num_heads=4, mamba_head_dim=16, n_groups=1, ssm_state_size=16,
+                       moe_shared_expert_intermediate_size=64),
+    "llama4_text": dict(layer_types=["chunked_attention", "full_attention"]),
+    "deepseek_v2": dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32, head_dim=8),
+    "deepseek_v3": dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32, head_dim=8),
+}
 
 
 class ModelLoadError(ValueError):
@@ -282,7 +306,12 @@ def _tiny_config(model_type: str, overrides: dict):
         fields["pad_token_id"] = 0
     defaults = AutoConfig.for_model(model_type)
     fields.update({k: v for k, v in _TINY_MOE.items() if hasattr(defaults, k)})
+    fields.update(_TINY_FAMILY.get(model_type, {}))
     fields.update(overrides)
+    for k in list(fields):  # derived in some families (falcon's head_dim): not a setting there
+        attr = inspect.getattr_static(type(defaults), k, None)
+        if isinstance(attr, property) and attr.fset is None:
+            del fields[k]
     return AutoConfig.for_model(model_type, **fields)
 
 
