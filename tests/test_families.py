@@ -121,8 +121,8 @@ def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(mt):
     idx = torch.cat([i for _, i in routed])
     first = "gate_up" if experts.has_gate else "up"
     n_experts = len(getattr(experts, first))
-    fused = [p for m in block.modules() if not isinstance(m, nn.modules.conv._ConvNd) for p in m.parameters(recurse=False)
-             if p.dim() == 3]  # a Mamba block's convolution is 3-D too, and stays
+    fused = [p for m in block.modules() if not isinstance(m, nn.modules.conv._ConvNd)
+             for p in m.parameters(recurse=False) if p.dim() == 3]  # a Mamba block's convolution is 3-D too, and stays
     assert n_experts == 4 and not fused
     for e in range(n_experts):
         xe = x[(idx == e).any(-1)]
@@ -179,6 +179,26 @@ def test_llama4_experts_see_their_own_tokens():
         xe = x[e][chosen[e]]
         assert 0 < xe.shape[0] < x.shape[1] and not x[e][~chosen[e]].any()
         assert torch.allclose(hess[f"feed_forward.experts.gate_up.{e}"], xe.T @ xe / xe.shape[0], rtol=1e-5, atol=1e-7)
+
+
+@torch.no_grad()
+def test_a_vision_language_model_quantizes_its_language_model(tmp_path):
+    """Gemma 3 with its vision tower: the blocks are the language model's (the tower has a list of as many),
+    the tower stays dense, and an image runs through the saved and loaded model as through the quantized one."""
+    model = family_model("gemma3")
+    proj = model.model.multi_modal_projector.mm_input_projection_weight  # zeros at random init: no image would count
+    proj.copy_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(3)) / 8)
+    names = [n for n, _ in block_linear_names(model)]
+    assert len(names) == 14 and all(n.startswith("model.language_model.layers.") for n in names)
+    api.quantize(model, QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32), IDS, progress=False)
+    save(model, tiny_tokenizer(), tmp_path)
+    ids = IDS[:1] % 250
+    ids[0, 4:8] = model.config.image_token_index  # one image: mm_tokens_per_image tokens
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    want = model(input_ids=ids, pixel_values=pixels).logits
+    assert not torch.equal(want, model(input_ids=ids, pixel_values=pixels.flip(-1)).logits)  # the image counts
+    loaded, _ = load(tmp_path, decode="once")
+    assert torch.equal(loaded(input_ids=ids, pixel_values=pixels).logits, want)
 
 
 def test_blocks_are_found_where_each_family_keeps_them():
@@ -244,8 +264,9 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
 
 # a renamed head on disk, alternating masks, fused projections, biases with LayerNorm, a parallel block
 # (every dense family passed this when it was written; a few keep the suite short)
-# (opt: position embeddings before the blocks; falcon_h1: a Mamba block's 3-D convolution is no expert)
-STREAMED = ("gpt_neox", "gemma2", "phi3", "starcoder2", "phi", "cohere", "opt", "falcon_h1")
+# (opt: position embeddings before the blocks; falcon_h1: a Mamba block's 3-D convolution is no expert;
+# gemma3: a vision tower beside the blocks, its 3-D pooling probe no expert either)
+STREAMED = ("gpt_neox", "gemma2", "phi3", "starcoder2", "phi", "cohere", "opt", "falcon_h1", "gemma3")
 
 
 @pytest.mark.parametrize("mt", STREAMED)

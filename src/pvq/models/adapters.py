@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..solvers.hessian import CrossAccumulator, HessianAccumulator
-from .experts import FIRST, split_experts
+from .experts import FIRST, fused_experts, split_experts
 
 MIN_ROWS = 16  # fewer outputs than this: a router or gate, kept dense
 BATCH = 8  # calibration samples run through a block at once
@@ -41,15 +41,7 @@ def blocks_path(model) -> str:
     if cached is not None:
         return cached
     mt = getattr(model.config, "model_type", None)
-    n = getattr(_text_config(model.config), "num_hidden_layers", None)
-    found = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) == n and n]
-    wanted = set(getattr(model, "_no_split_modules", None) or ())
-    named = [(name, mod) for name, mod in found if type(mod[0]).__name__ in wanted]
-    found = named or found
-    if len(found) != 1:
-        what = "no list" if not found else f"{len(found)} lists ({', '.join(n for n, _ in found)})"
-        raise ValueError(f"unsupported architecture {mt!r}: pvq looks for one list of {n} decoder blocks and found {what}")
-    path, layers = found[0]
+    path, layers = _find_blocks(model)
     for name, mod in layers[0].named_modules():
         if type(mod).__name__ == "Conv1D":
             raise ValueError(f"unsupported architecture {mt!r}: {path}.0.{name} is a Conv1D (GPT-2 style, weight stored "
@@ -63,6 +55,33 @@ def blocks_path(model) -> str:
         raise ValueError(f"unsupported architecture {mt!r}: the blocks of {path} hold no nn.Linear to quantize")
     model._pvq_blocks_path = path  # the walk above costs a pass over every module; block_prefix asks often
     return path
+
+
+def _find_blocks(model) -> tuple[str, nn.ModuleList]:
+    """(dotted name, list) of the model's decoder blocks, left as they are; ValueError when there is no one list."""
+    mt = getattr(model.config, "model_type", None)
+    n = getattr(_text_config(model.config), "num_hidden_layers", None)
+    found = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) == n and n]
+    wanted = set(getattr(model, "_no_split_modules", None) or ())
+    named = [(name, mod) for name, mod in found if type(mod[0]).__name__ in wanted]
+    found = named or found
+    if len(found) > 1 and callable(getattr(model, "get_decoder", None)):  # a vision tower's blocks beside the text's
+        decoder = model.get_decoder()
+        under = {f"{n}." if n else "" for n, m in model.named_modules() if m is decoder}
+        found = [(name, mod) for name, mod in found if any(name.startswith(u) for u in under)] or found
+    if len(found) != 1:
+        what = "no list" if not found else f"{len(found)} lists ({', '.join(n for n, _ in found)})"
+        raise ValueError(f"unsupported architecture {mt!r}: pvq looks for one list of {n} decoder blocks and found {what}")
+    return found[0]
+
+
+def holds_fused_experts(model) -> bool:
+    """Whether the model's blocks hold experts as 3-D tensors, not split yet (outside the blocks a 3-D tensor,
+    like a vision tower's pooling probe, is no expert). False where no blocks are found: check_supported says why."""
+    try:
+        return fused_experts(model.get_submodule(_find_blocks(model)[0]))
+    except ValueError:
+        return False
 
 
 def check_supported(model) -> None:
@@ -103,7 +122,8 @@ def _routers(block: nn.Module) -> set[int]:
         else:
             continue
         inside |= {id(m) for m in mod.modules()}
-    return {id(m) for m in block.modules() if isinstance(m, nn.Linear) and m.out_features in counts and id(m) not in inside}
+    return {id(m) for m in block.modules()
+            if isinstance(m, nn.Linear) and m.out_features in counts and id(m) not in inside}
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:

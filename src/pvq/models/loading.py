@@ -29,8 +29,10 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the list only guards loading a family nobody has tried.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "starcoder2", "olmo2",
                          "cohere", "granite", "stablelm", "phi", "gpt_neox", "smollm3", "glm", "exaone4", "ernie4_5",
-                         "gemma3_text", "glm4", "olmo3", "hunyuan_v1_dense", "seed_oss", "apertus", "arcee", "ministral",
-                         "nemotron", "opt", "mpt", "falcon", "lfm2",
+                         "gemma3_text", "glm4", "olmo3", "hunyuan_v1_dense", "seed_oss", "apertus", "arcee",
+                         "ministral", "nemotron", "opt", "mpt", "falcon", "lfm2",
+                         # the language model of a model with a vision tower (the tower stays dense)
+                         "gemma3",
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
@@ -45,18 +47,20 @@ _TINY_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_
 # what tiny blocks of a family need beyond that: both kinds of block of a hybrid (a default list of layer
 # kinds cut to 2 can hold only one), and tiny sizes where the family names them its own way (Mamba and
 # linear-attention widths, DeepSeek's latent attention, OPT's MLP) rather than inheriting full-size defaults
+_TINY_MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32, head_dim=8)
 _TINY_FAMILY = {
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16),
     "granitemoehybrid": dict(layer_types=["mamba", "attention"], shared_intermediate_size=128, mamba_n_heads=4,
                              mamba_d_head=32, mamba_d_state=16),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "gemma3": dict(tie_word_embeddings=True),
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16),
     "nemotron_h": dict(mamba_num_heads=4, mamba_head_dim=16, n_groups=1, ssm_state_size=16,
                        moe_shared_expert_intermediate_size=64),
     "llama4_text": dict(layer_types=["chunked_attention", "full_attention"]),
-    "deepseek_v2": dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32, head_dim=8),
-    "deepseek_v3": dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32, head_dim=8),
+    "deepseek_v2": _TINY_MLA,
+    "deepseek_v3": _TINY_MLA,
 }
 
 
@@ -257,7 +261,7 @@ def load_skeleton(spec: str):
     reason) when its tensors cannot be read one for one (load_model loads it whole)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .experts import fused_experts
+    from .adapters import holds_fused_experts
     from .gguf_stream import GGUFCheckpointReader
     from .streaming import CheckpointReader, NotStreamable, skeleton
 
@@ -280,9 +284,17 @@ def load_skeleton(spec: str):
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}") from exc
-    if fused_experts(model):  # stored per expert or fused, by family: transformers' loader maps them
+    if holds_fused_experts(model):  # stored per expert or fused, by family: transformers' loader maps them
         raise NotStreamable(f"{source}: mixture-of-experts checkpoints are not streamed yet")
     return model, tokenizer, reader
+
+
+# a model with a vision tower: a tiny tower, and its image tokens at the top of the tiny vocabulary
+_TINY_OUTER = {
+    "gemma3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=28, patch_size=14),
+                   mm_tokens_per_image=4, boi_token_index=253, eoi_token_index=254, image_token_index=255),
+}
 
 
 def _tiny_config(model_type: str, overrides: dict):
@@ -305,13 +317,16 @@ def _tiny_config(model_type: str, overrides: dict):
     if model_type not in ("llama", "mistral", "qwen2", "qwen3"):  # their defaults lie outside the tiny vocabulary
         fields["pad_token_id"] = 0
     defaults = AutoConfig.for_model(model_type)
-    fields.update({k: v for k, v in _TINY_MOE.items() if hasattr(defaults, k)})
+    text = defaults.get_text_config()  # a model with a vision tower: the fields are its language model's
+    fields.update({k: v for k, v in _TINY_MOE.items() if hasattr(text, k)})
     fields.update(_TINY_FAMILY.get(model_type, {}))
     fields.update(overrides)
     for k in list(fields):  # derived in some families (falcon's head_dim): not a setting there
-        attr = inspect.getattr_static(type(defaults), k, None)
+        attr = inspect.getattr_static(type(text), k, None)
         if isinstance(attr, property) and attr.fset is None:
             del fields[k]
+    if text is not defaults:
+        return AutoConfig.for_model(model_type, text_config=fields, **_TINY_OUTER[model_type])
     return AutoConfig.for_model(model_type, **fields)
 
 
