@@ -242,6 +242,34 @@ def test_cli_quantizes_a_saved_mixture_of_experts_folder(tmp_path, capsys):
     assert hf.generate(IDS[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 12)
 
 
+@torch.no_grad()
+def test_cli_quantizes_the_language_model_of_a_saved_llama4_folder(tmp_path):
+    """A Llama 4 checkpoint as the hub has it (Llama4ForConditionalGeneration: vision model, projector,
+    language model) loads for text generation without its vision parts, as transformers loads it; pvq
+    quantizes that language model and the result runs the same through pvq.load and transformers."""
+    from transformers import Llama4ForConditionalGeneration
+
+    from pvq.cli import main as cli
+    from pvq.models.loading import _tiny_config
+
+    src = tmp_path / "src"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        full = Llama4ForConditionalGeneration(_tiny_config("llama4", {})).eval()
+    full.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    text_only = AutoModelForCausalLM.from_pretrained(src)
+    ids = IDS % 250  # below the image tokens
+    assert torch.equal(text_only(ids).logits, full(ids).logits)
+    args = ["--method", "pvq-gptq", "--bits", "4.25", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
+    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "q")]) == 0
+    model, _ = load(tmp_path / "q", decode="once")
+    assert sum(".experts.gate_up." in n for n, _ in block_linear_names(model)) == 2 * 4
+    got = model(ids).logits
+    assert (AutoModelForCausalLM.from_pretrained(tmp_path / "q")(ids).logits - got).abs().max() < 1e-4
+    assert 0 < (got - full(ids).logits).abs().max() < 0.5
+
+
 @pytest.mark.parametrize("mt", ["gpt_neox", "gemma2", "olmoe"])
 @torch.no_grad()
 def test_allocation_probes_run_whatever_follows_the_blocks(mt):

@@ -31,8 +31,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "cohere", "granite", "stablelm", "phi", "gpt_neox", "smollm3", "glm", "exaone4", "ernie4_5",
                          "gemma3_text", "glm4", "olmo3", "hunyuan_v1_dense", "seed_oss", "apertus", "arcee",
                          "ministral", "nemotron", "opt", "mpt", "falcon", "lfm2",
-                         # the language model of a model with a vision tower (the tower stays dense)
-                         "gemma3",
+                         # the language model of a model with a vision tower: gemma3 keeps its tower (dense);
+                         # transformers loads llama4 for text generation without it, and so does pvq
+                         "gemma3", "llama4",
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
@@ -59,6 +60,7 @@ _TINY_FAMILY = {
     "nemotron_h": dict(mamba_num_heads=4, mamba_head_dim=16, n_groups=1, ssm_state_size=16,
                        moe_shared_expert_intermediate_size=64),
     "llama4_text": dict(layer_types=["chunked_attention", "full_attention"]),
+    "llama4": dict(layer_types=["chunked_attention", "full_attention"]),
     "deepseek_v2": _TINY_MLA,
     "deepseek_v3": _TINY_MLA,
 }
@@ -294,6 +296,10 @@ _TINY_OUTER = {
     "gemma3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=28, patch_size=14),
                    mm_tokens_per_image=4, boi_token_index=253, eoi_token_index=254, image_token_index=255),
+    "llama4": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                                      projector_output_dim=32),
+                   boi_token_index=253, eoi_token_index=254, image_token_index=255),
 }
 
 
