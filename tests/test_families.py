@@ -15,6 +15,7 @@ from pvq import api
 from pvq.checkpoint import save
 from pvq.loader import load
 from pvq.models.adapters import block_linear_names, blocks_path, check_supported, set_module
+from pvq.models.classes import auto_class
 from pvq.models.loading import SUPPORTED_MODEL_TYPES, tiny_model, tiny_tokenizer
 from pvq.modules.linear import Rotations
 from pvq.settings import QuantConfig
@@ -63,8 +64,6 @@ DATA_FREE = ("llama", "gemma2", "qwen3_moe", "gpt_oss", "deepseek_v3", "falcon_h
                          + [(mt, m) for mt in DATA_FREE for m in ("rtn", "pvq")])
 @torch.no_grad()
 def test_family_quantize_save_load_generate(mt, method, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     model = family_model(mt)
     linears = len(block_linear_names(model))
     assert linears >= 2 * 4  # attention in and out, MLP in and out, per block
@@ -75,7 +74,7 @@ def test_family_quantize_save_load_generate(mt, method, tmp_path):
     save(model, tiny_tokenizer(), tmp_path)
     loaded, _ = load(tmp_path, decode="once")
     assert torch.equal(loaded(IDS).logits, want)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    hf = auto_class(loaded.config).from_pretrained(tmp_path)
     assert (hf(IDS).logits - want).abs().max() < 1e-4
     out = hf.generate(IDS[:1, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 12)

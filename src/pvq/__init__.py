@@ -1,7 +1,8 @@
 """pvq: post-training LLM quantization with Pyramid Vector Quantization.
 
 Importing pvq registers the "pvq" quantization method with transformers (when it is installed), so
-`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads a directory written by `pvq quantize`.
+`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads a directory written by `pvq quantize`
+(`AutoModelForImageTextToText` for a vision-language family without a causal-LM class: models/classes.py).
 """
 __version__ = "0.1.0"
 

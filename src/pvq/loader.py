@@ -14,6 +14,7 @@ from .checkpoint import (TOKENIZER_FILES, PVQFormatError, guard_name, missing_er
                          scan_tensors)
 from .errors import one_line
 from .models.adapters import check_supported, set_module
+from .models.classes import auto_class
 from .models.loading import load_model
 from .modules.actquant import attach
 from .modules.dense import keep_stored
@@ -106,7 +107,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     check_decode(decode)
     device = check_device(device)
     weight_dtype = weight_dtype or dtype
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     p = Path(path)
     cfg = read_config(p)
@@ -117,7 +118,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
         config = AutoConfig.for_model(model_type, **cfg)
     except Exception as exc:
         raise PVQFormatError(f"{p / 'config.json'}: cannot build a {model_type!r} config ({exc})") from None
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = auto_class(config).from_config(config, dtype=torch.float32)
     check_supported(model)
     replace_linears(model, qc["layers"], decode, weight_dtype, str(p / "config.json"), gpu=device.type != "cpu")
     check_tensors(model, tensors, qc["layers"], p)

@@ -34,6 +34,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # the language model of a model with a vision tower: gemma3 keeps its tower (dense);
                          # transformers loads llama4 for text generation without it, and so does pvq
                          "gemma3", "llama4",
+                         # ... with no causal-LM class: built as image-text-to-text models (classes.py)
+                         "qwen2_5_vl", "qwen3_vl", "mistral3", "llava",
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
@@ -49,6 +51,8 @@ _TINY_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_
 # kinds cut to 2 can hold only one), and tiny sizes where the family names them its own way (Mamba and
 # linear-attention widths, DeepSeek's latent attention, OPT's MLP) rather than inheriting full-size defaults
 _TINY_MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32, head_dim=8)
+# rotary sections over the temporal, height and width positions of the Qwen VL models, summing to head_dim / 2
+_TINY_MROPE = dict(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
 _TINY_FAMILY = {
     "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16),
@@ -61,6 +65,8 @@ _TINY_FAMILY = {
                        moe_shared_expert_intermediate_size=64),
     "llama4_text": dict(layer_types=["chunked_attention", "full_attention"]),
     "llama4": dict(layer_types=["chunked_attention", "full_attention"]),
+    "qwen2_5_vl": _TINY_MROPE,
+    "qwen3_vl": _TINY_MROPE,
     "deepseek_v2": _TINY_MLA,
     "deepseek_v3": _TINY_MLA,
 }
@@ -192,7 +198,9 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     file (dequantized to `dtype`); a local folder -> `from_pretrained(folder)`; anything else
     -> a hub id. Every failure becomes a ModelLoadError.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .classes import auto_class
 
     name = DEFAULT_MODEL if spec is None else str(spec)
     kwargs = _dtype_kwargs(dtype)
@@ -206,7 +214,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     source, config = _checked_config(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+        model = auto_class(config).from_pretrained(source, config=config, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}") from exc
     return model.eval(), tokenizer
@@ -296,6 +304,17 @@ _TINY_OUTER = {
     "gemma3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=28, patch_size=14),
                    mm_tokens_per_image=4, boi_token_index=253, eoi_token_index=254, image_token_index=255),
+    "qwen2_5_vl": dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                          patch_size=14, window_size=28, fullatt_block_indexes=[1]),
+                       image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253),
+    "qwen3_vl": dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                        patch_size=14, deepstack_visual_indexes=[1], num_position_embeddings=16),
+                     image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253),
+    "mistral3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=28, patch_size=14, head_dim=16), image_token_index=255),
+    "llava": dict(vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+                  image_token_index=255),
     "llama4": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
                                       projector_output_dim=32),
@@ -342,12 +361,12 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     The same `seed` gives the same weights; the global RNG is left untouched. Keyword
     overrides go to the config (e.g. `intermediate_size=96`, `tie_word_embeddings=True`).
     """
-    from transformers import AutoModelForCausalLM
+    from .classes import auto_class
 
     config = _tiny_config(model_type, overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, **_dtype_kwargs(torch.float32))
+        model = auto_class(config).from_config(config, **_dtype_kwargs(torch.float32))
     return model.eval()
 
 

@@ -132,11 +132,11 @@ def parameters_on_meta():
 
 
 def skeleton(config):
-    """The causal LM of `config` with no weights in memory (parameters on meta), in eval mode."""
-    from transformers import AutoModelForCausalLM
+    """The model of `config` (classes.auto_class) with no weights in memory (parameters on meta), in eval mode."""
+    from .classes import auto_class
 
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_class(config).from_config(config, dtype=torch.float32)
     return model.eval()
 
 

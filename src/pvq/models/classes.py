@@ -1,0 +1,18 @@
+"""Which transformers class builds a model from its config: the causal LM, or, for a family that has none
+(Qwen2.5-VL, Qwen3-VL, Mistral 3, LLaVA, ...: a language model fed by a vision tower), the image-text-to-text
+model, whose forward on text alone is its language model's and whose blocks are found the same way
+(adapters: the list under `get_decoder()`)."""
+from __future__ import annotations
+
+
+def auto_class(config):
+    """The transformers Auto class for `config`: AutoModelForCausalLM where it knows the family, else
+    AutoModelForImageTextToText where that does, else AutoModelForCausalLM (whose error names the family)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    mt = getattr(config, "model_type", None)
+    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
