@@ -218,6 +218,30 @@ def test_cli_quantize_ppl_is_what_the_saved_directory_measures(tiny_dirs, tmp_pa
         assert loaded["ppl"] == pytest.approx(after["ppl"], rel=1e-5)
 
 
+def test_the_files_that_say_how_to_run_the_model_come_along(tiny_dirs, tmp_path):
+    """A chat model's end-of-turn tokens are often only in generation_config.json, and a vision model's image
+    processing in its processor files: the quantized directory carries them, and both loaders use them."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    for f in (tiny_dirs / "hf").iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    GenerationConfig(eos_token_id=[2, 7], bos_token_id=1, temperature=0.6, do_sample=True).save_pretrained(src)
+    (src / "chat_template.jinja").write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    (src / "preprocessor_config.json").write_text('{"size": 28}')
+    assert cli(["quantize", str(src), "--method", "rtn", "--bits", "4.25", "-o", str(tmp_path / "q"), "--no-progress"]) == 0
+    for f in ("generation_config.json", "chat_template.jinja", "preprocessor_config.json"):
+        assert (tmp_path / "q" / f).read_bytes() == (src / f).read_bytes()
+    model, tok = loader.load(tmp_path / "q")
+    assert model.generation_config.eos_token_id == [2, 7] and model.generation_config.temperature == 0.6
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<user>hi"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "q").generation_config.eos_token_id == [2, 7]
+    (tmp_path / "q" / "generation_config.json").write_text("{")  # damaged after writing: the checksum says so
+    with pytest.raises(checkpoint.PVQFormatError, match="generation_config.json"):
+        loader.load(tmp_path / "q")
+
+
 @pytest.mark.parametrize("method,flag", [("rtn", "--rotate"), ("pvq", "--no-rotate")])
 def test_cli_rotation_can_be_turned_on_or_off(tiny_dirs, tmp_path, capsys, method, flag):
     from pvq.transforms.rotate import NO_SEED

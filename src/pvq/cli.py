@@ -384,7 +384,7 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
     from . import api, checkpoint
     from .data import calibration_batches, resolve_text
     from .memory import peak_rss_mib
-    from .models.loading import load_model, load_skeleton, streamable
+    from .models.loading import load_model, load_skeleton, run_files, streamable
     from .models.streaming import NotStreamable
 
     api.check_work_device(args.device, cfg, pool, args.offload)  # before any long work
@@ -424,7 +424,7 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
                                source=args.model, activations=acts, device=args.device, tune_ids=tune_ids)
         if report is not None:  # the report gets each layer's measured error next to the predicted one
             extra = report_files(report, summary["layer_errors"])
-        writer.finish(model, tok, extra)
+        writer.finish(model, tok, {**run_files(args.model, model), **extra})
     if "finetune_model" in summary:
         t = summary["finetune_model"]
         print(f"model tuning: KL to the unquantized model on {t['held_out']} held-out samples {t['kl_before']:.4g} -> "

@@ -107,7 +107,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     check_decode(decode)
     device = check_device(device)
     weight_dtype = weight_dtype or dtype
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     p = Path(path)
     cfg = read_config(p)
@@ -129,6 +129,11 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
         model.tie_weights()
     model.config.quantization_config = qc
     finish_loading(model, qc, str(p / "config.json"))
+    if (p / "generation_config.json").is_file():  # the source's generation defaults (models.loading.RUN_FILES)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(p))
+        except Exception as exc:
+            raise PVQFormatError(f"{p / 'generation_config.json'}: cannot be read ({one_line(exc)})") from None
     tokenizer = None
     if any((p / f).is_file() for f in TOKENIZER_FILES):
         try:

@@ -220,6 +220,25 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
+# files of a model folder that say how to run it, beside its weights and tokenizer: generation defaults
+# (a chat model's end-of-turn tokens are often there only), image and video processing, chat templates
+RUN_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json",
+             "video_preprocessor_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def run_files(spec: str | None, model=None) -> dict[str, bytes]:
+    """{name: bytes} of the RUN_FILES a local model folder has, for the quantized directory to carry. From
+    anywhere else (a hub id, a GGUF file) the generation defaults `model` was loaded with, where they came
+    from a file rather than from the model's config."""
+    path = Path(str(spec)).expanduser() if spec is not None else None
+    if path is not None and path.is_dir():
+        return {f: (path / f).read_bytes() for f in RUN_FILES if (path / f).is_file()}
+    gen = getattr(model, "generation_config", None)
+    if gen is None or getattr(gen, "_from_model_config", True):
+        return {}
+    return {"generation_config.json": gen.to_json_string(use_diff=True).encode()}
+
+
 def _checked_config(name: str):
     """(where from_pretrained reads `name`, its config) of a folder or hub id, refused before any weights
     load when the family is unsupported or it is already a pvq directory."""
