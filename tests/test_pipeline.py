@@ -242,6 +242,21 @@ def test_the_files_that_say_how_to_run_the_model_come_along(tiny_dirs, tmp_path)
         loader.load(tmp_path / "q")
 
 
+def test_cli_generate_chat_uses_the_chat_template(tiny_dirs, tmp_path, capsys):
+    q = tmp_path / "q"
+    q.mkdir()
+    for f in (tiny_dirs / "q").iterdir():
+        (q / f.name).write_bytes(f.read_bytes())
+    assert cli(["generate", str(q), "hi", "--chat", "--max-new-tokens", "2"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    (q / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}[bot] ")
+    assert cli(["generate", str(q), "hi", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("hi")  # a continuation starts with the prompt
+    assert cli(["generate", str(q), "hi", "--chat", "--max-new-tokens", "2"]) == 0
+    reply = capsys.readouterr().out
+    assert "[user]" not in reply and "[bot]" not in reply and 0 < len(reply.encode()) <= 2 * 4 + 1  # two tokens, a newline
+
+
 @pytest.mark.parametrize("method,flag", [("rtn", "--rotate"), ("pvq", "--no-rotate")])
 def test_cli_rotation_can_be_turned_on_or_off(tiny_dirs, tmp_path, capsys, method, flag):
     from pvq.transforms.rotate import NO_SEED

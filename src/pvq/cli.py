@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="pvq directory, HF folder, hub id or .gguf")
     p.add_argument("prompt", type=_text, help="the text to continue")
     p.add_argument("--max-new-tokens", type=_int(1), default=32, help="tokens to generate (default 32)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the model's chat template (the form an instruct "
+                        "model was tuned on) and print only the reply")
     _add_runtime_options(p)
     p = sub.add_parser("bench-run", help="prompt and generation tokens/s and peak memory of a model",
                        description="Run a fixed prompt (the same for every model) through the model, then "
@@ -602,12 +605,18 @@ def cmd_generate(args) -> int:
     from .loader import load_any
 
     model, tok = load_any(args.model, args.decode, args.dtype)
-    ids = tok(args.prompt, return_tensors="pt").input_ids
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"{args.model or 'the model'}: its tokenizer has no chat template; run without --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt").input_ids
     if ids.numel() == 0:
         raise ValueError(f"the prompt {args.prompt!r} gives no tokens; give some text to continue")
-    with torch.inference_mode():
+    with torch.inference_mode():  # the model's generation defaults (its end-of-turn tokens), greedy
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tok.decode(out[0], skip_special_tokens=True))
+    print(tok.decode(out[0, ids.shape[1]:] if args.chat else out[0], skip_special_tokens=True))
     return 0
 
 
