@@ -314,6 +314,15 @@ def test_cli_errors_are_one_line(tiny_dirs, tmp_path, capsys):
         assert not (tmp_path / "x").exists()
 
 
+def test_calibration_options_given_to_a_data_free_method_are_said_to_be_unused(tiny_dirs, tmp_path, capsys):
+    args = ["--method", "rtn", "--bits", "4.25", "--no-progress"]
+    assert cli(["quantize", str(tiny_dirs / "hf"), *args, "--nsamples", "4", "--damp", "0.1", "-o", str(tmp_path / "a")]) == 0
+    assert "note: rtn is data-free: --nsamples, --damp are not used" in capsys.readouterr().err
+    assert cli(["quantize", str(tiny_dirs / "hf"), *args, "-o", str(tmp_path / "b")]) == 0
+    assert "data-free" not in capsys.readouterr().err
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
 def test_tokenizer_files_broken_or_absent(tiny_dirs, tmp_path):
     import shutil
 

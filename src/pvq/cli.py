@@ -369,6 +369,13 @@ def cmd_quantize(args) -> int:
         print(f"note: --calib-shards {cfg.calib_shards} keeps the calibration forwards on {cfg.calib_shards} of the "
               f"{args.workers} workers (only the linears are solved in parallel); --calib-shards {args.workers} or more "
               f"spreads them too", file=sys.stderr)
+    if not cfg.uses_data and alloc is None:  # said, not refused: a script may pass them to every method it compares
+        unused = [o for o, d in (("calib", "wikitext2"), ("nsamples", 128), ("seqlen", 512), ("damp", 0.01),
+                                 ("calib_dtype", "auto"), ("calib_shards", 1)) if getattr(args, o) != d]
+        if unused:
+            print(f"note: {cfg.method} is data-free: {', '.join('--' + o.replace('_', '-') for o in unused)} "
+                  f"{'is' if len(unused) == 1 else 'are'} not used (they set the calibration of gptq, pvq-gptq "
+                  f"and --allocate)", file=sys.stderr)
     if args.ray_address is not None:  # an unreachable cluster fails now, not after loading the model
         from .distributed import check_reachable
 
