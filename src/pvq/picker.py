@@ -19,6 +19,7 @@ from .codec.gainshape import fake_quantize
 from .runtime import native
 from .runtime.limits import LUT_BYTES, full_table_fits
 from .settings import QuantConfig
+from .transforms.rotate import STORED_SEEDS
 
 PVQ_GROUP_DIMS = (8, 12, 16)  # candidate n; each must divide the layer's input size
 FAST_GROUP_DIMS = (4, 6, 8)  # candidate n of layout="fast"
@@ -56,7 +57,7 @@ def pvq_candidates(n: int, code_bits: int, gain: str, scale: str) -> list[PVQSpe
 def choose_spec(cfg: QuantConfig, rows: int, cols: int):
     """The codec setting for a [rows, cols] layer that lands on cfg.bits without exceeding it by
     more than the unavoidable per-layer overhead. Raises ValueError if no setting reaches it."""
-    seeds = 2  # every QuantLinear stores its two seeds, NO_SEED markers where it is not rotated
+    seeds = STORED_SEEDS
     if not cfg.is_pvq:
         b = int(math.floor(cfg.bits - 32 / cfg.group_size + 1e-9))
         if not 1 <= b <= 8:

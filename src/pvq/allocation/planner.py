@@ -21,6 +21,7 @@ from ..models.adapters import block_linear_names
 from ..picker import choose_spec, proxy_sqnr
 from ..settings import QuantConfig, spec_to_dict
 from ..solvers.knapsack import multiple_choice_knapsack
+from ..transforms.rotate import STORED_SEEDS
 from .probes import sensitivities
 
 RATES = tuple(x / 4 for x in range(6, 25))  # 1.5, 1.75, ..., 6.0 bits per weight
@@ -37,7 +38,7 @@ def options(cfg: QuantConfig, rows: int, cols: int, rates=RATES) -> list[dict]:
         if spec in seen or not isinstance(spec, PVQSpec):
             continue
         seen.add(spec)
-        stored = bits_per_weight(spec, rows, cols, 2).total  # the two seeds are stored, rotated or not
+        stored = bits_per_weight(spec, rows, cols, STORED_SEEDS).total
         out.append({"spec": spec, "bits": stored, "err": 10 ** (-proxy_sqnr(spec) / 10)})
     return out
 

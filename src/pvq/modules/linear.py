@@ -26,7 +26,7 @@ from ..codec.gain import beta_codebook
 from ..codec.gainshape import law_length
 from ..runtime import native
 from ..runtime.decode import GEMV_TOKENS, Decoder, FusedLinear, rotate, rotation_args
-from ..transforms.rotate import NO_SEED, layer_rotations
+from ..transforms.rotate import NO_SEED, STORED_SEEDS, layer_rotations
 
 DECODE_MODES = ("auto", "once", "on-the-fly")
 
@@ -132,7 +132,7 @@ class QuantLinear(nn.Module):
         self.weight_dtype = weight_dtype
         nbytes = spec.bit_breakdown(rows, cols)["codes"] // 8
         self.register_buffer("codes", torch.zeros(nbytes, dtype=torch.uint8))  # [ceil(groups * bits / 8)]
-        self.register_buffer("seeds", torch.full((2,), NO_SEED, dtype=torch.int64))  # (seed_in, seed_out)
+        self.register_buffer("seeds", torch.full((STORED_SEEDS,), NO_SEED, dtype=torch.int64))  # (seed_in, seed_out)
         if isinstance(spec, PVQSpec):
             self.register_buffer("scales", torch.ones(rows if spec.scale == "row" else 1, dtype=torch.float16))
             if spec.gain != "beta":
@@ -201,7 +201,7 @@ class QuantLinear(nn.Module):
     @property
     def nbits(self) -> int:
         """Every stored bit of this layer: packed codes, scales, stored codebook, two 64-bit seeds."""
-        return self.packed.nbits + 64 * 2
+        return self.packed.nbits + 64 * STORED_SEEDS
 
     @property
     def seed_pair(self) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import torch
 from .hadamard import RandomHadamard
 
 NO_SEED = -1  # marks a side that is not rotated
+STORED_SEEDS = 2  # every quantized linear stores (seed_in, seed_out), NO_SEED where a side is not rotated
 
 
 MAX_RUN_SEED = (1 << 32) - 1
