@@ -101,8 +101,9 @@ def _command(folder: Path, out: Path, method: str, bits: float, nsamples: int, s
             "-o", str(out), "--json", "--no-progress", "--nsamples", str(nsamples), "--seqlen", str(seqlen)]
 
 
-def quantize(folder: Path, out: Path, method: str, bits: float, nsamples: int, seqlen: int, keep: bool = False) -> dict:
-    cmd = _command(folder, out, method, bits, nsamples, seqlen) + ["--force"]
+def quantize(folder: Path, out: Path, method: str, bits: float, nsamples: int, seqlen: int, keep: bool = False,
+             extra: list[str] = ()) -> dict:
+    cmd = _command(folder, out, method, bits, nsamples, seqlen) + ["--force", *extra]
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0

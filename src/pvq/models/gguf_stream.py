@@ -80,6 +80,10 @@ class GGUFCheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.stored
 
+    def where(self, name: str) -> str:
+        """Where the model's tensor `name` is stored, for messages."""
+        return f"{self.path}: tensor {self.stored[name]}"
+
     def get(self, name: str) -> torch.Tensor:
         from gguf import dequantize
 

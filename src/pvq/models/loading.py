@@ -290,7 +290,7 @@ def load_skeleton(spec: str):
     reason) when its tensors cannot be read one for one (load_model loads it whole)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .adapters import holds_fused_experts
+    from .adapters import blocks_path, holds_fused_experts
     from .gguf_stream import GGUFCheckpointReader
     from .streaming import CheckpointReader, NotStreamable, skeleton
 
@@ -308,13 +308,24 @@ def load_skeleton(spec: str):
             reader = CheckpointReader(Path(source))
             tokenizer = AutoTokenizer.from_pretrained(source)
         model = skeleton(config)
+        if not gguf and holds_fused_experts(model):  # read per expert into the linears they are split into
+            try:
+                blocks_path(model)
+            except ValueError as exc:  # the whole load says it again, where it always has
+                raise NotStreamable(f"{source}: {exc}") from None
         reader.follow(model)
     except (NotStreamable, ModelLoadError):
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}") from exc
     if holds_fused_experts(model):  # stored per expert or fused, by family: transformers' loader maps them
-        raise NotStreamable(f"{source}: mixture-of-experts checkpoints are not streamed yet")
+        raise NotStreamable(f"{source}: its experts are stored fused (3-D), read whole on loading")
+    names: dict[int, list[str]] = {}  # a checkpoint laid out for another class (Llama 4's vision-language one)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    missing = next((ns[0] for ns in names.values() if not any(n in reader for n in ns)), None)
+    if missing is not None:
+        raise NotStreamable(f"{source}: tensor {missing} is not in the checkpoint under that name")
     return model, tokenizer, reader
 
 

@@ -9,6 +9,7 @@ and `release` gives a finished block's memory back. A tied head shares the embed
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,7 +58,11 @@ class CheckpointReader:
 
     Some families store a tensor under another name than their module has (gpt_neox's head is
     `embed_out` on disk, `lm_head` in the model): `follow(model)` applies the renamings transformers'
-    loader would (its conversion mapping for the family), so both ask for the same tensor."""
+    loader would (its conversion mapping for the family), so both ask for the same tensor. A mixture of
+    experts stored one tensor per expert (the hub's form), which transformers stacks into 3-D experts on
+    loading, is read per expert into the linears pvq splits those experts into (models/experts.py): each
+    expert's linear is its stored tensor, or the concatenation of its gate and up tensors. Experts stored
+    fused (3-D) are read a fused tensor at a time, each expert's linear its slice."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -66,29 +71,77 @@ class CheckpointReader:
             raise CheckpointError(f"{self.folder}: no {SINGLE} nor {INDEX}")
         self._headers = {}
         self.stored = {name: name for name in self.files}  # the model's name -> the checkpoint's
+        self.parts: dict[str, list[str]] = {}  # a split expert's linear -> the checkpoint's tensors, concatenated
+        self.slices: dict[str, tuple[str, int, bool]] = {}  # ... -> (the fused tensor, expert, transposed)
+        self._fused: tuple[str, torch.Tensor] | None = None  # the fused tensor read last: its experts come in a row
 
     def follow(self, model) -> None:
-        """Name the tensors as `model` does; NotStreamable when its family merges or splits tensors on loading."""
+        """Name the tensors as `model` does (its fused experts already split, where it has them); NotStreamable
+        when its family merges or splits tensors on loading in another way."""
         renames, merges = _conversions(model)
-        stored = {}
+        stored, parts = {}, {}
         for name in self.files:
             key = name
-            for t in merges:
-                if t.rename_source_key(key)[1] is not None:
-                    raise NotStreamable(f"{self.folder}: tensor {name} is one of several tensors transformers "
-                                        f"combines on loading {type(model).__name__}")
             for t in renames:
                 key = t.rename_source_key(key)[0]
-            stored[key] = name
+            for t in merges:
+                target, pattern = t.rename_source_key(key)
+                if pattern is None:
+                    continue
+                part = _expert_part(model, t, key, target, pattern)
+                if part is None:
+                    raise NotStreamable(f"{self.folder}: tensor {name} is one of several tensors transformers "
+                                        f"combines on loading {type(model).__name__}")
+                parts.setdefault(part[0], {})[part[1]] = name
+                break
+            else:
+                stored[key] = name
         self.stored = stored
+        self.parts = {}
+        for param, got in parts.items():
+            if sorted(got) != list(range(max(got) + 1)):
+                raise NotStreamable(f"{self.folder}: {param} lacks some of the tensors it is concatenated from")
+            self.parts[param] = [got[i] for i in range(len(got))]
+        self.slices = {}
+        for path, mod in model.named_modules():
+            if not getattr(mod, "pvq_split_experts", False):
+                continue
+            for kind in ("gate_up", "up", "down"):
+                for e, lin in enumerate(getattr(mod, kind, None) or ()):
+                    for param, fused, transposed in (("weight", f"{path}.{kind}_proj", mod.is_transposed),
+                                                     ("bias", f"{path}.{kind}_proj_bias", False)):
+                        name = f"{path}.{kind}.{e}.{param}"
+                        if getattr(lin, param, None) is not None and name not in self and fused in stored:
+                            self.slices[name] = (fused, e, transposed)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.stored
+        return name in self.stored or name in self.parts or name in self.slices
+
+    def where(self, name: str) -> str:
+        """Where the model's tensor `name` is stored, for messages."""
+        if name in self.parts:
+            return f"{self.folder}: tensors {', '.join(self.parts[name])}"
+        if name in self.slices:
+            fused, e, _ = self.slices[name]
+            return f"{self.files[self.stored[fused]]}: tensor {self.stored[fused]}, expert {e}"
+        return f"{self.files[self.stored[name]]}: tensor {self.stored[name]}"
 
     def get(self, name: str) -> torch.Tensor:
+        if name not in self.slices:  # a block's experts are read in a row: past them, the fused tensor goes
+            self._fused = None
+        if name in self.parts:  # gate and up of one expert: its fused linear's rows, in the stored order
+            return torch.cat([self._read(n) for n in self.parts[name]], dim=0)
+        if name in self.slices:
+            fused, e, transposed = self.slices[name]
+            if self._fused is None or self._fused[0] != fused:
+                self._fused = (fused, self._read(self.stored[fused]))
+            t = self._fused[1][e]
+            return (t.T if transposed else t).contiguous()
         if name not in self.stored:
             raise CheckpointError(f"{self.folder}: tensor {name} is not in the checkpoint")
-        name = self.stored[name]
+        return self._read(self.stored[name])
+
+    def _read(self, name: str) -> torch.Tensor:
         path = self.files[name]
         if path not in self._headers:
             self._headers[path] = _entries(path)
@@ -99,6 +152,33 @@ class CheckpointReader:
             return entry.read()
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
+
+
+def _expert_part(model, transform, key: str, target: str, pattern: str) -> tuple[str, int] | None:
+    """(the name of the split expert's parameter that the checkpoint's tensor `key` is part of, its position in
+    the concatenation) where `transform` (one of the family's conversions, which names the fused `target`)
+    only stacks experts (and concatenates gate and up) into an experts module pvq has split, untransposed;
+    None otherwise (another conversion, or experts left fused)."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = [(type(op), op.dim) for op in transform.operations]
+    if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
+        return None
+    expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    path, _, leaf = target.rpartition(".")
+    try:
+        mod = model.get_submodule(path)
+    except AttributeError:
+        return None
+    if expert is None or not getattr(mod, "pvq_split_experts", False) or mod.is_transposed:
+        return None
+    kind, param = (leaf[:-len("_proj")], "weight") if leaf.endswith("_proj") else (leaf[:-len("_proj_bias")], "bias")
+    linears = getattr(mod, kind, None) if leaf.endswith(("_proj", "_proj_bias")) else None
+    e = int(expert.group(1))
+    if not isinstance(linears, nn.ModuleList) or e >= len(linears):
+        return None
+    position = transform.source_patterns.index(pattern) if len(ops) == 2 else 0
+    return f"{path}.{kind}.{e}.{param}", position
 
 
 def _conversions(model) -> tuple[list, list]:
@@ -167,7 +247,7 @@ def materialize(model: nn.Module, reader: CheckpointReader, keep, dtype: torch.d
             raise CheckpointError(f"{reader.folder}: tensor {names[0]} is not in the checkpoint")
         want = slots[0][3]
         t = reader.get(stored)
-        where = f"{reader.files[reader.stored[stored]]}: tensor {reader.stored[stored]}"
+        where = reader.where(stored)
         if tuple(t.shape) != tuple(want.shape):
             raise CheckpointError(f"{where} is {list(t.shape)}, the model expects {list(want.shape)}")
         if not t.is_floating_point():
