@@ -135,8 +135,8 @@ class CheckpointReader:
             fused, e, transposed = self.slices[name]
             if self._fused is None or self._fused[0] != fused:
                 self._fused = (fused, self._read(self.stored[fused]))
-            t = self._fused[1][e]
-            return (t.T if transposed else t).contiguous()
+            t = self._fused[1][e]  # a copy, not a view: the fused tensor goes once its experts are read
+            return (t.T if transposed else t).clone(memory_format=torch.contiguous_format)
         if name not in self.stored:
             raise CheckpointError(f"{self.folder}: tensor {name} is not in the checkpoint")
         return self._read(self.stored[name])
