@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_json  # noqa: E402
-from scale import _tensor, commit, digests, quantize  # noqa: E402
+from scale import commit, digests, quantize, write_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SHAPE = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32,
@@ -51,39 +51,11 @@ def _tensor_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (SHAPE["vocab_size"], h))]
 
 
-def make_checkpoint(folder: Path, layers: int, shard_bytes: int = 1 << 30) -> None:
+def make_checkpoint(folder: Path, layers: int) -> None:
     """The random checkpoint, written a shard at a time (skipped when already complete)."""
-    from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig
 
-    from pvq.models.loading import tiny_tokenizer
-
-    if (folder / "complete").is_file():
-        return
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    shards, current, size = [], [], 0
-    for name, shape in _tensor_shapes(layers):
-        nbytes = 2 * int(torch.Size(shape).numel())
-        if current and size + nbytes > shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append((name, shape))
-        size += nbytes
-    shards.append(current)
-    weight_map, total = {}, 0
-    for k, group in enumerate(shards, 1):
-        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: _tensor(name, shape) for name, shape in group}
-        save_file(tensors, str(folder / file), metadata={"format": "pt"})
-        total += sum(t.numel() * 2 for t in tensors.values())
-        weight_map.update({name: file for name in tensors})
-        del tensors
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    Qwen3MoeConfig(num_hidden_layers=layers, **SHAPE).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    (folder / "complete").write_text("")
+    write_checkpoint(folder, _tensor_shapes(layers), Qwen3MoeConfig(num_hidden_layers=layers, **SHAPE))
 
 
 def main() -> None:

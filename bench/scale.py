@@ -62,8 +62,15 @@ def _tensor(name: str, shape) -> torch.Tensor:
 
 def make_checkpoint(folder: Path, layers: int, shard_bytes: int = 1 << 30) -> None:
     """A random Llama checkpoint of `layers` blocks in bfloat16 shards (skipped when already complete)."""
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
+
+    write_checkpoint(folder, _tensor_shapes(layers), LlamaConfig(num_hidden_layers=layers, **SHAPE), shard_bytes)
+
+
+def write_checkpoint(folder: Path, shapes: list[tuple[str, tuple[int, ...]]], config, shard_bytes: int = 1 << 30) -> None:
+    """Random bfloat16 tensors of these names and shapes (`_tensor`) in safetensors shards with an index, a shard
+    at a time, then `config` and the byte tokenizer (ids < 256 of the vocabulary); skipped when already complete."""
+    from safetensors.torch import save_file
 
     from pvq.models.loading import tiny_tokenizer
 
@@ -71,7 +78,6 @@ def make_checkpoint(folder: Path, layers: int, shard_bytes: int = 1 << 30) -> No
         return
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    shapes = _tensor_shapes(layers)
     shards, current, size = [], [], 0
     for name, shape in shapes:  # group names into shards by size first, to know N
         nbytes = 2 * int(torch.Size(shape).numel())
@@ -91,8 +97,8 @@ def make_checkpoint(folder: Path, layers: int, shard_bytes: int = 1 << 30) -> No
         del tensors
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    LlamaConfig(num_hidden_layers=layers, **SHAPE).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)  # byte tokens: ids < 256 of the 32000
+    config.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
     (folder / "complete").write_text("")
 
 
