@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
 import sys
 from pathlib import Path
 
-from .settings import CALIB_DTYPES, FINETUNE_MODES, MAX_BITS, MAX_RUN_SEED, METHODS, SCHEDULES
+from .settings import CALIB_DTYPES, FINETUNE_MODES, MAX_BITS, MAX_RUN_SEED, METHODS, SCHEDULES, QuantConfig
 
 DESCRIPTION = """\
 pvq compresses a Hugging Face causal LM (Llama, Qwen, Gemma, Phi, Mistral, Mixtral and more: the
@@ -321,8 +322,6 @@ def _add_runtime_options(p) -> None:
 
 
 def _quant_config(args):
-    from .settings import QuantConfig
-
     _act_config(args)  # --act-method and --no-act-rotate need --abits
     return QuantConfig(method=args.method, bits=args.bits, seed=args.seed, group_size=args.group_size,
                        group_dim=args.group_dim, gain=args.gain, scale=args.scale, layout=args.layout, rotate=args.rotate,
@@ -370,8 +369,9 @@ def cmd_quantize(args) -> int:
               f"{args.workers} workers (only the linears are solved in parallel); --calib-shards {args.workers} or more "
               f"spreads them too", file=sys.stderr)
     if not cfg.uses_data and alloc is None:  # said, not refused: a script may pass them to every method it compares
-        unused = [o for o, d in (("calib", "wikitext2"), ("nsamples", 128), ("seqlen", 512), ("damp", 0.01),
-                                 ("calib_dtype", "auto"), ("calib_shards", 1)) if getattr(args, o) != d]
+        default = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
+        unused = [o for o in ("calib", "nsamples", "seqlen", "damp", "calib_dtype", "calib_shards")
+                  if getattr(args, o) != default[o]]
         if unused:
             print(f"note: {cfg.method} is data-free: {', '.join('--' + o.replace('_', '-') for o in unused)} "
                   f"{'is' if len(unused) == 1 else 'are'} not used (they set the calibration of gptq, pvq-gptq "

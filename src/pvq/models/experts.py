@@ -23,6 +23,12 @@ from torch import nn
 FIRST = {True: "gate_up", False: "up"}  # the list of first (input) linears, by has_gate
 
 
+def fused_leaves(mod: nn.Module) -> dict[str, tuple[str, str]]:
+    """{a fused tensor's name in an experts module: (the list of linears it is split into, their parameter)}."""
+    return {f"{kind}_proj{suffix}": (kind, param) for kind in (FIRST[mod.has_gate], "down")
+            for suffix, param in (("", "weight"), ("_bias", "bias"))}
+
+
 def _fused(mod: nn.Module) -> bool:
     # a convolution's kernel is 3-D too (the short causal convolutions of Mamba and linear-attention
     # blocks): it is no stack of experts, and stays as it is

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import tensorfile
+from .experts import fused_leaves
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -106,13 +107,12 @@ class CheckpointReader:
         for path, mod in model.named_modules():
             if not getattr(mod, "pvq_split_experts", False):
                 continue
-            for kind in ("gate_up", "up", "down"):
-                for e, lin in enumerate(getattr(mod, kind, None) or ()):
-                    for param, fused, transposed in (("weight", f"{path}.{kind}_proj", mod.is_transposed),
-                                                     ("bias", f"{path}.{kind}_proj_bias", False)):
-                        name = f"{path}.{kind}.{e}.{param}"
-                        if getattr(lin, param, None) is not None and name not in self and fused in stored:
-                            self.slices[name] = (fused, e, transposed)
+            for leaf, (kind, param) in fused_leaves(mod).items():
+                fused = f"{path}.{leaf}"
+                for e, lin in enumerate(getattr(mod, kind)):
+                    name = f"{path}.{kind}.{e}.{param}"
+                    if getattr(lin, param, None) is not None and name not in self and fused in stored:
+                        self.slices[name] = (fused, e, mod.is_transposed and param == "weight")
 
     def __contains__(self, name: str) -> bool:
         return name in self.stored or name in self.parts or name in self.slices
@@ -172,10 +172,9 @@ def _expert_part(model, transform, key: str, target: str, pattern: str) -> tuple
         return None
     if expert is None or not getattr(mod, "pvq_split_experts", False) or mod.is_transposed:
         return None
-    kind, param = (leaf[:-len("_proj")], "weight") if leaf.endswith("_proj") else (leaf[:-len("_proj_bias")], "bias")
-    linears = getattr(mod, kind, None) if leaf.endswith(("_proj", "_proj_bias")) else None
+    kind, param = fused_leaves(mod).get(leaf, (None, None))
     e = int(expert.group(1))
-    if not isinstance(linears, nn.ModuleList) or e >= len(linears):
+    if kind is None or e >= len(getattr(mod, kind)):
         return None
     position = transform.source_patterns.index(pattern) if len(ops) == 2 else 0
     return f"{path}.{kind}.{e}.{param}", position
