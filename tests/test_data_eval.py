@@ -277,7 +277,7 @@ def test_tiny_model_each_family(model_type):
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     c = tiny_model(model_type, seed=2)
-    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    assert not torch.equal(a.get_output_embeddings().weight, c.get_output_embeddings().weight)
     with torch.no_grad():
         logits = a(torch.arange(10)[None]).logits
     assert logits.shape == (1, 10, 256) and torch.isfinite(logits).all()
@@ -307,10 +307,10 @@ def test_load_model_folder_without_config(tmp_path):
 
 
 def test_load_model_unsupported_model_type(tmp_path):
-    from transformers import GPT2Config
+    from transformers import T5Config
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="gpt2") as err:
+    T5Config(num_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16, vocab_size=256).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="t5") as err:
         load_model(str(tmp_path))
     assert all(t in str(err.value) for t in SUPPORTED_MODEL_TYPES)
     assert "\n" not in str(err.value)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import pvq  # noqa: F401  (registers pvq with transformers)
 from pvq import api
@@ -80,11 +80,40 @@ def test_family_quantize_save_load_generate(mt, method, tmp_path):
     assert out.shape == (1, 12)
 
 
-def test_unhandled_family_is_one_clear_line():
-    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", **small))
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*Conv1D"):
+def test_blocks_without_a_linear_to_quantize_are_one_clear_line():
+    model = tiny_model("llama", hidden_size=8, intermediate_size=8, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=4)  # every linear narrower than adapters.MIN_ROWS: gates, kept dense
+    with pytest.raises(ValueError, match="unsupported architecture 'llama'.*model.layers hold no nn.Linear"):
         check_supported(model)
+
+
+@torch.no_grad()
+def test_gpt2_conv1d_becomes_the_same_linear():
+    """GPT-2's Conv1D (weight stored [in, out]) is swapped for the nn.Linear of its transpose: same outputs."""
+    model = family_model("gpt2")
+    ref = model(IDS).logits
+    conv = model.transformer.h[0].attn.c_attn
+    w = conv.weight.detach().clone()
+    blocks_path(model)
+    lin = model.transformer.h[0].attn.c_attn
+    assert type(lin) is nn.Linear and lin.pvq_transposed and torch.equal(lin.weight, w.T)
+    assert torch.equal(model(IDS).logits, ref)
+
+
+@torch.no_grad()
+def test_a_base_model_checkpoint_streams_under_the_models_names(tmp_path):
+    """The hub's GPT-2 stores its base model (`h.0.attn.c_attn.weight`, the model's `transformer.h.0...`), each
+    Conv1D weight as [in, out]: streamed, every tensor is the one the whole load gives."""
+    from pvq.models.loading import load_skeleton
+    from pvq.models.streaming import materialize
+
+    model = family_model("gpt2")
+    model.transformer.save_pretrained(tmp_path)
+    model, _, reader = load_skeleton(str(tmp_path))
+    whole = family_model("gpt2")
+    blocks_path(model), blocks_path(whole)
+    assert sorted(materialize(model, reader, lambda n: True)) == sorted(dict(whole.named_parameters(remove_duplicate=False)))
+    assert all(torch.equal(p, whole.get_parameter(n)) for n, p in model.named_parameters())
 
 
 def test_fused_experts_without_the_experts_interface_are_one_clear_line():
@@ -96,7 +125,8 @@ def test_fused_experts_without_the_experts_interface_are_one_clear_line():
 
 # Llama 4's experts are called another way (every token, scaled by its score): test_llama4_experts_see_their_own_tokens
 MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt or mt in ("mixtral", "gpt_oss", "deepseek_v2", "deepseek_v3",
-                                                                    "dots1", "qwen3_next", "minimax")]
+                                                                    "dots1", "qwen3_next", "minimax", "minimax_m2",
+                                                                    "flex_olmo")]
 
 
 @pytest.mark.parametrize("mt", MOE)
@@ -107,11 +137,12 @@ def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(mt):
 
     model = tiny_model(mt)
     hidden, kwargs = capture_block_inputs(model, IDS)
-    j = next(j for j, b in enumerate(blocks(model)) if any(n.endswith("experts") for n, _ in b.named_modules()))
+    routed_experts = lambda n: n.rpartition(".")[2] == "experts"  # noqa: E731  (not AFMoE's shared_experts)
+    j = next(j for j, b in enumerate(blocks(model)) if any(routed_experts(n) for n, _ in b.named_modules()))
     for k in range(j):  # the blocks before the first with experts (DeepSeek-style: dense first)
         hidden = run_block(blocks(model)[k], hidden, kwargs[k])
     block = blocks(model)[j]
-    experts = next(m for n, m in block.named_modules() if n.endswith("experts"))
+    experts = next(m for n, m in block.named_modules() if routed_experts(n))
     name = next(n for n, m in block.named_modules() if m is experts)
     routed = []
     experts.register_forward_pre_hook(lambda m, a: routed.append((a[0].clone(), a[1].clone())))
@@ -294,7 +325,7 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
 # the blocks with a 3-D pooling probe (gemma3), experts stored one tensor per expert, gate and up apart
 # (qwen3_moe), experts stored fused and transposed, a slice each (gpt_oss). Every dense family passed this
 # when it was written (starcoder2, phi, cohere too; mixtral's renamed experts as well); these keep it short.
-STREAMED = ("gpt_neox", "gemma2", "phi3", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_oss")
+STREAMED = ("gpt2", "gpt_neox", "gemma2", "phi3", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_oss")
 
 
 @pytest.mark.parametrize("mt", STREAMED)

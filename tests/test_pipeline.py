@@ -176,10 +176,9 @@ def test_nan_weight_is_refused():
 
 
 def test_unsupported_architecture_is_refused():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*Conv1D"):
+    model = tiny_model("llama")
+    model.config.num_hidden_layers = 3  # no list of 3 blocks: pvq cannot tell which are the decoder's
+    with pytest.raises(ValueError, match="unsupported architecture 'llama'.*one list of 3 decoder blocks"):
         api.quantize(model, QuantConfig(method="pvq"), progress=False)
 
 

@@ -18,8 +18,8 @@ from .codec.fp16 import FP16RangeError
 from .finetune import Teacher, block_targets, reference_stream, tune_block, tune_model, tuned_names
 from .loader import check_device
 from .memory import release_memory, settled_heap, trim_heap
-from .models.adapters import (block_linear_names, block_linears, block_prefix, blocks, capture_block_inputs,
-                              check_supported, set_module)
+from .models.adapters import (PerSample, block_linear_names, block_linears, block_prefix, blocks,
+                              capture_block_inputs, check_supported, set_module)
 from .models.shards import reference_outputs, sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
@@ -310,7 +310,7 @@ def check_work_device(device, cfg: QuantConfig, pool, activations) -> torch.devi
 
 def to_device(obj, device: torch.device):
     """obj with every tensor inside (in tuples, lists and dicts: a block's call arguments) moved to device."""
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, (torch.Tensor, PerSample)):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
         return type(obj)(to_device(o, device) for o in obj)

@@ -84,6 +84,14 @@ def register() -> bool:
             qc = self.quantization_config
             wd = getattr(torch, qc.weight_dtype) if qc.weight_dtype else model.dtype
             replace_linears(model, qc.layers, decode=qc.decode, weight_dtype=wd)
+            # transformers initializes every module it did not load; a module's init can reach into its child
+            # linears (GPT-2's rescales c_proj.weight), which a QuantLinear does not have. A parent holding no
+            # tensor of its own has nothing to initialize but its children, which get their own call.
+            for name in qc.layers:
+                parent = model.get_submodule(name.rpartition(".")[0])
+                own = [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]
+                if not own:
+                    parent._is_hf_initialized = True
             # the empty guard tensors under the quantized linears' weight names are expected here
             model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
                                                         | {re.escape(guard_name(n)) + "$" for n in qc.layers})

@@ -12,6 +12,7 @@ found, hooked (the tokens routed to it) and replaced like any other.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,10 +43,8 @@ def blocks_path(model) -> str:
         return cached
     mt = getattr(model.config, "model_type", None)
     path, layers = _find_blocks(model)
-    for name, mod in layers[0].named_modules():
-        if type(mod).__name__ == "Conv1D":
-            raise ValueError(f"unsupported architecture {mt!r}: {path}.0.{name} is a Conv1D (GPT-2 style, weight stored "
-                             f"transposed); pvq quantizes nn.Linear layers")
+    for block in layers:
+        _conv1d_as_linears(block)
     for i, block in enumerate(layers):  # fused 3-D experts become one linear per expert (experts.py)
         try:
             split_experts(block, f"{path}.{i}.")
@@ -55,6 +54,22 @@ def blocks_path(model) -> str:
         raise ValueError(f"unsupported architecture {mt!r}: the blocks of {path} hold no nn.Linear to quantize")
     model._pvq_blocks_path = path  # the walk above costs a pass over every module; block_prefix asks often
     return path
+
+
+def _conv1d_as_linears(block: nn.Module) -> None:
+    """GPT-2's linears are transformers' Conv1D (y = x W + b, W stored [in, out]): each becomes the nn.Linear
+    of W^T, the same function, in place, so it is found, hooked and replaced like any linear. The new
+    linear is marked `pvq_transposed`: a checkpoint holds its weight as W (streaming.materialize transposes)."""
+    for name, mod in list(block.named_modules()):
+        if type(mod).__name__ != "Conv1D" or getattr(mod, "weight", None) is None or mod.weight.dim() != 2:
+            continue
+        w = mod.weight
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=mod.bias is not None, device="meta", dtype=w.dtype)
+        lin.weight = nn.Parameter(w.detach().T.contiguous(), requires_grad=w.requires_grad)
+        if mod.bias is not None:
+            lin.bias = mod.bias
+        lin.pvq_transposed = True
+        set_module(block, name, lin)
 
 
 def _find_blocks(model) -> tuple[str, nn.ModuleList]:
@@ -159,34 +174,82 @@ def _forwards(layers: nn.ModuleList, make):
             del block.forward
 
 
+@dataclass(frozen=True)
+class PerSample:
+    """A block argument with one slice per sample along `dim` (BLOOM's ALiBi biases, [batch * heads, 1, L]),
+    held for one sample: calibration samples all have the same length and no padding, so every sample's
+    slice is this one, repeated for a batch of n by `batched(n)`."""
+
+    tensor: torch.Tensor
+    dim: int
+
+    def batched(self, n: int) -> torch.Tensor:
+        return self.tensor if n == 1 else torch.cat([self.tensor] * n, dim=self.dim)
+
+    def to(self, device) -> PerSample:
+        return PerSample(self.tensor.to(device), self.dim)
+
+
+def call_kwargs(kwargs: dict, n: int) -> dict:
+    """A block's captured keyword arguments for a batch of n samples (PerSample ones repeated)."""
+    def at(v):
+        if isinstance(v, PerSample):
+            return v.batched(n)
+        return type(v)(at(u) for u in v) if isinstance(v, (tuple, list)) else v
+    return {k: at(v) for k, v in kwargs.items()}
+
+
+def _per_sample(one, two):
+    """`one` (an argument given for one sample), or PerSample where the same argument for two samples (`two`)
+    is twice as long along one dimension, not of length 1 for one: most arguments (rotary tables, causal
+    masks) broadcast over the batch, a few are laid out per sample (batch * heads)."""
+    if isinstance(one, (tuple, list)) and isinstance(two, (tuple, list)) and len(one) == len(two):
+        return type(one)(_per_sample(a, b) for a, b in zip(one, two))
+    if not isinstance(one, torch.Tensor) or not isinstance(two, torch.Tensor) or one.dim() != two.dim():
+        return one
+    grown = [d for d in range(one.dim()) if one.shape[d] != two.shape[d]]
+    if len(grown) == 1 and two.shape[grown[0]] == 2 * one.shape[grown[0]] > 2:  # length 1: broadcasts as it is
+        return PerSample(one, grown[0])
+    return one
+
+
 @torch.no_grad()
 def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     """Inputs of block 0 for every calibration sample (hidden [N, L, D]) and the keyword arguments of each
     block's call (rotary position embeddings, masks: a family with alternating sliding and full attention
-    gives its blocks different masks), the same for every sample of the same length, so kept once.
+    gives its blocks different masks), the same for every sample of the same length, so kept once; an
+    argument laid out per sample is told by a second call with two samples, and kept as PerSample (run
+    blocks through call_kwargs).
 
     The blocks do not run here: each is a pass-through that records its arguments, so this needs only
     the embeddings' weights (a streamed skeleton has no others yet)."""
     layers = blocks(model)
-    hidden, kwargs = [], [None] * len(layers)
+    hidden, kwargs, pairs = [], [None] * len(layers), [None] * len(layers)
 
-    def record(j):
+    def record(j, into, keep):
         def forward(*args, **kw):
-            if kwargs[j] is None:
-                kwargs[j] = {k: v for k, v in kw.items() if k != "hidden_states"}
-            if j == 0:
+            if into[j] is None:
+                into[j] = {k: v for k, v in kw.items() if k != "hidden_states"}
+            if keep and j == 0:
                 hidden.append(_hidden(args, kw).detach())
-            if j == len(layers) - 1 or kwargs[-1] is not None:
+            if j == len(layers) - 1 or into[-1] is not None:
                 raise _Stop
             return _hidden(args, kw)
         return forward
 
-    with _forwards(layers, record):
+    def call(ids):
+        try:
+            model(ids, use_cache=False)
+        except _Stop:
+            pass
+
+    with _forwards(layers, lambda j: record(j, kwargs, True)):
         for i in range(input_ids.shape[0]):
-            try:
-                model(input_ids[i : i + 1], use_cache=False)
-            except _Stop:
-                pass
+            call(input_ids[i : i + 1])
+    if input_ids.shape[0] > 1:
+        with _forwards(layers, lambda j: record(j, pairs, False)):
+            call(input_ids[:2])
+        kwargs = [{k: _per_sample(v, two.get(k)) for k, v in kw.items()} for kw, two in zip(kwargs, pairs)]
     for kw in kwargs:
         for k in ("past_key_values", "past_key_value", "cache"):
             kw.pop(k, None)
@@ -219,7 +282,8 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int =
     """
     out = (torch.empty_like(hidden) if out is None else out) if keep else None
     for s in range(0, hidden.shape[0], batch):
-        r = block(hidden[s : s + batch], **kwargs)
+        x = hidden[s : s + batch]
+        r = block(x, **call_kwargs(kwargs, x.shape[0]))
         if keep:
             out[s : s + batch] = r[0] if isinstance(r, tuple) else r
     return out

@@ -31,15 +31,21 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "cohere", "granite", "stablelm", "phi", "gpt_neox", "smollm3", "glm", "exaone4", "ernie4_5",
                          "gemma3_text", "glm4", "olmo3", "hunyuan_v1_dense", "seed_oss", "apertus", "arcee",
                          "ministral", "nemotron", "opt", "mpt", "falcon", "lfm2",
+                         "cohere2", "helium", "olmo", "persimmon", "diffllama", "doge", "gpt_bigcode", "gptj",
+                         "codegen", "xglm", "biogpt",
+                         # GPT-2's linears are Conv1D modules (weight stored transposed): made linears (adapters.py)
+                         "gpt2",
+                         # ALiBi biases laid out per sample (adapters.PerSample)
+                         "bloom",
                          # the language model of a model with a vision tower: gemma3 keeps its tower (dense);
                          # transformers loads llama4 for text generation without it, and so does pvq
                          "gemma3", "llama4",
                          # ... with no causal-LM class: built as image-text-to-text models (classes.py)
-                         "qwen2_5_vl", "qwen3_vl", "mistral3", "llava",
+                         "qwen2_5_vl", "qwen3_vl", "mistral3", "llava", "qwen2_vl", "smolvlm", "internvl", "paligemma",
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
-                         "ernie4_5_moe", "exaone_moe",
+                         "ernie4_5_moe", "exaone_moe", "minimax_m2", "afmoe", "flex_olmo", "lfm2_moe",
                          # hybrids: Mamba or linear-attention blocks beside attention (their convolutions stay dense)
                          "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "minimax")
 
@@ -59,6 +65,12 @@ _TINY_FAMILY = {
     "granitemoehybrid": dict(layer_types=["mamba", "attention"], shared_intermediate_size=128, mamba_n_heads=4,
                              mamba_d_head=32, mamba_d_state=16),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "gpt2": dict(n_inner=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),  # tied, as GPT-2 is
+    "gptj": dict(rotary_dim=8, n_inner=128),
+    "xglm": dict(ffn_dim=128),
+    "codegen": dict(rotary_dim=8, n_inner=128),
+    "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention"]),
+    "qwen2_vl": _TINY_MROPE,
     "gemma3": dict(tie_word_embeddings=True),
     "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16),
     "nemotron_h": dict(mamba_num_heads=4, mamba_head_dim=16, n_groups=1, ssm_state_size=16,
@@ -345,6 +357,14 @@ _TINY_OUTER = {
     "llava": dict(vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
                   image_token_index=255),
+    "qwen2_vl": dict(vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14),
+                     image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253),
+    "smolvlm": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=28, patch_size=14), image_token_id=255, scale_factor=2),
+    "internvl": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        image_size=[28, 28], patch_size=[14, 14]), image_token_id=255, downsample_ratio=0.5),
+    "paligemma": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                         image_size=28, patch_size=14, projection_dim=64), image_token_index=255),
     "llama4": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
                                       projector_output_dim=32),
@@ -397,6 +417,10 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = auto_class(config).from_config(config, **_dtype_kwargs(torch.float32))
+        for mod in model.modules():  # a router initialized to zeros (AFMoE's) would send every token to the same experts
+            if isinstance(mod, torch.nn.Linear) and not mod.weight.any():
+                with torch.no_grad():
+                    mod.weight.normal_(0, 0.02)
     return model.eval()
 
 

@@ -81,8 +81,9 @@ class CheckpointReader:
         when its family merges or splits tensors on loading in another way."""
         renames, merges = _conversions(model)
         stored, parts = {}, {}
+        base = _base_prefix(model, self.files)
         for name in self.files:
-            key = name
+            key = base(name)
             for t in renames:
                 key = t.rename_source_key(key)[0]
             for t in merges:
@@ -152,6 +153,17 @@ class CheckpointReader:
             return entry.read()
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
+
+
+def _base_prefix(model, names):
+    """A function naming a checkpoint's tensor as the model does where the checkpoint is its base model's (the
+    hub's gpt2 and bloom store `h.0...` for the model's `transformer.h.0...`, as transformers' loader accepts):
+    the base model's prefix added to every name but those of the model's other parts (a head stored beside it)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    tops = {n for n, _ in model.named_children()}
+    if prefix not in tops or any(n.startswith(f"{prefix}.") for n in names):
+        return lambda name: name
+    return lambda name: name if name.partition(".")[0] in tops else f"{prefix}.{name}"
 
 
 def _expert_part(model, transform, key: str, target: str, pattern: str) -> tuple[str, int] | None:
@@ -246,6 +258,8 @@ def materialize(model: nn.Module, reader: CheckpointReader, keep, dtype: torch.d
             raise CheckpointError(f"{reader.folder}: tensor {names[0]} is not in the checkpoint")
         want = slots[0][3]
         t = reader.get(stored)
+        if slots[0][1] == "weight" and getattr(slots[0][0], "pvq_transposed", False):  # a Conv1D made a linear
+            t = t.T.contiguous()
         where = reader.where(stored)
         if tuple(t.shape) != tuple(want.shape):
             raise CheckpointError(f"{where} is {list(t.shape)}, the model expects {list(want.shape)}")

@@ -99,6 +99,8 @@ def keep_stored(model, dtype: torch.dtype) -> bool:
     mods = [(m, cls) for m, cls in ((emb, StoredEmbedding), (head, StoredHead)) if type(m) is cls.__bases__[0]]
     if len(mods) != 2:
         return False
+    if all(p is emb.weight or p is head.weight for p in model.parameters()):
+        return False  # nothing else has parameters (OLMo's norms have none): transformers reads device and dtype there
     held: dict[int, torch.Tensor] = {}
     for m, _ in mods:
         w = m.weight.detach()
