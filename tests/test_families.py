@@ -66,7 +66,7 @@ DATA_FREE = ("llama", "gemma2", "qwen3_moe", "gpt_oss", "deepseek_v3", "falcon_h
 def test_family_quantize_save_load_generate(mt, method, tmp_path):
     model = family_model(mt)
     linears = len(block_linear_names(model))
-    assert linears >= 2 * 4  # attention in and out, MLP in and out, per block
+    assert linears >= 2 * 3  # per block: attention in and out, MLP in and out (a Mamba mixer: in, x and out)
     cfg = QuantConfig(method=method, bits=4.25, nsamples=4, seqlen=32)
     summary = api.quantize(model, cfg, IDS if cfg.uses_data else None, progress=False)
     assert summary["layers"] == linears
@@ -116,6 +116,20 @@ def test_a_base_model_checkpoint_streams_under_the_models_names(tmp_path):
     assert all(torch.equal(p, whole.get_parameter(n)) for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("mt", ["mamba", "jamba"])
+def test_a_linear_whose_weight_the_family_reads_itself_stays_dense(mt):
+    """Mamba's mixer multiplies by `self.dt_proj.weight` (a QuantLinear holds codes, no weight): dt_proj stays
+    dense, the mixer's other linears are quantized; BLOOM reads its linears' weights only when pretraining_tp > 1,
+    a branch on the module's settings, so they are quantized."""
+    from pvq.models.adapters import block_linears, blocks
+
+    mixers = [b for b in blocks(tiny_model(mt)) if hasattr(b, "mamba") or hasattr(b, "mixer")]
+    names = set(block_linears(mixers[0]))
+    prefix = "mixer." if mt == "mamba" else "mamba."
+    assert {f"{prefix}in_proj", f"{prefix}x_proj", f"{prefix}out_proj"} <= names and f"{prefix}dt_proj" not in names
+    assert {"self_attention.dense", "mlp.dense_4h_to_h"} <= set(block_linears(blocks(tiny_model("bloom"))[0]))
+
+
 def test_fused_experts_without_the_experts_interface_are_one_clear_line():
     model = tiny_model("qwen2_moe")
     del model.model.layers[0].mlp.experts.has_gate  # what a family outside transformers' experts interface lacks
@@ -126,7 +140,7 @@ def test_fused_experts_without_the_experts_interface_are_one_clear_line():
 # Llama 4's experts are called another way (every token, scaled by its score): test_llama4_experts_see_their_own_tokens
 MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt or mt in ("mixtral", "gpt_oss", "deepseek_v2", "deepseek_v3",
                                                                     "dots1", "qwen3_next", "minimax", "minimax_m2",
-                                                                    "flex_olmo")]
+                                                                    "flex_olmo", "jamba")]
 
 
 @pytest.mark.parametrize("mt", MOE)

@@ -84,14 +84,13 @@ def register() -> bool:
             qc = self.quantization_config
             wd = getattr(torch, qc.weight_dtype) if qc.weight_dtype else model.dtype
             replace_linears(model, qc.layers, decode=qc.decode, weight_dtype=wd)
-            # transformers initializes every module it did not load; a module's init can reach into its child
-            # linears (GPT-2's rescales c_proj.weight), which a QuantLinear does not have. A parent holding no
-            # tensor of its own has nothing to initialize but its children, which get their own call.
+            # transformers initializes the modules of a model it loads, and a module's init can reach into its
+            # child linears (GPT-2's and Mamba's rescale out_proj.weight): while it loads, each QuantLinear has a
+            # `weight`, an empty tensor marked initialized, which transformers' init functions pass over
+            held = torch.empty(0)
+            held._is_hf_initialized = True
             for name in qc.layers:
-                parent = model.get_submodule(name.rpartition(".")[0])
-                own = [*parent.parameters(recurse=False), *parent.buffers(recurse=False)]
-                if not own:
-                    parent._is_hf_initialized = True
+                model.get_submodule(name).weight = held
             # the empty guard tensors under the quantized linears' weight names are expected here
             model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
                                                         | {re.escape(guard_name(n)) + "$" for n in qc.layers})
@@ -108,6 +107,8 @@ def register() -> bool:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            for name in self.quantization_config.layers:
+                del model.get_submodule(name).weight
             finish_loading(model, {"config": self.quantization_config.config})
             return model
 

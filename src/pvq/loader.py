@@ -13,7 +13,7 @@ import torch
 from .checkpoint import (TOKENIZER_FILES, PVQFormatError, guard_name, missing_error, read_config, read_tensors,
                          scan_tensors)
 from .errors import one_line
-from .models.adapters import check_supported, set_module
+from .models.adapters import check_supported, set_module, weight_read_directly
 from .models.classes import auto_class
 from .models.loading import load_model
 from .modules.actquant import attach
@@ -59,7 +59,9 @@ def finish_loading(model, qc: dict, source: str = "config.json") -> None:
     its activation quantizers, the embeddings and head kept in the file's 16-bit dtype (exact, half the
     bytes; modules/dense.py), and the kernel's shared tables sized for all its on-the-fly layers."""
     attach_activations(model, qc, source)
-    keep_stored(model, DENSE_DTYPES.get((qc.get("config") or {}).get("dense_dtype")))
+    # a family that reads the head's weight itself casts the head's input to its dtype (Mamba): float32 there
+    if not weight_read_directly(model, model.get_output_embeddings()):
+        keep_stored(model, DENSE_DTYPES.get((qc.get("config") or {}).get("dense_dtype")))
     reserve_tables(model)
 
 

@@ -4,15 +4,20 @@ No table per family (DESIGN.md: no script per family, no forked modeling files):
 are the model's ModuleList with one entry per hidden layer (the class transformers names in
 `_no_split_modules` when there are several lists), the quantizable linears of a block are every
 `nn.Linear` inside it (a router, one output per expert, or a gate with fewer than MIN_ROWS outputs stays
-dense: a few numbers per token that steer the rest), and linears that read the same input share one Hessian because the
+dense: a few numbers per token that steer the rest; a linear whose weight the family's code reads itself, like
+Mamba's dt_proj, too), and linears that read the same input share one Hessian because the
 hooks of a real pass see the same tensor (block_hessians), whatever their names. Experts stored as
 fused 3-D tensors are split into one linear per expert first (experts.py), so an expert's linear is
 found, hooked (the tokens routed to it) and replaced like any other.
 """
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -141,11 +146,58 @@ def _routers(block: nn.Module) -> set[int]:
             if isinstance(m, nn.Linear) and m.out_features in counts and id(m) not in inside}
 
 
+_SHARED = ("torch.", "transformers.modeling_", "transformers.generation", "transformers.utils", "transformers.integrations")
+
+
+@lru_cache(maxsize=None)
+def _weights_read(cls: type) -> frozenset[str]:
+    """Names of the child modules whose `.weight` the code of module class `cls` (and its bases outside torch)
+    reads itself, outside `__init__` and branches on the module's own settings (`if self.training ...`, which
+    the family's tests then show are not taken by default): Mamba's mixer multiplies by
+    `self.dt_proj.weight`. Read from the class's source; empty where there is none."""
+    found: set[str] = set()
+
+    def visit(node) -> None:
+        if isinstance(node, ast.FunctionDef) and node.name == "__init__":
+            return
+        if isinstance(node, ast.If) and "self." in ast.unparse(node.test):
+            for n in node.orelse:  # a branch on the module's settings (training, BLOOM's pretraining_tp > 1):
+                visit(n)           # the default path is taken to be the else
+            return
+        if (isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(node.value, ast.Attribute)
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+            found.add(node.value.attr)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    for klass in cls.__mro__:  # the family's classes (transformers' shared bases read no child's weight)
+        if klass is object or klass.__module__.startswith(_SHARED):
+            continue
+        try:
+            visit(ast.parse(textwrap.dedent(inspect.getsource(klass))))
+        except (OSError, TypeError, SyntaxError):  # no source (built in a session, compiled)
+            continue
+    return frozenset(found)
+
+
+def _read_directly(block: nn.Module) -> set[int]:
+    """ids of the block's linears whose weight their parent module's code reads itself rather than calling
+    them: a quantized linear holds codes, not a weight, so they stay dense (Mamba's dt_proj, small)."""
+    return {id(child) for mod in block.modules() for leaf in _weights_read(type(mod))
+            if isinstance(child := mod._modules.get(leaf), nn.Linear)}
+
+
+def weight_read_directly(model: nn.Module, module: nn.Module) -> bool:
+    """Whether the code of some module of `model` reads `module.weight` itself (Mamba casts the head's input
+    to `self.lm_head.weight.dtype`)."""
+    return any(mod._modules.get(leaf) is module for mod in model.modules() for leaf in _weights_read(type(mod)))
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     """The quantizable linears of one block, by name relative to the block, in module order (the order
     their forward runs them in every family tested)."""
-    routers = _routers(block)
-    return {name: mod for name, mod in block.named_modules() if name and _quantizable(mod) and id(mod) not in routers}
+    dense = _routers(block) | _read_directly(block)
+    return {name: mod for name, mod in block.named_modules() if name and _quantizable(mod) and id(mod) not in dense}
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -46,8 +46,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
                          "ernie4_5_moe", "exaone_moe", "minimax_m2", "afmoe", "flex_olmo", "lfm2_moe",
+                         # Mamba-1 (state-space blocks only; dt_proj, whose weight the mixer reads, stays dense)
+                         "mamba", "falcon_mamba",
                          # hybrids: Mamba or linear-attention blocks beside attention (their convolutions stay dense)
-                         "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "minimax")
+                         "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "minimax", "jamba")
 
 # a tiny mixture of experts: few, small experts, so every one is reached by a few test tokens
 _TINY_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -68,6 +70,10 @@ _TINY_FAMILY = {
     "gpt2": dict(n_inner=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),  # tied, as GPT-2 is
     "gptj": dict(rotary_dim=8, n_inner=128),
     "xglm": dict(ffn_dim=128),
+    "mamba": dict(state_size=16),
+    "falcon_mamba": dict(state_size=16),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  mamba_d_state=16),
     "codegen": dict(rotary_dim=8, n_inner=128),
     "lfm2_moe": dict(num_dense_layers=1, layer_types=["conv", "full_attention"]),
     "qwen2_vl": _TINY_MROPE,
