@@ -151,6 +151,7 @@ def _add_quantize(sub) -> None:
                         "default) or a CUDA GPU (cuda, cuda:1). The model stays in CPU memory and is read, kept and "
                         "written as without it, one block at a time on the GPU; the file is the CPU's up to the "
                         "order of floating-point sums (so not byte for byte)")
+    _add_trust(p)
     p.add_argument("--no-stream", action="store_true",
                    help="load the whole float model first (a safetensors folder, or a GGUF file too large for pvq's "
                         "float cache, is otherwise read one block at a time and written as it goes, so the model "
@@ -319,6 +320,14 @@ def _add_runtime_options(p) -> None:
                         "'auto' (default): on-the-fly where the native kernel builds, else once")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of the dense parts (and of decoded weights in --decode once)")
+    _add_trust(p)
+
+
+def _add_trust(p) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the modeling code a model folder or hub id carries (transformers' trust_remote_code): "
+                        "only for code you trust. Its family need not be one pvq has tested; the quantized "
+                        "directory carries the code too")
 
 
 def _quant_config(args):
@@ -364,6 +373,8 @@ def cmd_quantize(args) -> int:
         raise ValueError(f"--finetune {cfg.finetune} runs in one process: give it without --workers and --ray-address")
     if args.workers is not None and args.ray_address is not None:
         raise ValueError("--workers starts a local Ray runtime and --ray-address joins a cluster: give one of them")
+    if distributed and args.trust_remote_code:  # the workers would have to import the checkpoint's code too
+        raise ValueError("--trust-remote-code runs in one process for now: give it without --workers and --ray-address")
     if args.workers is not None and cfg.uses_data and cfg.calib_shards < min(args.workers, cfg.nsamples):
         print(f"note: --calib-shards {cfg.calib_shards} keeps the calibration forwards on {cfg.calib_shards} of the "
               f"{args.workers} workers (only the linears are solved in parallel); --calib-shards {args.workers} or more "
@@ -394,7 +405,8 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
     from . import api, checkpoint
     from .data import calibration_batches, resolve_text
     from .memory import peak_rss_mib
-    from .models.loading import load_model, load_skeleton, run_files, streamable
+    from .models.loading import (SUPPORTED_MODEL_TYPES, is_remote_code, load_model, load_skeleton, run_files,
+                                 streamable)
     from .models.streaming import NotStreamable
 
     api.check_work_device(args.device, cfg, pool, args.offload)  # before any long work
@@ -403,11 +415,14 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
     model = reader = None
     if stream:
         try:
-            model, tok, reader = load_skeleton(args.model)
+            model, tok, reader = load_skeleton(args.model, args.trust_remote_code)
         except NotStreamable as exc:
             print(f"{exc}: loading the whole model instead", file=sys.stderr)
     if model is None:
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if is_remote_code(model) and model.config.model_type not in SUPPORTED_MODEL_TYPES:
+        print(f"note: model_type {model.config.model_type!r} is the checkpoint's own code, no family pvq has tested: "
+              f"check the result (pvq eval {args.output} --kl {args.model} --trust-remote-code)", file=sys.stderr)
     api.check_reachable(model, cfg)  # an unreachable --bits or --abits fails before any long work
     api.check_context(model, cfg, alloc.seqlen if alloc else None)
     api.check_weights(model, cfg, reader=reader)  # NaN, or a dense value its stored dtype cannot hold, fails now
@@ -518,7 +533,7 @@ def cmd_eval(args) -> int:
     from .settings import stored_config
 
     act = _act_config(args)
-    model, tok = load_any(args.model, args.decode, args.dtype)
+    model, tok = load_any(args.model, args.decode, args.dtype, args.trust_remote_code)
     res = {"model": args.model or "SmolLM2-135M-Instruct"}
     qc = stored_config(getattr(model.config, "quantization_config", None))
     if qc is not None:
@@ -534,7 +549,7 @@ def cmd_eval(args) -> int:
     if args.kl is not None:  # perplexity comes out of the same passes
         from .eval.divergence import divergence
 
-        reference, _ = load_any(args.kl, args.decode, args.dtype)
+        reference, _ = load_any(args.kl, args.decode, args.dtype, args.trust_remote_code)
         r = divergence(model, reference, tok, resolve_text("wikitext2", "eval"), seqlen=2048, windows=windows,
                        progress=not args.no_progress)
         del reference
@@ -611,7 +626,7 @@ def cmd_generate(args) -> int:
 
     from .loader import load_any
 
-    model, tok = load_any(args.model, args.decode, args.dtype)
+    model, tok = load_any(args.model, args.decode, args.dtype, args.trust_remote_code)
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"{args.model or 'the model'}: its tokenizer has no chat template; run without --chat")
@@ -642,7 +657,7 @@ def cmd_bench_run(args) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
         native.set_threads(args.threads)
-    model, tok = load_any(args.model, args.decode, args.dtype)
+    model, tok = load_any(args.model, args.decode, args.dtype, args.trust_remote_code)
     res = {"model": args.model or "SmolLM2-135M-Instruct", "dtype": args.dtype}
     qc = stored_config(getattr(model.config, "quantization_config", None))
     if qc is not None:

@@ -96,7 +96,7 @@ def check_directory(model, path: str | Path, layers: dict) -> None:
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "auto",
-         weight_dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+         weight_dtype: torch.dtype | None = None, device: str | torch.device = "cpu", trust_remote_code: bool = False):
     """Load a pvq directory: (model with QuantLinear layers, tokenizer or None if the directory has none).
 
     decode="once" decodes every quantized linear on first use and keeps it (in `weight_dtype`,
@@ -105,7 +105,9 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     and head stay in the file's 16-bit dtype and are widened where used (modules/dense.py).
 
     device="cuda" moves the model there; "auto" then decodes on the fly with the Triton kernels
-    (runtime/gpu.py) the PVQ layers they cover where Triton imports, and once the others."""
+    (runtime/gpu.py) the PVQ layers they cover where Triton imports, and once the others.
+
+    trust_remote_code: a model whose code came with its checkpoint (the directory carries it) is built by it."""
     check_decode(decode)
     device = check_device(device)
     weight_dtype = weight_dtype or dtype
@@ -116,11 +118,21 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     tensors = read_tensors(p, cfg)
     qc = cfg.pop("quantization_config")
     model_type = cfg.pop("model_type", None)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    remote = "auto_map" in cfg and (trust_remote_code or model_type not in CONFIG_MAPPING)
+    if remote and not trust_remote_code:
+        raise PVQFormatError(f"{p / 'config.json'}: model_type {model_type!r} is built by the code the directory "
+                             f"carries; pvq.load(..., trust_remote_code=True) or --trust-remote-code runs it")
     try:
-        config = AutoConfig.for_model(model_type, **cfg)
+        if remote:  # the directory's own configuration class reads its config.json
+            config = AutoConfig.from_pretrained(str(p), trust_remote_code=True)
+            config.__dict__.pop("quantization_config", None)  # set again below, once the model is built
+        else:
+            config = AutoConfig.for_model(model_type, **cfg)
     except Exception as exc:
-        raise PVQFormatError(f"{p / 'config.json'}: cannot build a {model_type!r} config ({exc})") from None
-    model = auto_class(config).from_config(config, dtype=torch.float32)
+        raise PVQFormatError(f"{p / 'config.json'}: cannot build a {model_type!r} config ({one_line(exc)})") from None
+    model = auto_class(config).from_config(config, dtype=torch.float32, trust_remote_code=remote)
     check_supported(model)
     replace_linears(model, qc["layers"], decode, weight_dtype, str(p / "config.json"), gpu=device.type != "cpu")
     check_tensors(model, tensors, qc["layers"], p)
@@ -139,7 +151,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     tokenizer = None
     if any((p / f).is_file() for f in TOKENIZER_FILES):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(p))
+            tokenizer = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
         except Exception as exc:  # a directory with broken tokenizer files is an error, not "no tokenizer"
             raise PVQFormatError(f"{p}: the tokenizer files cannot be read ({one_line(exc)})") from None
     return model.to(device=device, dtype=dtype).eval(), tokenizer
@@ -156,7 +168,7 @@ def check_device(device) -> torch.device:
     return dev
 
 
-def load_any(spec: str | None, decode: str = "auto", dtype: str = "float32"):
+def load_any(spec: str | None, decode: str = "auto", dtype: str = "float32", trust_remote_code: bool = False):
     """A pvq directory (through load) or anything models.loading.load_model accepts, as (model, tokenizer)."""
     dt = getattr(torch, dtype)
     path = Path(spec) if spec is not None else None
@@ -169,9 +181,9 @@ def load_any(spec: str | None, decode: str = "auto", dtype: str = "float32"):
                 raise
             is_pvq = False
         if is_pvq:
-            model, tok = load(path, dt, decode=decode)
+            model, tok = load(path, dt, decode=decode, trust_remote_code=trust_remote_code)
             if tok is None:
                 raise ValueError(f"{spec}: no tokenizer files in the directory (save it with the tokenizer)")
             return model, tok
-    model, tok = load_model(spec)
+    model, tok = load_model(spec, trust_remote_code=trust_remote_code)
     return model.to(dt), tok

@@ -122,12 +122,25 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _check_model_type(spec: str, model_type: str | None) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
+def _check_model_type(spec: str, model_type: str | None, config=None) -> None:
+    """Refuse a family outside SUPPORTED_MODEL_TYPES, unless its code came with the checkpoint and the caller
+    trusted it (`config` built by that code): such a family is the checkpoint's own, tested by nobody here."""
+    if model_type not in SUPPORTED_MODEL_TYPES and not is_remote_code(config):
         raise ModelLoadError(
             f"cannot load model {spec!r}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+
+
+def is_remote_code(obj) -> bool:
+    """Whether `obj` (a config or model) is an instance of a class defined by code that came with its checkpoint
+    (transformers' trust_remote_code), not by transformers."""
+    return obj is not None and type(obj).__module__.startswith("transformers_modules")
+
+
+def _remote_hint(exc: Exception) -> str:
+    """A pointer to pvq's option where transformers refuses to run a checkpoint's own code without consent."""
+    return " (pvq: --trust-remote-code, or trust_remote_code=True, runs it)" if "trust_remote_code" in str(exc) else ""
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -209,12 +222,13 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype):
     return model.eval(), tokenizer
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Load `(model, tokenizer)` in eval mode.
 
     spec: None or DEFAULT_MODEL -> the packaged SmolLM2 GGUF; a path ending in ".gguf" -> that
     file (dequantized to `dtype`); a local folder -> `from_pretrained(folder)`; anything else
-    -> a hub id. Every failure becomes a ModelLoadError.
+    -> a hub id. Every failure becomes a ModelLoadError. trust_remote_code: run the modeling code a
+    folder or hub id carries (transformers' option of that name); its family need not be a tested one.
     """
     from transformers import AutoTokenizer
 
@@ -229,12 +243,12 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
             raise ModelLoadError(f"cannot load model {name!r}: file {path} does not exist")
         return _load_gguf(name, path, dtype)
 
-    source, config = _checked_config(name)
+    source, config = _checked_config(name, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = auto_class(config).from_pretrained(source, config=config, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = auto_class(config).from_pretrained(source, config=config, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}") from exc
+        raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}{_remote_hint(exc)}") from exc
     return model.eval(), tokenizer
 
 
@@ -248,16 +262,28 @@ def run_files(spec: str | None, model=None) -> dict[str, bytes]:
     """{name: bytes} of the RUN_FILES a local model folder has, for the quantized directory to carry. From
     anywhere else (a hub id, a GGUF file) the generation defaults `model` was loaded with, where they came
     from a file rather than from the model's config."""
+    code = _code_files(model)
     path = Path(str(spec)).expanduser() if spec is not None else None
     if path is not None and path.is_dir():
-        return {f: (path / f).read_bytes() for f in RUN_FILES if (path / f).is_file()}
+        return {**code, **{f: (path / f).read_bytes() for f in RUN_FILES if (path / f).is_file()}}
     gen = getattr(model, "generation_config", None)
     if gen is None or getattr(gen, "_from_model_config", True):
-        return {}
-    return {"generation_config.json": gen.to_json_string(use_diff=True).encode()}
+        return code
+    return {**code, "generation_config.json": gen.to_json_string(use_diff=True).encode()}
 
 
-def _checked_config(name: str):
+def _code_files(model) -> dict[str, bytes]:
+    """{name: bytes} of the Python files of a model whose code came with its checkpoint (its config's and
+    model's modules and what they import beside them, as transformers copied them), so the quantized
+    directory loads with trust_remote_code as the source did."""
+    import inspect
+
+    folders = {Path(inspect.getfile(type(obj))).parent for obj in (model, getattr(model, "config", None))
+               if is_remote_code(obj)}
+    return {f.name: f.read_bytes() for d in sorted(folders) for f in sorted(d.glob("*.py")) if f.name != "__init__.py"}
+
+
+def _checked_config(name: str, trust_remote_code: bool = False):
     """(where from_pretrained reads `name`, its config) of a folder or hub id, refused before any weights
     load when the family is unsupported or it is already a pvq directory."""
     from transformers import AutoConfig
@@ -276,11 +302,12 @@ def _checked_config(name: str):
 
     # Read the config alone first so an unsupported family is refused before any weights load.
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
         where = "folder" if path.is_dir() else "hub id"
-        raise ModelLoadError(f"cannot load model {name!r} ({where}): {one_line(exc, with_type=True)}") from exc
-    _check_model_type(name, getattr(config, "model_type", None))
+        raise ModelLoadError(f"cannot load model {name!r} ({where}): {one_line(exc, with_type=True)}"
+                             f"{_remote_hint(exc)}") from exc
+    _check_model_type(name, getattr(config, "model_type", None), config)
     qc = getattr(config, "quantization_config", None)
     if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "pvq":
         raise ModelLoadError(f"cannot load model {name!r} as a float model: it is already a pvq directory "
@@ -301,7 +328,7 @@ def streamable(spec: str | None) -> bool:
     return path.is_dir() and bool(weight_files(path))
 
 
-def load_skeleton(spec: str):
+def load_skeleton(spec: str, trust_remote_code: bool = False):
     """(model, tokenizer, reader) of a local safetensors folder or GGUF file, the model built without its
     weights: every parameter on the meta device (buffers real), to be filled from the reader one block at a
     time (streaming.materialize). Checked as load_model checks it. streaming.NotStreamable (with the
@@ -322,10 +349,10 @@ def load_skeleton(spec: str):
             reader = GGUFCheckpointReader(path)
             tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=path.name)
         else:
-            source, config = _checked_config(name)
+            source, config = _checked_config(name, trust_remote_code)
             reader = CheckpointReader(Path(source))
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        model = skeleton(config)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = skeleton(config, trust_remote_code)
         if not gguf and holds_fused_experts(model):  # read per expert into the linears they are split into
             try:
                 blocks_path(model)

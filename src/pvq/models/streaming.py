@@ -222,12 +222,13 @@ def parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def skeleton(config):
-    """The model of `config` (classes.auto_class) with no weights in memory (parameters on meta), in eval mode."""
+def skeleton(config, trust_remote_code: bool = False):
+    """The model of `config` (classes.auto_class) with no weights in memory (parameters on meta), in eval mode;
+    trust_remote_code: built by the code its checkpoint carries."""
     from .classes import auto_class
 
     with parameters_on_meta():
-        model = auto_class(config).from_config(config, dtype=torch.float32)
+        model = auto_class(config).from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     return model.eval()
 
 
