@@ -112,14 +112,13 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     device = check_device(device)
     weight_dtype = weight_dtype or dtype
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     p = Path(path)
     cfg = read_config(p)
     tensors = read_tensors(p, cfg)
     qc = cfg.pop("quantization_config")
     model_type = cfg.pop("model_type", None)
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     remote = "auto_map" in cfg and (trust_remote_code or model_type not in CONFIG_MAPPING)
     if remote and not trust_remote_code:
         raise PVQFormatError(f"{p / 'config.json'}: model_type {model_type!r} is built by the code the directory "

@@ -146,7 +146,8 @@ def _routers(block: nn.Module) -> set[int]:
             if isinstance(m, nn.Linear) and m.out_features in counts and id(m) not in inside}
 
 
-_SHARED = ("torch.", "transformers.modeling_", "transformers.generation", "transformers.utils", "transformers.integrations")
+_SHARED = ("torch.", "transformers.modeling_", "transformers.generation", "transformers.utils",
+           "transformers.integrations")
 
 
 @lru_cache(maxsize=None)
@@ -190,7 +191,8 @@ def _read_directly(block: nn.Module) -> set[int]:
 def weight_read_directly(model: nn.Module, module: nn.Module) -> bool:
     """Whether the code of some module of `model` reads `module.weight` itself (Mamba casts the head's input
     to `self.lm_head.weight.dtype`)."""
-    return any(mod._modules.get(leaf) is module for mod in model.modules() for leaf in _weights_read(type(mod)))
+    return module is not None and any(mod._modules.get(leaf) is module for mod in model.modules()
+                                      for leaf in _weights_read(type(mod)))
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
@@ -301,7 +303,7 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     if input_ids.shape[0] > 1:
         with _forwards(layers, lambda j: record(j, pairs, False)):
             call(input_ids[:2])
-        kwargs = [{k: _per_sample(v, two.get(k)) for k, v in kw.items()} for kw, two in zip(kwargs, pairs)]
+        kwargs = [{k: _per_sample(v, (two or {}).get(k)) for k, v in kw.items()} for kw, two in zip(kwargs, pairs)]
     for kw in kwargs:
         for k in ("past_key_values", "past_key_value", "cache"):
             kw.pop(k, None)

@@ -450,7 +450,7 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = auto_class(config).from_config(config, **_dtype_kwargs(torch.float32))
-        for mod in model.modules():  # a router initialized to zeros (AFMoE's) would send every token to the same experts
+        for mod in model.modules():  # a router initialized to zeros (AFMoE's) sends every token to the same experts
             if isinstance(mod, torch.nn.Linear) and not mod.weight.any():
                 with torch.no_grad():
                     mod.weight.normal_(0, 0.02)
