@@ -130,6 +130,12 @@ def test_a_linear_whose_weight_the_family_reads_itself_stays_dense(mt):
     assert {"self_attention.dense", "mlp.dense_4h_to_h"} <= set(block_linears(blocks(tiny_model("bloom"))[0]))
 
 
+def test_a_block_given_a_per_token_input_of_its_own_is_one_clear_line():
+    model = tiny_model("gemma4_text", hidden_size_per_layer_input=16, vocab_size_per_layer_input=256)  # E2B/E4B's form
+    with pytest.raises(ValueError, match="'gemma4_text': block 0 is given a tensor of its own.*per-layer inputs"):
+        api.quantize(model, QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32), IDS, progress=False)
+
+
 def test_fused_experts_without_the_experts_interface_are_one_clear_line():
     model = tiny_model("qwen2_moe")
     del model.model.layers[0].mlp.experts.has_gate  # what a family outside transformers' experts interface lacks
@@ -140,7 +146,8 @@ def test_fused_experts_without_the_experts_interface_are_one_clear_line():
 # Llama 4's experts are called another way (every token, scaled by its score): test_llama4_experts_see_their_own_tokens
 MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt or mt in ("mixtral", "gpt_oss", "deepseek_v2", "deepseek_v3",
                                                                     "dots1", "qwen3_next", "minimax", "minimax_m2",
-                                                                    "flex_olmo", "jamba")]
+                                                                    "flex_olmo", "jamba", "mimo_v2_flash",
+                                                                    "kimi_linear", "gemma4_text")]
 
 
 @pytest.mark.parametrize("mt", MOE)
@@ -334,12 +341,13 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
     assert all(math.isfinite(fisher[n]["a"]) and fisher[n]["a"] >= 0 for n in names)
 
 
-# a renamed head on disk (gpt_neox), alternating masks (gemma2), fused projections (phi3), position embeddings
+# Conv1D weights transposed as they are read (gpt2), a renamed head on disk (gpt_neox), position embeddings
 # before the blocks (opt), a Mamba block's 3-D convolution that is no expert (falcon_h1), a vision tower beside
 # the blocks with a 3-D pooling probe (gemma3), experts stored one tensor per expert, gate and up apart
 # (qwen3_moe), experts stored fused and transposed, a slice each (gpt_oss). Every dense family passed this
-# when it was written (starcoder2, phi, cohere too; mixtral's renamed experts as well); these keep it short.
-STREAMED = ("gpt2", "gpt_neox", "gemma2", "phi3", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_oss")
+# when it was written (gemma2's alternating masks, phi3's fused projections, starcoder2, phi, cohere too;
+# mixtral's renamed experts as well); these keep it short.
+STREAMED = ("gpt2", "gpt_neox", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_oss")
 
 
 @pytest.mark.parametrize("mt", STREAMED)

@@ -32,7 +32,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "gemma3_text", "glm4", "olmo3", "hunyuan_v1_dense", "seed_oss", "apertus", "arcee",
                          "ministral", "nemotron", "opt", "mpt", "falcon", "lfm2",
                          "cohere2", "helium", "olmo", "persimmon", "diffllama", "doge", "gpt_bigcode", "gptj",
-                         "codegen", "xglm", "biogpt",
+                         "codegen", "xglm", "biogpt", "internlm3", "ministral3", "exaone", "vaultgemma", "gpt_neo",
+                         "solar_open", "olmo_hybrid", "minicpm3", "hy_v3",
+                         # Gemma 4 without per-layer inputs (the dense and MoE sizes; E2B/E4B feed each block a
+                         # per-token input of its own, refused: adapters.capture_block_inputs)
+                         "gemma4_text",
                          # GPT-2's linears are Conv1D modules (weight stored transposed): made linears (adapters.py)
                          "gpt2",
                          # ALiBi biases laid out per sample (adapters.PerSample)
@@ -45,11 +49,13 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
-                         "ernie4_5_moe", "exaone_moe", "minimax_m2", "afmoe", "flex_olmo", "lfm2_moe",
+                         "ernie4_5_moe", "exaone_moe", "minimax_m2", "afmoe", "flex_olmo", "lfm2_moe", "glm4_moe_lite",
+                         "cohere2_moe", "mimo_v2_flash", "granitemoeshared", "minicpm5_moe",
                          # Mamba-1 (state-space blocks only; dt_proj, whose weight the mixer reads, stays dense)
                          "mamba", "falcon_mamba",
                          # hybrids: Mamba or linear-attention blocks beside attention (their convolutions stay dense)
-                         "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "minimax", "jamba")
+                         "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "minimax", "jamba", "qwen3_5_text",
+                         "qwen3_5_moe_text", "kimi_linear")
 
 # a tiny mixture of experts: few, small experts, so every one is reached by a few test tokens
 _TINY_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -61,9 +67,20 @@ _TINY_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_
 _TINY_MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32, head_dim=8)
 # rotary sections over the temporal, height and width positions of the Qwen VL models, summing to head_dim / 2
 _TINY_MROPE = dict(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+# a gated-delta-net hybrid (Qwen3-Next, Qwen3.5): one linear-attention block and one full-attention block
+_TINY_GDN = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+                 linear_key_head_dim=16, linear_value_head_dim=16)
 _TINY_FAMILY = {
-    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
-                       linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16),
+    "qwen3_next": _TINY_GDN,
+    "qwen3_5_text": _TINY_GDN,
+    "qwen3_5_moe_text": _TINY_GDN,
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+                        **_TINY_MLA),
+    "glm4_moe_lite": _TINY_MLA,
+    "minicpm3": _TINY_MLA,
+    "gemma4_text": dict(layer_types=["sliding_attention", "full_attention"], per_layer_config={},
+                        hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=True, top_k_experts=2),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], num_layers=2, window_size=8),
     "granitemoehybrid": dict(layer_types=["mamba", "attention"], shared_intermediate_size=128, mamba_n_heads=4,
                              mamba_d_head=32, mamba_d_state=16),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
