@@ -130,10 +130,19 @@ def test_a_linear_whose_weight_the_family_reads_itself_stays_dense(mt):
     assert {"self_attention.dense", "mlp.dense_4h_to_h"} <= set(block_linears(blocks(tiny_model("bloom"))[0]))
 
 
-def test_a_block_given_a_per_token_input_of_its_own_is_one_clear_line():
+def test_a_block_given_a_tensor_positionally_is_one_clear_line():
+    """pvq runs blocks with the keyword arguments it captured: a tensor given positionally (Gemma 4 E2B/E4B's
+    per-token per-layer inputs; XGLM's attention mask, which was silently dropped before) is refused."""
+    from transformers import AutoConfig
+
+    cfg = QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32)
     model = tiny_model("gemma4_text", hidden_size_per_layer_input=16, vocab_size_per_layer_input=256)  # E2B/E4B's form
-    with pytest.raises(ValueError, match="'gemma4_text': block 0 is given a tensor of its own.*per-layer inputs"):
-        api.quantize(model, QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32), IDS, progress=False)
+    with pytest.raises(ValueError, match="'gemma4_text': block 0 is given a tensor positionally"):
+        api.quantize(model, cfg, IDS, progress=False)
+    xglm = AutoModelForCausalLM.from_config(AutoConfig.for_model("xglm", d_model=64, ffn_dim=128, num_layers=2,
+                                                                 attention_heads=4, vocab_size=256))
+    with pytest.raises(ValueError, match="'xglm': block 0 is given a tensor positionally"):
+        api.quantize(xglm, cfg, IDS, progress=False)
 
 
 def test_fused_experts_without_the_experts_interface_are_one_clear_line():

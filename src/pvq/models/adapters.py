@@ -282,11 +282,11 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
 
     def record(j, into, keep):
         def forward(*args, **kw):
-            if any(isinstance(a, torch.Tensor) for a in args[1:]):  # one per sample, which kwargs do not hold
+            if any(isinstance(a, torch.Tensor) for a in args[1:]):  # pvq calls blocks with keywords only
                 mt = getattr(model.config, "model_type", None)
-                raise ValueError(f"unsupported architecture {mt!r}: block {j} is given a tensor of its own beside its "
-                                 f"hidden states (per-layer inputs, as Gemma 3n's and Gemma 4 E2B/E4B's); pvq runs "
-                                 f"each block on its hidden states and call arguments alone")
+                raise ValueError(f"unsupported architecture {mt!r}: block {j} is given a tensor positionally beside "
+                                 f"its hidden states (XGLM's attention mask, Gemma 4 E2B/E4B's per-layer inputs); pvq "
+                                 f"runs each block on its hidden states and keyword arguments")
             if into[j] is None:
                 into[j] = {k: v for k, v in kw.items() if k != "hidden_states"}
             if keep and j == 0:

@@ -32,7 +32,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "gemma3_text", "glm4", "olmo3", "hunyuan_v1_dense", "seed_oss", "apertus", "arcee",
                          "ministral", "nemotron", "opt", "mpt", "falcon", "lfm2",
                          "cohere2", "helium", "olmo", "persimmon", "diffllama", "doge", "gpt_bigcode", "gptj",
-                         "codegen", "xglm", "biogpt", "internlm3", "ministral3", "exaone", "vaultgemma", "gpt_neo",
+                         "codegen", "biogpt", "internlm3", "ministral3", "exaone", "vaultgemma", "gpt_neo",
                          "solar_open", "olmo_hybrid", "minicpm3", "hy_v3",
                          # Gemma 4 without per-layer inputs (the dense and MoE sizes; E2B/E4B feed each block a
                          # per-token input of its own, refused: adapters.capture_block_inputs)
@@ -86,7 +86,6 @@ _TINY_FAMILY = {
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
     "gpt2": dict(n_inner=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),  # tied, as GPT-2 is
     "gptj": dict(rotary_dim=8, n_inner=128),
-    "xglm": dict(ffn_dim=128),
     "mamba": dict(state_size=16),
     "falcon_mamba": dict(state_size=16),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
