@@ -16,6 +16,7 @@ from pvq.eval import arc
 from pvq.eval.arc import arc_easy_accuracy, score_continuations
 from pvq.eval.perplexity import perplexity
 from pvq.models.loading import (
+    _TINY_FAMILY,
     SUPPORTED_MODEL_TYPES,
     ModelLoadError,
     load_model,
@@ -273,7 +274,8 @@ def test_tiny_model_each_family(model_type):
     # a llama4 (vision-language) config builds the text model, whose config is its text part's
     assert a.config.model_type == {"llama4": "llama4_text"}.get(model_type, model_type) and not a.training
     text = a.config.get_text_config()  # a vision-language model's sizes are its language model's
-    assert text.intermediate_size == 96 and text.num_key_value_heads == 2
+    kv_heads = _TINY_FAMILY.get(model_type, {}).get("num_key_value_heads", 2)  # DSA attention: all 4
+    assert text.intermediate_size == 96 and text.num_key_value_heads == kv_heads
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     c = tiny_model(model_type, seed=2)

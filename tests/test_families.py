@@ -145,6 +145,23 @@ def test_a_block_given_a_tensor_positionally_is_one_clear_line():
         api.quantize(xglm, cfg, IDS, progress=False)
 
 
+def test_a_block_whose_other_outputs_the_next_block_needs_is_one_clear_line():
+    """GLM-5 (glm_moe_dsa) hands each block's indexer choices to the next: blocks replayed one at a time on their
+    hidden states cannot run it, said in one line rather than a traceback from inside the model."""
+    from transformers import AutoConfig
+
+    from pvq.models.loading import _TINY_MLA
+
+    config = AutoConfig.for_model("glm_moe_dsa", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=256, n_routed_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1,
+                                  index_n_heads=4, index_head_dim=16, index_topk=8, **_TINY_MLA)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="'glm_moe_dsa': its forward fails with each block handing on only its "
+                                         "hidden states .*ValueError.*GLM-5"):
+        api.quantize(model, QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32), IDS, progress=False)
+
+
 def test_fused_experts_without_the_experts_interface_are_one_clear_line():
     model = tiny_model("qwen2_moe")
     del model.model.layers[0].mlp.experts.has_gate  # what a family outside transformers' experts interface lacks
@@ -154,6 +171,7 @@ def test_fused_experts_without_the_experts_interface_are_one_clear_line():
 
 # Llama 4's experts are called another way (every token, scaled by its score): test_llama4_experts_see_their_own_tokens
 MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt or mt in ("mixtral", "gpt_oss", "deepseek_v2", "deepseek_v3",
+                                                                    "deepseek_v32",
                                                                     "dots1", "qwen3_next", "minimax", "minimax_m2",
                                                                     "flex_olmo", "jamba", "mimo_v2_flash",
                                                                     "kimi_linear", "gemma4_text")]

@@ -22,6 +22,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from ..errors import one_line
 from ..solvers.hessian import CrossAccumulator, HessianAccumulator
 from .experts import FIRST, fused_experts, split_experts
 
@@ -211,6 +212,10 @@ class _Stop(Exception):
     """Raised by the capture hook: nothing past block 0 needs to run."""
 
 
+class _Refused(Exception):
+    """Raised by the capture hook: a block is called in a way pvq cannot replay (its message says how)."""
+
+
 def _hidden(args, kw) -> torch.Tensor:
     """The hidden states a block was called with."""
     return args[0] if args else kw["hidden_states"]
@@ -283,8 +288,7 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     def record(j, into, keep):
         def forward(*args, **kw):
             if any(isinstance(a, torch.Tensor) for a in args[1:]):  # pvq calls blocks with keywords only
-                mt = getattr(model.config, "model_type", None)
-                raise ValueError(f"unsupported architecture {mt!r}: block {j} is given a tensor positionally beside "
+                raise _Refused(f"unsupported architecture {mt!r}: block {j} is given a tensor positionally beside "
                                  f"its hidden states (XGLM's attention mask, Gemma 4 E2B/E4B's per-layer inputs); pvq "
                                  f"runs each block on its hidden states and keyword arguments")
             if into[j] is None:
@@ -296,11 +300,19 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
             return _hidden(args, kw)
         return forward
 
+    mt = getattr(model.config, "model_type", None)
+
     def call(ids):
         try:
             model(ids, use_cache=False)
         except _Stop:
             pass
+        except _Refused as exc:
+            raise ValueError(str(exc)) from None
+        except Exception as exc:  # the family's forward needs more of its blocks than their hidden states
+            raise ValueError(f"unsupported architecture {mt!r}: its forward fails with each block handing on only its "
+                             f"hidden states ({one_line(exc, with_type=True)}): a block whose other outputs the next "
+                             f"block needs, as GLM-5's shared indexer, is not supported") from exc
 
     with _forwards(layers, lambda j: record(j, kwargs, True)):
         for i in range(input_ids.shape[0]):

@@ -48,7 +48,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "qwen2_5_vl", "qwen3_vl", "mistral3", "llava", "qwen2_vl", "smolvlm", "internvl", "paligemma",
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
-                         "deepseek_v2", "deepseek_v3", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
+                         "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
                          "ernie4_5_moe", "exaone_moe", "minimax_m2", "afmoe", "flex_olmo", "lfm2_moe", "glm4_moe_lite",
                          "cohere2_moe", "mimo_v2_flash", "granitemoeshared", "minicpm5_moe",
                          # Mamba-1 (state-space blocks only; dt_proj, whose weight the mixer reads, stays dense)
@@ -77,6 +77,7 @@ _TINY_FAMILY = {
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
                         **_TINY_MLA),
     "glm4_moe_lite": _TINY_MLA,
+    "deepseek_v32": dict(_TINY_MLA, num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8),
     "minicpm3": _TINY_MLA,
     "gemma4_text": dict(layer_types=["sliding_attention", "full_attention"], per_layer_config={},
                         hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=True, top_k_experts=2),
