@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_json  # noqa: E402
-from scale import commit, digests, quantize, write_checkpoint  # noqa: E402
+from scale import attention_shapes, commit, digests, model_shapes, quantize, write_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SHAPE = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32,
@@ -37,18 +37,14 @@ def _tensor_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     h, i, e = SHAPE["hidden_size"], SHAPE["moe_intermediate_size"], SHAPE["num_experts"]
     q, kv, d = SHAPE["num_attention_heads"] * SHAPE["head_dim"], SHAPE["num_key_value_heads"] * SHAPE["head_dim"], \
         SHAPE["head_dim"]
-    out = [("model.embed_tokens.weight", (SHAPE["vocab_size"], h))]
-    for b in range(layers):
-        p = f"model.layers.{b}."
-        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
-                (p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,)),
-                (p + "mlp.gate.weight", (e, h))]
+
+    def block(p):
+        out = attention_shapes(p, h, q, kv, qk_norm=d) + [(p + "mlp.gate.weight", (e, h))]
         for x in range(e):
             out += [(p + f"mlp.experts.{x}.gate_proj.weight", (i, h)), (p + f"mlp.experts.{x}.up_proj.weight", (i, h)),
                     (p + f"mlp.experts.{x}.down_proj.weight", (h, i))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (SHAPE["vocab_size"], h))]
+        return out
+    return model_shapes(layers, SHAPE["vocab_size"], h, block)
 
 
 def make_checkpoint(folder: Path, layers: int) -> None:

@@ -40,17 +40,30 @@ SHAPE = dict(hidden_size=2560, intermediate_size=6912, num_attention_heads=20, n
              tie_word_embeddings=False)
 
 
+def model_shapes(layers: int, vocab: int, h: int, block) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of a Llama-layout checkpoint's tensors in writing order: embeddings, `block(prefix)` for
+    each of `layers` blocks, final norm and head."""
+    out = [("model.embed_tokens.weight", (vocab, h))]
+    for b in range(layers):
+        out += block(f"model.layers.{b}.")
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
+
+
+def attention_shapes(p: str, h: int, q: int, kv: int, qk_norm: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """A block's two norms and attention projections (q of width q, k and v of kv), with q/k norms of width
+    qk_norm where given (Qwen3)."""
+    out = [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+           (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+           (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q))]
+    if qk_norm is not None:
+        out += [(p + "self_attn.q_norm.weight", (qk_norm,)), (p + "self_attn.k_norm.weight", (qk_norm,))]
+    return out
+
+
 def _tensor_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     h, i, kv = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["num_key_value_heads"] * SHAPE["head_dim"]
-    out = [("model.embed_tokens.weight", (SHAPE["vocab_size"], h))]
-    for b in range(layers):
-        p = f"model.layers.{b}."
-        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (SHAPE["vocab_size"], h))]
+    return model_shapes(layers, SHAPE["vocab_size"], h, lambda p: attention_shapes(p, h, h, kv) + [
+        (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i))])
 
 
 def _tensor(name: str, shape) -> torch.Tensor:
