@@ -289,8 +289,8 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
         def forward(*args, **kw):
             if any(isinstance(a, torch.Tensor) for a in args[1:]):  # pvq calls blocks with keywords only
                 raise _Refused(f"unsupported architecture {mt!r}: block {j} is given a tensor positionally beside "
-                                 f"its hidden states (XGLM's attention mask, Gemma 4 E2B/E4B's per-layer inputs); pvq "
-                                 f"runs each block on its hidden states and keyword arguments")
+                               f"its hidden states (XGLM's attention mask, Gemma 4 E2B/E4B's per-layer inputs); pvq "
+                               f"runs each block on its hidden states and keyword arguments")
             if into[j] is None:
                 into[j] = {k: v for k, v in kw.items() if k != "hidden_states"}
             if keep and j == 0:
