@@ -272,6 +272,47 @@ def _per_sample(one, two):
     return one
 
 
+# handed on as a block's second output where the family's forward unpacks two (Bamba's attention weights); a
+# block that finds it among its arguments was handed its predecessor's other output, which pvq cannot replay
+_SECOND = object()
+
+
+def _hand_on(model, hidden):
+    """What a pass-through block returns: its hidden states, or (hidden, _SECOND) where the family's forward
+    unpacks two outputs from each block (_blocks_return_pairs)."""
+    return (hidden, _SECOND) if model._pvq_block_pairs else hidden
+
+
+@torch.no_grad()
+def _blocks_return_pairs(model, input_ids: torch.Tensor) -> bool:
+    """Whether the family's forward takes a block's hidden states from a pair (hidden, other) rather than
+    from a tensor (Bamba unpacks two; GPT-1 takes item 0 of a list), told by one pass of one token with block 0
+    a pass-through returning its input: block 1 must be handed a tensor of that shape, else blocks return
+    pairs. Asked once per model, before any call with a batch, where unpacking two samples, or taking the
+    first, would not fail."""
+    if not hasattr(model, "_pvq_block_pairs"):
+        layers = blocks(model)
+        given, handed = [], []
+
+        def first(*args, **kw):
+            given.append(_hidden(args, kw))
+            return given[0]
+
+        def second(*args, **kw):
+            handed.append(_hidden(args, kw))
+            raise _Stop
+
+        if len(layers) > 1:
+            with _forwards(layers, lambda j: first if j == 0 else second):
+                try:
+                    model(input_ids[:1, :1], use_cache=False)
+                except Exception:  # _Stop, or the forward failed on a tensor where it wanted a pair
+                    pass
+        model._pvq_block_pairs = len(layers) > 1 and not (
+            handed and isinstance(handed[0], torch.Tensor) and handed[0].shape == given[0].shape)
+    return model._pvq_block_pairs
+
+
 @torch.no_grad()
 def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     """Inputs of block 0 for every calibration sample (hidden [N, L, D]) and the keyword arguments of each
@@ -284,9 +325,15 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     the embeddings' weights (a streamed skeleton has no others yet)."""
     layers = blocks(model)
     hidden, kwargs, pairs = [], [None] * len(layers), [None] * len(layers)
+    mt = getattr(model.config, "model_type", None)
+    _blocks_return_pairs(model, input_ids)
 
     def record(j, into, keep):
         def forward(*args, **kw):
+            if any(a is _SECOND for a in args[1:]) or any(v is _SECOND for v in kw.values()):
+                raise _Refused(f"unsupported architecture {mt!r}: block {j} is handed the second output of block "
+                               f"{j - 1} (GLM-5's indexer choices); pvq runs each block on its hidden states and "
+                               f"the arguments the model gives every block")
             if any(isinstance(a, torch.Tensor) for a in args[1:]):  # pvq calls blocks with keywords only
                 raise _Refused(f"unsupported architecture {mt!r}: block {j} is given a tensor positionally beside "
                                f"its hidden states (XGLM's attention mask, Gemma 4 E2B/E4B's per-layer inputs); pvq "
@@ -297,10 +344,8 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
                 hidden.append(_hidden(args, kw).detach())
             if j == len(layers) - 1 or into[-1] is not None:
                 raise _Stop
-            return _hidden(args, kw)
+            return _hand_on(model, _hidden(args, kw))
         return forward
-
-    mt = getattr(model.config, "model_type", None)
 
     def call(ids):
         try:
@@ -321,11 +366,18 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
         with _forwards(layers, lambda j: record(j, pairs, False)):
             call(input_ids[:2])
         kwargs = [{k: _per_sample(v, (two or {}).get(k)) for k, v in kw.items()} for kw, two in zip(kwargs, pairs)]
-    for kw in kwargs:
+    for block, kw in zip(layers, kwargs):
         for k in ("past_key_values", "past_key_value", "cache"):
             kw.pop(k, None)
-        kw["use_cache"] = False
+        if _takes(block, "use_cache"):  # not every block's forward has it (GPT-1's)
+            kw["use_cache"] = False
     return torch.cat(hidden), kwargs
+
+
+def _takes(module: nn.Module, name: str) -> bool:
+    """Whether the module's forward takes keyword `name` (by name or through **kwargs)."""
+    params = inspect.signature(type(module).forward).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 @torch.no_grad()
@@ -333,11 +385,13 @@ def logits_after_blocks(model, hidden: torch.Tensor, input_ids: torch.Tensor) ->
     """The model's logits when the last block outputs `hidden` [N, L, D] for `input_ids` [N, L]: whatever
     the family does after its blocks (final norm, head, logit scaling or soft-capping) runs as the model
     runs it, with the blocks as pass-throughs that hand on `hidden`."""
+    _blocks_return_pairs(model, input_ids)
+
     def handover(*args, **kw):
-        return hidden
+        return _hand_on(model, hidden)
 
     def through(*args, **kw):
-        return _hidden(args, kw)
+        return _hand_on(model, _hidden(args, kw))
 
     with _forwards(blocks(model), lambda j: handover if j == 0 else through):
         return model(input_ids, use_cache=False).logits
@@ -356,7 +410,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int =
         x = hidden[s : s + batch]
         r = block(x, **call_kwargs(kwargs, x.shape[0]))
         if keep:
-            out[s : s + batch] = r[0] if isinstance(r, tuple) else r
+            out[s : s + batch] = r[0] if isinstance(r, (tuple, list)) else r  # GPT-1's blocks return lists
     return out
 
 

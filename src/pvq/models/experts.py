@@ -30,11 +30,14 @@ def fused_leaves(mod: nn.Module) -> dict[str, tuple[str, str]]:
 
 
 def _fused(mod: nn.Module) -> bool:
-    # a convolution's kernel is 3-D too (the short causal convolutions of Mamba and linear-attention
-    # blocks): it is no stack of experts, and stays as it is
-    if isinstance(mod, nn.modules.conv._ConvNd):
+    # other 3-D parameters are no stack of experts and stay as they are: a convolution's kernel (the short
+    # causal convolutions of Mamba and linear-attention blocks), RecurrentGemma's block-diagonal gates, RWKV's
+    # per-channel mixing vectors. Experts are told by transformers' experts interface or by their class's name
+    # (every experts class transformers has is called ...Experts), so one outside the interface is refused
+    # rather than left dense unnoticed
+    if isinstance(mod, nn.modules.conv._ConvNd) or not any(p.dim() == 3 for p in mod.parameters(recurse=False)):
         return False
-    return any(p.dim() == 3 for p in mod.parameters(recurse=False))
+    return hasattr(mod, "has_gate") or "expert" in type(mod).__name__.lower()
 
 
 def fused_experts(model: nn.Module) -> bool:

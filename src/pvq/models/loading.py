@@ -33,7 +33,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "ministral", "nemotron", "opt", "mpt", "falcon", "lfm2",
                          "cohere2", "helium", "olmo", "persimmon", "diffllama", "doge", "gpt_bigcode", "gptj",
                          "codegen", "biogpt", "internlm3", "ministral3", "exaone", "vaultgemma", "gpt_neo",
-                         "solar_open", "olmo_hybrid", "minicpm3", "hy_v3",
+                         "solar_open", "olmo_hybrid", "minicpm3", "hy_v3", "apertus1p5_text", "bitnet", "cwm", "dory",
+                         "flint", "gemma4_unified_text", "granite_swa", "hyperclovax", "iquestcoder", "jais2", "nanochat",
+                         "ctrl", "modernbert-decoder", "gpt_neox_japanese", "axk1", "youtu", "axk2", "sarvam_mla",
+                         # blocks that return (hidden, attention weights) in a list (GPT-1)
+                         "openai-gpt",
                          # Gemma 4 without per-layer inputs (the dense and MoE sizes; E2B/E4B feed each block a
                          # per-token input of its own, refused: adapters.capture_block_inputs)
                          "gemma4_text",
@@ -50,12 +54,15 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
                          "ernie4_5_moe", "exaone_moe", "minimax_m2", "afmoe", "flex_olmo", "lfm2_moe", "glm4_moe_lite",
-                         "cohere2_moe", "mimo_v2_flash", "granitemoeshared", "minicpm5_moe",
-                         # Mamba-1 (state-space blocks only; dt_proj, whose weight the mixer reads, stays dense)
-                         "mamba", "falcon_mamba",
+                         "cohere2_moe", "mimo_v2_flash", "granitemoeshared", "minicpm5_moe", "aria_text", "granitemoe_swa",
+                         "kolibri1", "laguna", "mellum", "minimax_m3_vl_text", "param2moe", "sarvam_moe", "dots3_note_text",
+                         # Mamba-1 (state-space blocks only; dt_proj, whose weight the mixer reads, stays dense), Mamba-2
+                         "mamba", "falcon_mamba", "mamba2",
                          # hybrids: Mamba or linear-attention blocks beside attention (their convolutions stay dense)
                          "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "minimax", "jamba", "qwen3_5_text",
-                         "qwen3_5_moe_text", "kimi_linear")
+                         "qwen3_5_moe_text", "kimi_linear", "lara_mini", "lfm3", "bailing_hybrid",
+                         # ... whose blocks return (hidden, attention weights), unpacked by the model's forward
+                         "bamba")
 
 # a tiny mixture of experts: few, small experts, so every one is reached by a few test tokens
 _TINY_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -104,6 +111,24 @@ _TINY_FAMILY = {
     "qwen3_vl": _TINY_MROPE,
     "deepseek_v2": _TINY_MLA,
     "deepseek_v3": _TINY_MLA,
+    "axk1": _TINY_MLA,
+    "youtu": _TINY_MLA,
+    "axk2": dict(_TINY_MLA, num_key_value_heads=4),
+    "sarvam_mla": dict(_TINY_MLA, num_key_value_heads=4),
+    "dots3_note_text": dict(_TINY_MLA, num_key_value_heads=4, per_layer_config={}, index_n_heads=4, index_head_dim=16,
+                            index_topk=8, sliding_window=8),
+    "bailing_hybrid": dict(_TINY_MLA, layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+                           qk_head_dim=16, linear_num_heads=4, linear_head_dim=16, num_expert_group=1,
+                           num_experts_per_token=2, layer_group_size=2, expert_swiglu_limit_list=[0, 0],
+                           share_expert_swiglu_limit_list=[0, 0]),
+    "lfm3": dict(layer_types=["conv", "full_attention"]),
+    "lara_mini": dict(layer_types=["linear_attention", "full_attention"]),
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16),
+    "mamba2": dict(num_heads=8, head_dim=16, n_groups=1, state_size=16, chunk_size=16),
+    "ctrl": dict(dff=128),
+    "aria_text": dict(moe_num_experts=4),
+    "minimax_m3_vl_text": dict(dense_intermediate_size=128, shared_intermediate_size=64),
+    "gemma4_unified_text": dict(per_layer_config={}, sliding_window=8),
 }
 
 
