@@ -86,6 +86,10 @@ def _find_blocks(model) -> tuple[str, nn.ModuleList]:
     wanted = set(getattr(model, "_no_split_modules", None) or ())
     named = [(name, mod) for name, mod in found if type(mod[0]).__name__ in wanted]
     found = named or found
+    if not found and n:  # num_hidden_layers counts sublayers (LongCat-Flash's blocks hold lists of two each)
+        found = [(name, mod) for name, mod in model.named_modules()
+                 if isinstance(mod, nn.ModuleList) and len(mod) and type(mod[0]).__name__ in wanted
+                 and any(isinstance(sub, nn.ModuleList) and len(mod) * len(sub) == n for sub in mod[0].children())]
     if len(found) > 1 and callable(getattr(model, "get_decoder", None)):  # a vision tower's blocks beside the text's
         decoder = model.get_decoder()
         under = {f"{n}." if n else "" for n, m in model.named_modules() if m is decoder}
@@ -235,15 +239,20 @@ def _forwards(layers: nn.ModuleList, make):
 
 @dataclass(frozen=True)
 class PerSample:
-    """A block argument with one slice per sample along `dim` (BLOOM's ALiBi biases, [batch * heads, 1, L]),
-    held for one sample: calibration samples all have the same length and no padding, so every sample's
-    slice is this one, repeated for a batch of n by `batched(n)`."""
+    """A block argument with one slice per sample along `dim` (BLOOM's ALiBi biases, [batch * heads, 1, L];
+    a mask [batch, 1, L, L], which XGLM wants as long as the batch rather than broadcast), held for one sample:
+    calibration samples all have the same length and no padding, so every sample's slice is this one,
+    repeated for a batch of n by `batched(n)` (a view where the slice has length 1)."""
 
     tensor: torch.Tensor
     dim: int
 
     def batched(self, n: int) -> torch.Tensor:
-        return self.tensor if n == 1 else torch.cat([self.tensor] * n, dim=self.dim)
+        if n == 1:
+            return self.tensor
+        if self.tensor.shape[self.dim] == 1:
+            return self.tensor.expand(*(n if d == self.dim else -1 for d in range(self.tensor.dim())))
+        return torch.cat([self.tensor] * n, dim=self.dim)
 
     def to(self, device) -> PerSample:
         return PerSample(self.tensor.to(device), self.dim)
@@ -260,14 +269,13 @@ def call_kwargs(kwargs: dict, n: int) -> dict:
 
 def _per_sample(one, two):
     """`one` (an argument given for one sample), or PerSample where the same argument for two samples (`two`)
-    is twice as long along one dimension, not of length 1 for one: most arguments (rotary tables, causal
-    masks) broadcast over the batch, a few are laid out per sample (batch * heads)."""
+    is twice as long along one dimension: laid out per sample (batch, or batch * heads)."""
     if isinstance(one, (tuple, list)) and isinstance(two, (tuple, list)) and len(one) == len(two):
         return type(one)(_per_sample(a, b) for a, b in zip(one, two))
     if not isinstance(one, torch.Tensor) or not isinstance(two, torch.Tensor) or one.dim() != two.dim():
         return one
     grown = [d for d in range(one.dim()) if one.shape[d] != two.shape[d]]
-    if len(grown) == 1 and two.shape[grown[0]] == 2 * one.shape[grown[0]] > 2:  # length 1: broadcasts as it is
+    if len(grown) == 1 and two.shape[grown[0]] == 2 * one.shape[grown[0]]:
         return PerSample(one, grown[0])
     return one
 
@@ -313,18 +321,68 @@ def _blocks_return_pairs(model, input_ids: torch.Tensor) -> bool:
     return model._pvq_block_pairs
 
 
+def _as_keywords(block: nn.Module, args: tuple, kw: dict, where: str) -> dict:
+    """A block's call arguments other than its hidden states, by name: what a family hands its blocks
+    positionally (XGLM's attention mask; RecurrentGemma's positions, mask and cache flag) is bound to the names
+    of the block's forward, so that pvq replays every call with keywords."""
+    if len(args) <= 1:
+        return {k: v for k, v in kw.items() if k != "hidden_states"}
+    sig = inspect.signature(type(block).forward)
+    try:
+        bound = sig.bind(block, *args, **kw).arguments
+    except TypeError as exc:
+        raise _Refused(f"{where} is called with arguments its forward does not name ({exc})") from None
+    out = {}
+    for p in list(sig.parameters.values())[2:]:  # after self and the hidden states
+        if p.kind is p.VAR_POSITIONAL and bound.get(p.name):
+            raise _Refused(f"{where} is given {len(bound[p.name])} tensors positionally past the arguments its "
+                           f"forward names; pvq replays blocks with keyword arguments")
+        if p.kind is p.VAR_KEYWORD:
+            out.update(bound.get(p.name, {}))
+        elif p.kind is not p.VAR_POSITIONAL and p.name in bound:
+            out[p.name] = bound[p.name]
+    return out
+
+
+def _varies(a, b) -> bool:
+    """Whether two captures of one argument differ (tensors by value; nested tuples, lists and dicts)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                    and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) != len(b) or any(_varies(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() != b.keys() or any(_varies(a[k], b[k]) for k in a)
+    return False
+
+
+def _same_for_every_sample(first: list[dict], second: list[dict], mt) -> None:
+    """Refuse a block argument that differs between the first two samples: pvq captures each block's
+    arguments once and replays them for every sample (positions, masks, rotary tables are alike for samples
+    of one length), which a per-token input of the block's own (Gemma 4 E2B/E4B's per-layer inputs) is not."""
+    for j, (a, b) in enumerate(zip(first, second)):
+        varying = [k for k in a if _varies(a[k], (b or {}).get(k))]
+        if varying:
+            raise ValueError(f"unsupported architecture {mt!r}: block {j}'s argument {varying[0]!r} differs from "
+                             f"sample to sample (a per-token input of the block's own, as Gemma 4 E2B/E4B's "
+                             f"per-layer inputs); pvq gives every sample the arguments it captured once")
+
+
 @torch.no_grad()
 def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     """Inputs of block 0 for every calibration sample (hidden [N, L, D]) and the keyword arguments of each
     block's call (rotary position embeddings, masks: a family with alternating sliding and full attention
-    gives its blocks different masks), the same for every sample of the same length, so kept once; an
-    argument laid out per sample is told by a second call with two samples, and kept as PerSample (run
-    blocks through call_kwargs).
+    gives its blocks different masks; arguments given positionally are named, _as_keywords), the same for
+    every sample of the same length, so kept once: the first two samples' are compared, and an argument
+    that differs between them refused (_same_for_every_sample); an argument laid out per sample is told by
+    a third call with two samples, and kept as PerSample (run blocks through call_kwargs).
 
     The blocks do not run here: each is a pass-through that records its arguments, so this needs only
     the embeddings' weights (a streamed skeleton has no others yet)."""
     layers = blocks(model)
-    hidden, kwargs, pairs = [], [None] * len(layers), [None] * len(layers)
+    n = input_ids.shape[0]
+    hidden: list[torch.Tensor] = []
+    kwargs, again, pairs = [None] * len(layers), [None] * len(layers), [None] * len(layers)
     mt = getattr(model.config, "model_type", None)
     _blocks_return_pairs(model, input_ids)
 
@@ -334,15 +392,11 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
                 raise _Refused(f"unsupported architecture {mt!r}: block {j} is handed the second output of block "
                                f"{j - 1} (GLM-5's indexer choices); pvq runs each block on its hidden states and "
                                f"the arguments the model gives every block")
-            if any(isinstance(a, torch.Tensor) for a in args[1:]):  # pvq calls blocks with keywords only
-                raise _Refused(f"unsupported architecture {mt!r}: block {j} is given a tensor positionally beside "
-                               f"its hidden states (XGLM's attention mask, Gemma 4 E2B/E4B's per-layer inputs); pvq "
-                               f"runs each block on its hidden states and keyword arguments")
-            if into[j] is None:
-                into[j] = {k: v for k, v in kw.items() if k != "hidden_states"}
+            if into[0] is not None and into[0][j] is None:
+                into[0][j] = _as_keywords(layers[j], args, kw, f"unsupported architecture {mt!r}: block {j}")
             if keep and j == 0:
                 hidden.append(_hidden(args, kw).detach())
-            if j == len(layers) - 1 or into[-1] is not None:
+            if j == len(layers) - 1 or into[0] is None:  # samples past the second: block 0's inputs only
                 raise _Stop
             return _hand_on(model, _hidden(args, kw))
         return forward
@@ -359,11 +413,15 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
                              f"hidden states ({one_line(exc, with_type=True)}): a block whose other outputs the next "
                              f"block needs, as GLM-5's shared indexer, is not supported") from exc
 
-    with _forwards(layers, lambda j: record(j, kwargs, True)):
-        for i in range(input_ids.shape[0]):
+    into = [kwargs]  # where the sample being run records each block's arguments: the first two samples do
+    with _forwards(layers, lambda j: record(j, into, True)):
+        for i in range(n):
+            into[0] = kwargs if i == 0 else again if i == 1 else None
             call(input_ids[i : i + 1])
-    if input_ids.shape[0] > 1:
-        with _forwards(layers, lambda j: record(j, pairs, False)):
+    if n > 1:
+        _same_for_every_sample(kwargs, again, mt)
+        into[0] = pairs
+        with _forwards(layers, lambda j: record(j, into, False)):
             call(input_ids[:2])
         kwargs = [{k: _per_sample(v, (two or {}).get(k)) for k, v in kw.items()} for kw, two in zip(kwargs, pairs)]
     for block, kw in zip(layers, kwargs):

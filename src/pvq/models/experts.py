@@ -56,7 +56,9 @@ class _SplitExperts:
         for e in torch.unique(top_k_index).tolist():  # ascending: the same order on every run
             if e >= len(first):  # an expert-parallel placeholder index: no expert here
                 continue
-            token, slot = torch.where(top_k_index == e)
+            # a slot of weight 0 adds nothing: LongCat-Flash sends its identity ("zero") experts' tokens to real
+            # experts with weight 0, which would otherwise count in those experts' Hessians
+            token, slot = torch.where((top_k_index == e) & (top_k_weights != 0))
             h = first[e](hidden_states[token])
             h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
             h = self.down[e](h)

@@ -36,10 +36,13 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "solar_open", "olmo_hybrid", "minicpm3", "hy_v3", "apertus1p5_text", "bitnet", "cwm", "dory",
                          "flint", "gemma4_unified_text", "granite_swa", "hyperclovax", "iquestcoder", "jais2", "nanochat",
                          "ctrl", "modernbert-decoder", "gpt_neox_japanese", "axk1", "youtu", "axk2", "sarvam_mla",
+                         "cohere_compass_text",
                          # blocks that return (hidden, attention weights) in a list (GPT-1)
                          "openai-gpt",
+                         # blocks handed their mask (XGLM), or positions, mask and cache flag (RecurrentGemma), positionally
+                         "xglm", "recurrent_gemma",
                          # Gemma 4 without per-layer inputs (the dense and MoE sizes; E2B/E4B feed each block a
-                         # per-token input of its own, refused: adapters.capture_block_inputs)
+                         # per-token input of its own, refused: adapters._same_for_every_sample)
                          "gemma4_text",
                          # GPT-2's linears are Conv1D modules (weight stored transposed): made linears (adapters.py)
                          "gpt2",
@@ -56,6 +59,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "ernie4_5_moe", "exaone_moe", "minimax_m2", "afmoe", "flex_olmo", "lfm2_moe", "glm4_moe_lite",
                          "cohere2_moe", "mimo_v2_flash", "granitemoeshared", "minicpm5_moe", "aria_text", "granitemoe_swa",
                          "kolibri1", "laguna", "mellum", "minimax_m3_vl_text", "param2moe", "sarvam_moe", "dots3_note_text",
+                         # ... whose blocks hold two attention and MLP sublayers each (num_hidden_layers counts those)
+                         "longcat_flash",
                          # Mamba-1 (state-space blocks only; dt_proj, whose weight the mixer reads, stays dense), Mamba-2
                          "mamba", "falcon_mamba", "mamba2",
                          # hybrids: Mamba or linear-attention blocks beside attention (their convolutions stay dense)
@@ -126,6 +131,14 @@ _TINY_FAMILY = {
     "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16),
     "mamba2": dict(num_heads=8, head_dim=16, n_groups=1, state_size=16, chunk_size=16),
     "ctrl": dict(dff=128),
+    "longcat_flash": dict(_TINY_MLA, qk_head_dim=16, num_hidden_layers=4, ffn_hidden_size=128, expert_ffn_hidden_size=32,
+                          moe_topk=2, n_routed_experts=4, zero_expert_num=2, num_key_value_heads=4),
+    "cohere_compass_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                                rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                 for t in ("full_attention", "sliding_attention")}),
+    "xglm": dict(d_model=64, ffn_dim=128, num_layers=2, attention_heads=4),
+    "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=16,
+                            num_key_value_heads=4),
     "aria_text": dict(moe_num_experts=4),
     "minimax_m3_vl_text": dict(dense_intermediate_size=128, shared_intermediate_size=64),
     "gemma4_unified_text": dict(per_layer_config={}, sliding_window=8),
