@@ -281,8 +281,36 @@ def _per_sample(one, two):
 
 
 # handed on as a block's second output where the family's forward unpacks two (Bamba's attention weights); a
-# block that finds it among its arguments was handed its predecessor's other output, which pvq cannot replay
+# block that finds it among its arguments was handed its predecessor's other output (GLM-5's indexer choices)
 _SECOND = object()
+
+
+class Unreplayable:
+    """Given to a block in place of what its predecessor hands it beside the hidden states (GLM-5's indexer
+    choices), which pvq, running each block on its own, does not have. A block that ignores it runs as the model
+    runs it (GLM-5's layers with an indexer of their own); one that reads it (a layer sharing its predecessor's
+    choices) stops with `message`, one line, rather than running on something else."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def _refuse(self, *args, **kwargs):
+        raise ValueError(self.message)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # copy, pickle and the like look for optional protocols: absent
+            raise AttributeError(name)
+        self._refuse()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        held = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, Unreplayable)]
+        held[0]._refuse()
+
+    __getitem__ = __len__ = __iter__ = __bool__ = __add__ = __radd__ = __mul__ = __rmul__ = __sub__ = __rsub__ = _refuse
+
+    def __reduce__(self):
+        return Unreplayable, (self.message,)
 
 
 def _hand_on(model, hidden):
@@ -388,12 +416,14 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
 
     def record(j, into, keep):
         def forward(*args, **kw):
-            if any(a is _SECOND for a in args[1:]) or any(v is _SECOND for v in kw.values()):
-                raise _Refused(f"unsupported architecture {mt!r}: block {j} is handed the second output of block "
-                               f"{j - 1} (GLM-5's indexer choices); pvq runs each block on its hidden states and "
-                               f"the arguments the model gives every block")
             if into[0] is not None and into[0][j] is None:
-                into[0][j] = _as_keywords(layers[j], args, kw, f"unsupported architecture {mt!r}: block {j}")
+                into[0][j] = {k: Unreplayable(f"unsupported architecture {mt!r}: block {j} reads {k!r}, which block "
+                                              f"{j - 1} hands it beside the hidden states (a layer sharing its "
+                                              f"predecessor's indexer choices, as GLM-5 can), and pvq calibrates "
+                                              f"each block on its own: a data-free method (--method pvq) runs no "
+                                              f"block") if v is _SECOND else v
+                              for k, v in _as_keywords(layers[j], args, kw, f"unsupported architecture {mt!r}: "
+                                                                            f"block {j}").items()}
             if keep and j == 0:
                 hidden.append(_hidden(args, kw).detach())
             if j == len(layers) - 1 or into[0] is None:  # samples past the second: block 0's inputs only
@@ -410,8 +440,8 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
             raise ValueError(str(exc)) from None
         except Exception as exc:  # the family's forward needs more of its blocks than their hidden states
             raise ValueError(f"unsupported architecture {mt!r}: its forward fails with each block handing on only its "
-                             f"hidden states ({one_line(exc, with_type=True)}): a block whose other outputs the next "
-                             f"block needs, as GLM-5's shared indexer, is not supported") from exc
+                             f"hidden states ({one_line(exc, with_type=True)}): a family whose forward works on more "
+                             f"of its blocks' outputs than that is not supported") from exc
 
     into = [kwargs]  # where the sample being run records each block's arguments: the first two samples do
     with _forwards(layers, lambda j: record(j, into, True)):

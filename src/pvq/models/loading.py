@@ -61,6 +61,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "kolibri1", "laguna", "mellum", "minimax_m3_vl_text", "param2moe", "sarvam_moe", "dots3_note_text",
                          # ... whose blocks hold two attention and MLP sublayers each (num_hidden_layers counts those)
                          "longcat_flash",
+                         # ... whose blocks hand their indexer choices on (used by layers that share them: refused,
+                         # adapters.Unreplayable; GLM-5's layers each have their own)
+                         "glm_moe_dsa",
                          # Mamba-1 (state-space blocks only; dt_proj, whose weight the mixer reads, stays dense), Mamba-2
                          "mamba", "falcon_mamba", "mamba2",
                          # hybrids: Mamba or linear-attention blocks beside attention (their convolutions stay dense)
@@ -131,6 +134,8 @@ _TINY_FAMILY = {
     "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16),
     "mamba2": dict(num_heads=8, head_dim=16, n_groups=1, state_size=16, chunk_size=16),
     "ctrl": dict(dff=128),
+    "glm_moe_dsa": dict(_TINY_MLA, num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8,
+                        indexer_types=["full", "full"]),
     "longcat_flash": dict(_TINY_MLA, qk_head_dim=16, num_hidden_layers=4, ffn_hidden_size=128, expert_ffn_hidden_size=32,
                           moe_topk=2, n_routed_experts=4, zero_expert_num=2, num_key_value_heads=4),
     "cohere_compass_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8,
