@@ -130,6 +130,32 @@ def test_a_linear_whose_weight_the_family_reads_itself_stays_dense(mt):
     assert {"self_attention.dense", "mlp.dense_4h_to_h"} <= set(block_linears(blocks(tiny_model("bloom"))[0]))
 
 
+@torch.no_grad()
+def test_token_ids_held_per_sample_follow_the_samples_into_each_shard():
+    """DeepSeek-V4's blocks read each sample's token ids (adapters.PerToken): calibrated in two shards, each
+    shard's blocks get its own samples' ids, so the Hessians are those of one pass (the Ray workers' shards
+    are cut the same way, models.shards.shard_bounds)."""
+    from pvq.models.adapters import blocks, capture_block_inputs
+    from pvq.models.shards import sharded_hessians
+
+    model = family_model("deepseek_v4")
+    hidden, kwargs = capture_block_inputs(model, IDS)
+    one = sharded_hessians(blocks(model)[0], hidden, kwargs[0], 1)
+    two = sharded_hessians(blocks(model)[0], hidden, kwargs[0], 2)
+    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
+
+
+@torch.no_grad()
+def test_a_linear_class_that_computes_something_else_stays_dense():
+    """DeepSeek-V4's grouped output projection is an nn.Linear whose forward is block-diagonal over head groups:
+    replaced by x W^T it would be another function, so it stays dense; Falcon's nn.Linear subclass computes
+    x W^T + b and is quantized."""
+    from pvq.models.adapters import block_linears, blocks
+
+    assert not any(n.endswith("o_a_proj") for n in block_linears(blocks(tiny_model("deepseek_v4"))[0]))
+    assert "self_attention.dense" in block_linears(blocks(tiny_model("falcon"))[0])
+
+
 def test_a_block_given_a_per_token_input_of_its_own_is_one_clear_line():
     """pvq captures each block's arguments once and gives them to every sample: an argument that differs from
     sample to sample (Gemma 4 E2B/E4B's per-layer inputs, computed from each sample's tokens) is refused."""
@@ -170,7 +196,8 @@ MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt or mt in ("mixtral", "g
                                                                     "kimi_linear", "gemma4_text", "axk1", "axk2",
                                                                     "sarvam_mla", "aria_text", "kolibri1", "laguna",
                                                                     "mellum", "minimax_m3_vl_text", "dots3_note_text",
-                                                                    "lara_mini", "bailing_hybrid", "longcat_flash")]
+                                                                    "lara_mini", "bailing_hybrid", "longcat_flash",
+                                                                    "glm_moe_dsa", "deepseek_v4")]
 
 
 @pytest.mark.parametrize("mt", MOE)
@@ -345,13 +372,14 @@ def test_cli_quantizes_the_language_model_of_a_saved_llama4_folder(tmp_path):
     assert 0 < (got - full(ids).logits).abs().max() < 0.5
 
 
-@pytest.mark.parametrize("mt", ["llama", "falcon", "bamba", "openai-gpt", "xglm", "recurrent_gemma"])
+@pytest.mark.parametrize("mt", ["llama", "falcon", "bamba", "openai-gpt", "xglm", "recurrent_gemma", "deepseek_v4"])
 @torch.no_grad()
 def test_blocks_replayed_one_by_one_give_the_models_logits(mt):
     """Captured arguments, each block run on its own, then whatever follows the blocks: the model's logits,
     however the family takes a block's output (a tensor; item 0 of a tuple, Falcon; two unpacked, Bamba; item 0
     of a list, GPT-1: a tensor handed on there would lose all but the first sample) and however it hands a block
-    its arguments (XGLM's mask and RecurrentGemma's positions positionally: a mask dropped would change them)."""
+    its arguments (XGLM's mask and RecurrentGemma's positions positionally: a mask dropped would change them;
+    DeepSeek-V4's token ids for its hash routing, each sample's own: the first sample's for all would too)."""
     from pvq.models.adapters import blocks, capture_block_inputs, logits_after_blocks, run_block
 
     model = family_model(mt)

@@ -18,7 +18,7 @@ from .codec.fp16 import FP16RangeError
 from .finetune import Teacher, block_targets, reference_stream, tune_block, tune_model, tuned_names
 from .loader import check_device
 from .memory import release_memory, settled_heap, trim_heap
-from .models.adapters import (PerSample, block_linear_names, block_linears, block_prefix, blocks,
+from .models.adapters import (PerSample, PerToken, block_linear_names, block_linears, block_prefix, blocks,
                               capture_block_inputs, check_supported, set_module)
 from .models.shards import reference_outputs, sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
@@ -137,6 +137,10 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             paired = hidden[:cfg.asymmetric_samples or hidden.shape[0]]
             fp = paired.clone() if activations is None else activations.reference.hold(paired)
         if cfg.tunes_model:  # the calibration samples, or tune_ids (which may hold more)
+            if tune_ids is not None and any(isinstance(v, PerToken) for kw in kwargs for v in kw.values()):
+                raise ValueError(f"--finetune {cfg.finetune} on tuning data of its own: this family's blocks read "
+                                 f"each sample's token ids (held for the calibration samples only); tune on the "
+                                 f"calibration samples")
             ref_ids = calib_ids[:tuning_samples(cfg, calib_ids)] if tune_ids is None else tune_ids
             ref = (hidden[:ref_ids.shape[0]].float().clone() if tune_ids is None
                    else capture_block_inputs(model, ref_ids)[0].float())
@@ -310,7 +314,7 @@ def check_work_device(device, cfg: QuantConfig, pool, activations) -> torch.devi
 
 def to_device(obj, device: torch.device):
     """obj with every tensor inside (in tuples, lists and dicts: a block's call arguments) moved to device."""
-    if isinstance(obj, (torch.Tensor, PerSample)):
+    if isinstance(obj, (torch.Tensor, PerSample, PerToken)):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
         return type(obj)(to_device(o, device) for o in obj)

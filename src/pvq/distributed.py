@@ -42,7 +42,8 @@ import torch
 
 from . import api
 from .checkpoint import save_activations, stored_tensors
-from .models.adapters import block_hessian_sums, block_input_sums, block_linears, block_prefix, blocks
+from .models.adapters import (block_hessian_sums, block_input_sums, block_linears, block_prefix, blocks,
+                              samples_of)
 from .models.shards import merge_asymmetric, paired_bounds, shard_bounds
 from .models.streaming import materialize, release
 from .settings import DENSE_DTYPES, QuantConfig, spec_to_dict
@@ -182,7 +183,9 @@ class Shards:
         self.acts = [ray.put(hidden[s:e].clone()) for s, e in shard_bounds(hidden.shape[0], cfg.calib_shards)]
         self.samples, self.shards = hidden.shape[0], cfg.calib_shards
         self.refs = [None] * len(self.acts)  # --asymmetric: per shard, the unquantized stream on its paired samples
-        self.kwargs = [ray.put(kw) for kw in kwargs]
+        # per shard: a block's token ids (adapters.PerToken) are those of the shard's samples
+        self.kwargs = [[ray.put(samples_of(kw, s, e)) for s, e in shard_bounds(hidden.shape[0], cfg.calib_shards)]
+                       for kw in kwargs]
 
     def pair(self, reference: torch.Tensor) -> None:
         """Carry the unquantized model's stream (--asymmetric: the inputs of the next block to quantize, on the
@@ -202,13 +205,12 @@ class Shards:
         ray, pool = self.ray, self.pool
         block_ref = ray.put(block)
         parts, refs = [], []  # a paired shard's task also gives its unquantized outputs, kept in the object store
-        for a, r in zip(self.acts, self.refs):
+        for a, r, kw in zip(self.acts, self.refs, self.kwargs[index]):
             if r is None:
-                parts.append(pool._hess.remote(block_ref, a, self.kwargs[index], self.cfg_dict, index))
+                parts.append(pool._hess.remote(block_ref, a, kw, self.cfg_dict, index))
                 refs.append(None)
             else:
-                sums, out = pool._hess.options(num_returns=2).remote(block_ref, a, self.kwargs[index],
-                                                                     self.cfg_dict, index, r)
+                sums, out = pool._hess.options(num_returns=2).remote(block_ref, a, kw, self.cfg_dict, index, r)
                 parts.append(sums)
                 refs.append(out)
 
@@ -248,7 +250,7 @@ class Shards:
         for name in block_linears(block):  # in the block's order, whatever order they finished in
             made[name], per_layer[prefix + name], errors[prefix + name] = results[name]
         made_ref = ray.put(made)
-        self.acts = [pool._advance.remote(block_ref, made_ref, a, self.kwargs[index], self.cfg_dict,
+        self.acts = [pool._advance.remote(block_ref, made_ref, a, self.kwargs[index][j], self.cfg_dict,
                                           None if saves is None else str(saves[j]))
                      for j, a in enumerate(self.acts)]
         return made, per_layer, errors

@@ -145,7 +145,7 @@ def _round_delta(delta: torch.Tensor, v0: torch.Tensor, dtype: torch.dtype) -> N
 
 def _loss(block, hidden, target, kwargs, rows) -> torch.Tensor:
     x = hidden[rows]
-    out = block(x, **call_kwargs(kwargs, x.shape[0]))
+    out = block(x, **call_kwargs(kwargs, x.shape[0], rows))
     out = out[0] if isinstance(out, tuple) else out
     ref = target[rows]
     return (out.float() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-30)

@@ -37,7 +37,29 @@ def _text_config(config):
 
 def _quantizable(mod: nn.Module) -> bool:
     # a QuantLinear (modules/, a layer above) marks itself with pvq_linear rather than being imported here
-    return getattr(mod, "pvq_linear", False) or (isinstance(mod, nn.Linear) and mod.out_features >= MIN_ROWS)
+    return getattr(mod, "pvq_linear", False) or (isinstance(mod, nn.Linear) and mod.out_features >= MIN_ROWS
+                                                 and _plain(type(mod)))
+
+
+@lru_cache(maxsize=None)
+def _plain(cls: type) -> bool:
+    """Whether an nn.Linear class computes x W^T + b, as the QuantLinear that replaces it does: nn.Linear, or a
+    subclass whose own forward gives that (Falcon's), told on a small random instance. One that computes
+    something else with its weight (DeepSeek-V4's grouped output projection, block-diagonal over head groups)
+    stays dense."""
+    if cls.forward is nn.Linear.forward:
+        return True
+    g = torch.Generator().manual_seed(0)
+    probe = nn.Linear(8, 16)  # the attributes of a plain linear; one the class's forward wants beyond: not plain
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(16, 8, generator=g))
+        probe.bias.copy_(torch.randn(16, generator=g))
+        x = torch.randn(3, 8, generator=g)
+        try:
+            y = cls.forward(probe, x)
+        except Exception:
+            return False
+    return isinstance(y, torch.Tensor) and y.shape == (3, 16) and torch.allclose(y, probe(x), atol=1e-5)
 
 
 def blocks_path(model) -> str:
@@ -258,13 +280,42 @@ class PerSample:
         return PerSample(self.tensor.to(device), self.dim)
 
 
-def call_kwargs(kwargs: dict, n: int) -> dict:
-    """A block's captured keyword arguments for a batch of n samples (PerSample ones repeated)."""
+@dataclass(frozen=True)
+class PerToken:
+    """A block argument that differs from sample to sample: the token ids a block reads itself (DeepSeek-V4's
+    hash routing picks experts by token id), held for every calibration sample, concatenated along `dim`."""
+
+    tensor: torch.Tensor
+    dim: int
+
+    def rows(self, rows) -> torch.Tensor:
+        return self.tensor[(slice(None),) * self.dim + (rows,)]
+
+    def samples(self, s: int, e: int) -> PerToken:
+        return PerToken(self.rows(slice(s, e)), self.dim)
+
+    def to(self, device) -> PerToken:
+        return PerToken(self.tensor.to(device), self.dim)
+
+
+def _map(kwargs: dict, f) -> dict:
     def at(v):
-        if isinstance(v, PerSample):
-            return v.batched(n)
+        if isinstance(v, (PerSample, PerToken)):
+            return f(v)
         return type(v)(at(u) for u in v) if isinstance(v, (tuple, list)) else v
     return {k: at(v) for k, v in kwargs.items()}
+
+
+def call_kwargs(kwargs: dict, n: int, rows=None) -> dict:
+    """A block's captured keyword arguments for a batch of n samples: PerSample ones repeated, PerToken ones
+    those of samples `rows` (a slice or indices; the first n where not given) of the samples kwargs hold."""
+    rows = slice(0, n) if rows is None else rows
+    return _map(kwargs, lambda v: v.batched(n) if isinstance(v, PerSample) else v.rows(rows))
+
+
+def samples_of(kwargs: dict, s: int, e: int) -> dict:
+    """kwargs for samples s..e of those they hold (PerToken ones cut), to run a block on hidden[s:e]."""
+    return _map(kwargs, lambda v: v.samples(s, e) if isinstance(v, PerToken) else v)
 
 
 def _per_sample(one, two):
@@ -384,16 +435,35 @@ def _varies(a, b) -> bool:
     return False
 
 
-def _same_for_every_sample(first: list[dict], second: list[dict], mt) -> None:
-    """Refuse a block argument that differs between the first two samples: pvq captures each block's
-    arguments once and replays them for every sample (positions, masks, rotary tables are alike for samples
-    of one length), which a per-token input of the block's own (Gemma 4 E2B/E4B's per-layer inputs) is not."""
+def _token_ids(first: list[dict], second: list[dict], mt) -> dict[int, dict[str, list]]:
+    """{block: {argument: [first sample's value, second's]}} of the arguments that differ between the first two
+    samples. pvq captures each block's arguments once and gives them to every sample (positions, masks, rotary
+    tables are alike for samples of one length); token ids a block reads itself (DeepSeek-V4's hash routing)
+    are held for every sample (PerToken); any other argument that differs (Gemma 4 E2B/E4B's per-layer inputs,
+    a float per token and per block) is refused."""
+    found: dict[int, dict[str, list]] = {}
     for j, (a, b) in enumerate(zip(first, second)):
-        varying = [k for k in a if _varies(a[k], (b or {}).get(k))]
-        if varying:
-            raise ValueError(f"unsupported architecture {mt!r}: block {j}'s argument {varying[0]!r} differs from "
-                             f"sample to sample (a per-token input of the block's own, as Gemma 4 E2B/E4B's "
-                             f"per-layer inputs); pvq gives every sample the arguments it captured once")
+        for k in a:
+            if not _varies(a[k], (b or {}).get(k)):
+                continue
+            if not (isinstance(a[k], torch.Tensor) and not a[k].is_floating_point() and a[k].dtype != torch.bool):
+                raise ValueError(f"unsupported architecture {mt!r}: block {j}'s argument {k!r} differs from sample "
+                                 f"to sample (a per-token input of the block's own, as Gemma 4 E2B/E4B's per-layer "
+                                 f"inputs); pvq gives every sample the arguments it captured once")
+            found.setdefault(j, {})[k] = [a[k], b[k]]
+    return found
+
+
+def _per_token(values: list, two, where: str) -> PerToken:
+    """Each sample's value of an argument (values) as one PerToken, laid along the dimension that the two-sample
+    call (`two`) doubles."""
+    one = values[0]
+    grown = [d for d in range(one.dim()) if isinstance(two, torch.Tensor) and two.dim() == one.dim()
+             and two.shape[d] == 2 * one.shape[d] and all(two.shape[e] == one.shape[e] for e in range(one.dim()) if e != d)]
+    if len(grown) != 1:
+        raise ValueError(f"{where} differs from sample to sample, and pvq cannot tell its samples apart "
+                         f"(shape {tuple(one.shape)} for one sample)")
+    return PerToken(torch.cat(values, dim=grown[0]), grown[0])
 
 
 @torch.no_grad()
@@ -401,9 +471,10 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     """Inputs of block 0 for every calibration sample (hidden [N, L, D]) and the keyword arguments of each
     block's call (rotary position embeddings, masks: a family with alternating sliding and full attention
     gives its blocks different masks; arguments given positionally are named, _as_keywords), the same for
-    every sample of the same length, so kept once: the first two samples' are compared, and an argument
-    that differs between them refused (_same_for_every_sample); an argument laid out per sample is told by
-    a third call with two samples, and kept as PerSample (run blocks through call_kwargs).
+    every sample of the same length, so kept once: the first two samples' are compared, and token ids that
+    differ between them are kept for every sample as PerToken, anything else that differs refused
+    (_token_ids); an argument laid out per sample is told by a third call with two samples, and kept as
+    PerSample (run blocks through call_kwargs, on a part of the samples through samples_of).
 
     The blocks do not run here: each is a pass-through that records its arguments, so this needs only
     the embeddings' weights (a streamed skeleton has no others yet)."""
@@ -414,19 +485,27 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     mt = getattr(model.config, "model_type", None)
     _blocks_return_pairs(model, input_ids)
 
-    def record(j, into, keep):
+    state = {"into": None, "after": 0}  # where the sample being run records its arguments; the last block it needs
+    per_token: dict[int, dict[str, list]] = {}  # block -> {argument: each sample's value}, for token ids
+
+    def record(j, keep):
         def forward(*args, **kw):
-            if into[0] is not None and into[0][j] is None:
-                into[0][j] = {k: Unreplayable(f"unsupported architecture {mt!r}: block {j} reads {k!r}, which block "
-                                              f"{j - 1} hands it beside the hidden states (a layer sharing its "
-                                              f"predecessor's indexer choices, as GLM-5 can), and pvq calibrates "
-                                              f"each block on its own: a data-free method (--method pvq) runs no "
-                                              f"block") if v is _SECOND else v
-                              for k, v in _as_keywords(layers[j], args, kw, f"unsupported architecture {mt!r}: "
-                                                                            f"block {j}").items()}
+            into = state["into"]
+            if into is not None and into[j] is None:
+                into[j] = {k: Unreplayable(f"unsupported architecture {mt!r}: block {j} reads {k!r}, which block "
+                                           f"{j - 1} hands it beside the hidden states (a layer sharing its "
+                                           f"predecessor's indexer choices, as GLM-5 can), and pvq calibrates "
+                                           f"each block on its own: a data-free method (--method pvq) runs no "
+                                           f"block") if v is _SECOND else v
+                           for k, v in _as_keywords(layers[j], args, kw, f"unsupported architecture {mt!r}: "
+                                                                         f"block {j}").items()}
+            elif into is None and j in per_token:
+                bound = _as_keywords(layers[j], args, kw, f"block {j}")
+                for k, values in per_token[j].items():
+                    values.append(bound[k])
             if keep and j == 0:
                 hidden.append(_hidden(args, kw).detach())
-            if j == len(layers) - 1 or into[0] is None:  # samples past the second: block 0's inputs only
+            if j >= state["after"]:
                 raise _Stop
             return _hand_on(model, _hidden(args, kw))
         return forward
@@ -443,17 +522,22 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
                              f"hidden states ({one_line(exc, with_type=True)}): a family whose forward works on more "
                              f"of its blocks' outputs than that is not supported") from exc
 
-    into = [kwargs]  # where the sample being run records each block's arguments: the first two samples do
-    with _forwards(layers, lambda j: record(j, into, True)):
-        for i in range(n):
-            into[0] = kwargs if i == 0 else again if i == 1 else None
+    with _forwards(layers, lambda j: record(j, True)):
+        for i in range(n):  # the first two samples record every block's arguments, the rest only token ids
+            state["into"] = kwargs if i == 0 else again if i == 1 else None
+            state["after"] = len(layers) - 1 if i < 2 else max(per_token, default=0)
             call(input_ids[i : i + 1])
+            if i == 1:
+                per_token.update(_token_ids(kwargs, again, mt))
     if n > 1:
-        _same_for_every_sample(kwargs, again, mt)
-        into[0] = pairs
-        with _forwards(layers, lambda j: record(j, into, False)):
+        state.update(into=pairs, after=len(layers) - 1)
+        with _forwards(layers, lambda j: record(j, False)):
             call(input_ids[:2])
         kwargs = [{k: _per_sample(v, (two or {}).get(k)) for k, v in kw.items()} for kw, two in zip(kwargs, pairs)]
+        for j, args in per_token.items():
+            for k, values in args.items():
+                kwargs[j][k] = _per_token(values, pairs[j].get(k), f"unsupported architecture {mt!r}: block {j}'s "
+                                                                   f"argument {k!r}")
     for block, kw in zip(layers, kwargs):
         for k in ("past_key_values", "past_key_value", "cache"):
             kw.pop(k, None)
@@ -496,7 +580,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int =
     out = (torch.empty_like(hidden) if out is None else out) if keep else None
     for s in range(0, hidden.shape[0], batch):
         x = hidden[s : s + batch]
-        r = block(x, **call_kwargs(kwargs, x.shape[0]))
+        r = block(x, **call_kwargs(kwargs, x.shape[0], slice(s, s + x.shape[0])))
         if keep:
             out[s : s + batch] = r[0] if isinstance(r, (tuple, list)) else r  # GPT-1's blocks return lists
     return out
@@ -547,12 +631,13 @@ def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep:
                   for name, mod in linears.items()]
             on_ref[0] = True
             try:
-                run_block(block, reference[s:min(e, n_ref)], kwargs, out=ref_out[s:min(e, n_ref)])
+                run_block(block, reference[s:min(e, n_ref)], samples_of(kwargs, s, min(e, n_ref)),
+                          out=ref_out[s:min(e, n_ref)])
             finally:
                 on_ref[0] = False
                 for h in hs:
                     h.remove()
-        run_block(block, hidden[s:e], kwargs, keep=keep, out=None if out is None else out[s:e])
+        run_block(block, hidden[s:e], samples_of(kwargs, s, e), keep=keep, out=None if out is None else out[s:e])
 
     def pair(name: str, x: torch.Tensor, lead_dims) -> None:
         if not ref_in or name in unpaired:  # no reference for this batch, or a linear not every token reaches

@@ -42,7 +42,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # blocks handed their mask (XGLM), or positions, mask and cache flag (RecurrentGemma), positionally
                          "xglm", "recurrent_gemma",
                          # Gemma 4 without per-layer inputs (the dense and MoE sizes; E2B/E4B feed each block a
-                         # per-token input of its own, refused: adapters._same_for_every_sample)
+                         # per-token input of its own, refused: adapters._token_ids)
                          "gemma4_text",
                          # GPT-2's linears are Conv1D modules (weight stored transposed): made linears (adapters.py)
                          "gpt2",
@@ -64,6 +64,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # ... whose blocks hand their indexer choices on (used by layers that share them: refused,
                          # adapters.Unreplayable; GLM-5's layers each have their own)
                          "glm_moe_dsa",
+                         # ... with hyper-connections, hash routing by token id (adapters.PerToken) and a grouped
+                         # output projection (kept dense: adapters._plain)
+                         "deepseek_v4",
                          # Mamba-1 (state-space blocks only; dt_proj, whose weight the mixer reads, stays dense), Mamba-2
                          "mamba", "falcon_mamba", "mamba2",
                          # hybrids: Mamba or linear-attention blocks beside attention (their convolutions stay dense)
@@ -134,6 +137,11 @@ _TINY_FAMILY = {
     "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16),
     "mamba2": dict(num_heads=8, head_dim=16, n_groups=1, state_size=16, chunk_size=16),
     "ctrl": dict(dff=128),
+    "deepseek_v4": dict(q_lora_rank=32, o_lora_rank=32, o_groups=2, index_n_heads=4, index_head_dim=16, index_topk=8,
+                        sliding_window=8, layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
+                        mlp_layer_types=["hash_moe", "moe"], qk_rope_head_dim=8, num_key_value_heads=1,
+                        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+                        hc_sinkhorn_iters=3),
     "glm_moe_dsa": dict(_TINY_MLA, num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8,
                         indexer_types=["full", "full"]),
     "longcat_flash": dict(_TINY_MLA, qk_head_dim=16, num_hidden_layers=4, ffn_hidden_size=128, expert_ffn_hidden_size=32,
@@ -514,6 +522,10 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
             if isinstance(mod, torch.nn.Linear) and not mod.weight.any():
                 with torch.no_grad():
                     mod.weight.normal_(0, 0.02)
+            table = getattr(mod, "tid2eid", None)  # so does a hash router's token-to-experts table (DeepSeek-V4's)
+            if isinstance(table, torch.Tensor) and not table.any():
+                experts = getattr(model.config.get_text_config(), "n_routed_experts", table.shape[1])
+                table.copy_(torch.stack([torch.randperm(experts)[:table.shape[1]] for _ in range(table.shape[0])]))
     return model.eval()
 
 

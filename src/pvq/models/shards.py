@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import block_hessian_sums, block_input_sums, run_block
+from .adapters import block_hessian_sums, block_input_sums, run_block, samples_of
 
 
 def shard_bounds(samples: int, shards: int) -> list[tuple[int, int]]:
@@ -57,7 +57,7 @@ def sharded_hessians(block, hidden: torch.Tensor, kwargs: dict, shards: int) -> 
     """{linear name: H} of a block run on every sample of hidden, summed shard by shard."""
     def parts():
         for s, e in shard_bounds(hidden.shape[0], shards):
-            lead, accs, _ = block_hessian_sums(block, hidden[s:e], kwargs)
+            lead, accs, _ = block_hessian_sums(block, hidden[s:e], samples_of(kwargs, s, e))
             yield lead, accs
     return merge(parts())
 
@@ -76,7 +76,8 @@ def sharded_asymmetric_sums(block, hidden: torch.Tensor, reference: torch.Tensor
     def parts():
         for (s, e), pair in zip(bounds, pairs):
             part = None if pair is None else reference[pair[0]:pair[1]]
-            lead, accs, crosses, _, part_out = block_input_sums(block, hidden[s:e], kwargs, reference=part)
+            lead, accs, crosses, _, part_out = block_input_sums(block, hidden[s:e], samples_of(kwargs, s, e),
+                                                                reference=part)
             if pair is not None:
                 ref_out[pair[0]:pair[1]] = part_out
             yield lead, accs, None if pair is None else crosses
@@ -109,7 +110,7 @@ def reference_outputs(block, reference: torch.Tensor, kwargs: dict, samples: int
     out = torch.empty_like(reference) if out is None else out
     for pair in paired_bounds(samples, reference.shape[0], shards):
         if pair is not None:
-            run_block(block, reference[pair[0]:pair[1]], kwargs, out=out[pair[0]:pair[1]])
+            run_block(block, reference[pair[0]:pair[1]], samples_of(kwargs, *pair), out=out[pair[0]:pair[1]])
     return out
 
 
@@ -117,5 +118,5 @@ def sharded_outputs(block, hidden: torch.Tensor, kwargs: dict, shards: int, out:
     """The block's outputs for every sample, computed shard by shard (into `out` where given)."""
     out = torch.empty_like(hidden) if out is None else out
     for s, e in shard_bounds(hidden.shape[0], shards):
-        run_block(block, hidden[s:e], kwargs, out=out[s:e])
+        run_block(block, hidden[s:e], samples_of(kwargs, s, e), out=out[s:e])
     return out
