@@ -181,6 +181,18 @@ def test_a_block_that_reads_what_its_predecessor_hands_it_is_one_clear_line():
         assert (model(IDS).logits.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
 
+def test_a_block_that_writes_state_later_blocks_read_is_one_clear_line():
+    """Gemma 4's key-value sharing: a layer stores its keys and values in a mapping every block is given, and later
+    layers read them. Run block by block and batch by batch, a later layer would read another batch's (this ran
+    without a word before): refused in one line where a block reads what another wrote (layers that only store,
+    as every gemma4_unified_text layer does, run: test_family_quantize_save_load_generate)."""
+    model = tiny_model("gemma4_text", num_kv_shared_layers=1, num_hidden_layers=3,
+                       layer_types=["sliding_attention", "full_attention", "full_attention"])
+    with pytest.raises(ValueError, match="Gemma4TextDecoderLayer reads 'full_attention' from its argument "
+                                         "'shared_kv_states', which an earlier block writes"):
+        api.quantize(model, QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32), IDS, progress=False)
+
+
 def test_fused_experts_without_the_experts_interface_are_one_clear_line():
     model = tiny_model("qwen2_moe")
     del model.model.layers[0].mlp.experts.has_gate  # what a family outside transformers' experts interface lacks

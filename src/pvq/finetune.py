@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .codec import PackedPVQ, PVQSpec
-from .models.adapters import block_linears, blocks, call_kwargs, logits_after_blocks, run_block, set_module
+from .models.adapters import block_linears, blocks, call_block, logits_after_blocks, run_block, set_module
 from .modules.linear import QuantLinear, Rotations
 
 BATCH = 2  # samples a step
@@ -145,7 +145,7 @@ def _round_delta(delta: torch.Tensor, v0: torch.Tensor, dtype: torch.dtype) -> N
 
 def _loss(block, hidden, target, kwargs, rows) -> torch.Tensor:
     x = hidden[rows]
-    out = block(x, **call_kwargs(kwargs, x.shape[0], rows))
+    out = call_block(block, x, kwargs, rows)
     out = out[0] if isinstance(out, tuple) else out
     ref = target[rows]
     return (out.float() - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-30)

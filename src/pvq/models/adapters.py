@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+from collections import UserDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -313,6 +314,42 @@ def call_kwargs(kwargs: dict, n: int, rows=None) -> dict:
     return _map(kwargs, lambda v: v.batched(n) if isinstance(v, PerSample) else v.rows(rows))
 
 
+def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, rows=None):
+    """block(x) with its captured arguments for the samples `rows` (call_kwargs). A mapping among them is state
+    the model hands every block (Gemma 4's key-value sharing: one layer stores its keys and values there, later
+    layers read them); run one block at a time, batch by batch, a later block would read another batch's. Each
+    call gets a mapping of its own: what a block writes stays with its call, and a block that reads what an
+    earlier block wrote stops with one line."""
+    kw = call_kwargs(kwargs, x.shape[0], rows)
+    for k, v in kw.items():
+        if isinstance(v, (dict, UserDict)):
+            kw[k] = _own_state(v, f"unsupported architecture: a {type(block).__name__} reads {{key!r}} from its "
+                                  f"argument {k!r}, which an earlier block writes (key-value sharing across layers); "
+                                  f"pvq calibrates each block on its own: a data-free method (--method pvq) runs no "
+                                  f"block")
+    return block(x, **kw)
+
+
+class _OwnState:
+    """Mixed into a copy of a block's state mapping for one call: a key no one wrote in this call was written by
+    another block (_missing: the message)."""
+
+    def __missing__(self, key):
+        raise ValueError(self._pvq_missing.format(key=key))
+
+
+@lru_cache(maxsize=None)
+def _own_class(cls: type) -> type:
+    return type(cls.__name__, (_OwnState, cls), {"__module__": cls.__module__})
+
+
+def _own_state(mapping, missing: str):
+    own = _own_class(type(mapping))()
+    own.update(mapping)
+    own._pvq_missing = missing
+    return own
+
+
 def samples_of(kwargs: dict, s: int, e: int) -> dict:
     """kwargs for samples s..e of those they hold (PerToken ones cut), to run a block on hidden[s:e]."""
     return _map(kwargs, lambda v: v.samples(s, e) if isinstance(v, PerToken) else v)
@@ -580,7 +617,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int =
     out = (torch.empty_like(hidden) if out is None else out) if keep else None
     for s in range(0, hidden.shape[0], batch):
         x = hidden[s : s + batch]
-        r = block(x, **call_kwargs(kwargs, x.shape[0], slice(s, s + x.shape[0])))
+        r = call_block(block, x, kwargs, slice(s, s + x.shape[0]))
         if keep:
             out[s : s + batch] = r[0] if isinstance(r, (tuple, list)) else r  # GPT-1's blocks return lists
     return out
