@@ -145,6 +145,14 @@ def test_token_ids_held_per_sample_follow_the_samples_into_each_shard():
     assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
 
 
+def test_token_ids_held_for_the_calibration_samples_refuse_tuning_on_other_samples():
+    """--finetune model on tuning data of its own would give DeepSeek-V4's blocks the calibration samples' token
+    ids: refused in one line before any block is quantized."""
+    cfg = QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32, finetune="model")
+    with pytest.raises(ValueError, match="--finetune model on tuning data of its own: this family's blocks read"):
+        api.quantize(family_model("deepseek_v4"), cfg, IDS, progress=False, tune_ids=IDS.flip(0))
+
+
 @torch.no_grad()
 def test_a_linear_class_that_computes_something_else_stays_dense():
     """DeepSeek-V4's grouped output projection is an nn.Linear whose forward is block-diagonal over head groups:

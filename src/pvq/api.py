@@ -19,7 +19,7 @@ from .finetune import Teacher, block_targets, reference_stream, tune_block, tune
 from .loader import check_device
 from .memory import release_memory, settled_heap, trim_heap
 from .models.adapters import (PerSample, PerToken, block_linear_names, block_linears, block_prefix, blocks,
-                              capture_block_inputs, check_supported, set_module)
+                              capture_block_inputs, check_supported, per_token, set_module)
 from .models.shards import reference_outputs, sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
@@ -137,7 +137,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             paired = hidden[:cfg.asymmetric_samples or hidden.shape[0]]
             fp = paired.clone() if activations is None else activations.reference.hold(paired)
         if cfg.tunes_model:  # the calibration samples, or tune_ids (which may hold more)
-            if tune_ids is not None and any(isinstance(v, PerToken) for kw in kwargs for v in kw.values()):
+            if tune_ids is not None and any(per_token(kw) for kw in kwargs):
                 raise ValueError(f"--finetune {cfg.finetune} on tuning data of its own: this family's blocks read "
                                  f"each sample's token ids (held for the calibration samples only); tune on the "
                                  f"calibration samples")

@@ -43,7 +43,7 @@ import torch
 from . import api
 from .checkpoint import save_activations, stored_tensors
 from .models.adapters import (block_hessian_sums, block_input_sums, block_linears, block_prefix, blocks,
-                              samples_of)
+                              per_token, samples_of)
 from .models.shards import merge_asymmetric, paired_bounds, shard_bounds
 from .models.streaming import materialize, release
 from .settings import DENSE_DTYPES, QuantConfig, spec_to_dict
@@ -183,9 +183,10 @@ class Shards:
         self.acts = [ray.put(hidden[s:e].clone()) for s, e in shard_bounds(hidden.shape[0], cfg.calib_shards)]
         self.samples, self.shards = hidden.shape[0], cfg.calib_shards
         self.refs = [None] * len(self.acts)  # --asymmetric: per shard, the unquantized stream on its paired samples
-        # per shard: a block's token ids (adapters.PerToken) are those of the shard's samples
-        self.kwargs = [[ray.put(samples_of(kw, s, e)) for s, e in shard_bounds(hidden.shape[0], cfg.calib_shards)]
-                       for kw in kwargs]
+        # per shard where a block's arguments hold token ids (adapters.PerToken): those of the shard's samples
+        bounds = shard_bounds(hidden.shape[0], cfg.calib_shards)
+        self.kwargs = [[ray.put(samples_of(kw, s, e)) for s, e in bounds] if per_token(kw)
+                       else [ray.put(kw)] * len(bounds) for kw in kwargs]
 
     def pair(self, reference: torch.Tensor) -> None:
         """Carry the unquantized model's stream (--asymmetric: the inputs of the next block to quantize, on the

@@ -355,6 +355,13 @@ def samples_of(kwargs: dict, s: int, e: int) -> dict:
     return _map(kwargs, lambda v: v.samples(s, e) if isinstance(v, PerToken) else v)
 
 
+def per_token(kwargs: dict) -> bool:
+    """Whether a block's captured arguments hold something per sample (PerToken): cut with the samples."""
+    found = []
+    _map(kwargs, lambda v: found.append(isinstance(v, PerToken)))
+    return any(found)
+
+
 def _per_sample(one, two):
     """`one` (an argument given for one sample), or PerSample where the same argument for two samples (`two`)
     is twice as long along one dimension: laid out per sample (batch, or batch * heads)."""
@@ -496,7 +503,8 @@ def _per_token(values: list, two, where: str) -> PerToken:
     call (`two`) doubles."""
     one = values[0]
     grown = [d for d in range(one.dim()) if isinstance(two, torch.Tensor) and two.dim() == one.dim()
-             and two.shape[d] == 2 * one.shape[d] and all(two.shape[e] == one.shape[e] for e in range(one.dim()) if e != d)]
+             and two.shape[d] == 2 * one.shape[d]
+             and all(two.shape[e] == one.shape[e] for e in range(one.dim()) if e != d)]
     if len(grown) != 1:
         raise ValueError(f"{where} differs from sample to sample, and pvq cannot tell its samples apart "
                          f"(shape {tuple(one.shape)} for one sample)")
@@ -523,7 +531,7 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     _blocks_return_pairs(model, input_ids)
 
     state = {"into": None, "after": 0}  # where the sample being run records its arguments; the last block it needs
-    per_token: dict[int, dict[str, list]] = {}  # block -> {argument: each sample's value}, for token ids
+    token_args: dict[int, dict[str, list]] = {}  # block -> {argument: each sample's value}, for token ids
 
     def record(j, keep):
         def forward(*args, **kw):
@@ -536,9 +544,9 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
                                            f"block") if v is _SECOND else v
                            for k, v in _as_keywords(layers[j], args, kw, f"unsupported architecture {mt!r}: "
                                                                          f"block {j}").items()}
-            elif into is None and j in per_token:
+            elif into is None and j in token_args:
                 bound = _as_keywords(layers[j], args, kw, f"block {j}")
-                for k, values in per_token[j].items():
+                for k, values in token_args[j].items():
                     values.append(bound[k])
             if keep and j == 0:
                 hidden.append(_hidden(args, kw).detach())
@@ -562,16 +570,16 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     with _forwards(layers, lambda j: record(j, True)):
         for i in range(n):  # the first two samples record every block's arguments, the rest only token ids
             state["into"] = kwargs if i == 0 else again if i == 1 else None
-            state["after"] = len(layers) - 1 if i < 2 else max(per_token, default=0)
+            state["after"] = len(layers) - 1 if i < 2 else max(token_args, default=0)
             call(input_ids[i : i + 1])
             if i == 1:
-                per_token.update(_token_ids(kwargs, again, mt))
+                token_args.update(_token_ids(kwargs, again, mt))
     if n > 1:
         state.update(into=pairs, after=len(layers) - 1)
         with _forwards(layers, lambda j: record(j, False)):
             call(input_ids[:2])
         kwargs = [{k: _per_sample(v, (two or {}).get(k)) for k, v in kw.items()} for kw, two in zip(kwargs, pairs)]
-        for j, args in per_token.items():
+        for j, args in token_args.items():
             for k, values in args.items():
                 kwargs[j][k] = _per_token(values, pairs[j].get(k), f"unsupported architecture {mt!r}: block {j}'s "
                                                                    f"argument {k!r}")
