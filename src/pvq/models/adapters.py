@@ -314,8 +314,9 @@ def call_kwargs(kwargs: dict, n: int, rows=None) -> dict:
     return _map(kwargs, lambda v: v.batched(n) if isinstance(v, PerSample) else v.rows(rows))
 
 
-def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, rows=None):
-    """block(x) with its captured arguments for the samples `rows` (call_kwargs). A mapping among them is state
+def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, rows=None) -> torch.Tensor:
+    """The hidden states block(x) outputs (the first item where it returns a tuple, or GPT-1's list), with its
+    captured arguments for the samples `rows` (call_kwargs). A mapping among them is state
     the model hands every block (Gemma 4's key-value sharing: one layer stores its keys and values there, later
     layers read them); run one block at a time, batch by batch, a later block would read another batch's. Each
     call gets a mapping of its own: what a block writes stays with its call, and a block that reads what an
@@ -327,7 +328,8 @@ def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, rows=None):
                                   f"argument {k!r}, which an earlier block writes (key-value sharing across layers); "
                                   f"pvq calibrates each block on its own: a data-free method (--method pvq) runs no "
                                   f"block")
-    return block(x, **kw)
+    out = block(x, **kw)
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class _OwnState:
@@ -362,17 +364,22 @@ def per_token(kwargs: dict) -> bool:
     return any(found)
 
 
+def _doubled(one, two) -> int | None:
+    """The one dimension along which `two` (an argument given for two samples) is twice `one` (for one sample),
+    every other the same; None where there is no such dimension."""
+    if not isinstance(one, torch.Tensor) or not isinstance(two, torch.Tensor) or one.dim() != two.dim():
+        return None
+    grown = [d for d in range(one.dim()) if one.shape[d] != two.shape[d]]
+    return grown[0] if len(grown) == 1 and two.shape[grown[0]] == 2 * one.shape[grown[0]] else None
+
+
 def _per_sample(one, two):
     """`one` (an argument given for one sample), or PerSample where the same argument for two samples (`two`)
     is twice as long along one dimension: laid out per sample (batch, or batch * heads)."""
     if isinstance(one, (tuple, list)) and isinstance(two, (tuple, list)) and len(one) == len(two):
         return type(one)(_per_sample(a, b) for a, b in zip(one, two))
-    if not isinstance(one, torch.Tensor) or not isinstance(two, torch.Tensor) or one.dim() != two.dim():
-        return one
-    grown = [d for d in range(one.dim()) if one.shape[d] != two.shape[d]]
-    if len(grown) == 1 and two.shape[grown[0]] == 2 * one.shape[grown[0]]:
-        return PerSample(one, grown[0])
-    return one
+    dim = _doubled(one, two)
+    return one if dim is None else PerSample(one, dim)
 
 
 # handed on as a block's second output where the family's forward unpacks two (Bamba's attention weights); a
@@ -501,14 +508,11 @@ def _token_ids(first: list[dict], second: list[dict], mt) -> dict[int, dict[str,
 def _per_token(values: list, two, where: str) -> PerToken:
     """Each sample's value of an argument (values) as one PerToken, laid along the dimension that the two-sample
     call (`two`) doubles."""
-    one = values[0]
-    grown = [d for d in range(one.dim()) if isinstance(two, torch.Tensor) and two.dim() == one.dim()
-             and two.shape[d] == 2 * one.shape[d]
-             and all(two.shape[e] == one.shape[e] for e in range(one.dim()) if e != d)]
-    if len(grown) != 1:
+    dim = _doubled(values[0], two)
+    if dim is None:
         raise ValueError(f"{where} differs from sample to sample, and pvq cannot tell its samples apart "
-                         f"(shape {tuple(one.shape)} for one sample)")
-    return PerToken(torch.cat(values, dim=grown[0]), grown[0])
+                         f"(shape {tuple(values[0].shape)} for one sample)")
+    return PerToken(torch.cat(values, dim=dim), dim)
 
 
 @torch.no_grad()
@@ -627,7 +631,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int =
         x = hidden[s : s + batch]
         r = call_block(block, x, kwargs, slice(s, s + x.shape[0]))
         if keep:
-            out[s : s + batch] = r[0] if isinstance(r, (tuple, list)) else r  # GPT-1's blocks return lists
+            out[s : s + batch] = r
     return out
 
 
