@@ -58,7 +58,7 @@ def main() -> None:
         with torch.no_grad():
             hidden, kwargs = capture_block_inputs(ref, ids)
             for i, block in enumerate(blocks(ref)):
-                hidden = reference_stream(block, hidden, kwargs[i])
+                hidden = reference_stream(block, hidden, kwargs, i)
             teacher = Teacher.of(ref, hidden, ids)
         del ref, hidden
         model, _ = load(path)

@@ -14,7 +14,7 @@ import pvq  # noqa: F401  (registers pvq with transformers)
 from pvq import api
 from pvq.checkpoint import save
 from pvq.loader import load
-from pvq.models.adapters import block_linear_names, blocks_path, check_supported, set_module
+from pvq.models.adapters import block_linear_names, blocks_path, carry, check_supported, set_module
 from pvq.models.classes import auto_class
 from pvq.models.loading import SUPPORTED_MODEL_TYPES, tiny_model, tiny_tokenizer
 from pvq.modules.linear import Rotations
@@ -145,12 +145,23 @@ def test_token_ids_held_per_sample_follow_the_samples_into_each_shard():
     assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
 
 
-def test_token_ids_held_for_the_calibration_samples_refuse_tuning_on_other_samples():
-    """--finetune model on tuning data of its own would give DeepSeek-V4's blocks the calibration samples' token
-    ids: refused in one line before any block is quantized."""
-    cfg = QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32, finetune="model")
-    with pytest.raises(ValueError, match="--finetune model on tuning data of its own: this family's blocks read"):
-        api.quantize(family_model("deepseek_v4"), cfg, IDS, progress=False, tune_ids=IDS.flip(0))
+def test_tuning_on_samples_of_its_own_gives_the_blocks_those_samples_inputs(monkeypatch):
+    """--finetune model on tuning data of its own (tune_ids): the unquantized stream it matches runs each block with
+    the tuning samples' own per-sample inputs (DeepSeek-V4's token ids for its hash routing), not the calibration
+    samples': at the end of the blocks it gives the unquantized model's logits on the tuning samples."""
+    from pvq.models.adapters import logits_after_blocks
+
+    model = family_model("deepseek_v4")
+    tune = IDS.flip(1)[:2]
+    with torch.no_grad():
+        want = model(tune).logits
+    streams = []
+    teacher = api.Teacher.of
+    monkeypatch.setattr(api.Teacher, "of", lambda m, hidden, ids, **k: streams.append(
+        logits_after_blocks(m, hidden, ids)) or teacher(m, hidden, ids, **k))
+    cfg = QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32, finetune="model", finetune_model_steps=1)
+    api.quantize(model, cfg, IDS, progress=False, tune_ids=tune)
+    assert (streams[0] - want).abs().max() < 1e-4
 
 
 @torch.no_grad()
@@ -162,16 +173,6 @@ def test_a_linear_class_that_computes_something_else_stays_dense():
 
     assert not any(n.endswith("o_a_proj") for n in block_linears(blocks(tiny_model("deepseek_v4"))[0]))
     assert "self_attention.dense" in block_linears(blocks(tiny_model("falcon"))[0])
-
-
-def test_a_block_given_a_per_token_input_of_its_own_is_one_clear_line():
-    """pvq captures each block's arguments once and gives them to every sample: an argument that differs from
-    sample to sample (Gemma 4 E2B/E4B's per-layer inputs, computed from each sample's tokens) is refused."""
-    cfg = QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32)
-    model = tiny_model("gemma4_text", hidden_size_per_layer_input=16, vocab_size_per_layer_input=256)  # E2B/E4B's form
-    with pytest.raises(ValueError, match="'gemma4_text': block 0's argument 'per_layer_input' differs from sample to "
-                                         "sample"):
-        api.quantize(model, cfg, IDS, progress=False)
 
 
 def test_a_block_that_reads_what_its_predecessor_hands_it_is_one_clear_line():
@@ -189,16 +190,77 @@ def test_a_block_that_reads_what_its_predecessor_hands_it_is_one_clear_line():
         assert (model(IDS).logits.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
 
 
-def test_a_block_that_writes_state_later_blocks_read_is_one_clear_line():
+def test_state_a_block_writes_for_later_ones_is_carried_on_each_stream():
     """Gemma 4's key-value sharing: a layer stores its keys and values in a mapping every block is given, and later
-    layers read them. Run block by block and batch by batch, a later layer would read another batch's (this ran
-    without a word before): refused in one line where a block reads what another wrote (layers that only store,
-    as every gemma4_unified_text layer does, run: test_family_quantize_save_load_generate)."""
-    model = tiny_model("gemma4_text", num_kv_shared_layers=1, num_hidden_layers=3,
-                       layer_types=["sliding_attention", "full_attention", "full_attention"])
-    with pytest.raises(ValueError, match="Gemma4TextDecoderLayer reads 'full_attention' from its argument "
-                                         "'shared_kv_states', which an earlier block writes"):
-        api.quantize(model, QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32), IDS, progress=False)
+    layers read them. pvq runs one block at a time, batch by batch: what a block writes is held for every sample
+    and handed to the later blocks of its own stream (carry). The unquantized stream of --asymmetric, run beside a
+    quantized one whose keys and values differ, must read its own: the model's logits at the end (with the
+    quantized stream's, they move). Run without carrying, a reading block stops with one line."""
+    from pvq.models.adapters import (blocks, call_block, capture_block_inputs, logits_after_blocks, run_block,
+                                     run_carrying)
+    from pvq.models.shards import sharded_asymmetric_sums
+
+    model = family_model("gemma4_text")  # layers 2 and 3 read what layers 0 and 1 store
+    with torch.no_grad():
+        want = model(IDS).logits
+        hidden, kwargs = capture_block_inputs(model, IDS)
+        fp, fp_kwargs = hidden.clone(), [dict(kw) for kw in kwargs]
+        noisy = hidden + 0.5 * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0))
+        for i, block in enumerate(blocks(model)):
+            written = {}
+            _, _, fp = sharded_asymmetric_sums(block, noisy, fp, kwargs[i], 2, ref_kwargs=fp_kwargs[i],
+                                               ref_written=written)
+            carry(fp_kwargs, i, written, fp.shape[0])
+            noisy = run_carrying(block, noisy, kwargs, i)
+        assert (logits_after_blocks(model, fp, IDS) - want).abs().max() < 1e-5
+        mixed = capture_block_inputs(model, IDS)[0]  # the unquantized stream reading the other stream's state
+        for i, block in enumerate(blocks(model)):
+            mixed = run_block(block, mixed, kwargs[i])
+        assert (logits_after_blocks(model, mixed, IDS) - want).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="Gemma4TextDecoderLayer reads 'sliding_attention' from its argument "
+                                             "'shared_kv_states', which an earlier block writes"):
+            call_block(blocks(model)[2], hidden, capture_block_inputs(model, IDS)[1][2])
+
+
+def test_a_run_killed_after_a_block_that_writes_state_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """What the blocks before a killed run's last saved activations wrote for later ones (Gemma 4's shared keys
+    and values) is saved with those activations: the resumed run, on both streams of --asymmetric, writes the
+    bytes of an uninterrupted one (without it, its block 3 could not read what block 1 stored), with the block
+    tuning's targets computed from what was carried."""
+    import subprocess
+    import sys
+
+    from pvq import checkpoint
+
+    # bfloat16 forwards write bfloat16 keys and values; the block tuning's targets run without autocast
+    cfg = QuantConfig(method="pvq-gptq", bits=3.25, nsamples=4, seqlen=32, asymmetric=0.5, calib_dtype="bfloat16",
+                      finetune="blocks", finetune_steps=1)
+    tok = tiny_tokenizer()
+
+    def run(out):
+        with checkpoint.Writer(out, fingerprint={"test": 1}) as w:
+            model = family_model("gemma4_text")
+            api.quantize(model, cfg, IDS, progress=False, writer=w)
+            w.finish(model, tok)
+        return {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+
+    whole = run(tmp_path / "whole")
+    add_block = checkpoint.Writer.add_block
+
+    def dies_at_block_3(self, index, *a, **k):
+        if index == 3:
+            raise KeyboardInterrupt
+        return add_block(self, index, *a, **k)
+    monkeypatch.setattr(checkpoint.Writer, "add_block", dies_at_block_3)
+    monkeypatch.setattr(checkpoint.Writer, "abort", lambda self: None)  # what a kill -9 leaves
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    monkeypatch.undo()
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (left,) = tmp_path.glob("killed.tmp-*")
+    left.rename(tmp_path / f"killed.tmp-{dead.pid}")  # a process that no longer runs
+    assert run(tmp_path / "killed") == whole
 
 
 def test_fused_experts_without_the_experts_interface_are_one_clear_line():
@@ -251,7 +313,9 @@ def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(mt):
         assert xe.shape[0] > 0
         assert torch.allclose(hess[f"{name}.{first}.{e}"], xe.T @ xe / xe.shape[0], rtol=1e-5, atol=1e-7)
     lin = block_linears(block)
-    assert f"{name}.down.0" in lin and not any(n.endswith(("gate", "router")) for n in lin)
+    # (Gemma 4 E2B's per_layer_input_gate is a projection, not a router: quantized)
+    assert f"{name}.down.0" in lin and not any(n.endswith(("gate", "router")) and lin[n].out_features == n_experts
+                                               for n in lin)
 
 
 @torch.no_grad()
@@ -392,20 +456,24 @@ def test_cli_quantizes_the_language_model_of_a_saved_llama4_folder(tmp_path):
     assert 0 < (got - full(ids).logits).abs().max() < 0.5
 
 
-@pytest.mark.parametrize("mt", ["llama", "falcon", "bamba", "openai-gpt", "xglm", "recurrent_gemma", "deepseek_v4"])
+@pytest.mark.parametrize("mt", ["llama", "falcon", "bamba", "openai-gpt", "xglm", "recurrent_gemma", "deepseek_v4",
+                                "gemma4_text", "gemma3n_text"])
 @torch.no_grad()
 def test_blocks_replayed_one_by_one_give_the_models_logits(mt):
     """Captured arguments, each block run on its own, then whatever follows the blocks: the model's logits,
     however the family takes a block's output (a tensor; item 0 of a tuple, Falcon; two unpacked, Bamba; item 0
     of a list, GPT-1: a tensor handed on there would lose all but the first sample) and however it hands a block
     its arguments (XGLM's mask and RecurrentGemma's positions positionally: a mask dropped would change them;
-    DeepSeek-V4's token ids for its hash routing, each sample's own: the first sample's for all would too)."""
-    from pvq.models.adapters import blocks, capture_block_inputs, logits_after_blocks, run_block
+    DeepSeek-V4's token ids for its hash routing, each sample's own: the first sample's for all would too; Gemma 4
+    E2B/E4B's per-layer inputs, floats computed from each sample's tokens, and the keys and values its first layers
+    store for the last ones: test_state_a_block_writes_for_later_ones_is_carried_on_each_stream; Gemma 3n's
+    AltUp hidden states [4 streams, batch, L, D], held batch first)."""
+    from pvq.models.adapters import blocks, capture_block_inputs, logits_after_blocks, run_carrying
 
     model = family_model(mt)
     hidden, kwargs = capture_block_inputs(model, IDS)
-    for block, kw in zip(blocks(model), kwargs):
-        hidden = run_block(block, hidden, kw)
+    for i, block in enumerate(blocks(model)):
+        hidden = run_carrying(block, hidden, kwargs, i)
     assert (logits_after_blocks(model, hidden, IDS) - model(IDS).logits).abs().max() < 1e-5
 
 

@@ -19,7 +19,7 @@ from .finetune import Teacher, block_targets, reference_stream, tune_block, tune
 from .loader import check_device
 from .memory import release_memory, settled_heap, trim_heap
 from .models.adapters import (PerSample, PerToken, block_linear_names, block_linears, block_prefix, blocks,
-                              capture_block_inputs, check_supported, per_token, set_module)
+                              capture_block_inputs, carry, check_supported, hand_on, set_module)
 from .models.shards import reference_outputs, sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
@@ -126,28 +126,33 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         raise ValueError(f"method {cfg.method} needs calibration data (calib_ids)")
     t0 = time.time()
     start, per_layer, errors, saved = writer.resumed() if writer is not None else (0, {}, {}, None)
-    hidden = kwargs = None
+    hidden = kwargs = fp_kwargs = ref_kwargs = None
+    carried: dict = {}  # what the quantized stream's blocks carry to later ones (adapters.carry), as saved
     uncalibrated: list[str] = []
     tuning: list[dict] = []  # per block: the tuning loss before and after (--finetune blocks)
     ref = ref_ids = None  # --finetune model: the unquantized model's stream on the tuning samples
     fp = None  # --asymmetric: the unquantized model's stream on the calibration samples
     if cfg.uses_data:  # block 0's inputs, and every block's call arguments (rotary embeddings, masks)
         hidden, kwargs = capture_block_inputs(model, calib_ids)
+        # each stream its own arguments: what a block writes for later ones (carry) differs between them
+        fp_kwargs, ref_kwargs = [dict(kw) for kw in kwargs], [dict(kw) for kw in kwargs]
         if cfg.asymmetric:  # both streams start from the same embeddings (on the first samples: see settings)
             paired = hidden[:cfg.asymmetric_samples or hidden.shape[0]]
             fp = paired.clone() if activations is None else activations.reference.hold(paired)
-        if cfg.tunes_model:  # the calibration samples, or tune_ids (which may hold more)
-            if tune_ids is not None and any(per_token(kw) for kw in kwargs):
-                raise ValueError(f"--finetune {cfg.finetune} on tuning data of its own: this family's blocks read "
-                                 f"each sample's token ids (held for the calibration samples only); tune on the "
-                                 f"calibration samples")
+        if cfg.tunes_model:  # the calibration samples, or tune_ids (which may hold more), with their arguments
             ref_ids = calib_ids[:tuning_samples(cfg, calib_ids)] if tune_ids is None else tune_ids
-            ref = (hidden[:ref_ids.shape[0]].float().clone() if tune_ids is None
-                   else capture_block_inputs(model, ref_ids)[0].float())
+            if tune_ids is None:
+                ref = hidden[:ref_ids.shape[0]].float().clone()
+            else:  # what a block is given per sample (token ids, per-layer inputs) is the tuning samples' here
+                ref, ref_kwargs = capture_block_inputs(model, ref_ids)
+                ref = ref.float()
         hidden = hidden if saved is None else saved
+        carried = {} if writer is None or saved is None else writer.carried()
         if device is not None:
             hidden, kwargs = hidden.to(device), [to_device(k, device) for k in kwargs]
-            fp = None if fp is None else fp.to(device)
+            fp, fp_kwargs = None if fp is None else fp.to(device), [to_device(k, device) for k in fp_kwargs]
+            carried = {k: to_device(v, device) for k, v in carried.items()}
+        hand_on(kwargs, start - 1, carried)  # what the blocks a killed run finished carry to later ones
         if reader is not None:  # read again with the rest at the end: not held through every block
             release_parameters(model, [model.get_parameter(n) for n in before])
         if activations is not None:
@@ -172,12 +177,15 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                 materialize(model, reader, lambda n: n.startswith(prefix))
             if fp is not None:  # the unquantized stream as the killed run computed it, through the float block
                 block.to(fp.device)
+                written = {}
                 with calibration_precision(cfg, fp):
-                    fp = reference_outputs(block, fp, kwargs[i], calib_ids.shape[0], cfg.calib_shards,
-                                           None if activations is None else activations.reference.empty_like(fp))
+                    fp = reference_outputs(block, fp, fp_kwargs[i], calib_ids.shape[0], cfg.calib_shards,
+                                           None if activations is None else activations.reference.empty_like(fp),
+                                           written)
+                carry(fp_kwargs, i, written, fp.shape[0])
                 block.to("cpu")
             if tuned_ref:  # its reference outputs and its quantized form again
-                ref = reference_stream(block, ref, kwargs[i])
+                ref = reference_stream(block, ref, ref_kwargs, i)
                 install_written(block, prefix, per_layer, writer.block_tensors(i))
             else:
                 release(block)
@@ -215,12 +223,14 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         tune = hidden[:tuning_samples(cfg, hidden)] if cfg.tunes_blocks else None
         target = None if tune is None else block_targets(block, tune, kwargs[i])
         if ref is not None:
-            ref = reference_stream(block, ref, kwargs[i])
-        cross = {}
+            ref = reference_stream(block, ref, ref_kwargs, i)
+        cross, fp_written = {}, {}
         with calibration_precision(cfg, hidden):
             if fp is not None:  # and the block's outputs on the unquantized stream, for the next block
                 hess, cross, fp = sharded_asymmetric_sums(block, hidden, fp, kwargs[i], cfg.calib_shards,
-                                                          None if activations is None else activations.reference.empty_like(fp))
+                                                          None if activations is None else activations.reference.empty_like(fp),
+                                                          fp_kwargs[i], fp_written)
+                carry(fp_kwargs, i, fp_written, fp.shape[0])
             else:
                 hess = sharded_hessians(block, hidden, kwargs[i], cfg.calib_shards) if cfg.uses_data else {}
         made, done, err = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated, drop=writer is not None,
@@ -235,17 +245,19 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             del tune, target
         per_layer.update(done)
         errors.update(err)
-        if cfg.uses_data:  # the quantized block's outputs feed the next block
+        if cfg.uses_data:  # the quantized block's outputs feed the next block, and what it writes for later ones
+            written = {}
             with calibration_precision(cfg, hidden):
                 hidden = run_as_quantized(block, made, hidden, kwargs[i],
                                           None if activations is None else activations.empty_like(hidden),
-                                          cfg.calib_shards)
+                                          cfg.calib_shards, written)
+            carried.update(carry(kwargs, i, written, hidden.shape[0]))
         install(block, made)
         if device is not None:  # back where the model is, its codes made there already
             block.to("cpu")
         if writer is not None:
             writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
-                             hidden if cfg.uses_data and i + 1 < len(layers) else None)
+                             hidden if cfg.uses_data and i + 1 < len(layers) else None, carried)
             if ref is None:  # tuning the whole model needs every block at the end
                 release(block)
         release_memory()
@@ -361,15 +373,15 @@ def install(block, made: dict) -> None:
 
 
 def run_as_quantized(block, made: dict, hidden: torch.Tensor, kwargs: dict, out: torch.Tensor | None = None,
-                     shards: int = 1) -> torch.Tensor:
+                     shards: int = 1, written: dict | None = None) -> torch.Tensor:
     """The block's outputs with its linears' quantized matrices, still as plain nn.Linear weights in the
     original basis: one dense product per linear, where a QuantLinear would rotate its inputs and outputs on
-    every call (most of a calibration forward's time)."""
+    every call (most of a calibration forward's time); what it writes for later blocks goes to `written`."""
     linears = block_linears(block)
     for name, q in made.items():
         linears[name].weight.data = q.weight_in_original_basis().to(hidden.device, linears[name].weight.dtype)
         q.drop_decoded()  # rebuilt if the model is run later; a stream keeps none
-    return sharded_outputs(block, hidden, kwargs, shards, out)
+    return sharded_outputs(block, hidden, kwargs, shards, out, written)
 
 
 def quantize_linears(block, prefix: str, cfg: QuantConfig, hess: dict, bar, uncalibrated: list, drop: bool = False,

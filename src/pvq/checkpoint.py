@@ -271,9 +271,29 @@ def _save_atomic(tensors: dict, path: Path) -> None:
     os.replace(part, path)
 
 
-def save_activations(hidden: torch.Tensor, path: Path) -> None:
-    """The calibration activations at a block boundary (or one shard's), whole or not at all."""
-    _save_atomic({"hidden": hidden.cpu().contiguous()}, path)
+def save_activations(hidden: torch.Tensor, path: Path, carried: dict | None = None) -> None:
+    """The calibration activations at a block boundary (or one shard's), whole or not at all, with what the
+    blocks before it carry to later ones (carried: {(argument, key): a tensor or a tuple of them, per sample},
+    adapters.carry) as tensors named carried/ARGUMENT/KEY[/ITEM]."""
+    tensors = {"hidden": hidden.cpu().contiguous()}
+    for (arg, key), value in (carried or {}).items():
+        if not all(isinstance(n, str) and n and "/" not in n for n in (arg, key)):
+            raise ValueError(f"state {key!r} of argument {arg!r} cannot be named in an activations file")
+        items = {f"/{i}": v for i, v in enumerate(value)} if isinstance(value, (tuple, list)) else {"": value}
+        tensors.update({f"carried/{arg}/{key}{k}": v.cpu().contiguous() for k, v in items.items()})
+    _save_atomic(tensors, path)
+
+
+def _carried(entries: dict) -> dict:
+    """What save_activations stored as carried: {(argument, key): a tensor or a tuple of them}."""
+    out: dict = {}
+    for name in sorted(entries, key=lambda n: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in n.split("/")]):
+        parts = name.split("/")
+        if parts[0] == "carried" and len(parts) == 3:
+            out[(parts[1], parts[2])] = entries[name].read()
+        elif parts[0] == "carried":
+            out[(parts[1], parts[2])] = out.get((parts[1], parts[2]), ()) + (entries[name].read(),)
+    return out
 
 
 def _files(activations) -> list[str]:
@@ -362,11 +382,18 @@ class Writer:
         hidden = torch.cat([tensorfile.entries(self.tmp / f)["hidden"].read() for f in files]) if files else None
         return self.manifest.next_block, layers, errors, hidden
 
+    def carried(self) -> dict:
+        """What the blocks done carry to later ones, as the last activations file holds it (save_activations);
+        {} where none (a run on workers writes its activations in shards and carries nothing)."""
+        files = _files(self.manifest.activations)
+        return _carried(tensorfile.entries(self.tmp / files[0])) if len(files) == 1 else {}
+
     def add_block(self, index: int, tensors: dict[str, torch.Tensor], layers: dict, errors: dict,
-                  activations: "torch.Tensor | list[str] | None" = None) -> None:
+                  activations: "torch.Tensor | list[str] | None" = None, carried: dict | None = None) -> None:
         """Write block `index`'s stored tensors (and the activations after it) and record it as done.
         `activations`: the tensor, or the names of the files (shard_activations) already holding it in
-        sample order."""
+        sample order; `carried`: what the blocks so far carry to later ones, saved with the tensor
+        (save_activations)."""
         if index != self.manifest.next_block:
             raise ValueError(f"block {index} written out of order (block {self.manifest.next_block} is next)")
         file, act = _BLOCK.format(index), None
@@ -378,7 +405,7 @@ class Writer:
             act = activations
         elif activations is not None:
             act = _ACTIVATIONS.format(index + 1)
-            self._guard(lambda: save_activations(activations, self.tmp / act))
+            self._guard(lambda: save_activations(activations, self.tmp / act, carried))
         previous = _files(self.manifest.activations)
         self.manifest.blocks.append({"index": index, "file": file, "bytes": _nbytes(tensors),
                                      "tensors": {k: tensor_checksum(t) for k, t in sorted(tensors.items())},

@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .codec import PackedPVQ, PVQSpec
-from .models.adapters import block_linears, blocks, call_block, logits_after_blocks, run_block, set_module
+from .models.adapters import block_linears, blocks, call_block, logits_after_blocks, run_block, run_carrying, set_module
 from .modules.linear import QuantLinear, Rotations
 
 BATCH = 2  # samples a step
@@ -319,10 +319,11 @@ def _log_rest(top: torch.Tensor) -> torch.Tensor:
     return torch.log(-torch.expm1(mass)).clamp_min(-100.0)
 
 
-def reference_stream(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """The unquantized block's outputs on the unquantized stream: what the reference model's next block sees."""
+def reference_stream(block: nn.Module, hidden: torch.Tensor, kwargs: list[dict], index: int) -> torch.Tensor:
+    """The unquantized block's outputs on the unquantized stream: what the reference model's next block sees
+    (kwargs: that stream's arguments of every block, which get what the block writes for later ones)."""
     with torch.no_grad():
-        return run_block(block, hidden, kwargs).float()
+        return run_carrying(block, hidden, kwargs, index).float()
 
 
 def tuned_names(model) -> list[str]:

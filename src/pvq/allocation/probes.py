@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models.adapters import (block_hessians, block_linear_names, block_linears, blocks, capture_block_inputs, layer_name,
-                              logits_after_blocks, run_block)
+from ..models.adapters import (block_hessians, block_linear_names, block_linears, blocks, capture_block_inputs, carry,
+                              layer_name, logits_after_blocks, run_carrying)
 from ..picker import FAST_GROUP_DIMS, PVQ_GROUP_DIMS
 from ..settings import QuantConfig
 from ..solvers.gptq import error_factors
@@ -36,18 +36,19 @@ from ..transforms.rotate import layer_seeds, rotate_hessian
 def _block_inputs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[dict]]:
     hidden, kwargs = capture_block_inputs(model, ids)
     inputs = [hidden]
-    for block, kw in zip(blocks(model), kwargs):
-        inputs.append(run_block(block, inputs[-1], kw))
+    for j, block in enumerate(blocks(model)):
+        inputs.append(run_carrying(block, inputs[-1], kwargs, j))
     return inputs, kwargs
 
 
 @torch.no_grad()
 def _loss_from(model, start: int, hidden: torch.Tensor, kwargs: list, ids: torch.Tensor) -> float:
-    """Mean next-token NLL of `ids` when `hidden` enters block `start`."""
+    """Mean next-token NLL of `ids` when `hidden` enters block `start` (kwargs: every block's arguments, with
+    what the blocks before `start` carry to later ones; left as they are)."""
     layers = blocks(model)
-    h = hidden
+    h, kwargs = hidden, [dict(kw) for kw in kwargs]
     for j in range(start, len(layers)):
-        h = run_block(layers[j], h, kwargs[j])
+        h = run_carrying(layers[j], h, kwargs, j)
     logits = logits_after_blocks(model, h, ids).float()
     return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
@@ -214,7 +215,9 @@ def gptq_error_factors(model, cfg: QuantConfig, calib_ids: torch.Tensor, progres
     layers = blocks(model)
     bar = tqdm(total=len(layers), desc="gptq error factors", disable=not progress, unit="block")
     for i, block in enumerate(layers):
-        hess, hidden = block_hessians(block, hidden, kwargs[i], keep=True)
+        written: dict = {}
+        hess, hidden = block_hessians(block, hidden, kwargs[i], keep=True, written=written)
+        carry(kwargs, i, written, hidden.shape[0])
         for name, mod in block_linears(block).items():
             full = layer_name(model, i, name)
             seeds = layer_seeds(cfg.seed, full, cfg.rotates)

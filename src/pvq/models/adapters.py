@@ -3,12 +3,12 @@
 No table per family (DESIGN.md: no script per family, no forked modeling files): the decoder blocks
 are the model's ModuleList with one entry per hidden layer (the class transformers names in
 `_no_split_modules` when there are several lists), the quantizable linears of a block are every
-`nn.Linear` inside it (a router, one output per expert, or a gate with fewer than MIN_ROWS outputs stays
-dense: a few numbers per token that steer the rest; a linear whose weight the family's code reads itself, like
-Mamba's dt_proj, too), and linears that read the same input share one Hessian because the
-hooks of a real pass see the same tensor (block_hessians), whatever their names. Experts stored as
-fused 3-D tensors are split into one linear per expert first (experts.py), so an expert's linear is
-found, hooked (the tokens routed to it) and replaced like any other.
+`nn.Linear` inside it (a router, one output per expert, or a gate with fewer than MIN_ROWS outputs, and a
+linear with fewer than MIN_COLS inputs, stay dense: a few numbers per token that steer the rest; a linear
+whose weight the family's code reads itself, like Mamba's dt_proj, too), and linears that read the same input
+share one Hessian because the hooks of a real pass see the same tensor (block_hessians), whatever their names.
+Experts stored as fused 3-D tensors are split into one linear per expert first (experts.py), so an expert's
+linear is found, hooked (the tokens routed to it) and replaced like any other.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from ..solvers.hessian import CrossAccumulator, HessianAccumulator
 from .experts import FIRST, fused_experts, split_experts
 
 MIN_ROWS = 16  # fewer outputs than this: a router or gate, kept dense
+MIN_COLS = 8  # fewer inputs than this (the smallest PVQ group): mixing coefficients (Gemma 3n's AltUp), kept dense
 BATCH = 8  # calibration samples run through a block at once
 
 
@@ -39,7 +40,7 @@ def _text_config(config):
 def _quantizable(mod: nn.Module) -> bool:
     # a QuantLinear (modules/, a layer above) marks itself with pvq_linear rather than being imported here
     return getattr(mod, "pvq_linear", False) or (isinstance(mod, nn.Linear) and mod.out_features >= MIN_ROWS
-                                                 and _plain(type(mod)))
+                                                 and mod.in_features >= MIN_COLS and _plain(type(mod)))
 
 
 @lru_cache(maxsize=None)
@@ -283,8 +284,9 @@ class PerSample:
 
 @dataclass(frozen=True)
 class PerToken:
-    """A block argument that differs from sample to sample: the token ids a block reads itself (DeepSeek-V4's
-    hash routing picks experts by token id), held for every calibration sample, concatenated along `dim`."""
+    """A block argument that differs from sample to sample, held for every calibration sample, concatenated
+    along `dim`: the token ids a block reads itself (DeepSeek-V4's hash routing picks experts by token id), or
+    an input of the block's own computed from them (Gemma 4 E2B/E4B's per-layer inputs)."""
 
     tensor: torch.Tensor
     dim: int
@@ -303,6 +305,8 @@ def _map(kwargs: dict, f) -> dict:
     def at(v):
         if isinstance(v, (PerSample, PerToken)):
             return f(v)
+        if isinstance(v, (dict, UserDict)):  # state carried to later blocks (carry): a new mapping of the same kind
+            return _mapping_like(v, {k: at(u) for k, u in v.items()})
         return type(v)(at(u) for u in v) if isinstance(v, (tuple, list)) else v
     return {k: at(v) for k, v in kwargs.items()}
 
@@ -314,22 +318,81 @@ def call_kwargs(kwargs: dict, n: int, rows=None) -> dict:
     return _map(kwargs, lambda v: v.batched(n) if isinstance(v, PerSample) else v.rows(rows))
 
 
-def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, rows=None) -> torch.Tensor:
+def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, rows=None, written: dict | None = None
+               ) -> torch.Tensor:
     """The hidden states block(x) outputs (the first item where it returns a tuple, or GPT-1's list), with its
-    captured arguments for the samples `rows` (call_kwargs). A mapping among them is state
-    the model hands every block (Gemma 4's key-value sharing: one layer stores its keys and values there, later
-    layers read them); run one block at a time, batch by batch, a later block would read another batch's. Each
-    call gets a mapping of its own: what a block writes stays with its call, and a block that reads what an
-    earlier block wrote stops with one line."""
+    captured arguments for the samples `rows` (call_kwargs). A mapping among them is state the model hands
+    every block (Gemma 4's key-value sharing: one layer stores its keys and values there, later layers read
+    them); run one block at a time, batch by batch, a later block would read another batch's. Each call gets a
+    mapping of its own: what a block writes stays with its call, and is appended, a batch's value, to
+    `written` {(argument, key): [value per batch]} where given, for `carry` to hand on to later blocks; a block
+    that reads what an earlier block wrote and nobody carried stops with one line."""
     kw = call_kwargs(kwargs, x.shape[0], rows)
+    given = {}
     for k, v in kw.items():
         if isinstance(v, (dict, UserDict)):
+            given[k] = v
             kw[k] = _own_state(v, f"unsupported architecture: a {type(block).__name__} reads {{key!r}} from its "
-                                  f"argument {k!r}, which an earlier block writes (key-value sharing across layers); "
-                                  f"pvq calibrates each block on its own: a data-free method (--method pvq) runs no "
-                                  f"block")
-    out = block(x, **kw)
-    return out[0] if isinstance(out, (tuple, list)) else out
+                                  f"argument {k!r}, which an earlier block writes (key-value sharing across layers), "
+                                  f"and this run does not carry it from block to block (quantizing on --workers "
+                                  f"does not); a data-free method (--method pvq) runs no block")
+    d = getattr(block, "_pvq_batch_dim", 0)
+    out = block(x.movedim(0, d) if d else x, **kw)
+    for k, v in given.items():
+        for key, value in kw[k].items():
+            if written is not None and (key not in v or v[key] is not value):
+                written.setdefault((k, key), []).append(_batch_first(value, x.shape[0], f"{type(block).__name__} "
+                                                                                        f"writes {key!r} into {k!r}"))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.movedim(d, 0) if d else out
+
+
+def _batch_first(value, n: int, where: str):
+    """value (a tensor, or tuple of them, that a block wrote for a batch of n samples) where each tensor's first
+    dimension is the batch: what carry holds per sample."""
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            _batch_first(v, n, where)
+    elif not (isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n):
+        raise ValueError(f"unsupported architecture: a {where} that is not tensors laid out by sample (first "
+                         f"dimension {n}, the batch): pvq cannot carry it from block to block")
+    return value
+
+
+def carry(kwargs: list[dict], after: int, written: dict, samples: int) -> dict:
+    """Hand what block `after` wrote into a mapping argument on a run over all `samples` calibration samples
+    (written: call_block's, each batch's value in sample order) to every later block given that mapping:
+    its value for every sample, as PerToken tensors (cut with the samples like token ids), in a mapping of the
+    block's own (kwargs is one stream's list of every block's arguments; the others' are left as they are).
+    Returns {(argument, key): the value for every sample} (tensors, or tuples of them), for hand_on. Floats are
+    held in float32, as the streams are: a block calibrated in bfloat16 writes bfloat16, and a later block run
+    without autocast (the tuning targets) would be given a mix of precisions."""
+    def joined(pieces):
+        if isinstance(pieces[0], (tuple, list)):
+            return tuple(joined([p[i] for p in pieces]) for i in range(len(pieces[0])))
+        whole = torch.cat(pieces)
+        return whole.float() if whole.is_floating_point() else whole
+
+    held = {}
+    for (arg, key), pieces in written.items():
+        held[(arg, key)] = value = joined(pieces)
+        first = value[0] if isinstance(value, tuple) else value
+        if first.shape[0] != samples:
+            raise ValueError(f"unsupported architecture: block {after} writes {key!r} into {arg!r} for "
+                             f"{first.shape[0]} of {samples} calibration samples: pvq carries only what a "
+                             f"block writes for every sample")
+    hand_on(kwargs, after, held)
+    return held
+
+
+def hand_on(kwargs: list[dict], after: int, held: dict) -> None:
+    """Give every block after `after` that takes a mapping argument the values `held` ({(argument, key): a
+    tensor, or a tuple of them, for every sample}: carry's, or what a resumed run saved) in it, as PerToken."""
+    for (arg, key), value in held.items():
+        value = tuple(PerToken(v, 0) for v in value) if isinstance(value, tuple) else PerToken(value, 0)
+        for kw in kwargs[after + 1:]:
+            if isinstance(kw.get(arg), (dict, UserDict)):
+                kw[arg] = _mapping_like(kw[arg], {**kw[arg], key: value})
 
 
 class _OwnState:
@@ -343,6 +406,13 @@ class _OwnState:
 @lru_cache(maxsize=None)
 def _own_class(cls: type) -> type:
     return type(cls.__name__, (_OwnState, cls), {"__module__": cls.__module__})
+
+
+def _mapping_like(mapping, items: dict):
+    """A new mapping of mapping's class holding items."""
+    new = type(mapping)()
+    new.update(items)
+    return new
 
 
 def _own_state(mapping, missing: str):
@@ -489,18 +559,18 @@ def _varies(a, b) -> bool:
 def _token_ids(first: list[dict], second: list[dict], mt) -> dict[int, dict[str, list]]:
     """{block: {argument: [first sample's value, second's]}} of the arguments that differ between the first two
     samples. pvq captures each block's arguments once and gives them to every sample (positions, masks, rotary
-    tables are alike for samples of one length); token ids a block reads itself (DeepSeek-V4's hash routing)
-    are held for every sample (PerToken); any other argument that differs (Gemma 4 E2B/E4B's per-layer inputs,
-    a float per token and per block) is refused."""
+    tables are alike for samples of one length); a tensor that differs (token ids a block reads itself, as
+    DeepSeek-V4's hash routing; Gemma 4 E2B/E4B's per-layer inputs, a float per token and per block) is held for
+    every sample (PerToken); anything else that differs is refused."""
     found: dict[int, dict[str, list]] = {}
     for j, (a, b) in enumerate(zip(first, second)):
         for k in a:
             if not _varies(a[k], (b or {}).get(k)):
                 continue
-            if not (isinstance(a[k], torch.Tensor) and not a[k].is_floating_point() and a[k].dtype != torch.bool):
+            if not (isinstance(a[k], torch.Tensor) and a[k].dtype != torch.bool):
                 raise ValueError(f"unsupported architecture {mt!r}: block {j}'s argument {k!r} differs from sample "
-                                 f"to sample (a per-token input of the block's own, as Gemma 4 E2B/E4B's per-layer "
-                                 f"inputs); pvq gives every sample the arguments it captured once")
+                                 f"to sample and is not a tensor pvq can hold per sample; pvq gives every sample "
+                                 f"the arguments it captured once")
             found.setdefault(j, {})[k] = [a[k], b[k]]
     return found
 
@@ -554,6 +624,8 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
                     values.append(bound[k])
             if keep and j == 0:
                 hidden.append(_hidden(args, kw).detach())
+            elif into is pairs and j == 0:
+                state["two"] = _hidden(args, kw)
             if j >= state["after"]:
                 raise _Stop
             return _hand_on(model, _hidden(args, kw))
@@ -578,10 +650,17 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
             call(input_ids[i : i + 1])
             if i == 1:
                 token_args.update(_token_ids(kwargs, again, mt))
+    state.update(into=pairs, after=len(layers) - 1)  # two samples (one twice where there is one)
+    with _forwards(layers, lambda j: record(j, False)):
+        call(input_ids[:2] if n > 1 else input_ids[[0, 0]])
+    batch_dim = _doubled(hidden[0], state["two"])
+    if batch_dim is None:
+        raise ValueError(f"unsupported architecture {mt!r}: pvq cannot tell the samples apart in the hidden states "
+                         f"its blocks are given (shape {tuple(hidden[0].shape)} for one sample)")
+    for block in layers:  # Gemma 3n's AltUp blocks take [streams, batch, L, D]: pvq holds [batch, streams, L, D]
+        block._pvq_batch_dim = batch_dim
+    hidden = [h.movedim(batch_dim, 0) for h in hidden]
     if n > 1:
-        state.update(into=pairs, after=len(layers) - 1)
-        with _forwards(layers, lambda j: record(j, False)):
-            call(input_ids[:2])
         kwargs = [{k: _per_sample(v, (two or {}).get(k)) for k, v in kw.items()} for kw, two in zip(kwargs, pairs)]
         for j, args in token_args.items():
             for k, values in args.items():
@@ -608,8 +687,11 @@ def logits_after_blocks(model, hidden: torch.Tensor, input_ids: torch.Tensor) ->
     runs it, with the blocks as pass-throughs that hand on `hidden`."""
     _blocks_return_pairs(model, input_ids)
 
+    d = getattr(blocks(model)[0], "_pvq_batch_dim", 0)
+    given = hidden.movedim(0, d) if d else hidden
+
     def handover(*args, **kw):
-        return _hand_on(model, hidden)
+        return _hand_on(model, given)
 
     def through(*args, **kw):
         return _hand_on(model, _hidden(args, kw))
@@ -620,37 +702,51 @@ def logits_after_blocks(model, hidden: torch.Tensor, input_ids: torch.Tensor) ->
 
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = BATCH, keep: bool = True,
-              out: torch.Tensor | None = None):
+              out: torch.Tensor | None = None, written: dict | None = None):
     """Outputs of one block for all samples (hidden [N, L, D]), a few samples at a time, written into `out`
-    where given (a memory-mapped file, say).
+    where given (a memory-mapped file, say); what the block writes into state later blocks read is appended to
+    `written` where given (call_block).
 
     keep=False runs the block only for its side effects (hooks) and keeps no output.
     """
     out = (torch.empty_like(hidden) if out is None else out) if keep else None
     for s in range(0, hidden.shape[0], batch):
         x = hidden[s : s + batch]
-        r = call_block(block, x, kwargs, slice(s, s + x.shape[0]))
+        r = call_block(block, x, kwargs, slice(s, s + x.shape[0]), written)
         if keep:
             out[s : s + batch] = r
     return out
 
 
 @torch.no_grad()
-def block_hessian_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False):
+def run_carrying(block: nn.Module, hidden: torch.Tensor, kwargs: list[dict], index: int, **run) -> torch.Tensor:
+    """run_block of block `index` on one stream (kwargs: that stream's arguments of every block), what the block
+    writes for later blocks carried to them (carry)."""
+    written: dict = {}
+    out = run_block(block, hidden, kwargs[index], written=written, **run)
+    carry(kwargs, index, written, hidden.shape[0])
+    return out
+
+
+@torch.no_grad()
+def block_hessian_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False,
+                       written: dict | None = None):
     """({linear name: the linear whose accumulator holds its input's sums}, {that linear: its
     HessianAccumulator}, the block's outputs if keep) for one block run on hidden.
 
     Linears that read the same tensor share one accumulated Hessian: the first batch is run with hooks
     that hold every linear's input, which tells which inputs are one tensor; the rest accumulate once
     per distinct input (a linear first reached after the first batch, an expert, gets its own). A linear
-    no token reached (an expert nobody was routed to) is missing."""
-    leader, accs, _, out, _ = block_input_sums(block, hidden, kwargs, keep)
+    no token reached (an expert nobody was routed to) is missing. What the block writes for later blocks goes
+    to `written` (carry)."""
+    leader, accs, _, out, _ = block_input_sums(block, hidden, kwargs, keep, written=written)
     return leader, accs, out
 
 
 @torch.no_grad()
 def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False,
-                     reference: torch.Tensor | None = None):
+                     reference: torch.Tensor | None = None, written: dict | None = None,
+                     ref_kwargs: dict | None = None, ref_written: dict | None = None):
     """block_hessian_sums, and with `reference` (the unquantized model's inputs to this block for the same
     samples, hidden being the quantized model's) also ({leader: CrossAccumulator of its input's pairs}, the
     block's outputs on reference): (leader, Hessian accumulators, cross accumulators, outputs if keep,
@@ -658,7 +754,9 @@ def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep:
     hidden, whose hooks pair every token's two inputs. reference may hold only the first samples of hidden:
     the cross sums then come from those and the Hessians from all. Only linears every token reaches are
     paired (a linear whose input is not [batch, tokens, dim] in both, an expert, has no cross accumulator):
-    an expert's tokens in one stream are not those in the other."""
+    an expert's tokens in one stream are not those in the other. ref_kwargs: the block's arguments for the
+    reference's samples, where they differ from kwargs' (state carried on that stream); what the block writes
+    for later blocks goes to written (hidden's) and ref_written (reference's)."""
     linears = block_linears(block)
     n = hidden.shape[0]
     if reference is not None and (reference.shape[0] > n or tuple(reference.shape[1:]) != tuple(hidden.shape[1:])):
@@ -680,13 +778,15 @@ def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep:
                   for name, mod in linears.items()]
             on_ref[0] = True
             try:
-                run_block(block, reference[s:min(e, n_ref)], samples_of(kwargs, s, min(e, n_ref)),
-                          out=ref_out[s:min(e, n_ref)])
+                run_block(block, reference[s:min(e, n_ref)],
+                          samples_of(kwargs if ref_kwargs is None else ref_kwargs, s, min(e, n_ref)),
+                          out=ref_out[s:min(e, n_ref)], written=ref_written)
             finally:
                 on_ref[0] = False
                 for h in hs:
                     h.remove()
-        run_block(block, hidden[s:e], samples_of(kwargs, s, e), keep=keep, out=None if out is None else out[s:e])
+        run_block(block, hidden[s:e], samples_of(kwargs, s, e), keep=keep, out=None if out is None else out[s:e],
+                  written=written)
 
     def pair(name: str, x: torch.Tensor, lead_dims) -> None:
         if not ref_in or name in unpaired:  # no reference for this batch, or a linear not every token reaches
@@ -744,9 +844,11 @@ def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep:
     return {name: leader[name] for name in linears if name in leader}, accs, crosses, out, ref_out
 
 
-def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False):
+def block_hessians(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False,
+                   written: dict | None = None):
     """({linear name: H = X^T X / rows of its input}, the block's outputs if keep) for one block run on
-    hidden; linears that read one tensor share one H (the same tensor object)."""
-    leader, accs, out = block_hessian_sums(block, hidden, kwargs, keep)
+    hidden; linears that read one tensor share one H (the same tensor object). What the block writes for
+    later blocks goes to `written` (carry)."""
+    leader, accs, out = block_hessian_sums(block, hidden, kwargs, keep, written)
     hess = {name: accs[name].take() for name in accs}  # one mean at a time, in its sum's memory
     return {name: hess[leader[name]] for name in leader}, out

@@ -41,16 +41,18 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "openai-gpt",
                          # blocks handed their mask (XGLM), or positions, mask and cache flag (RecurrentGemma), positionally
                          "xglm", "recurrent_gemma",
-                         # Gemma 4 without per-layer inputs (the dense and MoE sizes; E2B/E4B feed each block a
-                         # per-token input of its own, refused: adapters._token_ids)
-                         "gemma4_text",
+                         # Gemma 4 (E2B/E4B: per-layer inputs held per sample, adapters.PerToken; key-value
+                         # sharing carried from block to block, adapters.carry); Gemma 3n, whose AltUp blocks take
+                         # the batch as their second dimension (held first: _pvq_batch_dim)
+                         "gemma4_text", "gemma3n_text",
                          # GPT-2's linears are Conv1D modules (weight stored transposed): made linears (adapters.py)
                          "gpt2",
                          # ALiBi biases laid out per sample (adapters.PerSample)
                          "bloom",
-                         # the language model of a model with a vision tower: gemma3 keeps its tower (dense);
-                         # transformers loads llama4 for text generation without it, and so does pvq
-                         "gemma3", "llama4",
+                         # the language model of a model with a vision tower: gemma3 and gemma4 keep their towers
+                         # (dense; Gemma 4 E2B/E4B's audio tower too); transformers loads llama4 for text generation
+                         # without it, and so does pvq
+                         "gemma3", "gemma4", "llama4",
                          # ... with no causal-LM class: built as image-text-to-text models (classes.py)
                          "qwen2_5_vl", "qwen3_vl", "mistral3", "llava", "qwen2_vl", "smolvlm", "internvl", "paligemma",
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
@@ -88,6 +90,11 @@ _TINY_MROPE = dict(rope_parameters={"rope_type": "default", "mrope_section": [2,
 # a gated-delta-net hybrid (Qwen3-Next, Qwen3.5): one linear-attention block and one full-attention block
 _TINY_GDN = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
                  linear_key_head_dim=16, linear_value_head_dim=16)
+# Gemma 4: E2B/E4B's per-layer inputs and key-value sharing (the last two layers read the first two's), with the
+# MoE block of the larger ones
+_TINY_GEMMA4 = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                    per_layer_config={}, hidden_size_per_layer_input=16, vocab_size_per_layer_input=256,
+                    num_kv_shared_layers=2, enable_moe_block=True, top_k_experts=2)
 _TINY_FAMILY = {
     "qwen3_next": _TINY_GDN,
     "qwen3_5_text": _TINY_GDN,
@@ -97,8 +104,8 @@ _TINY_FAMILY = {
     "glm4_moe_lite": _TINY_MLA,
     "deepseek_v32": dict(_TINY_MLA, num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8),
     "minicpm3": _TINY_MLA,
-    "gemma4_text": dict(layer_types=["sliding_attention", "full_attention"], per_layer_config={},
-                        hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=True, top_k_experts=2),
+    "gemma4_text": _TINY_GEMMA4,
+    "gemma4": _TINY_GEMMA4,
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], num_layers=2, window_size=8),
     "granitemoehybrid": dict(layer_types=["mamba", "attention"], shared_intermediate_size=128, mamba_n_heads=4,
                              mamba_d_head=32, mamba_d_state=16),
@@ -155,6 +162,10 @@ _TINY_FAMILY = {
     "aria_text": dict(moe_num_experts=4),
     "minimax_m3_vl_text": dict(dense_intermediate_size=128, shared_intermediate_size=64),
     "gemma4_unified_text": dict(per_layer_config={}, sliding_window=8),
+    # E2B/E4B: AltUp (four hidden streams, [4, batch, L, D]), per-layer inputs, key-value sharing, LAuReL
+    "gemma3n_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                         num_kv_shared_layers=2, hidden_size_per_layer_input=16, vocab_size_per_layer_input=256,
+                         laurel_rank=8, activation_sparsity_pattern=[0.0, 0.0, 0.0, 0.5], sliding_window=8),
 }
 
 
@@ -447,6 +458,11 @@ _TINY_OUTER = {
     "gemma3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=28, patch_size=14),
                    mm_tokens_per_image=4, boi_token_index=253, eoi_token_index=254, image_token_index=255),
+    "gemma4": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, head_dim=16, patch_size=14, position_embedding_size=64),
+                   audio_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     subsampling_conv_channels=[8, 8], output_proj_dims=32),
+                   image_token_id=255, audio_token_id=254, boi_token_id=253, eoi_token_id=252),
     "qwen2_5_vl": dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                           patch_size=14, window_size=28, fullatt_block_indexes=[1]),
                        image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253),

@@ -63,12 +63,14 @@ def sharded_hessians(block, hidden: torch.Tensor, kwargs: dict, shards: int) -> 
 
 
 def sharded_asymmetric_sums(block, hidden: torch.Tensor, reference: torch.Tensor, kwargs: dict, shards: int,
-                            out: torch.Tensor | None = None):
+                            out: torch.Tensor | None = None, ref_kwargs: dict | None = None,
+                            ref_written: dict | None = None):
     """({linear name: H}, {linear name: C}, the block's outputs on reference, written into `out` where given) of
     a block run on every sample of hidden (the quantized model's stream) and of reference (the unquantized
     model's, the same samples or the first of them: C from those, H from all), summed shard by shard
     (adapters.block_input_sums); a linear paired in no shard, or not in every shard with paired samples, has
-    no C."""
+    no C. ref_kwargs: the block's arguments on the reference stream where they differ from hidden's (state
+    carried from earlier blocks); what the block writes there goes to ref_written (adapters.carry)."""
     ref_out = torch.empty_like(reference) if out is None else out
     bounds = shard_bounds(hidden.shape[0], shards)
     pairs = paired_bounds(hidden.shape[0], reference.shape[0], shards)
@@ -76,8 +78,10 @@ def sharded_asymmetric_sums(block, hidden: torch.Tensor, reference: torch.Tensor
     def parts():
         for (s, e), pair in zip(bounds, pairs):
             part = None if pair is None else reference[pair[0]:pair[1]]
-            lead, accs, crosses, _, part_out = block_input_sums(block, hidden[s:e], samples_of(kwargs, s, e),
-                                                                reference=part)
+            lead, accs, crosses, _, part_out = block_input_sums(
+                block, hidden[s:e], samples_of(kwargs, s, e), reference=part,
+                ref_kwargs=None if pair is None or ref_kwargs is None else samples_of(ref_kwargs, *pair),
+                ref_written=ref_written)
             if pair is not None:
                 ref_out[pair[0]:pair[1]] = part_out
             yield lead, accs, None if pair is None else crosses
@@ -103,20 +107,24 @@ def merge_asymmetric(parts) -> tuple[dict, dict]:
 
 
 def reference_outputs(block, reference: torch.Tensor, kwargs: dict, samples: int, shards: int,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, written: dict | None = None) -> torch.Tensor:
     """The block's outputs on the unquantized stream (the first reference.shape[0] of `samples` calibration
     samples), run in the pieces sharded_asymmetric_sums runs them in (batches start at each shard), so a
-    resumed run carries the floats of an uninterrupted one."""
+    resumed run carries the floats of an uninterrupted one; what it writes for later blocks goes to
+    `written`."""
     out = torch.empty_like(reference) if out is None else out
     for pair in paired_bounds(samples, reference.shape[0], shards):
         if pair is not None:
-            run_block(block, reference[pair[0]:pair[1]], samples_of(kwargs, *pair), out=out[pair[0]:pair[1]])
+            run_block(block, reference[pair[0]:pair[1]], samples_of(kwargs, *pair), out=out[pair[0]:pair[1]],
+                      written=written)
     return out
 
 
-def sharded_outputs(block, hidden: torch.Tensor, kwargs: dict, shards: int, out: torch.Tensor | None = None):
-    """The block's outputs for every sample, computed shard by shard (into `out` where given)."""
+def sharded_outputs(block, hidden: torch.Tensor, kwargs: dict, shards: int, out: torch.Tensor | None = None,
+                    written: dict | None = None):
+    """The block's outputs for every sample, computed shard by shard (into `out` where given); what it writes
+    for later blocks goes to `written` (adapters.carry)."""
     out = torch.empty_like(hidden) if out is None else out
     for s, e in shard_bounds(hidden.shape[0], shards):
-        run_block(block, hidden[s:e], samples_of(kwargs, s, e), out=out[s:e])
+        run_block(block, hidden[s:e], samples_of(kwargs, s, e), out=out[s:e], written=written)
     return out
