@@ -145,3 +145,15 @@ def test_solves_get_threads_by_their_share_of_the_work():
     assert solve_threads(costs, 1, 1) == {"q": 1, "k": 1, "down": 1}  # one CPU: one thread each, queued
     assert solve_threads(costs, 64, 32) == {"q": 2, "k": 2, "down": 32}  # a task never spans two nodes
     assert solve_threads(costs, 64, 64) == {"q": 2, "k": 2, "down": 60}
+
+
+def test_state_blocks_carry_from_block_to_block_gives_the_same_bytes_on_workers(tmp_path):
+    """Hunyuan-V4's indexer choices, which a layer hands the next (Gemma 4 E2B's keys and values, which its first
+    layers store for the last ones, go the same way: adapters.carry): each shard's worker carries its samples'
+    own on both streams of --asymmetric, so the file is the one process's."""
+    tiny_model("hy_v4").save_pretrained(tmp_path / "src")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    args = [str(tmp_path / "src"), *GPTQ, "--asymmetric", "0.5", "--asymmetric-samples", "7"]
+    assert cli(["quantize", *args, "-o", str(tmp_path / "one")]) == 0
+    assert cli(["quantize", *args, "--workers", "2", "-o", str(tmp_path / "two")]) == 0
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")

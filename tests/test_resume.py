@@ -107,3 +107,28 @@ def test_other_inputs_are_refused_then_force_starts_over(model_dir, reference, t
     assert cli([*other, "--force"]) == 0
     assert _digests(out) != reference  # another damping, another model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_what_blocks_carry_is_saved_with_the_activations_and_read_back_in_sample_order(tmp_path):
+    """What a stream carries from block to block (adapters.carry: a mapping's state, tensors or tuples of them;
+    what a block hands the next, or None) is saved beside the activations, one file per calibration shard where
+    workers write them, and read back joined in sample order."""
+    import torch
+
+    from pvq import tensorfile
+    from pvq.checkpoint import _carried, save_activations
+    from pvq.models.adapters import cut_carried, join_carried
+
+    g = torch.Generator().manual_seed(0)
+    carried = {("shared_kv_states", "full_attention"): (torch.randn(5, 1, 4, 8, generator=g), torch.randn(5, 1, 4, 8)),
+               ("shared_kv_states", "sliding_attention"): torch.randn(5, 3, generator=g),
+               ("prev_topk_indices", None): torch.randint(0, 9, (5, 4, 2), generator=g), ("index_pool", None): None}
+    for j, (s, e) in enumerate([(0, 3), (3, 5)]):
+        save_activations(torch.zeros(e - s, 4, 8), tmp_path / f"{j}.safetensors", cut_carried(carried, s, e))
+    back = join_carried([_carried(tensorfile.entries(tmp_path / f"{j}.safetensors")) for j in range(2)])
+    assert back.keys() == carried.keys() and back[("index_pool", None)] is None
+
+    def same(a, b):
+        return all(map(same, a, b)) if isinstance(a, tuple) else torch.equal(a, b)
+    assert all(same(back[k], carried[k]) for k in carried if carried[k] is not None)
+    assert isinstance(back[("shared_kv_states", "full_attention")], tuple)

@@ -19,7 +19,8 @@ from .finetune import Teacher, block_targets, reference_stream, tune_block, tune
 from .loader import check_device
 from .memory import release_memory, settled_heap, trim_heap
 from .models.adapters import (PerSample, PerToken, block_linear_names, block_linears, block_prefix, blocks,
-                              capture_block_inputs, carry, check_supported, hand_on, set_module)
+                              capture_block_inputs, carried_after, carry, check_supported, hand_on,
+                              set_module)
 from .models.shards import reference_outputs, sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
@@ -128,6 +129,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     start, per_layer, errors, saved = writer.resumed() if writer is not None else (0, {}, {}, None)
     hidden = kwargs = fp_kwargs = ref_kwargs = None
     carried: dict = {}  # what the quantized stream's blocks carry to later ones (adapters.carry), as saved
+    fp_carried: dict = {}  # the same on --asymmetric's unquantized stream (for Ray workers' shards)
     uncalibrated: list[str] = []
     tuning: list[dict] = []  # per block: the tuning loss before and after (--finetune blocks)
     ref = ref_ids = None  # --finetune model: the unquantized model's stream on the tuning samples
@@ -164,7 +166,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     if pool is not None and cfg.finetune != "none":
         raise ValueError(f"--finetune {cfg.finetune} runs in one process: drop --workers / --ray-address")
     if pool is not None and cfg.uses_data:  # the activations go to the workers' object store, in shards
-        shards, hidden = pool.calibration(hidden, kwargs, cfg), None
+        shards, hidden = pool.calibration(hidden, kwargs, cfg, carried), None
         # the linears' bar moves as workers finish them; this one as blocks are written
         blocks_bar = tqdm(total=len(layers), initial=start, desc="blocks", disable=not progress, unit="block")
     elif pool is not None:  # every remaining block a task of its own, their results taken in block order
@@ -182,7 +184,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                     fp = reference_outputs(block, fp, fp_kwargs[i], calib_ids.shape[0], cfg.calib_shards,
                                            None if activations is None else activations.reference.empty_like(fp),
                                            written)
-                carry(fp_kwargs, i, written, fp.shape[0])
+                fp_carried = carried_after(fp_carried, carry(fp_kwargs, i, written, fp.shape[0]))
                 block.to("cpu")
             if tuned_ref:  # its reference outputs and its quantized form again
                 ref = reference_stream(block, ref, ref_kwargs, i)
@@ -193,7 +195,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             continue
         if shards is not None:  # blocks in order, the work inside each spread over the workers
             if fp is not None:  # the unquantized stream joins the workers' shards from here on
-                shards.pair(fp)
+                shards.pair(fp, fp_carried)
                 fp = None
             if reader is not None:
                 check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
@@ -202,8 +204,9 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             per_layer.update(done)
             errors.update(err)
             install(block, made)
-            writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
-                             None if saves is None else shards.checkpoint(saves))
+            act = None if saves is None else shards.checkpoint(saves)  # files the workers wrote, or the tensor
+            writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err, act,
+                             shards.held() if isinstance(act, torch.Tensor) else None)
             release(block)
             release_memory()
             blocks_bar.update(1)
@@ -230,7 +233,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                 hess, cross, fp = sharded_asymmetric_sums(block, hidden, fp, kwargs[i], cfg.calib_shards,
                                                           None if activations is None else activations.reference.empty_like(fp),
                                                           fp_kwargs[i], fp_written)
-                carry(fp_kwargs, i, fp_written, fp.shape[0])
+                fp_carried = carried_after(fp_carried, carry(fp_kwargs, i, fp_written, fp.shape[0]))
             else:
                 hess = sharded_hessians(block, hidden, kwargs[i], cfg.calib_shards) if cfg.uses_data else {}
         made, done, err = quantize_linears(block, prefix, cfg, hess, bar, uncalibrated, drop=writer is not None,
@@ -251,7 +254,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                 hidden = run_as_quantized(block, made, hidden, kwargs[i],
                                           None if activations is None else activations.empty_like(hidden),
                                           cfg.calib_shards, written)
-            carried.update(carry(kwargs, i, written, hidden.shape[0]))
+            carried = carried_after(carried, carry(kwargs, i, written, hidden.shape[0]))
         install(block, made)
         if device is not None:  # back where the model is, its codes made there already
             block.to("cpu")

@@ -32,6 +32,7 @@ import torch
 
 from . import tensorfile
 from .errors import one_line
+from .models.adapters import join_carried
 from .modules.linear import QuantLinear
 from .resume import MANIFEST, Manifest, difference
 from .settings import DENSE_DTYPES, check_format_version, stored_config
@@ -274,25 +275,33 @@ def _save_atomic(tensors: dict, path: Path) -> None:
 def save_activations(hidden: torch.Tensor, path: Path, carried: dict | None = None) -> None:
     """The calibration activations at a block boundary (or one shard's), whole or not at all, with what the
     blocks before it carry to later ones (carried: {(argument, key): a tensor or a tuple of them, per sample},
-    adapters.carry) as tensors named carried/ARGUMENT/KEY[/ITEM]."""
+    adapters.carry) as tensors named carried/ARGUMENT/KEY[/ITEM], and what the last hands the next
+    (key None) as handed/ARGUMENT[/ITEM] (handed/ARGUMENT/none: None)."""
     tensors = {"hidden": hidden.cpu().contiguous()}
     for (arg, key), value in (carried or {}).items():
-        if not all(isinstance(n, str) and n and "/" not in n for n in (arg, key)):
+        if not all(isinstance(n, str) and n and "/" not in n for n in (arg, "-" if key is None else key)):
             raise ValueError(f"state {key!r} of argument {arg!r} cannot be named in an activations file")
-        items = {f"/{i}": v for i, v in enumerate(value)} if isinstance(value, (tuple, list)) else {"": value}
-        tensors.update({f"carried/{arg}/{key}{k}": v.cpu().contiguous() for k, v in items.items()})
+        name = f"handed/{arg}" if key is None else f"carried/{arg}/{key}"  # key None: the next block's argument
+        items = ({"/none": torch.empty(0)} if value is None else {f"/{i}": v for i, v in enumerate(value)}
+                 if isinstance(value, (tuple, list)) else {"": value})
+        tensors.update({name + k: v.cpu().contiguous() for k, v in items.items()})
     _save_atomic(tensors, path)
 
 
 def _carried(entries: dict) -> dict:
-    """What save_activations stored as carried: {(argument, key): a tensor or a tuple of them}."""
+    """What save_activations stored as carried: {(argument, key or None): a tensor, a tuple of them, or None}."""
     out: dict = {}
     for name in sorted(entries, key=lambda n: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in n.split("/")]):
         parts = name.split("/")
-        if parts[0] == "carried" and len(parts) == 3:
-            out[(parts[1], parts[2])] = entries[name].read()
-        elif parts[0] == "carried":
-            out[(parts[1], parts[2])] = out.get((parts[1], parts[2]), ()) + (entries[name].read(),)
+        if parts[0] not in ("carried", "handed"):
+            continue
+        where, rest = ((parts[1], parts[2]), parts[3:]) if parts[0] == "carried" else ((parts[1], None), parts[2:])
+        if rest == ["none"]:
+            out[where] = None
+        elif rest:
+            out[where] = out.get(where, ()) + (entries[name].read(),)
+        else:
+            out[where] = entries[name].read()
     return out
 
 
@@ -383,10 +392,10 @@ class Writer:
         return self.manifest.next_block, layers, errors, hidden
 
     def carried(self) -> dict:
-        """What the blocks done carry to later ones, as the last activations file holds it (save_activations);
-        {} where none (a run on workers writes its activations in shards and carries nothing)."""
-        files = _files(self.manifest.activations)
-        return _carried(tensorfile.entries(self.tmp / files[0])) if len(files) == 1 else {}
+        """What the blocks done carry to later ones, as the last activations files hold it (save_activations;
+        a run on workers writes each shard's beside its activations), in sample order; {} where none."""
+        parts = [_carried(tensorfile.entries(self.tmp / f)) for f in _files(self.manifest.activations)]
+        return join_carried(parts) if parts else {}
 
     def add_block(self, index: int, tensors: dict[str, torch.Tensor], layers: dict, errors: dict,
                   activations: "torch.Tensor | list[str] | None" = None, carried: dict | None = None) -> None:

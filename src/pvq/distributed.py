@@ -43,7 +43,7 @@ import torch
 from . import api
 from .checkpoint import save_activations, stored_tensors
 from .models.adapters import (block_hessian_sums, block_input_sums, block_linears, block_prefix, blocks,
-                              per_token, samples_of)
+                              carried_after, cut_carried, held_of, join_carried, per_token, samples_of, with_carried)
 from .models.shards import merge_asymmetric, paired_bounds, shard_bounds
 from .models.streaming import materialize, release
 from .settings import DENSE_DTYPES, QuantConfig, spec_to_dict
@@ -118,20 +118,28 @@ def quantize_block_task(source: str | None, cfg_dict: dict, index: int, prefix: 
     return tensors, done, err
 
 
-def hessian_task(block, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict, index: int, reference=None):
+def hessian_task(block, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict, index: int, reference=None,
+                 carried: dict | None = None, ref_carried: dict | None = None):
     """(leaders, Hessian accumulators) of one calibration shard through the float block `index`; with
     `reference` (--asymmetric: the unquantized stream on the shard's paired samples), ((leaders, Hessian
-    accumulators, cross accumulators), the block's outputs on reference), two results (Ray's num_returns=2):
-    the outputs stay in the object store as the shard's unquantized stream for the next block."""
+    accumulators, cross accumulators), the block's outputs on reference, what the reference stream carries
+    after the block), three results (Ray's num_returns=3): the outputs and what they carry stay in the object
+    store as the shard's unquantized stream for the next block. carried, ref_carried: what each stream carries
+    to this block from earlier ones, for the shard's samples (adapters.carry)."""
     torch.set_num_threads(1)
     _fault(index)
     cfg = QuantConfig(**cfg_dict)
+    kw = with_carried(kwargs, carried or {})
     with torch.no_grad(), api.calibration_precision(cfg, hidden):
         if reference is None:
-            lead, accs, _ = block_hessian_sums(block, hidden, kwargs)
+            lead, accs, _ = block_hessian_sums(block, hidden, kw)
             return lead, accs
-        lead, accs, crosses, _, ref_out = block_input_sums(block, hidden, kwargs, reference=reference)
-    return (lead, accs, crosses), ref_out
+        written: dict = {}
+        lead, accs, crosses, _, ref_out = block_input_sums(block, hidden, kw, reference=reference,
+                                                           ref_kwargs=with_carried(kwargs, ref_carried or {}),
+                                                           ref_written=written)
+    return (lead, accs, crosses), ref_out, carried_after(ref_carried or {},
+                                                         held_of(written, index, reference.shape[0]))
 
 
 def solve_task(full: str, weight: torch.Tensor, bias, cfg_dict: dict, h, index: int, threads: int = 1, c=None):
@@ -146,16 +154,20 @@ def solve_task(full: str, weight: torch.Tensor, bias, cfg_dict: dict, h, index: 
 
 
 def advance_task(block, made: dict, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict,
-                 save: str | None = None) -> torch.Tensor:
-    """One shard's outputs of the quantized block: the next block's inputs for that shard. `save`: a file
-    of the writer's resume checkpoint to write them to as well, where this node sees its folder."""
+                 save: str | None = None, carried: dict | None = None, index: int | None = None):
+    """(One shard's outputs of the quantized block: the next block's inputs for that shard, what the shard's
+    stream carries after the block), two results (Ray's num_returns=2). carried: what it carries to the block
+    (adapters.carry). `save`: a file of the writer's resume checkpoint to write both to as well, where this
+    node sees its folder."""
     torch.set_num_threads(1)
     cfg = QuantConfig(**cfg_dict)
+    written: dict = {}
     with torch.no_grad(), api.calibration_precision(cfg, hidden):
-        out = api.run_as_quantized(block, made, hidden, kwargs)
+        out = api.run_as_quantized(block, made, hidden, with_carried(kwargs, carried or {}), written=written)
+    onward = carried_after(carried or {}, held_of(written, index, hidden.shape[0]))
     if save is not None and os.path.isdir(os.path.dirname(save)):
-        save_activations(out, Path(save))
-    return out
+        save_activations(out, Path(save), onward)
+    return out, onward
 
 
 def solve_cost(rows: int, cols: int) -> int:
@@ -177,22 +189,32 @@ class Shards:
     """The calibration activations of a Hessian-method run, one object per shard in Ray's object store,
     and the per-block work on them (Pool.calibration makes one)."""
 
-    def __init__(self, pool: "Pool", hidden: torch.Tensor, kwargs: list, cfg: QuantConfig):
+    def __init__(self, pool: "Pool", hidden: torch.Tensor, kwargs: list, cfg: QuantConfig, carried: dict | None = None):
         ray = self.ray = pool.ray
         self.pool, self.cfg_dict = pool, cfg.to_dict()
         self.acts = [ray.put(hidden[s:e].clone()) for s, e in shard_bounds(hidden.shape[0], cfg.calib_shards)]
         self.samples, self.shards = hidden.shape[0], cfg.calib_shards
         self.refs = [None] * len(self.acts)  # --asymmetric: per shard, the unquantized stream on its paired samples
+        # per shard, what each stream carries from block to block (adapters.carry; a resumed run's from its file)
+        self.carried = [ray.put(cut_carried(carried or {}, s, e))
+                        for s, e in shard_bounds(hidden.shape[0], cfg.calib_shards)]
+        self.ref_carried = [None] * len(self.acts)
         # per shard where a block's arguments hold token ids (adapters.PerToken): those of the shard's samples
         bounds = shard_bounds(hidden.shape[0], cfg.calib_shards)
         self.kwargs = [[ray.put(samples_of(kw, s, e)) for s, e in bounds] if per_token(kw)
                        else [ray.put(kw)] * len(bounds) for kw in kwargs]
 
-    def pair(self, reference: torch.Tensor) -> None:
+    def pair(self, reference: torch.Tensor, carried: dict | None = None) -> None:
         """Carry the unquantized model's stream (--asymmetric: the inputs of the next block to quantize, on the
-        first reference.shape[0] samples) beside the quantized one, each shard's paired samples with it."""
-        self.refs = [None if b is None else self.ray.put(reference[b[0]:b[1]].clone())
-                     for b in paired_bounds(self.samples, reference.shape[0], self.shards)]
+        first reference.shape[0] samples, and what it carries to that block) beside the quantized one, each
+        shard's paired samples with it."""
+        bounds = paired_bounds(self.samples, reference.shape[0], self.shards)
+        self.refs = [None if b is None else self.ray.put(reference[b[0]:b[1]].clone()) for b in bounds]
+        self.ref_carried = [None if b is None else self.ray.put(cut_carried(carried or {}, *b)) for b in bounds]
+
+    def held(self) -> dict:
+        """What the quantized stream carries after the last quantize_block, every shard's fetched here."""
+        return join_carried([self._get(c, f"calibration shard {j}") for j, c in enumerate(self.carried)])
 
     def _get(self, ref, what: str):
         try:
@@ -206,12 +228,13 @@ class Shards:
         ray, pool = self.ray, self.pool
         block_ref = ray.put(block)
         parts, refs = [], []  # a paired shard's task also gives its unquantized outputs, kept in the object store
-        for a, r, kw in zip(self.acts, self.refs, self.kwargs[index]):
+        for j, (a, r, kw) in enumerate(zip(self.acts, self.refs, self.kwargs[index])):
             if r is None:
-                parts.append(pool._hess.remote(block_ref, a, kw, self.cfg_dict, index))
+                parts.append(pool._hess.remote(block_ref, a, kw, self.cfg_dict, index, None, self.carried[j]))
                 refs.append(None)
             else:
-                sums, out = pool._hess.options(num_returns=2).remote(block_ref, a, kw, self.cfg_dict, index, r)
+                sums, out, self.ref_carried[j] = pool._hess.options(num_returns=3).remote(
+                    block_ref, a, kw, self.cfg_dict, index, r, self.carried[j], self.ref_carried[j])
                 parts.append(sums)
                 refs.append(out)
 
@@ -251,9 +274,11 @@ class Shards:
         for name in block_linears(block):  # in the block's order, whatever order they finished in
             made[name], per_layer[prefix + name], errors[prefix + name] = results[name]
         made_ref = ray.put(made)
-        self.acts = [pool._advance.remote(block_ref, made_ref, a, self.kwargs[index][j], self.cfg_dict,
-                                          None if saves is None else str(saves[j]))
-                     for j, a in enumerate(self.acts)]
+        moved = [pool._advance.options(num_returns=2).remote(block_ref, made_ref, a, self.kwargs[index][j],
+                                                             self.cfg_dict, None if saves is None else str(saves[j]),
+                                                             self.carried[j], index)
+                 for j, a in enumerate(self.acts)]
+        self.acts, self.carried = [m[0] for m in moved], [m[1] for m in moved]
         return made, per_layer, errors
 
     def checkpoint(self, saves: list) -> "list[str] | torch.Tensor":
@@ -342,10 +367,12 @@ class Pool:
                 raise DistributedError(f"block {i}: {str(exc).splitlines()[0]}") from None
             yield i, result
 
-    def calibration(self, hidden: torch.Tensor, kwargs: list, cfg: QuantConfig) -> Shards:
+    def calibration(self, hidden: torch.Tensor, kwargs: list, cfg: QuantConfig, carried: dict | None = None
+                    ) -> Shards:
         """The calibration activations `hidden` (block 0's inputs, or a resumed run's) cut into
-        cfg.calib_shards shards and put in the object store; `kwargs`: each block's call arguments."""
-        return Shards(self, hidden, kwargs, cfg)
+        cfg.calib_shards shards and put in the object store; `kwargs`: each block's call arguments; `carried`:
+        what the blocks a resumed run finished carry to later ones (adapters.carry)."""
+        return Shards(self, hidden, kwargs, cfg, carried)
 
     def close(self) -> None:
         self.ray.shutdown()

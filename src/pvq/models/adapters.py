@@ -334,8 +334,8 @@ def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, rows=None, writt
             given[k] = v
             kw[k] = _own_state(v, f"unsupported architecture: a {type(block).__name__} reads {{key!r}} from its "
                                   f"argument {k!r}, which an earlier block writes (key-value sharing across layers), "
-                                  f"and this run does not carry it from block to block (quantizing on --workers "
-                                  f"does not); a data-free method (--method pvq) runs no block")
+                                  f"and nothing carried it to this call (adapters.carry); a data-free method (--method "
+                                  f"pvq) runs no block")
     d = getattr(block, "_pvq_batch_dim", 0)
     out = block(x.movedim(0, d) if d else x, **kw)
     for k, v in given.items():
@@ -343,6 +343,13 @@ def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, rows=None, writt
             if written is not None and (key not in v or v[key] is not value):
                 written.setdefault((k, key), []).append(_batch_first(value, x.shape[0], f"{type(block).__name__} "
                                                                                         f"writes {key!r} into {k!r}"))
+    hands = getattr(block, "_pvq_hands", None)  # the next block's argument this block's second output is
+    if written is not None and hands is not None:
+        if not (isinstance(out, (tuple, list)) and len(out) > 1):
+            raise ValueError(f"unsupported architecture: a {type(block).__name__} hands the next block {hands!r} "
+                             f"in some calls only")
+        written.setdefault((hands, None), []).append(
+            None if out[1] is None else _batch_first(out[1], x.shape[0], f"{type(block).__name__} hands on {hands!r}"))
     out = out[0] if isinstance(out, (tuple, list)) else out
     return out.movedim(d, 0) if d else out
 
@@ -363,11 +370,26 @@ def carry(kwargs: list[dict], after: int, written: dict, samples: int) -> dict:
     """Hand what block `after` wrote into a mapping argument on a run over all `samples` calibration samples
     (written: call_block's, each batch's value in sample order) to every later block given that mapping:
     its value for every sample, as PerToken tensors (cut with the samples like token ids), in a mapping of the
-    block's own (kwargs is one stream's list of every block's arguments; the others' are left as they are).
+    block's own (kwargs is one stream's list of every block's arguments; the others' are left as they are);
+    and the second output it hands the next block (key None: GLM-5's and Hunyuan-V4's indexer choices, which
+    a layer sharing them takes from its predecessor) as that block's argument.
     Returns {(argument, key): the value for every sample} (tensors, or tuples of them), for hand_on. Floats are
     held in float32, as the streams are: a block calibrated in bfloat16 writes bfloat16, and a later block run
     without autocast (the tuning targets) would be given a mix of precisions."""
+    held = held_of(written, after, samples)
+    hand_on(kwargs, after, held)
+    return held
+
+
+def held_of(written: dict, after: int | None, samples: int) -> dict:
+    """{(argument, key): the value for every sample} of what block `after` wrote or handed on (call_block's
+    `written`, each batch's value in sample order): carry's return, without handing it on."""
     def joined(pieces):
+        if all(p is None for p in pieces):
+            return None
+        if any(p is None for p in pieces):
+            raise ValueError(f"unsupported architecture: block {after} hands the next block something for some "
+                             f"calibration samples only")
         if isinstance(pieces[0], (tuple, list)):
             return tuple(joined([p[i] for p in pieces]) for i in range(len(pieces[0])))
         whole = torch.cat(pieces)
@@ -377,19 +399,54 @@ def carry(kwargs: list[dict], after: int, written: dict, samples: int) -> dict:
     for (arg, key), pieces in written.items():
         held[(arg, key)] = value = joined(pieces)
         first = value[0] if isinstance(value, tuple) else value
-        if first.shape[0] != samples:
+        if first is not None and first.shape[0] != samples:
             raise ValueError(f"unsupported architecture: block {after} writes {key!r} into {arg!r} for "
                              f"{first.shape[0]} of {samples} calibration samples: pvq carries only what a "
                              f"block writes for every sample")
-    hand_on(kwargs, after, held)
     return held
+
+
+def carried_after(carried: dict, held: dict) -> dict:
+    """What a stream carries after a block: what the blocks before it wrote for later ones (carried, less what
+    the block before handed this one), with what this block wrote or hands on (held) over it."""
+    return {**{k: v for k, v in carried.items() if k[1] is not None}, **held}
+
+
+def with_carried(kwargs: dict, carried: dict) -> dict:
+    """One block's arguments (kwargs) with what its stream carries to it (carried, as carry returns it, for the
+    samples kwargs hold) given as hand_on gives it: a Ray worker's copy of the arguments."""
+    both = [{}, dict(kwargs)]
+    hand_on(both, 0, carried)
+    return both[1]
+
+
+def cut_carried(carried: dict, s: int, e: int) -> dict:
+    """carried for samples s..e."""
+    def at(v):
+        return None if v is None else tuple(at(u) for u in v) if isinstance(v, tuple) else v[s:e]
+    return {k: at(v) for k, v in carried.items()}
+
+
+def join_carried(parts: list[dict]) -> dict:
+    """One carried from those of consecutive samples (shards), in sample order."""
+    def joined(vs):
+        if vs[0] is None:
+            return None
+        return tuple(joined([v[i] for v in vs]) for i in range(len(vs[0]))) if isinstance(vs[0], tuple) else torch.cat(vs)
+    return {k: joined([p[k] for p in parts]) for k in (parts[0] if parts else {})}
 
 
 def hand_on(kwargs: list[dict], after: int, held: dict) -> None:
     """Give every block after `after` that takes a mapping argument the values `held` ({(argument, key): a
-    tensor, or a tuple of them, for every sample}: carry's, or what a resumed run saved) in it, as PerToken."""
+    tensor, or a tuple of them, for every sample}: carry's, or what a resumed run saved) in it, as PerToken;
+    a value of key None (what block `after` hands on) is the next block's argument itself."""
     for (arg, key), value in held.items():
-        value = tuple(PerToken(v, 0) for v in value) if isinstance(value, tuple) else PerToken(value, 0)
+        value = (tuple(PerToken(v, 0) for v in value) if isinstance(value, tuple)
+                 else None if value is None else PerToken(value, 0))
+        if key is None:
+            if after + 1 < len(kwargs) and arg in kwargs[after + 1]:
+                kwargs[after + 1][arg] = value
+            continue
         for kw in kwargs[after + 1:]:
             if isinstance(kw.get(arg), (dict, UserDict)):
                 kw[arg] = _mapping_like(kw[arg], {**kw[arg], key: value})
@@ -459,9 +516,10 @@ _SECOND = object()
 
 class Unreplayable:
     """Given to a block in place of what its predecessor hands it beside the hidden states (GLM-5's indexer
-    choices), which pvq, running each block on its own, does not have. A block that ignores it runs as the model
-    runs it (GLM-5's layers with an indexer of their own); one that reads it (a layer sharing its predecessor's
-    choices) stops with `message`, one line, rather than running on something else."""
+    choices) until a run of the predecessor on the block's stream carries its value there (carry); where none
+    did (a block run on its own), a block that ignores it runs as the model runs it (GLM-5's layers with an
+    indexer of their own), and one that reads it (a layer sharing its predecessor's choices) stops with
+    `message`, one line, rather than running on something else."""
 
     def __init__(self, message: str):
         self.message = message
@@ -611,13 +669,17 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
         def forward(*args, **kw):
             into = state["into"]
             if into is not None and into[j] is None:
+                bound = _as_keywords(layers[j], args, kw, f"unsupported architecture {mt!r}: block {j}")
+                for k, v in bound.items():
+                    if v is _SECOND:  # what the block before returns beside its hidden states: carry hands it on
+                        layers[j - 1]._pvq_hands = k
+                # where nothing carries it (Ray workers), a block that reads it stops with one line
                 into[j] = {k: Unreplayable(f"unsupported architecture {mt!r}: block {j} reads {k!r}, which block "
                                            f"{j - 1} hands it beside the hidden states (a layer sharing its "
-                                           f"predecessor's indexer choices, as GLM-5 can), and pvq calibrates "
-                                           f"each block on its own: a data-free method (--method pvq) runs no "
-                                           f"block") if v is _SECOND else v
-                           for k, v in _as_keywords(layers[j], args, kw, f"unsupported architecture {mt!r}: "
-                                                                         f"block {j}").items()}
+                                           f"predecessor's indexer choices, as GLM-5 can), and nothing carried it "
+                                           f"to this call (adapters.carry); a data-free method (--method pvq) runs "
+                                           f"no block") if v is _SECOND else v
+                           for k, v in bound.items()}
             elif into is None and j in token_args:
                 bound = _as_keywords(layers[j], args, kw, f"block {j}")
                 for k, values in token_args[j].items():

@@ -63,9 +63,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "kolibri1", "laguna", "mellum", "minimax_m3_vl_text", "param2moe", "sarvam_moe", "dots3_note_text",
                          # ... whose blocks hold two attention and MLP sublayers each (num_hidden_layers counts those)
                          "longcat_flash",
-                         # ... whose blocks hand their indexer choices on (used by layers that share them: refused,
-                         # adapters.Unreplayable; GLM-5's layers each have their own)
-                         "glm_moe_dsa",
+                         # ... whose blocks hand their indexer choices on to layers that share them (carried from
+                         # block to block: adapters.carry; GLM-5, Hunyuan-V4 with hyper-connections, Kolibri 1.1's
+                         # index pools)
+                         "glm_moe_dsa", "hy_v4", "kolibri1_1",
                          # ... with hyper-connections, hash routing by token id (adapters.PerToken) and a grouped
                          # output projection (kept dense: adapters._plain)
                          "deepseek_v4",
@@ -150,7 +151,11 @@ _TINY_FAMILY = {
                         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
                         hc_sinkhorn_iters=3),
     "glm_moe_dsa": dict(_TINY_MLA, num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8,
-                        indexer_types=["full", "full"]),
+                        indexer_types=["full", "shared"]),
+    "hy_v4": dict(indexer_types=["full", "shared"], num_key_value_heads=4),  # its attention: as many as query heads
+    "kolibri1_1": dict(num_hidden_layers=4, layer_types=["sliding_attention", "indexed_attention"] * 2, index_layers=[1],
+                       index_num_heads=2, index_topk=8, index_pool_size=64, index_compression=4,
+                       index_num_local_tokens=4, index_num_sink_tokens=2, sliding_window=8),
     "longcat_flash": dict(_TINY_MLA, qk_head_dim=16, num_hidden_layers=4, ffn_hidden_size=128, expert_ffn_hidden_size=32,
                           moe_topk=2, n_routed_experts=4, zero_expert_num=2, num_key_value_heads=4),
     "cohere_compass_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8,
