@@ -384,20 +384,9 @@ def carry(kwargs: list[dict], after: int, written: dict, samples: int) -> dict:
 def held_of(written: dict, after: int | None, samples: int) -> dict:
     """{(argument, key): the value for every sample} of what block `after` wrote or handed on (call_block's
     `written`, each batch's value in sample order): carry's return, without handing it on."""
-    def joined(pieces):
-        if all(p is None for p in pieces):
-            return None
-        if any(p is None for p in pieces):
-            raise ValueError(f"unsupported architecture: block {after} hands the next block something for some "
-                             f"calibration samples only")
-        if isinstance(pieces[0], (tuple, list)):
-            return tuple(joined([p[i] for p in pieces]) for i in range(len(pieces[0])))
-        whole = torch.cat(pieces)
-        return whole.float() if whole.is_floating_point() else whole
-
     held = {}
     for (arg, key), pieces in written.items():
-        held[(arg, key)] = value = joined(pieces)
+        held[(arg, key)] = value = _joined(pieces, f"block {after} hands the next block something")
         first = value[0] if isinstance(value, tuple) else value
         if first is not None and first.shape[0] != samples:
             raise ValueError(f"unsupported architecture: block {after} writes {key!r} into {arg!r} for "
@@ -429,11 +418,21 @@ def cut_carried(carried: dict, s: int, e: int) -> dict:
 
 def join_carried(parts: list[dict]) -> dict:
     """One carried from those of consecutive samples (shards), in sample order."""
-    def joined(vs):
-        if vs[0] is None:
-            return None
-        return tuple(joined([v[i] for v in vs]) for i in range(len(vs[0]))) if isinstance(vs[0], tuple) else torch.cat(vs)
-    return {k: joined([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+    return {k: _joined([p[k] for p in parts], "a calibration shard's carried state")
+            for k in (parts[0] if parts else {})}
+
+
+def _joined(pieces: list, where: str):
+    """The value for all samples of pieces held for consecutive ones (tensors laid out by sample, tuples of them,
+    or None throughout), joined along the first dimension; floats in float32, as the streams are."""
+    if all(p is None for p in pieces):
+        return None
+    if any(p is None for p in pieces):
+        raise ValueError(f"unsupported architecture: {where} for some calibration samples only")
+    if isinstance(pieces[0], (tuple, list)):
+        return tuple(_joined([p[i] for p in pieces], where) for i in range(len(pieces[0])))
+    whole = torch.cat(pieces)
+    return whole.float() if whole.is_floating_point() else whole
 
 
 def hand_on(kwargs: list[dict], after: int, held: dict) -> None:
@@ -614,7 +613,7 @@ def _varies(a, b) -> bool:
     return False
 
 
-def _token_ids(first: list[dict], second: list[dict], mt) -> dict[int, dict[str, list]]:
+def _differing(first: list[dict], second: list[dict], mt) -> dict[int, dict[str, list]]:
     """{block: {argument: [first sample's value, second's]}} of the arguments that differ between the first two
     samples. pvq captures each block's arguments once and gives them to every sample (positions, masks, rotary
     tables are alike for samples of one length); a tensor that differs (token ids a block reads itself, as
@@ -648,9 +647,9 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     """Inputs of block 0 for every calibration sample (hidden [N, L, D]) and the keyword arguments of each
     block's call (rotary position embeddings, masks: a family with alternating sliding and full attention
     gives its blocks different masks; arguments given positionally are named, _as_keywords), the same for
-    every sample of the same length, so kept once: the first two samples' are compared, and token ids that
-    differ between them are kept for every sample as PerToken, anything else that differs refused
-    (_token_ids); an argument laid out per sample is told by a third call with two samples, and kept as
+    every sample of the same length, so kept once: the first two samples' are compared, and tensors that
+    differ between them (token ids, per-layer inputs) are kept for every sample as PerToken, anything else
+    that differs refused (_differing); an argument laid out per sample is told by a third call with two samples, and kept as
     PerSample (run blocks through call_kwargs, on a part of the samples through samples_of).
 
     The blocks do not run here: each is a pass-through that records its arguments, so this needs only
@@ -663,7 +662,7 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     _blocks_return_pairs(model, input_ids)
 
     state = {"into": None, "after": 0}  # where the sample being run records its arguments; the last block it needs
-    token_args: dict[int, dict[str, list]] = {}  # block -> {argument: each sample's value}, for token ids
+    differing: dict[int, dict[str, list]] = {}  # block -> {argument: each sample's value}: those that differ
 
     def record(j, keep):
         def forward(*args, **kw):
@@ -680,9 +679,9 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
                                            f"to this call (adapters.carry); a data-free method (--method pvq) runs "
                                            f"no block") if v is _SECOND else v
                            for k, v in bound.items()}
-            elif into is None and j in token_args:
+            elif into is None and j in differing:
                 bound = _as_keywords(layers[j], args, kw, f"block {j}")
-                for k, values in token_args[j].items():
+                for k, values in differing[j].items():
                     values.append(bound[k])
             if keep and j == 0:
                 hidden.append(_hidden(args, kw).detach())
@@ -706,12 +705,12 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
                              f"of its blocks' outputs than that is not supported") from exc
 
     with _forwards(layers, lambda j: record(j, True)):
-        for i in range(n):  # the first two samples record every block's arguments, the rest only token ids
+        for i in range(n):  # the first two samples record every block's arguments, the rest those that differ
             state["into"] = kwargs if i == 0 else again if i == 1 else None
-            state["after"] = len(layers) - 1 if i < 2 else max(token_args, default=0)
+            state["after"] = len(layers) - 1 if i < 2 else max(differing, default=0)
             call(input_ids[i : i + 1])
             if i == 1:
-                token_args.update(_token_ids(kwargs, again, mt))
+                differing.update(_differing(kwargs, again, mt))
     state.update(into=pairs, after=len(layers) - 1)  # two samples (one twice where there is one)
     with _forwards(layers, lambda j: record(j, False)):
         call(input_ids[:2] if n > 1 else input_ids[[0, 0]])
@@ -724,7 +723,7 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     hidden = [h.movedim(batch_dim, 0) for h in hidden]
     if n > 1:
         kwargs = [{k: _per_sample(v, (two or {}).get(k)) for k, v in kw.items()} for kw, two in zip(kwargs, pairs)]
-        for j, args in token_args.items():
+        for j, args in differing.items():
             for k, values in args.items():
                 kwargs[j][k] = _per_token(values, pairs[j].get(k), f"unsupported architecture {mt!r}: block {j}'s "
                                                                    f"argument {k!r}")
