@@ -51,6 +51,28 @@ def test_tiny_tokenizer_is_one_token_per_byte(tok):
     assert tok.decode(ids.tolist()) == TEXT
 
 
+def test_a_text_tokenized_again_is_read_from_memory_unless_the_tokenizer_changed():
+    """encode_text keeps the last corpora's ids: the same tokenizer state and text give them again without
+    tokenizing (a copy each time), a tokenizer with another special-token rule or vocabulary tokenizes anew."""
+    t = tiny_tokenizer()
+    first = encode_text(t, TEXT)
+    head = int(first[0])
+    first[0] = head + 1  # the caller's copy
+    calls = []
+    real = type(t).__call__
+    type(t).__call__ = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    try:
+        again = encode_text(tiny_tokenizer(), TEXT)  # another object, the same state
+        assert calls == [] and again.numel() == len(TEXT.encode()) and int(again[0]) == head
+        other = tiny_tokenizer()
+        other.add_tokens(["Robert"])
+        changed = encode_text(other, TEXT)
+        assert calls == [1] and changed.numel() < again.numel()
+        assert torch.equal(encode_text(t, TEXT + "x")[:-1], again) and calls == [1, 1]
+    finally:
+        type(t).__call__ = real
+
+
 def test_data_dir_rejects_empty_pvq_data(tmp_path, monkeypatch):
     monkeypatch.setenv("PVQ_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="PVQ_DATA") as err:
@@ -357,10 +379,24 @@ def test_a_gguf_is_converted_once_and_the_cached_folder_loads_the_same_model(tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     text = "The capital of France is Paris."
     assert tok1(text)["input_ids"] == tok2(text)["input_ids"]
-    (folder / "model.safetensors").write_bytes(b"broken")  # a damaged entry is converted again
+    # A damaged entry is converted again. The conversion is transformers' (timed above); here it hands back
+    # the model converted first, so the check costs a save, not a third parse of the GGUF.
+    import transformers
+
+    converted = []
+    model_load, tok_load = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+
+    def from_gguf(real, made):
+        return lambda *a, **k: (converted.append(made) or made) if "gguf_file" in k else real(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_gguf(model_load, first))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_gguf(tok_load, tok1))
+    (folder / "model.safetensors").write_bytes(b"broken")
     third, _ = load_model(None)
+    assert converted == [tok1, first] and (folder / "model.safetensors").stat().st_size > 1000
     assert torch.equal(third.state_dict()["lm_head.weight"], a["lm_head.weight"])
-    assert (folder / "model.safetensors").stat().st_size > 1000
+    fourth, _ = load_model(None)  # the entry written again is whole
+    assert converted == [tok1, first] and torch.equal(fourth.state_dict()["lm_head.weight"], a["lm_head.weight"])
 
 
 def test_arc_easy_calibration_text_comes_from_train_only():
