@@ -88,6 +88,21 @@ def test_blocks_without_a_linear_to_quantize_are_one_clear_line():
 
 
 @torch.no_grad()
+def test_a_looped_model_is_refused_for_calibration_with_one_line():
+    """Dory runs its recurrent layers once per loop, the loops joined by the model's own code: handing each
+    block's output to the next block once is not its computation. The data-free methods run no block."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("dory", hidden_size=64, intermediate_size=128, num_hidden_layers=3, head_dim=16,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, n_input_layers=1,
+                                  n_output_layers=1, n_recurrent_loops=2, sliding_window=8)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="'dory': its forward runs block 1 again after block 1 .*looped"):
+        api.quantize(model, QuantConfig(method="pvq-gptq", bits=4.25, nsamples=4, seqlen=32), IDS, progress=False)
+    assert api.quantize(model, QuantConfig(method="pvq", bits=4.25), None, progress=False)["layers"] == 3 * 8
+
+
+@torch.no_grad()
 def test_gpt2_conv1d_becomes_the_same_linear():
     """GPT-2's Conv1D (weight stored [in, out]) is swapped for the nn.Linear of its transpose: same outputs."""
     model = family_model("gpt2")
@@ -275,7 +290,7 @@ def test_fused_experts_without_the_experts_interface_are_one_clear_line():
 
 
 # Llama 4's experts are called another way (every token, scaled by its score): test_llama4_experts_see_their_own_tokens
-MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt or mt in ("mixtral", "gpt_oss", "deepseek_v2", "deepseek_v3",
+MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt and mt != "jetmoe" or mt in ("mixtral", "gpt_oss", "deepseek_v2", "deepseek_v3",
                                                                     "deepseek_v32",
                                                                     "dots1", "qwen3_next", "minimax", "minimax_m2",
                                                                     "flex_olmo", "jamba", "mimo_v2_flash",
@@ -320,6 +335,58 @@ def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(mt):
     # (Gemma 4 E2B's per_layer_input_gate is a projection, not a router: quantized)
     assert f"{name}.down.0" in lin and not any(n.endswith(("gate", "router")) and lin[n].out_features == n_experts
                                                for n in lin)
+
+
+class _RunTwice(nn.Module):
+    """q and k read the hidden states; v also projects a zero state of one token (Zaya's delayed values)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.q, self.k, self.v = (nn.Linear(16, 16) for _ in range(3))
+        for lin in (self.q, self.k, self.v):
+            lin.weight.data = torch.randn(16, 16, generator=g)
+            lin.bias.data = torch.randn(16, generator=g)
+
+    def forward(self, x):
+        return self.q(x) * self.k(x) + self.v(x) - self.v(x.new_zeros(x.shape[0], 1, 16))
+
+
+@torch.no_grad()
+def test_a_linear_run_twice_in_a_call_gets_each_input_and_the_hessian_of_both():
+    from pvq.models.adapters import BATCH, block_hessians
+
+    block = _RunTwice()
+    hidden = torch.randn(BATCH + 3, 5, 16, generator=torch.Generator().manual_seed(1))  # a second, partial batch
+    hess, out = block_hessians(block, hidden, {}, keep=True)
+    assert torch.equal(out, block(hidden))  # each call's own input (a hook handing back the first changed it)
+    x = hidden.reshape(-1, 16).double()
+    both = torch.cat([x, torch.zeros(hidden.shape[0], 16, dtype=torch.float64)])
+    assert torch.allclose(hess["q"], x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6) and hess["k"] is hess["q"]
+    assert torch.allclose(hess["v"], both.T @ both / both.shape[0], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_jetmoe_experts_of_attention_and_mlp_get_the_hessians_of_their_own_tokens():
+    """JetMoE's experts (its MLP's and its attention's query and output projections) are stacked linears
+    called with the tokens sorted by expert and each expert's count: one linear each, its Hessian from its share."""
+    from pvq.models.adapters import block_hessians, blocks, capture_block_inputs
+
+    model = tiny_model("jetmoe")
+    block = blocks(model)[0]
+    stacks = {n: m for n, m in block.named_modules() if hasattr(m, "linears")}
+    assert sorted(stacks) == ["mlp.input_linear", "mlp.output_linear", "self_attention.experts.input_linear",
+                              "self_attention.experts.output_linear"]
+    calls = {n: [] for n in stacks}
+    for n, m in stacks.items():
+        m.register_forward_pre_hook(lambda m, a, n=n: calls[n].append(a[0].split(a[1])))
+    hidden, kwargs = capture_block_inputs(model, IDS)
+    hess, _ = block_hessians(block, hidden, kwargs[0])
+    for n in stacks:
+        for e in range(4):
+            xe = torch.cat([parts[e] for parts in calls[n]]).double()
+            assert 0 < xe.shape[0] < hidden.shape[0] * hidden.shape[1] * 2  # top 2 of 4
+            assert torch.allclose(hess[f"{n}.linears.{e}"], xe.T @ xe / xe.shape[0], rtol=1e-5, atol=1e-7)
 
 
 @torch.no_grad()

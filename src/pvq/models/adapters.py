@@ -13,6 +13,7 @@ linear is found, hooked (the tokens routed to it) and replaced like any other.
 from __future__ import annotations
 
 import ast
+import operator
 import inspect
 import textwrap
 from collections import UserDict
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..errors import one_line
 from ..solvers.hessian import CrossAccumulator, HessianAccumulator
-from .experts import FIRST, fused_experts, split_experts
+from .experts import expert_count, fused_experts, split_experts
 
 MIN_ROWS = 16  # fewer outputs than this: a router or gate, kept dense
 MIN_COLS = 8  # fewer inputs than this (the smallest PVQ group): mixing coefficients (Gemma 3n's AltUp), kept dense
@@ -165,7 +166,7 @@ def _routers(block: nn.Module) -> set[int]:
     counts, inside = set(), set()
     for name, mod in block.named_modules():
         if getattr(mod, "pvq_split_experts", False):
-            counts.add(len(getattr(mod, FIRST[mod.has_gate])))
+            counts.add(expert_count(mod))
         elif name.rpartition(".")[2] == "experts" and isinstance(mod, nn.ModuleList):  # one module per expert
             counts.add(len(mod))
         else:
@@ -661,11 +662,18 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
     mt = getattr(model.config, "model_type", None)
     _blocks_return_pairs(model, input_ids)
 
-    state = {"into": None, "after": 0}  # where the sample being run records its arguments; the last block it needs
+    # where the sample being run records its arguments; the last block it needs; the last block it called
+    state = {"into": None, "after": 0, "last": -1}
     differing: dict[int, dict[str, list]] = {}  # block -> {argument: each sample's value}: those that differ
 
     def record(j, keep):
         def forward(*args, **kw):
+            if j <= state["last"]:  # pvq hands each block's output to the next in the list, once
+                raise _Refused(f"unsupported architecture {mt!r}: its forward runs block {j} again after block "
+                               f"{state['last']} (a looped model, whose layers run more than once per forward, as "
+                               f"Dory's recurrent section); pvq calibrates each block once, in order; a data-free "
+                               f"method (--method pvq) runs no block")
+            state["last"] = j
             into = state["into"]
             if into is not None and into[j] is None:
                 bound = _as_keywords(layers[j], args, kw, f"unsupported architecture {mt!r}: block {j}")
@@ -693,6 +701,7 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
         return forward
 
     def call(ids):
+        state["last"] = -1
         try:
             model(ids, use_cache=False)
         except _Stop:
@@ -804,6 +813,15 @@ def block_hessian_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, kee
     return leader, accs, out
 
 
+def _watch(see, name: str):
+    """A forward pre-hook that shows a linear's input to see(name, input) and lets it through unchanged: a
+    pre-hook's return value replaces the input, so it must return None (dict.setdefault's return would hand a
+    linear run twice per call its first input again)."""
+    def hook(module, args):
+        see(name, args[0])
+    return hook
+
+
 @torch.no_grad()
 def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep: bool = False,
                      reference: torch.Tensor | None = None, written: dict | None = None,
@@ -835,7 +853,7 @@ def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep:
         e = min(s + BATCH, n)
         ref_in.clear()
         if s < n_ref:
-            hs = [mod.register_forward_pre_hook(lambda m, a, n=name: ref_in.setdefault(n, a[0].detach()))
+            hs = [mod.register_forward_pre_hook(_watch(lambda n, x: ref_in.setdefault(n, x.detach()), name))
                   for name, mod in linears.items()]
             on_ref[0] = True
             try:
@@ -862,22 +880,29 @@ def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep:
             crosses[name] = CrossAccumulator(x.shape[-1])
         crosses[name].add_batch(x[:r.shape[0]], r)  # a batch that straddles the last paired sample
 
-    # the input tensor itself (no autograd here): a detached view would be a new object for every linear
-    seen: dict[str, torch.Tensor] = {}
-    handles = [mod.register_forward_pre_hook(lambda m, a, n=name: None if on_ref[0] else seen.setdefault(n, a[0]))
+    # every input of each linear in the first batch, in call order (a linear may run more than once per call:
+    # Zaya's delayed value projection also projects a zero state), the tensors themselves (no autograd here:
+    # a detached view would be a new object for every linear)
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [mod.register_forward_pre_hook(_watch(lambda n, x: on_ref[0] or seen.setdefault(n, []).append(x), name))
                for name, mod in linears.items()]
     try:
         run(0)
     finally:
         for h in handles:
             h.remove()
-    # the first linear (in call order) that read a tensor holds its Hessian
-    leader = {name: next(other for other, y in seen.items() if y is x) for name, x in seen.items()}
+    # the first linear (in call order) that read the same tensors holds their Hessian
+    leader = {name: next(other for other, ys in seen.items() if len(ys) == len(xs) and all(map(operator.is_, ys, xs)))
+              for name, xs in seen.items()}
     accs = {name: HessianAccumulator(linears[name].in_features) for name in seen if leader[name] == name}
     lead_dims = hidden.shape[1:-1]
     for name, acc in accs.items():
-        acc.add_batch(seen[name])
-        pair(name, seen[name], (min(BATCH, n), *lead_dims))
+        for x in seen[name]:
+            acc.add_batch(x)
+        if len(seen[name]) == 1:
+            pair(name, seen[name][0], (min(BATCH, n), *lead_dims))
+        else:  # which of the reference's calls a call pairs with is not known
+            unpaired.add(name)
     seen.clear()
 
     def accumulate(name):  # a leader, or a linear the first batch did not reach (an expert): a Hessian of its own

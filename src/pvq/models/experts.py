@@ -24,9 +24,13 @@ FIRST = {True: "gate_up", False: "up"}  # the list of first (input) linears, by 
 
 
 def fused_leaves(mod: nn.Module) -> dict[str, tuple[str, str]]:
-    """{a fused tensor's name in an experts module: (the list of linears it is split into, their parameter)}."""
-    return {f"{kind}_proj{suffix}": (kind, param) for kind in (FIRST[mod.has_gate], "down")
-            for suffix, param in (("", "weight"), ("_bias", "bias"))}
+    """{a fused tensor's name in a split experts module: (the list of linears it is split into, their parameter)}."""
+    return mod.pvq_leaves()
+
+
+def expert_count(mod: nn.Module) -> int:
+    """How many experts a split experts module holds."""
+    return len(getattr(mod, next(iter(fused_leaves(mod).values()))[0]))
 
 
 def _fused(mod: nn.Module) -> bool:
@@ -50,6 +54,18 @@ class _SplitExperts:
 
     pvq_split_experts = True
 
+    def pvq_leaves(self) -> dict[str, tuple[str, str]]:
+        return {f"{kind}_proj{suffix}": (kind, param) for kind in (FIRST[self.has_gate], "down")
+                for suffix, param in (("", "weight"), ("_bias", "bias"))}
+
+    def pvq_missing(self) -> list[str]:
+        """What the module lacks of the experts interface's description, for the refusal."""
+        missing = [a for a in ("has_gate", "has_bias", "is_transposed") if not hasattr(self, a)]
+        missing += [] if getattr(self, "has_gate", True) else ["act_fn"] * (not hasattr(self, "act_fn"))
+        if not missing:
+            missing = [n for n in (f"{FIRST[self.has_gate]}_proj", "down_proj") if getattr(self, n, None) is None]
+        return missing
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         first = getattr(self, FIRST[self.has_gate])
         out = torch.zeros_like(hidden_states)
@@ -68,14 +84,12 @@ class _SplitExperts:
         return out
 
 
-class _SplitDenseExperts:
+class _SplitDenseExperts(_SplitExperts):
     """Mixed into Llama 4's experts class, which is called with every token for every expert ([E * T, H],
     each expert's rows already scaled by its router score: zero where the router did not choose it): the
     forward over one linear per expert, run on the rows that expert was given. A zero row gives a zero
     output through gate, up and down (no bias, act(0) * 0 = 0), so skipping it is exact, and each expert's
     calibration sees only its own tokens."""
-
-    pvq_split_experts = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.view(len(self.gate_up), -1, hidden_states.shape[-1])
@@ -89,10 +103,54 @@ class _SplitDenseExperts:
         return out.view(-1, x.shape[-1])
 
 
+class _SplitParallelLinears:
+    """Mixed into JetMoE's experts class, one linear per expert stored as `weight` [E, out, in] (its MLP's
+    gate-and-up and down projections, its attention experts' query and output projections, each a module of
+    its own): called with the tokens sorted by expert and each expert's count, as the family's router hands
+    them. An expert given no token is not called, so its calibration counts no empty batch."""
+
+    pvq_split_experts = True
+
+    def pvq_leaves(self) -> dict[str, tuple[str, str]]:
+        return {"weight": ("linears", "weight")}
+
+    def pvq_missing(self) -> list[str]:
+        weight = self._parameters.get("weight")
+        return [] if weight is not None and weight.dim() == 3 else ["3-D weight"]
+
+    def forward(self, inputs: torch.Tensor, expert_size: list[int]) -> torch.Tensor:
+        parts = inputs.split(expert_size, dim=0)
+        return torch.cat([lin(x) if len(x) else x.new_zeros(0, lin.out_features) for lin, x in zip(self.linears, parts)])
+
+
+class _SplitSharedExperts:
+    """Mixed into Inkling's shared experts, `gate_proj`, `up_proj` [S, I, H] and `down_proj` [S, H, I], which
+    every token goes through, each scaled by its router weight (`gammas`) before the down projection: the
+    forward over one linear per expert and projection, summed in float32 as the family sums them."""
+
+    pvq_split_experts = True
+
+    def pvq_leaves(self) -> dict[str, tuple[str, str]]:
+        return {f"{kind}_proj": (kind, "weight") for kind in ("gate", "up", "down")}
+
+    def pvq_missing(self) -> list[str]:
+        return [n for n in ("gate_proj", "up_proj", "down_proj", "act_fn") if getattr(self, n, None) is None]
+
+    def forward(self, hidden_states: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        gammas = gammas.reshape(x.shape[0], len(self.gate))
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for s, (gate, up, down) in enumerate(zip(self.gate, self.up, self.down)):
+            out += down(self.act_fn(gate(x)) * up(x) * gammas[:, s, None]).float()
+        return out.to(hidden_states.dtype).view(hidden_states.shape)
+
+
 # experts classes outside transformers' experts interface whose layout is known: the interface's
 # description they lack, and the forward their callers expect
 _KNOWN = {"Llama4TextExperts": (dict(has_gate=True, has_bias=False, is_transposed=True, has_post_expert_norm=False),
-                                _SplitDenseExperts)}
+                                _SplitDenseExperts),
+          "JetMoeParallelExperts": (dict(has_bias=False, is_transposed=False), _SplitParallelLinears),
+          "InklingSharedExperts": (dict(has_bias=False, is_transposed=False), _SplitSharedExperts)}
 
 _CLASSES: dict[tuple[type, type], type] = {}
 
@@ -121,18 +179,16 @@ def split_module(mod: nn.Module, where: str) -> None:
     described, mixin = _KNOWN.get(type(mod).__name__, ({}, _SplitExperts))
     for k, v in described.items():
         setattr(mod, k, v)
-    missing = [a for a in ("has_gate", "has_bias", "is_transposed") if not hasattr(mod, a)]
-    missing += [] if getattr(mod, "has_gate", True) else ["act_fn"] * (not hasattr(mod, "act_fn"))
-    first = FIRST.get(getattr(mod, "has_gate", None))
-    if not missing:
-        missing = [n for n in (f"{first}_proj", "down_proj") if getattr(mod, n, None) is None]
+    missing = mixin.pvq_missing(mod)
     if missing:
         raise ValueError(f"{where} ({type(mod).__name__}) stores its experts as 3-D tensors without transformers' "
                          f"experts interface (no {', '.join(missing)}); pvq cannot split it")
-    for name in (first, "down"):
-        weight = mod._parameters.pop(f"{name}_proj")
-        bias = mod._parameters.pop(f"{name}_proj_bias", None) if mod.has_bias else None
-        mod.add_module(name, _linears(weight, bias, mod.is_transposed))
+    leaves = mixin.pvq_leaves(mod)
+    for kind in dict.fromkeys(kind for kind, _ in leaves.values()):  # each list once, in the leaves' order
+        fused = {param: leaf for leaf, (k, param) in leaves.items() if k == kind}
+        weight = mod._parameters.pop(fused["weight"])
+        bias = mod._parameters.pop(fused["bias"], None) if mod.has_bias and "bias" in fused else None
+        mod.add_module(kind, _linears(weight, bias, mod.is_transposed))
     mod.__class__ = _split_class(type(mod), mixin)
     # the family's weight initialisation reads the fused tensors this module no longer has; its linears
     # hold the values (or, loading a pvq directory, are about to be filled)

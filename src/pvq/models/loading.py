@@ -33,7 +33,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "ministral", "nemotron", "opt", "mpt", "falcon", "lfm2",
                          "cohere2", "helium", "olmo", "persimmon", "diffllama", "doge", "gpt_bigcode", "gptj",
                          "codegen", "biogpt", "internlm3", "ministral3", "exaone", "vaultgemma", "gpt_neo",
-                         "solar_open", "olmo_hybrid", "minicpm3", "hy_v3", "apertus1p5_text", "bitnet", "cwm", "dory",
+                         "solar_open", "olmo_hybrid", "minicpm3", "hy_v3", "apertus1p5_text", "bitnet", "cwm",
                          "flint", "gemma4_unified_text", "granite_swa", "hyperclovax", "iquestcoder", "jais2", "nanochat",
                          "ctrl", "modernbert-decoder", "gpt_neox_japanese", "axk1", "youtu", "axk2", "sarvam_mla",
                          "cohere_compass_text",
@@ -61,6 +61,12 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "ernie4_5_moe", "exaone_moe", "minimax_m2", "afmoe", "flex_olmo", "lfm2_moe", "glm4_moe_lite",
                          "cohere2_moe", "mimo_v2_flash", "granitemoeshared", "minicpm5_moe", "aria_text", "granitemoe_swa",
                          "kolibri1", "laguna", "mellum", "minimax_m3_vl_text", "param2moe", "sarvam_moe", "dots3_note_text",
+                         # ... outside transformers' experts interface, split all the same: JetMoE's experts of
+                         # attention and MLP (one linear per expert stacked), Inkling's shared experts
+                         "jetmoe", "inkling_text",
+                         # ... whose blocks hand the next their router's states (positionally; carried as GLM-5's
+                         # indexer choices are), with a value projection run twice per call (Zaya)
+                         "zaya",
                          # ... whose blocks hold two attention and MLP sublayers each (num_hidden_layers counts those)
                          "longcat_flash",
                          # ... whose blocks hand their indexer choices on to layers that share them (carried from
@@ -165,6 +171,8 @@ _TINY_FAMILY = {
     "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=16,
                             num_key_value_heads=4),
     "aria_text": dict(moe_num_experts=4),
+    "inkling_text": dict(n_shared_experts=2),  # its shared experts are summed: more than one
+    "zaya": dict(num_experts_per_tok=1),  # the only routing Zaya's config allows
     "minimax_m3_vl_text": dict(dense_intermediate_size=128, shared_intermediate_size=64),
     "gemma4_unified_text": dict(per_layer_config={}, sliding_window=8),
     # E2B/E4B: AltUp (four hidden streams, [4, batch, L, D]), per-layer inputs, key-value sharing, LAuReL
