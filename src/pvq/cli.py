@@ -373,8 +373,6 @@ def cmd_quantize(args) -> int:
         raise ValueError(f"--finetune {cfg.finetune} runs in one process: give it without --workers and --ray-address")
     if args.workers is not None and args.ray_address is not None:
         raise ValueError("--workers starts a local Ray runtime and --ray-address joins a cluster: give one of them")
-    if distributed and args.trust_remote_code:  # the workers would have to import the checkpoint's code too
-        raise ValueError("--trust-remote-code runs in one process for now: give it without --workers and --ray-address")
     if args.workers is not None and cfg.uses_data and cfg.calib_shards < min(args.workers, cfg.nsamples):
         print(f"note: --calib-shards {cfg.calib_shards} keeps the calibration forwards on {cfg.calib_shards} of the "
               f"{args.workers} workers (only the linears are solved in parallel); --calib-shards {args.workers} or more "
@@ -498,7 +496,8 @@ def _pool(args):
         return contextlib.nullcontext(None)
     from .distributed import Pool
 
-    return Pool(workers=args.workers, address=args.ray_address)
+    return Pool(workers=args.workers, address=args.ray_address,
+                code_from=args.model if args.trust_remote_code else None)
 
 
 def _writer(args, sources, nbytes: int, model, cfg, calib):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -42,6 +43,7 @@ import torch
 
 from . import api
 from .checkpoint import save_activations, stored_tensors
+from .errors import one_line
 from .models.adapters import (block_hessian_sums, block_input_sums, block_linears, block_prefix, blocks,
                               carried_after, cut_carried, held_of, join_carried, per_token, samples_of, with_carried)
 from .models.shards import merge_asymmetric, paired_bounds, shard_bounds
@@ -58,6 +60,16 @@ class DistributedError(ValueError):
     """Ray is missing, a cluster cannot be reached, or a task failed: one line saying which."""
 
 
+def _why(exc: BaseException) -> str:
+    """One line for a failed task: the task's own exception where Ray kept it (the first line of Ray's message
+    names only the task and its process, in terminal colours)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return one_line(cause, with_type=True)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _ray():
     try:
         import ray
@@ -66,13 +78,13 @@ def _ray():
     return ray
 
 
-def _open(source: str):
+def _open(source: str, trust_remote_code: bool = False):
     """(skeleton, checkpoint reader, a pristine copy of its blocks) of the safetensors folder `source`,
-    built once per worker process."""
+    built once per worker process (by the code the folder carries, with trust_remote_code)."""
     if source not in _worker_models:
         from .models.loading import load_skeleton
 
-        model, _, reader = load_skeleton(source)
+        model, _, reader = load_skeleton(source, trust_remote_code)
         _worker_models[source] = (model, reader, copy.deepcopy(blocks(model)))
     return _worker_models[source]
 
@@ -86,28 +98,51 @@ def _fault(index: int) -> None:
             os._exit(9)  # as a kill -9 would: no cleanup, no reply
 
 
-def _warm(source: str | None) -> None:
+def _import_code(source: str) -> None:
+    """Make the modeling code that `source` (a folder or hub id) carries importable in this worker, before
+    any task's arguments are unpickled: a block of such a family is pickled as an instance of a class in
+    transformers' module cache (transformers_modules...), which a fresh worker process neither has on its
+    path nor, on another machine, on its disk. Ray runs this in every worker as it starts."""
+    from transformers.dynamic_module_utils import init_hf_modules
+
+    from .models.loading import _checked_config
+    from .models.streaming import skeleton
+
+    init_hf_modules()  # the module cache on sys.path
+    _, config = _checked_config(source, trust_remote_code=True)
+    skeleton(config, trust_remote_code=True)  # fetches and imports the model's classes (parameters on meta)
+
+
+def _importer(source: str):
+    """_import_code of `source` as a function of no arguments with a name (what Ray's setup hook must be)."""
+    def import_code() -> None:
+        _import_code(source)
+    return import_code
+
+
+def _warm(source: str | None, trust_remote_code: bool = False) -> None:
     torch.set_num_threads(1)
     from .models.loading import streamable
     from .models.streaming import NotStreamable
 
     if streamable(source):  # a checkpoint the workers read themselves; otherwise blocks come with their tasks
         try:
-            _open(source)
+            _open(source, trust_remote_code)
         except NotStreamable:  # the driver loads it whole and sends the blocks
             pass
 
 
 def quantize_block_task(source: str | None, cfg_dict: dict, index: int, prefix: str, specs: dict,
-                        block=None) -> tuple[dict, dict, dict]:
+                        block=None, trust_remote_code: bool = False) -> tuple[dict, dict, dict]:
     """(stored tensors, quantization_config entries, relative errors) of block `index`, data-free, each
     linear with the codec setting `specs` gives it (chosen once by the driver, not again by every worker).
-    `block`: the float block itself (a model the driver loaded whole), or None: read it from `source`."""
+    `block`: the float block itself (a model the driver loaded whole), or None: read it from `source` (built
+    by the code it carries, with trust_remote_code)."""
     torch.set_num_threads(1)
     _fault(index)
     cfg = QuantConfig(**{**cfg_dict, "overrides": {**(cfg_dict.get("overrides") or {}), **specs}})
     if block is None:
-        model, reader, pristine = _open(source)
+        model, reader, pristine = _open(source, trust_remote_code)
         layers = blocks(model)
         layers[index] = block = copy.deepcopy(pristine[index])  # a retried task starts from the unread block
         materialize(model, reader, lambda n: n.startswith(prefix))
@@ -220,7 +255,7 @@ class Shards:
         try:
             return self.ray.get(ref)
         except self.ray.exceptions.RayError as exc:
-            raise DistributedError(f"{what}: {str(exc).splitlines()[0]}") from None
+            raise DistributedError(f"{what}: {_why(exc)}") from None
 
     def quantize_block(self, block, index: int, prefix: str, bar, uncalibrated: list, saves: list | None = None):
         """(QuantLinear by linear name, entries, errors) of block `index`, its shards' activations moved on
@@ -306,20 +341,23 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 class Pool:
-    """A Ray runtime to quantize on: `workers` local worker processes, or the cluster at `address`."""
+    """A Ray runtime to quantize on: `workers` local worker processes, or the cluster at `address`.
+    `code_from`: the folder or hub id of a model whose own modeling code the run trusts (--trust-remote-code):
+    every worker imports it as it starts (the folder at a path every node sees)."""
 
-    def __init__(self, workers: int | None = None, address: str | None = None):
+    def __init__(self, workers: int | None = None, address: str | None = None, code_from: str | None = None):
         ray = _ray()
-        self.ray = ray
+        self.ray, self.code_from = ray, code_from
+        env = {} if code_from is None else {"runtime_env": {"worker_process_setup_hook": _importer(code_from)}}
         if address is not None:
             check_reachable(address)
         try:
             if address is not None:
-                ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+                ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False, **env)
             else:
                 # "local": a runtime of our own, even where a cluster this machine joined is running
                 ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="ERROR",
-                         log_to_driver=False)
+                         log_to_driver=False, **env)
         except Exception as exc:  # ConnectionError, a bad address, a runtime that cannot start
             where = f"the Ray cluster at {address!r}" if address else f"a local Ray runtime with {workers} workers"
             raise DistributedError(f"cannot start {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -339,7 +377,8 @@ class Pool:
         """Have every worker open `source` now (imports, the model), while this process still checks and
         plans: the first blocks then start at once. Nothing is waited for here."""
         opener = self.ray.remote(num_cpus=1, max_retries=RETRIES)(_warm)
-        self._warming = [opener.remote(source) for _ in range(max(self.workers(), 1))]
+        trusted = source is not None and source == self.code_from
+        self._warming = [opener.remote(source, trusted) for _ in range(max(self.workers(), 1))]
 
     def quantize_blocks(self, model, source: str | None, cfg: QuantConfig, indices):
         """Yield (index, (tensors, entries, errors)) for every block of `indices` of `model`, in that order.
@@ -359,12 +398,13 @@ class Pool:
                          for name, lin in block_linears(layers[i]).items()}
                 streamed = any(p.device.type == "meta" for p in layers[i].parameters())
                 pending.append((i, self._task.remote(source, cfg_dict, i, prefix, specs,
-                                                     None if streamed else layers[i])))
+                                                     None if streamed else layers[i],
+                                                     source is not None and source == self.code_from)))
             i, ref = pending.pop(0)
             try:
                 result = self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:
-                raise DistributedError(f"block {i}: {str(exc).splitlines()[0]}") from None
+                raise DistributedError(f"block {i}: {_why(exc)}") from None
             yield i, result
 
     def calibration(self, hidden: torch.Tensor, kwargs: list, cfg: QuantConfig, carried: dict | None = None

@@ -171,7 +171,9 @@ _TINY_FAMILY = {
     "recurrent_gemma": dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=16,
                             num_key_value_heads=4),
     "aria_text": dict(moe_num_experts=4),
-    "inkling_text": dict(n_shared_experts=2),  # its shared experts are summed: more than one
+    # its shared experts are summed: more than one; its sliding-window layers' heads have sizes of their own
+    "inkling_text": dict(n_shared_experts=2, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                         sliding_window_size=8),
     "zaya": dict(num_experts_per_tok=1),  # the only routing Zaya's config allows
     "minimax_m3_vl_text": dict(dense_intermediate_size=128, shared_intermediate_size=64),
     "gemma4_unified_text": dict(per_layer_config={}, sliding_window=8),
