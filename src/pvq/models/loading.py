@@ -36,7 +36,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "solar_open", "olmo_hybrid", "minicpm3", "hy_v3", "apertus1p5_text", "bitnet", "cwm",
                          "flint", "gemma4_unified_text", "granite_swa", "hyperclovax", "iquestcoder", "jais2", "nanochat",
                          "ctrl", "modernbert-decoder", "gpt_neox_japanese", "axk1", "youtu", "axk2", "sarvam_mla",
-                         "cohere_compass_text",
+                         "cohere_compass_text", "beam",
                          # blocks that return (hidden, attention weights) in a list (GPT-1)
                          "openai-gpt",
                          # blocks handed their mask (XGLM), or positions, mask and cache flag (RecurrentGemma), positionally
@@ -46,7 +46,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # the batch as their second dimension (held first: _pvq_batch_dim)
                          "gemma4_text", "gemma3n_text",
                          # GPT-2's linears are Conv1D modules (weight stored transposed): made linears (adapters.py)
-                         "gpt2",
+                         "gpt2", "gpt-sw3",
                          # ALiBi biases laid out per sample (adapters.PerSample)
                          "bloom",
                          # the language model of a model with a vision tower: gemma3 and gemma4 keep their towers
@@ -118,6 +118,7 @@ _TINY_FAMILY = {
                              mamba_d_head=32, mamba_d_state=16),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
     "gpt2": dict(n_inner=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),  # tied, as GPT-2 is
+    "gpt-sw3": dict(n_inner=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
     "gptj": dict(rotary_dim=8, n_inner=128),
     "mamba": dict(state_size=16),
     "falcon_mamba": dict(state_size=16),
