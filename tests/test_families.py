@@ -145,6 +145,16 @@ def test_a_linear_whose_weight_the_family_reads_itself_stays_dense(mt):
     assert {"self_attention.dense", "mlp.dense_4h_to_h"} <= set(block_linears(blocks(tiny_model("bloom"))[0]))
 
 
+def test_a_linear_whose_weight_a_block_reads_through_its_children_stays_dense():
+    """Ergo's block reads `self.self_attn.o_proj.weight.dtype`: o_proj stays dense in every block, the
+    attention's other linear is quantized."""
+    from pvq.models.adapters import block_linears, blocks
+
+    for block in blocks(tiny_model("ergo")):
+        names = set(block_linears(block))
+        assert "self_attn.qkv_proj" in names and "self_attn.o_proj" not in names
+
+
 @torch.no_grad()
 def test_token_ids_held_per_sample_follow_the_samples_into_each_shard():
     """DeepSeek-V4's blocks read each sample's token ids (adapters.PerToken): calibrated in two shards, each
@@ -298,7 +308,7 @@ MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt and mt != "jetmoe" or m
                                                                     "sarvam_mla", "aria_text", "kolibri1", "laguna",
                                                                     "mellum", "minimax_m3_vl_text", "dots3_note_text",
                                                                     "lara_mini", "bailing_hybrid", "longcat_flash",
-                                                                    "glm_moe_dsa", "deepseek_v4")]
+                                                                    "glm_moe_dsa", "deepseek_v4", "ergo")]
 
 
 @pytest.mark.parametrize("mt", MOE)

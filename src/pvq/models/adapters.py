@@ -182,11 +182,19 @@ _SHARED = ("torch.", "transformers.modeling_", "transformers.generation", "trans
 
 @lru_cache(maxsize=None)
 def _weights_read(cls: type) -> frozenset[str]:
-    """Names of the child modules whose `.weight` the code of module class `cls` (and its bases outside torch)
+    """Paths of the submodules whose `.weight` the code of module class `cls` (and its bases outside torch)
     reads itself, outside `__init__` and branches on the module's own settings (`if self.training ...`, which
     the family's tests then show are not taken by default): Mamba's mixer multiplies by
-    `self.dt_proj.weight`. Read from the class's source; empty where there is none."""
+    `self.dt_proj.weight`; Ergo's block reads `self.self_attn.o_proj.weight.dtype` ("self_attn.o_proj").
+    Read from the class's source; empty where there is none."""
     found: set[str] = set()
+
+    def path(node) -> str | None:  # "a.b" of self.a.b, None for anything else
+        names = []
+        while isinstance(node, ast.Attribute):
+            names.append(node.attr)
+            node = node.value
+        return ".".join(reversed(names)) if isinstance(node, ast.Name) and node.id == "self" and names else None
 
     def visit(node) -> None:
         if isinstance(node, ast.FunctionDef) and node.name == "__init__":
@@ -195,9 +203,8 @@ def _weights_read(cls: type) -> frozenset[str]:
             for n in node.orelse:  # a branch on the module's settings (training, BLOOM's pretraining_tp > 1):
                 visit(n)           # the default path is taken to be the else
             return
-        if (isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(node.value, ast.Attribute)
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
-            found.add(node.value.attr)
+        if isinstance(node, ast.Attribute) and node.attr == "weight" and (owner := path(node.value)) is not None:
+            found.add(owner)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -214,15 +221,21 @@ def _weights_read(cls: type) -> frozenset[str]:
 def _read_directly(block: nn.Module) -> set[int]:
     """ids of the block's linears whose weight their parent module's code reads itself rather than calling
     them: a quantized linear holds codes, not a weight, so they stay dense (Mamba's dt_proj, small)."""
-    return {id(child) for mod in block.modules() for leaf in _weights_read(type(mod))
-            if isinstance(child := mod._modules.get(leaf), nn.Linear)}
+    return {id(child) for mod in block.modules() for owner in _weights_read(type(mod))
+            if isinstance(child := _submodule(mod, owner), nn.Linear)}
+
+
+def _submodule(mod: nn.Module, path: str) -> nn.Module | None:
+    for name in path.split("."):
+        mod = mod._modules.get(name) if isinstance(mod, nn.Module) else None
+    return mod
 
 
 def weight_read_directly(model: nn.Module, module: nn.Module) -> bool:
     """Whether the code of some module of `model` reads `module.weight` itself (Mamba casts the head's input
     to `self.lm_head.weight.dtype`)."""
-    return module is not None and any(mod._modules.get(leaf) is module for mod in model.modules()
-                                      for leaf in _weights_read(type(mod)))
+    return module is not None and any(_submodule(mod, owner) is module for mod in model.modules()
+                                      for owner in _weights_read(type(mod)))
 
 
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:

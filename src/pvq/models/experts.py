@@ -156,8 +156,18 @@ _CLASSES: dict[tuple[type, type], type] = {}
 
 
 def _split_class(cls: type, mixin: type) -> type:
+    """`cls` with the mixin's forward over one linear per expert. Where the family's class builds on the
+    class transformers' experts interface decorates (the one holding `_apply_gate`) and calls its forward
+    through super() (Ergo's experts: each route its own row, then a norm per expert), the mixin goes beneath
+    the family's class: its forward stays, and its super().forward is the split one."""
     if (cls, mixin) not in _CLASSES:
-        _CLASSES[cls, mixin] = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
+        base = next((k for k in cls.__mro__ if "_apply_gate" in k.__dict__), cls)
+        if base is cls:
+            made = type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
+        else:  # method resolution: cls, the split base, the mixin, base
+            under = type(base.__name__, (mixin, base), {"__module__": base.__module__})
+            made = type(cls.__name__, (cls, under), {"__module__": cls.__module__})
+        _CLASSES[cls, mixin] = made
     return _CLASSES[cls, mixin]
 
 

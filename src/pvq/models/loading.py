@@ -64,6 +64,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # ... outside transformers' experts interface, split all the same: JetMoE's experts of
                          # attention and MLP (one linear per expert stacked), Inkling's shared experts
                          "jetmoe", "inkling_text",
+                         # ... whose experts class wraps the interface's forward (a norm per expert after it: Ergo's,
+                         # whose blocks also read their output projection's dtype, kept dense)
+                         "ergo",
                          # ... whose blocks hand the next their router's states (positionally; carried as GLM-5's
                          # indexer choices are), with a value projection run twice per call (Zaya)
                          "zaya",
@@ -176,6 +179,8 @@ _TINY_FAMILY = {
     "inkling_text": dict(n_shared_experts=2, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
                          sliding_window_size=8),
     "zaya": dict(num_experts_per_tok=1),  # the only routing Zaya's config allows
+    "ergo": dict(first_dense_intermediate_size=128, shared_intermediate_size=64, sliding_window=8,
+                 global_attention_every_n_layers=2),
     "minimax_m3_vl_text": dict(dense_intermediate_size=128, shared_intermediate_size=64),
     "gemma4_unified_text": dict(per_layer_config={}, sliding_window=8),
     # E2B/E4B: AltUp (four hidden streams, [4, batch, L, D]), per-layer inputs, key-value sharing, LAuReL
