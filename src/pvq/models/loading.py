@@ -46,7 +46,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # the batch as their second dimension (held first: _pvq_batch_dim)
                          "gemma4_text", "gemma3n_text",
                          # GPT-2's linears are Conv1D modules (weight stored transposed): made linears (adapters.py)
-                         "gpt2", "gpt-sw3",
+                         "gpt2",
                          # ALiBi biases laid out per sample (adapters.PerSample)
                          "bloom",
                          # the language model of a model with a vision tower: gemma3 and gemma4 keep their towers
@@ -121,7 +121,6 @@ _TINY_FAMILY = {
                              mamba_d_head=32, mamba_d_state=16),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
     "gpt2": dict(n_inner=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),  # tied, as GPT-2 is
-    "gpt-sw3": dict(n_inner=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
     "gptj": dict(rotary_dim=8, n_inner=128),
     "mamba": dict(state_size=16),
     "falcon_mamba": dict(state_size=16),
