@@ -509,12 +509,13 @@ def test_cli_quantizes_a_saved_mixture_of_experts_folder(tmp_path, capsys):
     assert hf.generate(IDS[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 12)
 
 
+@pytest.mark.parametrize("mt", ["llama4", "qwen3_5_moe"])
 @torch.no_grad()
-def test_cli_quantizes_the_language_model_of_a_saved_llama4_folder(tmp_path):
-    """A Llama 4 checkpoint as the hub has it (Llama4ForConditionalGeneration: vision model, projector,
-    language model) loads for text generation without its vision parts, as transformers loads it; pvq
-    quantizes that language model and the result runs the same through pvq.load and transformers."""
-    from transformers import Llama4ForConditionalGeneration
+def test_cli_quantizes_the_language_model_of_a_saved_vision_language_folder(mt, tmp_path):
+    """A Llama 4 or Qwen3.5 checkpoint as the hub has it (vision model, projector, language model) loads for text
+    generation without its vision parts, as transformers loads it; pvq quantizes that language model, streamed
+    and whole to the same bytes, and the result runs the same through pvq.load and transformers."""
+    from transformers import AutoModelForImageTextToText
 
     from pvq.cli import main as cli
     from pvq.models.loading import _tiny_config
@@ -522,7 +523,7 @@ def test_cli_quantizes_the_language_model_of_a_saved_llama4_folder(tmp_path):
     src = tmp_path / "src"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        full = Llama4ForConditionalGeneration(_tiny_config("llama4", {})).eval()
+        full = AutoModelForImageTextToText.from_config(_tiny_config(mt, {})).eval()
     full.save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
     text_only = AutoModelForCausalLM.from_pretrained(src)
@@ -530,8 +531,12 @@ def test_cli_quantizes_the_language_model_of_a_saved_llama4_folder(tmp_path):
     assert torch.equal(text_only(ids).logits, full(ids).logits)
     args = ["--method", "pvq-gptq", "--bits", "4.25", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
     assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "q")]) == 0
+    assert cli(["quantize", str(src), *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
+    files = sorted(f.name for f in (tmp_path / "q").iterdir())
+    assert all((tmp_path / "q" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
     model, _ = load(tmp_path / "q", decode="once")
-    assert sum(".experts.gate_up." in n for n, _ in block_linear_names(model)) == 2 * 4
+    experts = ".experts.gate_up." if mt == "llama4" else ".mlp.experts.gate_up."
+    assert sum(experts in n for n, _ in block_linear_names(model)) == 2 * 4
     got = model(ids).logits
     assert (AutoModelForCausalLM.from_pretrained(tmp_path / "q")(ids).logits - got).abs().max() < 1e-4
     assert 0 < (got - full(ids).logits).abs().max() < 0.5

@@ -52,7 +52,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # the language model of a model with a vision tower: gemma3 and gemma4 keep their towers
                          # (dense; Gemma 4 E2B/E4B's audio tower too); transformers loads llama4 for text generation
                          # without it, and so does pvq
-                         "gemma3", "gemma4", "llama4",
+                         "gemma3", "gemma4", "llama4", "qwen3_5", "qwen3_5_moe",
                          # ... with no causal-LM class: built as image-text-to-text models (classes.py)
                          "qwen2_5_vl", "qwen3_vl", "mistral3", "llava", "qwen2_vl", "smolvlm", "internvl", "paligemma",
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
@@ -109,6 +109,8 @@ _TINY_FAMILY = {
     "qwen3_next": _TINY_GDN,
     "qwen3_5_text": _TINY_GDN,
     "qwen3_5_moe_text": _TINY_GDN,
+    "qwen3_5": _TINY_GDN,
+    "qwen3_5_moe": _TINY_GDN,
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
                         **_TINY_MLA),
     "glm4_moe_lite": _TINY_MLA,
@@ -452,6 +454,8 @@ def load_skeleton(spec: str, trust_remote_code: bool = False):
             reader = CheckpointReader(Path(source))
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = skeleton(config, trust_remote_code)
+        if model.config is not config:  # the text model of a vision-language checkpoint (Llama 4, Qwen3.5): its
+            model.config._name_or_path = config._name_or_path  # config is the text part, named as a whole load names it
         if not gguf and holds_fused_experts(model):  # read per expert into the linears they are split into
             try:
                 blocks_path(model)
@@ -474,6 +478,10 @@ def load_skeleton(spec: str, trust_remote_code: bool = False):
 
 
 # a model with a vision tower: a tiny tower, and its image tokens at the top of the tiny vocabulary
+# Qwen3.5 as the hub has it: a vision tower beside the language model (loaded for text generation without it)
+_TINY_QWEN3_5_OUTER = dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                              out_hidden_size=64, patch_size=14, num_position_embeddings=16),
+                           image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253)
 _TINY_OUTER = {
     "gemma3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=28, patch_size=14),
@@ -489,6 +497,8 @@ _TINY_OUTER = {
     "qwen3_vl": dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                         patch_size=14, deepstack_visual_indexes=[1], num_position_embeddings=16),
                      image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253),
+    "qwen3_5": _TINY_QWEN3_5_OUTER,
+    "qwen3_5_moe": _TINY_QWEN3_5_OUTER,
     "mistral3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                         image_size=28, patch_size=14, head_dim=16), image_token_index=255),
     "llava": dict(vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
