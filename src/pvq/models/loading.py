@@ -50,8 +50,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # ALiBi biases laid out per sample (adapters.PerSample)
                          "bloom",
                          # the language model of a model with a vision tower: gemma3 and gemma4 keep their towers
-                         # (dense; Gemma 4 E2B/E4B's audio tower too); transformers loads llama4 for text generation
-                         # without it, and so does pvq
+                         # (dense; Gemma 4 E2B/E4B's audio tower too); transformers loads llama4 and Qwen3.5 for text
+                         # generation without it, and so does pvq
                          "gemma3", "gemma4", "llama4", "qwen3_5", "qwen3_5_moe",
                          # ... with no causal-LM class: built as image-text-to-text models (classes.py)
                          "qwen2_5_vl", "qwen3_vl", "mistral3", "llava", "qwen2_vl", "smolvlm", "internvl", "paligemma",
@@ -477,11 +477,11 @@ def load_skeleton(spec: str, trust_remote_code: bool = False):
     return model, tokenizer, reader
 
 
-# a model with a vision tower: a tiny tower, and its image tokens at the top of the tiny vocabulary
 # Qwen3.5 as the hub has it: a vision tower beside the language model (loaded for text generation without it)
 _TINY_QWEN3_5_OUTER = dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                                               out_hidden_size=64, patch_size=14, num_position_embeddings=16),
                            image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253)
+# a model with a vision tower: a tiny tower, and its image tokens at the top of the tiny vocabulary
 _TINY_OUTER = {
     "gemma3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=28, patch_size=14),
