@@ -377,8 +377,11 @@ class Pool:
         """Have every worker open `source` now (imports, the model), while this process still checks and
         plans: the first blocks then start at once. Nothing is waited for here."""
         opener = self.ray.remote(num_cpus=1, max_retries=RETRIES)(_warm)
-        trusted = source is not None and source == self.code_from
-        self._warming = [opener.remote(source, trusted) for _ in range(max(self.workers(), 1))]
+        self._warming = [opener.remote(source, self._trusts(source)) for _ in range(max(self.workers(), 1))]
+
+    def _trusts(self, source: str | None) -> bool:
+        """Whether workers may run the code `source` carries (the run's --trust-remote-code model)."""
+        return source is not None and source == self.code_from
 
     def quantize_blocks(self, model, source: str | None, cfg: QuantConfig, indices):
         """Yield (index, (tensors, entries, errors)) for every block of `indices` of `model`, in that order.
@@ -398,8 +401,7 @@ class Pool:
                          for name, lin in block_linears(layers[i]).items()}
                 streamed = any(p.device.type == "meta" for p in layers[i].parameters())
                 pending.append((i, self._task.remote(source, cfg_dict, i, prefix, specs,
-                                                     None if streamed else layers[i],
-                                                     source is not None and source == self.code_from)))
+                                                     None if streamed else layers[i], self._trusts(source))))
             i, ref = pending.pop(0)
             try:
                 result = self.ray.get(ref)

@@ -13,8 +13,8 @@ linear is found, hooked (the tokens routed to it) and replaced like any other.
 from __future__ import annotations
 
 import ast
-import operator
 import inspect
+import operator
 import textwrap
 from collections import UserDict
 from contextlib import contextmanager
@@ -418,9 +418,10 @@ def carried_after(carried: dict, held: dict) -> dict:
 def with_carried(kwargs: dict, carried: dict) -> dict:
     """One block's arguments (kwargs) with what its stream carries to it (carried, as carry returns it, for the
     samples kwargs hold) given as hand_on gives it: a Ray worker's copy of the arguments."""
-    both = [{}, dict(kwargs)]
-    hand_on(both, 0, carried)
-    return both[1]
+    kw = dict(kwargs)
+    for (arg, key), value in carried.items():
+        _give(kw, arg, key, _as_per_token(value), nearest=True)
+    return kw
 
 
 def cut_carried(carried: dict, s: int, e: int) -> dict:
@@ -454,15 +455,25 @@ def hand_on(kwargs: list[dict], after: int, held: dict) -> None:
     tensor, or a tuple of them, for every sample}: carry's, or what a resumed run saved) in it, as PerToken;
     a value of key None (what block `after` hands on) is the next block's argument itself."""
     for (arg, key), value in held.items():
-        value = (tuple(PerToken(v, 0) for v in value) if isinstance(value, tuple)
-                 else None if value is None else PerToken(value, 0))
-        if key is None:
-            if after + 1 < len(kwargs) and arg in kwargs[after + 1]:
-                kwargs[after + 1][arg] = value
-            continue
-        for kw in kwargs[after + 1:]:
-            if isinstance(kw.get(arg), (dict, UserDict)):
-                kw[arg] = _mapping_like(kw[arg], {**kw[arg], key: value})
+        value = _as_per_token(value)
+        for j, kw in enumerate(kwargs[after + 1:]):
+            _give(kw, arg, key, value, nearest=j == 0)
+
+
+def _as_per_token(value):
+    """A held value (a tensor for every sample, a tuple of them, or None) as PerToken, cut with the samples."""
+    return tuple(PerToken(v, 0) for v in value) if isinstance(value, tuple) else None if value is None \
+        else PerToken(value, 0)
+
+
+def _give(kw: dict, arg: str, key, value, nearest: bool) -> None:
+    """Put one carried value into a block's arguments kw: into its mapping argument `arg` under `key`, or, key
+    None (handed on by the block before), as `arg` itself where kw is the nearest later block's."""
+    if key is None:
+        if nearest and arg in kw:
+            kw[arg] = value
+    elif isinstance(kw.get(arg), (dict, UserDict)):
+        kw[arg] = _mapping_like(kw[arg], {**kw[arg], key: value})
 
 
 class _OwnState:
@@ -897,8 +908,12 @@ def block_input_sums(block: nn.Module, hidden: torch.Tensor, kwargs: dict, keep:
     # Zaya's delayed value projection also projects a zero state), the tensors themselves (no autograd here:
     # a detached view would be a new object for every linear)
     seen: dict[str, list[torch.Tensor]] = {}
-    handles = [mod.register_forward_pre_hook(_watch(lambda n, x: on_ref[0] or seen.setdefault(n, []).append(x), name))
-               for name, mod in linears.items()]
+
+    def see(name: str, x: torch.Tensor) -> None:
+        if not on_ref[0]:
+            seen.setdefault(name, []).append(x)
+
+    handles = [mod.register_forward_pre_hook(_watch(see, name)) for name, mod in linears.items()]
     try:
         run(0)
     finally:
