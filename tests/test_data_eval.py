@@ -400,6 +400,27 @@ def test_a_gguf_is_converted_once_and_the_cached_folder_loads_the_same_model(tmp
     assert converted == [tok1, first] and torch.equal(fourth.state_dict()["lm_head.weight"], a["lm_head.weight"])
 
 
+def test_a_cached_gguf_tokenizes_as_the_file_does(tmp_path, monkeypatch):
+    """Qwen2's tokenizer class builds its own normalizer and pre-tokenizer when loaded from a folder, where the one
+    transformers makes from a GGUF keeps the file's: the cached conversion must give the file's tokenizer, so
+    the same command writes the same bytes before and after the cache holds the model."""
+    from tiny_gguf import moe_gguf
+
+    from pvq.cli import main as cli
+
+    monkeypatch.setenv("PVQ_CACHE", str(tmp_path / "cache"))
+    gguf = moe_gguf(tmp_path / "qwen3moe.gguf", "qwen3moe")
+    args = ["quantize", gguf, "--method", "pvq", "--bits", "3", "--no-progress", "-o"]
+    first_model, first = load_model(gguf)
+    assert cli([*args, str(tmp_path / "a")]) == 0
+    assert any((tmp_path / "cache" / "gguf").iterdir())
+    cached_model, cached = load_model(gguf)
+    assert type(cached) is type(first) and cached.backend_tokenizer.to_str() == first.backend_tokenizer.to_str()
+    assert cli([*args, str(tmp_path / "b")]) == 0
+    assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == \
+        {f.name: f.read_bytes() for f in (tmp_path / "b").iterdir()}
+
+
 def test_arc_easy_calibration_text_comes_from_train_only():
     from pvq.data import load_arc_easy, resolve_text
 

@@ -13,6 +13,7 @@ from pvq.cli import main as cli
 from pvq.models import streaming
 from pvq.models.loading import load_skeleton, streamable, tiny_model, tiny_tokenizer
 from pvq.settings import QuantConfig
+from tiny_gguf import moe_gguf
 
 IDS = torch.tensor([[1, 7, 42, 99, 3, 250, 17]])
 
@@ -210,6 +211,37 @@ def test_gguf_streamed_equals_loaded_whole(tmp_path, monkeypatch):
     whole, _ = load_model(gguf)  # the float folder transformers converted it to (cached: the same floats)
     assert len(filled) == 2 * 9 + 3  # 7 linears and 2 norms per block, the embedding (and tied head), final norm
     assert all(torch.equal(model.get_parameter(n), whole.get_parameter(n)) for n in filled)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+def test_a_mixture_of_experts_gguf_is_streamed_an_expert_at_a_time(tmp_path, monkeypatch, arch):
+    """A GGUF stores each layer's experts stacked (3-D, quantized), and transformers merges gate and up into one
+    tensor on loading: streamed, each expert's linears are read alone (its rows of the stacks: never a whole
+    stack) and get the floats a whole load gives; quantized, the same bytes."""
+    from pvq.models.adapters import blocks_path
+    from pvq.models.loading import load_model
+
+    monkeypatch.setenv("PVQ_GGUF_CACHE", "0")
+    gguf = moe_gguf(tmp_path / f"{arch}.gguf", arch)
+    assert streamable(gguf)
+    model, _, reader = load_skeleton(gguf)
+    reads = []
+    read = reader._read
+    monkeypatch.setattr(reader, "_read", lambda g, expert=None: reads.append((g, expert)) or read(g, expert))
+    filled = streaming.materialize(model, reader, lambda n: True)
+    whole, _ = load_model(gguf)
+    blocks_path(whole)  # its experts split as the streamed model's are
+    params = dict(whole.named_parameters())
+    assert sorted(filled) == sorted(params)
+    assert all(torch.equal(model.get_parameter(n), params[n]) for n in filled)
+    stacked = [r for r in reads if "_exps." in r[0]]
+    assert len(stacked) == 2 * 3 * 4 and all(e is not None for _, e in stacked)  # layers x stacks x experts
+    if arch == "qwen2moe":
+        return
+    args = ["--method", "pvq-gptq", "--bits", "3", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
+    assert cli(["quantize", gguf, *args, "-o", str(tmp_path / "s")]) == 0
+    assert cli(["quantize", gguf, *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
+    assert _files(tmp_path / "s") == _files(tmp_path / "w")
 
 
 def test_collections_between_blocks_leave_out_what_lived_before(monkeypatch):

@@ -6,7 +6,10 @@ checkpoint reader instead: each tensor read from the file with plain reads when 
 comes (the gguf library maps the file, and the pages a read touches would count in the process's
 memory until it ends), dequantized by the gguf library, and converted as transformers converts it
 (its GGUF-to-model name map, and the family's tensor processor: llama's q/k rows are permuted back,
-gemma's norms shifted by one), so a streamed model gets the same floats as a whole load.
+gemma's norms shifted by one), so a streamed model gets the same floats as a whole load. A mixture of
+experts is read an expert at a time into the linears pvq splits it into: an expert's rows of a stored 3-D
+tensor are contiguous in the file, quantized or not, so one expert is read and dequantized, never the whole
+stack (two stacks, gate and up, where transformers merges them into one tensor).
 """
 from __future__ import annotations
 
@@ -17,10 +20,33 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .streaming import CheckpointError, NotStreamable
+from .streaming import CheckpointError, NotStreamable, expert_slices, fused_names
 
-# tensor processors that split or merge tensors (mixture-of-experts families): not one tensor for one
-_MERGING = ("Qwen2MoeTensorProcessor", "GptOssTensorProcessor", "MiniMaxM2TensorProcessor")
+# tensor processors that split a stored tensor into several of the model's (one per expert, under names this
+# transformers' models no longer have): not streamed
+_SPLITTING = ("GptOssTensorProcessor",)
+# the two stored tensors a fused gate/up experts tensor is merged from (Qwen2/3-MoE, MiniMax-M2), in the order
+# transformers' tensor processors place them along its dimension 1
+_MERGED = ("ffn_gate_exps", "ffn_up_exps")
+
+
+class _Names:
+    """A model as transformers' GGUF name map walks it (its config, its state dict's names, its children), from a
+    list of names: the map is built from the names a model has before pvq splits its experts."""
+
+    def __init__(self, config, names):
+        self.config, self._names = config, list(names)
+
+    def state_dict(self):
+        return dict.fromkeys(self._names)
+
+    def named_children(self):
+        children = {}
+        for name in self._names:
+            head, dot, rest = name.partition(".")
+            if dot:
+                children.setdefault(head, []).append(rest)
+        return [(head, _Names(self.config, rest)) for head, rest in children.items()]
 
 
 class _Stored(NamedTuple):
@@ -56,48 +82,80 @@ class GGUFCheckpointReader:
         self._processor = None
 
     def follow(self, model) -> None:
-        """Name the tensors as `model` does, through transformers' GGUF name map for its family."""
+        """Name the tensors as `model` does (its experts already split, where it has them), through transformers'
+        GGUF name map for its family; each split expert's linear is read as its rows of the stored 3-D tensors
+        (of both, gate then up, where transformers merges two into one)."""
         import gguf
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                                get_gguf_hf_weights_map)
 
         processor_class = TENSOR_PROCESSORS.get(self._arch, TensorProcessor)
-        if processor_class.__name__ in _MERGING:
-            raise NotStreamable(f"{self.path}: transformers splits or merges this family's tensors on loading")
+        if processor_class.__name__ in _SPLITTING:
+            raise NotStreamable(f"{self.path}: transformers splits this family's tensors on loading")
         self._processor = processor_class(config=model.config.to_dict())
         # transformers walks every submodule and builds the family's whole name map again for each (400
         # times for SmolLM2, 9 s): the same map each time, so it is built once while the walk runs
         build = gguf.get_tensor_name_map
         gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(build)
         try:
-            mapping = get_gguf_hf_weights_map(model, self._processor)  # GGUF name -> model name
+            mapping = get_gguf_hf_weights_map(_Names(model.config, fused_names(model)), self._processor)
         except NotImplementedError as exc:
             raise NotStreamable(f"{self.path}: {exc}") from None
         finally:
             gguf.get_tensor_name_map = build
-        self.stored = {hf: g for g, hf in mapping.items() if g in self._tensors}
+        stored: dict[str, list[str]] = {}
+        for g, hf in mapping.items():  # GGUF name -> model name (a stacked experts tensor's without ".weight")
+            g = g if g in self._tensors else f"{g}.weight"
+            if g in self._tensors:
+                stored.setdefault(hf, []).append(g)
+        for hf, names in stored.items():
+            if len(names) > 1:
+                kinds = [n.rsplit(".", 2)[-2] for n in names]
+                if sorted(kinds) != sorted(_MERGED):
+                    raise NotStreamable(f"{self.path}: tensors {', '.join(names)} make one tensor {hf}")
+                names.sort(key=lambda n: _MERGED.index(n.rsplit(".", 2)[-2]))
+        self.stored = stored
+        self.slices = {name: where for name, where in expert_slices(model).items() if where[0] in stored}
 
     def __contains__(self, name: str) -> bool:
-        return name in self.stored
+        return name in self.stored or name in self.slices
 
     def where(self, name: str) -> str:
         """Where the model's tensor `name` is stored, for messages."""
-        return f"{self.path}: tensor {self.stored[name]}"
+        if name in self.slices:
+            fused, e, _ = self.slices[name]
+            return f"{self.path}: tensor {' and '.join(self.stored[fused])}, expert {e}"
+        return f"{self.path}: tensor {' and '.join(self.stored[name])}"
 
     def get(self, name: str) -> torch.Tensor:
-        from gguf import dequantize
-
+        if name in self.slices:  # one expert's rows of each stored 3-D tensor: the rest is never read
+            fused, e, transposed = self.slices[name]
+            t = torch.cat([self._read(g, e) for g in self.stored[fused]], dim=0)
+            return t.T.contiguous() if transposed else t
         if name not in self.stored:
             raise CheckpointError(f"{self.path}: tensor {name} is not in the GGUF file")
-        gname = self.stored[name]
+        return torch.cat([self._read(g) for g in self.stored[name]], dim=1) if len(self.stored[name]) > 1 \
+            else self._read(self.stored[name][0])
+
+    def _read(self, gname: str, expert: int | None = None) -> torch.Tensor:
+        """The stored tensor `gname` (or its first dimension's entry `expert`: an expert's rows are contiguous
+        in the file, quantized or not), dequantized and converted by the family's tensor processor."""
+        from gguf import dequantize
+
         t = self._tensors[gname]
+        offset, n_bytes, shape = t.offset, t.n_bytes, t.shape
         try:
+            if expert is not None:
+                if len(shape) != 3 or n_bytes % shape[0] or not 0 <= expert < shape[0]:
+                    raise ValueError(f"no expert {expert} in a tensor of stored shape {list(shape)}")
+                n_bytes //= shape[0]
+                offset, shape = offset + expert * n_bytes, shape[1:]
             with open(self.path, "rb") as f:
-                f.seek(t.offset)
-                raw = f.read(t.n_bytes)
-            if len(raw) != t.n_bytes:
+                f.seek(offset)
+                raw = f.read(n_bytes)
+            if len(raw) != n_bytes:
                 raise ValueError("the file ends inside the tensor (truncated)")
-            data = np.frombuffer(raw, dtype=t.dtype).reshape(t.shape)
+            data = np.frombuffer(raw, dtype=t.dtype).reshape(shape)
             weights = dequantize(data, t.kind)
         except (OSError, ValueError, NotImplementedError) as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {gname}: {exc}") from None

@@ -287,6 +287,19 @@ def _gguf_cache_folder(path: Path, dtype: torch.dtype, hash_bytes: bool = True) 
     return cache_dir() / "gguf" / f"{path.stem}-{digest.hexdigest()[:20]}"
 
 
+def _as_saved(tokenizer, folder: Path):
+    """`tokenizer` (loaded from a folder pvq saved it to) with the very tokenizer.json it was saved with: some
+    classes build their own normalizer and pre-tokenizer when loaded from a folder (Qwen2's NFC and digit
+    splitting), where the one made from a GGUF file keeps what the file's vocabulary gave; a cached conversion
+    must tokenize as the file does."""
+    from tokenizers import Tokenizer
+
+    saved = folder / "tokenizer.json"
+    if saved.is_file() and getattr(tokenizer, "_tokenizer", None) is not None:
+        tokenizer._tokenizer = Tokenizer.from_file(str(saved))
+    return tokenizer
+
+
 def _load_gguf(name: str, path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -295,7 +308,7 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype):
     cached = _gguf_cache_folder(path, dtype)
     if cached is not None and cached.is_dir():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(cached))
+            tokenizer = _as_saved(AutoTokenizer.from_pretrained(str(cached)), cached)
             model = AutoModelForCausalLM.from_pretrained(str(cached), **kwargs)
         except Exception:  # a damaged cache entry: convert again below and replace it
             shutil.rmtree(cached, ignore_errors=True)
@@ -456,7 +469,7 @@ def load_skeleton(spec: str, trust_remote_code: bool = False):
         model = skeleton(config, trust_remote_code)
         if model.config is not config:  # the text model of a vision-language checkpoint (Llama 4, Qwen3.5): its
             model.config._name_or_path = config._name_or_path  # config is the text part, named as a whole load names it
-        if not gguf and holds_fused_experts(model):  # read per expert into the linears they are split into
+        if holds_fused_experts(model):  # read per expert into the linears they are split into
             try:
                 blocks_path(model)
             except ValueError as exc:  # the whole load says it again, where it always has

@@ -104,16 +104,8 @@ class CheckpointReader:
             if sorted(got) != list(range(max(got) + 1)):
                 raise NotStreamable(f"{self.folder}: {param} lacks some of the tensors it is concatenated from")
             self.parts[param] = [got[i] for i in range(len(got))]
-        self.slices = {}
-        for path, mod in model.named_modules():
-            if not getattr(mod, "pvq_split_experts", False):
-                continue
-            for leaf, (kind, param) in fused_leaves(mod).items():
-                fused = f"{path}.{leaf}"
-                for e, lin in enumerate(getattr(mod, kind)):
-                    name = f"{path}.{kind}.{e}.{param}"
-                    if getattr(lin, param, None) is not None and name not in self and fused in stored:
-                        self.slices[name] = (fused, e, mod.is_transposed and param == "weight")
+        self.slices = {name: where for name, where in expert_slices(model).items()
+                       if name not in self and where[0] in stored}
 
     def __contains__(self, name: str) -> bool:
         return name in self.stored or name in self.parts or name in self.slices
@@ -153,6 +145,39 @@ class CheckpointReader:
             return entry.read()
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
+
+
+def expert_slices(model) -> dict[str, tuple[str, int, bool]]:
+    """{a split expert's parameter: (the fused 3-D tensor it is a slice of, its expert, whether the slice is
+    stored transposed)} for every experts module of `model` that pvq has split (models/experts.py)."""
+    slices = {}
+    for path, mod in model.named_modules():
+        if not getattr(mod, "pvq_split_experts", False):
+            continue
+        for leaf, (kind, param) in fused_leaves(mod).items():
+            for e, lin in enumerate(getattr(mod, kind)):
+                if getattr(lin, param, None) is not None:
+                    slices[f"{path}.{kind}.{e}.{param}"] = (f"{path}.{leaf}", e,
+                                                            mod.is_transposed and param == "weight")
+    return slices
+
+
+def fused_names(model) -> list[str]:
+    """The names of `model`'s parameters as they are before its experts are split: each split experts
+    module's linears named by the fused tensors they came from (what a checkpoint that stores them fused, and
+    transformers' loader, call them)."""
+    split = {path: mod for path, mod in model.named_modules() if getattr(mod, "pvq_split_experts", False)}
+    names = []
+    for name in model.state_dict(keep_vars=True):
+        owner = next((p for p in split if name.startswith(f"{p}.")), None)
+        if owner is None:
+            names.append(name)
+        elif name.split(".")[len(owner.split("."))] not in {kind for kind, _ in fused_leaves(split[owner]).values()}:
+            names.append(name)  # the module's own other tensors
+    for path, mod in split.items():
+        names += [f"{path}.{leaf}" for leaf, (kind, param) in fused_leaves(mod).items()
+                  if any(getattr(lin, param, None) is not None for lin in getattr(mod, kind))]
+    return names
 
 
 def _base_prefix(model, names):

@@ -1,0 +1,50 @@
+"""Tiny random GGUF files as llama.cpp writes them, for the tests that read GGUFs other than the packaged
+SmolLM2 (a family transformers converts differently, experts stacked in 3-D tensors)."""
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+
+def moe_gguf(path, arch, layers=2, hidden=64, heads=4, kv=2, head_dim=16, experts=4, seed=0):
+    """A tiny random mixture-of-experts GGUF as llama.cpp writes one (experts stacked in 3-D tensors, Q8_0) with a
+    byte-level vocabulary. transformers reads no expert width for these families: its defaults (768, 1408)."""
+    rng = np.random.default_rng(seed)
+    ff, shared = (768, 0) if arch == "qwen3moe" else (1408, 5632)
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes that stand for themselves
+    others = [b for b in range(256) if b not in printable]
+    tokens = [chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)]
+    merges = ["Ġ t", "h e"]  # transformers reads a GGUF BPE vocabulary without merges as another kind
+    tokens += [m.replace(" ", "") for m in merges] + ["<|endoftext|>"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(layers), w.add_context_length(256), w.add_embedding_length(hidden)
+    w.add_feed_forward_length(128), w.add_head_count(heads), w.add_head_count_kv(kv), w.add_key_length(head_dim)
+    w.add_rope_freq_base(10000.0), w.add_layer_norm_rms_eps(1e-6), w.add_vocab_size(len(tokens))
+    w.add_expert_count(experts), w.add_expert_used_count(2)
+    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("default"), w.add_token_list(tokens)
+    eos = len(tokens) - 1
+    w.add_token_types([1] * eos + [3]), w.add_token_merges(merges), w.add_eos_token_id(eos), w.add_bos_token_id(eos)
+
+    def add(name, *shape, kind=Q.F32, scale=0.05):
+        a = (rng.standard_normal(shape) * scale).astype(np.float32) if scale else np.ones(shape, np.float32)
+        w.add_tensor(name, a if kind == Q.F32 else gguf.quants.quantize(a, kind), raw_dtype=None if kind == Q.F32 else kind)
+
+    add("token_embd.weight", len(tokens), hidden, scale=0.5), add("output_norm.weight", hidden, scale=0)
+    add("output.weight", len(tokens), hidden)
+    for b in range(layers):
+        for n in ("attn_norm", "ffn_norm") + (("attn_q_norm", "attn_k_norm") if arch == "qwen3moe" else ()):
+            add(f"blk.{b}.{n}.weight", head_dim if "_q_" in n or "_k_" in n else hidden, scale=0)
+        for n, rows in (("q", heads), ("k", kv), ("v", kv)):
+            add(f"blk.{b}.attn_{n}.weight", rows * head_dim, hidden)
+            if arch == "qwen2moe":
+                add(f"blk.{b}.attn_{n}.bias", rows * head_dim)
+        add(f"blk.{b}.attn_output.weight", hidden, heads * head_dim), add(f"blk.{b}.ffn_gate_inp.weight", experts, hidden)
+        add(f"blk.{b}.ffn_gate_exps.weight", experts, ff, hidden, kind=Q.Q8_0)
+        add(f"blk.{b}.ffn_up_exps.weight", experts, ff, hidden, kind=Q.Q8_0)
+        add(f"blk.{b}.ffn_down_exps.weight", experts, hidden, ff, kind=Q.Q8_0)
+        if shared:  # Qwen2-MoE's shared expert and its gate
+            add(f"blk.{b}.ffn_gate_inp_shexp.weight", hidden)
+            add(f"blk.{b}.ffn_gate_shexp.weight", shared, hidden, kind=Q.Q8_0)
+            add(f"blk.{b}.ffn_up_shexp.weight", shared, hidden, kind=Q.Q8_0)
+            add(f"blk.{b}.ffn_down_shexp.weight", hidden, shared, kind=Q.Q8_0)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return str(path)
