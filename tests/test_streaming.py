@@ -244,6 +244,29 @@ def test_a_mixture_of_experts_gguf_is_streamed_an_expert_at_a_time(tmp_path, mon
     assert _files(tmp_path / "s") == _files(tmp_path / "w")
 
 
+def test_a_gguf_transformers_could_keep_packed_is_read_as_floats(tmp_path, monkeypatch):
+    """transformers keeps LFM2's (and Qwen3.5's) GGUF weights in their blocks, as modules that are no nn.Linear,
+    when it can fetch a matmul kernel for them (online, with the `kernels` package): pvq loads them as floats all
+    the same (here the kernel is faked), and the streamed file gives the same floats."""
+    import transformers.quantizers.quantizer_gguf as quantizer
+    from tiny_gguf import lfm2_gguf
+
+    from pvq.models.loading import load_model
+
+    monkeypatch.setenv("PVQ_GGUF_CACHE", "0")
+    gguf = lfm2_gguf(tmp_path / "lfm2.gguf")
+    plain, _ = load_model(gguf)
+    monkeypatch.setattr(quantizer, "get_gguf_kernel", lambda: type("Kernel", (), {"supports": lambda *a: True})())
+    whole, _ = load_model(gguf)
+    assert all(isinstance(whole.get_submodule(n), torch.nn.Linear) for n, m in plain.named_modules()
+               if isinstance(m, torch.nn.Linear))
+    a, b = plain.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model, _, reader = load_skeleton(gguf)
+    filled = streaming.materialize(model, reader, lambda n: True)
+    assert all(torch.equal(model.get_parameter(n), whole.get_parameter(n)) for n in filled)
+
+
 def test_collections_between_blocks_leave_out_what_lived_before(monkeypatch):
     """quantize freezes the objects alive when it starts (imported modules, the model's modules), so the
     garbage collection between blocks walks only what it made, and hands them back at the end; a float

@@ -10,26 +10,15 @@ def moe_gguf(path, arch, layers=2, hidden=64, heads=4, kv=2, head_dim=16, expert
     byte-level vocabulary. transformers reads no expert width for these families: its defaults (768, 1408)."""
     rng = np.random.default_rng(seed)
     ff, shared = (768, 0) if arch == "qwen3moe" else (1408, 5632)
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes that stand for themselves
-    others = [b for b in range(256) if b not in printable]
-    tokens = [chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)]
-    merges = ["Ġ t", "h e"]  # transformers reads a GGUF BPE vocabulary without merges as another kind
-    tokens += [m.replace(" ", "") for m in merges] + ["<|endoftext|>"]
     w = gguf.GGUFWriter(str(path), arch)
+    vocab = _vocabulary(w)
     w.add_block_count(layers), w.add_context_length(256), w.add_embedding_length(hidden)
     w.add_feed_forward_length(128), w.add_head_count(heads), w.add_head_count_kv(kv), w.add_key_length(head_dim)
-    w.add_rope_freq_base(10000.0), w.add_layer_norm_rms_eps(1e-6), w.add_vocab_size(len(tokens))
+    w.add_rope_freq_base(10000.0), w.add_layer_norm_rms_eps(1e-6)
     w.add_expert_count(experts), w.add_expert_used_count(2)
-    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("default"), w.add_token_list(tokens)
-    eos = len(tokens) - 1
-    w.add_token_types([1] * eos + [3]), w.add_token_merges(merges), w.add_eos_token_id(eos), w.add_bos_token_id(eos)
-
-    def add(name, *shape, kind=Q.F32, scale=0.05):
-        a = (rng.standard_normal(shape) * scale).astype(np.float32) if scale else np.ones(shape, np.float32)
-        w.add_tensor(name, a if kind == Q.F32 else gguf.quants.quantize(a, kind), raw_dtype=None if kind == Q.F32 else kind)
-
-    add("token_embd.weight", len(tokens), hidden, scale=0.5), add("output_norm.weight", hidden, scale=0)
-    add("output.weight", len(tokens), hidden)
+    add = _adder(w, rng)
+    add("token_embd.weight", vocab, hidden, scale=0.5), add("output_norm.weight", hidden, scale=0)
+    add("output.weight", vocab, hidden)
     for b in range(layers):
         for n in ("attn_norm", "ffn_norm") + (("attn_q_norm", "attn_k_norm") if arch == "qwen3moe" else ()):
             add(f"blk.{b}.{n}.weight", head_dim if "_q_" in n or "_k_" in n else hidden, scale=0)
@@ -46,5 +35,58 @@ def moe_gguf(path, arch, layers=2, hidden=64, heads=4, kv=2, head_dim=16, expert
             add(f"blk.{b}.ffn_gate_shexp.weight", shared, hidden, kind=Q.Q8_0)
             add(f"blk.{b}.ffn_up_shexp.weight", shared, hidden, kind=Q.Q8_0)
             add(f"blk.{b}.ffn_down_shexp.weight", hidden, shared, kind=Q.Q8_0)
+    return _written(w, path)
+
+
+def lfm2_gguf(path, layers=2, hidden=64, ff=128, heads=4, kv=2, l_cache=3, seed=0):
+    """A tiny random LFM2 GGUF (short-convolution and attention layers in turn, Q8_0, the head tied): a family
+    transformers loads through its newer GGUF path, which can keep the weights packed."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "lfm2")
+    vocab = _vocabulary(w)
+    w.add_block_count(layers), w.add_context_length(256), w.add_embedding_length(hidden), w.add_feed_forward_length(ff)
+    w.add_head_count(heads), w.add_head_count_kv([0, kv] * (layers // 2)), w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5), w.add_uint32("lfm2.shortconv.l_cache", l_cache)
+    add, head_dim = _adder(w, rng), hidden // heads
+    add("token_embd.weight", vocab, hidden, scale=0.5), add("token_embd_norm.weight", hidden, scale=0)
+    for b in range(layers):
+        p = f"blk.{b}."
+        add(p + "attn_norm.weight", hidden, scale=0), add(p + "ffn_norm.weight", hidden, scale=0)
+        if b % 2:
+            add(p + "attn_q.weight", hidden, hidden, kind=Q.Q8_0), add(p + "attn_k.weight", kv * head_dim, hidden, kind=Q.Q8_0)
+            add(p + "attn_v.weight", kv * head_dim, hidden, kind=Q.Q8_0)
+            add(p + "attn_output.weight", hidden, hidden, kind=Q.Q8_0)
+            add(p + "attn_q_norm.weight", head_dim, scale=0), add(p + "attn_k_norm.weight", head_dim, scale=0)
+        else:
+            add(p + "shortconv.in_proj.weight", 3 * hidden, hidden, kind=Q.Q8_0)
+            add(p + "shortconv.conv.weight", hidden, l_cache), add(p + "shortconv.out_proj.weight", hidden, hidden, kind=Q.Q8_0)
+        for n, shape in (("gate", (ff, hidden)), ("up", (ff, hidden)), ("down", (hidden, ff))):
+            add(f"{p}ffn_{n}.weight", *shape, kind=Q.Q8_0)
+    return _written(w, path)
+
+
+def _vocabulary(w) -> int:
+    """A byte-level BPE vocabulary (GPT-2's byte symbols, two merges, an end token) into the file; its size."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes that stand for themselves
+    others = [b for b in range(256) if b not in printable]
+    tokens = [chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)]
+    merges = ["Ġ t", "h e"]  # transformers reads a GGUF BPE vocabulary without merges as another kind
+    tokens += [m.replace(" ", "") for m in merges] + ["<|endoftext|>"]
+    eos = len(tokens) - 1
+    w.add_vocab_size(len(tokens)), w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("default")
+    w.add_token_list(tokens), w.add_token_types([1] * eos + [3]), w.add_token_merges(merges)
+    w.add_eos_token_id(eos), w.add_bos_token_id(eos)
+    return len(tokens)
+
+
+def _adder(w, rng):
+    """add(name, *shape, kind, scale): a random tensor (ones where scale is 0) into the file, float32 or quantized."""
+    def add(name, *shape, kind=Q.F32, scale=0.05):
+        a = (rng.standard_normal(shape) * scale).astype(np.float32) if scale else np.ones(shape, np.float32)
+        w.add_tensor(name, a if kind == Q.F32 else gguf.quants.quantize(a, kind), raw_dtype=None if kind == Q.F32 else kind)
+    return add
+
+
+def _written(w, path) -> str:
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return str(path)

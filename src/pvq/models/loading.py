@@ -287,6 +287,18 @@ def _gguf_cache_folder(path: Path, dtype: torch.dtype, hash_bytes: bool = True) 
     return cache_dir() / "gguf" / f"{path.stem}-{digest.hexdigest()[:20]}"
 
 
+def _unpacked() -> dict:
+    """from_pretrained's arguments that load every weight of a GGUF as floats: transformers keeps some families'
+    weights packed in their GGUF blocks (LFM2, Qwen3.5: its GgufLinear, no nn.Linear) where it can fetch a
+    matmul kernel for them (the `kernels` package, online), and pvq quantizes from floats."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # a transformers that unpacks every GGUF
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)} if "dequantize" in \
+        inspect.signature(GgufConfig).parameters else {}
+
+
 def _as_saved(tokenizer, folder: Path):
     """`tokenizer` (loaded from a folder pvq saved it to) with the very tokenizer.json it was saved with: some
     classes build their own normalizer and pre-tokenizer when loaded from a folder (Qwen2's NFC and digit
@@ -319,7 +331,7 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype):
             return model.eval(), tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs, **_unpacked())
     except Exception as exc:  # unsupported GGUF architecture, corrupt file, ...
         raise ModelLoadError(f"cannot load model {name!r} from GGUF: {one_line(exc, with_type=True)}") from exc
     _check_model_type(name, getattr(model.config, "model_type", None))
