@@ -90,3 +90,57 @@ def _adder(w, rng):
 def _written(w, path) -> str:
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return str(path)
+
+
+def qwen35_gguf(path, layers=2, hidden=64, heads=4, kv=2, head_dim=16, k_heads=2, v_heads=4, state=16,
+                v_dim=16, conv=4, experts=4, ff=32, shared=64, seed=0):
+    """A tiny random Qwen3.5-MoE GGUF (dense Qwen3.5 with experts=0; linear-attention and full-attention layers in
+    turn, Q8_0): a family transformers loads through its newer GGUF path, with conversions on the way (norms
+    stored as w + 1, `ssm_a` as -exp(A_log), the convolution squeezed, value heads tiled, gate and up stacked
+    apart)."""
+    rng = np.random.default_rng(seed)
+    arch = "qwen35moe" if experts else "qwen35"
+    w = gguf.GGUFWriter(str(path), arch)
+    vocab = _vocabulary(w)
+    for key, value in (("block_count", layers), ("context_length", 256), ("embedding_length", hidden),
+                       ("attention.head_count", heads), ("attention.head_count_kv", kv),
+                       ("attention.key_length", head_dim), ("attention.value_length", head_dim),
+                       ("full_attention_interval", 2), ("ssm.conv_kernel", conv), ("ssm.state_size", state),
+                       ("ssm.group_count", k_heads), ("ssm.time_step_rank", v_heads), ("ssm.inner_size", v_heads * v_dim),
+                       ("rope.dimension_count", head_dim // 2)) + ((
+                       ("expert_count", experts), ("expert_used_count", 2), ("expert_feed_forward_length", ff),
+                       ("expert_shared_feed_forward_length", shared)) if experts else (("feed_forward_length", ff),)):
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0), w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_array(f"{arch}.rope.dimension_sections", [2, 1, 1, 0])
+    add = _adder(w, rng)
+    add("token_embd.weight", vocab, hidden, scale=0.5), add("output_norm.weight", hidden)
+    add("output.weight", vocab, hidden, kind=Q.Q8_0)
+    qkv = 2 * k_heads * state + v_heads * v_dim
+    for b in range(layers):
+        p = f"blk.{b}."
+        add(p + "attn_norm.weight", hidden), add(p + "post_attention_norm.weight", hidden)
+        if b % 2 == 0:  # linear attention
+            add(p + "attn_qkv.weight", qkv, hidden, kind=Q.Q8_0), add(p + "attn_gate.weight", v_heads * v_dim, hidden, kind=Q.Q8_0)
+            add(p + "ssm_alpha.weight", v_heads, hidden), add(p + "ssm_beta.weight", v_heads, hidden)
+            add(p + "ssm_conv1d.weight", qkv, conv), add(p + "ssm_norm.weight", v_dim)
+            add(p + "ssm_out.weight", hidden, v_heads * v_dim, kind=Q.Q8_0), add(p + "ssm_dt.bias", v_heads)
+            w.add_tensor(p + "ssm_a", -np.exp(rng.standard_normal(v_heads)).astype(np.float32))
+        else:  # full attention, its query rows doubled by the output gate
+            add(p + "attn_q.weight", 2 * heads * head_dim, hidden, kind=Q.Q8_0)
+            add(p + "attn_k.weight", kv * head_dim, hidden, kind=Q.Q8_0)
+            add(p + "attn_v.weight", kv * head_dim, hidden, kind=Q.Q8_0)
+            add(p + "attn_output.weight", hidden, heads * head_dim, kind=Q.Q8_0)
+            add(p + "attn_q_norm.weight", head_dim), add(p + "attn_k_norm.weight", head_dim)
+        if not experts:
+            for n, shape in (("gate", (ff, hidden)), ("up", (ff, hidden)), ("down", (hidden, ff))):
+                add(f"{p}ffn_{n}.weight", *shape, kind=Q.Q8_0)
+            continue
+        add(p + "ffn_gate_inp.weight", experts, hidden)
+        add(p + "ffn_gate_exps.weight", experts, ff, hidden, kind=Q.Q8_0)
+        add(p + "ffn_up_exps.weight", experts, ff, hidden, kind=Q.Q8_0)
+        add(p + "ffn_down_exps.weight", experts, hidden, ff, kind=Q.Q8_0)
+        add(p + "ffn_gate_inp_shexp.weight", hidden)
+        add(p + "ffn_gate_shexp.weight", shared, hidden, kind=Q.Q8_0), add(p + "ffn_up_shexp.weight", shared, hidden, kind=Q.Q8_0)
+        add(p + "ffn_down_shexp.weight", hidden, shared, kind=Q.Q8_0)
+    return _written(w, path)

@@ -56,8 +56,9 @@ class _Stored(NamedTuple):
     offset: int
     n_bytes: int
     dtype: np.dtype
-    shape: tuple
+    shape: tuple  # as the gguf library gives the data (a quantized row in bytes)
     kind: object  # the gguf library's quantization type
+    dims: tuple  # the tensor's own shape (elements)
 
 
 class GGUFCheckpointReader:
@@ -76,10 +77,12 @@ class GGUFCheckpointReader:
         arch = read_field(parsed, "general.architecture")
         self._arch = arch[0] if arch else ""
         self._tensors = {t.name: _Stored(int(t.data_offset), int(t.n_bytes), t.data.dtype, tuple(t.data.shape),
-                                         t.tensor_type) for t in parsed.tensors}
+                                         t.tensor_type, tuple(int(d) for d in reversed(t.shape)))
+                         for t in parsed.tensors}
         self.files = {name: self.path for name in self._tensors}
-        self.stored: dict[str, str] = {}
-        self._processor = None
+        self.stored: dict[str, list[str]] = {}
+        self._processor = None  # transformers' tensor processor for the family (its older GGUF path)
+        self._converters: dict[str, object] | None = None  # or the conversion of each tensor (its newer path)
 
     def follow(self, model) -> None:
         """Name the tensors as `model` does (its experts already split, where it has them), through transformers'
@@ -89,6 +92,8 @@ class GGUFCheckpointReader:
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                                get_gguf_hf_weights_map)
 
+        if _conversions_for(self._arch) is not None:
+            return self._follow_conversions(model)
         processor_class = TENSOR_PROCESSORS.get(self._arch, TensorProcessor)
         if processor_class.__name__ in _SPLITTING:
             raise NotStreamable(f"{self.path}: transformers splits this family's tensors on loading")
@@ -117,6 +122,36 @@ class GGUFCheckpointReader:
         self.stored = stored
         self.slices = {name: where for name, where in expert_slices(model).items() if where[0] in stored}
 
+    def _follow_conversions(self, model) -> None:
+        """follow() for a family transformers reads through its conversion mapping (renamings, then at most one
+        converter per tensor: the ops that undo llama.cpp's transforms, run here on each tensor as it is read)."""
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = _conversions_for(self._arch)(model.config)
+        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+        stored: dict[str, list[str]] = {}
+        matched = {}  # GGUF name -> the converter's source pattern it matched
+        self._converters = {}
+        for g in self._tensors:
+            name, matched[g] = rename_source_key(g, renamings, converters)
+            stored.setdefault(name, []).append(g)
+            if matched[g] is not None:
+                self._converters[name] = by_pattern[matched[g]]
+        for name, names in stored.items():
+            converter = self._converters.get(name)
+            if len(names) > 1 and converter is None:
+                raise NotStreamable(f"{self.path}: tensors {', '.join(names)} are all named {name}")
+            if len(names) > 1:  # a converter's sources, in its order
+                names.sort(key=lambda g: converter.source_patterns.index(matched[g]))
+        self.stored = stored
+        self.slices = {name: where for name, where in expert_slices(model).items() if where[0] in stored}
+        for fused in {where[0] for where in self.slices.values()}:
+            ops = getattr(self._converters.get(fused), "operations", [])
+            if any(type(op).__name__ not in ("ConcatenateRows", "Concatenate") for op in ops):
+                raise NotStreamable(f"{self.path}: {fused} is converted on loading in a way not read per expert")
+
     def __contains__(self, name: str) -> bool:
         return name in self.stored or name in self.slices
 
@@ -134,8 +169,17 @@ class GGUFCheckpointReader:
             return t.T.contiguous() if transposed else t
         if name not in self.stored:
             raise CheckpointError(f"{self.path}: tensor {name} is not in the GGUF file")
-        return torch.cat([self._read(g) for g in self.stored[name]], dim=1) if len(self.stored[name]) > 1 \
-            else self._read(self.stored[name][0])
+        tensors = [self._read(g) for g in self.stored[name]]
+        converter = (self._converters or {}).get(name)
+        if converter is not None:  # as transformers' loader runs it: sources by pattern, each op in turn
+            collected = {pattern: [t] for pattern, t in zip(converter.source_patterns, tensors)}
+            for op in converter.operations:
+                collected = op.convert(collected, source_patterns=converter.source_patterns,
+                                       target_patterns=converter.target_patterns, full_layer_name=name,
+                                       config=None, model=None, missing_keys=None)
+            (out,) = collected.values()
+            return (out[0] if isinstance(out, list) else out).to(torch.float32)
+        return torch.cat(tensors, dim=1) if len(tensors) > 1 else tensors[0]
 
     def _read(self, gname: str, expert: int | None = None) -> torch.Tensor:
         """The stored tensor `gname` (or its first dimension's entry `expert`: an expert's rows are contiguous
@@ -155,10 +199,38 @@ class GGUFCheckpointReader:
                 raw = f.read(n_bytes)
             if len(raw) != n_bytes:
                 raise ValueError("the file ends inside the tensor (truncated)")
+            if self._converters is not None:  # dequantized as transformers' newer path does it
+                return _values(raw, t, t.dims[1:] if expert is not None else t.dims)
             data = np.frombuffer(raw, dtype=t.dtype).reshape(shape)
             weights = dequantize(data, t.kind)
-        except (OSError, ValueError, NotImplementedError) as exc:
+        except (OSError, ValueError, NotImplementedError, KeyError) as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {gname}: {exc}") from None
         weights = self._processor.process(weights=weights, name=gname, tensor_key_mapping={},
                                           parsed_parameters={"tensors": {}}).weights
         return torch.from_numpy(np.copy(weights))
+
+
+def _conversions_for(arch: str):
+    """transformers' builder of the conversion mapping for a GGUF architecture it reads through its newer path
+    (Qwen3.5, LFM2 in 5.x), or None (its older path: a tensor processor, or a transformers without it)."""
+    try:
+        from transformers.integrations.gguf.gguf_conversion_mapping import GGUF_ARCHS
+    except ImportError:
+        return None
+    return GGUF_ARCHS.get(arch)
+
+
+def _values(raw: bytes, t: _Stored, dims: tuple) -> torch.Tensor:
+    """A tensor's bytes as values: float types as stored (the converters' ops round back to them, as on a whole
+    load), block types unpacked to float32 by transformers' own dequantizer."""
+    from gguf import GGMLQuantizationType as Q
+    from transformers.integrations.gguf.dequant import GGML_BLOCK
+    from transformers.integrations.gguf.kernels import dequantize_blocks
+
+    floats = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+    data = torch.frombuffer(bytearray(raw), dtype=floats.get(t.kind, torch.uint8))
+    if t.kind in floats:
+        return data.reshape(dims)
+    block_elements, block_bytes = GGML_BLOCK[int(t.kind)]
+    rows = int(np.prod(dims[:-1], dtype=np.int64))
+    return dequantize_blocks(data.reshape(rows, -1), int(t.kind), rows, dims[-1], torch.float32).reshape(dims)
