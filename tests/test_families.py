@@ -610,3 +610,32 @@ def test_a_saved_folder_streams_to_the_same_bytes(mt, tmp_path):
     files = sorted(f.name for f in (tmp_path / "w").iterdir())
     assert files == sorted(f.name for f in (tmp_path / "s").iterdir())
     assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
+
+
+def test_experts_stored_with_two_axes_swapped_stream_to_the_same_bytes(tmp_path):
+    """Qwen3-VL-MoE's hub checkpoints store each layer's fused experts as [E, H, 2I] and [E, I, H], which
+    transformers' loader transposes (when the shape is not the model's already): streamed, each expert's
+    linears are the same slices, so the output is the whole load's byte for byte."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    from pvq.cli import main as cli
+    from pvq.models.loading import load_skeleton
+
+    src = tmp_path / "src"
+    model = tiny_model("qwen3_vl_moe", moe_intermediate_size=48)  # not square: a swap shows in the shape
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    tensors = load_file(src / "model.safetensors")
+    swapped = {k: (v.transpose(1, 2).contiguous() if ".mlp.experts." in k else v) for k, v in tensors.items()}
+    assert sum(".mlp.experts." in k for k in swapped) == 2 * 2
+    save_file(swapped, src / "model.safetensors", metadata={"format": "pt"})
+    whole = AutoModelForImageTextToText.from_pretrained(src)
+    assert all(torch.equal(p, whole.get_parameter(n)) for n, p in model.named_parameters())  # transposed back
+    load_skeleton(str(src))  # streamable: no fallback to a whole load
+    args = ["--method", "pvq-gptq", "--bits", "4.25", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
+    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "s")]) == 0
+    assert cli(["quantize", str(src), *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
+    files = sorted(f.name for f in (tmp_path / "w").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "s").iterdir())
+    assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)

@@ -183,7 +183,9 @@ class GGUFCheckpointReader:
 
     def _read(self, gname: str, expert: int | None = None) -> torch.Tensor:
         """The stored tensor `gname` (or its first dimension's entry `expert`: an expert's rows are contiguous
-        in the file, quantized or not), dequantized and converted by the family's tensor processor."""
+        in the file, quantized or not) as values: on transformers' older path dequantized by the gguf library
+        and converted by the family's tensor processor, on its newer one unpacked by transformers (get runs the
+        converter)."""
         from gguf import dequantize
 
         t = self._tensors[gname]
@@ -203,7 +205,7 @@ class GGUFCheckpointReader:
                 return _values(raw, t, t.dims[1:] if expert is not None else t.dims)
             data = np.frombuffer(raw, dtype=t.dtype).reshape(shape)
             weights = dequantize(data, t.kind)
-        except (OSError, ValueError, NotImplementedError, KeyError) as exc:
+        except (OSError, ValueError, NotImplementedError) as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {gname}: {exc}") from None
         weights = self._processor.process(weights=weights, name=gname, tensor_key_mapping={},
                                           parsed_parameters={"tensors": {}}).weights
@@ -231,6 +233,7 @@ def _values(raw: bytes, t: _Stored, dims: tuple) -> torch.Tensor:
     data = torch.frombuffer(bytearray(raw), dtype=floats.get(t.kind, torch.uint8))
     if t.kind in floats:
         return data.reshape(dims)
-    block_elements, block_bytes = GGML_BLOCK[int(t.kind)]
+    if int(t.kind) not in GGML_BLOCK:
+        raise ValueError(f"transformers cannot unpack GGUF type {t.kind!r}")
     rows = int(np.prod(dims[:-1], dtype=np.int64))
     return dequantize_blocks(data.reshape(rows, -1), int(t.kind), rows, dims[-1], torch.float32).reshape(dims)

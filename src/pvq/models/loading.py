@@ -55,6 +55,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "gemma3", "gemma4", "llama4", "qwen3_5", "qwen3_5_moe",
                          # ... with no causal-LM class: built as image-text-to-text models (classes.py)
                          "qwen2_5_vl", "qwen3_vl", "mistral3", "llava", "qwen2_vl", "smolvlm", "internvl", "paligemma",
+                         "llava_next", "llava_onevision", "aya_vision", "cohere2_vision", "idefics3", "lfm2_vl",
+                         "glm4v", "glm46v", "hunyuan_vl", "exaone4_5", "step3p7",
+                         # ... their language model a mixture of experts (Ernie 4.5 VL's experts for text tokens and
+                         # for image tokens: text calibration reaches only the first)
+                         "qwen3_vl_moe", "glm4v_moe", "kimi_k25", "ernie4_5_vl_moe", "minimax_m3_vl",
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
@@ -105,6 +110,8 @@ _TINY_GDN = dict(layer_types=["linear_attention", "full_attention"], linear_num_
 _TINY_GEMMA4 = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                     per_layer_config={}, hidden_size_per_layer_input=16, vocab_size_per_layer_input=256,
                     num_kv_shared_layers=2, enable_moe_block=True, top_k_experts=2)
+_TINY_GLM4V = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3],
+                                        partial_rotary_factor=1.0))
 _TINY_FAMILY = {
     "qwen3_next": _TINY_GDN,
     "qwen3_5_text": _TINY_GDN,
@@ -188,6 +195,18 @@ _TINY_FAMILY = {
     "gemma3n_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                          num_kv_shared_layers=2, hidden_size_per_layer_input=16, vocab_size_per_layer_input=256,
                          laurel_rank=8, activation_sparsity_pattern=[0.0, 0.0, 0.0, 0.5], sliding_window=8),
+    # multimodal rotary sections that fit the tiny heads (the defaults are a 128-wide head's)
+    "glm4v": _TINY_GLM4V,
+    "glm46v": _TINY_GLM4V,
+    "glm4v_moe": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2],
+                                           partial_rotary_factor=0.5)),
+    "hunyuan_vl": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 2, 2, 2])),
+    "ernie4_5_vl_moe": dict(moe_intermediate_size=[32, 32], moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
+                            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2])),
+    "kimi_k25": _TINY_MLA,
+    "exaone4_5": dict(model_type="exaone4_5_text"),  # its config reads the text part's type
+    "step3p7": dict(sliding_window=8, num_sliding_attention_heads=4, layer_types=["sliding_attention", "full_attention"],
+                    mlp_layer_types=["dense", "sparse"]),
 }
 
 
@@ -506,6 +525,14 @@ def load_skeleton(spec: str, trust_remote_code: bool = False):
 _TINY_QWEN3_5_OUTER = dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                                               out_hidden_size=64, patch_size=14, num_position_embeddings=16),
                            image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253)
+# tiny vision towers: CLIP's, and SigLIP's (the default of most families' vision configs)
+_TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                 patch_size=14)
+_TINY_CLIP = dict(_TINY_VIT, model_type="clip_vision_model")
+_TINY_GLM4V_OUTER = dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                            patch_size=14, image_size=28),
+                         image_token_id=255, video_token_id=254, image_start_token_id=252, image_end_token_id=253,
+                         video_start_token_id=250, video_end_token_id=251)
 # a model with a vision tower: a tiny tower, and its image tokens at the top of the tiny vocabulary
 _TINY_OUTER = {
     "gemma3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -537,6 +564,40 @@ _TINY_OUTER = {
                                         image_size=[28, 28], patch_size=[14, 14]), image_token_id=255, downsample_ratio=0.5),
     "paligemma": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                          image_size=28, patch_size=14, projection_dim=64), image_token_index=255),
+    "llava_next": dict(vision_config=_TINY_CLIP, image_token_index=255, image_grid_pinpoints=[[28, 28]]),
+    "llava_onevision": dict(vision_config=_TINY_VIT, image_token_index=255, video_token_index=254,
+                            image_grid_pinpoints=[[28, 28]]),
+    "aya_vision": dict(vision_config=_TINY_VIT, image_token_index=255, downsample_factor=2, alignment_intermediate_size=64),
+    "cohere2_vision": dict(vision_config=_TINY_VIT, image_token_id=255, downsample_factor=2, alignment_intermediate_size=64),
+    "idefics3": dict(vision_config=_TINY_VIT, image_token_id=255, scale_factor=2),
+    "lfm2_vl": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       num_patches=16, patch_size=14),
+                    image_token_id=255, downsample_factor=2, projector_hidden_size=64),
+    "qwen3_vl_moe": dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                            patch_size=14, deepstack_visual_indexes=[1], num_position_embeddings=16),
+                         image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253),
+    "glm4v": _TINY_GLM4V_OUTER,
+    "glm46v": _TINY_GLM4V_OUTER,
+    "glm4v_moe": _TINY_GLM4V_OUTER,
+    "kimi_k25": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        patch_size=14, pos_emb_height=4, pos_emb_width=4),
+                     projection_hidden_size=32, image_token_id=255, video_token_id=254, vision_start_token_id=252,
+                     vision_end_token_id=253, tie_word_embeddings=False),
+    "ernie4_5_vl_moe": dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14),
+                            image_start_token_id=250, image_end_token_id=251, image_token_id=255,
+                            video_start_token_id=252, video_end_token_id=253, video_token_id=254,
+                            tie_word_embeddings=False),
+    "hunyuan_vl": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                          num_key_value_heads=2, out_hidden_size=64, text_hidden_size=64, patch_size=14),
+                       image_token_id=255, im_start_id=252, im_end_id=253, im_newline_id=254, tie_word_embeddings=False),
+    "minimax_m3_vl": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=28, patch_size=14),
+                          image_token_index=255, video_token_index=254, projector_hidden_size=64, merged_hidden_size=128),
+    "exaone4_5": dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_key_value_heads=2,
+                                         out_hidden_size=64, patch_size=14, window_size=28, fullatt_block_indexes=[1]),
+                      image_token_id=255, video_token_id=254),
+    "step3p7": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=28, patch_size=14, max_position_embeddings=4), image_token_id=255),
     "llama4": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
                                       projector_output_dim=32),

@@ -75,12 +75,13 @@ class CheckpointReader:
         self.parts: dict[str, list[str]] = {}  # a split expert's linear -> the checkpoint's tensors, concatenated
         self.slices: dict[str, tuple[str, int, bool]] = {}  # ... -> (the fused tensor, expert, transposed)
         self._fused: tuple[str, torch.Tensor] | None = None  # the fused tensor read last: its experts come in a row
+        self.flips: dict[str, tuple] = {}  # a tensor stored with two axes swapped -> (the swap, the model's shape)
 
     def follow(self, model) -> None:
         """Name the tensors as `model` does (its fused experts already split, where it has them); NotStreamable
         when its family merges or splits tensors on loading in another way."""
         renames, merges = _conversions(model)
-        stored, parts = {}, {}
+        stored, parts, flips = {}, {}, {}
         base = _base_prefix(model, self.files)
         for name in self.files:
             key = base(name)
@@ -90,6 +91,10 @@ class CheckpointReader:
                 target, pattern = t.rename_source_key(key)
                 if pattern is None:
                     continue
+                flip = _transpose_only(t)
+                if flip is not None and target == key:  # stored with two axes swapped (Qwen3-VL-MoE's experts)
+                    stored[key], flips[key] = name, flip
+                    break
                 part = _expert_part(model, t, key, target, pattern)
                 if part is None:
                     raise NotStreamable(f"{self.folder}: tensor {name} is one of several tensors transformers "
@@ -106,6 +111,7 @@ class CheckpointReader:
             self.parts[param] = [got[i] for i in range(len(got))]
         self.slices = {name: where for name, where in expert_slices(model).items()
                        if name not in self and where[0] in stored}
+        self.flips = {key: (flip, _expected_shape(model, key, self.slices)) for key, flip in flips.items()}
 
     def __contains__(self, name: str) -> bool:
         return name in self.stored or name in self.parts or name in self.slices
@@ -127,12 +133,20 @@ class CheckpointReader:
         if name in self.slices:
             fused, e, transposed = self.slices[name]
             if self._fused is None or self._fused[0] != fused:
-                self._fused = (fused, self._read(self.stored[fused]))
+                self._fused = (fused, self._flipped(fused, self._read(self.stored[fused])))
             t = self._fused[1][e]  # a copy, not a view: the fused tensor goes once its experts are read
             return (t.T if transposed else t).clone(memory_format=torch.contiguous_format)
         if name not in self.stored:
             raise CheckpointError(f"{self.folder}: tensor {name} is not in the checkpoint")
-        return self._read(self.stored[name])
+        return self._flipped(name, self._read(self.stored[name]))
+
+    def _flipped(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """`t` with the axes swapped that transformers' loader swaps for `name` (where its shape is not the model's
+        already, when the conversion checks)."""
+        if name not in self.flips:
+            return t
+        (dim0, dim1, check), shape = self.flips[name]
+        return t if check and tuple(t.shape) == shape else t.transpose(dim0, dim1).contiguous()
 
     def _read(self, name: str) -> torch.Tensor:
         path = self.files[name]
@@ -191,6 +205,30 @@ def _base_prefix(model, names):
     return lambda name: name if name.partition(".")[0] in tops else f"{prefix}.{name}"
 
 
+def _transpose_only(transform) -> tuple[int, int, bool] | None:
+    """(dim0, dim1, whether it checks the shape first) where a conversion only swaps two axes of one tensor."""
+    from transformers.core_model_loading import Transpose
+
+    ops = transform.operations
+    if len(ops) != 1 or type(ops[0]) is not Transpose or len(transform.source_patterns) != 1:
+        return None
+    return ops[0].dim0, ops[0].dim1, bool(getattr(ops[0], "check_dims", False))
+
+
+def _expected_shape(model, name: str, slices: dict) -> tuple | None:
+    """The shape the model holds `name` in: its parameter's, or, for the fused experts tensor pvq split, the
+    experts' slices stacked."""
+    try:
+        return tuple(model.get_parameter(name).shape)
+    except AttributeError:
+        pass
+    rows = sorted((e, part, transposed) for part, (fused, e, transposed) in slices.items() if fused == name)
+    if not rows:
+        return None
+    one = tuple(model.get_parameter(rows[0][1]).shape)
+    return (len(rows), *(one[::-1] if rows[0][2] else one))
+
+
 def _expert_part(model, transform, key: str, target: str, pattern: str) -> tuple[str, int] | None:
     """(the name of the split expert's parameter that the checkpoint's tensor `key` is part of, its position in
     the concatenation) where `transform` (one of the family's conversions, which names the fused `target`)
@@ -198,7 +236,7 @@ def _expert_part(model, transform, key: str, target: str, pattern: str) -> tuple
     None otherwise (another conversion, or experts left fused)."""
     from transformers.core_model_loading import Concatenate, MergeModulelist
 
-    ops = [(type(op), op.dim) for op in transform.operations]
+    ops = [(type(op), getattr(op, "dim", None)) for op in transform.operations]
     if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
         return None
     expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
