@@ -587,10 +587,16 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
 # Conv1D weights transposed as they are read (gpt2), a renamed head on disk (gpt_neox), position embeddings
 # before the blocks (opt), a Mamba block's 3-D convolution that is no expert (falcon_h1), a vision tower beside
 # the blocks with a 3-D pooling probe (gemma3), experts stored one tensor per expert, gate and up apart
-# (qwen3_moe), experts stored fused and transposed, a slice each (gpt_oss). Every dense family passed this
-# when it was written (gemma2's alternating masks, phi3's fused projections, starcoder2, phi, cohere too;
-# mixtral's renamed experts as well); these keep it short.
-STREAMED = ("gpt2", "gpt_neox", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_oss")
+# (qwen3_moe), experts stored fused and transposed, a slice each (gpt_oss), a language model stored under its
+# older names, the base model's prefix put on name by name (llava), a vision tower's fused q/k/v split and
+# permuted by transformers' conversion, run on the tensors as they are read (kimi_k25), experts stacked in two
+# tensors a conversion concatenates, then sliced (step3p7), expert patterns that are regexes (minimax_m3_vl).
+# Every dense family passed this when it was written (gemma2's alternating masks, phi3's fused projections,
+# starcoder2, phi, cohere too; mixtral's renamed experts as well; exaone, olmo_hybrid, llava_next,
+# llava_onevision, param2moe, sarvam_moe, ergo, nemotron_h, kimi_linear, lara_mini and bailing_hybrid when
+# conversions were first run on read); these keep it short.
+STREAMED = ("gpt2", "gpt_neox", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_oss", "llava", "kimi_k25", "step3p7",
+            "minimax_m3_vl")
 
 
 @pytest.mark.parametrize("mt", STREAMED)

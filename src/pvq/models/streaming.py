@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import tensorfile
+from ..errors import one_line
 from .experts import fused_leaves
 
 INDEX = "model.safetensors.index.json"
@@ -76,15 +77,19 @@ class CheckpointReader:
         self.slices: dict[str, tuple[str, int, bool]] = {}  # ... -> (the fused tensor, expert, transposed)
         self._fused: tuple[str, torch.Tensor] | None = None  # the fused tensor read last: its experts come in a row
         self.flips: dict[str, tuple] = {}  # a tensor stored with two axes swapped -> (the swap, the model's shape)
+        self.converted: dict[str, str] = {}  # a tensor another conversion makes -> the conversion's key
+        self._groups: dict[str, tuple] = {}  # a conversion's key -> (the conversion, {its source pattern: tensor})
+        self._converted: tuple[str, dict] | None = None  # the conversion run last: its targets come in a row
+        self._model = None
 
     def follow(self, model) -> None:
         """Name the tensors as `model` does (its fused experts already split, where it has them); NotStreamable
         when its family merges or splits tensors on loading in another way."""
         renames, merges = _conversions(model)
-        stored, parts, flips = {}, {}, {}
-        base = _base_prefix(model, self.files)
+        stored, parts, flips, groups = {}, {}, {}, {}
+        base = _base_prefix(model)
         for name in self.files:
-            key = base(name)
+            key = name
             for t in renames:
                 key = t.rename_source_key(key)[0]
             for t in merges:
@@ -93,28 +98,37 @@ class CheckpointReader:
                     continue
                 flip = _transpose_only(t)
                 if flip is not None and target == key:  # stored with two axes swapped (Qwen3-VL-MoE's experts)
-                    stored[key], flips[key] = name, flip
+                    stored[base(key)], flips[base(key)] = name, flip
                     break
-                part = _expert_part(model, t, key, target, pattern)
-                if part is None:
+                part = _expert_part(model, t, key, base(target), pattern)
+                if part is not None:
+                    parts.setdefault(part[0], {})[part[1]] = name
+                elif "*" in pattern:  # experts stacked in another way than pvq reads per expert
                     raise NotStreamable(f"{self.folder}: tensor {name} is one of several tensors transformers "
                                         f"combines on loading {type(model).__name__}")
-                parts.setdefault(part[0], {})[part[1]] = name
+                else:  # any other conversion: its sources read together, its ops run, when one target is asked for
+                    groups.setdefault(base(target), (t, {}))[1][pattern] = name
                 break
             else:
-                stored[key] = name
+                stored[base(key)] = name
         self.stored = stored
         self.parts = {}
         for param, got in parts.items():
             if sorted(got) != list(range(max(got) + 1)):
                 raise NotStreamable(f"{self.folder}: {param} lacks some of the tensors it is concatenated from")
             self.parts[param] = [got[i] for i in range(len(got))]
+        self.converted, self._groups, self._model = {}, groups, model
+        for key, (t, sources) in groups.items():
+            if set(sources) != set(t.source_patterns):
+                raise NotStreamable(f"{self.folder}: {base(key)} lacks some of the tensors it is converted from")
+            for target in t.target_patterns:
+                self.converted[base(_target_name(key, t.target_patterns[0], target))] = key
         self.slices = {name: where for name, where in expert_slices(model).items()
-                       if name not in self and where[0] in stored}
+                       if name not in self and (where[0] in stored or where[0] in self.converted)}
         self.flips = {key: (flip, _expected_shape(model, key, self.slices)) for key, flip in flips.items()}
 
     def __contains__(self, name: str) -> bool:
-        return name in self.stored or name in self.parts or name in self.slices
+        return name in self.stored or name in self.parts or name in self.slices or name in self.converted
 
     def where(self, name: str) -> str:
         """Where the model's tensor `name` is stored, for messages."""
@@ -122,7 +136,9 @@ class CheckpointReader:
             return f"{self.folder}: tensors {', '.join(self.parts[name])}"
         if name in self.slices:
             fused, e, _ = self.slices[name]
-            return f"{self.files[self.stored[fused]]}: tensor {self.stored[fused]}, expert {e}"
+            return f"{self.where(fused)}, expert {e}"
+        if name in self.converted:
+            return f"{self.folder}: tensors {', '.join(self._groups[self.converted[name]][1].values())}, converted"
         return f"{self.files[self.stored[name]]}: tensor {self.stored[name]}"
 
     def get(self, name: str) -> torch.Tensor:
@@ -133,12 +149,40 @@ class CheckpointReader:
         if name in self.slices:
             fused, e, transposed = self.slices[name]
             if self._fused is None or self._fused[0] != fused:
-                self._fused = (fused, self._flipped(fused, self._read(self.stored[fused])))
+                self._fused = (fused, self._whole(fused))
             t = self._fused[1][e]  # a copy, not a view: the fused tensor goes once its experts are read
             return (t.T if transposed else t).clone(memory_format=torch.contiguous_format)
-        if name not in self.stored:
+        if name not in self.stored and name not in self.converted:
             raise CheckpointError(f"{self.folder}: tensor {name} is not in the checkpoint")
-        return self._flipped(name, self._read(self.stored[name]))
+        return self._whole(name)
+
+    def _whole(self, name: str) -> torch.Tensor:
+        if name not in self.converted:
+            return self._flipped(name, self._read(self.stored[name]))
+        key = self.converted[name]
+        if self._converted is None or self._converted[0] != key:  # q, k and v of one stored tensor come in a row
+            self._converted = (key, self._convert(key))
+        return self._converted[1][name]
+
+    def _convert(self, key: str) -> dict[str, torch.Tensor]:
+        """Every tensor one conversion of transformers' loader makes (`key`: its first target's name), by the
+        model's names: its sources read, its ops run as the loader runs them."""
+        t, sources = self._groups[key]
+        collected = {pattern: [self._read(sources[pattern])] for pattern in t.source_patterns}
+        try:
+            for op in t.operations:
+                collected = op.convert(collected, source_patterns=t.source_patterns, target_patterns=t.target_patterns,
+                                       full_layer_name=key, model=self._model, config=self._model.config,
+                                       missing_keys=None)
+        except Exception as exc:  # a conversion that needs more than the sources and the model's shapes
+            raise CheckpointError(f"{self.where(next(n for n, k in self.converted.items() if k == key))}: "
+                                  f"{one_line(exc, with_type=True)}") from None
+        base = _base_prefix(self._model)
+        out = {}
+        for target, value in collected.items():
+            value = value[0] if isinstance(value, list) else value
+            out[base(_target_name(key, t.target_patterns[0], target))] = value.clone(memory_format=torch.contiguous_format)
+        return out
 
     def _flipped(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """`t` with the axes swapped that transformers' loader swaps for `name` (where its shape is not the model's
@@ -194,15 +238,29 @@ def fused_names(model) -> list[str]:
     return names
 
 
-def _base_prefix(model, names):
-    """A function naming a checkpoint's tensor as the model does where the checkpoint is its base model's (the
-    hub's gpt2 and bloom store `h.0...` for the model's `transformer.h.0...`, as transformers' loader accepts):
-    the base model's prefix added to every name but those of the model's other parts (a head stored beside it)."""
+def _base_prefix(model):
+    """A function naming a checkpoint's tensor (renamed already) as the model does where the checkpoint is laid out
+    around its base model (the hub's gpt2 and bloom store `h.0...` for the model's `transformer.h.0...`), as
+    transformers' loader does, name by name: the base model's prefix taken off where the model has the name without
+    it, or put on where it has the name with it."""
     prefix = getattr(model, "base_model_prefix", "") or ""
-    tops = {n for n, _ in model.named_children()}
-    if prefix not in tops or any(n.startswith(f"{prefix}.") for n in names):
-        return lambda name: name
-    return lambda name: name if name.partition(".")[0] in tops else f"{prefix}.{name}"
+    names = set(fused_names(model))
+    if not prefix:
+        return lambda key: key
+
+    def based(key: str) -> str:
+        if key.startswith(f"{prefix}.") and key[len(prefix) + 1:] in names:
+            return key[len(prefix) + 1:]
+        return f"{prefix}.{key}" if key not in names and f"{prefix}.{key}" in names else key
+    return based
+
+
+def _target_name(key: str, first: str, target: str) -> str:
+    """The name of a conversion's output `target` where `key` names its first target `first` (transformers keeps
+    what surrounds the pattern in the name: the layer's prefix, the parameter's suffix)."""
+    first, target = first.replace("\\", ""), target.replace("\\", "")
+    prefix, found, suffix = key.partition(first)
+    return f"{prefix}{target}{suffix}" if found else key
 
 
 def _transpose_only(transform) -> tuple[int, int, bool] | None:
@@ -239,7 +297,7 @@ def _expert_part(model, transform, key: str, target: str, pattern: str) -> tuple
     ops = [(type(op), getattr(op, "dim", None)) for op in transform.operations]
     if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
         return None
-    expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    expert = re.search(pattern.replace("*", r"(\d+)"), key)  # a source pattern is a regex, "*" the expert
     path, _, leaf = target.rpartition(".")
     try:
         mod = model.get_submodule(path)
