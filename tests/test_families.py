@@ -618,6 +618,36 @@ def test_a_saved_folder_streams_to_the_same_bytes(mt, tmp_path):
     assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
 
 
+@pytest.mark.parametrize("mt", ["deepseek_v3", "deepseek_v4"])
+def test_buffers_the_checkpoint_holds_are_read_when_streaming(mt, tmp_path):
+    """A router's score correction (DeepSeek-V3's e_score_correction_bias) and DeepSeek-V4's token-to-expert
+    table are buffers the checkpoint holds: streamed, each block's are read from it as a whole load reads them
+    (not left at the values the model is built with; a tiny model's zeros hid this), to the same bytes.
+    DeepSeek-V4's final norm, which one of its renamings would rename as an attention norm, keeps its name, as
+    transformers keeps it."""
+    from pvq.cli import main as cli
+    from pvq.models import streaming
+    from pvq.models.loading import load_skeleton
+
+    src = tmp_path / "src"
+    model = family_model(mt)
+    g = torch.Generator().manual_seed(0)
+    held = {n: b for n, b in model.named_buffers() if n in model.state_dict()}
+    for n, b in held.items():
+        b.copy_(torch.randn(b.shape, generator=g) if b.is_floating_point() else b.flip(0))
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    skeleton, _, reader = load_skeleton(str(src))
+    streaming.materialize(skeleton, reader, lambda n: True)
+    assert held and all(torch.equal(skeleton.get_buffer(n), b) for n, b in held.items())
+    args = ["--method", "pvq-gptq", "--bits", "4.25", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
+    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "s")]) == 0
+    assert cli(["quantize", str(src), *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
+    files = sorted(f.name for f in (tmp_path / "w").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "s").iterdir())
+    assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
+
+
 def test_experts_stored_with_two_axes_swapped_stream_to_the_same_bytes(tmp_path):
     """Qwen3-VL-MoE's hub checkpoints store each layer's fused experts as [E, H, 2I] and [E, I, H], which
     transformers' loader transposes (when the shape is not the model's already): streamed, each expert's

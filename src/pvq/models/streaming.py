@@ -88,10 +88,15 @@ class CheckpointReader:
         renames, merges = _conversions(model)
         stored, parts, flips, groups = {}, {}, {}, {}
         base = _base_prefix(model)
+        names = set(fused_names(model))
         for name in self.files:
             key = name
             for t in renames:
                 key = t.rename_source_key(key)[0]
+            final = next((target for target, pattern in (t.rename_source_key(key) for t in merges) if pattern), key)
+            if base(final) not in names and base(name) in names:  # a name the model has, renamed away: kept, as
+                stored[base(name)] = name  # transformers keeps it (DeepSeek-V4's final norm, not an attention one)
+                continue
             for t in merges:
                 target, pattern = t.rename_source_key(key)
                 if pattern is None:
@@ -391,7 +396,23 @@ def materialize(model: nn.Module, reader: CheckpointReader, keep, dtype: torch.d
         for mod, leaf, name, _ in slots:
             mod._parameters[leaf] = new
             filled.append(name)
+    _fill_buffers(model, reader, keep)
     return filled
+
+
+def _fill_buffers(model: nn.Module, reader, keep) -> None:
+    """The persistent buffers under `keep` that the checkpoint holds, read from it (a router's score correction,
+    DeepSeek-V4's token-to-expert table): the skeleton built them with their initial values, which a whole load
+    replaces with the checkpoint's. Buffers it does not hold keep what the model computed."""
+    for mod_name, mod in model.named_modules():
+        for leaf, b in mod._buffers.items():
+            name = f"{mod_name}.{leaf}" if mod_name else leaf
+            if b is None or leaf in mod._non_persistent_buffers_set or not keep(name) or name not in reader:
+                continue
+            t = reader.get(name)
+            if tuple(t.shape) != tuple(b.shape):
+                raise CheckpointError(f"{reader.where(name)} is {list(t.shape)}, the model expects {list(b.shape)}")
+            mod._buffers[leaf] = t.to(b.dtype)
 
 
 def release(module: nn.Module) -> None:
