@@ -64,7 +64,9 @@ class CheckpointReader:
     experts stored one tensor per expert (the hub's form), which transformers stacks into 3-D experts on
     loading, is read per expert into the linears pvq splits those experts into (models/experts.py): each
     expert's linear is its stored tensor, or the concatenation of its gate and up tensors. Experts stored
-    fused (3-D) are read a fused tensor at a time, each expert's linear its slice."""
+    fused (3-D) are read a fused tensor at a time, each expert's linear its slice (swapped back first where the
+    checkpoint stores two axes the other way round). Any other conversion of the loader (a fused q/k/v split, two
+    tensors joined) runs on its source tensors when one of its targets is asked for, as the loader runs it."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -81,14 +83,15 @@ class CheckpointReader:
         self._groups: dict[str, tuple] = {}  # a conversion's key -> (the conversion, {its source pattern: tensor})
         self._converted: tuple[str, dict] | None = None  # the conversion run last: its targets come in a row
         self._model = None
+        self._base = lambda key: key  # the model's name for a renamed checkpoint name (follow sets it)
 
     def follow(self, model) -> None:
         """Name the tensors as `model` does (its fused experts already split, where it has them); NotStreamable
         when its family merges or splits tensors on loading in another way."""
         renames, merges = _conversions(model)
         stored, parts, flips, groups = {}, {}, {}, {}
-        base = _base_prefix(model)
         names = set(fused_names(model))
+        base = self._base = _base_prefix(model, names)
         for name in self.files:
             key = name
             for t in renames:
@@ -182,11 +185,11 @@ class CheckpointReader:
         except Exception as exc:  # a conversion that needs more than the sources and the model's shapes
             raise CheckpointError(f"{self.where(next(n for n, k in self.converted.items() if k == key))}: "
                                   f"{one_line(exc, with_type=True)}") from None
-        base = _base_prefix(self._model)
         out = {}
         for target, value in collected.items():
             value = value[0] if isinstance(value, list) else value
-            out[base(_target_name(key, t.target_patterns[0], target))] = value.clone(memory_format=torch.contiguous_format)
+            out[self._base(_target_name(key, t.target_patterns[0], target))] = value.clone(
+                memory_format=torch.contiguous_format)
         return out
 
     def _flipped(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -243,13 +246,12 @@ def fused_names(model) -> list[str]:
     return names
 
 
-def _base_prefix(model):
+def _base_prefix(model, names: set[str]):
     """A function naming a checkpoint's tensor (renamed already) as the model does where the checkpoint is laid out
     around its base model (the hub's gpt2 and bloom store `h.0...` for the model's `transformer.h.0...`), as
-    transformers' loader does, name by name: the base model's prefix taken off where the model has the name without
-    it, or put on where it has the name with it."""
+    transformers' loader does, name by name: the base model's prefix taken off where the model has the name
+    (`names`) without it, or put on where it has the name with it."""
     prefix = getattr(model, "base_model_prefix", "") or ""
-    names = set(fused_names(model))
     if not prefix:
         return lambda key: key
 
