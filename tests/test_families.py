@@ -590,13 +590,15 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
 # (qwen3_moe), experts stored fused and transposed, a slice each (gpt_oss), a language model stored under its
 # older names, the base model's prefix put on name by name (llava), a vision tower's fused q/k/v split and
 # permuted by transformers' conversion, run on the tensors as they are read (kimi_k25), experts stacked in two
-# tensors a conversion concatenates, then sliced (step3p7), expert patterns that are regexes (minimax_m3_vl).
+# tensors a conversion concatenates, then sliced (step3p7), expert patterns that are regexes (minimax_m3_vl),
+# a layer's experts stacked and split into text and image experts by the family's own op, run on them all
+# (ernie4_5_vl_moe).
 # Every dense family passed this when it was written (gemma2's alternating masks, phi3's fused projections,
 # starcoder2, phi, cohere too; mixtral's renamed experts as well; exaone, olmo_hybrid, llava_next,
 # llava_onevision, param2moe, sarvam_moe, ergo, nemotron_h, kimi_linear, lara_mini and bailing_hybrid when
 # conversions were first run on read); these keep it short.
 STREAMED = ("gpt2", "gpt_neox", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_oss", "llava", "kimi_k25", "step3p7",
-            "minimax_m3_vl")
+            "minimax_m3_vl", "ernie4_5_vl_moe")
 
 
 @pytest.mark.parametrize("mt", STREAMED)

@@ -196,7 +196,8 @@ _TINY_FAMILY = {
     "gemma3n_text": dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                          num_kv_shared_layers=2, hidden_size_per_layer_input=16, vocab_size_per_layer_input=256,
                          laurel_rank=8, activation_sparsity_pattern=[0.0, 0.0, 0.0, 0.5], sliding_window=8),
-    # multimodal rotary sections that fit the tiny heads (the defaults are a 128-wide head's)
+    # vision-language families' language models: multimodal rotary sections that fit the tiny heads (the
+    # defaults are a 128-wide head's), small experts and latent attention
     "glm4v": _TINY_GLM4V,
     "glm46v": _TINY_GLM4V,
     "glm4v_moe": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 2],

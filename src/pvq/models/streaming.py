@@ -111,11 +111,8 @@ class CheckpointReader:
                 part = _expert_part(model, t, key, base(target), pattern)
                 if part is not None:
                     parts.setdefault(part[0], {})[part[1]] = name
-                elif "*" in pattern:  # experts stacked in another way than pvq reads per expert
-                    raise NotStreamable(f"{self.folder}: tensor {name} is one of several tensors transformers "
-                                        f"combines on loading {type(model).__name__}")
-                else:  # any other conversion: its sources read together, its ops run, when one target is asked for
-                    groups.setdefault(base(target), (t, {}))[1][pattern] = name
+                else:  # any other conversion: its sources read together (every expert's, for a pattern with "*"),
+                    groups.setdefault(base(target), (t, {}))[1].setdefault(pattern, []).append(name)  # its ops run
                 break
             else:
                 stored[base(key)] = name
@@ -146,7 +143,8 @@ class CheckpointReader:
             fused, e, _ = self.slices[name]
             return f"{self.where(fused)}, expert {e}"
         if name in self.converted:
-            return f"{self.folder}: tensors {', '.join(self._groups[self.converted[name]][1].values())}, converted"
+            sources = [n for names in self._groups[self.converted[name]][1].values() for n in names]
+            return f"{self.folder}: tensors {', '.join(sources[:4])}{', ...' * (len(sources) > 4)}, converted"
         return f"{self.files[self.stored[name]]}: tensor {self.stored[name]}"
 
     def get(self, name: str) -> torch.Tensor:
@@ -176,7 +174,8 @@ class CheckpointReader:
         """Every tensor one conversion of transformers' loader makes (`key`: its first target's name), by the
         model's names: its sources read, its ops run as the loader runs them."""
         t, sources = self._groups[key]
-        collected = {pattern: [self._read(sources[pattern])] for pattern in t.source_patterns}
+        collected = {pattern: [self._read(n) for n in sorted(sources[pattern], key=_natural)]
+                     for pattern in t.source_patterns}
         try:
             for op in t.operations:
                 collected = op.convert(collected, source_patterns=t.source_patterns, target_patterns=t.target_patterns,
@@ -260,6 +259,11 @@ def _base_prefix(model, names: set[str]):
             return key[len(prefix) + 1:]
         return f"{prefix}.{key}" if key not in names and f"{prefix}.{key}" in names else key
     return based
+
+
+def _natural(name: str) -> list:
+    """A sort key putting expert 10 after expert 9, as transformers' loader orders the tensors it stacks."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def _target_name(key: str, first: str, target: str) -> str:
