@@ -213,20 +213,23 @@ def test_gguf_streamed_equals_loaded_whole(tmp_path, monkeypatch):
     assert all(torch.equal(model.get_parameter(n), whole.get_parameter(n)) for n in filled)
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "qwen35moe", "qwen35"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "minimax-m2", "qwen35moe", "qwen35"])
 def test_a_mixture_of_experts_gguf_is_streamed_an_expert_at_a_time(tmp_path, monkeypatch, arch):
     """A GGUF stores each layer's experts stacked (3-D, quantized), and transformers merges gate and up into one
     tensor on loading: streamed, each expert's linears are read alone (its rows of the stacks: never a whole
     stack) and get the floats a whole load gives; quantized, the same bytes. Qwen3.5 goes through transformers'
     newer GGUF path, whose conversions (norms stored as w + 1, value heads tiled, ...) run on each tensor read."""
-    from tiny_gguf import qwen35_gguf
+    from tiny_gguf import minimax_m2_gguf, qwen35_gguf
 
     from pvq.models.adapters import blocks_path
     from pvq.models.loading import load_model
 
     monkeypatch.setenv("PVQ_GGUF_CACHE", "0")
     path = tmp_path / f"{arch}.gguf"
-    gguf = qwen35_gguf(path, experts=4 * (arch == "qwen35moe")) if arch.startswith("qwen35") else moe_gguf(path, arch)
+    if arch == "minimax-m2":  # its router's score correction, a buffer, stored as exp_probs_b
+        gguf = minimax_m2_gguf(path)
+    else:
+        gguf = qwen35_gguf(path, experts=4 * (arch == "qwen35moe")) if arch.startswith("qwen35") else moe_gguf(path, arch)
     assert streamable(gguf)
     model, _, reader = load_skeleton(gguf)
     reads = []
@@ -238,9 +241,12 @@ def test_a_mixture_of_experts_gguf_is_streamed_an_expert_at_a_time(tmp_path, mon
     params = dict(whole.named_parameters())
     assert sorted(filled) == sorted(params)
     assert all(torch.equal(model.get_parameter(n), params[n]) for n in filled)
+    held = [n for n, _ in whole.named_buffers() if n in whole.state_dict()]
+    assert all(torch.equal(model.get_buffer(n), whole.get_buffer(n)) for n in held)
+    assert arch != "minimax-m2" or (held and all(whole.get_buffer(n).any() for n in held))
     stacked = [r for r in reads if "_exps." in r[0]]
     assert len(stacked) == 2 * 3 * 4 * (arch != "qwen35") and all(e is not None for _, e in stacked)  # layers x stacks x experts
-    if arch in ("qwen2moe", "qwen35"):  # the quantized bytes: the other families' check
+    if arch in ("qwen2moe", "qwen35", "minimax-m2"):  # the quantized bytes: the other families' check
         return
     args = ["--method", "pvq-gptq", "--bits", "3", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
     assert cli(["quantize", gguf, *args, "-o", str(tmp_path / "s")]) == 0

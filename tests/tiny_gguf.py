@@ -144,3 +144,42 @@ def qwen35_gguf(path, layers=2, hidden=64, heads=4, kv=2, head_dim=16, k_heads=2
         add(p + "ffn_gate_shexp.weight", shared, hidden, kind=Q.Q8_0), add(p + "ffn_up_shexp.weight", shared, hidden, kind=Q.Q8_0)
         add(p + "ffn_down_shexp.weight", hidden, shared, kind=Q.Q8_0)
     return _written(w, path)
+
+
+def minimax_m2_gguf(path, seed=0):
+    """pvq's tiny MiniMax-M2 (models.loading.tiny_model, its router's score correction randomized) written as a GGUF
+    under the names transformers' GGUF map gives its tensors (gate and up experts stacked apart, Q8_0), its
+    vocabulary padded to the byte-level one's."""
+    import torch
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, get_gguf_hf_weights_map
+
+    from pvq.models.loading import tiny_model
+
+    model = tiny_model("minimax_m2", seed=seed)
+    c = model.config
+    rng = np.random.default_rng(seed)
+    names = {}
+    for g, hf in get_gguf_hf_weights_map(model, TENSOR_PROCESSORS["minimax-m2"](config=c.to_dict())).items():
+        names.setdefault(hf, []).append(g if g.endswith((".weight", ".bias")) else f"{g}.weight")
+    w = gguf.GGUFWriter(str(path), "minimax-m2")
+    vocab = _vocabulary(w)
+    arch = "minimax-m2"
+    for key, value in (("block_count", c.num_hidden_layers), ("context_length", 256), ("embedding_length", c.hidden_size),
+                       ("feed_forward_length", c.intermediate_size), ("attention.head_count", c.num_attention_heads),
+                       ("attention.head_count_kv", c.num_key_value_heads), ("attention.key_length", c.head_dim),
+                       ("rope.dimension_count", c.head_dim), ("expert_count", c.num_local_experts),
+                       ("expert_used_count", c.num_experts_per_tok)):
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0), w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    for hf, t in model.state_dict().items():
+        a = t.detach().float().numpy()
+        if hf.endswith("e_score_correction_bias"):
+            a = rng.standard_normal(a.shape).astype(np.float32)
+        if hf in ("model.embed_tokens.weight", "lm_head.weight"):  # rows for the tokens past the tiny vocabulary
+            a = np.concatenate([a, rng.standard_normal((vocab - a.shape[0], a.shape[1])).astype(np.float32) * 0.02])
+        parts = np.split(a, 2, axis=1) if len(names[hf]) == 2 else [a]  # gate_up: gate rows, then up rows
+        for g, part in zip(sorted(names[hf], key=lambda n: "ffn_up_exps" in n), parts):
+            part = np.ascontiguousarray(part)
+            quantize = part.ndim > 1 and part.shape[-1] % 32 == 0
+            w.add_tensor(g, gguf.quants.quantize(part, Q.Q8_0) if quantize else part, raw_dtype=Q.Q8_0 if quantize else None)
+    return _written(w, path)
