@@ -590,15 +590,14 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
 # (qwen3_moe), experts stored fused and transposed, a slice each (gpt_oss), a language model stored under its
 # older names, the base model's prefix put on name by name (llava), a vision tower's fused q/k/v split and
 # permuted by transformers' conversion, run on the tensors as they are read (kimi_k25), experts stacked in two
-# tensors a conversion concatenates, then sliced (step3p7), expert patterns that are regexes (minimax_m3_vl),
-# a layer's experts stacked and split into text and image experts by the family's own op, run on them all
-# (ernie4_5_vl_moe).
+# tensors a conversion concatenates, then sliced (step3p7), a layer's experts stacked and split into text and
+# image experts by the family's own op, run on them all (ernie4_5_vl_moe).
 # Every dense family passed this when it was written (gemma2's alternating masks, phi3's fused projections,
 # starcoder2, phi, cohere too; mixtral's renamed experts as well; exaone, olmo_hybrid, llava_next,
 # llava_onevision, param2moe, sarvam_moe, ergo, nemotron_h, kimi_linear, lara_mini and bailing_hybrid when
 # conversions were first run on read); these keep it short.
 STREAMED = ("gpt2", "gpt_neox", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_oss", "llava", "kimi_k25", "step3p7",
-            "minimax_m3_vl", "ernie4_5_vl_moe")
+            "ernie4_5_vl_moe")
 
 
 @pytest.mark.parametrize("mt", STREAMED)
@@ -618,6 +617,19 @@ def test_a_saved_folder_streams_to_the_same_bytes(mt, tmp_path):
     files = sorted(f.name for f in (tmp_path / "w").iterdir())
     assert files == sorted(f.name for f in (tmp_path / "s").iterdir())
     assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
+
+
+def test_experts_named_by_regex_patterns_are_read_one_expert_at_a_time(tmp_path):
+    """MiniMax-M3-VL's conversion names its experts with regexes (`\\.experts.*.w1.weight`): each expert's linear
+    is still read from its own tensors (not the whole layer's, as an unknown conversion would be)."""
+    from pvq.models.loading import load_skeleton
+
+    family_model("minimax_m3_vl").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    _, _, reader = load_skeleton(str(tmp_path))
+    gate_up = [n for n in reader.parts if ".experts.gate_up." in n]
+    assert len(gate_up) == 2 * 4 and all(len(reader.parts[n]) == 2 for n in gate_up)  # gate and up of its own
+    assert not any(".experts." in k for k in reader._groups)
 
 
 @pytest.mark.parametrize("mt", ["deepseek_v3", "deepseek_v4"])
