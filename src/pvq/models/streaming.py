@@ -96,26 +96,19 @@ class CheckpointReader:
             key = name
             for t in renames:
                 key = t.rename_source_key(key)[0]
-            final = next((target for target, pattern in (t.rename_source_key(key) for t in merges) if pattern), key)
-            if base(final) not in names and base(name) in names:  # a name the model has, renamed away: kept, as
+            # at most one conversion per tensor, the first that matches, as transformers' loader applies them
+            t, target, pattern = next(((t, *m) for t in merges if (m := t.rename_source_key(key))[1]),
+                                      (None, key, None))
+            if base(target) not in names and base(name) in names:  # a name the model has, renamed away: kept, as
                 stored[base(name)] = name  # transformers keeps it (DeepSeek-V4's final norm, not an attention one)
-                continue
-            for t in merges:
-                target, pattern = t.rename_source_key(key)
-                if pattern is None:
-                    continue
-                flip = _transpose_only(t)
-                if flip is not None and target == key:  # stored with two axes swapped (Qwen3-VL-MoE's experts)
-                    stored[base(key)], flips[base(key)] = name, flip
-                    break
-                part = _expert_part(model, t, key, base(target), pattern)
-                if part is not None:
-                    parts.setdefault(part[0], {})[part[1]] = name
-                else:  # any other conversion: its sources read together (every expert's, for a pattern with "*"),
-                    groups.setdefault(base(target), (t, {}))[1].setdefault(pattern, []).append(name)  # its ops run
-                break
-            else:
+            elif t is None:
                 stored[base(key)] = name
+            elif (flip := _transpose_only(t)) is not None and target == key:  # two axes swapped (Qwen3-VL-MoE)
+                stored[base(key)], flips[base(key)] = name, flip
+            elif (part := _expert_part(model, t, key, base(target), pattern)) is not None:
+                parts.setdefault(part[0], {})[part[1]] = name
+            else:  # any other conversion: its sources read together (every expert's, for a pattern with "*"),
+                groups.setdefault(base(target), (t, {}))[1].setdefault(pattern, []).append(name)  # its ops run
         self.stored = stored
         self.parts = {}
         for param, got in parts.items():
