@@ -509,6 +509,20 @@ def test_cli_quantizes_a_saved_mixture_of_experts_folder(tmp_path, capsys):
     assert hf.generate(IDS[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 12)
 
 
+def _streamed_and_whole_write_the_same_bytes(src, tmp_path):
+    """`pvq quantize` of the folder src (pvq-gptq 4.25) streamed and with --no-stream write the same files, byte for
+    byte; the streamed output's folder."""
+    from pvq.cli import main as cli
+
+    args = ["--method", "pvq-gptq", "--bits", "4.25", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
+    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "s")]) == 0
+    assert cli(["quantize", str(src), *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
+    files = sorted(f.name for f in (tmp_path / "w").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "s").iterdir())
+    assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
+    return tmp_path / "s"
+
+
 @pytest.mark.parametrize("mt", ["llama4", "qwen3_5_moe"])
 @torch.no_grad()
 def test_cli_quantizes_the_language_model_of_a_saved_vision_language_folder(mt, tmp_path):
@@ -517,7 +531,6 @@ def test_cli_quantizes_the_language_model_of_a_saved_vision_language_folder(mt, 
     and whole to the same bytes, and the result runs the same through pvq.load and transformers."""
     from transformers import AutoModelForImageTextToText
 
-    from pvq.cli import main as cli
     from pvq.models.loading import _tiny_config
 
     src = tmp_path / "src"
@@ -529,16 +542,12 @@ def test_cli_quantizes_the_language_model_of_a_saved_vision_language_folder(mt, 
     text_only = AutoModelForCausalLM.from_pretrained(src)
     ids = IDS % 250  # below the image tokens
     assert torch.equal(text_only(ids).logits, full(ids).logits)
-    args = ["--method", "pvq-gptq", "--bits", "4.25", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
-    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "q")]) == 0
-    assert cli(["quantize", str(src), *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
-    files = sorted(f.name for f in (tmp_path / "q").iterdir())
-    assert all((tmp_path / "q" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
-    model, _ = load(tmp_path / "q", decode="once")
+    out = _streamed_and_whole_write_the_same_bytes(src, tmp_path)
+    model, _ = load(out, decode="once")
     experts = ".experts.gate_up." if mt == "llama4" else ".mlp.experts.gate_up."
     assert sum(experts in n for n, _ in block_linear_names(model)) == 2 * 4
     got = model(ids).logits
-    assert (AutoModelForCausalLM.from_pretrained(tmp_path / "q")(ids).logits - got).abs().max() < 1e-4
+    assert (AutoModelForCausalLM.from_pretrained(out)(ids).logits - got).abs().max() < 1e-4
     assert 0 < (got - full(ids).logits).abs().max() < 0.5
 
 
@@ -604,19 +613,13 @@ STREAMED = ("gpt2", "gpt_neox", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_
 def test_a_saved_folder_streams_to_the_same_bytes(mt, tmp_path):
     """Read block by block from the folder save_pretrained wrote (under the names transformers stores:
     gpt_neox's head is embed_out on disk), the output is byte-identical to quantizing the model loaded whole."""
-    from pvq.cli import main as cli
     from pvq.models.loading import load_skeleton
 
     src = tmp_path / "src"
     family_model(mt).save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
     load_skeleton(str(src))  # streamable: no fallback to a whole load
-    args = ["--method", "pvq-gptq", "--bits", "4.25", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
-    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "s")]) == 0
-    assert cli(["quantize", str(src), *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
-    files = sorted(f.name for f in (tmp_path / "w").iterdir())
-    assert files == sorted(f.name for f in (tmp_path / "s").iterdir())
-    assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
+    _streamed_and_whole_write_the_same_bytes(src, tmp_path)
 
 
 def test_experts_named_by_regex_patterns_are_read_one_expert_at_a_time(tmp_path):
@@ -639,7 +642,6 @@ def test_buffers_the_checkpoint_holds_are_read_when_streaming(mt, tmp_path):
     (not left at the values the model is built with; a tiny model's zeros hid this), to the same bytes.
     DeepSeek-V4's final norm, which one of its renamings would rename as an attention norm, keeps its name, as
     transformers keeps it."""
-    from pvq.cli import main as cli
     from pvq.models import streaming
     from pvq.models.loading import load_skeleton
 
@@ -654,12 +656,7 @@ def test_buffers_the_checkpoint_holds_are_read_when_streaming(mt, tmp_path):
     skeleton, _, reader = load_skeleton(str(src))
     streaming.materialize(skeleton, reader, lambda n: True)
     assert held and all(torch.equal(skeleton.get_buffer(n), b) for n, b in held.items())
-    args = ["--method", "pvq-gptq", "--bits", "4.25", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
-    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "s")]) == 0
-    assert cli(["quantize", str(src), *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
-    files = sorted(f.name for f in (tmp_path / "w").iterdir())
-    assert files == sorted(f.name for f in (tmp_path / "s").iterdir())
-    assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
+    _streamed_and_whole_write_the_same_bytes(src, tmp_path)
 
 
 def test_experts_stored_with_two_axes_swapped_stream_to_the_same_bytes(tmp_path):
@@ -669,7 +666,6 @@ def test_experts_stored_with_two_axes_swapped_stream_to_the_same_bytes(tmp_path)
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForImageTextToText
 
-    from pvq.cli import main as cli
     from pvq.models.loading import load_skeleton
 
     src = tmp_path / "src"
@@ -683,9 +679,4 @@ def test_experts_stored_with_two_axes_swapped_stream_to_the_same_bytes(tmp_path)
     whole = AutoModelForImageTextToText.from_pretrained(src)
     assert all(torch.equal(p, whole.get_parameter(n)) for n, p in model.named_parameters())  # transposed back
     load_skeleton(str(src))  # streamable: no fallback to a whole load
-    args = ["--method", "pvq-gptq", "--bits", "4.25", "--nsamples", "2", "--seqlen", "32", "--no-progress"]
-    assert cli(["quantize", str(src), *args, "-o", str(tmp_path / "s")]) == 0
-    assert cli(["quantize", str(src), *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
-    files = sorted(f.name for f in (tmp_path / "w").iterdir())
-    assert files == sorted(f.name for f in (tmp_path / "s").iterdir())
-    assert all((tmp_path / "s" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
+    _streamed_and_whole_write_the_same_bytes(src, tmp_path)
