@@ -9,7 +9,8 @@ import torch
 
 from pvq import allocation, api
 from pvq.cli import main as cli
-from pvq.settings import QuantConfig
+from pvq.picker import choose_spec
+from pvq.settings import QuantConfig, spec_to_dict
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 from pvq.models.loading import tiny_model, tiny_tokenizer
@@ -105,6 +106,23 @@ def test_gptq_factors_scale_the_prediction_and_the_floor_holds():
     assert fed["uniform_predicted_dloss"] < free["uniform_predicted_dloss"]
     assert min(v["bits_per_weight"] for v in fed["layers"].values()) >= 2.5 - 1e-9
     assert fed["bits_per_weight"] <= 3.0
+    # a layer no calibration token reaches measures a sensitivity of exactly 0, which says nothing of it: it keeps
+    # the uniform setting rather than the cheapest one above the floor
+    deaf = "model.layers.1.mlp.down_proj"
+    overrides, _ = allocation.plan(model, cfg, None, rates=rates, sens={**sens, deaf: {**sens[deaf], "a": 0.0}},
+                                   factors=factors, floor=0.5)
+    assert overrides[deaf] == spec_to_dict(choose_spec(cfg, *model.get_submodule(deaf).weight.shape))
+
+
+def test_gptq_factors_of_an_expert_no_token_reaches_are_the_data_free_error():
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:  # the router never picks expert 3
+        layer.mlp.gate.register_forward_hook(lambda m, a, out: (out[0], out[1], out[2].masked_fill(out[2] == 3, 0)))
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    factors = allocation.gptq_error_factors(model, QuantConfig(method="pvq-gptq", bits=3.0), ids, progress=False)
+    unreached = [n for n in factors if n.endswith(".3")]
+    assert len(unreached) == 2 * 2 and all(f == 1.0 for n in unreached for f in factors[n].values())
+    assert all(f < 1.0 for n in factors if n not in unreached for f in factors[n].values())
 
 
 def test_rehearsal_is_exact_at_zero_noise_grows_with_noise_and_restores_the_weights():

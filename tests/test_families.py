@@ -409,6 +409,34 @@ def test_an_expert_no_token_reached_is_rounded_without_data():
     assert summary["layers"] == 2 * (4 + 2 * 4)
 
 
+def test_blocks_the_forward_skips_on_text_are_rounded_without_data_and_run_beside_an_image(tmp_path, capsys):
+    """Llama 3.2 Vision's cross-attention layers run only beside an image: on calibration text its forward skips
+    them, so they hand their inputs on (adapters.SKIPPED), are rounded without data and named, streamed or loaded
+    whole alike. Built with the vision tower (classes.WITH_TOWER), the quantized model reads an image through
+    them."""
+    src = tmp_path / "src"
+    model = family_model("mllama")
+    model.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    tiles = model.config.vision_config.max_num_tiles
+    image = dict(pixel_values=torch.randn(1, 1, tiles, 3, 28, 28, generator=torch.Generator().manual_seed(0)),
+                 aspect_ratio_ids=torch.tensor([[1]]), aspect_ratio_mask=torch.ones(1, 1, tiles, dtype=torch.long),
+                 cross_attention_mask=torch.ones(1, 9, 1, tiles, dtype=torch.long))
+    ids = torch.cat([torch.tensor([[255]]), IDS[:1, :8]], dim=1)  # the image token, then text
+    with torch.no_grad():
+        seen = model(ids, **image).logits - model(ids).logits  # what the image does to the logits
+    assert seen.abs().max() > 1e-3
+    streamed = _streamed_and_whole_write_the_same_bytes(src, tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("7 linears of 1 block that the model runs only beside an image") == 2
+    assert "language_model.layers.1.cross_attn.q_proj" in out and "experts nobody" not in out
+    loaded, _ = load(streamed)
+    assert type(loaded).__name__ == "MllamaForConditionalGeneration"
+    with torch.no_grad():
+        got = loaded(ids, **image).logits - loaded(ids).logits
+    assert F.cosine_similarity(got.flatten(), seen.flatten(), dim=0) > 0.9  # through the quantized cross-attention
+
+
 @pytest.mark.parametrize("mt", ["phimoe", "llama4_text"])
 @torch.no_grad()
 def test_a_router_stays_dense_however_many_experts(mt):
@@ -606,7 +634,7 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
 # llava_onevision, param2moe, sarvam_moe, ergo, nemotron_h, kimi_linear, lara_mini and bailing_hybrid when
 # conversions were first run on read); these keep it short.
 STREAMED = ("gpt2", "gpt_neox", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_oss", "llava", "kimi_k25", "step3p7",
-            "ernie4_5_vl_moe")
+            "ernie4_5_vl_moe")  # and mllama: test_blocks_the_forward_skips_on_text_...
 
 
 @pytest.mark.parametrize("mt", STREAMED)

@@ -209,7 +209,7 @@ def test_cli_quantize_ppl_is_what_the_saved_directory_measures(tiny_dirs, tmp_pa
     out = tmp_path / "q"
     assert cli(["quantize", str(tiny_dirs / "hf"), "--method", "pvq", "--bits", "2.25", "-o", str(out), "--ppl", "--json",
                 "--no-progress"]) == 0
-    after = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    after = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone (the summary line goes to stderr)
     assert after["ppl_windows"] == 16 and math.isfinite(after["ppl"])
     for decode in ("once", "on-the-fly"):
         assert cli(["eval", str(out), "--ppl", "--json", "--no-progress", "--decode", decode]) == 0

@@ -96,6 +96,30 @@ def test_killed_at_random_moments(model_dir, reference, tmp_path):
     assert time.time() - start < 120
 
 
+def test_an_interrupted_run_keeps_its_finished_blocks_and_the_same_command_continues(model_dir, reference, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) while block 3 is quantized: the two blocks done stay, as a killed run's do."""
+    from pvq import api
+
+    real, calls = api.quantize_linears, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "quantize_linears", interrupted)
+    out = tmp_path / "out"
+    cmd = ["quantize", str(model_dir / "hf"), *ARGS, "--calib", str(model_dir / "calib.txt"), "-o", str(out)]
+    assert cli(cmd) == 130
+    assert "the same command continues after them" in capsys.readouterr().err
+    assert not out.exists() and _blocks_done(out) == 2
+    monkeypatch.setattr(api, "quantize_linears", real)
+    assert cli(cmd) == 0
+    assert "resuming" in capsys.readouterr().err and _digests(out) == reference
+
+
 def test_other_inputs_are_refused_then_force_starts_over(model_dir, reference, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run_and_kill(model_dir, out, lambda o: _blocks_done(o) >= 2)

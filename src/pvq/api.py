@@ -20,7 +20,7 @@ from .loader import check_device
 from .memory import release_memory, settled_heap, trim_heap
 from .models.adapters import (PerSample, PerToken, block_linear_names, block_linears, block_prefix, blocks,
                               capture_block_inputs, carried_after, carry, check_supported, hand_on,
-                              set_module)
+                              set_module, skipped)
 from .models.shards import reference_outputs, sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
@@ -299,6 +299,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     summary["seconds"] = time.time() - t0
     summary["layer_errors"] = errors
     summary["uncalibrated"] = uncalibrated
+    # blocks the forward skips on text (Llama 3.2 Vision's cross-attention layers): theirs are uncalibrated too
+    summary["skipped_blocks"] = [block_prefix(model, i) for i, kw in enumerate(kwargs or []) if skipped(kw)]
     if tuning:
         summary["finetune"] = tuning
     if model_tuning is not None:

@@ -90,14 +90,21 @@ def clean_stale(target: Path) -> list[Path]:
     return removed
 
 
+_HELD: set[Path] = set()  # the temporary directories this process's Writers work in
+
+
 def _dead_runs(target: Path) -> list[Path]:
-    """The temporary directories next to `target` whose process no longer exists."""
+    """The temporary directories next to `target` whose process no longer exists, or that this process left (an
+    interrupted call before: no Writer of it holds them)."""
     out = []
     for p in sorted(target.parent.iterdir()) if target.parent.is_dir() else ():
         m = _TMP.fullmatch(p.name[len(target.name):]) if p.name.startswith(target.name) else None
-        if m is None or int(m.group(1)) == os.getpid() or p.is_symlink() or not p.is_dir() or _alive(int(m.group(1))):
+        if m is None or p.is_symlink() or not p.is_dir():
             continue
-        out.append(p)
+        pid = int(m.group(1))
+        working = p in _HELD if pid == os.getpid() else _alive(pid)
+        if not working:
+            out.append(p)
     return out
 
 
@@ -321,7 +328,8 @@ class Writer:
     file in `OUT.tmp-PID` at once, with resume.Manifest saying what is done; `finish` assembles the files
     (one `model.safetensors`, or Hugging Face shards of about `shard_bytes` with an index, cut between
     blocks), adds the tokenizer, reports and config.json (last, with the checksums) and renames the
-    directory into place. Leaving the `with` block on an error removes it.
+    directory into place. Leaving the `with` block on an error removes it; on an interruption (Ctrl-C) of a
+    resumable run it stays, as a killed run's does, for the same command to continue.
 
     With a `fingerprint` (resume.fingerprint) the directory of a run of this output that died is taken
     over when its fingerprint is the same, and the work continues after its last finished block; one of
@@ -336,12 +344,11 @@ class Writer:
         self.rest: dict[str, torch.Tensor] = {}
         if self.tmp.is_symlink() or self.tmp.is_file():
             self.tmp.unlink()
-        elif self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        old = self._take_over(fingerprint, overwrite)
+        old = self._take_over(fingerprint, overwrite)  # this process's own too (an interrupted call before)
         if old is None:
             self._guard(lambda: self.tmp.mkdir(parents=True))
         self.manifest = old or Manifest(self.tmp, fingerprint)
+        _HELD.add(self.tmp)
         self._guard(self.manifest.save)
 
     def _take_over(self, fingerprint, overwrite: bool) -> "Manifest | None":
@@ -366,8 +373,16 @@ class Writer:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        if exc is not None:
+        _HELD.discard(self.tmp)
+        if exc is not None and not self.keeps(exc):
             self.abort()
+
+    def keeps(self, exc: BaseException) -> bool:
+        """Whether `exc` leaves the work in place: an interruption (Ctrl-C) of a run the same command resumes
+        (one with a fingerprint), whose finished blocks the next run takes over (files are written beside and
+        renamed, so none is half-written)."""
+        manifest = getattr(self, "manifest", None)
+        return isinstance(exc, KeyboardInterrupt) and manifest is not None and manifest.fingerprint is not None
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -376,8 +391,9 @@ class Writer:
         try:
             return step()
         except BaseException as exc:
-            self.abort()
-            if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: cleaned up, passed on
+            if not self.keeps(exc):
+                self.abort()
+            if not isinstance(exc, Exception):  # KeyboardInterrupt and the like: passed on
                 raise
             raise WriteError(f"writing {self.out_dir} failed, nothing was written ({one_line(exc)})") from None
 

@@ -391,7 +391,10 @@ def cmd_quantize(args) -> int:
         check_reachable(args.ray_address)
     out, sources = Path(args.output), [args.model] if args.model else []
     checkpoint.prepare_output(out, args.force, sources)  # a location pvq will not write fails before any work
-    with _pool(args) as pool:
+    import contextlib
+
+    args.stdout = sys.stdout  # with --json the JSON goes here, and only it: what else is said goes to stderr
+    with _pool(args) as pool, contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         if pool is not None:  # the workers open the model while this process checks and plans
             pool.warm(args.model)
         return _quantize(args, cfg, alloc, out, sources, pool, progress)
@@ -452,10 +455,18 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
         t = summary["finetune_model"]
         print(f"model tuning: KL to the unquantized model on {t['held_out']} held-out samples {t['kl_before']:.4g} -> "
               f"{t['kl_after']:.4g}" + ("" if t["kept"] else " (no lower: the untuned values were kept)"))
-    if summary["uncalibrated"]:
-        n = len(summary["uncalibrated"])
+    skipped = tuple(summary.get("skipped_blocks", ()))
+    unseen = [name for name in summary["uncalibrated"] if skipped and name.startswith(skipped)]
+    unrouted = [name for name in summary["uncalibrated"] if not (skipped and name.startswith(skipped))]
+    if unseen:
+        n = len(unseen)
+        print(f"{n} linear{'s' * (n > 1)} of {len(skipped)} block{'s' * (len(skipped) > 1)} that the model runs only "
+              f"beside an image (skipped on text, as Llama 3.2 Vision's cross-attention layers) were rounded without "
+              f"data, e.g. {unseen[0]}")
+    if unrouted:
+        n = len(unrouted)
         print(f"{n} linear{'s' * (n > 1)} reached by no calibration token (experts nobody was routed to) "
-              f"were rounded without data, e.g. {summary['uncalibrated'][0]}; more samples (--nsamples) reach more")
+              f"were rounded without data, e.g. {unrouted[0]}; more samples (--nsamples) reach more")
     ppl = _perplexity(out, tok, eval_text, progress, summary) if args.ppl else None  # of what was written
     size, rss = checkpoint.weights_bytes(out), peak_rss_mib()
     print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "
@@ -464,7 +475,7 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
           + ("" if ppl is None else f"; perplexity {ppl['ppl']:.4f} ({ppl['protocol']})"))
     if args.json:
         print(json.dumps({**summary, "file_bytes": size, "peak_rss_mib": rss, "output": str(out),
-                          "method": cfg.method, "target_bits": cfg.bits, "streamed": stream}))
+                          "method": cfg.method, "target_bits": cfg.bits, "streamed": stream}), file=args.stdout)
     return 0
 
 
@@ -693,7 +704,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pvq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"pvq {args.command}: interrupted", file=sys.stderr)
+        again = " (the blocks it finished are kept: the same command continues after them)" \
+            if args.command == "quantize" else ""
+        print(f"pvq {args.command}: interrupted{again}", file=sys.stderr)
         return 130
 
 

@@ -38,9 +38,14 @@ def options(cfg: QuantConfig, rows: int, cols: int, rates=RATES) -> list[dict]:
         if spec in seen or not isinstance(spec, PVQSpec):
             continue
         seen.add(spec)
-        stored = bits_per_weight(spec, rows, cols, STORED_SEEDS).total
-        out.append({"spec": spec, "bits": stored, "err": 10 ** (-proxy_sqnr(spec) / 10)})
+        out.append(_option(spec, rows, cols))
     return out
+
+
+def _option(spec: PVQSpec, rows: int, cols: int) -> dict:
+    """One option of a rows x cols layer: the setting, its stored bits, its proxy relative error."""
+    return {"spec": spec, "bits": bits_per_weight(spec, rows, cols, STORED_SEEDS).total,
+            "err": 10 ** (-proxy_sqnr(spec) / 10)}
 
 
 def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0.01, rates=RATES,
@@ -77,13 +82,17 @@ def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0
     weights = sum(r * c for r, c in shapes.values())
     budget = int(math.floor(cfg.bits * weights))
     a = {n: max(sens[n]["a"], 0.0) for n in names}  # a noisy negative estimate means "insensitive"
-    costs = [[a[n] * eff(n, o) for o in table[shapes[n]]] for n in names]
-    bits = [[o["bits"] for o in table[shapes[n]]] for n in names]
-    pick = multiple_choice_knapsack(costs, bits, budget)
     uniform = {s: choose_spec(replace(cfg, overrides=None), *s) for s in table}
+    # a layer no calibration token reaches (an expert nobody was routed to, a block the forward skips on text)
+    # has a sensitivity of exactly 0, which says nothing of it: it keeps the uniform setting
+    unmeasured = {n for n in names if sens[n]["a"] == 0.0}
+    choices = {n: [_option(uniform[shapes[n]], *shapes[n])] if n in unmeasured else table[shapes[n]] for n in names}
+    costs = [[a[n] * eff(n, o) for o in choices[n]] for n in names]
+    bits = [[o["bits"] for o in choices[n]] for n in names]
+    pick = multiple_choice_knapsack(costs, bits, budget)
     layers, overrides = {}, {}
     for n, j in zip(names, pick):
-        o = table[shapes[n]][j]
+        o = choices[n][j]
         u = next(x for x in table[shapes[n]] if x["spec"] == uniform[shapes[n]]) if any(
             x["spec"] == uniform[shapes[n]] for x in table[shapes[n]]) else None
         overrides[n] = spec_to_dict(o["spec"])
@@ -95,7 +104,7 @@ def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0
     upred = sum(v["uniform_predicted"] or 0.0 for v in layers.values())
     report = {
         "target_bits": cfg.bits, "budget_bits": budget, "weights": weights,
-        "allocated_bits": sum(table[shapes[n]][j]["bits"] for n, j in zip(names, pick)),
+        "allocated_bits": sum(choices[n][j]["bits"] for n, j in zip(names, pick)),
         "error_model": "pvq-gptq (data-free error x gptq error factor)" if factors is not None else "data-free",
         "floor_bits": None if floor is None else cfg.bits - floor,
         "probe": sens.get("_probe", "noise"), "rel_noise": sens.get("_rel_noise"), "calib_tokens": sens.get("_tokens"), "base_loss": sens["_base_loss"],

@@ -220,11 +220,13 @@ def gptq_error_factors(model, cfg: QuantConfig, calib_ids: torch.Tensor, progres
         carry(kwargs, i, written, hidden.shape[0])
         for name, mod in block_linears(block).items():
             full = layer_name(model, i, name)
-            seeds = layer_seeds(cfg.seed, full, cfg.rotates)
-            h = rotate_hessian(hess[name], seeds[0])
-            dims = [cfg.group_dim] if cfg.group_dim else [n for n in PVQ_GROUP_DIMS + FAST_GROUP_DIMS
-                                                          if mod.in_features % n == 0]
-            out[full] = {str(n): f for n, f in error_factors(h, sorted(set(dims)), cfg.damp).items()}
+            dims = sorted(set([cfg.group_dim] if cfg.group_dim else [n for n in PVQ_GROUP_DIMS + FAST_GROUP_DIMS
+                                                                     if mod.in_features % n == 0]))
+            if name not in hess:  # no calibration token reaches it (an expert, a block skipped on text): pvq-gptq
+                out[full] = {str(n): 1.0 for n in dims}  # rounds it without data, at the data-free error
+                continue
+            h = rotate_hessian(hess[name], layer_seeds(cfg.seed, full, cfg.rotates)[0])
+            out[full] = {str(n): f for n, f in error_factors(h, dims, cfg.damp).items()}
         bar.update(1)
     bar.close()
     return out

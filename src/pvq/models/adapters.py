@@ -325,6 +325,16 @@ def _map(kwargs: dict, f) -> dict:
     return {k: at(v) for k, v in kwargs.items()}
 
 
+# the arguments of a block the model's forward does not call on calibration text (Llama 3.2 Vision's
+# cross-attention layers, which run only beside an image): it hands its input on, and no linear of it sees data
+SKIPPED = "_pvq_skipped"
+
+
+def skipped(kwargs: dict) -> bool:
+    """Whether a block's captured arguments are those of a block the forward skips on text (SKIPPED)."""
+    return bool(kwargs.get(SKIPPED))
+
+
 def call_kwargs(kwargs: dict, n: int, rows=None) -> dict:
     """A block's captured keyword arguments for a batch of n samples: PerSample ones repeated, PerToken ones
     those of samples `rows` (a slice or indices; the first n where not given) of the samples kwargs hold."""
@@ -340,7 +350,10 @@ def call_block(block: nn.Module, x: torch.Tensor, kwargs: dict, rows=None, writt
     them); run one block at a time, batch by batch, a later block would read another batch's. Each call gets a
     mapping of its own: what a block writes stays with its call, and is appended, a batch's value, to
     `written` {(argument, key): [value per batch]} where given, for `carry` to hand on to later blocks; a block
-    that reads what an earlier block wrote and nobody carried stops with one line."""
+    that reads what an earlier block wrote and nobody carried stops with one line. A block the forward skips
+    on text (SKIPPED) hands x on, as the forward does."""
+    if skipped(kwargs):
+        return x
     kw = call_kwargs(kwargs, x.shape[0], rows)
     given = {}
     for k, v in kw.items():
@@ -646,6 +659,11 @@ def _differing(first: list[dict], second: list[dict], mt) -> dict[int, dict[str,
     every sample (PerToken); anything else that differs is refused."""
     found: dict[int, dict[str, list]] = {}
     for j, (a, b) in enumerate(zip(first, second)):
+        if a is None or b is None:  # a block the forward skips on text
+            if (a is None) != (b is None):
+                raise ValueError(f"unsupported architecture {mt!r}: its forward calls block {j} for some calibration "
+                                 f"samples only")
+            continue
         for k in a:
             if not _varies(a[k], (b or {}).get(k)):
                 continue
@@ -755,12 +773,18 @@ def capture_block_inputs(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, 
         block._pvq_batch_dim = batch_dim
     hidden = [h.movedim(batch_dim, 0) for h in hidden]
     if n > 1:
-        kwargs = [{k: _per_sample(v, (two or {}).get(k)) for k, v in kw.items()} for kw, two in zip(kwargs, pairs)]
+        kwargs = [None if kw is None else {k: _per_sample(v, (two or {}).get(k)) for k, v in kw.items()}
+                  for kw, two in zip(kwargs, pairs)]
         for j, args in differing.items():
             for k, values in args.items():
                 kwargs[j][k] = _per_token(values, pairs[j].get(k), f"unsupported architecture {mt!r}: block {j}'s "
                                                                    f"argument {k!r}")
+    if all(kw is None for kw in kwargs):
+        raise ValueError(f"unsupported architecture {mt!r}: its forward calls none of its blocks on text")
+    kwargs = [{SKIPPED: True} if kw is None else kw for kw in kwargs]
     for block, kw in zip(layers, kwargs):
+        if skipped(kw):
+            continue
         for k in ("past_key_values", "past_key_value", "cache"):
             kw.pop(k, None)
         if _takes(block, "use_cache"):  # not every block's forward has it (GPT-1's)

@@ -54,6 +54,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # (dense; Gemma 4 E2B/E4B's audio tower too); transformers loads llama4 and Qwen3.5 for text
                          # generation without it, and so does pvq
                          "gemma3", "gemma4", "llama4", "qwen3_5", "qwen3_5_moe",
+                         # Llama 3.2 Vision, built with its tower (classes.WITH_TOWER): its cross-attention layers
+                         # run only beside an image, so text calibration skips them (adapters.SKIPPED)
+                         "mllama",
                          # ... with no causal-LM class: built as image-text-to-text models (classes.py)
                          "qwen2_5_vl", "qwen3_vl", "mistral3", "llava", "qwen2_vl", "smolvlm", "internvl", "paligemma",
                          "llava_next", "llava_onevision", "aya_vision", "cohere2_vision", "idefics3", "lfm2_vl",
@@ -146,6 +149,7 @@ _TINY_FAMILY = {
                        moe_shared_expert_intermediate_size=64),
     "llama4_text": dict(layer_types=["chunked_attention", "full_attention"]),
     "llama4": dict(layer_types=["chunked_attention", "full_attention"]),
+    "mllama": dict(num_hidden_layers=3, cross_attention_layers=[1]),  # self, cross, self
     "qwen2_5_vl": _TINY_MROPE,
     "qwen3_vl": _TINY_MROPE,
     "deepseek_v2": _TINY_MLA,
@@ -611,6 +615,9 @@ _TINY_OUTER = {
     "deepseek_vl": dict(vision_config=_TINY_VIT, image_token_id=255),
     "paddleocr_vl": dict(vision_config=_TINY_VIT, image_token_id=255, video_token_id=254, vision_start_token_id=252,
                          vision_end_token_id=253),
+    "mllama": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                                      attention_heads=2, image_size=28, patch_size=14, vision_output_dim=64,
+                                      intermediate_layers_indices=[0]), image_token_index=255),
     "llama4": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
                                       projector_output_dim=32),
@@ -667,6 +674,10 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
             if isinstance(mod, torch.nn.Linear) and not mod.weight.any():
                 with torch.no_grad():
                     mod.weight.normal_(0, 0.02)
+            for name, gate in mod.named_parameters(recurse=False):  # a gate at zero shuts its branch (Llama 3.2
+                if name.endswith("_gate") and gate.numel() == 1 and not gate.any():  # Vision's cross-attention)
+                    with torch.no_grad():
+                        gate.fill_(0.5)
             table = getattr(mod, "tid2eid", None)  # so does a hash router's token-to-experts table (DeepSeek-V4's)
             if isinstance(table, torch.Tensor) and not table.any():
                 experts = getattr(model.config.get_text_config(), "n_routed_experts", table.shape[1])
