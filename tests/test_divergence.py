@@ -57,3 +57,11 @@ def test_cli_eval_kl(tmp_path, capsys):
     assert res["kl"] > 0 and 0 <= res["top1_agree"] <= 1 and math.isfinite(res["ppl"]) and math.isfinite(res["ref_ppl"])
     assert cli(["eval", str(q), "--windows", "1", "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"] == res["ppl"]
+    # a reference of another shape (a larger model of the family, as SmolLM2-360M's quantized model against the
+    # default reference, SmolLM2-135M, whose vocabulary it shares) is refused before any window runs
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(tmp_path / "deeper")
+    tiny_tokenizer().save_pretrained(tmp_path / "deeper")
+    capsys.readouterr()
+    assert cli(["eval", str(q), "--kl", str(tmp_path / "deeper"), "--windows", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not the model" in err and "num_hidden_layers 3 against 2" in err and len(err.strip().splitlines()) == 1

@@ -320,6 +320,12 @@ def test_calibration_options_given_to_a_data_free_method_are_said_to_be_unused(t
     assert cli(["quantize", str(tiny_dirs / "hf"), *args, "-o", str(tmp_path / "b")]) == 0
     assert "data-free" not in capsys.readouterr().err
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    # options of an option not given
+    assert cli(["quantize", str(tiny_dirs / "hf"), *args, "--asymmetric-samples", "2", "--sensitivities",
+                str(tmp_path / "s.json"), "-o", str(tmp_path / "c")]) == 0
+    assert ("note: --asymmetric-samples is not used without --asymmetric; --sensitivities is not used without "
+            "--allocate") in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_tokenizer_files_broken_or_absent(tiny_dirs, tmp_path):

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -616,16 +617,23 @@ def verify(path: str | Path, cfg: dict, tensors, keep=None) -> dict[str, torch.T
         out[name] = t if keep is None else keep(name, t)
     if want is not None and (missing := sorted(set(want) - set(out))):
         raise missing_error(wf, missing)
-    for name, f in sorted(((sums or {}).get("files") or {}).items()):
-        fp = p / name
-        if fp.is_file() and file_checksum(fp) != f:  # one removed (a tokenizer, a report) leaves the model as it was
-            raise PVQFormatError(f"{fp}: checksum mismatch, the file is damaged or was changed")
+    for name in changed_files(p, cfg):  # a chat template or end-of-turn id edited: said, not refused
+        warnings.warn(f"{p / name}: changed since pvq wrote it (edited, or damaged); the weights and config.json "
+                      f"are as written", stacklevel=2)
     for name, layer in (cfg["quantization_config"].get("layers") or {}).items():
         t, listed = out.get(f"{name}.seeds"), layer.get("seeds") if isinstance(layer, dict) else None
         if t is not None and listed is not None and [int(v) for v in t.reshape(-1).tolist()] != listed:
             raise PVQFormatError(f"{wf}: tensor {name}.seeds {t.tolist()} differs from the seeds "
                                  f"config.json lists for the layer ({listed})")
     return out
+
+
+def changed_files(path: str | Path, cfg: dict) -> list[str]:
+    """The files beside the weights (tokenizer, generation_config.json, chat templates, reports) whose checksum
+    differs from the one pvq wrote: what a user may edit, as a chat template or the end-of-turn ids. One removed
+    leaves the model as it was."""
+    p, sums = Path(path), (cfg["quantization_config"].get(CHECKSUMS) or {}).get("files") or {}
+    return [name for name, f in sorted(sums.items()) if (p / name).is_file() and file_checksum(p / name) != f]
 
 
 def missing_error(source, missing: list[str]) -> PVQFormatError:

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from .settings import CALIB_DTYPES, FINETUNE_MODES, MAX_BITS, MAX_RUN_SEED, METHODS, SCHEDULES, QuantConfig
@@ -115,11 +116,11 @@ def _add_quantize(sub) -> None:
     p.add_argument("--group-size", type=_int(1), default=128, help="uniform grid group size (default 128)")
     p.add_argument("--gain", choices=["beta", "empirical", "uniform"], default="beta",
                    help="PVQ gain quantizer (default beta: Lloyd-Max for the Beta law, nothing stored)")
-    p.add_argument("--scale", choices=["tensor", "row"], default="tensor", help="PVQ gain scale granularity")
+    p.add_argument("--scale", choices=["tensor", "row"], default="tensor", help="PVQ gain scale: one per tensor (the default) or one per row (stored beside the codes, counted in the bits; what --finetune tunes best)")
     p.add_argument("--layout", choices=["compact", "fast"], default="compact",
                    help="PVQ settings: compact (best quality per bit, the default) or fast (groups of 4-8 whose "
                         "shapes all fit one small table; lower quality, and no longer faster on the fly: "
-                        "see README)")
+                        "docs/runtime.md)")
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="rotate each weight on both sides by seeded randomized Hadamards before quantizing, and its "
                         "inputs and outputs when it runs (default: on for pvq and pvq-gptq, off for rtn, hqq and gptq, "
@@ -127,7 +128,7 @@ def _add_quantize(sub) -> None:
                         "quantization, --no-rotate with pvq shows what the rotation buys)")
     p.add_argument("--act-order", action="store_true", help="gptq only: quantize the columns in descending order of the Hessian's diagonal (GPTQ's act-order, "
                         "desc_act), each group's grid fitted before the solve")
-    p.add_argument("--damp", type=_float(0), default=0.01, help="GPTQ Hessian damping, fraction of mean diagonal")
+    p.add_argument("--damp", type=_float(0), default=0.01, help="GPTQ Hessian damping, a fraction of the mean diagonal (default 0.01)")
     p.add_argument("--asymmetric", type=_float(0, 1), default=0.0, metavar="SHARE",
                    help="gptq, pvq-gptq: aim each linear at the unquantized model's outputs instead of its own weight's "
                         "on the quantized model's inputs (asymmetric calibration, as GPTQv2/GPTAQ): 1 moves the target "
@@ -198,7 +199,7 @@ def _add_quantize(sub) -> None:
                         "cosine, so the last steps settle instead of leaving their noise in the stored values; "
                         "'constant' keeps --lr (default cosine)")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
-                   help="dtype of the tensors kept dense (embeddings, head, norms)")
+                   help="dtype of the tensors kept dense (embeddings, head, norms; default float16)")
     p.add_argument("--allocate", action="store_true",
                    help="pvq methods: choose a setting per layer so the total meets --bits with the smallest predicted "
                         "loss (per-layer sensitivity from squared gradients on calibration text, see --allocate-probe; exact "
@@ -216,7 +217,7 @@ def _add_quantize(sub) -> None:
                    help="with --allocate: no layer gets fewer than --bits minus this many bits per weight (default 1)")
     p.add_argument("--allocate-draws", type=_int(0), default=3,
                    help="with --allocate: noise draws of the rehearsal that predicts the plan's loss (every layer noised "
-                        "at its planned error at once, W+N and W-N per draw; 0: report only the linear prediction)")
+                        "at its planned error at once, W+N and W-N per draw; 0: report only the linear prediction; default 3)")
     p.add_argument("--allocate-factor-samples", type=_int(1), default=None,
                    help="with --allocate and pvq-gptq: measure each layer's error factor (how much GPTQ's error feedback "
                         "shrinks its error) on this many of the calibration windows (default: all --nsamples); fewer is "
@@ -239,15 +240,15 @@ def _add_quantize(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity on WikiText-2 and ARC-Easy accuracy",
                        description="Evaluate an unquantized model or a pvq directory with the fixed protocol of "
-                                   "DESIGN.md: WikiText-2 test perplexity (2048-token windows) and ARC-Easy 0-shot.")
+                                   "docs/design.md: WikiText-2 test perplexity (2048-token windows) and ARC-Easy 0-shot.")
     p.add_argument("model", nargs="?", default=None, help="pvq directory, HF folder, hub id or .gguf (default SmolLM2)")
     p.add_argument("--ppl", action="store_true", help="WikiText-2 perplexity (the default if nothing is chosen)")
     p.add_argument("--windows", type=_int(0), default=16, help="2048-token windows (default 16: quick protocol; 0: all)")
     p.add_argument("--kl", nargs="?", const="SmolLM2-135M-Instruct", default=None, metavar="REF",
                    help="also the mean KL divergence per token from REF's next-token distribution to the model's and "
                         "the share of tokens whose top prediction agrees, on the perplexity windows (REF: the "
-                        "unquantized model, a folder, hub id or .gguf; default SmolLM2; write the model first: "
-                        "pvq eval DIR --kl)")
+                        "unquantized model DIR was made from, a folder, hub id or .gguf; default SmolLM2-135M; one "
+                        "of another shape is refused; write the model first: pvq eval DIR --kl SOURCE)")
     p.add_argument("--arc-easy", action="store_true", help="ARC-Easy test accuracy, 0-shot")
     p.add_argument("--limit", type=_int(1), default=None, help="use only the first N ARC-Easy questions")
     _add_act_options(p, stored=False)
@@ -385,6 +386,11 @@ def cmd_quantize(args) -> int:
             print(f"note: {cfg.method} is data-free: {', '.join('--' + o.replace('_', '-') for o in unused)} "
                   f"{'is' if len(unused) == 1 else 'are'} not used (they set the calibration of gptq, pvq-gptq "
                   f"and --allocate)", file=sys.stderr)
+    idle = [f"{o} is not used without {needs}" for o, needs, unused in (
+        ("--asymmetric-samples", "--asymmetric", args.asymmetric_samples and not cfg.asymmetric),
+        ("--sensitivities", "--allocate", args.sensitivities and alloc is None)) if unused]
+    if idle:  # said, not refused, as above
+        print(f"note: {'; '.join(idle)}", file=sys.stderr)
     if args.ray_address is not None:  # an unreachable cluster fails now, not after loading the model
         from .distributed import check_reachable
 
@@ -543,6 +549,8 @@ def cmd_eval(args) -> int:
     from .settings import stored_config
 
     act = _act_config(args)
+    if args.limit is not None and not args.arc_easy:
+        print("note: --limit counts ARC-Easy questions: it is not used without --arc-easy", file=sys.stderr)
     model, tok = load_any(args.model, args.decode, args.dtype, args.trust_remote_code)
     res = {"model": args.model or "SmolLM2-135M-Instruct"}
     qc = stored_config(getattr(model.config, "quantization_config", None))
@@ -560,6 +568,10 @@ def cmd_eval(args) -> int:
         from .eval.divergence import divergence
 
         reference, _ = load_any(args.kl, args.decode, args.dtype, args.trust_remote_code)
+        differs = _other_shape(model, reference)
+        if differs:  # (the default reference, SmolLM2-135M, shares its vocabulary with every SmolLM2)
+            raise ValueError(f"--kl {args.kl}: not the model {args.model or 'SmolLM2-135M-Instruct'} was made from "
+                             f"({differs}); name that model: --kl SOURCE")
         r = divergence(model, reference, tok, resolve_text("wikitext2", "eval"), seqlen=2048, windows=windows,
                        progress=not args.no_progress)
         del reference
@@ -589,21 +601,34 @@ def _print_result(res: dict, as_json: bool) -> None:
         print(f"{k:>{width}}: {v:.4f}" if isinstance(v, float) else f"{k:>{width}}: {v}")
 
 
+def _other_shape(model, reference) -> str | None:
+    """How `reference` is not of `model`'s shape (family, sizes), in words; None where it is."""
+    a, b = model.config.get_text_config(), reference.config.get_text_config()
+    for field in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
+        mine, theirs = getattr(a, field, None), getattr(b, field, None)
+        if mine != theirs:
+            return f"{field} {theirs} against {mine}"
+    return None
+
+
 def cmd_info(args) -> int:
-    from .checkpoint import CHECKSUMS, read_config, scan_tensors, weight_files, weights_bytes
+    from .checkpoint import CHECKSUMS, changed_files, read_config, scan_tensors, weight_files, weights_bytes
     from .modules.actquant import bits_per_activation_of
     from .settings import ActConfig
     from .transforms.rotate import NO_SEED
 
     cfg = read_config(args.dir)
     qc = cfg["quantization_config"]
-    tensors = scan_tensors(args.dir, cfg)  # a truncated, damaged or changed file is an error, not a report
+    with warnings.catch_warnings():  # an edited tokenizer or generation config is reported below
+        warnings.simplefilter("ignore")
+        tensors = scan_tensors(args.dir, cfg)  # truncated, damaged or changed weights are an error, not a report
+    changed = changed_files(args.dir, cfg)
     size, files = weights_bytes(args.dir), weight_files(args.dir)
     info = {"method": qc["config"]["method"], "target_bits": qc["config"]["bits"],
             "bits_per_weight": qc["achieved"]["bits_per_weight"], "linear_weights": qc["achieved"]["linear_weights"],
             "file_bytes": size, "file_bits_per_linear_weight": 8 * size / qc["achieved"]["linear_weights"],
             "format_version": qc["format_version"], "layers": qc["layers"], "tensors": len(tensors),
-            "checksums": CHECKSUMS in qc,
+            "checksums": CHECKSUMS in qc, "changed_files": changed,
             "rotated": any(NO_SEED not in l.get("seeds", [NO_SEED]) for l in qc["layers"].values())}
     act = ActConfig.from_quant_config(qc["config"])
     if act is not None:
@@ -617,7 +642,8 @@ def cmd_info(args) -> int:
     print(f"quantized linears: {info['bits_per_weight']:.4f} bits per weight over {info['linear_weights'] / 1e6:.2f} M weights")
     print(f"{files[0].name if len(files) == 1 else f'{len(files)} shards'}: {size / 2**20:.2f} MiB (embeddings, "
           f"head and norms included), {len(tensors)} tensors, "
-          + ("every checksum matches" if info["checksums"] else "readable (written without checksums)"))
+          + ("readable (written without checksums)" if not info["checksums"] else "every checksum matches" if not changed
+             else f"the weights' checksums match; changed since pvq wrote them: {', '.join(changed)}"))
     if act is not None:
         print(f"activations: {act.name}: {info['bits_per_activation']:.4f} bits per activation "
               f"(inputs of the quantized linears, per-token fp16 scale included)")
@@ -696,8 +722,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
                 "bench-run": cmd_bench_run}
+    with _quiet(getattr(args, "no_progress", False)):
+        return _run(commands[args.command], args)
+
+
+def _quiet(on: bool):
+    """With --no-progress, transformers' own bars (loading and writing weights) are off too, for the command."""
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+    from transformers.utils import logging as hf_logging
+
+    @contextlib.contextmanager
+    def off():
+        was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if was:
+                hf_logging.enable_progress_bar()
+    return off()
+
+
+def _run(command, args) -> int:
     try:
-        return commands[args.command](args)
+        return command(args)
     except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
         return 0
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
