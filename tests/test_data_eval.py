@@ -322,8 +322,9 @@ def test_load_model_from_folder_round_trip(tmp_path, model, tok):
 
 
 def test_load_model_missing_paths():
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        load_model("/no/such/model/folder")
+    for missing in ("/no/such/model/folder", "nosuchfolder/", "org/nosuchfolder/"):
+        with pytest.raises(ModelLoadError, match="path does not exist"):
+            load_model(missing)
     with pytest.raises(ModelLoadError, match="missing.gguf"):
         load_model("./missing.gguf")
 

@@ -102,7 +102,7 @@ def allocate(model, tokenizer, cfg: QuantConfig, text: str, settings: Allocation
         calib = calibration_batches(tokenizer, text, cfg.nsamples, cfg.seqlen, cfg.seed)[:settings.factor_samples]
         factors = gptq_error_factors(model, cfg, calib, progress=progress)
     overrides, report = plan(model, cfg, None, rates=settings.rates, sens=sens, factors=factors,
-                             floor=settings.floor)
+                             floor=settings.floor, progress=progress)
     if calib is not None:
         report["factor_windows"] = calib.shape[0]
     if settings.draws:

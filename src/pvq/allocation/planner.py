@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from tqdm.auto import tqdm
+
 from ..codec import PVQSpec, bits_per_weight
 from ..models.adapters import block_linear_names
 from ..picker import choose_spec, proxy_sqnr
@@ -66,7 +68,9 @@ def plan(model, cfg: QuantConfig, ids: torch.Tensor | None, rel_noise: float = 0
         raise ValueError(f"sensitivities miss layers of this model (e.g. {missing[0]}): measured on another model?")
     names = [n for n in sens if not n.startswith("_")]
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
-    table = {s: options(cfg, *s, rates) for s in set(shapes.values())}
+    # every shape's settings at every rate: the picker's search, minutes for many shapes where nothing was cached
+    table = {s: options(cfg, *s, rates) for s in tqdm(sorted(set(shapes.values())), desc="settings per rate",
+                                                       disable=not progress, unit="shape")}
     if floor is not None:  # keep the settings at or above the floor (and always the cheapest one above it)
         for s_, opts in table.items():
             keep = [o for o in opts if o["bits"] / math.prod(s_) >= cfg.bits - floor - 1e-9]

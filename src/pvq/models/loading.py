@@ -272,9 +272,10 @@ def _remote_hint(exc: Exception) -> str:
 
 
 def _looks_like_path(spec: str) -> bool:
-    # A hub id is "name" or "org/name"; anything with a leading "/", ".", "~", a backslash or a
-    # second "/" can only be meant as a local path, so it must not be sent to the hub.
-    return spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") > 1
+    # A hub id is "name" or "org/name"; anything with a leading "/", ".", "~", a trailing "/" (a shell's
+    # completion of a folder), a backslash or a second "/" can only be meant as a local path, so it must not be
+    # sent to the hub.
+    return spec.startswith(("/", ".", "~")) or spec.endswith("/") or "\\" in spec or spec.count("/") > 1
 
 
 def _forget_gguf_quantizer(model) -> None:
