@@ -194,6 +194,17 @@ def tiny_dirs(tmp_path_factory):
     return root
 
 
+def test_cli_bench_run_hands_the_cache_on_as_the_model_takes_it(tiny_dirs, capsys):
+    """transformers 5.x names the key-value cache `cache` (`past_key_values` warns, and goes in 5.40)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert cli(["bench-run", str(tiny_dirs / "q"), "--prompt-tokens", "16", "--gen-tokens", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["gen_tokens"] == 3 and res["gen_tokens_per_s"] > 0
+
+
 def test_cli_info_and_eval(tiny_dirs, capsys):
     assert cli(["info", str(tiny_dirs / "q"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
