@@ -79,6 +79,13 @@ def test_cli_allocate_writes_the_report(tmp_path):
     assert cli(["quantize", str(tmp_path / "hf"), "--method", "rtn", "--allocate", "-o", str(tmp_path / "r")]) == 2
 
 
+def test_a_budget_above_every_rate_is_said(tmp_path, capsys):
+    # said as the options are read, before any work (here refused next, for --workers, so nothing runs)
+    assert cli(["quantize", str(tmp_path / "hf"), "--method", "pvq", "--bits", "4", "--allocate", "--allocate-rates",
+                "2,3", "--workers", "2", "-o", str(tmp_path / "q")]) == 2
+    assert "--bits 4 is above every --allocate-rates option (at most 3)" in capsys.readouterr().err
+
+
 def test_gptq_error_factor_is_one_for_white_inputs_and_smaller_for_correlated_ones():
     from pvq.solvers.gptq import error_factors
 

@@ -367,6 +367,11 @@ def cmd_quantize(args) -> int:
 
     cfg, progress = _quant_config(args), not args.no_progress
     alloc = _allocation_settings(args) if args.allocate else None
+    if alloc is not None and not cfg.is_pvq:  # before the model loads
+        raise ValueError(f"--allocate chooses PVQ settings: use --method pvq or pvq-gptq, not {cfg.method}")
+    if alloc is not None and max(alloc.rates) < cfg.bits:
+        print(f"note: --bits {cfg.bits:g} is above every --allocate-rates option (at most {max(alloc.rates):g}): "
+              f"the plan spends less than the budget", file=sys.stderr)
     distributed = args.workers is not None or args.ray_address is not None
     if distributed and alloc is not None:
         raise ValueError("--allocate runs in one process: give it without --workers and --ray-address")
