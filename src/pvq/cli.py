@@ -261,10 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_eval(sub)
-    p = sub.add_parser("info", help="what a pvq directory holds: method, bits per weight, file size, layers")
+    p = sub.add_parser("info", help="what a pvq directory holds: method, bits per weight, file size, layers",
+                       description="Read a pvq directory and say what it holds: the method and its target, the bits "
+                                   "per weight of the quantized linears (every stored bit counted), the file size, "
+                                   "the tensors; every checksum is checked on the way.")
     p.add_argument("dir", help="pvq directory")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p = sub.add_parser("generate", help="greedy continuation of a prompt, to see that the model still talks")
+    p = sub.add_parser("generate", help="greedy continuation of a prompt, to see that the model still talks",
+                       description="Continue a prompt greedily (or, with --chat, answer it as a user message) and "
+                                   "print the text: a quick look at whether a quantized model still talks.")
     p.add_argument("model", help="pvq directory, HF folder, hub id or .gguf")
     p.add_argument("prompt", type=_text, help="the text to continue")
     p.add_argument("--max-new-tokens", type=_int(1), default=32, help="tokens to generate (default 32)")
@@ -452,7 +457,10 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
     # tuning the whole model on more tokens than the calibration holds draws more windows of the same text with
     # the same seed: the calibration's windows come first, the tuning's extend them
     tuned = api.tuning_windows(cfg, cfg.seqlen) if cfg.uses_data and cfg.tunes_model else 0
-    draw = calibration_batches(tok, text, max(cfg.nsamples, tuned), cfg.seqlen, cfg.seed) if cfg.uses_data else None
+    try:
+        draw = calibration_batches(tok, text, max(cfg.nsamples, tuned), cfg.seqlen, cfg.seed) if cfg.uses_data else None
+    except ValueError as exc:  # a text too short for one window: say which
+        raise ValueError(f"--calib {cfg.calib}: {exc}") from None
     calib = None if draw is None else draw[:cfg.nsamples]
     tune_ids = draw[:tuned] if tuned > cfg.nsamples else None
     torch.manual_seed(cfg.seed)
@@ -481,7 +489,7 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
     ppl = _perplexity(out, tok, eval_text, progress, summary) if args.ppl else None  # of what was written
     size, rss = checkpoint.weights_bytes(out), peak_rss_mib()
     print(f"{cfg.method}: {summary['bits_per_weight']:.4f} bits per weight over {summary['layers']} linears "
-          f"({summary['linear_weights'] / 1e6:.1f} M weights), file {size / 2**20:.1f} MiB, "
+          f"({summary['linear_weights'] / 1e6:.2f} M weights), file {size / 2**20:.1f} MiB, "
           f"{summary['seconds']:.0f} s, peak RSS {rss:.0f} MiB -> {out}"
           + ("" if ppl is None else f"; perplexity {ppl['ppl']:.4f} ({ppl['protocol']})"))
     if args.json:
@@ -580,13 +588,14 @@ def cmd_eval(args) -> int:
         r = divergence(model, reference, tok, resolve_text("wikitext2", "eval"), seqlen=2048, windows=windows,
                        progress=not args.no_progress)
         del reference
-        res.update({k: r[k] for k in ("ppl", "ref_ppl", "kl", "top1_agree", "tokens", "windows", "protocol")})
+        res.update({k: r[k] for k in ("ppl", "ref_ppl", "kl", "top1_agree", "tokens", "windows", "seqlen", "protocol")})
     elif args.ppl or not args.arc_easy:
         from .eval.perplexity import perplexity
 
         r = perplexity(model, tok, resolve_text("wikitext2", "eval"), seqlen=2048, windows=windows,
                        progress=not args.no_progress)
-        res.update({"ppl": r["ppl"], "tokens": r["tokens"], "windows": r["windows"], "protocol": r["protocol"]})
+        res.update({"ppl": r["ppl"], "tokens": r["tokens"], "windows": r["windows"], "seqlen": r["seqlen"],
+                    "protocol": r["protocol"]})  # seqlen: 2048, or the model's context where shorter
     if args.arc_easy:
         from .eval.arc import arc_easy_accuracy
 
@@ -721,8 +730,12 @@ def cmd_bench_run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `pvq`: what it can do, not a missing-argument error
+        parser.print_help()
+        return 0
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a command line refused (one line already printed)
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate,
