@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -116,7 +117,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--group-size", type=_int(1), default=128, help="uniform grid group size (default 128)")
     p.add_argument("--gain", choices=["beta", "empirical", "uniform"], default="beta",
                    help="PVQ gain quantizer (default beta: Lloyd-Max for the Beta law, nothing stored)")
-    p.add_argument("--scale", choices=["tensor", "row"], default="tensor", help="PVQ gain scale: one per tensor (the default) or one per row (stored beside the codes, counted in the bits; what --finetune tunes best)")
+    p.add_argument("--scale", choices=["tensor", "row"], default="tensor",
+                   help="PVQ gain scale: one per tensor (the default) or one per row (stored beside the codes, "
+                        "counted in the bits; what --finetune tunes best)")
     p.add_argument("--layout", choices=["compact", "fast"], default="compact",
                    help="PVQ settings: compact (best quality per bit, the default) or fast (groups of 4-8 whose "
                         "shapes all fit one small table; lower quality, and no longer faster on the fly: "
@@ -128,7 +131,8 @@ def _add_quantize(sub) -> None:
                         "quantization, --no-rotate with pvq shows what the rotation buys)")
     p.add_argument("--act-order", action="store_true", help="gptq only: quantize the columns in descending order of the Hessian's diagonal (GPTQ's act-order, "
                         "desc_act), each group's grid fitted before the solve")
-    p.add_argument("--damp", type=_float(0), default=0.01, help="GPTQ Hessian damping, a fraction of the mean diagonal (default 0.01)")
+    p.add_argument("--damp", type=_float(0), default=0.01,
+                   help="GPTQ Hessian damping, a fraction of the mean diagonal (default 0.01)")
     p.add_argument("--asymmetric", type=_float(0, 1), default=0.0, metavar="SHARE",
                    help="gptq, pvq-gptq: aim each linear at the unquantized model's outputs instead of its own weight's "
                         "on the quantized model's inputs (asymmetric calibration, as GPTQv2/GPTAQ): 1 moves the target "
@@ -217,7 +221,8 @@ def _add_quantize(sub) -> None:
                    help="with --allocate: no layer gets fewer than --bits minus this many bits per weight (default 1)")
     p.add_argument("--allocate-draws", type=_int(0), default=3,
                    help="with --allocate: noise draws of the rehearsal that predicts the plan's loss (every layer noised "
-                        "at its planned error at once, W+N and W-N per draw; 0: report only the linear prediction; default 3)")
+                        "at its planned error at once, W+N and W-N per draw; 0: report only the linear prediction; "
+                        "default 3)")
     p.add_argument("--allocate-factor-samples", type=_int(1), default=None,
                    help="with --allocate and pvq-gptq: measure each layer's error factor (how much GPTQ's error feedback "
                         "shrinks its error) on this many of the calibration windows (default: all --nsamples); fewer is "
@@ -407,8 +412,6 @@ def cmd_quantize(args) -> int:
         check_reachable(args.ray_address)
     out, sources = Path(args.output), [args.model] if args.model else []
     checkpoint.prepare_output(out, args.force, sources)  # a location pvq will not write fails before any work
-    import contextlib
-
     args.stdout = sys.stdout  # with --json the JSON goes here, and only it: what else is said goes to stderr
     with _pool(args) as pool, contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         if pool is not None:  # the workers open the model while this process checks and plans
@@ -501,8 +504,6 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
 def _activations(args, model, cfg, calib):
     """An offload.ActivationFiles where the calibration activations go to files (--offload, or too large for
     memory), else a context holding None."""
-    import contextlib
-
     from .offload import ActivationFiles, activation_bytes, folder_name, pick_folder
 
     if calib is None:
@@ -520,8 +521,6 @@ def _activations(args, model, cfg, calib):
 
 def _pool(args):
     """A distributed.Pool for --workers / --ray-address, else a context holding None (Ray not imported)."""
-    import contextlib
-
     if args.workers is None and args.ray_address is None:
         return contextlib.nullcontext(None)
     from .distributed import Pool
@@ -744,24 +743,21 @@ def main(argv: list[str] | None = None) -> int:
         return _run(commands[args.command], args)
 
 
+@contextlib.contextmanager
 def _quiet(on: bool):
     """With --no-progress, transformers' own bars (loading and writing weights) are off too, for the command."""
-    import contextlib
-
     if not on:
-        return contextlib.nullcontext()
+        yield
+        return
     from transformers.utils import logging as hf_logging
 
-    @contextlib.contextmanager
-    def off():
-        was = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            yield
-        finally:
-            if was:
-                hf_logging.enable_progress_bar()
-    return off()
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _run(command, args) -> int:

@@ -20,6 +20,7 @@ def auto_class(config):
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     mt = getattr(config, "model_type", None)
-    if (mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or mt in WITH_TOWER) and mt in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+    with_tower = mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or mt in WITH_TOWER
+    if with_tower and mt in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM

@@ -10,18 +10,10 @@ import json
 from pathlib import Path
 
 
-def _verbatim() -> str:
-    """The name transformers saves its class for a tokenizer that is exactly its tokenizer.json under (special
-    tokens from the config): "TokenizersBackend" in transformers 5, which keeps PreTrainedTokenizerFast as its alias.
-    A folder written from such a tokenizer names it too, so a run from a cached conversion writes the same bytes."""
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast.__name__
-
-
 def save_tokenizer(tokenizer, folder: str | Path) -> None:
     """`tokenizer.save_pretrained(folder)`, then make sure `AutoTokenizer.from_pretrained(folder)` rebuilds the
-    same backend; where it would not, tokenizer_config.json names transformers' class that reads tokenizer.json as it is instead of the tokenizer's class."""
+    same backend; where it would not, tokenizer_config.json names transformers' class that reads tokenizer.json as
+    it is instead of the tokenizer's class."""
     folder = Path(folder)
     tokenizer.save_pretrained(str(folder))
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -47,3 +39,12 @@ def _reloaded(folder: Path) -> str | None:
     except Exception:
         return None
     return None if backend is None else backend.to_str()
+
+
+def _verbatim() -> str:
+    """The name transformers saves its class for a tokenizer that is exactly its tokenizer.json under (special
+    tokens from the config): "TokenizersBackend" in transformers 5, which keeps PreTrainedTokenizerFast as its alias.
+    A folder written from such a tokenizer names it too, so a run from a cached conversion writes the same bytes."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.__name__
