@@ -329,6 +329,20 @@ def test_load_model_missing_paths():
         load_model("./missing.gguf")
 
 
+def test_a_name_that_is_no_folder_and_no_reachable_hub_id_is_refused_at_once(monkeypatch):
+    """A mistyped folder name is a hub id to transformers, whose hub client retries for half a minute offline."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    t0 = time.time()
+    with pytest.raises(ModelLoadError, match="no such local folder, and the hub .* cannot be reached"):
+        load_model("no-such-model-folder")
+    assert time.time() - t0 < 5
+
+
 def test_load_model_folder_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model(str(tmp_path))

@@ -14,7 +14,9 @@ import importlib.util
 import inspect
 import os
 import shutil
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -437,6 +439,26 @@ def _code_files(model) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for d in sorted(folders) for f in sorted(d.glob("*.py")) if f.name != "__init__.py"}
 
 
+def _check_hub(name: str, timeout: float = 3.0) -> None:
+    """Refuse at once a hub id that is not in the local cache when the hub cannot be reached: a mistyped folder
+    name is the usual cause, and huggingface_hub would retry for half a minute before saying so."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:  # transformers reads the cache, and says at once what it lacks
+        return
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id: transformers says so
+        return
+    host = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load model {name!r}: no such local folder, and the hub ({constants.ENDPOINT}) "
+                             f"cannot be reached to fetch it as a hub id ({exc.strerror or exc})") from None
+
+
 def _checked_config(name: str, trust_remote_code: bool = False):
     """(where from_pretrained reads `name`, its config) of a folder or hub id, refused before any weights
     load when the family is unsupported or it is already a pvq directory."""
@@ -452,7 +474,8 @@ def _checked_config(name: str, trust_remote_code: bool = False):
     elif _looks_like_path(name):
         raise ModelLoadError(f"cannot load model {name!r}: path does not exist")
     else:
-        source = name  # a hub id; offline this fails inside from_pretrained and is wrapped
+        _check_hub(name)
+        source = name  # a hub id
 
     # Read the config alone first so an unsupported family is refused before any weights load.
     try:
