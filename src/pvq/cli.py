@@ -477,9 +477,9 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
         t = summary["finetune_model"]
         print(f"model tuning: KL to the unquantized model on {t['held_out']} held-out samples {t['kl_before']:.4g} -> "
               f"{t['kl_after']:.4g}" + ("" if t["kept"] else " (no lower: the untuned values were kept)"))
-    skipped = tuple(summary.get("skipped_blocks", ()))
-    unseen = [name for name in summary["uncalibrated"] if skipped and name.startswith(skipped)]
-    unrouted = [name for name in summary["uncalibrated"] if not (skipped and name.startswith(skipped))]
+    skipped = tuple(summary.get("skipped_blocks", ()))  # str.startswith(()) is False: none skipped, none unseen
+    unseen = [name for name in summary["uncalibrated"] if name.startswith(skipped)]
+    unrouted = [name for name in summary["uncalibrated"] if name not in unseen]
     if unseen:
         n = len(unseen)
         print(f"{n} linear{'s' * (n > 1)} of {len(skipped)} block{'s' * (len(skipped) > 1)} that the model runs only "

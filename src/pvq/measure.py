@@ -51,22 +51,21 @@ def quantized_memory(model) -> dict:
             "resident_over_packed": resident / packed if packed else None, "shared_plan_bytes": sum(plans.values())}
 
 
-def _cached(model, out) -> dict:
-    """The keyword that hands `out`'s key-value cache to the model's next call: `cache` where its forward takes
-    it (transformers 5.x families, which deprecate `past_key_values`), else `past_key_values`."""
-    if "cache" in inspect.signature(model.forward).parameters:
-        return {"cache": out.cache}
-    return {"past_key_values": out.past_key_values}
+def _cache_key(model) -> str:
+    """The name under which the model's forward takes, and its output holds, the key-value cache: `cache` where
+    the forward takes it (transformers 5.x families, which deprecate `past_key_values`), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
 def run(model, tokenizer, prompt_tokens: int = 512, gen_tokens: int = 64, warmup: bool = True) -> dict:
     """Prompt tokens/s (one forward of the prompt), generated tokens/s (greedy, KV cache), peak RSS."""
     model.eval()
+    key = _cache_key(model)
     ids = prompt_ids(tokenizer, prompt_tokens)
     if warmup:  # first calls build rotations, decoders and kernel caches: not what a user waits for per token
         out = model(ids[:, :16], use_cache=True)
-        model(out.logits[:, -1:].argmax(-1), **_cached(model, out), use_cache=True)
+        model(out.logits[:, -1:].argmax(-1), **{key: out[key]}, use_cache=True)
         del out
     release_memory()
     rss_before = rss_mib()
@@ -74,12 +73,12 @@ def run(model, tokenizer, prompt_tokens: int = 512, gen_tokens: int = 64, warmup
     t0 = time.perf_counter()
     out = model(ids, use_cache=True)
     t_prompt = time.perf_counter() - t0
-    cache, nxt = _cached(model, out), out.logits[:, -1:].argmax(-1)
+    cache, nxt = out[key], out.logits[:, -1:].argmax(-1)
     del out
     t0 = time.perf_counter()
     for _ in range(gen_tokens):
-        o = model(nxt, **cache, use_cache=True)
-        cache, nxt = _cached(model, o), o.logits[:, -1:].argmax(-1)
+        o = model(nxt, **{key: cache}, use_cache=True)
+        cache, nxt = o[key], o.logits[:, -1:].argmax(-1)
     t_gen = time.perf_counter() - t0
     return {
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
