@@ -308,7 +308,7 @@ MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt and mt != "jetmoe" or m
                                                                     "sarvam_mla", "aria_text", "kolibri1", "laguna",
                                                                     "mellum", "minimax_m3_vl_text", "dots3_note_text",
                                                                     "lara_mini", "bailing_hybrid", "longcat_flash",
-                                                                    "glm_moe_dsa", "deepseek_v4", "ergo")]
+                                                                    "glm_moe_dsa", "deepseek_v4", "ergo", "dbrx")]
 
 
 @pytest.mark.parametrize("mt", MOE)
@@ -316,6 +316,7 @@ MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt and mt != "jetmoe" or m
 def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(mt):
     """One linear per expert, its Hessian from exactly the tokens its router sent it; the router stays dense."""
     from pvq.models.adapters import block_hessians, block_linears, blocks, capture_block_inputs, run_carrying
+    from pvq.models.experts import fused_leaves
 
     model = tiny_model(mt)
     hidden, kwargs = capture_block_inputs(model, IDS)
@@ -329,10 +330,10 @@ def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(mt):
     routed = []
     experts.register_forward_pre_hook(lambda m, a: routed.append((a[0].clone(), a[1].clone(), a[2].clone())))
     hess, _ = block_hessians(block, hidden, kwargs[j])
-    x = torch.cat([h for h, _, _ in routed]).double()
+    x = torch.cat([h.reshape(-1, h.shape[-1]) for h, _, _ in routed]).double()  # DBRX's experts get [B, T, H]
     # a slot of weight 0 is no routing (LongCat-Flash's identity experts park their tokens so)
     idx = torch.cat([i.masked_fill(w == 0, -1) for _, i, w in routed])
-    first = "gate_up" if experts.has_gate else "up"
+    first = next(iter(fused_leaves(experts).values()))[0]  # gate_up, or up (or DBRX's gate)
     n_experts = len(getattr(experts, first))
     fused = [p for m in block.modules() if not isinstance(m, nn.modules.conv._ConvNd)
              for p in m.parameters(recurse=False) if p.dim() == 3]  # a Mamba block's convolution is 3-D too, and stays
@@ -628,13 +629,14 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
 # older names, the base model's prefix put on name by name (llava), a vision tower's fused q/k/v split and
 # permuted by transformers' conversion, run on the tensors as they are read (kimi_k25), experts stacked in two
 # tensors a conversion concatenates, then sliced (step3p7), a layer's experts stacked and split into text and
-# image experts by the family's own op, run on them all (ernie4_5_vl_moe).
+# image experts by the family's own op, run on them all (ernie4_5_vl_moe), experts stacked along the first axis of
+# 2-D tensors, the down projection's transposed (dbrx).
 # Every dense family passed this when it was written (gemma2's alternating masks, phi3's fused projections,
 # starcoder2, phi, cohere too; mixtral's renamed experts as well; exaone, olmo_hybrid, llava_next,
 # llava_onevision, param2moe, sarvam_moe, ergo, nemotron_h, kimi_linear, lara_mini and bailing_hybrid when
 # conversions were first run on read); these keep it short.
 STREAMED = ("gpt2", "gpt_neox", "opt", "falcon_h1", "gemma3", "qwen3_moe", "gpt_oss", "llava", "kimi_k25", "step3p7",
-            "ernie4_5_vl_moe")  # and mllama: test_blocks_the_forward_skips_on_text_...
+            "ernie4_5_vl_moe", "dbrx")  # and mllama: test_blocks_the_forward_skips_on_text_...
 
 
 @pytest.mark.parametrize("mt", STREAMED)

@@ -1,4 +1,4 @@
-"""Mixture-of-experts blocks whose experts are fused 3-D parameters, given one linear per expert.
+"""Mixture-of-experts blocks whose experts are fused 3-D parameters (or 2-D stacks), given one linear per expert.
 
 transformers keeps a block's experts as two stacked tensors (`gate_up_proj` [E, 2I, H] or `up_proj`,
 and `down_proj` [E, H, I]; transposed in some families) and multiplies with slices of them, so there
@@ -13,7 +13,8 @@ class (`has_gate`, `has_bias`, `is_transposed`, `has_post_expert_norm`, the clas
 `act_fn`), the description its batched and grouped kernels already compute from for every family;
 the gate/up layout (concatenated or interleaved) is the class's `_apply_gate`'s business, since the
 fused gate/up linear keeps the rows in the stored order. An experts module that carries 3-D parameters
-without that description is refused with one line.
+without that description is refused with one line. A few classes outside the interface have a known layout
+(`_KNOWN`), as DBRX's, whose experts are stacked along the first axis of 2-D parameters.
 """
 from __future__ import annotations
 
@@ -39,20 +40,48 @@ def _fused(mod: nn.Module) -> bool:
     # per-channel mixing vectors. Experts are told by transformers' experts interface or by their class's name
     # (every experts class transformers has is called ...Experts), so one outside the interface is refused
     # rather than left dense unnoticed
-    if isinstance(mod, nn.modules.conv._ConvNd) or not any(p.dim() == 3 for p in mod.parameters(recurse=False)):
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return False
+    flat = _KNOWN.get(type(mod).__name__, (None, None))[1]
+    if flat is not None and flat.pvq_flat:  # experts stacked in 2-D parameters of a child: known by class
+        return all(isinstance(_leaf(mod, leaf), nn.Parameter) for leaf in flat.pvq_leaves(mod))
+    if not any(p.dim() == 3 for p in mod.parameters(recurse=False)):
         return False
     return hasattr(mod, "has_gate") or "expert" in type(mod).__name__.lower()
 
 
+def _leaf(mod: nn.Module, leaf: str):
+    """The tensor a fused leaf names (`mlp.w1`: on a child), or None."""
+    owner, _, name = leaf.rpartition(".")
+    try:
+        holder = mod.get_submodule(owner) if owner else mod
+    except AttributeError:
+        return None
+    return holder._parameters.get(name)
+
+
 def fused_experts(model: nn.Module) -> bool:
-    """Whether `model` still holds experts as 3-D parameters (not split yet)."""
+    """Whether `model` still holds fused experts (not split yet)."""
     return any(_fused(m) for m in model.modules())
 
 
-class _SplitExperts:
-    """Mixed into the family's experts class: the forward over one linear per expert."""
+class _Split:
+    """What every mixin below tells about the fused tensors it splits, unless it says otherwise."""
 
     pvq_split_experts = True
+    pvq_flat = False  # True: the fused tensors are 2-D, the experts stacked along their first axis
+
+    def pvq_transposed(self, kind: str) -> bool:
+        """Whether the weights of the linears `kind` are stored [in, out] in the fused tensor."""
+        return self.is_transposed
+
+    def pvq_stacked(self, fused: torch.Tensor) -> torch.Tensor:
+        """The fused weight as [E, ., .], one slice per expert."""
+        return fused
+
+
+class _SplitExperts(_Split):
+    """Mixed into the family's experts class: the forward over one linear per expert."""
 
     def pvq_leaves(self) -> dict[str, tuple[str, str]]:
         return {f"{kind}_proj{suffix}": (kind, param) for kind in (FIRST[self.has_gate], "down")
@@ -103,13 +132,11 @@ class _SplitDenseExperts(_SplitExperts):
         return out.view(-1, x.shape[-1])
 
 
-class _SplitParallelLinears:
+class _SplitParallelLinears(_Split):
     """Mixed into JetMoE's experts class, one linear per expert stored as `weight` [E, out, in] (its MLP's
     gate-and-up and down projections, its attention experts' query and output projections, each a module of
     its own): called with the tokens sorted by expert and each expert's count, as the family's router hands
     them. An expert given no token is not called, so its calibration counts no empty batch."""
-
-    pvq_split_experts = True
 
     def pvq_leaves(self) -> dict[str, tuple[str, str]]:
         return {"weight": ("linears", "weight")}
@@ -123,12 +150,10 @@ class _SplitParallelLinears:
         return torch.cat([lin(x) if len(x) else x.new_zeros(0, lin.out_features) for lin, x in zip(self.linears, parts)])
 
 
-class _SplitSharedExperts:
+class _SplitSharedExperts(_Split):
     """Mixed into Inkling's shared experts, `gate_proj`, `up_proj` [S, I, H] and `down_proj` [S, H, I], which
     every token goes through, each scaled by its router weight (`gammas`) before the down projection: the
     forward over one linear per expert and projection, summed in float32 as the family sums them."""
-
-    pvq_split_experts = True
 
     def pvq_leaves(self) -> dict[str, tuple[str, str]]:
         return {f"{kind}_proj": (kind, "weight") for kind in ("gate", "up", "down")}
@@ -145,12 +170,44 @@ class _SplitSharedExperts:
         return out.to(hidden_states.dtype).view(hidden_states.shape)
 
 
+class _SplitFlatGLU(_Split):
+    """Mixed into DBRX's experts, whose child `mlp` keeps gate `w1`, up `v1` and down `w2` as 2-D [E * I, H]
+    parameters (the down projection multiplied as `h @ w2`, so stored transposed): the forward over one linear
+    per expert and projection, on the tokens its router sent it, in the family's order."""
+
+    pvq_flat = True
+
+    def pvq_leaves(self) -> dict[str, tuple[str, str]]:
+        return {"mlp.w1": ("gate", "weight"), "mlp.v1": ("up", "weight"), "mlp.w2": ("down", "weight")}
+
+    def pvq_missing(self) -> list[str]:
+        missing = [leaf for leaf in _SplitFlatGLU.pvq_leaves(self) if _leaf(self, leaf) is None]
+        missing += [a for a in ("num_experts", "hidden_size") if not hasattr(self, a)]
+        return missing + ["mlp.activation_fn"] * (not hasattr(getattr(self, "mlp", None), "activation_fn"))
+
+    def pvq_transposed(self, kind: str) -> bool:
+        return kind == "down"
+
+    def pvq_stacked(self, fused: torch.Tensor) -> torch.Tensor:
+        return fused.view(self.num_experts, -1, fused.shape[-1])
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        x = hidden_states.reshape(-1, self.hidden_size)
+        out = torch.zeros_like(x)
+        for e in torch.unique(top_k_index).tolist():  # ascending, as the family's loop over the experts hit
+            token, slot = torch.where((top_k_index == e) & (top_k_weights != 0))
+            h = self.down[e](self.mlp.activation_fn(self.gate[e](x[token])) * self.up[e](x[token]))
+            out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
+        return out.view(hidden_states.shape[0], -1, self.hidden_size)
+
+
 # experts classes outside transformers' experts interface whose layout is known: the interface's
 # description they lack, and the forward their callers expect
 _KNOWN = {"Llama4TextExperts": (dict(has_gate=True, has_bias=False, is_transposed=True, has_post_expert_norm=False),
                                 _SplitDenseExperts),
           "JetMoeParallelExperts": (dict(has_bias=False, is_transposed=False), _SplitParallelLinears),
-          "InklingSharedExperts": (dict(has_bias=False, is_transposed=False), _SplitSharedExperts)}
+          "InklingSharedExperts": (dict(has_bias=False, is_transposed=False), _SplitSharedExperts),
+          "DbrxExperts": (dict(has_bias=False, is_transposed=False), _SplitFlatGLU)}
 
 _CLASSES: dict[tuple[type, type], type] = {}
 
@@ -184,6 +241,11 @@ def _linears(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) 
     return out
 
 
+def _pop(mod: nn.Module, leaf: str) -> torch.Tensor | None:
+    owner, _, name = leaf.rpartition(".")
+    return (mod.get_submodule(owner) if owner else mod)._parameters.pop(name, None)
+
+
 def split_module(mod: nn.Module, where: str) -> None:
     """Give one fused experts module (`where`: its full name, for the error) one linear per expert, in place."""
     described, mixin = _KNOWN.get(type(mod).__name__, ({}, _SplitExperts))
@@ -191,18 +253,20 @@ def split_module(mod: nn.Module, where: str) -> None:
         setattr(mod, k, v)
     missing = mixin.pvq_missing(mod)
     if missing:
-        raise ValueError(f"{where} ({type(mod).__name__}) stores its experts as 3-D tensors without transformers' "
-                         f"experts interface (no {', '.join(missing)}); pvq cannot split it")
+        raise ValueError(f"{where} ({type(mod).__name__}) stores its experts as {2 if mixin.pvq_flat else 3}-D tensors "
+                         f"without transformers' experts interface (no {', '.join(missing)}); pvq cannot split it")
     leaves = mixin.pvq_leaves(mod)
     for kind in dict.fromkeys(kind for kind, _ in leaves.values()):  # each list once, in the leaves' order
         fused = {param: leaf for leaf, (k, param) in leaves.items() if k == kind}
-        weight = mod._parameters.pop(fused["weight"])
-        bias = mod._parameters.pop(fused["bias"], None) if mod.has_bias and "bias" in fused else None
-        mod.add_module(kind, _linears(weight, bias, mod.is_transposed))
+        weight = mixin.pvq_stacked(mod, _pop(mod, fused["weight"]))
+        bias = _pop(mod, fused["bias"]) if mod.has_bias and "bias" in fused else None
+        mod.add_module(kind, _linears(weight, bias, mixin.pvq_transposed(mod, kind)))
     mod.__class__ = _split_class(type(mod), mixin)
-    # the family's weight initialisation reads the fused tensors this module no longer has; its linears
-    # hold the values (or, loading a pvq directory, are about to be filled)
-    mod._is_hf_initialized = True
+    # the family's weight initialisation reads the fused tensors this module (or its child holding them, DBRX's
+    # mlp) no longer has; its linears hold the values (or, loading a pvq directory, are about to be filled)
+    for leaf in leaves:
+        owner = leaf.rpartition(".")[0]
+        (mod.get_submodule(owner) if owner else mod)._is_hf_initialized = True
 
 
 def split_experts(root: nn.Module, prefix: str = "") -> int:

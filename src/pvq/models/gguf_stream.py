@@ -158,13 +158,13 @@ class GGUFCheckpointReader:
     def where(self, name: str) -> str:
         """Where the model's tensor `name` is stored, for messages."""
         if name in self.slices:
-            fused, e, _ = self.slices[name]
+            fused, e, _, _ = self.slices[name]
             return f"{self.path}: tensor {' and '.join(self.stored[fused])}, expert {e}"
         return f"{self.path}: tensor {' and '.join(self.stored[name])}"
 
     def get(self, name: str) -> torch.Tensor:
         if name in self.slices:  # one expert's rows of each stored 3-D tensor: the rest is never read
-            fused, e, transposed = self.slices[name]
+            fused, e, transposed, _ = self.slices[name]
             t = torch.cat([self._read(g, e) for g in self.stored[fused]], dim=0)
             return t.T.contiguous() if transposed else t
         if name not in self.stored:

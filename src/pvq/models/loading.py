@@ -74,8 +74,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "cohere2_moe", "mimo_v2_flash", "granitemoeshared", "minicpm5_moe", "aria_text", "granitemoe_swa",
                          "kolibri1", "laguna", "mellum", "minimax_m3_vl_text", "param2moe", "sarvam_moe", "dots3_note_text",
                          # ... outside transformers' experts interface, split all the same: JetMoE's experts of
-                         # attention and MLP (one linear per expert stacked), Inkling's shared experts
-                         "jetmoe", "inkling_text",
+                         # attention and MLP (one linear per expert stacked), Inkling's shared experts, DBRX's
+                         # experts stacked in 2-D parameters
+                         "jetmoe", "inkling_text", "dbrx",
                          # ... whose experts class wraps the interface's forward (a norm per expert after it: Ergo's,
                          # whose blocks also read their output projection's dtype, kept dense)
                          "ergo",
@@ -136,6 +137,9 @@ _TINY_FAMILY = {
     "granitemoehybrid": dict(layer_types=["mamba", "attention"], shared_intermediate_size=128, mamba_n_heads=4,
                              mamba_d_head=32, mamba_d_state=16),
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64),
+    # DBRX's sizes live in its own names and sub-configs (rope_theta and clip_qkv have no usable default there)
+    "dbrx": dict(d_model=64, ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2),
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)),
     "gpt2": dict(n_inner=128, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),  # tied, as GPT-2 is
     "gptj": dict(rotary_dim=8, n_inner=128),
     "mamba": dict(state_size=16),

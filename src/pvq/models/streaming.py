@@ -76,7 +76,7 @@ class CheckpointReader:
         self._headers = {}
         self.stored = {name: name for name in self.files}  # the model's name -> the checkpoint's
         self.parts: dict[str, list[str]] = {}  # a split expert's linear -> the checkpoint's tensors, concatenated
-        self.slices: dict[str, tuple[str, int, bool]] = {}  # ... -> (the fused tensor, expert, transposed)
+        self.slices: dict[str, tuple[str, int, bool, int]] = {}  # -> (the fused tensor, expert, transposed, flat)
         self._fused: tuple[str, torch.Tensor] | None = None  # the fused tensor read last: its experts come in a row
         self.flips: dict[str, tuple] = {}  # a tensor stored with two axes swapped -> (the swap, the model's shape)
         self.converted: dict[str, str] = {}  # a tensor another conversion makes -> the conversion's key
@@ -133,7 +133,7 @@ class CheckpointReader:
         if name in self.parts:
             return f"{self.folder}: tensors {', '.join(self.parts[name])}"
         if name in self.slices:
-            fused, e, _ = self.slices[name]
+            fused, e, _, _ = self.slices[name]
             return f"{self.where(fused)}, expert {e}"
         if name in self.converted:
             sources = [n for names in self._groups[self.converted[name]][1].values() for n in names]
@@ -146,9 +146,10 @@ class CheckpointReader:
         if name in self.parts:  # gate and up of one expert: its fused linear's rows, in the stored order
             return torch.cat([self._read(n) for n in self.parts[name]], dim=0)
         if name in self.slices:
-            fused, e, transposed = self.slices[name]
+            fused, e, transposed, flat = self.slices[name]
             if self._fused is None or self._fused[0] != fused:
-                self._fused = (fused, self._whole(fused))
+                whole = self._whole(fused)
+                self._fused = (fused, whole.view(flat, -1, whole.shape[-1]) if flat else whole)
             t = self._fused[1][e]  # a copy, not a view: the fused tensor goes once its experts are read
             return (t.T if transposed else t).clone(memory_format=torch.contiguous_format)
         if name not in self.stored and name not in self.converted:
@@ -205,18 +206,21 @@ class CheckpointReader:
             raise CheckpointError(f"cannot read tensor {name}: {exc}") from None
 
 
-def expert_slices(model) -> dict[str, tuple[str, int, bool]]:
-    """{a split expert's parameter: (the fused 3-D tensor it is a slice of, its expert, whether the slice is
-    stored transposed)} for every experts module of `model` that pvq has split (models/experts.py)."""
+def expert_slices(model) -> dict[str, tuple[str, int, bool, int]]:
+    """{a split expert's parameter: (the fused tensor it is a slice of, its expert, whether the slice is stored
+    transposed, flat)} for every experts module of `model` that pvq has split (models/experts.py). `flat` is the
+    number of experts a 2-D tensor stacks along its first axis (DBRX's), 0 for a tensor stacked [E, ...]."""
     slices = {}
     for path, mod in model.named_modules():
         if not getattr(mod, "pvq_split_experts", False):
             continue
         for leaf, (kind, param) in fused_leaves(mod).items():
-            for e, lin in enumerate(getattr(mod, kind)):
+            linears = getattr(mod, kind)
+            for e, lin in enumerate(linears):
                 if getattr(lin, param, None) is not None:
                     slices[f"{path}.{kind}.{e}.{param}"] = (f"{path}.{leaf}", e,
-                                                            mod.is_transposed and param == "weight")
+                                                            mod.pvq_transposed(kind) and param == "weight",
+                                                            len(linears) if mod.pvq_flat else 0)
     return slices
 
 
@@ -284,7 +288,7 @@ def _expected_shape(model, name: str, slices: dict) -> tuple | None:
         return tuple(model.get_parameter(name).shape)
     except AttributeError:
         pass
-    rows = sorted((e, part, transposed) for part, (fused, e, transposed) in slices.items() if fused == name)
+    rows = sorted((e, part, transposed) for part, (fused, e, transposed, _) in slices.items() if fused == name)
     if not rows:
         return None
     one = tuple(model.get_parameter(rows[0][1]).shape)
