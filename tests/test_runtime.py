@@ -112,6 +112,30 @@ def test_model_to_dtype_keeps_the_stored_scales(tmp_path):
     assert q.scales.dtype == torch.float16 and torch.equal(q.scales, before)
 
 
+def test_import_pvq_is_quick_and_registers_when_transformers_loads_its_quantizers(tmp_path):
+    """`import pvq` imports neither torch nor transformers (`pvq --help` waited 4 s for them); the pvq method is
+    registered the moment transformers imports its quantizer registry, so from_pretrained loads a pvq directory
+    all the same, and `from pvq.hf import PVQConfig` registers on its own."""
+    import subprocess
+    import sys
+
+    model = tiny_model("llama")
+    api.quantize(model, QuantConfig(method="pvq", bits=3.25), progress=False)
+    out = checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
+    code = f"""
+import sys
+import pvq
+assert not {{"torch", "transformers"}} & set(sys.modules), sorted({{"torch", "transformers"}} & set(sys.modules))
+from transformers import AutoModelForCausalLM
+print(type(AutoModelForCausalLM.from_pretrained({str(out)!r}).model.layers[0].mlp.up_proj).__name__)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["QuantLinear"], r.stderr[-2000:]
+    code = "import pvq.hf\nfrom pvq.hf import PVQConfig\nprint(PVQConfig(decode='once').to_dict()['quant_method'])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["pvq"], r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_transformers_from_pretrained_loads_a_pvq_directory(tmp_path, family):
     from transformers import AutoModelForCausalLM

@@ -1,6 +1,7 @@
 """pvq: post-training LLM quantization with Pyramid Vector Quantization.
 
-Importing pvq registers the "pvq" quantization method with transformers (when it is installed), so
+Importing pvq registers the "pvq" quantization method with transformers (when it is installed; at the moment
+transformers imports its quantizer registry, pvq.hf), so
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads a directory written by `pvq quantize`
 (`AutoModelForImageTextToText` for a vision-language family without a causal-LM class: models/classes.py).
 """
@@ -21,9 +22,9 @@ def load(path, dtype=None, decode="auto", weight_dtype=None):
 
 
 def _register() -> None:
-    from .hf import register
+    from .hf import register_on_import
 
-    register()
+    register_on_import()
 
 
 _register()

@@ -8,20 +8,21 @@ The decode mode is a loading attribute:
 
     from pvq.hf import PVQConfig
     AutoModelForCausalLM.from_pretrained(DIR, quantization_config=PVQConfig(decode="on-the-fly"))
+
+Importing transformers' quantizer registry takes seconds (it imports every quantizer transformers has), so
+`import pvq` does not: it registers the moment transformers imports that registry, which it does before any
+`from_pretrained` can run (`register_on_import`), or at once where transformers has imported it already.
+This module itself imports only the standard library at the top, so that `import pvq` (and `pvq --help`)
+stays quick.
 """
 from __future__ import annotations
 
+import importlib.abc
 import re
-from pathlib import Path
+import sys
+import warnings
 
-import torch
-
-from .checkpoint import PVQFormatError, guard_name, weight_files
-from .loader import check_directory, finish_loading, replace_linears
-from .models.adapters import check_supported
-from .modules.linear import DECODE_MODES, check_decode
-from .settings import FORMAT_VERSION, check_format_version
-
+_REGISTRY = "transformers.quantizers.auto"  # where transformers keeps its quantization methods
 _registered = False
 
 
@@ -36,14 +37,25 @@ def register() -> bool:
         from transformers.utils.quantization_config import QuantizationConfigMixin
     except ImportError:
         return False
+    if _registered:  # importing the registry just now ran register() through register_on_import's hook
+        return True
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import PVQFormatError, guard_name, weight_files
+    from .loader import check_directory, finish_loading, replace_linears
+    from .models.adapters import check_supported
+    from .modules.linear import check_decode
+    from .settings import FORMAT_VERSION, check_format_version
 
     class PVQConfig(QuantizationConfigMixin):
         """quantization_config of a pvq directory (written by `pvq quantize`), plus how to run it."""
 
-        def __init__(self, format_version: int = FORMAT_VERSION, config: dict | None = None, layers: dict | None = None,
+        def __init__(self, format_version: int | None = None, config: dict | None = None, layers: dict | None = None,
                      achieved: dict | None = None, decode: str = "auto", weight_dtype: str | None = None, **kwargs):
             self.quant_method = "pvq"
-            self.format_version = format_version
+            self.format_version = FORMAT_VERSION if format_version is None else format_version
             self.config = config or {}
             self.layers = layers or {}
             self.achieved = achieved or {}
@@ -128,6 +140,61 @@ def register() -> bool:
     return True
 
 
-PVQConfig = None  # set by register()
-PVQHfQuantizer = None
-__all__ = ["register", "PVQConfig", "PVQHfQuantizer", "DECODE_MODES"]
+class _ThenRegister(importlib.abc.Loader):
+    """The loader of transformers' quantizer registry, registering pvq once the registry's module has run."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        try:
+            register()
+        except Exception as exc:  # noqa: BLE001  (transformers must import whatever pvq's registration meets)
+            warnings.warn(f"pvq could not register with transformers ({type(exc).__name__}: {exc}); "
+                          f"from_pretrained will not load pvq directories (pvq.load still does)", stacklevel=2)
+
+    def __getattr__(self, name):  # get_source, is_package, ...: the wrapped loader's
+        return getattr(self._loader, name)
+
+
+class _WatchRegistry(importlib.abc.MetaPathFinder):
+    """Finds transformers' quantizer registry with the finders after it and hands back its spec with a loader that
+    registers pvq after the module runs; it leaves sys.meta_path at its first use."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _REGISTRY:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _ThenRegister(spec.loader)
+                return spec
+        return None
+
+
+def register_on_import() -> None:
+    """Register pvq with transformers now if its quantizer registry is imported, else as soon as it is."""
+    if _REGISTRY in sys.modules:
+        register()
+    elif not any(isinstance(f, _WatchRegistry) for f in sys.meta_path):
+        sys.meta_path.insert(0, _WatchRegistry())
+
+
+def __getattr__(name: str):
+    # `from pvq.hf import PVQConfig` before transformers has imported its registry: register now
+    if name in ("PVQConfig", "PVQHfQuantizer"):
+        if not register():
+            raise ImportError(f"pvq.hf.{name} needs transformers (pip install transformers)")
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["register", "register_on_import", "PVQConfig", "PVQHfQuantizer"]
