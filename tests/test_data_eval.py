@@ -294,8 +294,9 @@ def test_arc_on_real_rows_with_tiny_model(model, tok):
 def test_tiny_model_each_family(model_type):
     a = tiny_model(model_type, seed=1, intermediate_size=96)
     b = tiny_model(model_type, seed=1, intermediate_size=96)
-    # a llama4 or qwen3_5 (vision-language) config builds the text model, whose config is its text part's
-    text_only = {"llama4": "llama4_text", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+    # a llama4, qwen3_5 or qwen4_exp (vision-language) config builds the text model, whose config is its text part's
+    text_only = {"llama4": "llama4_text", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text",
+                 "qwen4_exp": "qwen4_exp_text"}
     assert a.config.model_type == text_only.get(model_type, model_type) and not a.training
     text = a.config.get_text_config()  # a vision-language model's sizes are its language model's
     kv_heads = _TINY_FAMILY.get(model_type, {}).get("num_key_value_heads", 2)  # DSA attention: all 4

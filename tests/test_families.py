@@ -308,7 +308,8 @@ MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt and mt != "jetmoe" or m
                                                                     "sarvam_mla", "aria_text", "kolibri1", "laguna",
                                                                     "mellum", "minimax_m3_vl_text", "dots3_note_text",
                                                                     "lara_mini", "bailing_hybrid", "longcat_flash",
-                                                                    "glm_moe_dsa", "deepseek_v4", "ergo", "dbrx")]
+                                                                    "glm_moe_dsa", "deepseek_v4", "ergo", "dbrx",
+                                                                    "qwen4_exp_text")]
 
 
 @pytest.mark.parametrize("mt", MOE)
@@ -552,10 +553,10 @@ def _streamed_and_whole_write_the_same_bytes(src, tmp_path):
     return tmp_path / "s"
 
 
-@pytest.mark.parametrize("mt", ["llama4", "qwen3_5_moe"])
+@pytest.mark.parametrize("mt", ["llama4", "qwen3_5_moe", "qwen4_exp"])
 @torch.no_grad()
 def test_cli_quantizes_the_language_model_of_a_saved_vision_language_folder(mt, tmp_path):
-    """A Llama 4 or Qwen3.5 checkpoint as the hub has it (vision model, projector, language model) loads for text
+    """A Llama 4, Qwen3.5 or Qwen4-Exp checkpoint as the hub has it (vision model, projector, language model) loads for text
     generation without its vision parts, as transformers loads it; pvq quantizes that language model, streamed
     and whole to the same bytes, and the result runs the same through pvq.load and transformers."""
     from transformers import AutoModelForImageTextToText
@@ -581,7 +582,7 @@ def test_cli_quantizes_the_language_model_of_a_saved_vision_language_folder(mt, 
 
 
 @pytest.mark.parametrize("mt", ["llama", "falcon", "bamba", "openai-gpt", "xglm", "recurrent_gemma", "deepseek_v4",
-                                "gemma4_text", "gemma3n_text", "glm_moe_dsa", "kolibri1_1"])
+                                "gemma4_text", "gemma3n_text", "glm_moe_dsa", "kolibri1_1", "qwen4_exp_text"])
 @torch.no_grad()
 def test_blocks_replayed_one_by_one_give_the_models_logits(mt):
     """Captured arguments, each block run on its own, then whatever follows the blocks: the model's logits,
@@ -592,7 +593,7 @@ def test_blocks_replayed_one_by_one_give_the_models_logits(mt):
     E2B/E4B's per-layer inputs, floats computed from each sample's tokens, and the keys and values its first layers
     store for the last ones: test_state_a_block_writes_for_later_ones_is_carried_on_each_stream; Gemma 3n's
     AltUp hidden states [4 streams, batch, L, D], held batch first; GLM-5's indexer choices and Kolibri 1.1's index
-    pools, which a block hands the next)."""
+    pools, which a block hands the next; Qwen4-Exp's token ids for its per-layer n-gram embeddings)."""
     from pvq.models.adapters import blocks, capture_block_inputs, logits_after_blocks, run_carrying
 
     model = family_model(mt)
@@ -630,7 +631,8 @@ def test_allocation_probes_run_whatever_follows_the_blocks(mt):
 # permuted by transformers' conversion, run on the tensors as they are read (kimi_k25), experts stacked in two
 # tensors a conversion concatenates, then sliced (step3p7), a layer's experts stacked and split into text and
 # image experts by the family's own op, run on them all (ernie4_5_vl_moe), experts stacked along the first axis of
-# 2-D tensors, the down projection's transposed (dbrx).
+# 2-D tensors, the down projection's transposed (dbrx). (qwen4_exp's n-gram tables, stored in parts: in
+# test_cli_quantizes_the_language_model_of_a_saved_vision_language_folder.)
 # Every dense family passed this when it was written (gemma2's alternating masks, phi3's fused projections,
 # starcoder2, phi, cohere too; mixtral's renamed experts as well; exaone, olmo_hybrid, llava_next,
 # llava_onevision, param2moe, sarvam_moe, ergo, nemotron_h, kimi_linear, lara_mini and bailing_hybrid when

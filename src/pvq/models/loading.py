@@ -53,9 +53,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          # ALiBi biases laid out per sample (adapters.PerSample)
                          "bloom",
                          # the language model of a model with a vision tower: gemma3 and gemma4 keep their towers
-                         # (dense; Gemma 4 E2B/E4B's audio tower too); transformers loads llama4 and Qwen3.5 for text
-                         # generation without it, and so does pvq
-                         "gemma3", "gemma4", "llama4", "qwen3_5", "qwen3_5_moe",
+                         # (dense; Gemma 4 E2B/E4B's audio tower too); transformers loads llama4, Qwen3.5 and
+                         # Qwen4-Exp for text generation without it, and so does pvq
+                         "gemma3", "gemma4", "llama4", "qwen3_5", "qwen3_5_moe", "qwen4_exp",
                          # Llama 3.2 Vision, built with its tower (classes.WITH_TOWER): its cross-attention layers
                          # run only beside an image, so text calibration skips them (adapters.SKIPPED)
                          "mllama",
@@ -96,7 +96,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "mamba", "falcon_mamba", "mamba2",
                          # hybrids: Mamba or linear-attention blocks beside attention (their convolutions stay dense)
                          "falcon_h1", "granitemoehybrid", "nemotron_h", "qwen3_next", "minimax", "jamba", "qwen3_5_text",
-                         "qwen3_5_moe_text", "kimi_linear", "lara_mini", "lfm3", "bailing_hybrid",
+                         "qwen3_5_moe_text", "kimi_linear", "lara_mini", "lfm3", "bailing_hybrid", "qwen4_exp_text",
                          # ... whose blocks return (hidden, attention weights), unpacked by the model's forward
                          "bamba")
 
@@ -120,12 +120,22 @@ _TINY_GEMMA4 = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full
                     num_kv_shared_layers=2, enable_moe_block=True, top_k_experts=2)
 _TINY_GLM4V = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3],
                                         partial_rotary_factor=1.0))
+# Qwen4-Exp: a gated-delta-net block and one whose attention an indexer thins (QSA), hyper-connections, and
+# per-layer n-gram embeddings (PLE) of the token ids, whose tables its checkpoints store in parts
+_TINY_QWEN4_EXP = dict(layer_types=["linear_attention", "indexed_attention"], linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, indexer_n_heads=2,
+                       indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4,
+                       heads_per_ngram=2, hc_count=2, hc_lowrank=8, ple_layer_ids=[1], ple_embed_dim=16,
+                       ngram_vocab_size_base=300, make_ngram_vocab_size_divisible_by=8, split_ngram_parts=2,
+                       eos_token_id=1)
 _TINY_FAMILY = {
     "qwen3_next": _TINY_GDN,
     "qwen3_5_text": _TINY_GDN,
     "qwen3_5_moe_text": _TINY_GDN,
     "qwen3_5": _TINY_GDN,
     "qwen3_5_moe": _TINY_GDN,
+    "qwen4_exp": _TINY_QWEN4_EXP,
+    "qwen4_exp_text": _TINY_QWEN4_EXP,
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
                         **_TINY_MLA),
     "glm4_moe_lite": _TINY_MLA,
@@ -587,6 +597,7 @@ _TINY_OUTER = {
                      image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253),
     "qwen3_5": _TINY_QWEN3_5_OUTER,
     "qwen3_5_moe": _TINY_QWEN3_5_OUTER,
+    "qwen4_exp": _TINY_QWEN3_5_OUTER,
     "mistral3": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                         image_size=28, patch_size=14, head_dim=16), image_token_index=255),
     "llava": dict(vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
