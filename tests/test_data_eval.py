@@ -349,6 +349,25 @@ def test_load_model_folder_without_config(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_a_checkpoint_that_lacks_tensors_under_the_models_names_is_refused_not_left_random(tmp_path, capsys):
+    """transformers fills a tensor the checkpoint lacks under the model's name with random values and only warns
+    (a folder saved under other names, as ShieldGemma 2's own save does): pvq refuses it, streamed or whole,
+    instead of quantizing random weights."""
+    from safetensors.torch import load_file, save_file
+
+    from pvq.cli import main as cli
+
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    save_file({k.replace("model.layers.1.", "model.blocks.1."): v for k, v in load_file(path).items()}, path,
+              metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"lacks 9 of the tensors LlamaForCausalLM has \(model\.layers\.1\."):
+        load_model(str(tmp_path / "src"))
+    assert cli(["quantize", str(tmp_path / "src"), "--method", "pvq", "-o", str(tmp_path / "q"), "--no-progress"]) != 0
+    assert "lacks 9 of the tensors" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
 def test_load_model_unsupported_model_type(tmp_path):
     from transformers import T5Config
 

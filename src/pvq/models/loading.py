@@ -63,7 +63,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "qwen2_5_vl", "qwen3_vl", "mistral3", "llava", "qwen2_vl", "smolvlm", "internvl", "paligemma",
                          "llava_next", "llava_onevision", "aya_vision", "cohere2_vision", "idefics3", "lfm2_vl",
                          "glm4v", "glm46v", "hunyuan_vl", "exaone4_5", "step3p7", "aria", "idefics2", "llava_next_video",
-                         "deepseek_vl", "paddleocr_vl", "vipllava", "video_llava", "lighton_ocr",
+                         "deepseek_vl", "paddleocr_vl", "vipllava", "video_llava", "lighton_ocr", "llava_onevision1_5",
+                         "video_llama_3", "qianfan_ocr", "ovis2_5", "lfm3_vl",
                          # ... their language model a mixture of experts (Ernie 4.5 VL's experts for text tokens and
                          # for image tokens: text calibration reaches only the first)
                          "qwen3_vl_moe", "glm4v_moe", "kimi_k25", "ernie4_5_vl_moe", "minimax_m3_vl",
@@ -365,7 +366,8 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype):
     if cached is not None and cached.is_dir():
         try:
             tokenizer = _as_saved(AutoTokenizer.from_pretrained(str(cached)), cached)
-            model = AutoModelForCausalLM.from_pretrained(str(cached), **kwargs)
+            model = _all_loaded(str(cached), *AutoModelForCausalLM.from_pretrained(str(cached), output_loading_info=True,
+                                                                                    **kwargs))
         except Exception:  # a damaged cache entry: convert again below and replace it
             shutil.rmtree(cached, ignore_errors=True)
         else:
@@ -375,9 +377,11 @@ def _load_gguf(name: str, path: Path, dtype: torch.dtype):
             return model.eval(), tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **kwargs, **_unpacked())
+        model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, output_loading_info=True, **kwargs,
+                                                           **_unpacked())
     except Exception as exc:  # unsupported GGUF architecture, corrupt file, ...
         raise ModelLoadError(f"cannot load model {name!r} from GGUF: {one_line(exc, with_type=True)}") from exc
+    _all_loaded(name, model, info)
     _check_model_type(name, getattr(model.config, "model_type", None))
     _forget_gguf_quantizer(model)
     if cached is not None:
@@ -416,10 +420,25 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, trus
     source, config = _checked_config(name, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = auto_class(config).from_pretrained(source, config=config, trust_remote_code=trust_remote_code, **kwargs)
+        model, info = auto_class(config).from_pretrained(source, config=config, trust_remote_code=trust_remote_code,
+                                                         output_loading_info=True, **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {one_line(exc, with_type=True)}{_remote_hint(exc)}") from exc
-    return model.eval(), tokenizer
+    return _all_loaded(name, model, info).eval(), tokenizer
+
+
+def _all_loaded(name: str, model, info: dict):
+    """`model`, once transformers' load report (`output_loading_info`) says every tensor of the model came from the
+    checkpoint: a tensor it lacks under the model's name is left at its random initial value with a warning only
+    (a checkpoint saved under other names by another version of transformers or another class), and quantizing
+    that would look like quantizing the checkpoint."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelLoadError(f"cannot load model {name!r}: the checkpoint lacks {len(missing)} of the tensors "
+                             f"{type(model).__name__} has ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)}), "
+                             f"which transformers would leave at random values; was it saved for another class or "
+                             f"under other names?")
+    return model
 
 
 # files of a model folder that say how to run it, beside its weights and tokenizer: generation defaults
@@ -656,6 +675,15 @@ _TINY_OUTER = {
     "video_llava": dict(vision_config=_TINY_CLIP, image_token_index=255, video_token_index=254),
     "lighton_ocr": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=28, patch_size=14), image_token_id=255),
+    "llava_onevision1_5": dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                  out_hidden_size=64, patch_size=14),
+                               image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253),
+    "video_llama_3": dict(vision_config=_TINY_VIT, image_token_id=255, video_token_id=254),
+    "qianfan_ocr": dict(vision_config=_TINY_VIT, image_token_id=255),
+    "ovis2_5": dict(vision_config=_TINY_VIT, image_token_id=255, video_token_id=254, image_start_token_id=250,
+                    image_end_token_id=251, video_start_token_id=252, video_end_token_id=253),
+    "lfm3_vl": dict(vision_config=_TINY_VIT, image_token_id=255, video_token_id=254, vision_start_token_id=252,
+                    vision_end_token_id=253),
     "paddleocr_vl": dict(vision_config=_TINY_VIT, image_token_id=255, video_token_id=254, vision_start_token_id=252,
                          vision_end_token_id=253),
     "mllama": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
