@@ -362,10 +362,10 @@ def test_a_checkpoint_that_lacks_tensors_under_the_models_names_is_refused_not_l
     path = tmp_path / "src" / "model.safetensors"
     save_file({k.replace("model.layers.1.", "model.blocks.1."): v for k, v in load_file(path).items()}, path,
               metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"lacks 9 of the tensors LlamaForCausalLM has \(model\.layers\.1\."):
+    with pytest.raises(ModelLoadError, match=r"lacks 9 of the parameters LlamaForCausalLM has \(model\.layers\.1\."):
         load_model(str(tmp_path / "src"))
     assert cli(["quantize", str(tmp_path / "src"), "--method", "pvq", "-o", str(tmp_path / "q"), "--no-progress"]) != 0
-    assert "lacks 9 of the tensors" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    assert "lacks 9 of the parameters" in capsys.readouterr().err and not (tmp_path / "q").exists()
 
 
 def test_load_model_unsupported_model_type(tmp_path):

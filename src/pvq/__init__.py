@@ -1,7 +1,7 @@
 """pvq: post-training LLM quantization with Pyramid Vector Quantization.
 
-Importing pvq registers the "pvq" quantization method with transformers (when it is installed; at the moment
-transformers imports its quantizer registry, pvq.hf), so
+Importing pvq registers the "pvq" quantization method with transformers (when it is installed; pvq.hf does it
+the moment transformers imports its quantizer registry, which every from_pretrained does first), so
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads a directory written by `pvq quantize`
 (`AutoModelForImageTextToText` for a vision-language family without a causal-LM class: models/classes.py).
 """

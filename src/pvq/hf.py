@@ -147,7 +147,8 @@ class _ThenRegister(importlib.abc.Loader):
         self._loader = loader
 
     def create_module(self, spec):
-        return self._loader.create_module(spec)
+        create = getattr(self._loader, "create_module", None)
+        return create(spec) if create is not None else None
 
     def exec_module(self, module):
         self._loader.exec_module(module)
@@ -155,7 +156,7 @@ class _ThenRegister(importlib.abc.Loader):
             register()
         except Exception as exc:  # noqa: BLE001  (transformers must import whatever pvq's registration meets)
             warnings.warn(f"pvq could not register with transformers ({type(exc).__name__}: {exc}); "
-                          f"from_pretrained will not load pvq directories (pvq.load still does)", stacklevel=2)
+                          f"from_pretrained will not load pvq directories (pvq.load still does)")
 
     def __getattr__(self, name):  # get_source, is_package, ...: the wrapped loader's
         return getattr(self._loader, name)
@@ -163,18 +164,18 @@ class _ThenRegister(importlib.abc.Loader):
 
 class _WatchRegistry(importlib.abc.MetaPathFinder):
     """Finds transformers' quantizer registry with the finders after it and hands back its spec with a loader that
-    registers pvq after the module runs; it leaves sys.meta_path at its first use."""
+    registers pvq after the module runs. It stays in sys.meta_path (a string comparison per import): taking it
+    out would change the list under an import of another thread, and an import of the registry that fails is
+    watched again when retried."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _REGISTRY:
+        if fullname != _REGISTRY or _registered:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None) if finder is not self else None
             spec = find(fullname, path, target) if find is not None else None
             if spec is not None:
-                if spec.loader is not None:
+                if hasattr(spec.loader, "exec_module"):
                     spec.loader = _ThenRegister(spec.loader)
                 return spec
         return None
@@ -192,7 +193,7 @@ def __getattr__(name: str):
     # `from pvq.hf import PVQConfig` before transformers has imported its registry: register now
     if name in ("PVQConfig", "PVQHfQuantizer"):
         if not register():
-            raise ImportError(f"pvq.hf.{name} needs transformers (pip install transformers)")
+            raise ImportError(f"pvq.hf.{name} needs transformers, which could not be imported")
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

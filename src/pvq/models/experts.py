@@ -42,9 +42,9 @@ def _fused(mod: nn.Module) -> bool:
     # rather than left dense unnoticed
     if isinstance(mod, nn.modules.conv._ConvNd):
         return False
-    flat = _KNOWN.get(type(mod).__name__, (None, None))[1]
-    if flat is not None and flat.pvq_flat:  # experts stacked in 2-D parameters of a child: known by class
-        return all(isinstance(_leaf(mod, leaf), nn.Parameter) for leaf in flat.pvq_leaves(mod))
+    mixin = _KNOWN.get(type(mod).__name__, (None, None))[1]
+    if mixin is not None and mixin.pvq_flat:  # experts stacked in 2-D parameters of a child: known by class
+        return all(isinstance(_leaf(mod, leaf), nn.Parameter) for leaf in mixin.pvq_leaves(mod))
     if not any(p.dim() == 3 for p in mod.parameters(recurse=False)):
         return False
     return hasattr(mod, "has_gate") or "expert" in type(mod).__name__.lower()
@@ -71,7 +71,7 @@ class _Split:
     pvq_split_experts = True
     pvq_flat = False  # True: the fused tensors are 2-D, the experts stacked along their first axis
 
-    def pvq_transposed(self, kind: str) -> bool:
+    def pvq_stored_transposed(self, kind: str) -> bool:
         """Whether the weights of the linears `kind` are stored [in, out] in the fused tensor."""
         return self.is_transposed
 
@@ -185,7 +185,7 @@ class _SplitFlatGLU(_Split):
         missing += [a for a in ("num_experts", "hidden_size") if not hasattr(self, a)]
         return missing + ["mlp.activation_fn"] * (not hasattr(getattr(self, "mlp", None), "activation_fn"))
 
-    def pvq_transposed(self, kind: str) -> bool:
+    def pvq_stored_transposed(self, kind: str) -> bool:
         return kind == "down"
 
     def pvq_stacked(self, fused: torch.Tensor) -> torch.Tensor:
@@ -260,7 +260,7 @@ def split_module(mod: nn.Module, where: str) -> None:
         fused = {param: leaf for leaf, (k, param) in leaves.items() if k == kind}
         weight = mixin.pvq_stacked(mod, _pop(mod, fused["weight"]))
         bias = _pop(mod, fused["bias"]) if mod.has_bias and "bias" in fused else None
-        mod.add_module(kind, _linears(weight, bias, mixin.pvq_transposed(mod, kind)))
+        mod.add_module(kind, _linears(weight, bias, mixin.pvq_stored_transposed(mod, kind)))
     mod.__class__ = _split_class(type(mod), mixin)
     # the family's weight initialisation reads the fused tensors this module (or its child holding them, DBRX's
     # mlp) no longer has; its linears hold the values (or, loading a pvq directory, are about to be filled)

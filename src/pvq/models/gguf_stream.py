@@ -147,7 +147,9 @@ class GGUFCheckpointReader:
                 names.sort(key=lambda g: converter.source_patterns.index(matched[g]))
         self.stored = stored
         self.slices = {name: where for name, where in expert_slices(model).items() if where[0] in stored}
-        for fused in {where[0] for where in self.slices.values()}:
+        for fused, flat in {where[0]: where[3] for where in self.slices.values()}.items():
+            if flat:  # read per expert below as rows of a 3-D tensor
+                raise NotStreamable(f"{self.path}: {fused} stacks its experts in a 2-D tensor")
             ops = getattr(self._converters.get(fused), "operations", [])
             if any(type(op).__name__ not in ("ConcatenateRows", "Concatenate") for op in ops):
                 raise NotStreamable(f"{self.path}: {fused} is converted on loading in a way not read per expert")

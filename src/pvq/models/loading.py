@@ -428,13 +428,15 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, trus
 
 
 def _all_loaded(name: str, model, info: dict):
-    """`model`, once transformers' load report (`output_loading_info`) says every tensor of the model came from the
-    checkpoint: a tensor it lacks under the model's name is left at its random initial value with a warning only
+    """`model`, once transformers' load report (`output_loading_info`) says every parameter of the model came from
+    the checkpoint: one it lacks under the model's name is left at its random initial value with a warning only
     (a checkpoint saved under other names by another version of transformers or another class), and quantizing
-    that would look like quantizing the checkpoint."""
-    missing = sorted(info.get("missing_keys") or ())
+    that would look like quantizing the checkpoint. A missing buffer is let through, as streaming lets it: the
+    family's initialisation computes those (MiniMax's decay rates, Qwen4-Exp's n-gram offsets)."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    missing = sorted(k for k in info.get("missing_keys") or () if k in params)
     if missing:
-        raise ModelLoadError(f"cannot load model {name!r}: the checkpoint lacks {len(missing)} of the tensors "
+        raise ModelLoadError(f"cannot load model {name!r}: the checkpoint lacks {len(missing)} of the parameters "
                              f"{type(model).__name__} has ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)}), "
                              f"which transformers would leave at random values; was it saved for another class or "
                              f"under other names?")

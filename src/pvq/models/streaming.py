@@ -219,7 +219,7 @@ def expert_slices(model) -> dict[str, tuple[str, int, bool, int]]:
             for e, lin in enumerate(linears):
                 if getattr(lin, param, None) is not None:
                     slices[f"{path}.{kind}.{e}.{param}"] = (f"{path}.{leaf}", e,
-                                                            mod.pvq_transposed(kind) and param == "weight",
+                                                            mod.pvq_stored_transposed(kind) and param == "weight",
                                                             len(linears) if mod.pvq_flat else 0)
     return slices
 
@@ -288,11 +288,12 @@ def _expected_shape(model, name: str, slices: dict) -> tuple | None:
         return tuple(model.get_parameter(name).shape)
     except AttributeError:
         pass
-    rows = sorted((e, part, transposed) for part, (fused, e, transposed, _) in slices.items() if fused == name)
+    rows = sorted((e, part, transposed, flat) for part, (fused, e, transposed, flat) in slices.items() if fused == name)
     if not rows:
         return None
     one = tuple(model.get_parameter(rows[0][1]).shape)
-    return (len(rows), *(one[::-1] if rows[0][2] else one))
+    one = one[::-1] if rows[0][2] else one
+    return (len(rows) * one[0], *one[1:]) if rows[0][3] else (len(rows), *one)
 
 
 def _expert_part(model, transform, key: str, target: str, pattern: str) -> tuple[str, int] | None:
@@ -311,11 +312,11 @@ def _expert_part(model, transform, key: str, target: str, pattern: str) -> tuple
         mod = model.get_submodule(path)
     except AttributeError:
         return None
-    if expert is None or not getattr(mod, "pvq_split_experts", False) or mod.is_transposed:
+    if expert is None or not getattr(mod, "pvq_split_experts", False):
         return None
     kind, param = fused_leaves(mod).get(leaf, (None, None))
     e = int(expert.group(1))
-    if kind is None or e >= len(getattr(mod, kind)):
+    if kind is None or mod.pvq_stored_transposed(kind) or e >= len(getattr(mod, kind)):
         return None
     position = transform.source_patterns.index(pattern) if len(ops) == 2 else 0
     return f"{path}.{kind}.{e}.{param}", position
