@@ -145,6 +145,17 @@ def test_a_linear_whose_weight_the_family_reads_itself_stays_dense(mt):
     assert {"self_attention.dense", "mlp.dense_4h_to_h"} <= set(block_linears(blocks(tiny_model("bloom"))[0]))
 
 
+def test_guard_tensors_are_expected_under_the_names_transformers_renames_them_to(tmp_path):
+    """Mistral Large 4's conversion mapping renames `.experts.` to `.mlp.experts.` even in the names the model has
+    already: the empty tensors pvq stores under its experts' weight names are expected under the renamed names
+    too, so from_pretrained of the directory reports nothing unexpected."""
+    model = family_model("mistral_large4")
+    api.quantize(model, QuantConfig(method="pvq", bits=4.25), progress=False)
+    save(model, tiny_tokenizer(), tmp_path)
+    _, info = auto_class(model.config).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+
+
 def test_a_linear_whose_weight_a_block_reads_through_its_children_stays_dense():
     """Ergo's block reads `self.self_attn.o_proj.weight.dtype`: o_proj stays dense in every block, the
     attention's other linear is quantized."""

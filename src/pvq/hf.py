@@ -46,6 +46,7 @@ def register() -> bool:
     from .checkpoint import PVQFormatError, guard_name, weight_files
     from .loader import check_directory, finish_loading, replace_linears
     from .models.adapters import check_supported
+    from .models.streaming import renamed_on_loading
     from .modules.linear import check_decode
     from .settings import FORMAT_VERSION, check_format_version
 
@@ -103,9 +104,11 @@ def register() -> bool:
             held._is_hf_initialized = True
             for name in qc.layers:
                 model.get_submodule(name).weight = held
-            # the empty guard tensors under the quantized linears' weight names are expected here
+            # the empty guard tensors under the quantized linears' weight names are expected here, under the names
+            # transformers' loader renames them to as well
+            guards = renamed_on_loading(model, [guard_name(n) for n in qc.layers])
             model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
-                                                        | {re.escape(guard_name(n)) + "$" for n in qc.layers})
+                                                        | {re.escape(g) + "$" for g in guards})
             # transformers leaves a tensor missing from the file uninitialized and loads a changed one
             # silently: check the directory it reads as pvq.load does, before it reads it
             files = [Path(f) for f in checkpoint_files or ()]

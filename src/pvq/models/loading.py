@@ -67,7 +67,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "video_llama_3", "qianfan_ocr", "ovis2_5", "lfm3_vl",
                          # ... their language model a mixture of experts (Ernie 4.5 VL's experts for text tokens and
                          # for image tokens: text calibration reaches only the first)
-                         "qwen3_vl_moe", "glm4v_moe", "kimi_k25", "ernie4_5_vl_moe", "minimax_m3_vl",
+                         "qwen3_vl_moe", "glm4v_moe", "kimi_k25", "ernie4_5_vl_moe", "minimax_m3_vl", "mistral_large4",
                          # mixture of experts (fused 3-D experts, split by models/experts.py)
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
@@ -140,6 +140,10 @@ _TINY_FAMILY = {
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
                         **_TINY_MLA),
     "glm4_moe_lite": _TINY_MLA,
+    # Mistral Large 4: latent attention thinned by an indexer, a dense first block; its per-layer lists cut to 2
+    "mistral_large4": dict(_TINY_MLA, mlp_layer_types=["dense", "sparse"], layer_types=["indexed_attention"] * 2,
+                           no_rope_layers=[1, 0], kv_source_layers=[0, 1], index_head_dim=16, index_n_heads=2,
+                           index_topk=8, num_attention_heads=4, num_key_value_heads=4, qk_head_dim=16),
     "deepseek_v32": dict(_TINY_MLA, num_key_value_heads=4, index_n_heads=4, index_head_dim=16, index_topk=8),
     "minicpm3": _TINY_MLA,
     "gemma4_text": _TINY_GEMMA4,
@@ -677,6 +681,7 @@ _TINY_OUTER = {
     "video_llava": dict(vision_config=_TINY_CLIP, image_token_index=255, video_token_index=254),
     "lighton_ocr": dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=28, patch_size=14), image_token_id=255),
+    "mistral_large4": dict(vision_config=dict(_TINY_VIT, head_dim=16), image_token_index=255),
     "llava_onevision1_5": dict(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                                                   out_hidden_size=64, patch_size=14),
                                image_token_id=255, video_token_id=254, vision_start_token_id=252, vision_end_token_id=253),

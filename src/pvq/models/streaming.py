@@ -335,6 +335,19 @@ def _conversions(model) -> tuple[list, list]:
     return renames, [t for t in transforms if not isinstance(t, WeightRenaming)]
 
 
+def renamed_on_loading(model, names) -> set[str]:
+    """`names` of a checkpoint's tensors and what transformers' loader renames each to for `model` (its
+    conversion mapping's renamings; a renaming may apply to a model's own name, as Mistral Large 4's `.experts.`
+    -> `.mlp.experts.` does)."""
+    renames, _ = _conversions(model)
+    out = set(names)
+    for key in names:
+        for t in renames:
+            key = t.rename_source_key(key)[0]
+        out.add(key)
+    return out
+
+
 @contextmanager
 def parameters_on_meta():
     """Every parameter registered inside goes to the meta device; buffers stay where they are built."""
