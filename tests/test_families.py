@@ -320,7 +320,7 @@ MOE = [mt for mt in SUPPORTED_MODEL_TYPES if "moe" in mt and mt != "jetmoe" or m
                                                                     "mellum", "minimax_m3_vl_text", "dots3_note_text",
                                                                     "lara_mini", "bailing_hybrid", "longcat_flash",
                                                                     "glm_moe_dsa", "deepseek_v4", "ergo", "dbrx",
-                                                                    "qwen4_exp_text")]
+                                                                    "qwen4_exp_text", "mistral4")]
 
 
 @pytest.mark.parametrize("mt", MOE)

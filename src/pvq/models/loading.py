@@ -72,7 +72,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
                          "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "phimoe", "granitemoe", "gpt_oss",
                          "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "glm4_moe", "llama4_text", "hunyuan_v1_moe",
                          "ernie4_5_moe", "exaone_moe", "minimax_m2", "afmoe", "flex_olmo", "lfm2_moe", "glm4_moe_lite",
-                         "cohere2_moe", "mimo_v2_flash", "granitemoeshared", "minicpm5_moe", "aria_text", "granitemoe_swa",
+                         "cohere2_moe", "mistral4", "mimo_v2_flash", "granitemoeshared", "minicpm5_moe", "aria_text", "granitemoe_swa",
                          "kolibri1", "laguna", "mellum", "minimax_m3_vl_text", "param2moe", "sarvam_moe", "dots3_note_text",
                          # ... outside transformers' experts interface, split all the same: JetMoE's experts of
                          # attention and MLP (one linear per expert stacked), Inkling's shared experts, DBRX's
@@ -140,6 +140,13 @@ _TINY_FAMILY = {
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
                         **_TINY_MLA),
     "glm4_moe_lite": _TINY_MLA,
+    # Mistral 4: latent attention and experts after a dense first block; rotary over the whole rope part (its
+    # default rotates half of it), yarn's fields all given, as it reads every one
+    "mistral4": dict(_TINY_MLA, qk_head_dim=16, first_k_dense_replace=1,
+                     rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=128.0,
+                                          original_max_position_embeddings=8192, max_position_embeddings=1048576,
+                                          beta_fast=32.0, beta_slow=1.0, mscale_all_dim=1.0, mscale=1.0,
+                                          llama_4_scaling_beta=0.1, partial_rotary_factor=1.0)),
     # Mistral Large 4: latent attention thinned by an indexer, a dense first block; its per-layer lists cut to 2
     "mistral_large4": dict(_TINY_MLA, mlp_layer_types=["dense", "sparse"], layer_types=["indexed_attention"] * 2,
                            no_rope_layers=[1, 0], kv_source_layers=[0, 1], index_head_dim=16, index_n_heads=2,
