@@ -53,10 +53,10 @@ def register() -> bool:
     class PVQConfig(QuantizationConfigMixin):
         """quantization_config of a pvq directory (written by `pvq quantize`), plus how to run it."""
 
-        def __init__(self, format_version: int | None = None, config: dict | None = None, layers: dict | None = None,
+        def __init__(self, format_version: int = FORMAT_VERSION, config: dict | None = None, layers: dict | None = None,
                      achieved: dict | None = None, decode: str = "auto", weight_dtype: str | None = None, **kwargs):
             self.quant_method = "pvq"
-            self.format_version = FORMAT_VERSION if format_version is None else format_version
+            self.format_version = format_version
             self.config = config or {}
             self.layers = layers or {}
             self.achieved = achieved or {}

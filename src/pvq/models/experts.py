@@ -50,11 +50,16 @@ def _fused(mod: nn.Module) -> bool:
     return hasattr(mod, "has_gate") or "expert" in type(mod).__name__.lower()
 
 
-def _leaf(mod: nn.Module, leaf: str):
-    """The tensor a fused leaf names (`mlp.w1`: on a child), or None."""
+def _holder(mod: nn.Module, leaf: str) -> tuple[nn.Module, str]:
+    """(the module holding a fused leaf: `mod`, or its child for one like DBRX's `mlp.w1`; the parameter's name)."""
     owner, _, name = leaf.rpartition(".")
+    return (mod.get_submodule(owner) if owner else mod), name
+
+
+def _leaf(mod: nn.Module, leaf: str):
+    """The tensor a fused leaf names, or None."""
     try:
-        holder = mod.get_submodule(owner) if owner else mod
+        holder, name = _holder(mod, leaf)
     except AttributeError:
         return None
     return holder._parameters.get(name)
@@ -242,8 +247,8 @@ def _linears(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) 
 
 
 def _pop(mod: nn.Module, leaf: str) -> torch.Tensor | None:
-    owner, _, name = leaf.rpartition(".")
-    return (mod.get_submodule(owner) if owner else mod)._parameters.pop(name, None)
+    holder, name = _holder(mod, leaf)
+    return holder._parameters.pop(name, None)
 
 
 def split_module(mod: nn.Module, where: str) -> None:
@@ -265,8 +270,7 @@ def split_module(mod: nn.Module, where: str) -> None:
     # the family's weight initialisation reads the fused tensors this module (or its child holding them, DBRX's
     # mlp) no longer has; its linears hold the values (or, loading a pvq directory, are about to be filled)
     for leaf in leaves:
-        owner = leaf.rpartition(".")[0]
-        (mod.get_submodule(owner) if owner else mod)._is_hf_initialized = True
+        _holder(mod, leaf)[0]._is_hf_initialized = True
 
 
 def split_experts(root: nn.Module, prefix: str = "") -> int:

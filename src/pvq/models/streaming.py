@@ -93,9 +93,7 @@ class CheckpointReader:
         names = set(fused_names(model))
         base = self._base = _base_prefix(model, names)
         for name in self.files:
-            key = name
-            for t in renames:
-                key = t.rename_source_key(key)[0]
+            key = _renamed(name, renames)
             # at most one conversion per tensor, the first that matches, as transformers' loader applies them
             t, target, pattern = next(((t, *m) for t in merges if (m := t.rename_source_key(key))[1]),
                                       (None, key, None))
@@ -340,12 +338,14 @@ def renamed_on_loading(model, names) -> set[str]:
     conversion mapping's renamings; a renaming may apply to a model's own name, as Mistral Large 4's `.experts.`
     -> `.mlp.experts.` does)."""
     renames, _ = _conversions(model)
-    out = set(names)
-    for key in names:
-        for t in renames:
-            key = t.rename_source_key(key)[0]
-        out.add(key)
-    return out
+    return set(names) | {_renamed(key, renames) for key in names}
+
+
+def _renamed(key: str, renames: list) -> str:
+    """`key` after every renaming of transformers' loader, in order."""
+    for t in renames:
+        key = t.rename_source_key(key)[0]
+    return key
 
 
 @contextmanager
