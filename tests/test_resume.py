@@ -82,6 +82,26 @@ def test_killed_and_rerun_gives_the_same_bytes(model_dir, reference, tmp_path, k
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the unfinished run's directory is gone
 
 
+def test_a_run_killed_after_its_last_block_calibrates_the_head_on_the_saved_outputs(model_dir, tmp_path):
+    """The head is quantized after every block, from the last block's outputs: those are kept with that block."""
+    ends = ["--head-bits", "4", "--embed-bits", "4"]
+    whole = tmp_path / "whole"
+    assert cli(["quantize", str(model_dir / "hf"), *ARGS, *ends, "--calib", str(model_dir / "calib.txt"),
+                "-o", str(whole)]) == 0
+    out = tmp_path / "out"
+    p = subprocess.Popen(_cmd(model_dir, out, *ends), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None and _blocks_done(out) < 6:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    if not out.exists():
+        assert _blocks_done(out) == 6
+        r = subprocess.run(_cmd(model_dir, out, *ends), env=_env(), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "resuming" in r.stderr
+    assert _digests(out) == _digests(whole)
+
+
 def test_killed_at_random_moments(model_dir, reference, tmp_path):
     out = tmp_path / "out"
     start = time.time()

@@ -19,18 +19,19 @@ from .finetune import Teacher, block_targets, reference_stream, tune_block, tune
 from .loader import check_device
 from .memory import release_memory, settled_heap, trim_heap
 from .models.adapters import (PerSample, PerToken, block_linear_names, block_linears, block_prefix, blocks,
-                              capture_block_inputs, carried_after, carry, check_supported, hand_on,
-                              set_module, skipped)
+                              capture_block_inputs, carried_after, carry, check_supported, hand_on, head_hessian,
+                              set_module, skipped, weight_read_directly)
 from .models.shards import reference_outputs, sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
+from .modules.embedding import QuantEmbedding
 from .modules.linear import QuantLinear
 from .picker import act_spec, choose_spec
 from .settings import DENSE_DTYPES, QuantConfig, quantization_config, spec_from_dict, spec_to_dict
 from .solvers.gptq import asymmetric_target, gptq
 from .solvers.hessian import relative_error
 from .solvers.steppers import PVQStepper, UniformStepper
-from .transforms.rotate import derive_seed, layer_seeds, rotate_hessian, rotate_weight
+from .transforms.rotate import NO_SEED, derive_seed, layer_seeds, rotate_hessian, rotate_weight
 
 
 def check_weights(model, cfg: QuantConfig, names=None, reader=None) -> None:
@@ -163,6 +164,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     done_elsewhere, shards = iter(()), None
     if pool is not None and writer is None:
         raise ValueError("quantizing on workers writes each block as it is done: it takes a writer")
+    if pool is not None and cfg.uses_data and cfg.head_bits is not None:
+        raise ValueError("--head-bits with a calibrated method runs in one process: drop --workers / --ray-address")
     if pool is not None and cfg.finetune != "none":
         raise ValueError(f"--finetune {cfg.finetune} runs in one process: drop --workers / --ray-address")
     if pool is not None and cfg.uses_data:  # the activations go to the workers' object store, in shards
@@ -259,8 +262,10 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         if device is not None:  # back where the model is, its codes made there already
             block.to("cpu")
         if writer is not None:
+            # the last block's outputs are kept too where the head is calibrated on them after it
+            last = i + 1 == len(layers) and not (cfg.head_bits is not None and cfg.uses_data)
             writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
-                             hidden if cfg.uses_data and i + 1 < len(layers) else None, carried)
+                             hidden if cfg.uses_data and not last else None, carried)
             if ref is None:  # tuning the whole model needs every block at the end
                 release(block)
         release_memory()
@@ -269,11 +274,17 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         blocks_bar.close()
     dense = DENSE_DTYPES[cfg.dense_dtype]
     if reader is not None:  # what is outside the blocks (embeddings, final norm, head), once they are gone
+        ends = [m for _, m in end_modules(model, cfg).values()]  # quantized from their float values
         for name, p in model.named_parameters(remove_duplicate=False):
             if p.device.type == "meta" and not name.startswith(prefixes):  # a tied twin is filled with it
                 check_weights(model, cfg, materialize(model, reader, lambda n, name=name: n == name))
                 if writer is not None and ref is None:  # one float32 embedding or head in memory at a time
-                    _round_dense(model, dense, stored=True)
+                    _round_dense(model, dense, stored=True, keep=ends)
+    if cfg.head_bits is not None or cfg.embed_bits is not None:  # the head and embedding table, once every block is done
+        with calibration_precision(cfg, hidden):
+            done, err = quantize_ends(model, cfg, hidden, calib_ids, progress)
+        per_layer.update(done)
+        errors.update(err)
     model_tuning = None
     if ref is not None:  # the reference's head in float32, the tuned model's as it is stored
         model_tuning = None if writer is None else writer.tuned()
@@ -290,7 +301,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     _round_dense(model, dense, stored=writer is not None)
     summary = summarize(per_layer)
     if cfg.act is not None and writer is not None:  # the blocks are written and released: from the shapes
-        summary["bits_per_activation"] = bits_per_activation_of(cfg.act, [v["shape"][1] for v in per_layer.values()])
+        summary["bits_per_activation"] = bits_per_activation_of(cfg.act, [v["shape"][1] for v in per_layer.values()
+                                                                          if "kind" not in v])
     elif cfg.act is not None:  # the in-memory model runs as the saved one will
         attach(model, cfg.act)
         summary["bits_per_activation"] = bits_per_activation(model)
@@ -458,14 +470,87 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
     return q, entry, error
 
 
-def _round_dense(model, dtype: torch.dtype, stored: bool = False) -> None:
+def end_modules(model, cfg: QuantConfig) -> dict[str, tuple[str, torch.nn.Module]]:
+    """{kind: (name, module)} of the output head ("head", with --head-bits) and the input embedding table
+    ("embedding", with --embed-bits) this run quantizes; a one-line ValueError for a model whose head is not a
+    plain linear, or whose embedding is not a plain table (a family that scales its rows, Gemma's)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for kind, bits, mod, want in (("head", cfg.head_bits, model.get_output_embeddings(), torch.nn.Linear),
+                                  ("embedding", cfg.embed_bits, model.get_input_embeddings(), torch.nn.Embedding)):
+        if bits is None:
+            continue
+        option = "--head-bits" if kind == "head" else "--embed-bits"
+        if mod is None or type(mod) is not want or id(mod) not in names:
+            what = "none" if mod is None else type(mod).__name__
+            raise ValueError(f"{option}: this model's {'output head' if kind == 'head' else 'input embedding'} is "
+                             f"{what}, not a plain {want.__name__} that pvq quantizes; drop {option}")
+        if kind == "head" and weight_read_directly(model, mod):
+            raise ValueError(f"{option}: this family reads its head's weight itself; drop {option}")
+        out[kind] = (names[id(mod)], mod)
+    return out
+
+
+def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_ids: torch.Tensor | None,
+                  progress: bool = True) -> tuple[dict, dict]:
+    """Quantize the output head (--head-bits: like a block linear, with the Hessian of its inputs where the
+    method calibrates) and the input embedding table (--embed-bits: rounded without data, rotated on its hidden
+    side only, so each row decodes alone) in place. `hidden`: the last block's outputs on the calibration
+    samples. A tied pair becomes two tensors, each quantized for its own use (or one left dense), and the model's
+    config no longer ties them. Returns (quantization_config entries, relative errors) by layer name."""
+    ends = end_modules(model, cfg)
+    per_layer, errors = {}, {}
+    bar = tqdm(total=len(ends), desc="quantize head and embedding", disable=not progress, unit="table")
+    for kind in ("head", "embedding"):
+        if kind not in ends:
+            continue
+        name, mod = ends[kind]
+        sub = cfg.for_end(kind)
+        weight = mod.weight.detach()
+        if kind == "head":
+            h = None
+            if cfg.uses_data:
+                if hidden is None:
+                    raise ValueError("--head-bits with a calibrated method needs the last block's outputs")
+                h = head_hessian(model, hidden, calib_ids)
+            q, entry, err = quantize_linear(name, weight, mod.bias, sub, h, owned=True)
+        else:
+            seeds = (layer_seeds(cfg.seed, name, cfg.rotates)[0], NO_SEED)
+            w_rot = rotate_weight(weight.float(), seeds)
+            spec = choose_spec(sub, *w_rot.shape)
+            try:
+                packed = codec.quantize(w_rot, spec, sub.grid_fit)
+            except FP16RangeError as exc:
+                raise ValueError(f"layer {name}: {exc}") from None
+            err = relative_error(w_rot, packed.dequantize(torch.float32))
+            del w_rot
+            q = QuantEmbedding.from_packed(packed, seeds)
+            rows, cols = packed.shape
+            entry = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
+                     "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
+        set_module(model, name, q)
+        per_layer[name], errors[name] = {**entry, "kind": kind}, err
+        del weight
+        bar.update(1)
+    bar.close()
+    # a tied head and embedding are separate tensors from now on: loading must not tie them again
+    for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+    return per_layer, errors
+
+
+def _round_dense(model, dtype: torch.dtype, stored: bool = False, keep=()) -> None:
     """Round the parameters that stay dense to their storage dtype, so the in-memory model equals the saved
-    one; `stored`: keep them in that dtype (a model whose blocks went to a writer only has them to store)."""
+    one; `stored`: keep them in that dtype (a model whose blocks went to a writer only has them to store).
+    `keep`: modules whose parameters are left as they are (a head or embedding table still to be quantized; a tied
+    twin is left with them)."""
+    kept = {id(p) for m in keep for p in m.parameters(recurse=False)}
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             continue
         for p in mod.parameters(recurse=False):
-            if p.device.type == "meta" or p.dtype == dtype:
+            if p.device.type == "meta" or p.dtype == dtype or id(p) in kept:
                 continue
             if stored:
                 p.data = p.data.to(dtype)
@@ -474,10 +559,18 @@ def _round_dense(model, dtype: torch.dtype, stored: bool = False) -> None:
 
 
 def summarize(per_layer: dict) -> dict:
-    bits = sum(v["stored_bits"] for v in per_layer.values())
-    weights = sum(v["shape"][0] * v["shape"][1] for v in per_layer.values())
-    return {"linear_bits": bits, "linear_weights": weights, "bits_per_weight": bits / max(weights, 1),
-            "layers": len(per_layer)}
+    """Bits of the blocks' quantized linears (bits_per_weight, as every method reports it); a quantized head and
+    embedding table apart, under "ends" (their kind: layer, stored bits, bits per weight)."""
+    linears = {k: v for k, v in per_layer.items() if "kind" not in v}
+    bits = sum(v["stored_bits"] for v in linears.values())
+    weights = sum(v["shape"][0] * v["shape"][1] for v in linears.values())
+    out = {"linear_bits": bits, "linear_weights": weights, "bits_per_weight": bits / max(weights, 1),
+           "layers": len(linears)}
+    ends = {v["kind"]: {"layer": k, "stored_bits": v["stored_bits"], "bits_per_weight": v["bits_per_weight"]}
+            for k, v in sorted(per_layer.items()) if "kind" in v}
+    if ends:
+        out["ends"] = ends
+    return out
 
 
 def check_reachable(model, cfg: QuantConfig) -> None:
@@ -486,6 +579,12 @@ def check_reachable(model, cfg: QuantConfig) -> None:
     shapes = {(m.out_features, m.in_features) for _, m in block_linear_names(model)}
     for rows, cols in sorted(shapes):
         choose_spec(cfg, rows, cols)
+    for kind, (_, mod) in end_modules(model, cfg).items():
+        rows, cols = mod.weight.shape
+        try:
+            choose_spec(cfg.for_end(kind), rows, cols)
+        except ValueError as exc:
+            raise ValueError(f"--{'head' if kind == 'head' else 'embed'}-bits: {exc}") from None
     if cfg.abits is not None and cfg.act_method == "pvq":
         for cols in sorted({c for _, c in shapes}):
             act_spec(cfg.abits, cols)
@@ -510,7 +609,15 @@ def estimate_bytes(model, cfg: QuantConfig) -> int:
     weights = {id(m.weight) for m in linears}
     dense = torch.finfo(DENSE_DTYPES[cfg.dense_dtype]).bits // 8
     total = sum(m.weight.numel() for m in linears) * cfg.bits / 8
+    ends = end_modules(model, cfg)
+    for kind, (_, mod) in ends.items():  # quantized, and stored once each even where they are tied
+        total += mod.weight.numel() * cfg.for_end(kind).bits / 8
+        weights.add(id(mod.weight))
     for p in model.parameters():  # each shared parameter once
         if id(p) not in weights:
             total += p.numel() * (dense if p.is_floating_point() else p.element_size())
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if len(ends) == 1 and getattr(emb, "weight", None) is getattr(head, "weight", False):
+        (_, mod), = ends.values()  # the other one of a tied pair stays dense, in a tensor of its own
+        total += mod.weight.numel() * dense
     return int(total)

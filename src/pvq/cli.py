@@ -204,6 +204,14 @@ def _add_quantize(sub) -> None:
                         "'constant' keeps --lr (default cosine)")
     p.add_argument("--dense-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="dtype of the tensors kept dense (embeddings, head, norms; default float16)")
+    p.add_argument("--head-bits", type=_float(0, MAX_BITS, above=True), default=None, metavar="B",
+                   help="quantize the output head too, at B bits per weight, calibrated like the blocks' linears "
+                        "(default: kept dense in --dense-dtype). In a small model the head and embeddings are most "
+                        "of the file")
+    p.add_argument("--embed-bits", type=_float(0, MAX_BITS, above=True), default=None, metavar="B",
+                   help="quantize the input embedding table too, at B bits per weight, without data, a scale per "
+                        "row; a lookup decodes only the rows it needs (default: kept dense). A head tied to the "
+                        "embeddings becomes a tensor of its own: quantized with --head-bits, else dense")
     p.add_argument("--allocate", action="store_true",
                    help="pvq methods: choose a setting per layer so the total meets --bits with the smallest predicted "
                         "loss (per-layer sensitivity from squared gradients on calibration text, see --allocate-probe; exact "
@@ -352,7 +360,7 @@ def _quant_config(args):
                        finetune_steps=args.finetune_steps, finetune_lr=args.lr,
                        finetune_model_steps=args.finetune_model_steps, finetune_schedule=args.finetune_schedule,
                        dense_dtype=args.dense_dtype, abits=args.abits, act_method=args.act_method,
-                       act_rotate=not args.no_act_rotate)
+                       act_rotate=not args.no_act_rotate, head_bits=args.head_bits, embed_bits=args.embed_bits)
 
 
 def _allocation_settings(args):
@@ -495,6 +503,8 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
           f"({summary['linear_weights'] / 1e6:.2f} M weights), file {size / 2**20:.1f} MiB, "
           f"{summary['seconds']:.0f} s, peak RSS {rss:.0f} MiB -> {out}"
           + ("" if ppl is None else f"; perplexity {ppl['ppl']:.4f} ({ppl['protocol']})"))
+    for kind, e in summary.get("ends", {}).items():
+        print(f"{kind} {e['layer']}: {e['bits_per_weight']:.4f} bits per weight")
     if args.json:
         print(json.dumps({**summary, "file_bytes": size, "peak_rss_mib": rss, "output": str(out),
                           "method": cfg.method, "target_bits": cfg.bits, "streamed": stream}), file=args.stdout)
@@ -646,13 +656,19 @@ def cmd_info(args) -> int:
     act = ActConfig.from_quant_config(qc["config"])
     if act is not None:
         info.update({"abits": act.bits, "act_method": act.method, "act_rotate": act.rotate,
-                     "bits_per_activation": bits_per_activation_of(act, [l["shape"][1] for l in qc["layers"].values()])})
+                     "bits_per_activation": bits_per_activation_of(act, [l["shape"][1] for l in qc["layers"].values()
+                                                                         if "kind" not in l])})
+    if "ends" in qc["achieved"]:
+        info["ends"] = qc["achieved"]["ends"]
     if args.json:
         print(json.dumps(info))
         return 0
     print(f"method {info['method']}, {'rotated' if info['rotated'] else 'not rotated'} (target {info['target_bits']} bpw), "
           f"format v{info['format_version']}")
     print(f"quantized linears: {info['bits_per_weight']:.4f} bits per weight over {info['linear_weights'] / 1e6:.2f} M weights")
+    for kind, e in info.get("ends", {}).items():
+        print(f"{'output head' if kind == 'head' else 'input embeddings'} {e['layer']}: quantized, "
+              f"{e['bits_per_weight']:.4f} bits per weight")
     print(f"{files[0].name if len(files) == 1 else f'{len(files)} shards'}: {size / 2**20:.2f} MiB (embeddings, "
           f"head and norms included), {len(tensors)} tensors, "
           + ("readable (written without checksums)" if not info["checksums"] else "every checksum matches" if not changed

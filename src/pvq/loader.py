@@ -18,8 +18,9 @@ from .models.classes import auto_class
 from .models.loading import load_model
 from .modules.actquant import attach
 from .modules.dense import keep_stored
+from .modules.embedding import QuantEmbedding
 from .modules.linear import QuantLinear, check_decode, reserve_tables
-from .settings import DENSE_DTYPES, ActConfig, spec_from_dict
+from .settings import DENSE_DTYPES, LAYER_KINDS, ActConfig, spec_from_dict
 
 
 def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: torch.dtype = torch.float32,
@@ -36,13 +37,21 @@ def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: tor
             raise PVQFormatError(f"{source}: quantization_config layer {name!r} is invalid ({exc})") from None
         if getattr(old, "weight", None) is not None and tuple(old.weight.shape) != shape:
             raise PVQFormatError(f"{source}: layer {name} has shape {list(shape)} but the model expects {list(old.weight.shape)}")
+        kind = layer.get("kind")
+        if kind is not None and kind not in LAYER_KINDS:
+            raise PVQFormatError(f"{source}: quantization_config layer {name!r} has an unknown kind {kind!r}")
+        expected = {"head": model.get_output_embeddings(), "embedding": model.get_input_embeddings()}.get(kind, old)
+        if expected is not old:
+            raise PVQFormatError(f"{source}: quantization_config layer {name!r} is stored as the model's {kind}, "
+                                 f"which this model has elsewhere")
         bias = getattr(old, "bias", None) is not None
         mode = decode
         if gpu and decode == "auto":
             from .runtime import gpu as kernels
 
             mode = "on-the-fly" if kernels.supports(spec) and kernels.available() else "once"
-        set_module(model, name, QuantLinear(spec, shape, bias=bias, decode=mode, weight_dtype=weight_dtype))
+        cls = QuantEmbedding if kind == "embedding" else QuantLinear
+        set_module(model, name, cls(spec, shape, bias=bias, decode=mode, weight_dtype=weight_dtype))
 
 
 def attach_activations(model, qc: dict, source: str = "config.json") -> None:

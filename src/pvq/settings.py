@@ -8,14 +8,18 @@ picker.py; this module only says what the stored values mean and whether they ar
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
 from .codec import PVQSpec, UniformSpec
 from .transforms.rotate import MAX_RUN_SEED
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this pvq reads; a file is written with the oldest that holds it
+# version 2: a quantized output head or input embedding table (a layer entry with a "kind"), which a reader
+# of version 1 would build as a block linear; a file without one is written as version 1, as before
+ENDS_FORMAT_VERSION = 2
+LAYER_KINDS = ("head", "embedding")  # layer entries outside the blocks, by the module they replace
 METHODS = ("rtn", "hqq", "gptq", "pvq", "pvq-gptq")
 LAYOUTS = ("compact", "fast")
 ACT_METHODS = ("rtn", "pvq")  # activation quantizers (modules/actquant.py)
@@ -99,6 +103,10 @@ class QuantConfig:
     abits: int | None = None
     act_method: str = "rtn"
     act_rotate: bool = True  # quantize them after the layer's input rotation
+    # the output head and the input embedding table, quantized at these bits per weight (None: kept dense in
+    # dense_dtype); a head is calibrated like a block linear, the embedding rounded without data, by rows
+    head_bits: float | None = None
+    embed_bits: float | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -161,6 +169,13 @@ class QuantConfig:
                 and self.asymmetric_samples >= 0):
             raise ValueError(f"--asymmetric-samples must be an integer >= 0 (0: every calibration sample), got "
                              f"{self.asymmetric_samples!r}")
+        for option, v in (("--head-bits", self.head_bits), ("--embed-bits", self.embed_bits)):
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                      and 0 < v <= MAX_BITS):
+                raise ValueError(f"{option} must be a number above 0 and at most {MAX_BITS}, got {v!r}")
+        if self.head_bits is not None and self.tunes_model:
+            raise ValueError(f"--finetune {self.finetune} tunes the model against its dense head: drop --head-bits "
+                             f"or use --finetune blocks")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 
@@ -208,7 +223,18 @@ class QuantConfig:
             del d["finetune_model_steps"]
         elif d["finetune"] == "model":  # unused: a resume with other block steps is the same run
             del d["finetune_steps"]
+        for k in ("head_bits", "embed_bits"):  # dense, as every file before they could be quantized
+            if d[k] is None:
+                del d[k]
         return d
+
+    def for_end(self, kind: str) -> "QuantConfig":
+        """The settings the output head ("head") or the input embedding table ("embedding") is quantized with:
+        this run's at --head-bits / --embed-bits, without the blocks' per-layer plan. An embedding's rows are
+        decoded one by one and its output side cannot be rotated, so PVQ gives each row its own scale."""
+        bits = self.head_bits if kind == "head" else self.embed_bits
+        scale = "row" if kind == "embedding" and self.is_pvq else self.scale
+        return replace(self, bits=bits, overrides=None, scale=scale)
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
@@ -279,5 +305,6 @@ def check_format_version(version) -> None:
 
 def quantization_config(cfg: QuantConfig, layers: dict, achieved: dict) -> dict:
     """The quantization_config a quantized model carries and config.json stores."""
-    return {"quant_method": "pvq", "format_version": FORMAT_VERSION, "config": cfg.to_dict(), "layers": layers,
+    version = ENDS_FORMAT_VERSION if any("kind" in v for v in layers.values()) else 1
+    return {"quant_method": "pvq", "format_version": version, "config": cfg.to_dict(), "layers": layers,
             "achieved": achieved}

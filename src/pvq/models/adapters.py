@@ -818,6 +818,37 @@ def logits_after_blocks(model, hidden: torch.Tensor, input_ids: torch.Tensor) ->
         return model(input_ids, use_cache=False).logits
 
 
+class _HeadReached(Exception):
+    """Raised from the head's pre-hook once its input is summed: the logits themselves are not needed."""
+
+
+@torch.no_grad()
+def head_hessian(model, hidden: torch.Tensor, input_ids: torch.Tensor, batch: int = BATCH) -> torch.Tensor:
+    """The mean Hessian of the output head's inputs (float64 [hidden, hidden]) when the last block outputs
+    `hidden` [N, L, D] for `input_ids` [N, L]: the family's own code after its blocks (the final norm) runs, a few
+    samples at a time, and stops at the head, so no [N, L, vocab] logits are made."""
+    head = model.get_output_embeddings()
+    acc = HessianAccumulator(head.in_features)
+
+    def summed(module, args):
+        acc.add_batch(args[0].float())
+        raise _HeadReached
+
+    handle = head.register_forward_pre_hook(summed)
+    try:
+        for s in range(0, hidden.shape[0], batch):
+            part = hidden[s:s + batch]
+            try:
+                logits_after_blocks(model, part.to(head.weight.device), input_ids[s:s + part.shape[0]])
+            except _HeadReached:
+                continue
+            raise ValueError("the model's forward never reached its output head (get_output_embeddings()), so "
+                             "its inputs cannot be measured")
+    finally:
+        handle.remove()
+    return acc.take()
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch: int = BATCH, keep: bool = True,
               out: torch.Tensor | None = None, written: dict | None = None):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import native
+from .linear import QuantLinear
 
 GEMV_TOKENS = 8  # at most this many rows of x: native kernel; more: widen ROW_BLOCK rows at a time
 ROW_BLOCK = 4096
@@ -97,9 +98,10 @@ def keep_stored(model, dtype: torch.dtype) -> bool:
         return False
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     mods = [(m, cls) for m, cls in ((emb, StoredEmbedding), (head, StoredHead)) if type(m) is cls.__bases__[0]]
-    if len(mods) != 2:
+    # both, or the one left dense beside a quantized one (--head-bits or --embed-bits)
+    if len(mods) != 2 and not (len(mods) == 1 and any(isinstance(m, QuantLinear) for m in (emb, head))):
         return False
-    if all(p is emb.weight or p is head.weight for p in model.parameters()):
+    if all(any(p is m.weight for m, _ in mods) for p in model.parameters()):
         return False  # nothing else has parameters (OLMo's norms have none): transformers reads device and dtype there
     held: dict[int, torch.Tensor] = {}
     for m, _ in mods:
