@@ -12,7 +12,7 @@ from pvq.cli import main as cli
 from pvq.models.adapters import blocks, head_hessian
 from pvq.models.loading import tiny_model, tiny_tokenizer
 from pvq.modules.dense import StoredEmbedding
-from pvq.modules.embedding import QuantEmbedding
+from pvq.modules.embedding import HeadRows, QuantEmbedding
 from pvq.modules.linear import QuantLinear
 from pvq.runtime import native
 from pvq.settings import QuantConfig
@@ -115,6 +115,35 @@ def test_an_on_the_fly_lookup_decodes_only_the_rows_it_returns(tmp_path, monkeyp
         emb(torch.tensor([1, 256]))
 
 
+def test_a_tied_models_embedding_reads_the_rows_of_its_quantized_head(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model, summary = _quantized(True, head_bits=4.25, embed_bits="head")
+    assert summary["ends"]["embedding"] == {"layer": "model.embed_tokens", "reads": "lm_head"}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(emb, HeadRows) and int(head.seeds[1]) == -1  # rows that decode alone
+    torch.testing.assert_close(emb(IDS[0]), head.weight_in_original_basis()[IDS[0]], rtol=0, atol=1e-5)
+    ref = _logits(model)
+    checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
+    assert not [k for k in load_file(tmp_path / "q" / "model.safetensors") if "embed" in k]  # one table stored
+    for decode in ("once", "on-the-fly"):
+        loaded, _ = loader.load(tmp_path / "q", decode=decode)
+        assert isinstance(loaded.get_input_embeddings(), HeadRows)
+        torch.testing.assert_close(_logits(loaded), ref, rtol=0, atol=1e-5)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert isinstance(hf.get_input_embeddings(), HeadRows)
+    torch.testing.assert_close(_logits(hf), ref, rtol=0, atol=1e-5)
+    two, _ = _quantized(True, head_bits=4.25, embed_bits=4.25)
+    checkpoint.save(two, tiny_tokenizer(), tmp_path / "two")
+    saved = checkpoint.weights_bytes(tmp_path / "two") - checkpoint.weights_bytes(tmp_path / "q")
+    assert saved == pytest.approx(256 * 64 * 4.2 / 8, rel=0.05)
+    with pytest.raises(ValueError, match="--embed-bits head: this model's input embedding and output head are two"):
+        _quantized(False, head_bits=4.25, embed_bits="head")
+    with pytest.raises(ValueError, match="--embed-bits head reads the rows of the quantized head: give --head-bits"):
+        QuantConfig(embed_bits="head")
+
+
 def test_only_the_head_of_a_tied_pair(tmp_path):
     model, summary = _quantized(True, head_bits=4.25)
     assert set(summary["ends"]) == {"head"}
@@ -157,5 +186,7 @@ def test_what_pvq_cannot_quantize_is_refused_in_one_line(tmp_path, capsys, optio
         assert rc == 0
     with pytest.raises(ValueError, match="--head-bits must be a number above 0"):
         QuantConfig(head_bits=0)
+    assert cli(["quantize", str(src), "--embed-bits", "rows", "-o", str(tmp_path / "q")]) != 0
+    assert "--embed-bits: must be a number above 0 and at most 64, or head, got 'rows'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--finetune model tunes the model against its dense head"):
         QuantConfig(head_bits=4, finetune="model")

@@ -24,7 +24,7 @@ from .models.adapters import (PerSample, PerToken, block_linear_names, block_lin
 from .models.shards import reference_outputs, sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
-from .modules.embedding import QuantEmbedding
+from .modules.embedding import HeadRows, QuantEmbedding
 from .modules.linear import QuantLinear
 from .picker import act_spec, choose_spec
 from .settings import DENSE_DTYPES, QuantConfig, quantization_config, spec_from_dict, spec_to_dict
@@ -280,9 +280,10 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                 check_weights(model, cfg, materialize(model, reader, lambda n, name=name: n == name))
                 if writer is not None and ref is None:  # one float32 embedding or head in memory at a time
                     _round_dense(model, dense, stored=True, keep=ends)
+    shared = None
     if cfg.head_bits is not None or cfg.embed_bits is not None:  # the head and embedding table, once every block is done
         with calibration_precision(cfg, hidden):
-            done, err = quantize_ends(model, cfg, hidden, calib_ids, progress)
+            done, err, shared = quantize_ends(model, cfg, hidden, calib_ids, progress)
         per_layer.update(done)
         errors.update(err)
     model_tuning = None
@@ -299,7 +300,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
             if writer is not None:
                 writer.add_tuned(stored_tensors(model, dense, wanted=set(tuned_names(model)).__contains__), model_tuning)
     _round_dense(model, dense, stored=writer is not None)
-    summary = summarize(per_layer)
+    summary = summarize(per_layer, shared)
     if cfg.act is not None and writer is not None:  # the blocks are written and released: from the shapes
         summary["bits_per_activation"] = bits_per_activation_of(cfg.act, [v["shape"][1] for v in per_layer.values()
                                                                           if "kind" not in v])
@@ -436,7 +437,7 @@ def aimed_weight(weight: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor |
 
 
 def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: torch.Tensor | None = None,
-                    owned: bool = False):
+                    owned: bool = False, seeds: tuple[int, int] | None = None):
     """(QuantLinear, quantization_config entry, relative error) of the linear called `full` with this weight
     and bias. A Hessian method takes the mean Hessian h of its inputs (None: no token reached it, an expert
     nobody was routed to; it is rounded with the identity for Hessian); `owned`: h is used by nothing
@@ -444,7 +445,7 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
     w = weight.float()
     rows, cols = w.shape
     spec = layer_spec(cfg, full, rows, cols)
-    seeds = layer_seeds(cfg.seed, full, cfg.rotates)
+    seeds = layer_seeds(cfg.seed, full, cfg.rotates) if seeds is None else seeds
     w_rot = rotate_weight(w, seeds)
     del w
     try:
@@ -488,23 +489,33 @@ def end_modules(model, cfg: QuantConfig) -> dict[str, tuple[str, torch.nn.Module
         if kind == "head" and weight_read_directly(model, mod):
             raise ValueError(f"{option}: this family reads its head's weight itself; drop {option}")
         out[kind] = (names[id(mod)], mod)
+    if cfg.embed_from_head and out["embedding"][1].weight is not out["head"][1].weight:
+        raise ValueError("--embed-bits head: this model's input embedding and output head are two tables (not tied); "
+                         "give --embed-bits a number of bits")
     return out
 
 
 def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_ids: torch.Tensor | None,
-                  progress: bool = True) -> tuple[dict, dict]:
+                  progress: bool = True) -> tuple[dict, dict, dict | None]:
     """Quantize the output head (--head-bits: like a block linear, with the Hessian of its inputs where the
     method calibrates) and the input embedding table (--embed-bits: rounded without data, rotated on its hidden
     side only, so each row decodes alone) in place. `hidden`: the last block's outputs on the calibration
     samples. A tied pair becomes two tensors, each quantized for its own use (or one left dense), and the model's
-    config no longer ties them. Returns (quantization_config entries, relative errors) by layer name."""
+    config no longer ties them. Returns (quantization_config entries, relative errors) by layer name, and with
+    --embed-bits head the embedding that reads the head's rows ({"layer", "reads"}; it has no entry of its own)."""
     ends = end_modules(model, cfg)
     per_layer, errors = {}, {}
     bar = tqdm(total=len(ends), desc="quantize head and embedding", disable=not progress, unit="table")
+    shared = None
     for kind in ("head", "embedding"):
         if kind not in ends:
             continue
         name, mod = ends[kind]
+        if kind == "embedding" and cfg.embed_from_head:  # the head's table, its rows decoded
+            set_module(model, name, HeadRows(model.get_output_embeddings()))
+            shared = {"layer": name, "reads": ends["head"][0]}
+            bar.update(1)
+            continue
         sub = cfg.for_end(kind)
         weight = mod.weight.detach()
         if kind == "head":
@@ -513,7 +524,10 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
                 if hidden is None:
                     raise ValueError("--head-bits with a calibrated method needs the last block's outputs")
                 h = head_hessian(model, hidden, calib_ids)
-            q, entry, err = quantize_linear(name, weight, mod.bias, sub, h, owned=True)
+            seeds = layer_seeds(cfg.seed, name, cfg.rotates)
+            if cfg.embed_from_head:  # its rows are the embedding's too: each must decode alone
+                seeds = (seeds[0], NO_SEED)
+            q, entry, err = quantize_linear(name, weight, mod.bias, sub, h, owned=True, seeds=seeds)
         else:
             seeds = (layer_seeds(cfg.seed, name, cfg.rotates)[0], NO_SEED)
             w_rot = rotate_weight(weight.float(), seeds)
@@ -537,7 +551,7 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
     for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         if getattr(c, "tie_word_embeddings", False):
             c.tie_word_embeddings = False
-    return per_layer, errors
+    return per_layer, errors, shared
 
 
 def _round_dense(model, dtype: torch.dtype, stored: bool = False, keep=()) -> None:
@@ -558,7 +572,7 @@ def _round_dense(model, dtype: torch.dtype, stored: bool = False, keep=()) -> No
                 p.data.copy_(p.data.to(dtype))
 
 
-def summarize(per_layer: dict) -> dict:
+def summarize(per_layer: dict, shared: dict | None = None) -> dict:
     """Bits of the blocks' quantized linears (bits_per_weight, as every method reports it); a quantized head and
     embedding table apart, under "ends" (their kind: layer, stored bits, bits per weight)."""
     linears = {k: v for k, v in per_layer.items() if "kind" not in v}
@@ -568,6 +582,8 @@ def summarize(per_layer: dict) -> dict:
            "layers": len(linears)}
     ends = {v["kind"]: {"layer": k, "stored_bits": v["stored_bits"], "bits_per_weight": v["bits_per_weight"]}
             for k, v in sorted(per_layer.items()) if "kind" in v}
+    if shared is not None:  # --embed-bits head: the embedding reads the head's rows, no bits of its own
+        ends["embedding"] = shared
     if ends:
         out["ends"] = ends
     return out
@@ -580,6 +596,8 @@ def check_reachable(model, cfg: QuantConfig) -> None:
     for rows, cols in sorted(shapes):
         choose_spec(cfg, rows, cols)
     for kind, (_, mod) in end_modules(model, cfg).items():
+        if kind == "embedding" and cfg.embed_from_head:
+            continue
         rows, cols = mod.weight.shape
         try:
             choose_spec(cfg.for_end(kind), rows, cols)
@@ -611,7 +629,8 @@ def estimate_bytes(model, cfg: QuantConfig) -> int:
     total = sum(m.weight.numel() for m in linears) * cfg.bits / 8
     ends = end_modules(model, cfg)
     for kind, (_, mod) in ends.items():  # quantized, and stored once each even where they are tied
-        total += mod.weight.numel() * cfg.for_end(kind).bits / 8
+        if not (kind == "embedding" and cfg.embed_from_head):  # which reads the head's table
+            total += mod.weight.numel() * cfg.for_end(kind).bits / 8
         weights.add(id(mod.weight))
     for p in model.parameters():  # each shared parameter once
         if id(p) not in weights:

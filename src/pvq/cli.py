@@ -65,6 +65,16 @@ def _int(lo: int, hi: int | None = None):
     return parse
 
 
+def _embed_bits(text: str):
+    """argparse type of --embed-bits: bits per weight, or "head"."""
+    if text == "head":
+        return text
+    try:
+        return _float(0, MAX_BITS, above=True)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a number above 0 and at most {MAX_BITS:g}, or head, got {text!r}") from None
+
+
 def _float(lo: float, hi: float | None = None, above: bool = False):
     """argparse type: a finite number >= lo (> lo with `above`; at most hi), checked at parse time."""
     what = f"a number {'above' if above else 'of at least'} {lo:g}" + ("" if hi is None else f" and at most {hi:g}")
@@ -208,10 +218,12 @@ def _add_quantize(sub) -> None:
                    help="quantize the output head too, at B bits per weight, calibrated like the blocks' linears "
                         "(default: kept dense in --dense-dtype). In a small model the head and embeddings are most "
                         "of the file")
-    p.add_argument("--embed-bits", type=_float(0, MAX_BITS, above=True), default=None, metavar="B",
+    p.add_argument("--embed-bits", type=_embed_bits, default=None, metavar="B|head",
                    help="quantize the input embedding table too, at B bits per weight, without data, a scale per "
                         "row; a lookup decodes only the rows it needs (default: kept dense). A head tied to the "
-                        "embeddings becomes a tensor of its own: quantized with --head-bits, else dense")
+                        "embeddings becomes a tensor of its own: quantized with --head-bits, else dense. 'head' "
+                        "(a tied model, with --head-bits): the embedding reads the quantized head's rows, one "
+                        "table stored")
     p.add_argument("--allocate", action="store_true",
                    help="pvq methods: choose a setting per layer so the total meets --bits with the smallest predicted "
                         "loss (per-layer sensitivity from squared gradients on calibration text, see --allocate-probe; exact "
@@ -504,7 +516,8 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
           f"{summary['seconds']:.0f} s, peak RSS {rss:.0f} MiB -> {out}"
           + ("" if ppl is None else f"; perplexity {ppl['ppl']:.4f} ({ppl['protocol']})"))
     for kind, e in summary.get("ends", {}).items():
-        print(f"{kind} {e['layer']}: {e['bits_per_weight']:.4f} bits per weight")
+        print(f"{kind} {e['layer']}: " + (f"reads the rows of {e['reads']}" if "reads" in e
+                                          else f"{e['bits_per_weight']:.4f} bits per weight"))
     if args.json:
         print(json.dumps({**summary, "file_bytes": size, "peak_rss_mib": rss, "output": str(out),
                           "method": cfg.method, "target_bits": cfg.bits, "streamed": stream}), file=args.stdout)
@@ -667,8 +680,9 @@ def cmd_info(args) -> int:
           f"format v{info['format_version']}")
     print(f"quantized linears: {info['bits_per_weight']:.4f} bits per weight over {info['linear_weights'] / 1e6:.2f} M weights")
     for kind, e in info.get("ends", {}).items():
-        print(f"{'output head' if kind == 'head' else 'input embeddings'} {e['layer']}: quantized, "
-              f"{e['bits_per_weight']:.4f} bits per weight")
+        print(f"{'output head' if kind == 'head' else 'input embeddings'} {e['layer']}: "
+              + (f"the rows of the quantized {e['reads']}" if "reads" in e
+                 else f"quantized, {e['bits_per_weight']:.4f} bits per weight"))
     print(f"{files[0].name if len(files) == 1 else f'{len(files)} shards'}: {size / 2**20:.2f} MiB (embeddings, "
           f"head and norms included), {len(tensors)} tensors, "
           + ("readable (written without checksums)" if not info["checksums"] else "every checksum matches" if not changed

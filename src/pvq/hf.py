@@ -44,7 +44,7 @@ def register() -> bool:
     import torch
 
     from .checkpoint import PVQFormatError, guard_name, weight_files
-    from .loader import check_directory, finish_loading, replace_linears
+    from .loader import check_directory, finish_loading, read_head_rows, replace_linears
     from .models.adapters import check_supported
     from .models.streaming import renamed_on_loading
     from .modules.linear import check_decode
@@ -97,6 +97,7 @@ def register() -> bool:
             qc = self.quantization_config
             wd = getattr(torch, qc.weight_dtype) if qc.weight_dtype else model.dtype
             replace_linears(model, qc.layers, decode=qc.decode, weight_dtype=wd)
+            read_head_rows(model, {"config": qc.config, "layers": qc.layers})
             # transformers initializes the modules of a model it loads, and a module's init can reach into its
             # child linears (GPT-2's and Mamba's rescale out_proj.weight): while it loads, each QuantLinear has a
             # `weight`, an empty tensor marked initialized, which transformers' init functions pass over

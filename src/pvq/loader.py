@@ -18,9 +18,10 @@ from .models.classes import auto_class
 from .models.loading import load_model
 from .modules.actquant import attach
 from .modules.dense import keep_stored
-from .modules.embedding import QuantEmbedding
+from .modules.embedding import HeadRows, QuantEmbedding
 from .modules.linear import QuantLinear, check_decode, reserve_tables
-from .settings import DENSE_DTYPES, LAYER_KINDS, ActConfig, spec_from_dict
+from .settings import DENSE_DTYPES, EMBED_FROM_HEAD, LAYER_KINDS, ActConfig, spec_from_dict
+from .transforms.rotate import NO_SEED
 
 
 def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: torch.dtype = torch.float32,
@@ -52,6 +53,20 @@ def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: tor
             mode = "on-the-fly" if kernels.supports(spec) and kernels.available() else "once"
         cls = QuantEmbedding if kind == "embedding" else QuantLinear
         set_module(model, name, cls(spec, shape, bias=bias, decode=mode, weight_dtype=weight_dtype))
+
+
+def read_head_rows(model, qc: dict, source: str = "config.json") -> None:
+    """Where the embedding reads the rows of the quantized head (embed_bits "head"), swap it for a HeadRows over
+    the head's QuantLinear (after replace_linears)."""
+    if (qc.get("config") or {}).get("embed_bits") != EMBED_FROM_HEAD:
+        return
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    entry = next((v for v in qc["layers"].values() if v.get("kind") == "head"), None)
+    if not isinstance(head, QuantLinear) or entry is None or entry.get("seeds", [0, 0])[1] != NO_SEED:
+        raise PVQFormatError(f"{source}: the embedding reads the rows of the quantized head, but no quantized head "
+                             f"with an unrotated vocabulary side is listed")
+    name = next(n for n, m in model.named_modules() if m is emb)
+    set_module(model, name, HeadRows(head))
 
 
 def attach_activations(model, qc: dict, source: str = "config.json") -> None:
@@ -143,6 +158,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, decode: str = "au
     model = auto_class(config).from_config(config, dtype=torch.float32, trust_remote_code=remote)
     check_supported(model)
     replace_linears(model, qc["layers"], decode, weight_dtype, str(p / "config.json"), gpu=device.type != "cpu")
+    read_head_rows(model, qc, str(p / "config.json"))
     check_tensors(model, tensors, qc["layers"], p)
     check_complete(model, tensors, p)
     guards = {guard_name(n) for n in qc["layers"]}

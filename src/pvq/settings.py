@@ -19,6 +19,7 @@ FORMAT_VERSION = 2  # the newest format this pvq reads; a file is written with t
 # version 2: a quantized output head or input embedding table (a layer entry with a "kind"), which a reader
 # of version 1 would build as a block linear; a file without one is written as version 1, as before
 ENDS_FORMAT_VERSION = 2
+EMBED_FROM_HEAD = "head"  # --embed-bits head: a tied model's embedding reads its quantized head's rows
 LAYER_KINDS = ("head", "embedding")  # layer entries outside the blocks, by the module they replace
 METHODS = ("rtn", "hqq", "gptq", "pvq", "pvq-gptq")
 LAYOUTS = ("compact", "fast")
@@ -104,9 +105,10 @@ class QuantConfig:
     act_method: str = "rtn"
     act_rotate: bool = True  # quantize them after the layer's input rotation
     # the output head and the input embedding table, quantized at these bits per weight (None: kept dense in
-    # dense_dtype); a head is calibrated like a block linear, the embedding rounded without data, by rows
+    # dense_dtype); a head is calibrated like a block linear, the embedding rounded without data, by rows;
+    # embed_bits "head": a tied model's embedding reads the rows of its quantized head (one table stored)
     head_bits: float | None = None
-    embed_bits: float | None = None
+    embed_bits: float | str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -169,10 +171,14 @@ class QuantConfig:
                 and self.asymmetric_samples >= 0):
             raise ValueError(f"--asymmetric-samples must be an integer >= 0 (0: every calibration sample), got "
                              f"{self.asymmetric_samples!r}")
-        for option, v in (("--head-bits", self.head_bits), ("--embed-bits", self.embed_bits)):
+        if self.embed_bits == EMBED_FROM_HEAD and self.head_bits is None:
+            raise ValueError("--embed-bits head reads the rows of the quantized head: give --head-bits too")
+        for option, v in (("--head-bits", self.head_bits),
+                          ("--embed-bits", None if self.embed_bits == EMBED_FROM_HEAD else self.embed_bits)):
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                                       and 0 < v <= MAX_BITS):
-                raise ValueError(f"{option} must be a number above 0 and at most {MAX_BITS}, got {v!r}")
+                raise ValueError(f"{option} must be a number above 0 and at most {MAX_BITS}"
+                                 f"{' or head' if option == '--embed-bits' else ''}, got {v!r}")
         if self.head_bits is not None and self.tunes_model:
             raise ValueError(f"--finetune {self.finetune} tunes the model against its dense head: drop --head-bits "
                              f"or use --finetune blocks")
@@ -233,8 +239,13 @@ class QuantConfig:
         this run's at --head-bits / --embed-bits, without the blocks' per-layer plan. An embedding's rows are
         decoded one by one and its output side cannot be rotated, so PVQ gives each row its own scale."""
         bits = self.head_bits if kind == "head" else self.embed_bits
-        scale = "row" if kind == "embedding" and self.is_pvq else self.scale
-        return replace(self, bits=bits, overrides=None, scale=scale)
+        rows = kind == "embedding" or self.embed_from_head  # tables whose rows are decoded one by one
+        return replace(self, bits=bits, overrides=None, scale="row" if rows and self.is_pvq else self.scale)
+
+    @property
+    def embed_from_head(self) -> bool:
+        """Whether the embedding reads the rows of the quantized head (--embed-bits head)."""
+        return self.embed_bits == EMBED_FROM_HEAD
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
