@@ -524,9 +524,10 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
                 if hidden is None:
                     raise ValueError("--head-bits with a calibrated method needs the last block's outputs")
                 h = head_hessian(model, hidden, calib_ids)
-            seeds = layer_seeds(cfg.seed, name, cfg.rotates)
-            if cfg.embed_from_head:  # its rows are the embedding's too: each must decode alone
-                seeds = (seeds[0], NO_SEED)
+            # rotated on its hidden side only, a scale per row (QuantConfig.for_end): on SmolLM2 at 4.25 bits that
+            # measured better than both sides rotated with one scale (docs/results.md), and its rows then decode
+            # alone, as the embedding reads them with --embed-bits head
+            seeds = (layer_seeds(cfg.seed, name, cfg.rotates)[0], NO_SEED)
             q, entry, err = quantize_linear(name, weight, mod.bias, sub, h, owned=True, seeds=seeds)
         else:
             seeds = (layer_seeds(cfg.seed, name, cfg.rotates)[0], NO_SEED)

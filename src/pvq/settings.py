@@ -236,11 +236,11 @@ class QuantConfig:
 
     def for_end(self, kind: str) -> "QuantConfig":
         """The settings the output head ("head") or the input embedding table ("embedding") is quantized with:
-        this run's at --head-bits / --embed-bits, without the blocks' per-layer plan. An embedding's rows are
-        decoded one by one and its output side cannot be rotated, so PVQ gives each row its own scale."""
+        this run's at --head-bits / --embed-bits, without the blocks' per-layer plan. Neither is rotated on its
+        vocabulary side (an embedding's rows are decoded one by one; a head's rotation there measured worse), so
+        PVQ gives each row its own scale."""
         bits = self.head_bits if kind == "head" else self.embed_bits
-        rows = kind == "embedding" or self.embed_from_head  # tables whose rows are decoded one by one
-        return replace(self, bits=bits, overrides=None, scale="row" if rows and self.is_pvq else self.scale)
+        return replace(self, bits=bits, overrides=None, scale="row" if self.is_pvq else self.scale)
 
     @property
     def embed_from_head(self) -> bool:
