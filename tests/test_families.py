@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import pvq  # noqa: F401  (registers pvq with transformers)
 from pvq import api
 from pvq.checkpoint import save
+from pvq.hf import PVQConfig
 from pvq.loader import load
 from pvq.models.adapters import block_linear_names, blocks_path, carry, check_supported, set_module
 from pvq.models.classes import auto_class
@@ -74,7 +75,9 @@ def test_family_quantize_save_load_generate(mt, method, tmp_path):
     save(model, tiny_tokenizer(), tmp_path)
     loaded, _ = load(tmp_path, decode="once")
     assert torch.equal(loaded(IDS).logits, want)
-    hf = auto_class(loaded.config).from_pretrained(tmp_path)
+    # decoded once as pvq.load's model is: on the fly the sums run in another order, and a family that picks keys
+    # by top-k (Mistral Large 4's indexer) can then pick others (test_pipeline compares the two modes)
+    hf = auto_class(loaded.config).from_pretrained(tmp_path, quantization_config=PVQConfig(decode="once"))
     assert (hf(IDS).logits - want).abs().max() < 1e-4
     out = hf.generate(IDS[:1, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 12)
@@ -353,7 +356,8 @@ def test_each_expert_gets_the_hessian_of_the_tokens_routed_to_it(mt):
     for e in range(n_experts):
         xe = x[(idx == e).any(-1)]
         assert xe.shape[0] > 0
-        assert torch.allclose(hess[f"{name}.{first}.{e}"], xe.T @ xe / xe.shape[0], rtol=1e-5, atol=1e-7)
+        want = xe.T @ xe / xe.shape[0]  # float32 products summed in float64: to a few ulps of its largest entry
+        assert torch.allclose(hess[f"{name}.{first}.{e}"], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
     lin = block_linears(block)
     # (Gemma 4 E2B's per_layer_input_gate is a projection, not a router: quantized)
     assert f"{name}.down.0" in lin and not any(n.endswith(("gate", "router")) and lin[n].out_features == n_experts

@@ -282,7 +282,9 @@ def test_the_schedule_is_recorded_changes_the_tuned_bytes_and_a_file_from_before
     cos = _rate("cosine", 10)
     assert cos(0) == 1.0 and 0 < cos(9) < 0.03 and all(cos(t) > cos(t + 1) for t in range(9))
     assert _rate("constant", 10)(9) == 1.0
-    tune = ["--finetune", "model", "--finetune-model-steps", "8", "--lr", "3e-3"]
+    # at 2 bits: at 3 the tiny model's KL is so small (2e-5) that on some CPUs no step lowers it, and both keep the
+    # untuned values
+    tune = ["--finetune", "model", "--finetune-model-steps", "8", "--lr", "3e-3", "--bits", "2"]
     a = _quantize(model_dir, tmp_path / "a", *tune)
     c = _quantize(model_dir, tmp_path / "c", *tune, "--finetune-schedule", "constant")
     config = {d: json.loads((d / "config.json").read_text())["quantization_config"]["config"] for d in (a, c)}

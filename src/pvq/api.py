@@ -500,8 +500,8 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
     """Quantize the output head (--head-bits: like a block linear, with the Hessian of its inputs where the
     method calibrates) and the input embedding table (--embed-bits: rounded without data, rotated on its hidden
     side only, so each row decodes alone) in place. `hidden`: the last block's outputs on the calibration
-    samples. A tied pair becomes two tensors, each quantized for its own use (or one left dense), and the model's
-    config no longer ties them. Returns (quantization_config entries, relative errors) by layer name, and with
+    samples. A tied pair becomes two tensors, each quantized for its own use (or one left dense; or, with
+    --embed-bits head, one table the embedding reads the head's rows of), and the model's config no longer ties them. Returns (quantization_config entries, relative errors) by layer name, and with
     --embed-bits head the embedding that reads the head's rows ({"layer", "reads"}; it has no entry of its own)."""
     ends = end_modules(model, cfg)
     per_layer, errors = {}, {}
@@ -518,19 +518,18 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
             continue
         sub = cfg.for_end(kind)
         weight = mod.weight.detach()
+        # rotated on the hidden side only, a scale per row (QuantConfig.for_end): each row decodes alone, as an
+        # embedding reads them, and for the head that measured better on SmolLM2 than both sides rotated with one
+        # scale (docs/results.md)
+        seeds = (layer_seeds(cfg.seed, name, cfg.rotates)[0], NO_SEED)
         if kind == "head":
             h = None
             if cfg.uses_data:
                 if hidden is None:
                     raise ValueError("--head-bits with a calibrated method needs the last block's outputs")
                 h = head_hessian(model, hidden, calib_ids)
-            # rotated on its hidden side only, a scale per row (QuantConfig.for_end): on SmolLM2 at 4.25 bits that
-            # measured better than both sides rotated with one scale (docs/results.md), and its rows then decode
-            # alone, as the embedding reads them with --embed-bits head
-            seeds = (layer_seeds(cfg.seed, name, cfg.rotates)[0], NO_SEED)
             q, entry, err = quantize_linear(name, weight, mod.bias, sub, h, owned=True, seeds=seeds)
         else:
-            seeds = (layer_seeds(cfg.seed, name, cfg.rotates)[0], NO_SEED)
             w_rot = rotate_weight(weight.float(), seeds)
             spec = choose_spec(sub, *w_rot.shape)
             try:

@@ -41,7 +41,8 @@ def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: tor
         kind = layer.get("kind")
         if kind is not None and kind not in LAYER_KINDS:
             raise PVQFormatError(f"{source}: quantization_config layer {name!r} has an unknown kind {kind!r}")
-        expected = {"head": model.get_output_embeddings(), "embedding": model.get_input_embeddings()}.get(kind, old)
+        expected = old if kind is None else (model.get_output_embeddings() if kind == "head"
+                                              else model.get_input_embeddings())
         if expected is not old:
             raise PVQFormatError(f"{source}: quantization_config layer {name!r} is stored as the model's {kind}, "
                                  f"which this model has elsewhere")
