@@ -32,10 +32,22 @@ def _logits(model):
         return model(IDS).logits
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_a_quantized_head_and_embedding_load_as_they_were_made(tmp_path, tied):
+def _loads_everywhere(path, ref, embedding):
+    """pvq.load (both decode modes) and transformers' from_pretrained give the in-memory model's logits, with an
+    embedding of this class."""
     from transformers import AutoModelForCausalLM
 
+    for decode in ("once", "on-the-fly"):
+        loaded, _ = loader.load(path, decode=decode)
+        assert isinstance(loaded.get_input_embeddings(), embedding)
+        torch.testing.assert_close(_logits(loaded), ref, rtol=0, atol=1e-5)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    assert isinstance(hf.get_input_embeddings(), embedding)
+    torch.testing.assert_close(_logits(hf), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_quantized_head_and_embedding_load_as_they_were_made(tmp_path, tied):
     model, summary = _quantized(tied, head_bits=4.25, embed_bits=4.25)
     assert isinstance(model.get_output_embeddings(), QuantLinear)
     assert isinstance(model.get_input_embeddings(), QuantEmbedding)
@@ -47,13 +59,7 @@ def test_a_quantized_head_and_embedding_load_as_they_were_made(tmp_path, tied):
     stored = json.loads((tmp_path / "q" / "config.json").read_text())
     assert stored["quantization_config"]["format_version"] == 2  # a reader of version 1 would misbuild them
     assert not stored.get("tie_word_embeddings")
-    for decode in ("once", "on-the-fly"):
-        loaded, _ = loader.load(tmp_path / "q", decode=decode)
-        assert isinstance(loaded.get_input_embeddings(), QuantEmbedding)
-        torch.testing.assert_close(_logits(loaded), ref, rtol=0, atol=1e-5)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    assert isinstance(hf.get_input_embeddings(), QuantEmbedding)
-    torch.testing.assert_close(_logits(hf), ref, rtol=0, atol=1e-5)
+    _loads_everywhere(tmp_path / "q", ref, QuantEmbedding)
 
 
 def test_the_ends_make_the_file_smaller(tmp_path):
@@ -117,7 +123,6 @@ def test_an_on_the_fly_lookup_decodes_only_the_rows_it_returns(tmp_path, monkeyp
 
 def test_a_tied_models_embedding_reads_the_rows_of_its_quantized_head(tmp_path):
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     model, summary = _quantized(True, head_bits=4.25, embed_bits="head")
     assert summary["ends"]["embedding"] == {"layer": "model.embed_tokens", "reads": "lm_head"}
@@ -127,13 +132,7 @@ def test_a_tied_models_embedding_reads_the_rows_of_its_quantized_head(tmp_path):
     ref = _logits(model)
     checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
     assert not [k for k in load_file(tmp_path / "q" / "model.safetensors") if "embed" in k]  # one table stored
-    for decode in ("once", "on-the-fly"):
-        loaded, _ = loader.load(tmp_path / "q", decode=decode)
-        assert isinstance(loaded.get_input_embeddings(), HeadRows)
-        torch.testing.assert_close(_logits(loaded), ref, rtol=0, atol=1e-5)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    assert isinstance(hf.get_input_embeddings(), HeadRows)
-    torch.testing.assert_close(_logits(hf), ref, rtol=0, atol=1e-5)
+    _loads_everywhere(tmp_path / "q", ref, HeadRows)
     two, _ = _quantized(True, head_bits=4.25, embed_bits=4.25)
     checkpoint.save(two, tiny_tokenizer(), tmp_path / "two")
     saved = checkpoint.weights_bytes(tmp_path / "two") - checkpoint.weights_bytes(tmp_path / "q")
