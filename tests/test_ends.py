@@ -114,7 +114,7 @@ def test_an_on_the_fly_lookup_decodes_only_the_rows_it_returns(tmp_path, monkeyp
     ids = torch.tensor([[5, 3, 5, 200]])
     rows = emb(ids)
     assert sorted(asked) == [(3, 4), (5, 6), (200, 201)]
-    assert getattr(emb.runner, "kept", None) is None
+    assert emb.runner.kept is None
     whole = emb.runner.rot.to_original(emb.packed.dequantize(torch.float32))
     torch.testing.assert_close(rows[0], whole[ids[0]], rtol=0, atol=1e-5)
     with pytest.raises(IndexError, match="token id 256 is outside the embedding table of 256 rows"):
@@ -189,5 +189,24 @@ def test_what_pvq_cannot_quantize_is_refused_in_one_line(tmp_path, capsys, optio
     assert "--embed-bits: must be a number above 0 and at most 64, or head, got 'rows'" in capsys.readouterr().err
     assert cli(["quantize", str(src), "--head-bits", "4", "--workers", "2", "-o", str(tmp_path / "q")]) != 0
     assert "--head-bits with a calibrated method runs in one process" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--finetune model tunes the model against its dense head"):
-        QuantConfig(head_bits=4, finetune="model")
+    for ends in ({"head_bits": 4}, {"embed_bits": 4}):
+        with pytest.raises(ValueError, match="--finetune model tunes the whole model with its head and embeddings"):
+            QuantConfig(**ends, finetune="model")
+
+
+@pytest.mark.parametrize("embed_bits", [4.25, "head"])
+def test_from_pretrained_in_bfloat16_looks_rows_up_in_bfloat16(tmp_path, embed_bits):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _quantized(True, method="pvq", embed_bits=embed_bits, head_bits=4.25 if embed_bits == "head" else None)
+    checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    assert hf.get_input_embeddings()(IDS).dtype == torch.bfloat16
+    assert torch.isfinite(_logits(hf)).all()
+
+
+def test_a_library_call_is_refused_before_any_block_is_quantized():
+    model = tiny_model("gemma3_text")
+    with pytest.raises(ValueError, match="--embed-bits: this model's input embedding is Gemma3TextScaledWordEmbedding"):
+        api.quantize(model, QuantConfig(method="pvq-gptq", embed_bits=4, nsamples=4, seqlen=32), IDS, progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())

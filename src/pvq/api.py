@@ -116,6 +116,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     """
     check_supported(model)
     device = check_work_device(device, cfg, pool, activations)
+    end_modules(model, cfg)  # a head or embedding table that cannot be quantized fails now, not after the blocks
     layers = blocks(model)
     prefixes = tuple(block_prefix(model, i) for i in range(len(layers)))
     before = []  # calibration runs what comes before the blocks now (the input embeddings, OPT's position
@@ -282,8 +283,7 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                     _round_dense(model, dense, stored=True, keep=ends)
     shared = None
     if cfg.head_bits is not None or cfg.embed_bits is not None:  # the head and embedding table, once every block is done
-        with calibration_precision(cfg, hidden):
-            done, err, shared = quantize_ends(model, cfg, hidden, calib_ids, progress)
+        done, err, shared = quantize_ends(model, cfg, hidden, calib_ids, progress)
         per_layer.update(done)
         errors.update(err)
     model_tuning = None
@@ -512,7 +512,9 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
             continue
         name, mod = ends[kind]
         if kind == "embedding" and cfg.embed_from_head:  # the head's table, its rows decoded
-            set_module(model, name, HeadRows(model.get_output_embeddings()))
+            rows = HeadRows(model.get_output_embeddings())
+            rows.compute_dtype = mod.weight.dtype  # the rows come out as the table's did
+            set_module(model, name, rows)
             shared = {"layer": name, "reads": ends["head"][0]}
             bar.update(1)
             continue
@@ -527,7 +529,8 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
             if cfg.uses_data:
                 if hidden is None:
                     raise ValueError("--head-bits with a calibrated method needs the last block's outputs")
-                h = head_hessian(model, hidden, calib_ids)
+                with calibration_precision(cfg, hidden):  # the forward only: the solve in float, as the blocks'
+                    h = head_hessian(model, hidden, calib_ids)
             q, entry, err = quantize_linear(name, weight, mod.bias, sub, h, owned=True, seeds=seeds)
         else:
             w_rot = rotate_weight(weight.float(), seeds)
@@ -539,6 +542,7 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
             err = relative_error(w_rot, packed.dequantize(torch.float32))
             del w_rot
             q = QuantEmbedding.from_packed(packed, seeds)
+            q.compute_dtype = mod.weight.dtype  # the rows come out as the table's did
             rows, cols = packed.shape
             entry = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
                      "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}

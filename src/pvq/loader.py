@@ -52,8 +52,11 @@ def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: tor
             from .runtime import gpu as kernels
 
             mode = "on-the-fly" if kernels.supports(spec) and kernels.available() else "once"
-        cls = QuantEmbedding if kind == "embedding" else QuantLinear
-        set_module(model, name, cls(spec, shape, bias=bias, decode=mode, weight_dtype=weight_dtype))
+        q = (QuantEmbedding if kind == "embedding" else QuantLinear)(spec, shape, bias=bias, decode=mode,
+                                                                     weight_dtype=weight_dtype)
+        if kind == "embedding":  # its rows in the dtype the model is built in (from_pretrained(dtype=...))
+            q.compute_dtype = model.dtype
+        set_module(model, name, q)
 
 
 def read_head_rows(model, qc: dict, source: str = "config.json") -> None:
@@ -67,7 +70,9 @@ def read_head_rows(model, qc: dict, source: str = "config.json") -> None:
         raise PVQFormatError(f"{source}: the embedding reads the rows of the quantized head, but no quantized head "
                              f"with an unrotated vocabulary side is listed")
     name = next(n for n, m in model.named_modules() if m is emb)
-    set_module(model, name, HeadRows(head))
+    rows = HeadRows(head)
+    rows.compute_dtype = model.dtype  # as the model is built (from_pretrained(dtype=...))
+    set_module(model, name, rows)
 
 
 def attach_activations(model, qc: dict, source: str = "config.json") -> None:

@@ -179,9 +179,9 @@ class QuantConfig:
                                       and 0 < v <= MAX_BITS):
                 raise ValueError(f"{option} must be a number above 0 and at most {MAX_BITS}"
                                  f"{' or head' if option == '--embed-bits' else ''}, got {v!r}")
-        if self.head_bits is not None and self.tunes_model:
-            raise ValueError(f"--finetune {self.finetune} tunes the model against its dense head: drop --head-bits "
-                             f"or use --finetune blocks")
+        if (self.head_bits is not None or self.embed_bits is not None) and self.tunes_model:
+            raise ValueError(f"--finetune {self.finetune} tunes the whole model with its head and embeddings dense: "
+                             f"drop --head-bits / --embed-bits or use --finetune blocks")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ValueError("--nsamples must be >= 1 and --seqlen >= 2")
 

@@ -41,7 +41,7 @@ def _rotated_rows(q: QuantLinear, uniq: torch.Tensor) -> torch.Tensor:
     dec = run.decoder if isinstance(run, OnTheFly) else None
     if dec is None or not dec.native or dec.gpu is not None:
         if isinstance(run, OnTheFly):  # a decoder that cannot pick rows: the table kept, as decode-once does
-            if getattr(run, "kept", None) is None:
+            if run.kept is None:
                 run.kept = run.rotated_weight(q)
             table = run.kept
         else:

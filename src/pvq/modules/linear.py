@@ -105,12 +105,16 @@ class OnTheFly:
         self.decoder = Decoder(layer.packed)
         self.fused = (FusedLinear(self.decoder, self.rot.args_in, self.rot.args_out, layer.bias)
                       if self.decoder.native else None)
+        # the decoded matrix, where a caller that cannot use the decoder keeps it (an embedding's lookup without
+        # the native kernel's row decoding: modules/embedding.py)
+        self.kept: torch.Tensor | None = None
 
     def rotated_weight(self, layer: "QuantLinear") -> torch.Tensor:
         return self.decoder.dense()
 
     def resident_bytes(self) -> int:
-        return self.decoder.resident_bytes()
+        kept = 0 if self.kept is None else self.kept.numel() * self.kept.element_size()
+        return self.decoder.resident_bytes() + kept
 
     def shared_tensors(self) -> list[torch.Tensor]:
         return self.decoder.shared_tensors()
