@@ -263,10 +263,10 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
         if device is not None:  # back where the model is, its codes made there already
             block.to("cpu")
         if writer is not None:
-            # the last block's outputs are kept too where the head is calibrated on them after it
-            last = i + 1 == len(layers) and not (cfg.head_bits is not None and cfg.uses_data)
+            # the outputs the next block reads, or the head after the last one
+            keep = cfg.uses_data and (i + 1 < len(layers) or cfg.head_bits is not None)
             writer.add_block(i, stored_tensors(model, DENSE_DTYPES[cfg.dense_dtype], prefix), done, err,
-                             hidden if cfg.uses_data and not last else None, carried)
+                             hidden if keep else None, carried)
             if ref is None:  # tuning the whole model needs every block at the end
                 release(block)
         release_memory()
@@ -437,11 +437,13 @@ def aimed_weight(weight: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor |
 
 
 def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: torch.Tensor | None = None,
-                    owned: bool = False, seeds: tuple[int, int] | None = None):
+                    owned: bool = False, seeds: tuple[int, int] | None = None, cls=QuantLinear,
+                    without_data: bool = False):
     """(QuantLinear, quantization_config entry, relative error) of the linear called `full` with this weight
     and bias. A Hessian method takes the mean Hessian h of its inputs (None: no token reached it, an expert
     nobody was routed to; it is rounded with the identity for Hessian); `owned`: h is used by nothing
-    else, so it is rotated in its own memory."""
+    else, so it is rotated in its own memory. `seeds`: its rotations where not the layer's own; `cls`: the
+    QuantLinear class made (QuantEmbedding); `without_data`: rounded without data whatever the method."""
     w = weight.float()
     rows, cols = w.shape
     spec = layer_spec(cfg, full, rows, cols)
@@ -449,7 +451,7 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
     w_rot = rotate_weight(w, seeds)
     del w
     try:
-        if cfg.uses_data:
+        if cfg.uses_data and not without_data:
             stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
             if h is not None:
                 h_rot = rotate_hessian(h, seeds[0], in_place=owned)
@@ -465,7 +467,7 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
             error = relative_error(w_rot, packed.dequantize(torch.float32))
     except FP16RangeError as exc:
         raise ValueError(f"layer {full}: {exc}") from None
-    q = QuantLinear.from_packed(packed, seeds, bias)
+    q = cls.from_packed(packed, seeds, bias)
     entry = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
              "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
     return q, entry, error
@@ -511,10 +513,8 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
         if kind not in ends:
             continue
         name, mod = ends[kind]
-        if kind == "embedding" and cfg.embed_from_head:  # the head's table, its rows decoded
-            rows = HeadRows(model.get_output_embeddings())
-            rows.compute_dtype = mod.weight.dtype  # the rows come out as the table's did
-            set_module(model, name, rows)
+        if kind == "embedding" and cfg.embed_from_head:  # the head's table, its rows decoded, as the table's were
+            set_module(model, name, HeadRows(model.get_output_embeddings(), mod.weight.dtype))
             shared = {"layer": name, "reads": ends["head"][0]}
             bar.update(1)
             continue
@@ -533,19 +533,9 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
                     h = head_hessian(model, hidden, calib_ids)
             q, entry, err = quantize_linear(name, weight, mod.bias, sub, h, owned=True, seeds=seeds)
         else:
-            w_rot = rotate_weight(weight.float(), seeds)
-            spec = choose_spec(sub, *w_rot.shape)
-            try:
-                packed = codec.quantize(w_rot, spec, sub.grid_fit)
-            except FP16RangeError as exc:
-                raise ValueError(f"layer {name}: {exc}") from None
-            err = relative_error(w_rot, packed.dequantize(torch.float32))
-            del w_rot
-            q = QuantEmbedding.from_packed(packed, seeds)
+            q, entry, err = quantize_linear(name, weight, None, sub, seeds=seeds, cls=QuantEmbedding,
+                                            without_data=True)
             q.compute_dtype = mod.weight.dtype  # the rows come out as the table's did
-            rows, cols = packed.shape
-            entry = {**spec_to_dict(spec), "shape": [rows, cols], "seeds": list(seeds),
-                     "stored_bits": q.nbits, "bits_per_weight": q.nbits / (rows * cols)}
         set_module(model, name, q)
         per_layer[name], errors[name] = {**entry, "kind": kind}, err
         del weight

@@ -70,9 +70,7 @@ def read_head_rows(model, qc: dict, source: str = "config.json") -> None:
         raise PVQFormatError(f"{source}: the embedding reads the rows of the quantized head, but no quantized head "
                              f"with an unrotated vocabulary side is listed")
     name = next(n for n, m in model.named_modules() if m is emb)
-    rows = HeadRows(head)
-    rows.compute_dtype = model.dtype  # as the model is built (from_pretrained(dtype=...))
-    set_module(model, name, rows)
+    set_module(model, name, HeadRows(head, model.dtype))  # rows as the model is built (from_pretrained(dtype=...))
 
 
 def attach_activations(model, qc: dict, source: str = "config.json") -> None:

@@ -31,12 +31,17 @@ ROW_BLOCK = 4096
 _MOVED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
+def follow_dtype(module: nn.Module, fn) -> None:
+    """module.compute_dtype after module._apply(fn): a dtype conversion changes it, a device move does not."""
+    module.compute_dtype = fn(torch.empty(0, dtype=module.compute_dtype)).dtype
+
+
 def _keep_weight(module: nn.Module, fn, recurse: bool) -> None:
     """module._apply(fn) for a module whose weight buffer must keep its stored dtype: the weight
     follows device moves only (a tied embedding and head move to one tensor: the second module finds
     the first one's copy in _MOVED); `compute_dtype` follows dtype conversions."""
     before = module._buffers["weight"]
-    module.compute_dtype = fn(torch.empty(0, dtype=module.compute_dtype)).dtype
+    follow_dtype(module, fn)
     nn.Module._apply(module, fn, recurse)
     after = module._buffers["weight"]
     if after.device == before.device:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dense import follow_dtype
 from .linear import OnTheFly, QuantLinear
 
 
@@ -63,7 +64,7 @@ class QuantEmbedding(QuantLinear):
         return lookup(self, ids, self.compute_dtype)
 
     def _apply(self, fn, recurse=True):
-        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        follow_dtype(self, fn)
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -75,19 +76,19 @@ class HeadRows(nn.Module):
     """The input embedding of a tied model whose table is its quantized head: rows decoded from the head's codes.
     It holds no tensor: the head's are stored once, under the head's name."""
 
-    def __init__(self, head: QuantLinear):
+    def __init__(self, head: QuantLinear, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         if not isinstance(head, QuantLinear):  # whose vocabulary side is not rotated: checked where it is made
             raise ValueError(f"an embedding reads the rows of a quantized head, not of a {type(head).__name__}")
         object.__setattr__(self, "head", head)  # not a submodule: its buffers would be stored twice
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
-        self.compute_dtype = torch.float32
+        self.compute_dtype = compute_dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return lookup(self.head, ids, self.compute_dtype)
 
     def _apply(self, fn, recurse=True):
-        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        follow_dtype(self, fn)
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
