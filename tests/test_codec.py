@@ -339,3 +339,25 @@ def test_row_chunks_change_nothing(monkeypatch, scale):
     monkeypatch.setattr(gainshape, "CHUNK_WEIGHTS", 1 << 21)
     assert torch.equal(got, whole.dequantize(torch.float32))
     assert torch.equal(got, gainshape.fake_quantize(w, spec))
+
+
+@pytest.mark.parametrize("width", [1, 7, 13, 52])
+def test_a_range_of_packed_codes_unpacks_alone(width):
+    """unpack_range reads codes [start, start + count) of a stream, from any start (not only a byte's)."""
+    g = torch.Generator().manual_seed(width)
+    codes = torch.randint(0, 1 << min(width, 62), (1000,), generator=g, dtype=torch.int64) % (1 << width)
+    stream = bitpack.pack(codes, width)
+    for start, count in ((0, 1000), (3, 0), (5, 17), (8, 992), (999, 1), (123, 456)):
+        assert torch.equal(bitpack.unpack_range(stream, 1000, start, count, width), codes[start:start + count])
+    with pytest.raises(ValueError, match="not within"):
+        bitpack.unpack_range(stream, 1000, 990, 11, width)
+
+
+@pytest.mark.parametrize("spec", [codec.PVQSpec(8, 5, 16), codec.PVQSpec(8, 5, 16, scale="tensor"),
+                                  codec.UniformSpec(3, 24)], ids=["pvq-row", "pvq-tensor", "uniform"])
+def test_rows_of_a_packed_matrix_dequantize_as_the_whole_does(spec):
+    w = torch.randn(37, 48, generator=torch.Generator().manual_seed(2))
+    packed = codec.quantize(w, spec)
+    whole = packed.dequantize()
+    for rows in ((0, 37), (0, 1), (5, 19), (36, 37), (7, 7)):
+        assert torch.equal(packed.dequantize(rows=rows), whole[rows[0]:rows[1]])

@@ -174,12 +174,12 @@ def test_cli_quantizes_the_ends_and_info_reports_them(tmp_path, capsys):
 @pytest.mark.parametrize("option", ["--embed-bits", "--head-bits"])
 def test_what_pvq_cannot_quantize_is_refused_in_one_line(tmp_path, capsys, option):
     src = tmp_path / "hf"
-    tiny_model("gemma3_text").save_pretrained(src)  # its embedding scales the rows it returns
+    tiny_model("biogpt").save_pretrained(src)  # its embedding scales the rows it returns by a float of its own
     tiny_tokenizer().save_pretrained(src)
     rc = cli(["quantize", str(src), "--method", "pvq", option, "4", "-o", str(tmp_path / "q"), "--no-progress"])
     err = capsys.readouterr().err
     if option == "--embed-bits":
-        assert rc != 0 and "--embed-bits: this model's input embedding is Gemma3TextScaledWordEmbedding" in err
+        assert rc != 0 and "--embed-bits: this model's input embedding is BioGptScaledWordEmbedding" in err
         assert "Traceback" not in err and not (tmp_path / "q").exists()
     else:
         assert rc == 0
@@ -205,8 +205,42 @@ def test_from_pretrained_in_bfloat16_looks_rows_up_in_bfloat16(tmp_path, embed_b
     assert torch.isfinite(_logits(hf)).all()
 
 
+@pytest.mark.parametrize("embed_bits", [4.25, "head"])
+def test_a_scaled_embedding_keeps_its_factor(tmp_path, embed_bits):
+    """Gemma 3 multiplies its embedding's rows by sqrt(hidden) (its factor rounded to the table's dtype): a
+    quantized table, its own or the head's rows, returns them scaled the same, in memory and loaded; the file is
+    format version 3 (a reader of 2 would leave the factor out), and it refuses a model that scales otherwise."""
+    model = tiny_model("gemma3_text", tie_word_embeddings=True)
+    emb = model.get_input_embeddings()
+    factor = emb.scalar_embed_scale
+    assert type(emb).__name__ == "Gemma3TextScaledWordEmbedding" and factor == model.config.hidden_size ** 0.5
+    table = emb.weight.detach().clone()
+    cfg = QuantConfig(method="pvq-gptq", bits=3.25, nsamples=4, seqlen=32, embed_bits=embed_bits,
+                      head_bits=4.25 if embed_bits == "head" else None)
+    api.quantize(model, cfg, IDS, progress=False)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, HeadRows if embed_bits == "head" else QuantEmbedding) and emb.embed_scale == factor
+    rows = emb(IDS[0])
+    assert (rows - table[IDS[0]] * factor).norm() < 0.2 * (table[IDS[0]] * factor).norm()  # quantized at ~4 bits
+    unscaled = (emb.head if embed_bits == "head" else emb).weight_in_original_basis()[IDS[0]]
+    torch.testing.assert_close(rows, unscaled * factor, rtol=1e-6, atol=1e-6)
+    ref = _logits(model)
+    checkpoint.save(model, tiny_tokenizer(), tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["format_version"] == 3
+    assert [v["embed_scale"] for v in config["quantization_config"]["layers"].values() if "embed_scale" in v] == [factor]
+    _loads_everywhere(tmp_path / "q", ref, type(emb))
+    for v in config["quantization_config"]["layers"].values():
+        if "embed_scale" in v:
+            v["embed_scale"] = 2.0
+    del config["quantization_config"]["checksums"]  # as if written so, not edited after
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(checkpoint.PVQFormatError, match="scales its rows by .*, but the file was quantized from one that scales them by 2.0"):
+        loader.load(tmp_path / "q")
+
+
 def test_a_library_call_is_refused_before_any_block_is_quantized():
-    model = tiny_model("gemma3_text")
-    with pytest.raises(ValueError, match="--embed-bits: this model's input embedding is Gemma3TextScaledWordEmbedding"):
+    model = tiny_model("biogpt")
+    with pytest.raises(ValueError, match="--embed-bits: this model's input embedding is BioGptScaledWordEmbedding"):
         api.quantize(model, QuantConfig(method="pvq-gptq", embed_bits=4, nsamples=4, seqlen=32), IDS, progress=False)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())

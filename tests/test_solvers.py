@@ -276,3 +276,41 @@ def test_bad_arguments():
             got = list(inspect.signature(getattr(stepper, name)).parameters)
             assert got[: len(want)] == want, (type(stepper).__name__, name, got)
     assert UniformStepper(UNI).dim == 1 and PVQStepper(PVQ).dim == PVQ.n
+
+
+# ------------------------------------------------------------------------------ row blocks
+@pytest.mark.parametrize("make, act_order", [
+    (lambda: PVQStepper(PVQ), False),
+    (lambda: PVQStepper(codec.PVQSpec(16, 27, 21, scale="tensor")), False),
+    (lambda: UniformStepper(UNI), False),
+    (lambda: UniformStepper(UNI), True),
+], ids=["pvq-row", "pvq-tensor", "uniform", "uniform-act-order"])
+def test_a_matrix_solved_a_block_of_rows_at_a_time_gives_the_same_codes(monkeypatch, make, act_order):
+    """Rows never interact in GPTQ, so solving 200 rows in blocks of 48 (and a short last one) gives the bytes
+    and the values of one solve of them all, a dead input and act-order included, and reports every block."""
+    x = calib(zero_cols=(3,))
+    w, h = weights(rows=200), hessian_of(x)
+    import pvq.solvers.gptq as solver
+    whole_hat, whole = gptq(w, h, make(), act_order=act_order)
+    monkeypatch.setattr(solver, "CHUNK_WEIGHTS", 16 * COLS)  # row chunks of 16 rows, solves of 3 chunks
+    monkeypatch.setattr(solver, "SOLVE_WEIGHTS", 48 * COLS)
+    assert solver.rows_per_solve(200, COLS) == 48
+    seen = []
+    hat, packed = gptq(w, h, make(), act_order=act_order, on_rows=lambda part, q: seen.append((part, q.clone())))
+    assert torch.equal(packed.codes, whole.codes) and torch.equal(hat, whole_hat)
+    assert [(p.start, p.stop) for p, _ in seen] == [(0, 48), (48, 96), (96, 144), (144, 192), (192, 200)]
+    assert torch.equal(torch.cat([q for _, q in seen]), whole_hat)
+    none, again = gptq(w, h, make(), act_order=act_order, keep_hat=False)
+    assert none is None and torch.equal(again.codes, whole.codes)
+
+
+def test_the_error_summed_over_blocks_of_rows_is_the_whole_matrix_error():
+    from pvq.solvers.hessian import ErrorSum, relative_error
+    w = weights(rows=300)
+    w_hat = w + 0.1 * weights(rows=300, seed=5)
+    h = hessian_of(calib())
+    for metric in (None, h):
+        total = ErrorSum(COLS, metric)
+        for s in range(0, 300, 128):
+            total.add(w[s:s + 128], w_hat[s:s + 128])
+        assert total.value() == pytest.approx(relative_error(w, w_hat, metric), rel=1e-12)

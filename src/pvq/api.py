@@ -24,12 +24,12 @@ from .models.adapters import (PerSample, PerToken, block_linear_names, block_lin
 from .models.shards import reference_outputs, sharded_asymmetric_sums, sharded_hessians, sharded_outputs
 from .models.streaming import materialize, release, release_parameters
 from .modules.actquant import attach, bits_per_activation, bits_per_activation_of
-from .modules.embedding import HeadRows, QuantEmbedding
+from .modules.embedding import HeadRows, QuantEmbedding, checked_scale, embedding_scale
 from .modules.linear import QuantLinear
 from .picker import act_spec, choose_spec
 from .settings import DENSE_DTYPES, QuantConfig, quantization_config, spec_from_dict, spec_to_dict
-from .solvers.gptq import asymmetric_target, gptq
-from .solvers.hessian import relative_error
+from .solvers.gptq import asymmetric_target, gptq, rows_per_solve
+from .solvers.hessian import ErrorSum
 from .solvers.steppers import PVQStepper, UniformStepper
 from .transforms.rotate import NO_SEED, derive_seed, layer_seeds, rotate_hessian, rotate_weight
 
@@ -274,16 +274,23 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     if shards is not None:
         blocks_bar.close()
     dense = DENSE_DTYPES[cfg.dense_dtype]
+    rows_dtype = None
     if reader is not None:  # what is outside the blocks (embeddings, final norm, head), once they are gone
-        ends = [m for _, m in end_modules(model, cfg).values()]  # quantized from their float values
+        ends = [m for _, m in end_modules(model, cfg).values()]
+        # a table to be quantized is read in the checkpoint's own dtype: the rotation reads it in float64 anyway,
+        # and a Llama 3 head in float32 would be 2 GB more; its rows come out as the model computes (float32)
+        as_stored = ({id(p) for m in ends for p in m.parameters()}  # not a tied twin that stays dense
+                     - {id(p) for m in model.modules() if all(m is not e for e in ends) for p in m.parameters(recurse=False)})
+        rows_dtype = torch.float32
         for name, p in model.named_parameters(remove_duplicate=False):
             if p.device.type == "meta" and not name.startswith(prefixes):  # a tied twin is filled with it
-                check_weights(model, cfg, materialize(model, reader, lambda n, name=name: n == name))
+                dtype = None if id(p) in as_stored else torch.float32
+                check_weights(model, cfg, materialize(model, reader, lambda n, name=name: n == name, dtype))
                 if writer is not None and ref is None:  # one float32 embedding or head in memory at a time
                     _round_dense(model, dense, stored=True, keep=ends)
     shared = None
     if cfg.head_bits is not None or cfg.embed_bits is not None:  # the head and embedding table, once every block is done
-        done, err, shared = quantize_ends(model, cfg, hidden, calib_ids, progress)
+        done, err, shared = quantize_ends(model, cfg, hidden, calib_ids, progress, rows_dtype)
         per_layer.update(done)
         errors.update(err)
     model_tuning = None
@@ -444,12 +451,10 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
     nobody was routed to; it is rounded with the identity for Hessian); `owned`: h is used by nothing
     else, so it is rotated in its own memory. `seeds`: its rotations where not the layer's own; `cls`: the
     QuantLinear class made (QuantEmbedding); `without_data`: rounded without data whatever the method."""
-    w = weight.float()
-    rows, cols = w.shape
+    rows, cols = weight.shape
     spec = layer_spec(cfg, full, rows, cols)
     seeds = layer_seeds(cfg.seed, full, cfg.rotates) if seeds is None else seeds
-    w_rot = rotate_weight(w, seeds)
-    del w
+    w_rot = rotate_weight(weight, seeds)  # float32, from the weight's own dtype (the rotation reads it in float64)
     try:
         if cfg.uses_data and not without_data:
             stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
@@ -458,13 +463,20 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
                 del h
             else:
                 h_rot = torch.eye(cols, dtype=torch.float64, device=w_rot.device)
-            w_hat, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp, share_h=True,
-                                 block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
-            error = relative_error(w_rot, w_hat, h_rot)
-            del h_rot, w_hat
+            total = ErrorSum(cols, h_rot)
+            # the solved rows are compared with the target as they come: no whole w_hat is kept
+            _, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp, share_h=True, keep_hat=False,
+                             on_rows=lambda part, w_hat: total.add(w_rot[part], w_hat),
+                             block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
+            error = total.value()
+            del h_rot, total
         else:
             packed = codec.quantize(w_rot, spec, cfg.grid_fit)
-            error = relative_error(w_rot, packed.dequantize(torch.float32))
+            total, step = ErrorSum(cols), rows_per_solve(rows, cols)
+            for s in range(0, rows, step):  # a block of rows decoded at a time: no whole float copy
+                e = min(s + step, rows)
+                total.add(w_rot[s:e], packed.dequantize(torch.float32, rows=(s, e)))
+            error = total.value()
     except FP16RangeError as exc:
         raise ValueError(f"layer {full}: {exc}") from None
     q = cls.from_packed(packed, seeds, bias)
@@ -476,7 +488,7 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
 def end_modules(model, cfg: QuantConfig) -> dict[str, tuple[str, torch.nn.Module]]:
     """{kind: (name, module)} of the output head ("head", with --head-bits) and the input embedding table
     ("embedding", with --embed-bits) this run quantizes; a one-line ValueError for a model whose head is not a
-    plain linear, or whose embedding is not a plain table (a family that scales its rows, Gemma's)."""
+    plain linear, or whose embedding is neither a plain table nor a family's scaled one (Gemma's, embedding_scale)."""
     names = {id(m): n for n, m in model.named_modules()}
     out = {}
     for kind, bits, mod, want in (("head", cfg.head_bits, model.get_output_embeddings(), torch.nn.Linear),
@@ -484,7 +496,8 @@ def end_modules(model, cfg: QuantConfig) -> dict[str, tuple[str, torch.nn.Module
         if bits is None:
             continue
         option = "--head-bits" if kind == "head" else "--embed-bits"
-        if mod is None or type(mod) is not want or id(mod) not in names:
+        plain = type(mod) is want or (kind == "embedding" and embedding_scale(mod) is not None)
+        if mod is None or not plain or id(mod) not in names:
             what = "none" if mod is None else type(mod).__name__
             raise ValueError(f"{option}: this model's {'output head' if kind == 'head' else 'input embedding'} is "
                              f"{what}, not a plain {want.__name__} that pvq quantizes; drop {option}")
@@ -498,13 +511,14 @@ def end_modules(model, cfg: QuantConfig) -> dict[str, tuple[str, torch.nn.Module
 
 
 def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_ids: torch.Tensor | None,
-                  progress: bool = True) -> tuple[dict, dict, dict | None]:
+                  progress: bool = True, rows_dtype: torch.dtype | None = None) -> tuple[dict, dict, dict | None]:
     """Quantize the output head (--head-bits: like a block linear, with the Hessian of its inputs where the
     method calibrates) and the input embedding table (--embed-bits: rounded without data, rotated on its hidden
     side only, so each row decodes alone) in place. `hidden`: the last block's outputs on the calibration
     samples. A tied pair becomes two tensors, each quantized for its own use (or one left dense; or, with
     --embed-bits head, one table the embedding reads the head's rows of), and the model's config no longer ties them. Returns (quantization_config entries, relative errors) by layer name, and with
-    --embed-bits head the embedding that reads the head's rows ({"layer", "reads"}; it has no entry of its own)."""
+    --embed-bits head the embedding that reads the head's rows ({"layer", "reads"}; it has no entry of its own).
+    `rows_dtype`: the dtype a quantized embedding's rows come out in (None: the table's)."""
     ends = end_modules(model, cfg)
     per_layer, errors = {}, {}
     bar = tqdm(total=len(ends), desc="quantize head and embedding", disable=not progress, unit="table")
@@ -513,9 +527,13 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
         if kind not in ends:
             continue
         name, mod = ends[kind]
+        factor = checked_scale(mod) if kind == "embedding" else None
+        out_dtype = rows_dtype or mod.weight.dtype  # the rows come out as the table's did
         if kind == "embedding" and cfg.embed_from_head:  # the head's table, its rows decoded, as the table's were
-            set_module(model, name, HeadRows(model.get_output_embeddings(), mod.weight.dtype))
+            set_module(model, name, HeadRows(model.get_output_embeddings(), out_dtype, factor))
             shared = {"layer": name, "reads": ends["head"][0]}
+            if factor is not None:  # on the entry of the table it reads (settings.SCALED_FORMAT_VERSION)
+                per_layer[ends["head"][0]]["embed_scale"] = factor
             bar.update(1)
             continue
         sub = cfg.for_end(kind)
@@ -535,9 +553,12 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
         else:
             q, entry, err = quantize_linear(name, weight, None, sub, seeds=seeds, cls=QuantEmbedding,
                                             without_data=True)
-            q.compute_dtype = mod.weight.dtype  # the rows come out as the table's did
+            q.compute_dtype = out_dtype
+            q.embed_scale = factor
         set_module(model, name, q)
         per_layer[name], errors[name] = {**entry, "kind": kind}, err
+        if factor is not None:
+            per_layer[name]["embed_scale"] = factor
         del weight
         bar.update(1)
     bar.close()

@@ -18,7 +18,7 @@ from .models.classes import auto_class
 from .models.loading import load_model
 from .modules.actquant import attach
 from .modules.dense import keep_stored
-from .modules.embedding import HeadRows, QuantEmbedding
+from .modules.embedding import HeadRows, QuantEmbedding, embedding_scale
 from .modules.linear import QuantLinear, check_decode, reserve_tables
 from .settings import DENSE_DTYPES, EMBED_FROM_HEAD, LAYER_KINDS, ActConfig, spec_from_dict
 from .transforms.rotate import NO_SEED
@@ -56,6 +56,7 @@ def replace_linears(model, layers: dict, decode: str = "auto", weight_dtype: tor
                                                                      weight_dtype=weight_dtype)
         if kind == "embedding":  # its rows in the dtype the model is built in (from_pretrained(dtype=...))
             q.compute_dtype = model.dtype
+            q.embed_scale = _checked_scale(layer, old, name, source)
         set_module(model, name, q)
 
 
@@ -70,7 +71,18 @@ def read_head_rows(model, qc: dict, source: str = "config.json") -> None:
         raise PVQFormatError(f"{source}: the embedding reads the rows of the quantized head, but no quantized head "
                              f"with an unrotated vocabulary side is listed")
     name = next(n for n, m in model.named_modules() if m is emb)
-    set_module(model, name, HeadRows(head, model.dtype))  # rows as the model is built (from_pretrained(dtype=...))
+    # rows as the model is built (from_pretrained(dtype=...)), scaled as the family's embedding scales them
+    set_module(model, name, HeadRows(head, model.dtype, _checked_scale(entry, emb, name, source)))
+
+
+def _checked_scale(entry: dict, emb, name: str, source: str) -> float | None:
+    """The factor the embedding `name` multiplies the rows of the table `entry` describes by: the family's own
+    (embedding_scale of its module `emb`), which must be the one the file was written with."""
+    want, stored = embedding_scale(emb), entry.get("embed_scale")
+    if want != stored:
+        raise PVQFormatError(f"{source}: the embedding {name} of this model scales its rows by {want}, but the file "
+                             f"was quantized from one that scales them by {stored}")
+    return want
 
 
 def attach_activations(model, qc: dict, source: str = "config.json") -> None:

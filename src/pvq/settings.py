@@ -15,10 +15,14 @@ import torch
 from .codec import PVQSpec, UniformSpec
 from .transforms.rotate import MAX_RUN_SEED
 
-FORMAT_VERSION = 2  # the newest format this pvq reads; a file is written with the oldest that holds it
+FORMAT_VERSION = 3  # the newest format this pvq reads; a file is written with the oldest that holds it
 # version 2: a quantized output head or input embedding table (a layer entry with a "kind"), which a reader
 # of version 1 would build as a block linear; a file without one is written as version 1, as before
 ENDS_FORMAT_VERSION = 2
+# version 3: an embedding whose family scales its rows (Gemma's), read from a quantized table: the entry of that
+# table (the embedding's, or with --embed-bits head the head's) carries "embed_scale", the factor, which a reader
+# of version 2 would leave out
+SCALED_FORMAT_VERSION = 3
 EMBED_FROM_HEAD = "head"  # --embed-bits head: a tied model's embedding reads its quantized head's rows
 LAYER_KINDS = ("head", "embedding")  # layer entries outside the blocks, by the module they replace
 METHODS = ("rtn", "hqq", "gptq", "pvq", "pvq-gptq")
@@ -316,6 +320,7 @@ def check_format_version(version) -> None:
 
 def quantization_config(cfg: QuantConfig, layers: dict, achieved: dict) -> dict:
     """The quantization_config a quantized model carries and config.json stores."""
-    version = ENDS_FORMAT_VERSION if any("kind" in v for v in layers.values()) else 1
+    version = (SCALED_FORMAT_VERSION if any("embed_scale" in v for v in layers.values())
+               else ENDS_FORMAT_VERSION if any("kind" in v for v in layers.values()) else 1)
     return {"quant_method": "pvq", "format_version": version, "config": cfg.to_dict(), "layers": layers,
             "achieved": achieved}

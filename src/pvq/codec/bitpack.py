@@ -35,35 +35,43 @@ def pack(codes: torch.Tensor, width: int) -> torch.Tensor:
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >> width):
         raise ValueError(f"pack: codes must lie in [0, 2^{width})")
     le = flat.numpy().astype("<u8", copy=False)
-    out = []
+    out = np.empty(packed_nbytes(le.shape[0], width), dtype=np.uint8)
     step = 1 << 18  # codes per slice: bounds the 64-byte-per-code bit matrix
     for s in range(0, le.shape[0], step):
-        # a multiple of 8 codes per slice keeps every slice byte-aligned in the stream
+        # a multiple of 8 codes per slice starts every slice on a byte of the stream, so each is packed alone
         bits = np.unpackbits(le[s : s + step].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-        out.append(bits[:, :width].reshape(-1))
-    allbits = np.concatenate(out) if out else np.zeros(0, dtype=np.uint8)
-    return torch.from_numpy(np.packbits(allbits, bitorder="little"))
+        part = np.packbits(bits[:, :width].reshape(-1), bitorder="little")
+        out[s * width // 8 : s * width // 8 + part.shape[0]] = part
+    return torch.from_numpy(out)
 
 
 def unpack(stream: torch.Tensor, count: int, width: int) -> torch.Tensor:
     """Inverse of `pack`: `count` int64 codes of `width` bits from a uint8 stream."""
+    return unpack_range(stream, count, 0, count, width)
+
+
+def unpack_range(stream: torch.Tensor, total: int, start: int, count: int, width: int) -> torch.Tensor:
+    """Codes [start, start + count) of a stream of `total` codes of `width` bits (int64)."""
     _check_width(width)
     if not isinstance(stream, torch.Tensor) or stream.dtype != torch.uint8:
         raise ValueError(f"unpack expects a uint8 tensor, got {getattr(stream, 'dtype', type(stream))}")
-    need = packed_nbytes(count, width)
+    need = packed_nbytes(total, width)
     if stream.numel() != need:
-        raise ValueError(f"unpack: stream has {stream.numel()} bytes, {count} codes of {width} bits need {need}")
+        raise ValueError(f"unpack: stream has {stream.numel()} bytes, {total} codes of {width} bits need {need}")
+    if not 0 <= start <= start + count <= total:
+        raise ValueError(f"unpack: codes [{start}, {start + count}) are not within the stream's {total}")
     raw = stream.numpy()
-    out = np.empty(count, dtype="<u8")
+    first = start - start % 8  # a multiple of 8 codes starts on a byte of the stream
+    out = np.empty(start + count - first, dtype=np.int64)  # the codes are < 2**63: written straight
     step = 1 << 18  # multiple of 8: every slice starts on a byte boundary
-    for s in range(0, count, step):
-        c = min(step, count - s)
-        b0 = s * width // 8
+    for s in range(0, out.shape[0], step):
+        c = min(step, out.shape[0] - s)
+        b0 = (first + s) * width // 8
         bits = np.unpackbits(raw[b0 : b0 + packed_nbytes(c, width)], count=c * width, bitorder="little")
         full = np.zeros((c, 64), dtype=np.uint8)
         full[:, :width] = bits.reshape(c, width)
         out[s : s + c] = np.packbits(full, axis=1, bitorder="little").view("<u8").reshape(-1)
-    return torch.from_numpy(out.astype(np.int64))
+    return torch.from_numpy(out[start - first:])
 
 
 def mixed_radix_width(radix: int) -> int:

@@ -101,21 +101,25 @@ class PackedPVQ:
         book = GainCodebook(self.spec.gain, self.gain_levels).stored_bits
         return 8 * self.codes.numel() + 16 * self.row_scale.numel() + book
 
-    def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(shape indices [rows, groups], gain levels [rows, groups]) from the packed stream."""
-        rows, cols = self.shape
-        g = cols // self.spec.n
-        code = bitpack.unpack(self.codes, rows * g, self.spec.code_bits).reshape(rows, g)
+    def unpack(self, rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shape indices [rows, groups], gain levels [rows, groups]) from the packed stream; `rows`: only the
+        rows [start, end)."""
+        s, e = (0, self.shape[0]) if rows is None else rows
+        g = self.shape[1] // self.spec.n
+        code = bitpack.unpack_range(self.codes, self.shape[0] * g, s * g, (e - s) * g, self.spec.code_bits)
+        code = code.reshape(e - s, g)
         return code // self.spec.gain_levels, code % self.spec.gain_levels
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        rows, cols = self.shape
-        idx, lvl = self.unpack()
-        out = torch.empty(rows, cols, dtype=dtype)
-        for s, e in row_chunks(rows, cols):  # the int64 shapes of a few rows at a time
-            y = enumeration.decode(idx[s:e], self.spec.n, self.spec.k)  # [rows, groups, n]
-            scale = self.row_scale if self.row_scale.numel() == 1 else self.row_scale[s:e]
-            out[s:e] = reconstruct(y, lvl[s:e], scale, self.gain_levels).reshape(e - s, cols)
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The matrix, or its rows [start, end) only."""
+        first, last = (0, self.shape[0]) if rows is None else rows
+        cols = self.shape[1]
+        out = torch.empty(last - first, cols, dtype=dtype)
+        for s, e in row_chunks(last - first, cols):  # the int64 shapes of a few rows at a time
+            idx, lvl = self.unpack((first + s, first + e))
+            y = enumeration.decode(idx, self.spec.n, self.spec.k)  # [rows, groups, n]
+            scale = self.row_scale if self.row_scale.numel() == 1 else self.row_scale[first + s:first + e]
+            out[s:e] = reconstruct(y, lvl, scale, self.gain_levels).reshape(e - s, cols)
         return out
 
 
@@ -196,6 +200,28 @@ def fit(w: torch.Tensor, spec: PVQSpec) -> GainShapeFit:
     return GainShapeFit(y, r, s, book)
 
 
+def _searched(w: torch.Tensor, spec: PVQSpec, encode: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(shape indices [rows, groups], or None without `encode`; optimal gains [rows, groups]) of a 2-D weight
+    matrix, its shapes searched a few rows at a time: their int64 points never exist for the whole matrix."""
+    _check_matrix(w, spec)
+    rows, cols = w.shape
+    idx, gains = [], []
+    for s, e in row_chunks(rows, cols):
+        y, g = _shapes(w[s:e], spec)
+        if encode:
+            idx.append(enumeration.encode(y, spec.k))
+        gains.append(g)
+        del y
+    return (torch.cat(idx) if encode else None), torch.cat(gains)
+
+
+def gain_fit(w: torch.Tensor, spec: PVQSpec) -> tuple[torch.Tensor, GainCodebook]:
+    """(fp16-representable gain scale, gain codebook) that `fit` gives, without keeping the shapes."""
+    _, g = _searched(w, spec, encode=False)
+    s, _, book = _gains(g, spec, *w.shape)
+    return s, book
+
+
 def _round(w: torch.Tensor, spec: PVQSpec):
     """(y [rows, groups, n], gain levels [rows, groups], fp16 scale, codebook) of a 2-D weight matrix."""
     f = fit(w, spec)
@@ -203,18 +229,11 @@ def _round(w: torch.Tensor, spec: PVQSpec):
 
 
 def quantize(w: torch.Tensor, spec: PVQSpec) -> PackedPVQ:
-    """Data-free PVQ of a 2-D weight matrix (round to the nearest shape, then the nearest gain). The shapes
-    are searched and enumerated a few rows at a time: only their indices and gains are kept whole."""
-    _check_matrix(w, spec)
+    """Data-free PVQ of a 2-D weight matrix (round to the nearest shape, then the nearest gain)."""
+    idx, gains = _searched(w, spec, encode=True)
     rows, cols = w.shape
-    idx, gains = [], []
-    for s, e in row_chunks(rows, cols):
-        y, g = _shapes(w[s:e], spec)
-        idx.append(enumeration.encode(y, spec.k))
-        gains.append(g)
-        del y
-    scale, ratios, book = _gains(torch.cat(gains), spec, rows, cols)
-    code = torch.cat(idx) * spec.gain_levels + book.quantize(ratios)
+    scale, ratios, book = _gains(gains, spec, rows, cols)
+    code = idx.mul_(spec.gain_levels).add_(book.quantize(ratios))  # in place: the codes are the largest array
     return PackedPVQ(spec, tuple(w.shape), bitpack.pack(code.reshape(-1), spec.code_bits), scale.half(), book.levels)
 
 

@@ -125,12 +125,15 @@ class PackedUniform:
     def nbits(self) -> int:
         return 8 * self.codes.numel() + 16 * (self.scale.numel() + self.offset.numel())
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        rows, cols = self.shape
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The matrix, or its rows [start, end) only."""
+        s, e = (0, self.shape[0]) if rows is None else rows
+        cols = self.shape[1]
         g = self.spec.group_size
-        q = bitpack.unpack(self.codes, rows * cols, self.spec.bits).reshape(rows, cols).float()
-        scale = self.scale.float().repeat_interleave(g, dim=1)[:, :cols]
-        offset = self.offset.float().repeat_interleave(g, dim=1)[:, :cols]
+        q = bitpack.unpack_range(self.codes, self.shape[0] * cols, s * cols, (e - s) * cols, self.spec.bits)
+        q = q.reshape(e - s, cols).float()
+        scale = self.scale[s:e].float().repeat_interleave(g, dim=1)[:, :cols]
+        offset = self.offset[s:e].float().repeat_interleave(g, dim=1)[:, :cols]
         return (offset + scale * q).to(dtype)
 
 

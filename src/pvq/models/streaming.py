@@ -383,10 +383,10 @@ def _slots(model: nn.Module):
                 yield mod, leaf, f"{mod_name}.{leaf}" if mod_name else leaf
 
 
-def materialize(model: nn.Module, reader: CheckpointReader, keep, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Fill every parameter still on meta whose full name `keep(name)` accepts from the checkpoint; a
-    parameter shared by several names (a tied head) is read once, under a name the checkpoint has.
-    Returns the names filled."""
+def materialize(model: nn.Module, reader: CheckpointReader, keep, dtype: torch.dtype | None = torch.float32) -> list[str]:
+    """Fill every parameter still on meta whose full name `keep(name)` accepts from the checkpoint (in `dtype`;
+    None: as stored); a parameter shared by several names (a tied head) is read once, under a name the
+    checkpoint has. Returns the names filled."""
     by_param: dict[int, list] = {}
     for mod, leaf, name in _slots(model):
         p = mod._parameters[leaf]
@@ -409,7 +409,7 @@ def materialize(model: nn.Module, reader: CheckpointReader, keep, dtype: torch.d
             raise CheckpointError(f"{where} is {list(t.shape)}, the model expects {list(want.shape)}")
         if not t.is_floating_point():
             raise CheckpointError(f"{where} is {t.dtype}, not a float tensor")
-        new = nn.Parameter(t.to(dtype), requires_grad=False)
+        new = nn.Parameter(t if dtype is None else t.to(dtype), requires_grad=False)
         for mod, leaf, name, _ in slots:
             mod._parameters[leaf] = new
             filled.append(name)

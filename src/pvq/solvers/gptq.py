@@ -28,12 +28,18 @@ import math
 
 import torch
 
+from ..codec.gainshape import CHUNK_WEIGHTS, row_chunks
 from .steppers import Packed, Stepper
 
 # Damping retries: each multiplies the damping by 10 (0.01 -> 100 x mean diag at most), enough to
 # make any positive semi-definite H numerically positive definite.
 _RETRIES = 4
 _TARGET_ROWS = 1024  # rows of a weight moved to its asymmetric target at once
+# weights of a matrix solved at once: float32 copies of 16 M weights (64 MiB) instead of the whole matrix's
+# (with the shapes searched whole, about 28 bytes a weight at the peak: 14 GB for a Llama 3 head). A row's
+# products do not depend on the rows beside it on the CPUs tried (tests/test_solvers.py checks it), so the
+# codes are those of one solve of the whole matrix (bench/results/solve_memory.json: the same sha256)
+SOLVE_WEIGHTS = 1 << 24
 
 
 def damping(h: torch.Tensor, live: torch.Tensor, damp: float) -> float:
@@ -160,6 +166,13 @@ def _block_width(block_size: int, stepper: Stepper, static: bool) -> int:
     return -(-block_size // unit) * unit
 
 
+def rows_per_solve(rows: int, cols: int) -> int:
+    """Rows of a weight solved at once (see SOLVE_WEIGHTS): a whole number of the codec's row chunks, so a
+    row block's error sums over the same chunks as the whole matrix's (hessian.ErrorSum)."""
+    chunk = max(1, CHUNK_WEIGHTS // max(cols, 1))
+    return max(1, SOLVE_WEIGHTS // max(cols * chunk, 1)) * chunk
+
+
 def gptq(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -169,7 +182,9 @@ def gptq(
     block_size: int = 128,
     act_order: bool = False,
     share_h: bool = False,
-) -> tuple[torch.Tensor, Packed]:
+    keep_hat: bool = True,
+    on_rows=None,
+) -> tuple[torch.Tensor | None, Packed]:
     """Quantize w [rows, cols] for the input second moment h [cols, cols] with `stepper`.
 
     Returns (w_hat float32 [rows, cols], packed) where w_hat is exactly packed.dequantize().
@@ -180,6 +195,11 @@ def gptq(
     groups"), so groups stay contiguous in the stored format and no permutation is stored.
     share_h: work in h's own memory instead of a copy (a float64 h; it is as it was on return but for the signs of its zeros), which
     saves a [cols, cols] float64 at the peak of a large layer.
+
+    Rows never interact (each row's error moves along its own row), so a large w is solved a block of rows
+    at a time (rows_per_solve) in float32 copies of those rows only: what a solve holds for the whole matrix
+    is the stepper's codes and, with keep_hat, w_hat. keep_hat=False returns (None, packed);
+    on_rows(rows, w_hat_rows) is called with each solved block of rows (a slice, float32 [len, cols]).
     """
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"gptq expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
@@ -197,31 +217,37 @@ def gptq(
     if act_order and not getattr(stepper, "supports_act_order", False):
         raise ValueError("act_order is only supported for the uniform grid")
 
-    W = w.detach().to(torch.float32, copy=True)  # [rows, cols], updated in place
-    H = h.detach().to(device=W.device, dtype=torch.float64, copy=not share_h)  # [cols, cols]
-    if not bool(torch.isfinite(W).all()) or not bool(torch.isfinite(H).all()):
+    H = h.detach().to(device=w.device, dtype=torch.float64, copy=not share_h)  # [cols, cols]
+    finite = all(bool(torch.isfinite(w[s:e]).all()) for s, e in row_chunks(rows, cols))
+    if not finite or not bool(torch.isfinite(H).all()):
         raise ValueError("gptq: w or h contains NaN or inf")
 
     # Dead inputs (never active in calibration): their weights cannot affect the output, so GPTQ
     # zeroes them and gives H a unit diagonal there, which decouples them from the rest.
     dead = H.diagonal() == 0  # [cols] bool
     live = ~dead
+    any_dead = bool(dead.any())
     H.diagonal()[dead] = 1.0  # diagonal() is a view: this writes H[i, i]
     caller_h = H if share_h else None
-    W[:, dead] = 0.0
     # Damping lambda = damp * mean(diag H) keeps H^-1 well conditioned (GPTQ's percdamp); the mean
     # is over live inputs, so the arbitrary 1 put in for dead ones does not set its scale.
     lam = damping(H, live, damp)
 
+    def initial(part: torch.Tensor) -> torch.Tensor:
+        """float32 copy of rows of w as the solve starts from them: dead inputs zeroed."""
+        out = part.detach().to(torch.float32, copy=True)
+        if any_dead:
+            out[:, dead] = 0.0
+        return out
+
     if act_order:
-        stepper.begin(W, static_groups=True)  # grids from the unpermuted W, as GPTQ's static groups
+        stepper.begin(initial(w), static_groups=True)  # grids from the unpermuted W, as GPTQ's static groups
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W = W[:, perm].contiguous()
         H = H[perm][:, perm]
         cols_stored = perm.tolist()  # column j of the working order is stored at cols_stored[j]
     else:
-        stepper.begin(W)
-        cols_stored = None
+        stepper.begin(initial(w) if any_dead else w)
+        perm = cols_stored = None
 
     U = inverse_cholesky(H, lam)
     if caller_h is not None:
@@ -231,28 +257,40 @@ def gptq(
     U = U.to(torch.float32)  # the updates run in float32, like W
     u_inv = u_inv.to(torch.float32)
 
-    Q = torch.empty_like(W)  # quantized values, working order
+    w_hat = torch.empty(rows, cols, dtype=torch.float32, device=w.device) if keep_hat else None
     width = _block_width(block_size, stepper, act_order)
-    for b0 in range(0, cols, width):
-        b1 = min(b0 + width, cols)
-        err = torch.empty(rows, b1 - b0, dtype=torch.float32, device=W.device)  # E inv(U_GG) per group
-        for j in range(b0, b1, d):
-            gi = j // d
-            block = W[:, j : j + d]
-            col = j if cols_stored is None else cols_stored[j]
-            q = stepper.step(W, col, block, metric[gi])
-            Q[:, j : j + d] = q
-            e = (block - q) @ u_inv[gi]  # [rows, d]
-            err[:, j - b0 : j - b0 + d] = e
-            if j + d < b1:
-                # W_R -= E inv(U_GG) U_GR, within the block only (the rest waits for the block's end)
-                W[:, j + d : b1] -= e @ U[j : j + d, j + d : b1]
-        if b1 < cols:
-            W[:, b1:] -= err @ U[b0:b1, b1:]
+    step = rows_per_solve(rows, cols)
+    for r0 in range(0, rows, step):
+        part = slice(r0, min(r0 + step, rows))
+        W = initial(w[part])  # [rows of the block, cols], updated in place
+        if perm is not None:
+            W = W[:, perm].contiguous()
+        Q = torch.empty_like(W)  # quantized values, working order
+        for b0 in range(0, cols, width):
+            b1 = min(b0 + width, cols)
+            err = torch.empty(W.shape[0], b1 - b0, dtype=torch.float32, device=W.device)  # E inv(U_GG) per group
+            for j in range(b0, b1, d):
+                gi = j // d
+                block = W[:, j : j + d]
+                col = j if cols_stored is None else cols_stored[j]
+                q = stepper.step(W, col, block, metric[gi], rows=part)
+                Q[:, j : j + d] = q
+                e = (block - q) @ u_inv[gi]  # [rows, d]
+                err[:, j - b0 : j - b0 + d] = e
+                if j + d < b1:
+                    # W_R -= E inv(U_GG) U_GR, within the block only (the rest waits for the block's end)
+                    W[:, j + d : b1] -= e @ U[j : j + d, j + d : b1]
+            if b1 < cols:
+                W[:, b1:] -= err @ U[b0:b1, b1:]
+        del W, err
+        if perm is not None:  # back to the stored order
+            stored = torch.empty_like(Q)
+            stored[:, perm] = Q
+            Q = stored
+        if w_hat is not None:
+            w_hat[part] = Q
+        if on_rows is not None:
+            on_rows(part, Q)
+        del Q
 
-    packed = stepper.finish()
-    if cols_stored is None:
-        return Q, packed
-    w_hat = torch.empty_like(Q)
-    w_hat[:, torch.tensor(cols_stored, device=Q.device)] = Q
-    return w_hat, packed
+    return w_hat, stepper.finish()

@@ -139,21 +139,36 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None 
     """
     if w.shape != w_hat.shape or w.dim() != 2:
         raise ValueError(f"relative_error expects two matrices of one shape, got {tuple(w.shape)} and {tuple(w_hat.shape)}")
-    cols = w.shape[1]
-    if h is not None:
-        if tuple(h.shape) != (cols, cols):
-            raise ValueError(f"relative_error: h must be [{cols}, {cols}], got {tuple(h.shape)}")
-        h = h.detach().double()
-        trace = float(h.diagonal().sum())
-    # a few rows at a time: float64 copies of a whole large matrix would dominate a run's peak memory
-    energy = noise = 0.0
-    for s, e in row_chunks(*w.shape):
-        part = w[s:e].detach().double()
-        d = part - w_hat[s:e].detach().double()
-        energy += float(part.pow(2).sum())
-        noise += float(d.pow(2).sum()) if h is None else float(((d @ h) * d).sum())
-    if energy == 0:
-        return 0.0
-    if h is None:
-        return noise / energy
-    return 0.0 if trace <= 0 else noise * cols / (energy * trace)
+    total = ErrorSum(w.shape[1], h)
+    total.add(w, w_hat)
+    return total.value()
+
+
+class ErrorSum:
+    """relative_error of a matrix given a block of rows at a time (a solve that never holds the whole w_hat).
+    Blocks that start on the row_chunks boundaries of the whole matrix give exactly its relative_error."""
+
+    def __init__(self, cols: int, h: torch.Tensor | None = None):
+        if h is not None:
+            if tuple(h.shape) != (cols, cols):
+                raise ValueError(f"relative_error: h must be [{cols}, {cols}], got {tuple(h.shape)}")
+            h = h.detach().double()
+            self.trace = float(h.diagonal().sum())
+        self.cols, self.h = cols, h
+        self.energy = self.noise = 0.0
+
+    def add(self, w: torch.Tensor, w_hat: torch.Tensor) -> None:
+        """Rows of w and of its quantized w_hat."""
+        # a few rows at a time: float64 copies of a whole large matrix would dominate a run's peak memory
+        for s, e in row_chunks(*w.shape):
+            part = w[s:e].detach().double()
+            d = part - w_hat[s:e].detach().double()
+            self.energy += float(part.pow(2).sum())
+            self.noise += float(d.pow(2).sum()) if self.h is None else float(((d @ self.h) * d).sum())
+
+    def value(self) -> float:
+        if self.energy == 0:
+            return 0.0
+        if self.h is None:
+            return self.noise / self.energy
+        return 0.0 if self.trace <= 0 else self.noise * self.cols / (self.energy * self.trace)

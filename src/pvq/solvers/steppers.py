@@ -9,7 +9,7 @@ so the solver steps `dim` columns at a time (vector GPTQ / LDLQ, Chee et al., "Q
 
 A stepper owns everything codec-specific: the parameters fixed before the solve (row scales, gain
 codebook), the choice of codes for each group of columns, and the packed result. It reuses the
-codec's own functions (gainshape.fit, search, fit_grid, quantize_grid, reconstruct, encode, bitpack) so
+codec's own functions (gainshape.gain_fit, search, fit_grid, quantize_grid, reconstruct, encode, bitpack) so
 that with H = I the solver reproduces `pvq.codec.quantize` bit for bit, and so that the values a
 stepper returns are exactly what the packed result dequantizes to.
 """
@@ -21,7 +21,7 @@ import torch
 
 from ..codec import bitpack, enumeration, pyramid
 from ..codec.gain import GainCodebook
-from ..codec.gainshape import PackedPVQ, PVQSpec, fit, reconstruct
+from ..codec.gainshape import PackedPVQ, PVQSpec, gain_fit, reconstruct
 from ..codec.search import search
 from ..codec.uniform import PackedUniform, UniformSpec, fit_grid, quantize_grid
 
@@ -35,10 +35,11 @@ class Stepper(Protocol):
     dim:    columns quantized jointly (a solver steps through the matrix `dim` columns at a time).
     begin:  sees the initial (unquantized, dead columns zeroed) matrix w [rows, cols]; fixes what
             must be known up front (row scales, gain codebooks, static group grids); resets state.
-    step:   block = w_cur[:, col:col+dim] (the current, error-compensated weights); returns its
-            quantized values [rows, dim] (float32) and records their codes. `metric` is the
-            [dim, dim] Hessian metric A of the group's error (an error row e costs e A e^T after
-            optimal compensation of the later columns) or None.
+    step:   block = w_cur[:, col:col+dim] (the current, error-compensated weights of the matrix's rows
+            `rows`, a slice; None: all of them); returns its quantized values [len(rows), dim] (float32)
+            and records their codes. `metric` is the [dim, dim] Hessian metric A of the group's error
+            (an error row e costs e A e^T after optimal compensation of the later columns) or None.
+            Rows are independent: a solver may step the matrix a block of rows at a time.
     finish: the packed matrix, exactly what step() chose.
 
     Optional attribute `group_size`: columns whose parameters are fitted together when the first
@@ -50,7 +51,8 @@ class Stepper(Protocol):
 
     def begin(self, w: torch.Tensor) -> None: ...
 
-    def step(self, w_cur: torch.Tensor, col: int, block: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor: ...
+    def step(self, w_cur: torch.Tensor, col: int, block: torch.Tensor, metric: torch.Tensor | None,
+             rows: slice | None = None) -> torch.Tensor: ...
 
     def finish(self) -> Packed: ...
 
@@ -102,23 +104,25 @@ class UniformStepper:
             self._offset.copy_(offset[..., 0])
             self._fitted[:] = True
 
-    def step(self, w_cur: torch.Tensor, col: int, block: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, w_cur: torch.Tensor, col: int, block: torch.Tensor, metric: torch.Tensor | None = None,
+             rows: slice | None = None) -> torch.Tensor:
         _check_begun(self, "step")
+        rows = slice(None) if rows is None else rows
         g = self.spec.group_size
         grp = col // g
         if not self._static and col % g == 0:
             # GPTQ's non-static groups: the grid sees the group after all earlier errors were pushed
             # onto it (a short last group is just narrower; its min..max is the same as padded)
             scale, offset = fit_grid(w_cur[:, col : col + g].float(), self.spec.bits)
-            self._scale[:, grp] = scale[:, 0]
-            self._offset[:, grp] = offset[:, 0]
+            self._scale[rows, grp] = scale[:, 0]
+            self._offset[rows, grp] = offset[:, 0]
             self._fitted[grp] = True
         if not bool(self._fitted[grp]):
             raise RuntimeError(f"UniformStepper: column {col} stepped before its group's first column")
-        scale = self._scale[:, grp : grp + 1]  # [rows, 1]
-        offset = self._offset[:, grp : grp + 1]
+        scale = self._scale[rows, grp : grp + 1]  # [rows, 1]
+        offset = self._offset[rows, grp : grp + 1]
         q = quantize_grid(block.float(), scale, offset, self.spec.bits)  # [rows, 1]
-        self._q[:, col : col + 1] = q
+        self._q[rows, col : col + 1] = q
         self._stepped[col] = True
         # the value rebuilt from the stored fp16 parameters, exactly as PackedUniform.dequantize does
         return offset.half().float() + scale.half().float() * q.float()
@@ -179,17 +183,19 @@ class PVQStepper:
     def begin(self, w: torch.Tensor) -> None:
         rows, cols = w.shape
         groups = cols // self.spec.n
-        f = fit(w, self.spec)  # the codec's own fit of the initial weights
+        scale, book = gain_fit(w, self.spec)  # the codec's own fit of the initial weights
         self._shape = (rows, cols)
-        self._scale = f.scale  # divides the gains, as in the codec
-        self._scale_h = f.scale.half()  # what is stored, and what dequantization multiplies by
-        self._book = GainCodebook(f.book.kind, f.book.levels.to(w.device))  # on w's device, as the gains it rounds
-        self._idx = torch.zeros(rows, groups, dtype=torch.int64)  # shape indices (CPU: the enumeration is)
-        self._lvl = torch.zeros(rows, groups, dtype=torch.int64)  # gain levels
+        self._scale = scale.to(w.device)  # divides the gains, as in the codec
+        self._scale_h = self._scale.half()  # what is stored, and what dequantization multiplies by
+        self._book = GainCodebook(book.kind, book.levels.to(w.device))  # on w's device, as the gains it rounds
+        # fused codes (shape index * L + gain level; CPU: the enumeration is), the largest array a solve keeps
+        self._code = torch.zeros(rows, groups, dtype=torch.int64)
         self._stepped = torch.zeros(groups, dtype=torch.bool)
 
-    def step(self, w_cur: torch.Tensor, col: int, block: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, w_cur: torch.Tensor, col: int, block: torch.Tensor, metric: torch.Tensor | None = None,
+             rows: slice | None = None) -> torch.Tensor:
         _check_begun(self, "step")
+        rows = slice(None) if rows is None else rows
         spec = self.spec
         if col % spec.n:
             raise ValueError(f"PVQStepper: col={col} is not a multiple of n={spec.n}")
@@ -201,20 +207,20 @@ class PVQStepper:
             g = _metric_gain(x, y, u, metric)
         else:
             g = (x * u).sum(-1)
-        lvl = self._book.quantize(g / self._scale)  # [rows]; nearest level = best in the A metric too
-        self._idx[:, grp] = enumeration.encode(y.cpu(), spec.k)
-        self._lvl[:, grp] = lvl.cpu()
+        one = self._scale.numel() == 1  # a scale per tensor, or one per row
+        scale, scale_h = (self._scale, self._scale_h) if one else (self._scale[rows], self._scale_h[rows])
+        lvl = self._book.quantize(g / scale)  # [rows]; nearest level = best in the A metric too
+        self._code[rows, grp] = enumeration.encode(y.cpu(), spec.k) * spec.gain_levels + lvl.cpu()
         self._stepped[grp] = True
         # rebuilt from the stored fp16 scale and codebook, exactly as PackedPVQ.dequantize does
-        return reconstruct(y[:, None, :], lvl[:, None], self._scale_h, self._book.levels)[:, 0, :]
+        return reconstruct(y[:, None, :], lvl[:, None], scale_h, self._book.levels)[:, 0, :]
 
     def finish(self) -> PackedPVQ:
         _check_begun(self, "finish")
         if not bool(self._stepped.all()):
             raise RuntimeError("PVQStepper.finish(): not every group of columns was stepped")
         spec = self.spec
-        code = self._idx * spec.gain_levels + self._lvl  # fused mixed-radix code
         return PackedPVQ(
-            spec, self._shape, bitpack.pack(code.reshape(-1), spec.code_bits), self._scale_h.cpu(),
+            spec, self._shape, bitpack.pack(self._code.reshape(-1), spec.code_bits), self._scale_h.cpu(),
             self._book.levels.cpu()
         )

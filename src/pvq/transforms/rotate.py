@@ -63,12 +63,17 @@ def _rotated(x: torch.Tensor, r: RandomHadamard | None, out: torch.Tensor) -> to
 
 
 def rotate_weight(w: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
-    """W' = R_out^T W R_in (float64 math, float32 result)."""
+    """W' = R_out^T W R_in (float64 math, float32 result; w in any floating dtype)."""
     r_in, r_out = layer_rotations(*w.shape, seeds)
+    if r_out is None:  # each row alone: straight into the float32 result
+        return _rotated(w, r_in, torch.empty(w.shape, dtype=torch.float32, device=w.device))
     mid = _rotated(w, r_in, torch.empty(w.shape, dtype=torch.float64, device=w.device))
-    if r_out is None:
-        return mid.float()
-    return _rotated(mid.T, r_out, torch.empty(w.shape[::-1], dtype=torch.float32, device=w.device)).T.contiguous()
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    # the columns of mid rotated a few at a time, each block written back transposed: no whole transposed copy
+    step = max(1, CHUNK_WEIGHTS // max(w.shape[0], 1))
+    for s in range(0, w.shape[1], step):
+        out[:, s:s + step] = r_out.apply(mid[:, s:s + step].T.contiguous()).T
+    return out
 
 
 def rotate_hessian(h: torch.Tensor, seed_in: int, in_place: bool = False) -> torch.Tensor:
