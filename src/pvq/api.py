@@ -277,16 +277,19 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     rows_dtype = None
     if reader is not None:  # what is outside the blocks (embeddings, final norm, head), once they are gone
         ends = [m for _, m in end_modules(model, cfg).values()]
-        # a table to be quantized is read in the checkpoint's own dtype: the rotation reads it in float64 anyway,
-        # and a Llama 3 head in float32 would be 2 GB more; its rows come out as the model computes (float32)
+        # read in the checkpoint's own dtype, not float32, what is rounded to its stored dtype at once (the same
+        # values: a bfloat16 or float16 value is exact in float32) and a table to be quantized (the rotation reads
+        # it in float64 anyway): a Llama 3 head in float32 is 2 GB more. A quantized table's rows come out as the
+        # model computes (float32)
+        rounded_now = writer is not None and ref is None
         as_stored = ({id(p) for m in ends for p in m.parameters()}  # not a tied twin that stays dense
                      - {id(p) for m in model.modules() if all(m is not e for e in ends) for p in m.parameters(recurse=False)})
         rows_dtype = torch.float32
         for name, p in model.named_parameters(remove_duplicate=False):
             if p.device.type == "meta" and not name.startswith(prefixes):  # a tied twin is filled with it
-                dtype = None if id(p) in as_stored else torch.float32
+                dtype = None if rounded_now or id(p) in as_stored else torch.float32
                 check_weights(model, cfg, materialize(model, reader, lambda n, name=name: n == name, dtype))
-                if writer is not None and ref is None:  # one float32 embedding or head in memory at a time
+                if rounded_now:  # one embedding or head in memory at a time
                     _round_dense(model, dense, stored=True, keep=ends)
     shared = None
     if cfg.head_bits is not None or cfg.embed_bits is not None:  # the head and embedding table, once every block is done
