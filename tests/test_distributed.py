@@ -77,6 +77,15 @@ def test_a_hessian_method_gives_the_same_bytes_on_workers_one_of_them_killed(sou
     assert _files(tmp_path / "q") == _files(calibrated)
 
 
+def test_a_calibrated_head_on_workers_gives_the_bytes_of_one_process(source, tmp_path):
+    """--head-bits with pvq-gptq: the last block's outputs come back from the workers' shards for the head's
+    Hessian, which the driver measures and solves as one process does."""
+    ends = ["--head-bits", "4.25", "--embed-bits", "4.25"]
+    assert cli(["quantize", str(source / "src"), *GPTQ, *ends, "-o", str(tmp_path / "one")]) == 0
+    assert cli(["quantize", str(source / "src"), *GPTQ, *ends, "--workers", "2", "-o", str(tmp_path / "q")]) == 0
+    assert _files(tmp_path / "q") == _files(tmp_path / "one")
+
+
 def test_calibration_shards_are_a_setting_stored_with_the_file(source, calibrated, tmp_path):
     import json
 

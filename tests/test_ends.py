@@ -187,8 +187,6 @@ def test_what_pvq_cannot_quantize_is_refused_in_one_line(tmp_path, capsys, optio
         QuantConfig(head_bits=0)
     assert cli(["quantize", str(src), "--embed-bits", "rows", "-o", str(tmp_path / "q")]) != 0
     assert "--embed-bits: must be a number above 0 and at most 64, or head, got 'rows'" in capsys.readouterr().err
-    assert cli(["quantize", str(src), "--head-bits", "4", "--workers", "2", "-o", str(tmp_path / "q")]) != 0
-    assert "--head-bits with a calibrated method runs in one process" in capsys.readouterr().err
     for ends in ({"head_bits": 4}, {"embed_bits": 4}):
         with pytest.raises(ValueError, match="--finetune model tunes the whole model with its head and embeddings"):
             QuantConfig(**ends, finetune="model")

@@ -82,13 +82,18 @@ def test_killed_and_rerun_gives_the_same_bytes(model_dir, reference, tmp_path, k
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the unfinished run's directory is gone
 
 
-def test_a_run_killed_after_its_last_block_calibrates_the_head_on_the_saved_outputs(model_dir, tmp_path):
-    """The head is quantized after every block, from the last block's outputs: those are kept with that block."""
-    ends = ["--head-bits", "4", "--embed-bits", "4"]
+@pytest.mark.parametrize("workers", [False, True], ids=["one-process", "workers"])
+def test_a_run_killed_after_its_last_block_calibrates_the_head_on_the_saved_outputs(model_dir, tmp_path, workers):
+    """The head is quantized after every block, from the last block's outputs: those are kept with that block (on
+    workers, as one file per calibration shard), and a rerun writes the bytes of one uninterrupted process."""
+    if workers:
+        pytest.importorskip("ray")
+    ends = ["--head-bits", "4", "--embed-bits", "4", *(["--calib-shards", "2"] if workers else [])]
     whole = tmp_path / "whole"
     assert cli(["quantize", str(model_dir / "hf"), *ARGS, *ends, "--calib", str(model_dir / "calib.txt"),
                 "-o", str(whole)]) == 0
     out = tmp_path / "out"
+    ends += ["--workers", "2"] if workers else []
     p = subprocess.Popen(_cmd(model_dir, out, *ends), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and _blocks_done(out) < 6:
         time.sleep(0.005)

@@ -165,8 +165,6 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     done_elsewhere, shards = iter(()), None
     if pool is not None and writer is None:
         raise ValueError("quantizing on workers writes each block as it is done: it takes a writer")
-    if pool is not None and cfg.uses_data and cfg.head_bits is not None:
-        raise ValueError("--head-bits with a calibrated method runs in one process: drop --workers / --ray-address")
     if pool is not None and cfg.finetune != "none":
         raise ValueError(f"--finetune {cfg.finetune} runs in one process: drop --workers / --ray-address")
     if pool is not None and cfg.uses_data:  # the activations go to the workers' object store, in shards
@@ -203,7 +201,9 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
                 fp = None
             if reader is not None:
                 check_weights(model, cfg, materialize(model, reader, lambda n: n.startswith(prefix)))
-            saves = writer.shard_activations(i, len(shards.acts)) if i + 1 < len(layers) else None
+            # the outputs the next block reads, or the head after the last one
+            keep = i + 1 < len(layers) or cfg.head_bits is not None
+            saves = writer.shard_activations(i, len(shards.acts)) if keep else None
             made, done, err = shards.quantize_block(block, i, prefix, bar, uncalibrated, saves)
             per_layer.update(done)
             errors.update(err)
@@ -273,6 +273,8 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     bar.close()
     if shards is not None:
         blocks_bar.close()
+        if cfg.head_bits is not None:  # the last block's outputs, every shard's, for the head's Hessian here
+            hidden = shards.outputs()
     dense = DENSE_DTYPES[cfg.dense_dtype]
     rows_dtype = None
     if reader is not None:  # what is outside the blocks (embeddings, final norm, head), once they are gone

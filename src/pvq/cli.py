@@ -407,9 +407,6 @@ def cmd_quantize(args) -> int:
         raise ValueError("--allocate runs in one process: give it without --workers and --ray-address")
     if distributed and cfg.finetune != "none":
         raise ValueError(f"--finetune {cfg.finetune} runs in one process: give it without --workers and --ray-address")
-    if distributed and cfg.head_bits is not None and cfg.uses_data:
-        raise ValueError("--head-bits with a calibrated method runs in one process: give it without --workers and "
-                         "--ray-address")
     if args.workers is not None and args.ray_address is not None:
         raise ValueError("--workers starts a local Ray runtime and --ray-address joins a cluster: give one of them")
     if args.workers is not None and cfg.uses_data and cfg.calib_shards < min(args.workers, cfg.nsamples):

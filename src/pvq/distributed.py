@@ -316,13 +316,17 @@ class Shards:
         self.acts, self.carried = [m[0] for m in moved], [m[1] for m in moved]
         return made, per_layer, errors
 
+    def outputs(self) -> torch.Tensor:
+        """The activations the last quantize_block left, every shard's fetched here in sample order."""
+        return torch.cat([self._get(r, f"calibration shard {j}") for j, r in enumerate(self.acts)])
+
     def checkpoint(self, saves: list) -> "list[str] | torch.Tensor":
         """The resume checkpoint of the activations the last quantize_block wrote to `saves`: the names of
         those files once every shard's is there, or, where a worker could not see the writer's folder
         (another machine's disk), every shard's activations fetched here in sample order."""
         self.ray.wait(self.acts, num_returns=len(self.acts), fetch_local=False)
         if not all(os.path.isfile(f) for f in saves):  # a failed task is raised here, in one line
-            return torch.cat([self._get(r, f"calibration shard {j}") for j, r in enumerate(self.acts)])
+            return self.outputs()
         return [Path(f).name for f in saves]
 
 
