@@ -58,6 +58,9 @@ def test_points_equal_the_torch_decoder_and_products_match(spec):
     torch.testing.assert_close(op.matmul(x, torch.float32), x @ ref.T, rtol=1e-5, atol=1e-5)
     assert torch.equal(op.decode(dtype=torch.float16), ref.half())
     assert _rel(op.matmul(x[:20], torch.float16), x[:20].half().float() @ ref.half().float().T) < 2e-3
+    ids = torch.tensor([18, 0, 7, 7, 3])  # an embedding's lookup: any order, repeats
+    torch.testing.assert_close(op.decode_rows(ids), ref[ids], rtol=1e-6, atol=1e-6)
+    assert torch.equal(op.decode_rows(ids, torch.float16), ref[ids].half())
     assert op.bad_group() == -1
 
 
@@ -146,6 +149,25 @@ def test_a_whole_quantized_linear_with_rotations_and_bias():
     for t in (1, 4, 8, 30):
         x = torch.randn(t, 64)
         torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_embedding_on_a_gpu_decodes_only_the_rows_it_looks_up():
+    """A quantized embedding table (--embed-bits) whose decoder is the Triton one gathers its rows with the decode
+    kernel (the table stays packed, nothing kept), the rows of the torch decoder, rotated back and scaled."""
+    from pvq.modules.embedding import QuantEmbedding
+
+    spec = PVQSpec.for_code_bits(16, 29, 52)
+    w = torch.randn(40, 64)
+    ref = QuantEmbedding.from_packed(quantize(w, spec), seeds=(11, -1), decode="once")
+    emb = QuantEmbedding.from_packed(quantize(w, spec), seeds=(11, -1), decode="on-the-fly")
+    emb.runner.decoder = Decoder(emb.packed, triton=True)
+    ids = torch.tensor([[3, 39, 3], [0, 17, 5]])
+    torch.testing.assert_close(emb(ids), ref(ids), rtol=1e-5, atol=1e-5)
+    emb.embed_scale = ref.embed_scale = 8.0
+    torch.testing.assert_close(emb(ids), ref(ids), rtol=1e-5, atol=1e-5)
+    assert emb.runner.kept is None
+    with pytest.raises(IndexError, match="outside"):
+        emb.runner.decoder.gpu.decode_rows(torch.tensor([40]))
 
 
 def test_load_names_a_bad_or_absent_device(tmp_path):

@@ -11,9 +11,10 @@ back (e = e' R_in^T). Rotating the vocabulary side too would make every row depe
 A family that scales its embedding's rows (Gemma's `*ScaledWordEmbedding`: rows * sqrt(hidden), the factor
 rounded to the table's dtype first) keeps that factor (`embed_scale`), read from its own module.
 
-A lookup decodes each distinct id once. On the fly (the native kernel), only those rows are decoded, so the
-table stays packed in memory; in decode="once" mode, or where the kernel is not there (no compiler, a GPU), the
-whole table is decoded on first use and kept, like any decode-once layer.
+A lookup decodes each distinct id once. On the fly (the native kernel on a CPU, the Triton kernels on a GPU), only
+those rows are decoded, so the table stays packed in memory; in decode="once" mode, or where no kernel is there (no
+compiler; a setting the Triton kernels do not cover), the whole table is decoded on first use and kept, like any
+decode-once layer.
 """
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ def _rotated_rows(q: QuantLinear, uniq: torch.Tensor) -> torch.Tensor:
     """Rows `uniq` (sorted distinct ids) of the rotated table as float32 [len(uniq), hidden]."""
     run = q.runner
     dec = run.decoder if isinstance(run, OnTheFly) else None
-    if dec is None or not dec.native or dec.gpu is not None:
+    if dec is not None and dec.gpu is not None:  # the Triton kernel decodes just those rows
+        return dec.gpu.decode_rows(uniq)
+    if dec is None or not dec.native:
         if isinstance(run, OnTheFly):  # a decoder that cannot pick rows: the table kept, as decode-once does
             if run.kept is None:
                 run.kept = run.rotated_weight(q)

@@ -149,15 +149,20 @@ class Operands:
         return dict(codes=self.codes, nbytes=self.codes.numel(), offs=t.offs, v2=t.v2, lut=t.lut, base=t.base,
                     levels=self.levels, scales=self.scales, V=self.V, per_row=int(self.scales.numel() > 1))
 
-    def decode_launch(self, r0: int, r1: int, shapes: bool, dtype=torch.float32) -> Launch:
-        """The decode kernel's launch for rows [r0, r1): integer points (shapes) or weights in `dtype`."""
-        G = (r1 - r0) * self.gpr
+    def decode_launch(self, r0: int, r1: int, shapes: bool, dtype=torch.float32,
+                      ids: torch.Tensor | None = None) -> Launch:
+        """The decode kernel's launch for rows [r0, r1), or the rows `ids` lists (int64 on the codes' device,
+        each in [0, rows): checked by the caller): integer points (shapes) or weights in `dtype`."""
+        count = r1 - r0 if ids is None else ids.numel()
+        G = count * self.gpr
         dev = self.codes.device
-        out = torch.empty(r1 - r0, self.cols, dtype=torch.int32 if shapes else dtype, device=dev)
+        out = torch.empty(count, self.cols, dtype=torch.int32 if shapes else dtype, device=dev)
         bad = torch.empty(max(G, 1), dtype=torch.int8, device=dev)
+        row_ids = torch.zeros(1, dtype=torch.int64, device=dev) if ids is None else ids
         return Launch("decode_kernel", (max(1, math.ceil(G / BLOCK_GROUPS)),),
-                      dict(self._common(), out=out, bad_out=bad, G=G, GPR=self.gpr, G0=r0 * self.gpr),
-                      dict(self.kw, SHAPES=shapes, BLOCK=BLOCK_GROUPS))
+                      dict(self._common(), out=out, bad_out=bad, G=G, GPR=self.gpr, G0=r0 * self.gpr,
+                           row_ids=row_ids),
+                      dict(self.kw, SHAPES=shapes, BLOCK=BLOCK_GROUPS, GATHER=ids is not None))
 
     def _decode(self, r0: int, r1: int, shapes: bool, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         launch = self.decode_launch(r0, r1, shapes, dtype)
@@ -170,6 +175,20 @@ class Operands:
         if dtype not in _DOT:
             raise ValueError(f"decode: dtype must be float32, float16 or bfloat16, got {dtype}")
         return self._decode(r0, self.rows if r1 is None else r1, False, dtype)[0]
+
+    def decode_rows(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """The rows `ids` lists (integers in [0, rows), any order) of W' [len(ids), cols] on the codes' device:
+        an embedding's lookup, which leaves the rest of the table packed."""
+        if dtype not in _DOT:
+            raise ValueError(f"decode_rows: dtype must be float32, float16 or bfloat16, got {dtype}")
+        ids = ids.to(device=self.codes.device, dtype=torch.int64).reshape(-1).contiguous()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.rows):
+            raise IndexError(f"decode_rows: a row id is outside [0, {self.rows})")
+        if not ids.numel():
+            return torch.empty(0, self.cols, dtype=dtype, device=self.codes.device)
+        launch = self.decode_launch(0, 0, False, dtype, ids)
+        launch.run()
+        return launch.args["out"]
 
     def shapes(self) -> torch.Tensor:
         """The integer points [rows, groups, n] (int32)."""
@@ -230,6 +249,9 @@ class Operands:
         dev = self.codes.device
         out = {f"decode {str(d).split('.')[-1]}": self.decode_launch(0, self.rows, False, d) for d in _DOT}
         out["shapes"] = self.decode_launch(0, self.rows, True)
+        for d in _DOT:  # an embedding's rows
+            out[f"rows {str(d).split('.')[-1]}"] = self.decode_launch(0, 0, False, d,
+                                                                      torch.zeros(2, dtype=torch.int64, device=dev))
         for t in sorted({1 << (t - 1).bit_length() for t in range(1, MAX_TOKENS + 1)}):
             out[f"gemv {t} tokens"] = self.gemv_launch(torch.zeros(t, self.cols, device=dev))
         for d in _DOT:

@@ -86,11 +86,15 @@ def row_weights(codes, nbytes, offs, v2, lut, base, levels, r, rm, c0, GPR, V,
 def decode_kernel(codes, nbytes, offs, v2, lut, base, levels, scales, out, bad_out, G, GPR, V, per_row,
                   B: tl.constexpr, NB: tl.constexpr, L: tl.constexpr, K: tl.constexpr, DEPTH: tl.constexpr,
                   LANES: tl.constexpr, D: tl.constexpr, LOGK: tl.constexpr, N: tl.constexpr,
-                  SHAPES: tl.constexpr, BLOCK: tl.constexpr, G0):
+                  SHAPES: tl.constexpr, BLOCK: tl.constexpr, G0, row_ids, GATHER: tl.constexpr):
     pid = tl.program_id(0)
     gl = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # groups from G0, local numbering
     gm = gl < G
-    g = gl + G0
+    if GATHER:  # the rows row_ids lists, one after another (an embedding's lookup)
+        at = gl // GPR
+        g = tl.load(row_ids + at, mask=gm, other=0) * GPR + (gl - at * GPR)
+    else:
+        g = gl + G0
     y, lvl, bad = rebuild(codes, nbytes, g, gm, offs, v2, lut, base, V, B, NB, L, K, DEPTH, LANES, LOGK)
     col, lane_ok = lane_columns(DEPTH, LANES, D)
     om = gm[:, None] & lane_ok[None, :]
