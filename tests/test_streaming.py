@@ -30,7 +30,8 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
     return {"single": _folder(root, "single"),
             "shards": _folder(root, "shards", torch.bfloat16, shard="60KB"),
-            "tied": _folder(root, "tied", tie_word_embeddings=True)}
+            "tied": _folder(root, "tied", tie_word_embeddings=True),
+            "tied-shards": _folder(root, "tied-shards", torch.bfloat16, shard="60KB", tie_word_embeddings=True)}
 
 
 def _files(d):
@@ -52,17 +53,21 @@ def test_streamed_equals_loaded_whole(folders, tmp_path, which, method):
 
 @pytest.mark.parametrize("which, method, embed", [("single", "pvq-gptq", "4"), ("shards", "pvq-gptq", "4"),
                                                  ("shards", "pvq", "4"), ("tied", "pvq-gptq", "4"),
-                                                 ("tied", "pvq-gptq", "head")])
+                                                 ("tied", "pvq-gptq", "head"), ("tied-shards", "pvq", None)])
 def test_streamed_equals_loaded_whole_with_the_head_and_embeddings_quantized(folders, tmp_path, which, method, embed):
-    """Streamed, the head and embedding are read as stored (bfloat16 in "shards"), not in float32: the same bytes."""
-    args = ["--method", method, "--bits", "3", "--head-bits", "4", "--embed-bits", embed, "--nsamples", "2",
-            "--seqlen", "32", "--no-progress"]
+    """Streamed, the head and embedding are read as stored (bfloat16 in the shards), not in float32: the same bytes;
+    a tied head quantized alone leaves its twin dense (read as stored, stored in float16)."""
+    args = ["--method", method, "--bits", "3", "--head-bits", "4", *(["--embed-bits", embed] if embed else []),
+            "--nsamples", "2", "--seqlen", "32", "--no-progress"]
     assert cli(["quantize", str(folders[which]), *args, "-o", str(tmp_path / "s")]) == 0
     assert cli(["quantize", str(folders[which]), *args, "--no-stream", "-o", str(tmp_path / "w")]) == 0
     assert _files(tmp_path / "s") == _files(tmp_path / "w")
     layers = json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]["layers"]
     assert layers["lm_head"]["kind"] == "head"
-    assert layers["model.embed_tokens"]["kind"] == "embedding" if embed != "head" else "model.embed_tokens" not in layers
+    if embed is None or embed == "head":  # the dense twin of a tied head, or the head's rows
+        assert "model.embed_tokens" not in layers
+    else:
+        assert layers["model.embed_tokens"]["kind"] == "embedding"
 
 
 def test_blocks_are_read_in_turn_and_released(folders, tmp_path, monkeypatch):
