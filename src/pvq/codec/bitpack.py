@@ -26,20 +26,32 @@ def _check_width(width: int) -> None:
         raise ValueError(f"code width must be an integer in [1, {MAX_WIDTH}] bits, got {width!r}")
 
 
-def pack(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """Pack non-negative int64 codes[G] (each < 2**width) into a uint8 tensor of ceil(G*width/8) bytes."""
+# integer dtypes codes may come in, by the widths they hold: a b-bit grid's levels need not take 8 bytes each
+CODE_DTYPES = ((8, torch.uint8), (15, torch.int16), (31, torch.int32), (MAX_WIDTH, torch.int64))
+
+
+def code_dtype(width: int) -> torch.dtype:
+    """The smallest integer dtype holding codes of `width` bits."""
     _check_width(width)
-    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int64:
-        raise ValueError(f"pack expects an int64 tensor, got {getattr(codes, 'dtype', type(codes))}")
+    return next(d for w, d in CODE_DTYPES if width <= w)
+
+
+def pack(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack non-negative integer codes[G] (each < 2**width; any of CODE_DTYPES) into a uint8 tensor of
+    ceil(G*width/8) bytes."""
+    _check_width(width)
+    if not isinstance(codes, torch.Tensor) or codes.dtype not in {d for _, d in CODE_DTYPES}:
+        raise ValueError(f"pack expects an integer tensor, got {getattr(codes, 'dtype', type(codes))}")
     flat = codes.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >> width):
         raise ValueError(f"pack: codes must lie in [0, 2^{width})")
-    le = flat.numpy().astype("<u8", copy=False)
-    out = np.empty(packed_nbytes(le.shape[0], width), dtype=np.uint8)
+    src = flat.numpy()
+    out = np.empty(packed_nbytes(src.shape[0], width), dtype=np.uint8)
     step = 1 << 18  # codes per slice: bounds the 64-byte-per-code bit matrix
-    for s in range(0, le.shape[0], step):
+    for s in range(0, src.shape[0], step):
+        le = src[s : s + step].astype("<u8")  # a slice at a time: narrow codes are widened only here
         # a multiple of 8 codes per slice starts every slice on a byte of the stream, so each is packed alone
-        bits = np.unpackbits(le[s : s + step].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+        bits = np.unpackbits(le.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
         part = np.packbits(bits[:, :width].reshape(-1), bitorder="little")
         out[s * width // 8 : s * width // 8 + part.shape[0]] = part
     return torch.from_numpy(out)

@@ -21,6 +21,7 @@ import torch
 
 from . import bitpack
 from .fp16 import check_fits, positive_scale
+from .gainshape import row_chunks
 
 
 @dataclass(frozen=True)
@@ -146,15 +147,20 @@ def quantize(w: torch.Tensor, spec: UniformSpec, fit: str = "minmax") -> PackedU
     spec.check_shape(rows, cols)
     g = spec.group_size
     ng = spec.groups_per_row(cols)
-    w = w.float()
-    # a short last group is padded with copies of its last weight, which leaves its range unchanged
-    padded = torch.cat([w, w[:, -1:].expand(rows, ng * g - cols)], dim=1).reshape(rows, ng, g)
-    if fit == "hqq":
-        valid = (torch.arange(ng * g, device=w.device) < cols).reshape(1, ng, g).expand(rows, ng, g)
-        scale, offset = fit_hqq(padded, spec.bits, valid)
-    else:
-        scale, offset = fit_grid(padded, spec.bits)
-    q = quantize_grid(padded, scale, offset, spec.bits).reshape(rows, ng * g)[:, :cols]
-    return PackedUniform(
-        spec, (rows, cols), bitpack.pack(q.reshape(-1), spec.bits), scale[..., 0].half(), offset[..., 0].half()
-    )
+    q = torch.empty(rows, cols, dtype=bitpack.code_dtype(spec.bits), device=w.device)
+    scale = torch.empty(rows, ng, dtype=torch.float16, device=w.device)
+    offset = torch.empty(rows, ng, dtype=torch.float16, device=w.device)
+    # a few rows at a time (each group's grid is its own): float copies of a whole large matrix would set the
+    # peak; only the levels, in the narrowest dtype holding them, are kept whole
+    for s, e in row_chunks(rows, cols):
+        part = w[s:e].float()
+        # a short last group is padded with copies of its last weight, which leaves its range unchanged
+        padded = torch.cat([part, part[:, -1:].expand(e - s, ng * g - cols)], dim=1).reshape(e - s, ng, g)
+        if fit == "hqq":
+            valid = (torch.arange(ng * g, device=w.device) < cols).reshape(1, ng, g).expand(e - s, ng, g)
+            sc, off = fit_hqq(padded, spec.bits, valid)
+        else:
+            sc, off = fit_grid(padded, spec.bits)
+        q[s:e] = quantize_grid(padded, sc, off, spec.bits).reshape(e - s, ng * g)[:, :cols]
+        scale[s:e], offset[s:e] = sc[..., 0].half(), off[..., 0].half()
+    return PackedUniform(spec, (rows, cols), bitpack.pack(q.reshape(-1), spec.bits), scale, offset)

@@ -21,7 +21,7 @@ import torch
 
 from ..codec import bitpack, enumeration, pyramid
 from ..codec.gain import GainCodebook
-from ..codec.gainshape import PackedPVQ, PVQSpec, gain_fit, reconstruct
+from ..codec.gainshape import PackedPVQ, PVQSpec, gain_fit, reconstruct, row_chunks
 from ..codec.search import search
 from ..codec.uniform import PackedUniform, UniformSpec, fit_grid, quantize_grid
 
@@ -89,7 +89,8 @@ class UniformStepper:
         g, ng = self.spec.group_size, self.spec.groups_per_row(cols)
         self._shape = (rows, cols)
         self._static = bool(static_groups)
-        self._q = torch.zeros(rows, cols, dtype=torch.int64, device=w.device)  # grid levels
+        # grid levels, in the narrowest dtype holding them: the largest array a solve keeps
+        self._q = torch.zeros(rows, cols, dtype=bitpack.code_dtype(self.spec.bits), device=w.device)
         # the fit_grid values (used to round) for every group; their fp16 copies are what is stored
         self._scale = torch.ones(rows, ng, dtype=torch.float32, device=w.device)
         self._offset = torch.zeros(rows, ng, dtype=torch.float32, device=w.device)
@@ -97,11 +98,12 @@ class UniformStepper:
         self._stepped = torch.zeros(cols, dtype=torch.bool)
         if self._static:
             # pad the short last group with copies of its last weight, as uniform.quantize does
-            wf = w.float()
-            padded = torch.cat([wf, wf[:, -1:].expand(rows, ng * g - cols)], dim=1).reshape(rows, ng, g)
-            scale, offset = fit_grid(padded, self.spec.bits)
-            self._scale.copy_(scale[..., 0])
-            self._offset.copy_(offset[..., 0])
+            for s, e in row_chunks(rows, cols):  # a few rows at a time: no float copy of the whole matrix
+                wf = w[s:e].float()
+                padded = torch.cat([wf, wf[:, -1:].expand(e - s, ng * g - cols)], dim=1).reshape(e - s, ng, g)
+                scale, offset = fit_grid(padded, self.spec.bits)
+                self._scale[s:e] = scale[..., 0]
+                self._offset[s:e] = offset[..., 0]
             self._fitted[:] = True
 
     def step(self, w_cur: torch.Tensor, col: int, block: torch.Tensor, metric: torch.Tensor | None = None,
