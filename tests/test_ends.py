@@ -242,3 +242,12 @@ def test_a_library_call_is_refused_before_any_block_is_quantized():
     with pytest.raises(ValueError, match="--embed-bits: this model's input embedding is BioGptScaledWordEmbedding"):
         api.quantize(model, QuantConfig(method="pvq-gptq", embed_bits=4, nsamples=4, seqlen=32), IDS, progress=False)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_a_scaled_embedding_that_does_more_than_scale_is_refused_before_the_blocks(monkeypatch):
+    model = tiny_model("gemma3_text")
+    emb = model.get_input_embeddings()
+    monkeypatch.setattr(type(emb), "forward", lambda self, ids: torch.nn.functional.embedding(ids, self.weight) * 8 + 1)
+    with pytest.raises(ValueError, match="Gemma3TextScaledWordEmbedding does not return its rows times 8"):
+        api.quantize(model, QuantConfig(method="pvq-gptq", embed_bits=4, nsamples=4, seqlen=32), IDS, progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())

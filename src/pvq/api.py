@@ -508,6 +508,8 @@ def end_modules(model, cfg: QuantConfig) -> dict[str, tuple[str, torch.nn.Module
                              f"{what}, not a plain {want.__name__} that pvq quantizes; drop {option}")
         if kind == "head" and weight_read_directly(model, mod):
             raise ValueError(f"{option}: this family reads its head's weight itself; drop {option}")
+        if kind == "embedding" and mod.weight.device.type != "meta":  # a scaled one's forward, where it can run
+            checked_scale(mod)
         out[kind] = (names[id(mod)], mod)
     if cfg.embed_from_head and out["embedding"][1].weight is not out["head"][1].weight:
         raise ValueError("--embed-bits head: this model's input embedding and output head are two tables (not tied); "
