@@ -129,14 +129,14 @@ def test_sharded_output_loads_everywhere(folders, tmp_path, capsys):
 
 def test_an_error_in_the_middle_leaves_nothing(folders, tmp_path, monkeypatch):
     model, tok, reader = load_skeleton(str(folders["single"]))
-    seen, real = [], api.rotate_weight
+    seen, real = [], api.rotated_rows
 
     def fail_in_block_2(w, seeds):
         seen.append(sorted(p.name for p in tmp_path.glob("out.tmp-*/*")))
         if len(seen) > 14:  # blocks 0 and 1 are written by then
             raise ValueError("a fault in block 2")
         return real(w, seeds)
-    monkeypatch.setattr(api, "rotate_weight", fail_in_block_2)
+    monkeypatch.setattr(api, "rotated_rows", fail_in_block_2)
     with pytest.raises(ValueError, match="a fault in block 2"):
         with checkpoint.Writer(tmp_path / "out", shard_bytes=20_000) as w:
             api.quantize(model, QuantConfig(method="pvq", bits=3), progress=False, reader=reader, writer=w)
@@ -145,7 +145,7 @@ def test_an_error_in_the_middle_leaves_nothing(folders, tmp_path, monkeypatch):
 
 
 def test_cli_error_in_the_middle_leaves_nothing(folders, tmp_path, monkeypatch, capsys):
-    real = api.rotate_weight
+    real = api.rotated_rows
     calls = []
 
     def fail(w, seeds):
@@ -153,7 +153,7 @@ def test_cli_error_in_the_middle_leaves_nothing(folders, tmp_path, monkeypatch, 
         if len(calls) > 14:
             raise ValueError("a fault in block 2")
         return real(w, seeds)
-    monkeypatch.setattr(api, "rotate_weight", fail)
+    monkeypatch.setattr(api, "rotated_rows", fail)
     assert cli(["quantize", str(folders["single"]), "--method", "pvq", "--bits", "3", "--no-progress",
                 "-o", str(tmp_path / "out")]) == 2
     assert "a fault in block 2" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from .settings import DENSE_DTYPES, QuantConfig, quantization_config, spec_from_
 from .solvers.gptq import asymmetric_target, gptq, rows_per_solve
 from .solvers.hessian import ErrorSum
 from .solvers.steppers import PVQStepper, UniformStepper
-from .transforms.rotate import NO_SEED, derive_seed, layer_seeds, rotate_hessian, rotate_weight
+from .transforms.rotate import NO_SEED, derive_seed, layer_seeds, rotate_hessian, rotated_rows
 
 
 def check_weights(model, cfg: QuantConfig, names=None, reader=None) -> None:
@@ -459,7 +459,9 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
     rows, cols = weight.shape
     spec = layer_spec(cfg, full, rows, cols)
     seeds = layer_seeds(cfg.seed, full, cfg.rotates) if seeds is None else seeds
-    w_rot = rotate_weight(weight, seeds)  # float32, from the weight's own dtype (the rotation reads it in float64)
+    # float32, from the weight's own dtype (the rotation reads it in float64); rotated as its rows are read where
+    # only the input side is (a head, an embedding table: the largest matrices)
+    w_rot = rotated_rows(weight, seeds)
     try:
         if cfg.uses_data and not without_data:
             stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)

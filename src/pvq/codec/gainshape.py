@@ -171,8 +171,16 @@ class GainShapeFit:
     book: GainCodebook
 
 
+def is_matrix(w) -> bool:
+    """What the codec and the solvers quantize: a 2-D floating-point tensor, or a matrix read a block of rows at a
+    time (`shape` [rows, cols], `device`, and w[s:e] the float32 rows s..e: a weight rotated as it is read)."""
+    if isinstance(w, torch.Tensor):
+        return w.dim() == 2 and w.is_floating_point()
+    return len(getattr(w, "shape", ())) == 2 and hasattr(w, "device") and callable(getattr(w, "__getitem__", None))
+
+
 def _check_matrix(w, spec: PVQSpec) -> None:
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+    if not is_matrix(w):
         raise ValueError(f"quantize expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
     spec.check_shape(*w.shape)
 

@@ -21,7 +21,7 @@ import torch
 
 from . import bitpack
 from .fp16 import check_fits, positive_scale
-from .gainshape import row_chunks
+from .gainshape import is_matrix, row_chunks
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,8 @@ def quantize(w: torch.Tensor, spec: UniformSpec, fit: str = "minmax") -> PackedU
     grid fitted by `fit` (FITS)."""
     if fit not in FITS:
         raise ValueError(f"unknown grid fit {fit!r}; choose one of {', '.join(FITS)}")
+    if not is_matrix(w):
+        raise ValueError(f"quantize expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
     rows, cols = w.shape
     spec.check_shape(rows, cols)
     g = spec.group_size

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..codec.gainshape import CHUNK_WEIGHTS, row_chunks
+from ..codec.gainshape import CHUNK_WEIGHTS, is_matrix, row_chunks
 from .steppers import Packed, Stepper
 
 # Damping retries: each multiplies the damping by 10 (0.01 -> 100 x mean diag at most), enough to
@@ -201,7 +201,7 @@ def gptq(
     is the stepper's codes and, with keep_hat, w_hat. keep_hat=False returns (None, packed);
     on_rows(rows, w_hat_rows) is called with each solved block of rows (a slice, float32 [len, cols]).
     """
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+    if not is_matrix(w):  # a tensor, or a matrix read a block of rows at a time (a weight rotated as it is read)
         raise ValueError(f"gptq expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
     rows, cols = w.shape
     if not isinstance(h, torch.Tensor) or tuple(h.shape) != (cols, cols) or not h.is_floating_point():
@@ -241,12 +241,12 @@ def gptq(
         return out
 
     if act_order:
-        stepper.begin(initial(w), static_groups=True)  # grids from the unpermuted W, as GPTQ's static groups
+        stepper.begin(initial(w[0:rows]), static_groups=True)  # grids from the unpermuted W, as GPTQ's static groups
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         H = H[perm][:, perm]
         cols_stored = perm.tolist()  # column j of the working order is stored at cols_stored[j]
     else:
-        stepper.begin(initial(w) if any_dead else w)
+        stepper.begin(initial(w[0:rows]) if any_dead else w)
         perm = cols_stored = None
 
     U = inverse_cholesky(H, lam)

@@ -62,6 +62,26 @@ def _rotated(x: torch.Tensor, r: RandomHadamard | None, out: torch.Tensor) -> to
     return out
 
 
+class RowRotated:
+    """W R_in of a weight rotated on its input side only, its rows rotated each time they are read (float32, the
+    values rotate_weight gives): a solve that reads a block of rows at a time never holds the whole rotated
+    matrix, 4 bytes a weight of a large head or embedding table (the codec's and solvers' `is_matrix`)."""
+
+    def __init__(self, w: torch.Tensor, r_in: RandomHadamard):
+        self.w, self.r_in = w, r_in
+        self.shape, self.device = w.shape, w.device
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        part = self.w[rows]
+        return _rotated(part, self.r_in, torch.empty(part.shape, dtype=torch.float32, device=part.device))
+
+
+def rotated_rows(w: torch.Tensor, seeds: tuple[int, int]):
+    """rotate_weight's result where a side is rotated, read lazily where only the input side is (RowRotated)."""
+    r_in, r_out = layer_rotations(*w.shape, seeds)
+    return RowRotated(w, r_in) if r_in is not None and r_out is None else rotate_weight(w, seeds)
+
+
 def rotate_weight(w: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
     """W' = R_out^T W R_in (float64 math, float32 result; w in any floating dtype)."""
     r_in, r_out = layer_rotations(*w.shape, seeds)
