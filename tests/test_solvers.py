@@ -314,3 +314,8 @@ def test_the_error_summed_over_blocks_of_rows_is_the_whole_matrix_error():
         for s in range(0, 300, 128):
             total.add(w[s:s + 128], w_hat[s:s + 128])
         assert total.value() == pytest.approx(relative_error(w, w_hat, metric), rel=1e-12)
+
+
+def test_a_matrix_of_no_rows_solves_to_no_codes():
+    hat, packed = gptq(torch.zeros(0, COLS), torch.eye(COLS, dtype=torch.float64), PVQStepper(PVQ))
+    assert hat.shape == (0, COLS) and packed.codes.numel() == 0

@@ -213,7 +213,8 @@ def _searched(w: torch.Tensor, spec: PVQSpec, encode: bool) -> tuple[torch.Tenso
     matrix, its shapes searched a few rows at a time: their int64 points never exist for the whole matrix."""
     _check_matrix(w, spec)
     rows, cols = w.shape
-    idx, gains = [], []
+    idx = [torch.zeros(0, cols // spec.n, dtype=torch.int64)]  # what a matrix of no rows gives
+    gains = [torch.zeros(0, cols // spec.n, dtype=torch.float32, device=w.device)]
     for s, e in row_chunks(rows, cols):
         y, g = _shapes(w[s:e], spec)
         if encode:

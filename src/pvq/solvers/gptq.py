@@ -37,8 +37,9 @@ _RETRIES = 4
 _TARGET_ROWS = 1024  # rows of a weight moved to its asymmetric target at once
 # weights of a matrix solved at once: float32 copies of 16 M weights (64 MiB) instead of the whole matrix's
 # (with the shapes searched whole, about 28 bytes a weight at the peak: 14 GB for a Llama 3 head). A row's
-# products do not depend on the rows beside it on the CPUs tried (tests/test_solvers.py checks it), so the
-# codes are those of one solve of the whole matrix (bench/results/solve_memory.json: the same sha256)
+# products did not depend on the rows beside it on the CPUs tried (tests/test_solvers.py checks it), so the
+# codes are those of one solve of the whole matrix (bench/results/solve_memory.json: the same sha256); a GPU's
+# matrix products may be chosen by the number of rows (not measured)
 SOLVE_WEIGHTS = 1 << 24
 
 
@@ -166,6 +167,17 @@ def _block_width(block_size: int, stepper: Stepper, static: bool) -> int:
     return -(-block_size // unit) * unit
 
 
+class _Initial:
+    """w as a solve starts from it (dead inputs zeroed), its rows made when they are read (codec.is_matrix)."""
+
+    def __init__(self, w, initial):
+        self.w, self.initial = w, initial
+        self.shape, self.device = w.shape, w.device
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.initial(self.w[rows])
+
+
 def rows_per_solve(rows: int, cols: int) -> int:
     """Rows of a weight solved at once (see SOLVE_WEIGHTS): a whole number of the codec's row chunks, so a
     row block's error sums over the same chunks as the whole matrix's (hessian.ErrorSum)."""
@@ -240,13 +252,14 @@ def gptq(
             out[:, dead] = 0.0
         return out
 
+    start = _Initial(w, initial) if any_dead else w  # what begin sees, read a block of rows at a time too
     if act_order:
-        stepper.begin(initial(w[0:rows]), static_groups=True)  # grids from the unpermuted W, as GPTQ's static groups
+        stepper.begin(start, static_groups=True)  # grids from the unpermuted W, as GPTQ's static groups
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         H = H[perm][:, perm]
         cols_stored = perm.tolist()  # column j of the working order is stored at cols_stored[j]
     else:
-        stepper.begin(initial(w[0:rows]) if any_dead else w)
+        stepper.begin(start)
         perm = cols_stored = None
 
     U = inverse_cholesky(H, lam)
@@ -260,7 +273,7 @@ def gptq(
     w_hat = torch.empty(rows, cols, dtype=torch.float32, device=w.device) if keep_hat else None
     width = _block_width(block_size, stepper, act_order)
     step = rows_per_solve(rows, cols)
-    for r0 in range(0, rows, step):
+    for r0 in range(0, rows or 1, step):  # a matrix of no rows still steps every group (of no rows)
         part = slice(r0, min(r0 + step, rows))
         W = initial(w[part])  # [rows of the block, cols], updated in place
         if perm is not None:

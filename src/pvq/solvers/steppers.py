@@ -33,8 +33,10 @@ class Stepper(Protocol):
     """The quantizer interface every solver uses.
 
     dim:    columns quantized jointly (a solver steps through the matrix `dim` columns at a time).
-    begin:  sees the initial (unquantized, dead columns zeroed) matrix w [rows, cols]; fixes what
-            must be known up front (row scales, gain codebooks, static group grids); resets state.
+    begin:  sees the initial (unquantized, dead columns zeroed) matrix w [rows, cols], a tensor of any
+            floating dtype or a matrix read a block of rows at a time (codec.gainshape.is_matrix: w[s:e] are
+            float rows); fixes what must be known up front (row scales, gain codebooks, static group grids);
+            resets state.
     step:   block = w_cur[:, col:col+dim] (the current, error-compensated weights of the matrix's rows
             `rows`, a slice; None: all of them); returns its quantized values [len(rows), dim] (float32)
             and records their codes. `metric` is the [dim, dim] Hessian metric A of the group's error
