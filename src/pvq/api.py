@@ -536,7 +536,7 @@ def quantize_ends(model, cfg: QuantConfig, hidden: torch.Tensor | None, calib_id
         if kind not in ends:
             continue
         name, mod = ends[kind]
-        factor = checked_scale(mod) if kind == "embedding" else None
+        factor = embedding_scale(mod) if kind == "embedding" else None  # its forward checked by end_modules
         out_dtype = rows_dtype or mod.weight.dtype  # the rows come out as the table's did
         if kind == "embedding" and cfg.embed_from_head:  # the head's table, its rows decoded, as the table's were
             set_module(model, name, HeadRows(model.get_output_embeddings(), out_dtype, factor))

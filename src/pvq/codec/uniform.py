@@ -138,6 +138,15 @@ class PackedUniform:
         return (offset + scale * q).to(dtype)
 
 
+def padded_groups(part: torch.Tensor, spec: UniformSpec) -> torch.Tensor:
+    """Rows of a matrix as float32 groups [rows, groups, g]; a short last group is padded with copies of its
+    last weight, which leaves its range unchanged."""
+    rows, cols = part.shape
+    ng, g = spec.groups_per_row(cols), spec.group_size
+    part = part.float()
+    return torch.cat([part, part[:, -1:].expand(rows, ng * g - cols)], dim=1).reshape(rows, ng, g)
+
+
 def quantize(w: torch.Tensor, spec: UniformSpec, fit: str = "minmax") -> PackedUniform:
     """Round-to-nearest quantization of a 2-D weight matrix with the uniform grid of `spec`, each group's
     grid fitted by `fit` (FITS)."""
@@ -155,9 +164,7 @@ def quantize(w: torch.Tensor, spec: UniformSpec, fit: str = "minmax") -> PackedU
     # a few rows at a time (each group's grid is its own): float copies of a whole large matrix would set the
     # peak; only the levels, in the narrowest dtype holding them, are kept whole
     for s, e in row_chunks(rows, cols):
-        part = w[s:e].float()
-        # a short last group is padded with copies of its last weight, which leaves its range unchanged
-        padded = torch.cat([part, part[:, -1:].expand(e - s, ng * g - cols)], dim=1).reshape(e - s, ng, g)
+        padded = padded_groups(w[s:e], spec)
         if fit == "hqq":
             valid = (torch.arange(ng * g, device=w.device) < cols).reshape(1, ng, g).expand(e - s, ng, g)
             sc, off = fit_hqq(padded, spec.bits, valid)

@@ -23,7 +23,7 @@ from ..codec import bitpack, enumeration, pyramid
 from ..codec.gain import GainCodebook
 from ..codec.gainshape import PackedPVQ, PVQSpec, gain_fit, reconstruct, row_chunks
 from ..codec.search import search
-from ..codec.uniform import PackedUniform, UniformSpec, fit_grid, quantize_grid
+from ..codec.uniform import PackedUniform, UniformSpec, fit_grid, padded_groups, quantize_grid
 
 Packed = PackedPVQ | PackedUniform
 
@@ -88,7 +88,7 @@ class UniformStepper:
     def begin(self, w: torch.Tensor, *, static_groups: bool = False) -> None:
         rows, cols = w.shape
         self.spec.check_shape(rows, cols)
-        g, ng = self.spec.group_size, self.spec.groups_per_row(cols)
+        ng = self.spec.groups_per_row(cols)
         self._shape = (rows, cols)
         self._static = bool(static_groups)
         # grid levels, in the narrowest dtype holding them: the largest array a solve keeps
@@ -99,11 +99,9 @@ class UniformStepper:
         self._fitted = torch.zeros(ng, dtype=torch.bool)
         self._stepped = torch.zeros(cols, dtype=torch.bool)
         if self._static:
-            # pad the short last group with copies of its last weight, as uniform.quantize does
-            for s, e in row_chunks(rows, cols):  # a few rows at a time: no float copy of the whole matrix
-                wf = w[s:e].float()
-                padded = torch.cat([wf, wf[:, -1:].expand(e - s, ng * g - cols)], dim=1).reshape(e - s, ng, g)
-                scale, offset = fit_grid(padded, self.spec.bits)
+            # the groups padded as uniform.quantize pads them, a few rows at a time: no float copy of the whole matrix
+            for s, e in row_chunks(rows, cols):
+                scale, offset = fit_grid(padded_groups(w[s:e], self.spec), self.spec.bits)
                 self._scale[s:e] = scale[..., 0]
                 self._offset[s:e] = offset[..., 0]
             self._fitted[:] = True

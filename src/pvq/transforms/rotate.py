@@ -89,10 +89,7 @@ def rotate_weight(w: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
         return _rotated(w, r_in, torch.empty(w.shape, dtype=torch.float32, device=w.device))
     mid = _rotated(w, r_in, torch.empty(w.shape, dtype=torch.float64, device=w.device))
     out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-    # the columns of mid rotated a few at a time, each block written back transposed: no whole transposed copy
-    step = max(1, CHUNK_WEIGHTS // max(w.shape[0], 1))
-    for s in range(0, w.shape[1], step):
-        out[:, s:s + step] = r_out.apply(mid[:, s:s + step].T.contiguous()).T
+    _rotated(mid.T, r_out, out.T)  # the columns of mid, written through the transposed view: no transposed copy
     return out
 
 
