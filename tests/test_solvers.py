@@ -319,3 +319,58 @@ def test_the_error_summed_over_blocks_of_rows_is_the_whole_matrix_error():
 def test_a_matrix_of_no_rows_solves_to_no_codes():
     hat, packed = gptq(torch.zeros(0, COLS), torch.eye(COLS, dtype=torch.float64), PVQStepper(PVQ))
     assert hat.shape == (0, COLS) and packed.codes.numel() == 0
+
+
+# ------------------------------------------------------------------ the factor in H's memory
+def test_the_factor_is_made_in_the_hessians_memory_and_retried_from_its_backup():
+    from pvq.solvers.gptq import column_major, factor_in_place
+    h = hessian_of(calib()[:300])
+    lam = 0.01 * float(h.diagonal().mean())
+    want = inverse_cholesky(h, lam)
+    for work in (h.clone(), h.T.contiguous().T):  # row-major, and column-major as a rotated Hessian comes
+        ptr = work.data_ptr()
+        u, used = factor_in_place(work, lam)
+        assert torch.equal(u, want) and used == lam and u.data_ptr() == ptr
+    # singular and undamped: the first try fails, the retries start again from the kept lower triangle
+    x = calib()[:, :64].repeat(1, 4)
+    single = hessian_of(x)
+    u, used = factor_in_place(single.clone(), 0.0)
+    assert used > 0 and torch.equal(u, inverse_cholesky(single, used))
+    # a matrix that is not exactly symmetric keeps its values when made column-major (read as it was)
+    m = torch.randn(5, 5, dtype=torch.float64)
+    assert torch.equal(column_major(m.clone()), m) and column_major(m.clone()).mT.is_contiguous()
+    with pytest.raises(ValueError, match="not positive definite"):
+        factor_in_place(-torch.eye(8, dtype=torch.float64), 0.0)
+
+
+@pytest.mark.parametrize("make, act_order", [
+    (lambda: PVQStepper(PVQ), False),
+    (lambda: UniformStepper(UNI), True),
+], ids=["pvq", "uniform-act-order"])
+def test_a_consumed_hessian_gives_the_codes_of_a_copied_one(make, act_order):
+    x = calib(zero_cols=(3, 17))
+    w, h = weights(), hessian_of(x)
+    kept = h.clone()
+    hat, packed = gptq(w, h, make(), act_order=act_order)
+    assert torch.equal(h, kept)  # not consumed: the caller's h as it was
+    for given in (h.clone(), h.T.contiguous().T):
+        again_hat, again = gptq(w, given, make(), act_order=act_order, consume_h=True)
+        assert torch.equal(again.codes, packed.codes) and torch.equal(again_hat, hat)
+
+
+@pytest.mark.parametrize("make, act_order, damp", [
+    (lambda: PVQStepper(PVQ), False, 0.01),
+    (lambda: UniformStepper(UNI), True, 0.01),
+    (lambda: UniformStepper(UNI), False, 0.0),  # undamped: retried with damping, the error's lam is the last one
+], ids=["pvq", "uniform-act-order", "retried"])
+def test_the_solve_measures_its_error_through_its_factor(make, act_order, damp):
+    """tr(D H D^T) read off the factor (no H kept) is relative_error with H, dead inputs and act-order included."""
+    from pvq.solvers.hessian import ErrorSum, relative_error
+    x = calib(zero_cols=(5,))
+    if damp == 0:
+        x = x[:, :64].repeat(1, 4)
+    w, h = weights(), hessian_of(x)
+    total = ErrorSum(COLS)
+    hat, _ = gptq(w, h, make(), act_order=act_order, damp=damp, error=total)
+    assert total.value() == pytest.approx(relative_error(w, hat, h), rel=1e-9)
+    assert 0 < total.value() < 1

@@ -467,14 +467,15 @@ def quantize_linear(full: str, weight: torch.Tensor, bias, cfg: QuantConfig, h: 
             stepper = PVQStepper(spec) if cfg.is_pvq else UniformStepper(spec)
             if h is not None:
                 h_rot = rotate_hessian(h, seeds[0], in_place=owned)
+                consume = owned or h_rot is not h  # the solve factors in h_rot's memory where nothing else reads it
                 del h
             else:
-                h_rot = torch.eye(cols, dtype=torch.float64, device=w_rot.device)
-            total = ErrorSum(cols, h_rot)
-            # the solved rows are compared with the target as they come: no whole w_hat is kept
-            _, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp, share_h=True, keep_hat=False,
-                             on_rows=lambda part, w_hat: total.add(w_rot[part], w_hat),
-                             block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
+                h_rot, consume = torch.eye(cols, dtype=torch.float64, device=w_rot.device), True
+            total = ErrorSum(cols)
+            # the solved rows are compared with the target as they come (no whole w_hat is kept), in the Hessian
+            # through the solve's factor: h_rot is consumed where nothing else has it (factor_in_place)
+            _, packed = gptq(w_rot, h_rot, stepper, damp=cfg.damp, consume_h=consume, keep_hat=False,
+                             error=total, block_size=cfg.block_size, **({"act_order": True} if cfg.act_order else {}))
             error = total.value()
             del h_rot, total
         else:

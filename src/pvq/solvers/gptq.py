@@ -29,6 +29,7 @@ import math
 import torch
 
 from ..codec.gainshape import CHUNK_WEIGHTS, is_matrix, row_chunks
+from .hessian import ErrorSum
 from .steppers import Packed, Stepper
 
 # Damping retries: each multiplies the damping by 10 (0.01 -> 100 x mean diag at most), enough to
@@ -41,6 +42,10 @@ _TARGET_ROWS = 1024  # rows of a weight moved to its asymmetric target at once
 # codes are those of one solve of the whole matrix (bench/results/solve_memory.json: the same sha256); a GPU's
 # matrix products may be chosen by the number of rows (not measured)
 SOLVE_WEIGHTS = 1 << 24
+# weights of solved rows whose error is measured at once through the factor (a triangular solve with it): 32 MiB
+# float64 pieces; a few rows at a time would read the whole [cols, cols] factor for each few (a 4096 x 14336 down
+# projection: 158 s in pieces of 9 rows, 18 s in pieces of 292)
+_NOISE_WEIGHTS = 1 << 22
 
 
 def damping(h: torch.Tensor, live: torch.Tensor, damp: float) -> float:
@@ -49,40 +54,81 @@ def damping(h: torch.Tensor, live: torch.Tensor, damp: float) -> float:
     return damp * (float(h.diagonal()[live].mean()) if bool(live.any()) else 1.0)
 
 
-def inverse_cholesky(h: torch.Tensor, lam: float) -> torch.Tensor:
-    """Upper U with (h + lam I)^-1 = U^T U, float64 [cols, cols].
+def column_major(h: torch.Tensor) -> torch.Tensor:
+    """h's values as a column-major matrix in h's own memory (LAPACK's layout, so the factorisation below needs
+    no copy of it): h itself where it is column-major, else h's buffer transposed in place (square blocks
+    swapped) and viewed transposed. h: a square float64 matrix, contiguous or column-major."""
+    if h.mT.is_contiguous():
+        return h
+    if not h.is_contiguous():
+        raise ValueError("column_major: h must be contiguous or column-major")
+    n = h.shape[0]
+    step = min(n, 1024)  # blocks of 8 MiB swapped at a time
+    for a in range(0, n, step):
+        ra = slice(a, a + step)
+        h[ra, ra] = h[ra, ra].T.clone()
+        for b in range(a + step, n, step):
+            rb = slice(b, b + step)
+            below = h[rb, ra].clone()
+            h[rb, ra] = h[ra, rb].T
+            h[ra, rb] = below.T
+    return h.mT
 
-    A float64 h is used as working memory, so a large layer needs one more [cols, cols] matrix, not three:
-    its diagonal is damped during the call and put back, and its zeros lose their sign (as adding lam I
-    makes them). If a factorisation fails (H singular or indefinite in floating point), retry with 10x the
-    damping, up to a few times, then raise ValueError.
+
+def _lower_backup(h: torch.Tensor):
+    """A function that writes h's lower triangle (the part LAPACK's lower Cholesky reads), as it is now, back
+    into h: it keeps those values a few rows at a time, half of h's memory instead of a whole copy."""
+    n = h.shape[0]
+    step = max(1, min(n, CHUNK_WEIGHTS // max(n, 1)))
+    kept = [(a, h[a:a + step, :a + step].clone()) for a in range(0, n, step)]
+
+    def restore(into: torch.Tensor) -> None:
+        for a, rows in kept:
+            into[a:a + rows.shape[0], :rows.shape[1]] = rows
+    return restore
+
+
+def factor_in_place(h: torch.Tensor, lam: float, restore=None) -> tuple[torch.Tensor, float]:
+    """(U, lam used): upper U with (h + lam I)^-1 = U^T U, float64 [cols, cols], computed in h's own memory.
+
+    h (float64, symmetric, contiguous or column-major) is consumed: it holds U afterwards (returned as a
+    column-major view of it), so a large layer's solve holds one [cols, cols] float64, not the Hessian, a
+    factor and a float32 copy of it. If a factorisation fails (H singular or indefinite in floating point),
+    h is rewritten by `restore(h)` (default: from a copy of its lower triangle kept first) and factored again
+    with 10x the damping, up to a few times, then ValueError is raised.
     """
-    h = h if h.dtype == torch.float64 else h.double()
-    mean_diag = float(h.diagonal().mean())
-    diag = h.diagonal().clone()
-    h.add_(0.0)
-    info = torch.empty((), dtype=torch.int32, device=h.device)
+    a = column_major(h)
+    restore = _lower_backup(a) if restore is None else restore
+    mean_diag = float(a.diagonal().mean())
+    info = torch.empty((), dtype=torch.int32, device=a.device)
     tried = []
-    try:
-        for _ in range(_RETRIES + 1):
-            tried.append(lam)
-            h.diagonal().copy_(diag + lam)
-            low, fail = torch.linalg.cholesky_ex(h)  # column-major: the two steps below run in its memory
-            if int(fail) == 0:
-                # H^-1 from its Cholesky factor (cheaper and more accurate than a general inverse)
-                torch.cholesky_inverse(low, out=low)
-                torch.linalg.cholesky_ex(low, upper=True, out=(low, info))
-                if int(info) == 0 and bool(torch.isfinite(low).all()):
-                    return low
-            del low
-            # zero damping cannot grow by 10x: restart from a tiny fraction of the diagonal instead
-            lam = 10 * lam if lam > 0 else 1e-6 * max(mean_diag, 1e-30)
-    finally:
-        h.diagonal().copy_(diag)
+    for attempt in range(_RETRIES + 1):
+        if attempt:
+            restore(a)
+        tried.append(lam)
+        a.diagonal().add_(lam)
+        torch.linalg.cholesky_ex(a, out=(a, info))  # column-major: the three steps run in a's memory
+        if int(info) == 0:
+            # H^-1 from its Cholesky factor (cheaper and more accurate than a general inverse)
+            torch.cholesky_inverse(a, out=a)
+            torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
+            step = max(1, CHUNK_WEIGHTS // max(a.shape[0], 1))
+            if int(info) == 0 and all(bool(torch.isfinite(a[:, s:s + step]).all()) for s in range(0, a.shape[1], step)):
+                return a, lam
+        # zero damping cannot grow by 10x: restart from a tiny fraction of the diagonal instead
+        lam = 10 * lam if lam > 0 else 1e-6 * max(mean_diag, 1e-30)
     raise ValueError(
         f"gptq: the Hessian is not positive definite even with damping {', '.join(f'{t:.3g}' for t in tried)} "
         f"(mean diagonal {mean_diag:.3g}); check the calibration inputs"
     )
+
+
+def inverse_cholesky(h: torch.Tensor, lam: float) -> torch.Tensor:
+    """Upper U with (h + lam I)^-1 = U^T U, float64 [cols, cols]; h is left as it was (see factor_in_place,
+    which this runs on a float64 copy of h, rewritten from h itself before a retry)."""
+    work = torch.empty_strided(h.shape, (1, h.shape[0]), dtype=torch.float64, device=h.device)
+    work.copy_(h)
+    return factor_in_place(work, lam, restore=lambda a: a.copy_(h))[0]
 
 
 def asymmetric_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float = 0.01,
@@ -142,8 +188,8 @@ def error_factors(h: torch.Tensor, dims, damp: float = 0.01) -> dict[int, float]
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
     lam = damping(h, ~dead, damp)
-    u = inverse_cholesky(h, lam)
     total = float(h.diagonal().sum()) + lam * h.shape[0]
+    u, _ = factor_in_place(h, lam)  # in the copy's memory
     out = {}
     for d in dims:
         if h.shape[0] % d:
@@ -193,9 +239,10 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
-    share_h: bool = False,
+    consume_h: bool = False,
     keep_hat: bool = True,
     on_rows=None,
+    error: ErrorSum | None = None,
 ) -> tuple[torch.Tensor | None, Packed]:
     """Quantize w [rows, cols] for the input second moment h [cols, cols] with `stepper`.
 
@@ -205,13 +252,16 @@ def gptq(
     act_order (uniform grid only): quantize columns in descending diag(H) order, GPTQ's
     "act-order" heuristic, with every group's grid fixed up front from the initial w ("static
     groups"), so groups stay contiguous in the stored format and no permutation is stored.
-    share_h: work in h's own memory instead of a copy (a float64 h; it is as it was on return but for the signs of its zeros), which
-    saves a [cols, cols] float64 at the peak of a large layer.
+    consume_h: factor in h's own memory instead of a copy (a float64 h, contiguous or column-major, that
+    nothing else reads afterwards: it holds the factor on return), so a large layer's solve holds one
+    [cols, cols] float64 in all (factor_in_place).
 
     Rows never interact (each row's error moves along its own row), so a large w is solved a block of rows
     at a time (rows_per_solve) in float32 copies of those rows only: what a solve holds for the whole matrix
     is the stepper's codes and, with keep_hat, w_hat. keep_hat=False returns (None, packed);
     on_rows(rows, w_hat_rows) is called with each solved block of rows (a slice, float32 [len, cols]).
+    error: an ErrorSum (made without h) that gets every solved block of rows, measured in h through the solve's
+    own factor (h itself may be gone by then: consume_h).
     """
     if not is_matrix(w):  # a tensor, or a matrix read a block of rows at a time (a weight rotated as it is read)
         raise ValueError(f"gptq expects a 2-D floating-point weight matrix, got {getattr(w, 'shape', type(w))}")
@@ -229,7 +279,9 @@ def gptq(
     if act_order and not getattr(stepper, "supports_act_order", False):
         raise ValueError("act_order is only supported for the uniform grid")
 
-    H = h.detach().to(device=w.device, dtype=torch.float64, copy=not share_h)  # [cols, cols]
+    H = h.detach().to(device=w.device, dtype=torch.float64, copy=not consume_h)  # [cols, cols]
+    if not (H.is_contiguous() or H.mT.is_contiguous()):
+        H = H.contiguous()
     finite = all(bool(torch.isfinite(w[s:e]).all()) for s, e in row_chunks(rows, cols))
     if not finite or not bool(torch.isfinite(H).all()):
         raise ValueError("gptq: w or h contains NaN or inf")
@@ -239,8 +291,8 @@ def gptq(
     dead = H.diagonal() == 0  # [cols] bool
     live = ~dead
     any_dead = bool(dead.any())
+    trace = float(H.diagonal().sum())  # tr(H), the error's unit, before the dead inputs' diagonal is made 1
     H.diagonal()[dead] = 1.0  # diagonal() is a view: this writes H[i, i]
-    caller_h = H if share_h else None
     # Damping lambda = damp * mean(diag H) keeps H^-1 well conditioned (GPTQ's percdamp); the mean
     # is over live inputs, so the arbitrary 1 put in for dead ones does not set its scale.
     lam = damping(H, live, damp)
@@ -256,19 +308,18 @@ def gptq(
     if act_order:
         stepper.begin(start, static_groups=True)  # grids from the unpermuted W, as GPTQ's static groups
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        H = H[perm][:, perm]
+        _permute_in_place(H, perm)
         cols_stored = perm.tolist()  # column j of the working order is stored at cols_stored[j]
     else:
         stepper.begin(start)
         perm = cols_stored = None
 
-    U = inverse_cholesky(H, lam)
-    if caller_h is not None:
-        caller_h.diagonal()[dead] = 0.0  # h as it came (but for the signs of its zeros)
-    del H, caller_h
+    U, lam = factor_in_place(H, lam)  # in H's memory; float64, sliced to float32 as the updates need it
+    del H
     u_inv, metric = group_metrics(U, d)  # [groups, d, d] float64
-    U = U.to(torch.float32)  # the updates run in float32, like W
-    u_inv = u_inv.to(torch.float32)
+    u_inv = u_inv.to(torch.float32)  # the updates run in float32, like W
+    if error is not None:
+        error.measure_by(_FactorNoise(U, lam, dead, perm), trace, _NOISE_WEIGHTS)
 
     w_hat = torch.empty(rows, cols, dtype=torch.float32, device=w.device) if keep_hat else None
     width = _block_width(block_size, stepper, act_order)
@@ -281,6 +332,7 @@ def gptq(
         Q = torch.empty_like(W)  # quantized values, working order
         for b0 in range(0, cols, width):
             b1 = min(b0 + width, cols)
+            ub = _float32_rows(U, b0, b1)  # U[b0:b1, b0:] in float32, column-major as U
             err = torch.empty(W.shape[0], b1 - b0, dtype=torch.float32, device=W.device)  # E inv(U_GG) per group
             for j in range(b0, b1, d):
                 gi = j // d
@@ -292,9 +344,10 @@ def gptq(
                 err[:, j - b0 : j - b0 + d] = e
                 if j + d < b1:
                     # W_R -= E inv(U_GG) U_GR, within the block only (the rest waits for the block's end)
-                    W[:, j + d : b1] -= e @ U[j : j + d, j + d : b1]
+                    W[:, j + d : b1] -= e @ ub[j - b0 : j - b0 + d, j + d - b0 : b1 - b0]
             if b1 < cols:
-                W[:, b1:] -= err @ U[b0:b1, b1:]
+                W[:, b1:] -= err @ ub[:, b1 - b0:]
+            del ub
         del W, err
         if perm is not None:  # back to the stored order
             stored = torch.empty_like(Q)
@@ -304,6 +357,38 @@ def gptq(
             w_hat[part] = Q
         if on_rows is not None:
             on_rows(part, Q)
+        if error is not None:
+            error.add(w[part], Q)
         del Q
 
     return w_hat, stepper.finish()
+
+
+def _float32_rows(u: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+    """u[b0:b1, b0:] as float32, column-major like u (the layout the updates' products always had)."""
+    return u.mT[b0:, b0:b1].to(torch.float32, memory_format=torch.contiguous_format).mT
+
+
+def _permute_in_place(h: torch.Tensor, perm: torch.Tensor) -> None:
+    """h[perm][:, perm] written into h's own memory: one permuted copy at a time instead of two."""
+    rows = h[perm]
+    for s in range(0, h.shape[0], 1024):
+        h[s:s + 1024] = rows[s:s + 1024][:, perm]
+
+
+class _FactorNoise:
+    """tr(D H D^T) for rows D of w - w_hat, from the solve's factor U of (H' + lam I)^-1 (H' = H with the dead inputs'
+    diagonal 1): D (H' + lam I) D^T = ||D U^-1||^2 (in the working order of U's columns), less lam ||D||^2 and the
+    dead inputs' ||D_dead||^2, where H is zero. In float64 throughout: the terms taken off are a small part."""
+
+    def __init__(self, u: torch.Tensor, lam: float, dead: torch.Tensor, perm: torch.Tensor | None):
+        self.u, self.lam, self.dead, self.perm = u, lam, dead, perm
+        self.any_dead = bool(dead.any())
+
+    def __call__(self, d: torch.Tensor) -> float:
+        work = d if self.perm is None else d[:, self.perm]
+        x = torch.linalg.solve_triangular(self.u, work, upper=True, left=False)  # x U = D
+        noise = float(x.pow(2).sum()) - self.lam * float(d.pow(2).sum())
+        if self.any_dead:
+            noise -= float(d[:, self.dead].pow(2).sum())
+        return noise

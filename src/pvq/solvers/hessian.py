@@ -149,26 +149,35 @@ class ErrorSum:
     Blocks that start on the row_chunks boundaries of the whole matrix give exactly its relative_error."""
 
     def __init__(self, cols: int, h: torch.Tensor | None = None):
+        self.cols, self.noise_of, self.trace, self.rows_at_once = cols, None, None, None
         if h is not None:
             if tuple(h.shape) != (cols, cols):
                 raise ValueError(f"relative_error: h must be [{cols}, {cols}], got {tuple(h.shape)}")
             h = h.detach().double()
-            self.trace = float(h.diagonal().sum())
-        self.cols, self.h = cols, h
+            self.measure_by(lambda d: float(((d @ h) * d).sum()), float(h.diagonal().sum()))
         self.energy = self.noise = 0.0
+
+    def measure_by(self, noise_of, trace: float, weights_at_once: int | None = None) -> None:
+        """Measure each block's error as noise_of(d) = tr(d H d^T) (float64 rows d of w - w_hat) with tr(H) = trace,
+        given rows of about weights_at_once weights at a time (default: the codec's row chunks): how a solve that no
+        longer holds H measures it (gptq's factor, whose products want more rows at once than a chunk)."""
+        self.noise_of, self.trace = noise_of, trace
+        self.rows_at_once = None if weights_at_once is None else max(1, weights_at_once // max(self.cols, 1))
 
     def add(self, w: torch.Tensor, w_hat: torch.Tensor) -> None:
         """Rows of w and of its quantized w_hat."""
         # a few rows at a time: float64 copies of a whole large matrix would dominate a run's peak memory
-        for s, e in row_chunks(*w.shape):
+        rows, step = w.shape[0], self.rows_at_once
+        pieces = row_chunks(*w.shape) if step is None else ((s, min(s + step, rows)) for s in range(0, rows, step))
+        for s, e in pieces:
             part = w[s:e].detach().double()
             d = part - w_hat[s:e].detach().double()
             self.energy += float(part.pow(2).sum())
-            self.noise += float(d.pow(2).sum()) if self.h is None else float(((d @ self.h) * d).sum())
+            self.noise += float(d.pow(2).sum()) if self.noise_of is None else self.noise_of(d)
 
     def value(self) -> float:
         if self.energy == 0:
             return 0.0
-        if self.h is None:
+        if self.noise_of is None:
             return self.noise / self.energy
         return 0.0 if self.trace <= 0 else self.noise * self.cols / (self.energy * self.trace)
