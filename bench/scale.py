@@ -196,16 +196,16 @@ def projected_peak_bytes(hidden: int, inter: int, kv: int, vocab: int, method: s
     and its largest linear's rotation (float32 in, float64 between the two sides, float32 out: 16 bytes a
     weight), or at the end one float32 embedding beside both 16-bit copies. pvq-gptq adds the calibration
     activations (inputs and outputs, float32) and takes the larger of the block's Hessians (float64, one per
-    distinct input: 3 of hidden^2, 1 of intermediate^2, and a float32 product of the largest) and the solve
-    of the down projection (its Hessian, the one inverse-Cholesky buffer, the factor in float32)."""
+    distinct input: 3 of hidden^2, 1 of intermediate^2) and the solve of the down projection (its Hessian,
+    factored in its own memory, and the half of it kept for a retry: 12 bytes x intermediate^2)."""
     block = 4 * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)
     largest = hidden * inter
     end = 4 * vocab * hidden + 2 * 2 * vocab * hidden
     if method != "pvq-gptq":
         return base + max(block + 16 * largest, end)
     acts = 2 * 4 * tokens * hidden
-    hessians = block + 8 * (3 * hidden * hidden + inter * inter) + 4 * inter * inter
-    solve = 4 * largest + (8 + 8 + 4) * inter * inter + 16 * largest
+    hessians = block + 8 * (3 * hidden * hidden + inter * inter)
+    solve = 4 * largest + (8 + 4) * inter * inter + 16 * largest
     return base + acts + max(hessians, solve, end)
 
 
@@ -290,7 +290,7 @@ def main() -> None:
         old = json.loads(out_json.read_text())
         if old.get("calibration") == results["calibration"] and old.get("bits") == args.bits:
             results["runs"] = [r for r in old["runs"] if (r["layers"], r["method"]) not in redo]
-            if "resume" in old and (old["resume"]["layers"], old["resume"]["method"]) not in redo:
+            if "resume" in old and (args.resume_layers, args.resume_method) not in redo:  # not killed again
                 results["resume"] = old["resume"]
     for layers in (int(x) for x in args.layers.split(",")):
         folder = args.workdir / f"llama-{layers}"

@@ -374,3 +374,12 @@ def test_the_solve_measures_its_error_through_its_factor(make, act_order, damp):
     hat, _ = gptq(w, h, make(), act_order=act_order, damp=damp, error=total)
     assert total.value() == pytest.approx(relative_error(w, hat, h), rel=1e-9)
     assert 0 < total.value() < 1
+
+
+def test_the_hessian_is_the_whole_products_sum_though_made_a_few_rows_at_a_time():
+    """The float32 product of a chunk is made and added 256 of its rows at a time (never a whole [dim, dim] float32):
+    on the CPUs tried those rows are the whole product's to the bit, so the sum is the one of the whole product."""
+    x = torch.randn(300, 600) * torch.exp(torch.randn(600))
+    acc = HessianAccumulator(600)
+    acc.add_batch(x)
+    assert torch.equal(acc.take(), (x.T @ x).double() / 300)

@@ -35,22 +35,23 @@ def _add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bad: st
     Raises ValueError(bad), leaving total as it was, where a or b holds NaN or inf, or values whose products
     overflow float32. Entry (j, j) of a chunk's product is sum_t a_tj b_tj, and a product with a NaN or an
     infinite factor is never finite, nor is a sum with such a term: so a column of a or b with a bad value in
-    it gives a bad diagonal entry, and checking the diagonal (dim values) before adding the chunk checks the
-    whole chunk. (Testing every input value costs a pass over the activations and a mask of their size: 4 % of
-    a pvq-gptq run's time on SmolLM2, 7 % with --asymmetric.) A batch of several chunks is checked whole first, so that
-    no chunk of it is added before a later one fails."""
+    it gives a bad diagonal entry, and checking those dim sums (one pass over the chunk) before adding the chunk
+    checks the whole chunk. (Testing every input value costs a pass over the activations and a mask of their size:
+    4 % of a pvq-gptq run's time on SmolLM2, 7 % with --asymmetric.) A batch of several chunks is checked whole
+    first, so that no chunk of it is added before a later one fails. The product is made a few of its rows at a time
+    as they are added, never whole (a float32 [dim, dim]: 3 GiB for a 70B model's down projection); on the CPUs
+    tried those rows are the whole product's to the bit (tests/test_solvers.py)."""
     rows = a.shape[0]
     if rows > _ROWS_PER_CHUNK and not (_finite(a) and (b is a or _finite(b))):
         raise ValueError(bad)
     for s in range(0, rows, _ROWS_PER_CHUNK):
         ac = a[s : s + _ROWS_PER_CHUNK].to(device=total.device, dtype=torch.float32)
         bc = ac if b is a else b[s : s + _ROWS_PER_CHUNK].to(device=total.device, dtype=torch.float32)
-        prod = ac.T @ bc
-        if not _finite(prod.diagonal()):
+        diagonal = (ac[:, c:c + _ADD_ROWS] * bc[:, c:c + _ADD_ROWS] for c in range(0, ac.shape[1], _ADD_ROWS))
+        if not all(_finite(part.sum(0)) for part in diagonal):
             raise ValueError(bad)
         for r in range(0, total.shape[0], _ADD_ROWS):  # widened a few rows at a time: no float64 copy of it all
-            total[r:r + _ADD_ROWS] += prod[r:r + _ADD_ROWS]
-        del prod
+            total[r:r + _ADD_ROWS] += ac[:, r:r + _ADD_ROWS].T @ bc
 
 
 class HessianAccumulator:
