@@ -112,8 +112,8 @@ def factor_in_place(h: torch.Tensor, lam: float, restore=None) -> tuple[torch.Te
             # H^-1 from its Cholesky factor (cheaper and more accurate than a general inverse)
             torch.cholesky_inverse(a, out=a)
             torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
-            step = max(1, CHUNK_WEIGHTS // max(a.shape[0], 1))
-            if int(info) == 0 and all(bool(torch.isfinite(a[:, s:s + step]).all()) for s in range(0, a.shape[1], step)):
+            step = max(1, CHUNK_WEIGHTS // max(a.shape[0], 1))  # columns checked at once: no [cols, cols] mask
+            if int(info) == 0 and all(bool(torch.isfinite(a[:, s:s + step]).all()) for s in range(0, len(a), step)):
                 return a, lam
         # zero damping cannot grow by 10x: restart from a tiny fraction of the diagonal instead
         lam = 10 * lam if lam > 0 else 1e-6 * max(mean_diag, 1e-30)
@@ -151,7 +151,7 @@ def asymmetric_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: f
     out = w.detach().to(torch.float32, copy=True)
     if share == 0:
         return out
-    hd = h.detach().to(torch.float64)  # a float64 h is the factorisation's working memory, as it was on return
+    hd = h.detach().to(torch.float64)  # inverse_cholesky factors a copy: h is left as it was
     lam = damping(hd, hd.diagonal() > 0, damp)
     u = inverse_cholesky(hd, lam)  # (h + lam I)^-1 = U^T U
     del hd
@@ -379,7 +379,8 @@ def _permute_in_place(h: torch.Tensor, perm: torch.Tensor) -> None:
 class _FactorNoise:
     """tr(D H D^T) for rows D of w - w_hat, from the solve's factor U of (H' + lam I)^-1 (H' = H with the dead inputs'
     diagonal 1): D (H' + lam I) D^T = ||D U^-1||^2 (in the working order of U's columns), less lam ||D||^2 and the
-    dead inputs' ||D_dead||^2, where H is zero. In float64 throughout: the terms taken off are a small part."""
+    dead inputs' ||D_dead||^2, where H is zero. All in float64, so what is taken off leaves the error H itself gives
+    to far below its own precision (tests/test_solvers.py: within 1e-9 of it with a widely spread spectrum)."""
 
     def __init__(self, u: torch.Tensor, lam: float, dead: torch.Tensor, perm: torch.Tensor | None):
         self.u, self.lam, self.dead, self.perm = u, lam, dead, perm
