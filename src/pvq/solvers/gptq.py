@@ -80,7 +80,13 @@ def _lower_backup(h: torch.Tensor):
     into h: it keeps those values a few rows at a time, half of h's memory instead of a whole copy."""
     n = h.shape[0]
     step = max(1, min(n, CHUNK_WEIGHTS // max(n, 1)))
-    kept = [(a, h[a:a + step, :a + step].clone()) for a in range(0, n, step)]
+    pieces = [(a, min(a + step, n)) for a in range(0, n, step)]  # rows a..e, columns up to e
+    # one allocation: hundreds of small ones freed together would leave the heap in pieces
+    flat = torch.empty(sum((e - a) * e for a, e in pieces), dtype=h.dtype, device=h.device)
+    kept, o = [], 0
+    for a, e in pieces:
+        kept.append((a, flat[o:o + (e - a) * e].view(e - a, e).copy_(h[a:e, :e])))
+        o += (e - a) * e
 
     def restore(into: torch.Tensor) -> None:
         for a, rows in kept:
