@@ -194,13 +194,14 @@ def projected_peak_bytes(hidden: int, inter: int, kv: int, vocab: int, method: s
     """A count of the large buffers alive at the peak of a streamed run, plus `base` (the process itself:
     torch, transformers, the tokenizer; fitted from a measured run). Data-free: one block's float32 weights
     and its largest linear's rotation (float32 in, float64 between the two sides, float32 out: 16 bytes a
-    weight), or at the end one float32 embedding beside both 16-bit copies. pvq-gptq adds the calibration
+    weight), or at the end the embedding and head tables, one as stored (16-bit) beside its float16 copy and the
+    other rounded already (6 bytes a weight of one table). pvq-gptq adds the calibration
     activations (inputs and outputs, float32) and takes the larger of the block's Hessians (float64, one per
     distinct input: 3 of hidden^2, 1 of intermediate^2) and the solve of the down projection (its Hessian,
     factored in its own memory, and the half of it kept for a retry: 12 bytes x intermediate^2)."""
     block = 4 * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)
     largest = hidden * inter
-    end = 4 * vocab * hidden + 2 * 2 * vocab * hidden
+    end = 6 * vocab * hidden
     if method != "pvq-gptq":
         return base + max(block + 16 * largest, end)
     acts = 2 * 4 * tokens * hidden
