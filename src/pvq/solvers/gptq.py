@@ -78,9 +78,7 @@ def column_major(h: torch.Tensor) -> torch.Tensor:
 def _lower_backup(h: torch.Tensor):
     """A function that writes h's lower triangle (the part LAPACK's lower Cholesky reads), as it is now, back
     into h: it keeps those values a few rows at a time, half of h's memory instead of a whole copy."""
-    n = h.shape[0]
-    step = max(1, min(n, CHUNK_WEIGHTS // max(n, 1)))
-    pieces = [(a, min(a + step, n)) for a in range(0, n, step)]  # rows a..e, columns up to e
+    pieces = row_chunks(*h.shape)  # rows a..e, columns up to e
     # one allocation: hundreds of small ones freed together would leave the heap in pieces
     flat = torch.empty(sum((e - a) * e for a, e in pieces), dtype=h.dtype, device=h.device)
     kept, o = [], 0
@@ -118,8 +116,8 @@ def factor_in_place(h: torch.Tensor, lam: float, restore=None) -> tuple[torch.Te
             # H^-1 from its Cholesky factor (cheaper and more accurate than a general inverse)
             torch.cholesky_inverse(a, out=a)
             torch.linalg.cholesky_ex(a, upper=True, out=(a, info))
-            step = max(1, CHUNK_WEIGHTS // max(a.shape[0], 1))  # columns checked at once: no [cols, cols] mask
-            if int(info) == 0 and all(bool(torch.isfinite(a[:, s:s + step]).all()) for s in range(0, len(a), step)):
+            # a few columns checked at once: no [cols, cols] mask
+            if int(info) == 0 and all(bool(torch.isfinite(a[:, s:e]).all()) for s, e in row_chunks(*a.shape)):
                 return a, lam
         # zero damping cannot grow by 10x: restart from a tiny fraction of the diagonal instead
         lam = 10 * lam if lam > 0 else 1e-6 * max(mean_diag, 1e-30)
