@@ -287,12 +287,19 @@ def test_stale_temporaries_of_the_same_output_are_removed(dirs, tmp_path):
 
 # 11. calibration windows longer than the model's context
 
-def test_seqlen_beyond_the_model_context(dirs, tmp_path, capsys, no_work):
-    assert cli(["quantize", str(dirs / "hf"), "--method", "gptq", "--nsamples", "1", "--seqlen", "300",
+@pytest.mark.parametrize("option, extra", [
+    ("--seqlen", ["--method", "gptq"]), ("--seqlen", ["--method", "gptq", "--no-stream"]),
+    ("--allocate-seqlen", ["--method", "pvq", "--allocate"])])
+def test_seqlen_beyond_the_model_context(dirs, tmp_path, capsys, monkeypatch, no_work, option, extra):
+    from pvq.models import loading
+
+    loads, real = [], loading.load_model  # a whole load (--no-stream, --allocate) comes after the refusal
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    assert cli(["quantize", str(dirs / "hf"), *extra, "--nsamples", "1", option, "300",
                 "-o", str(tmp_path / "x"), "--no-progress"]) == 2
     line = _error(capsys)
-    assert "--seqlen" in line and "300" in line and "256" in line
-    assert not no_work and not (tmp_path / "x").exists()
+    assert option in line and "300" in line and "256" in line
+    assert not no_work and not loads and not (tmp_path / "x").exists()
 
 
 # 1. the run seed changes the rotations (torch's CPU generator reads only the low 32 bits of its seed)

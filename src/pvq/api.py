@@ -633,10 +633,10 @@ def check_reachable(model, cfg: QuantConfig) -> None:
             act_spec(cfg.abits, cols)
 
 
-def check_context(model, cfg: QuantConfig, allocate_seqlen: int | None = None) -> None:
-    """Refuse calibration windows longer than the model's context (config.max_position_embeddings):
-    --seqlen where the method uses data, --allocate-seqlen where an allocation measures."""
-    ctx = getattr(model.config, "max_position_embeddings", None)
+def check_context(config, cfg: QuantConfig, allocate_seqlen: int | None = None) -> None:
+    """Refuse calibration windows longer than the context (max_position_embeddings) of a model's `config`, or of
+    its text part: --seqlen where the method uses data, --allocate-seqlen where an allocation measures."""
+    ctx = getattr(config.get_text_config(), "max_position_embeddings", None)
     if not isinstance(ctx, int):
         return
     for option, seqlen in (("--seqlen", cfg.seqlen if cfg.uses_data else None), ("--allocate-seqlen", allocate_seqlen)):

@@ -445,11 +445,14 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
     from . import api, checkpoint
     from .data import calibration_batches, resolve_text
     from .memory import peak_rss_mib
-    from .models.loading import (SUPPORTED_MODEL_TYPES, is_remote_code, load_model, load_skeleton, run_files,
-                                 streamable)
+    from .models.loading import (SUPPORTED_MODEL_TYPES, is_remote_code, load_model, load_skeleton, read_config,
+                                 run_files, streamable)
     from .models.streaming import NotStreamable
 
     api.check_work_device(args.device, cfg, pool, args.offload)  # before any long work
+    config = read_config(args.model, args.trust_remote_code)  # a folder's, before a whole load of its weights
+    if config is not None:
+        api.check_context(config, cfg, alloc.seqlen if alloc else None)
     # a safetensors folder is read block by block (allocation's probes need the whole model at once)
     stream = streamable(args.model) and alloc is None and not args.no_stream
     model = reader = None
@@ -464,7 +467,8 @@ def _quantize(args, cfg, alloc, out: Path, sources: list, pool, progress: bool) 
         print(f"note: model_type {model.config.model_type!r} is the checkpoint's own code, no family pvq has tested: "
               f"check the result (pvq eval {args.output} --kl {args.model} --trust-remote-code)", file=sys.stderr)
     api.check_reachable(model, cfg)  # an unreachable --bits or --abits fails before any long work
-    api.check_context(model, cfg, alloc.seqlen if alloc else None)
+    if config is None:  # a GGUF's, read with the model
+        api.check_context(model.config, cfg, alloc.seqlen if alloc else None)
     api.check_weights(model, cfg, reader=reader)  # NaN, or a dense value its stored dtype cannot hold, fails now
     nbytes = api.estimate_bytes(model, cfg)
     checkpoint.check_space(out, nbytes)

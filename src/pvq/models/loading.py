@@ -538,6 +538,16 @@ def _checked_config(name: str, trust_remote_code: bool = False):
     return source, config
 
 
+def read_config(spec: str | None, trust_remote_code: bool = False):
+    """The config of a folder or hub id, read from its config.json without its weights and checked as load_model
+    checks it (its ModelLoadError, now), for the checks worth making before a whole load. None for a GGUF file:
+    transformers reads a GGUF's config with its whole vocabulary (5 s for SmolLM2's), the load itself reads it."""
+    name = DEFAULT_MODEL if spec is None else str(spec)
+    if name == DEFAULT_MODEL or name.lower().endswith(".gguf"):
+        return None
+    return _checked_config(name, trust_remote_code)[1]
+
+
 def streamable(spec: str | None) -> bool:
     """Whether `spec` is read block by block: a local folder whose weights are safetensors (one file, or
     shards with an index), or a GGUF file too large for the float cache (or with PVQ_GGUF_CACHE=0)."""
