@@ -17,7 +17,7 @@ from .checkpoint import stored_tensors
 from .codec.fp16 import FP16RangeError
 from .finetune import Teacher, block_targets, reference_stream, tune_block, tune_model, tuned_names
 from .loader import check_device
-from .memory import map_large_buffers, release_memory, settled_heap, trim_heap
+from .memory import release_memory, settled_heap, trim_heap
 from .models.adapters import (PerSample, PerToken, block_linear_names, block_linears, block_prefix, blocks,
                               capture_block_inputs, carried_after, carry, check_supported, hand_on, head_hessian,
                               set_module, skipped, weight_read_directly)
@@ -115,7 +115,6 @@ def quantize(model, cfg: QuantConfig, calib_ids: torch.Tensor | None = None, pro
     model is (the CPU). The results are those of the CPU up to the order of floating-point sums.
     """
     check_supported(model)
-    map_large_buffers()  # the peak of a long run held down (memory.map_large_buffers)
     device = check_work_device(device, cfg, pool, activations)
     end_modules(model, cfg)  # a head or embedding table that cannot be quantized fails now, not after the blocks
     layers = blocks(model)

@@ -44,7 +44,6 @@ import torch
 from . import api
 from .checkpoint import save_activations, stored_tensors
 from .errors import one_line
-from .memory import map_large_buffers
 from .models.adapters import (block_hessian_sums, block_input_sums, block_linears, block_prefix, blocks,
                               carried_after, cut_carried, held_of, join_carried, per_token, samples_of, with_carried)
 from .models.shards import merge_asymmetric, paired_bounds, shard_bounds
@@ -121,15 +120,8 @@ def _importer(source: str):
     return import_code
 
 
-def _begin(threads: int) -> None:
-    """What every task sets first in its worker process: its threads (the CPUs Ray gave it) and, as quantize does,
-    large buffers mapped on their own (memory.map_large_buffers)."""
-    torch.set_num_threads(threads)
-    map_large_buffers()
-
-
 def _warm(source: str | None, trust_remote_code: bool = False) -> None:
-    _begin(1)
+    torch.set_num_threads(1)
     from .models.loading import streamable
     from .models.streaming import NotStreamable
 
@@ -146,7 +138,7 @@ def quantize_block_task(source: str | None, cfg_dict: dict, index: int, prefix: 
     linear with the codec setting `specs` gives it (chosen once by the driver, not again by every worker).
     `block`: the float block itself (a model the driver loaded whole), or None: read it from `source` (built
     by the code it carries, with trust_remote_code)."""
-    _begin(1)
+    torch.set_num_threads(1)
     _fault(index)
     cfg = QuantConfig(**{**cfg_dict, "overrides": {**(cfg_dict.get("overrides") or {}), **specs}})
     if block is None:
@@ -169,7 +161,7 @@ def hessian_task(block, hidden: torch.Tensor, kwargs: dict, cfg_dict: dict, inde
     after the block), three results (Ray's num_returns=3): the outputs and what they carry stay in the object
     store as the shard's unquantized stream for the next block. carried, ref_carried: what each stream carries
     to this block from earlier ones, for the shard's samples (adapters.carry)."""
-    _begin(1)
+    torch.set_num_threads(1)
     _fault(index)
     cfg = QuantConfig(**cfg_dict)
     kw = with_carried(kwargs, carried or {})
@@ -189,7 +181,7 @@ def solve_task(full: str, weight: torch.Tensor, bias, cfg_dict: dict, h, index: 
     """(QuantLinear, quantization_config entry, relative error) of one linear (api.quantize_linear), on
     `threads` threads (the CPUs Ray gave the task); `c`: its cross moments (--asymmetric), which move the
     weight it aims at first, as api.quantize_linears does."""
-    _begin(threads)
+    torch.set_num_threads(threads)
     _fault(index)
     cfg = QuantConfig(**cfg_dict)
     with torch.no_grad():
@@ -202,7 +194,7 @@ def advance_task(block, made: dict, hidden: torch.Tensor, kwargs: dict, cfg_dict
     stream carries after the block), two results (Ray's num_returns=2). carried: what it carries to the block
     (adapters.carry). `save`: a file of the writer's resume checkpoint to write both to as well, where this
     node sees its folder."""
-    _begin(1)
+    torch.set_num_threads(1)
     cfg = QuantConfig(**cfg_dict)
     written: dict = {}
     with torch.no_grad(), api.calibration_precision(cfg, hidden):

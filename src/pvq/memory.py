@@ -51,24 +51,6 @@ def trim_heap() -> None:
         pass
 
 
-# glibc's mallopt parameter for the size from which an allocation gets its own mapping
-_M_MMAP_THRESHOLD = -3
-MAPPED_FROM = 1 << 20
-
-
-def map_large_buffers() -> None:
-    """Have every allocation of MAPPED_FROM bytes or more mapped on its own (glibc's mallopt M_MMAP_THRESHOLD;
-    nothing elsewhere), so that it goes back to the OS the moment it is freed. glibc's default threshold rises
-    to the largest buffer freed so far, up to 32 MiB: a quantize run's temporaries of a few MB to 32 MB then
-    come from the heap, whose holes between blocks later buffers do not fit, and the resident set grows through
-    a run (a streamed 12-block pvq-gptq run: 1945 MiB at its peak, 1758 with this; no slower). Process-wide and
-    kept: quantize sets it as it starts, and each Ray task."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MAPPED_FROM)
-    except (OSError, AttributeError):
-        pass
-
-
 def _status_mib(key: str) -> float | None:
     """A memory line of /proc/self/status in MiB (None where there is no /proc)."""
     try:
