@@ -292,7 +292,8 @@ def test_a_matrix_solved_a_block_of_rows_at_a_time_gives_the_same_codes(monkeypa
     w, h = weights(rows=200), hessian_of(x)
     import pvq.solvers.gptq as solver
     whole_hat, whole = gptq(w, h, make(), act_order=act_order)
-    monkeypatch.setattr(solver, "CHUNK_WEIGHTS", 16 * COLS)  # row chunks of 16 rows, solves of 3 chunks
+    import pvq.codec.gainshape as gainshape
+    monkeypatch.setattr(gainshape, "CHUNK_WEIGHTS", 16 * COLS)  # row chunks of 16 rows, solves of 3 chunks
     monkeypatch.setattr(solver, "SOLVE_WEIGHTS", 48 * COLS)
     assert solver.rows_per_solve(200, COLS) == 48
     seen = []

@@ -131,9 +131,14 @@ class PackedPVQ:
 CHUNK_WEIGHTS = 1 << 17
 
 
+def chunk_rows(cols: int) -> int:
+    """Rows of `cols` weights in a chunk of about CHUNK_WEIGHTS (at least one)."""
+    return max(1, CHUNK_WEIGHTS // max(cols, 1))
+
+
 def row_chunks(rows: int, cols: int):
     """(start, end) row ranges of about CHUNK_WEIGHTS weights each."""
-    step = max(1, CHUNK_WEIGHTS // max(cols, 1))
+    step = chunk_rows(cols)
     return [(s, min(s + step, rows)) for s in range(0, rows, step)]
 
 

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..codec.gainshape import CHUNK_WEIGHTS, is_matrix, row_chunks
+from ..codec.gainshape import chunk_rows, is_matrix, row_chunks
 from .hessian import ErrorSum
 from .steppers import Packed, Stepper
 
@@ -231,7 +231,7 @@ class _Initial:
 def rows_per_solve(rows: int, cols: int) -> int:
     """Rows of a weight solved at once (see SOLVE_WEIGHTS): a whole number of the codec's row chunks, so a
     row block's error sums over the same chunks as the whole matrix's (hessian.ErrorSum)."""
-    chunk = max(1, CHUNK_WEIGHTS // max(cols, 1))
+    chunk = chunk_rows(cols)
     return max(1, SOLVE_WEIGHTS // max(cols * chunk, 1)) * chunk
 
 
